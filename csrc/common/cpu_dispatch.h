@@ -1,0 +1,10 @@
+#pragma once
+// Runtime CPU dispatch for the vectorised CPU loops. The loops are plain C++ with
+// `#pragma omp simd`; the compiler emits one clone per instruction set and the loader picks the
+// best one for the CPU at hand (GNU ifunc). A build made on an AVX-512 machine therefore still
+// runs on a CPU with only AVX2 or only SSE2. Other compilers/architectures get the plain loop.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && !defined(__CUDACC__)
+#define FSSKERN_CPU_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define FSSKERN_CPU_CLONES
+#endif

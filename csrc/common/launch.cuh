@@ -1,0 +1,32 @@
+#pragma once
+// Every CUDA kernel fsskern ships is started through fsskern::launch, never with <<<>>> at the
+// call site. One entry point means one place that skips empty grids, checks the launch and
+// picks the stream, and one place a host build can redirect to run the same launchers on the
+// CPU (the SIMT emulation harness).
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAStream.h>
+
+#include <cstdint>
+#include <utility>
+
+namespace fsskern {
+
+struct LaunchConfig {
+  dim3 grid;
+  dim3 block;
+  size_t shared_bytes = 0;
+};
+
+inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+template <typename... KernelArgs, typename... Args>
+void launch(void (*kernel)(KernelArgs...), const LaunchConfig& cfg, Args&&... args) {
+  if (cfg.grid.x == 0 || cfg.grid.y == 0 || cfg.grid.z == 0) return;
+  TORCH_CHECK(cfg.grid.y <= 65535 && cfg.grid.z <= 65535, "fsskern: grid too large in y/z (", cfg.grid.y, ", ",
+              cfg.grid.z, ")");
+  kernel<<<cfg.grid, cfg.block, cfg.shared_bytes, c10::cuda::getCurrentCUDAStream()>>>(
+      std::forward<Args>(args)...);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+}  // namespace fsskern

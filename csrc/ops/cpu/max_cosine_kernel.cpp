@@ -1,0 +1,262 @@
+// CPU kernels of max_cosine (the fused PFENet/BAM prior).
+//
+// Forward, per (image, shot):
+//   1. pack the foreground support pixels, already multiplied by their mask weight, into a dense
+//      (C x nfg) panel and take their norms (background pixels are never touched again);
+//   2. split the query pixels into tiles, one task each; a task runs a GEMM per foreground tile
+//      (panel^T x query tile, into a per-thread buffer that stays in L2) and folds the scores into
+//      a running max/argmax in the epilogue. The (Ns x Nq) matrix of the reference never exists:
+//      extra memory is the panel plus one buffer per thread.
+// Backward walks the saved argmax: O(Nq) saved state, O(B K Nq C) work.
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <atomic>
+#include <cmath>
+#include <vector>
+
+#include "common/cpu_dispatch.h"
+#include "ops/max_cosine.h"
+
+namespace fsskern {
+namespace {
+
+// Query tile (columns per task) and foreground tile (rows per GEMM). A (128 x 256) fp32 score
+// buffer is 128 KiB: it stays in L2 while the epilogue reads it back.
+constexpr int64_t kQueryTile = 256;
+constexpr int64_t kSupportTile = 128;
+
+// Packs w_j * s_j for the foreground pixels j into panel (C x nfg) and reports whether a
+// masked-out pixel holds a non-finite value (the reference's 0 * Inf = NaN poisons the shot).
+template <typename T>
+bool pack_foreground(const T* support, const T* weights, const std::vector<int64_t>& fg, int64_t C, int64_t Ns,
+                     const std::vector<int64_t>& bg, T* panel) {
+  const int64_t nfg = static_cast<int64_t>(fg.size());
+  std::atomic<bool> poisoned{false};
+  at::parallel_for(0, C, 16, [&](int64_t begin, int64_t end) {
+    bool bad = false;
+    for (int64_t c = begin; c < end; ++c) {
+      const T* row = support + c * Ns;
+      T* out = panel + c * nfg;
+      for (int64_t r = 0; r < nfg; ++r) out[r] = weights[fg[r]] * row[fg[r]];
+      for (const int64_t j : bg) bad |= !std::isfinite(row[j]);
+    }
+    if (bad) poisoned = true;
+  });
+  return poisoned;
+}
+
+template <typename T>
+FSSKERN_CPU_CLONES void accumulate_squares(const T* row, T* acc, int64_t n) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) acc[i] += row[i] * row[i];
+}
+
+// Column norms of a (rows x n) row-major matrix.
+template <typename T>
+std::vector<T> column_norms(const T* m, int64_t rows, int64_t n) {
+  std::vector<T> norms(n, T(0));
+  at::parallel_for(0, n, 1024, [&](int64_t begin, int64_t end) {
+    for (int64_t r = 0; r < rows; ++r) accumulate_squares(m + r * n + begin, norms.data() + begin, end - begin);
+    for (int64_t i = begin; i < end; ++i) norms[i] = std::sqrt(norms[i]);
+  });
+  return norms;
+}
+
+// Epilogue of one score row (one foreground pixel j against a query tile).
+template <typename T>
+FSSKERN_CPU_CLONES void fold_scores(const T* scores, T norm_s, const T* norm_q, T eps, int64_t j, T* best,
+                                    int64_t* best_j, int64_t n) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) {
+    const T v = cosine_from_dot(scores[i], norm_s, norm_q[i], eps);
+    const bool take = max_cosine_better(v, j, best[i], best_j[i]);
+    best[i] = take ? v : best[i];
+    best_j[i] = take ? j : best_j[i];
+  }
+}
+
+template <typename T>
+void max_cosine_forward_typed(const at::Tensor& query, const at::Tensor& support, const at::Tensor& weights, T eps,
+                              at::Tensor& values, at::Tensor& indices) {
+  const int64_t B = support.size(0), K = support.size(1), C = support.size(2), Ns = support.size(3);
+  const int64_t Nq = query.size(2);
+  const auto opts = query.options();
+  const at::Tensor query_norms = at::linalg_vector_norm(query, 2, {1});  // (B, Nq), as torch.norm
+  const T* q_all = query.const_data_ptr<T>();
+  const T* qn_all = query_norms.const_data_ptr<T>();
+
+  for (int64_t b = 0; b < B; ++b) {
+    for (int64_t k = 0; k < K; ++k) {
+      const T* w = weights.const_data_ptr<T>() + (b * K + k) * Ns;
+      std::vector<int64_t> fg, bg;
+      for (int64_t j = 0; j < Ns; ++j) (w[j] != T(0) ? fg : bg).push_back(j);
+      const int64_t nfg = static_cast<int64_t>(fg.size());
+      const bool has_bg = !bg.empty();
+
+      at::Tensor panel = at::empty({C, nfg}, opts);
+      const bool poisoned = pack_foreground(support.const_data_ptr<T>() + (b * K + k) * C * Ns, w, fg, C, Ns, bg,
+                                            panel.mutable_data_ptr<T>());
+      const std::vector<T> support_norms = column_norms(panel.const_data_ptr<T>(), C, nfg);
+      const at::Tensor query_b = at::from_blob(const_cast<T*>(q_all) + b * C * Nq, {C, Nq}, opts);
+      const T* qn = qn_all + b * Nq;
+      T* out_v = values.mutable_data_ptr<T>() + (b * K + k) * Nq;
+      int64_t* out_j = indices.mutable_data_ptr<int64_t>() + (b * K + k) * Nq;
+
+      at::parallel_for(0, at::divup(Nq, kQueryTile), 1, [&](int64_t tile_begin, int64_t tile_end) {
+        at::Tensor scores = at::empty({kSupportTile, kQueryTile}, opts);
+        std::vector<T> best(kQueryTile);
+        std::vector<int64_t> best_j(kQueryTile);
+        for (int64_t tile = tile_begin; tile < tile_end; ++tile) {
+          const int64_t i0 = tile * kQueryTile, nq = std::min(kQueryTile, Nq - i0);
+          for (int64_t i = 0; i < nq; ++i) {
+            best[i] = has_bg ? background_cosine(qn[i0 + i]) : -std::numeric_limits<T>::infinity();
+            best_j[i] = has_bg ? kBackgroundIndex : kNoIndex;
+          }
+          const at::Tensor q_tile = query_b.narrow(1, i0, nq);
+          for (int64_t r0 = 0; r0 < nfg; r0 += kSupportTile) {
+            const int64_t ns = std::min(kSupportTile, nfg - r0);
+            at::Tensor s = scores.narrow(0, 0, ns).narrow(1, 0, nq);
+            at::mm_out(s, panel.narrow(1, r0, ns).t(), q_tile);
+            const T* sp = s.const_data_ptr<T>();
+            for (int64_t r = 0; r < ns; ++r) {
+              fold_scores(sp + r * s.stride(0), support_norms[r0 + r], qn + i0, eps, fg[r0 + r], best.data(),
+                          best_j.data(), nq);
+            }
+          }
+          for (int64_t i = 0; i < nq; ++i) {
+            out_v[i0 + i] = poisoned ? std::numeric_limits<T>::quiet_NaN() : best[i];
+            out_j[i0 + i] = best_j[i];
+          }
+        }
+      });
+    }
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor> max_cosine_cpu(const at::Tensor& query, const at::Tensor& support,
+                                                  const at::Tensor& support_weights, double eps) {
+  check_max_cosine_inputs(query, support, support_weights, eps);
+  const auto q = query.contiguous();
+  const auto s = support.contiguous();
+  const auto w = support_weights.contiguous();
+  const int64_t B = s.size(0), K = s.size(1), Nq = q.size(2);
+  at::Tensor values = at::empty({B, K, Nq}, q.options());
+  at::Tensor indices = at::empty({B, K, Nq}, q.options().dtype(at::kLong));
+  AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "fsskern_max_cosine_cpu", [&] {
+    max_cosine_forward_typed<scalar_t>(q, s, w, static_cast<scalar_t>(eps), values, indices);
+  });
+  return {values, indices};
+}
+
+template <typename T>
+FSSKERN_CPU_CLONES void dot3(const T* s, const T* q, T w, int64_t n, T* sq, T* ss, T* qq) {
+  T a = 0, b = 0, c = 0;
+#pragma omp simd reduction(+ : a, b, c)
+  for (int64_t i = 0; i < n; ++i) {
+    const T sv = w * s[i];
+    a += sv * q[i];
+    b += sv * sv;
+    c += q[i] * q[i];
+  }
+  *sq = a;
+  *ss = b;
+  *qq = c;
+}
+
+// out += alpha * w * s + beta * q  (w scales s as in the forward)
+template <typename T>
+FSSKERN_CPU_CLONES void axpy2(T* out, T alpha, const T* s, T w, T beta, const T* q, int64_t n) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) out[i] += alpha * (w * s[i]) + beta * q[i];
+}
+
+// Walks the saved argmax. Rows are channel-last copies of query and support so every dot and
+// update is contiguous. grad_query is split by query pixel and grad_support by (image, shot),
+// each written by one thread in a fixed order: deterministic, no atomics.
+template <typename T>
+void max_cosine_backward_typed(const at::Tensor& grad, const at::Tensor& query, const at::Tensor& support,
+                               const at::Tensor& weights, const at::Tensor& indices, T eps, at::Tensor& grad_query,
+                               at::Tensor& grad_support) {
+  const int64_t B = support.size(0), K = support.size(1), C = support.size(2), Ns = support.size(3);
+  const int64_t Nq = query.size(2);
+  const at::Tensor qt = query.transpose(1, 2).contiguous();    // (B, Nq, C)
+  const at::Tensor st = support.transpose(2, 3).contiguous();  // (B, K, Ns, C)
+  const T* q_rows = qt.const_data_ptr<T>();
+  const T* s_rows = st.const_data_ptr<T>();
+  const T* g = grad.const_data_ptr<T>();
+  const T* w = weights.const_data_ptr<T>();
+  const int64_t* idx = indices.const_data_ptr<int64_t>();
+  T* gq = grad_query.mutable_data_ptr<T>();    // (B, Nq, C)
+  T* gs = grad_support.mutable_data_ptr<T>();  // (B, K, Ns, C)
+
+  // For one (b, k, i): the cosine gradient coefficients, or false if no gradient flows.
+  auto coefficients = [&](int64_t b, int64_t k, int64_t i, CosineGrad<T>* cg, const T** s, const T** q, T* wj) {
+    const int64_t bki = (b * K + k) * Nq + i;
+    const int64_t j = idx[bki];
+    if (j < 0 || g[bki] == T(0)) return false;
+    *wj = w[(b * K + k) * Ns + j];
+    *s = s_rows + ((b * K + k) * Ns + j) * C;
+    *q = q_rows + (b * Nq + i) * C;
+    T sq, ss, qq;
+    dot3(*s, *q, *wj, C, &sq, &ss, &qq);
+    *cg = cosine_grad(g[bki], sq, std::sqrt(ss), std::sqrt(qq), eps);
+    return true;
+  };
+
+  if (grad_query.numel() > 0) {
+    at::parallel_for(0, B * Nq, 64, [&](int64_t begin, int64_t end) {
+      for (int64_t bi = begin; bi < end; ++bi) {
+        const int64_t b = bi / Nq, i = bi % Nq;
+        for (int64_t k = 0; k < K; ++k) {
+          CosineGrad<T> cg;
+          const T *s, *q;
+          T wj;
+          if (coefficients(b, k, i, &cg, &s, &q, &wj)) axpy2(gq + bi * C, cg.a, s, wj, -cg.bq, q, C);
+        }
+      }
+    });
+  }
+  if (grad_support.numel() > 0) {
+    at::parallel_for(0, B * K, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t bk = begin; bk < end; ++bk) {
+        const int64_t b = bk / K, k = bk % K;
+        for (int64_t i = 0; i < Nq; ++i) {
+          CosineGrad<T> cg;
+          const T *s, *q;
+          T wj;
+          if (!coefficients(b, k, i, &cg, &s, &q, &wj)) continue;
+          // d/ds of cos(w s, q) = w * (a q - bs w s)
+          const int64_t j = idx[bk * Nq + i];
+          axpy2(gs + (bk * Ns + j) * C, -cg.bs * wj, s, wj, cg.a * wj, q, C);
+        }
+      }
+    });
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor> max_cosine_backward_cpu(const at::Tensor& grad_values, const at::Tensor& query,
+                                                           const at::Tensor& support,
+                                                           const at::Tensor& support_weights,
+                                                           const at::Tensor& indices, double eps) {
+  check_max_cosine_inputs(query, support, support_weights, eps);
+  const auto q = query.contiguous();
+  const auto s = support.contiguous();
+  const int64_t B = s.size(0), K = s.size(1), C = s.size(2), Ns = s.size(3), Nq = q.size(2);
+  at::Tensor grad_query = at::zeros({B, Nq, C}, q.options());
+  at::Tensor grad_support = at::zeros({B, K, Ns, C}, s.options());
+  AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "fsskern_max_cosine_backward_cpu", [&] {
+    max_cosine_backward_typed<scalar_t>(grad_values.contiguous(), q, s, support_weights.contiguous(),
+                                        indices.contiguous(), static_cast<scalar_t>(eps), grad_query, grad_support);
+  });
+  return {grad_query.transpose(1, 2).contiguous(), grad_support.transpose(2, 3).contiguous()};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fsskern, CPU, m) {
+  m.impl("max_cosine", &max_cosine_cpu);
+  m.impl("_max_cosine_backward", &max_cosine_backward_cpu);
+}
+
+}  // namespace fsskern

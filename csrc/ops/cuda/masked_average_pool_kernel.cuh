@@ -1,0 +1,64 @@
+#pragma once
+// CUDA kernels of masked_average_pool. Launchers: masked_average_pool_kernel.cu.
+#include <cstdint>
+
+#include "common/cuda_reduce.cuh"
+#include "common/resample.h"
+
+namespace fsskern {
+
+// One thread per destination pixel of every plane: dst (planes, out_h, out_w) sampled from
+// src (planes, in_h, in_w).
+template <typename T>
+__global__ void resample_gather_kernel(const T* __restrict__ src, T* __restrict__ dst, int64_t planes, int64_t in_h,
+                                       int64_t in_w, int64_t out_h, int64_t out_w, bool align_corners) {
+  const int64_t total = planes * out_h * out_w;
+  for (int64_t idx = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; idx < total;
+       idx += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t p = idx / (out_h * out_w), rem = idx % (out_h * out_w);
+    dst[idx] = bilinear_gather_at(src + p * in_h * in_w, in_h, in_w, out_h, out_w, align_corners, rem / out_w,
+                                  rem % out_w);
+  }
+}
+
+// One thread per destination pixel of the adjoint: dst (planes, dst_h, dst_w) collects src
+// (planes, src_h, src_w) through the taps of sampling (dst_h, dst_w) to (src_h, src_w). Written
+// as a gather, not an atomic scatter, so results do not depend on thread order.
+template <typename T>
+__global__ void resample_adjoint_kernel(const T* __restrict__ src, T* __restrict__ dst, int64_t planes,
+                                        int64_t src_h, int64_t src_w, int64_t dst_h, int64_t dst_w,
+                                        bool align_corners) {
+  const int64_t total = planes * dst_h * dst_w;
+  for (int64_t idx = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; idx < total;
+       idx += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t p = idx / (dst_h * dst_w), rem = idx % (dst_h * dst_w);
+    dst[idx] = bilinear_adjoint_at(src + p * src_h * src_w, dst_h, dst_w, src_h, src_w, align_corners, rem / dst_w,
+                                   rem % dst_w);
+  }
+}
+
+// One warp per output (b, n, c): the warp strides over the P pixels of the feature row and the
+// weight row together (both contiguous, so loads coalesce), then reduces with shuffles.
+// Launch: block = 32 * kWarpsPerBlock threads, grid = (ceil(C / kWarpsPerBlock), N, B).
+constexpr int kWeightedSumWarpsPerBlock = 8;
+
+template <typename scalar_t, typename acc_t>
+__global__ void weighted_sum_kernel(const scalar_t* __restrict__ features, const acc_t* __restrict__ weights,
+                                    const acc_t* __restrict__ denom, scalar_t* __restrict__ out, int64_t C,
+                                    int64_t N, int64_t P) {
+  const int lane = threadIdx.x & 31;
+  const int64_t c = int64_t(blockIdx.x) * kWeightedSumWarpsPerBlock + (threadIdx.x >> 5);
+  const int64_t n = blockIdx.y, b = blockIdx.z;
+  if (c >= C) return;  // c is the same for all lanes of a warp: whole warps leave together
+  const scalar_t* f = features + (b * C + c) * P;
+  const acc_t* w = weights + (b * N + n) * P;
+  acc_t acc = acc_t(0);
+  for (int64_t p = lane; p < P; p += 32) acc += static_cast<acc_t>(f[p]) * w[p];
+  acc = warp_sum(acc);
+  if (lane == 0) {
+    const acc_t d = denom[b * N + n];
+    out[(b * N + n) * C + c] = static_cast<scalar_t>(d != acc_t(0) ? acc / d : acc_t(0));
+  }
+}
+
+}  // namespace fsskern

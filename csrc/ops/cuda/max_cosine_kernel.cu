@@ -1,0 +1,81 @@
+// CUDA launchers and registration of max_cosine (kernels in the .cuh beside this).
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include "common/launch.cuh"
+#include "ops/cuda/max_cosine_kernel.cuh"
+
+namespace fsskern {
+namespace {
+
+std::tuple<at::Tensor, at::Tensor> max_cosine_cuda(const at::Tensor& query, const at::Tensor& support,
+                                                   const at::Tensor& support_weights, double eps) {
+  check_max_cosine_inputs(query, support, support_weights, eps);
+  const c10::cuda::CUDAGuard guard(query.device());
+  const auto q = query.contiguous();
+  const auto s = support.contiguous();
+  const auto w = support_weights.contiguous();
+  const int64_t B = s.size(0), K = s.size(1), C = s.size(2), Ns = s.size(3), Nq = q.size(2);
+  at::Tensor values = at::empty({B, K, Nq}, q.options());
+  at::Tensor indices = at::empty({B, K, Nq}, q.options().dtype(at::kLong));
+  if (values.numel() == 0) return {values, indices};
+
+  // Foreground pixels first, in index order (stable sort of "is background"), and their count:
+  // device-side, so the host never waits for the masks.
+  const auto background = (w == 0).to(at::kByte);
+  const auto fg_index = std::get<1>(background.sort(/*stable=*/true, /*dim=*/-1, /*descending=*/false));
+  const auto fg_count = (w != 0).sum(-1);
+  const auto query_norms = at::linalg_vector_norm(q, 2, {1});  // (B, Nq), as torch.norm
+  at::Tensor support_norms = at::empty({B, K, Ns}, q.options());
+  at::Tensor bad_background = at::empty({B, K, Ns}, q.options().dtype(at::kByte));
+  AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "fsskern_max_cosine_cuda", [&] {
+    const int64_t total = B * K * Ns;
+    launch(support_norms_kernel<scalar_t>,
+           {dim3(static_cast<unsigned>(std::min<int64_t>(ceil_div(total, 256), 65535))), dim3(256)},
+           s.const_data_ptr<scalar_t>(), w.const_data_ptr<scalar_t>(), support_norms.mutable_data_ptr<scalar_t>(),
+           bad_background.mutable_data_ptr<uint8_t>(), B * K, C, Ns);
+    const auto poisoned = bad_background.any(-1);
+    const MaxCosineParams params{K, C, Nq, Ns, eps};
+    launch(max_cosine_forward_kernel<scalar_t>,
+           {dim3(static_cast<unsigned>(ceil_div(Nq, kTileQ)), static_cast<unsigned>(K), static_cast<unsigned>(B)),
+            dim3(kMaxCosineThreads)},
+           q.const_data_ptr<scalar_t>(), s.const_data_ptr<scalar_t>(), w.const_data_ptr<scalar_t>(),
+           query_norms.const_data_ptr<scalar_t>(), support_norms.const_data_ptr<scalar_t>(),
+           fg_index.const_data_ptr<int64_t>(), fg_count.const_data_ptr<int64_t>(), poisoned.const_data_ptr<bool>(),
+           values.mutable_data_ptr<scalar_t>(), indices.mutable_data_ptr<int64_t>(), params);
+  });
+  return {values, indices};
+}
+
+std::tuple<at::Tensor, at::Tensor> max_cosine_backward_cuda(const at::Tensor& grad_values, const at::Tensor& query,
+                                                            const at::Tensor& support,
+                                                            const at::Tensor& support_weights,
+                                                            const at::Tensor& indices, double eps) {
+  check_max_cosine_inputs(query, support, support_weights, eps);
+  const c10::cuda::CUDAGuard guard(query.device());
+  const auto q = query.contiguous();
+  const auto s = support.contiguous();
+  const int64_t B = s.size(0), K = s.size(1), C = s.size(2), Ns = s.size(3), Nq = q.size(2);
+  at::Tensor grad_query = at::zeros_like(q);
+  at::Tensor grad_support = at::zeros_like(s);
+  AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "fsskern_max_cosine_backward_cuda", [&] {
+    const MaxCosineParams params{K, C, Nq, Ns, eps};
+    launch(max_cosine_backward_kernel<scalar_t>,
+           {dim3(static_cast<unsigned>(Nq), static_cast<unsigned>(B)), dim3(kBackwardThreads)},
+           grad_values.contiguous().const_data_ptr<scalar_t>(), q.const_data_ptr<scalar_t>(),
+           s.const_data_ptr<scalar_t>(), support_weights.contiguous().const_data_ptr<scalar_t>(),
+           indices.contiguous().const_data_ptr<int64_t>(), grad_query.mutable_data_ptr<scalar_t>(),
+           grad_support.mutable_data_ptr<scalar_t>(), params);
+  });
+  return {grad_query, grad_support};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fsskern, CUDA, m) {
+  m.impl("max_cosine", &max_cosine_cuda);
+  m.impl("_max_cosine_backward", &max_cosine_backward_cuda);
+}
+
+}  // namespace fsskern

@@ -1,0 +1,41 @@
+// max_cosine: schema and input checks (math: max_cosine.h; kernels: cpu/, cuda/).
+#include "ops/max_cosine.h"
+
+#include <torch/library.h>
+
+namespace fsskern {
+
+void check_max_cosine_inputs(const at::Tensor& query, const at::Tensor& support, const at::Tensor& weights,
+                             double eps) {
+  TORCH_CHECK(query.dim() == 3, "max_cosine: query must be 3-d (B, C, Nq), got shape ", query.sizes());
+  TORCH_CHECK(support.dim() == 4, "max_cosine: support must be 4-d (B, K, C, Ns), got shape ", support.sizes());
+  TORCH_CHECK(weights.dim() == 3, "max_cosine: support_weights must be 3-d (B, K, Ns), got shape ",
+              weights.sizes());
+  const auto dt = query.scalar_type();
+  TORCH_CHECK(dt == at::kFloat || dt == at::kDouble, "max_cosine: query must be float32 or float64, got ", dt);
+  TORCH_CHECK(support.scalar_type() == dt && weights.scalar_type() == dt,
+              "max_cosine: query, support and support_weights must share a dtype, got ", dt, ", ",
+              support.scalar_type(), ", ", weights.scalar_type());
+  TORCH_CHECK(support.device() == query.device() && weights.device() == query.device(),
+              "max_cosine: all inputs must be on one device, got ", query.device(), ", ", support.device(), ", ",
+              weights.device());
+  TORCH_CHECK(support.size(0) == query.size(0) && weights.size(0) == query.size(0),
+              "max_cosine: batch sizes differ: query ", query.size(0), ", support ", support.size(0),
+              ", support_weights ", weights.size(0));
+  TORCH_CHECK(support.size(2) == query.size(1), "max_cosine: channel counts differ: query ", query.size(1),
+              ", support ", support.size(2));
+  TORCH_CHECK(weights.size(1) == support.size(1) && weights.size(2) == support.size(3),
+              "max_cosine: support_weights must be (B, K, Ns) = ", support.size(0), ", ", support.size(1), ", ",
+              support.size(3), ", got ", weights.sizes());
+  TORCH_CHECK(support.size(3) > 0, "max_cosine: support must have at least one pixel");
+  TORCH_CHECK(std::isfinite(eps) && eps >= 0, "max_cosine: eps must be finite and >= 0, got ", eps);
+}
+
+TORCH_LIBRARY_FRAGMENT(fsskern, m) {
+  m.def("max_cosine(Tensor query, Tensor support, Tensor support_weights, float eps) -> (Tensor, Tensor)");
+  m.def(
+      "_max_cosine_backward(Tensor grad_values, Tensor query, Tensor support, Tensor support_weights, "
+      "Tensor indices, float eps) -> (Tensor, Tensor)");
+}
+
+}  // namespace fsskern

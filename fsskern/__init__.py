@@ -1,0 +1,15 @@
+"""fsskern: fused C++/CUDA kernels for few-shot semantic segmentation, as PyTorch ops.
+
+Importing the package loads the compiled library (registering ``torch.ops.fsskern.*``) and
+the Python-side fake kernels and autograd formulas. The public API is :mod:`fsskern.ops`;
+pure-PyTorch references written the way the public FSS repositories write them are in
+:mod:`fsskern.reference`.
+"""
+import torch  # noqa: F401  (loads libtorch before the extension)
+
+from . import _C  # noqa: F401  (registers torch.ops.fsskern.*)
+from . import ops, reference  # noqa: E402
+from ._build import build_info  # noqa: E402
+
+__all__ = ["ops", "reference", "build_info"]
+__version__ = "0.1.0"

@@ -1,0 +1,83 @@
+"""Builds fsskern._C: the C++ ops always, the CUDA kernels when torch is a CUDA build and a
+CUDA toolkit is found (FSSKERN_CUDA=0/1 forces it off/on).
+
+Install with `pip install --no-build-isolation .` so the extension compiles against the torch
+already installed (see requirements.txt).
+"""
+import os
+import shutil
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+ROOT = Path(__file__).resolve().parent
+CSRC = ROOT / "csrc"
+
+
+def find_cuda_toolkit():
+    """The toolkit root, or None. torch's own guess follows `which nvcc`, which here is a
+    wrapper script in /usr/local/bin and so yields /usr/local; look for a real bin/nvcc."""
+    candidates = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"]
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        candidates.append(str(Path(os.path.realpath(nvcc)).parent.parent))
+    for root in candidates:
+        if root and (Path(root) / "bin" / "nvcc").is_file() and (Path(root) / "include" / "cuda.h").is_file():
+            return root
+    return None
+
+
+def cuda_wanted(torch_cuda_version, toolkit):
+    flag = os.environ.get("FSSKERN_CUDA", "").strip()
+    if flag not in ("", "0", "1"):
+        raise SystemExit(f"FSSKERN_CUDA must be 0 or 1, got {flag!r}")
+    if flag == "0":
+        return False
+    if flag == "1":
+        if torch_cuda_version is None:
+            raise SystemExit("FSSKERN_CUDA=1 but the installed torch is a CPU-only build")
+        if toolkit is None:
+            raise SystemExit("FSSKERN_CUDA=1 but no CUDA toolkit (bin/nvcc + include/cuda.h) was found; set CUDA_HOME")
+        return True
+    return torch_cuda_version is not None and toolkit is not None
+
+
+# CUDA_HOME must be right before torch.utils.cpp_extension is imported: it reads it once.
+TOOLKIT = find_cuda_toolkit()
+if TOOLKIT:
+    os.environ["CUDA_HOME"] = TOOLKIT
+
+import torch  # noqa: E402
+from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension  # noqa: E402
+
+WITH_CUDA = cuda_wanted(torch.version.cuda, TOOLKIT)
+if WITH_CUDA and not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
+    # No GPU to ask: build for Ampere and Hopper (sm_80, sm_90) plus PTX for newer parts.
+    os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0+PTX"
+
+cpp_sources = sorted(str(p.relative_to(ROOT)) for p in CSRC.rglob("*.cpp"))
+cuda_sources = sorted(str(p.relative_to(ROOT)) for p in CSRC.rglob("*.cu")) if WITH_CUDA else []
+
+cxx_flags = ["-O3", "-fopenmp", "-DFSSKERN_WITH_CUDA=%d" % int(WITH_CUDA)]
+nvcc_flags = ["-O3", "--expt-relaxed-constexpr", "-lineinfo", "-DFSSKERN_WITH_CUDA=1"]
+Extension = CUDAExtension if WITH_CUDA else CppExtension
+ext = Extension(
+    name="fsskern._C",
+    sources=cpp_sources + cuda_sources,
+    include_dirs=[str(CSRC)],
+    extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags} if WITH_CUDA else {"cxx": cxx_flags},
+    extra_link_args=["-fopenmp"],
+    py_limited_api=True,
+)
+
+setup(
+    name="fsskern",
+    version="0.1.0",
+    description="Fused C++/CUDA kernels for few-shot semantic segmentation, as PyTorch ops",
+    packages=find_packages(include=["fsskern", "fsskern.*"]),
+    python_requires=">=3.10",
+    install_requires=["torch==2.14.1", "numpy"],
+    ext_modules=[ext],
+    cmdclass={"build_ext": BuildExtension.with_options(no_python_abi_suffix=True)},
+    options={"bdist_wheel": {"py_limited_api": "cp310"}},
+)
