@@ -58,7 +58,8 @@ if WITH_CUDA and not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.i
 cpp_sources = sorted(str(p.relative_to(ROOT)) for p in CSRC.rglob("*.cpp"))
 cuda_sources = sorted(str(p.relative_to(ROOT)) for p in CSRC.rglob("*.cu")) if WITH_CUDA else []
 
-cxx_flags = ["-O3", "-fopenmp", "-DFSSKERN_WITH_CUDA=%d" % int(WITH_CUDA)]
+# -ffp-contract=off: no silent FMA contraction, so elementwise steps round as PyTorch's do.
+cxx_flags = ["-O3", "-fopenmp", "-ffp-contract=off", "-DFSSKERN_WITH_CUDA=%d" % int(WITH_CUDA)]
 nvcc_flags = ["-O3", "--expt-relaxed-constexpr", "-lineinfo", "-DFSSKERN_WITH_CUDA=1"]
 Extension = CUDAExtension if WITH_CUDA else CppExtension
 ext = Extension(

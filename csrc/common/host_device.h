@@ -6,3 +6,22 @@
 #else
 #define HOST_DEVICE inline
 #endif
+
+// a * b + c rounded after the multiply and after the add, as PyTorch's separate elementwise ops
+// compute it. Fusing the two into one FMA changes the last bit, which min-max normalisation can
+// blow up; the CPU build compiles with -ffp-contract=off, device code asks for it explicitly.
+HOST_DEVICE float mul_add_unfused(float a, float b, float c) {
+#if defined(__CUDA_ARCH__)
+  return __fadd_rn(__fmul_rn(a, b), c);
+#else
+  return a * b + c;
+#endif
+}
+
+HOST_DEVICE double mul_add_unfused(double a, double b, double c) {
+#if defined(__CUDA_ARCH__)
+  return __dadd_rn(__dmul_rn(a, b), c);
+#else
+  return a * b + c;
+#endif
+}

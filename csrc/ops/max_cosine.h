@@ -30,7 +30,7 @@ constexpr int64_t kNoIndex = std::numeric_limits<int64_t>::max();
 
 template <typename T>
 HOST_DEVICE T cosine_from_dot(T dot, T norm_s, T norm_q, T eps) {
-  return dot / (norm_s * norm_q + eps);
+  return dot / mul_add_unfused(norm_s, norm_q, eps);
 }
 
 // Does candidate (v, j) beat (best, best_j)? The result equals a left-to-right scan over

@@ -3,4 +3,4 @@
 
 def check_choice(op: str, name: str, value, choices):
     if value not in choices:
-        raise ValueError(f"{op}: {name} must be one of {sorted(choices)}, got {value!r}")
+        raise ValueError(f"{op}: {name} must be one of {sorted(choices, key=repr)}, got {value!r}")

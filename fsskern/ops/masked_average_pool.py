@@ -83,6 +83,8 @@ def _(features, masks, resize, eps):
     torch._check(features.dim() == 4, lambda: f"masked_average_pool: features must be 4-d, got {features.dim()}-d")
     torch._check(masks.dim() == 4, lambda: f"masked_average_pool: masks must be 4-d, got {masks.dim()}-d")
     torch._check(features.shape[0] == masks.shape[0], lambda: "masked_average_pool: batch sizes differ")
+    torch._check(features.device == masks.device, lambda: "masked_average_pool: features and masks must be on the "
+                 f"same device, got {features.device} and {masks.device}")
     opmath = torch.float64 if features.dtype == torch.float64 else torch.float32
     B, C, N = features.shape[0], features.shape[1], masks.shape[1]
     return features.new_empty((B, N, C)), features.new_empty((B, N), dtype=opmath)

@@ -87,6 +87,8 @@ def prior_mask(query: torch.Tensor, support: torch.Tensor, support_masks: torch.
 def _(query, support, support_weights, eps):
     torch._check(query.dim() == 3 and support.dim() == 4 and support_weights.dim() == 3,
                  lambda: "max_cosine: expected query (B, C, Nq), support (B, K, C, Ns), weights (B, K, Ns)")
+    torch._check(query.device == support.device == support_weights.device,
+                 lambda: "max_cosine: all inputs must be on one device")
     B, K, Nq = support.shape[0], support.shape[1], query.shape[2]
     return query.new_empty((B, K, Nq)), query.new_empty((B, K, Nq), dtype=torch.int64)
 

@@ -1,0 +1,52 @@
+"""What the build contains, and the CUDA kernels against the CPU ones where a GPU exists."""
+import pytest
+import torch
+from torch.testing import assert_close
+
+import fsskern
+from conftest import CUDA, FP32
+from fsskern import ops
+
+OPS = ["masked_average_pool", "_masked_average_pool_backward_features", "_masked_average_pool_backward_masks",
+       "max_cosine", "_max_cosine_backward"]
+
+
+def test_build_info():
+    info = fsskern.build_info()
+    assert set(info) == {"cuda", "cpu_dispatch", "compiler"}
+    assert "default" in info["cpu_dispatch"]
+
+
+@pytest.mark.parametrize("name", OPS)
+def test_ops_registered_with_cpu_kernels(name):
+    op = getattr(torch.ops.fsskern, name)
+    assert torch._C._dispatch_has_kernel_for_dispatch_key(op.default.name(), "CPU")
+    if fsskern.build_info()["cuda"]:
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(op.default.name(), "CUDA")
+
+
+@CUDA
+@pytest.mark.parametrize("mode", ["mask", "features"])
+def test_cuda_masked_average_pool_matches_cpu(mode):
+    f = torch.randn(3, 64, 13, 17, requires_grad=True)
+    m = torch.rand(3, 4, 97, 101, requires_grad=True)
+    fc, mc = f.detach().cuda().requires_grad_(), m.detach().cuda().requires_grad_()
+    out, out_c = ops.masked_average_pool(f, m, resize=mode), ops.masked_average_pool(fc, mc, resize=mode)
+    assert_close(out_c.cpu(), out, **FP32)
+    g = torch.randn_like(out)
+    for a, b in zip(torch.autograd.grad(out, (f, m), g), torch.autograd.grad(out_c, (fc, mc), g.cuda())):
+        assert_close(b.cpu(), a, rtol=1e-4, atol=1e-5)
+
+
+@CUDA
+@pytest.mark.parametrize("fg", [0.0, 0.3, 1.0])
+def test_cuda_prior_matches_cpu(fg):
+    q = torch.randn(2, 96, 21, 19, requires_grad=True)
+    s = torch.randn(2, 3, 96, 17, 23, requires_grad=True)
+    m = (torch.rand(2, 3, 60, 60) < fg).float()
+    qc, sc = q.detach().cuda().requires_grad_(), s.detach().cuda().requires_grad_()
+    out, out_c = ops.prior_mask(q, s, m, reduce=None), ops.prior_mask(qc, sc, m.cuda(), reduce=None)
+    assert_close(out_c.cpu(), out, **FP32)
+    g = torch.randn_like(out)
+    for a, b in zip(torch.autograd.grad(out, (q, s), g), torch.autograd.grad(out_c, (qc, sc), g.cuda())):
+        assert_close(b.cpu(), a, rtol=1e-4, atol=1e-5)

@@ -1,0 +1,44 @@
+"""torch.compile(fullgraph=True) of a module that calls both ops, forward and backward."""
+import torch
+from torch.testing import assert_close
+
+from fsskern import ops
+
+
+class PriorAndPrototype(torch.nn.Module):
+    """The part of a PFENet-style head that fsskern fuses: prototype + prior, then a 1x1 conv."""
+
+    def __init__(self, channels):
+        super().__init__()
+        self.proj = torch.nn.Conv2d(channels + 1, 8, 1)
+
+    def forward(self, query, support, masks):
+        prototype = ops.masked_average_pool(support[:, 0], masks[:, :1]).squeeze(1)  # (B, C)
+        prior = ops.prior_mask(query, support, masks, out_size=query.shape[-2:])
+        expanded = prototype[:, :, None, None].expand_as(query)
+        return self.proj(torch.cat([query * expanded, prior], 1))
+
+
+def test_compile_fullgraph_forward_and_backward():
+    torch._dynamo.reset()
+    model = PriorAndPrototype(16)
+    query = torch.randn(2, 16, 9, 11, requires_grad=True)
+    support = torch.randn(2, 3, 16, 9, 9, requires_grad=True)
+    masks = (torch.rand(2, 3, 33, 33) < 0.4).float()
+    eager_out = model(query, support, masks)
+    eager_grads = torch.autograd.grad(eager_out.square().sum(), (query, support))
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    out = compiled(query, support, masks)
+    grads = torch.autograd.grad(out.square().sum(), (query, support))
+    assert_close(out, eager_out)
+    for g, e in zip(grads, eager_grads):
+        assert_close(g, e)
+
+
+def test_compile_inductor_forward():
+    torch._dynamo.reset()
+    model = PriorAndPrototype(8)
+    query, support = torch.randn(1, 8, 7, 7), torch.randn(1, 2, 8, 6, 6)
+    masks = (torch.rand(1, 2, 21, 21) < 0.5).float()
+    with torch.no_grad():
+        assert_close(torch.compile(model, fullgraph=True)(query, support, masks), model(query, support, masks))
