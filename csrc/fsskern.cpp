@@ -1,7 +1,5 @@
 // The fsskern operator library. Each op declares its schema in its own ops/<op>.cpp with
-// TORCH_LIBRARY_FRAGMENT; this file opens the namespace, answers what the build contains, and
-// gives Python a module to import (importing fsskern._C runs every registration).
-#include <Python.h>
+// TORCH_LIBRARY_FRAGMENT; this file opens the namespace and answers what the build contains.
 #include <torch/library.h>
 
 #include <string>
@@ -29,11 +27,3 @@ TORCH_LIBRARY(fsskern, m) {
 }
 
 }  // namespace fsskern
-
-extern "C" {
-// A module with no methods: importing it loads the library and runs the registrations.
-PyObject* PyInit__C(void) {
-  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
-  return PyModule_Create(&module_def);
-}
-}

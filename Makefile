@@ -1,0 +1,53 @@
+# The two commands a newcomer needs:  make bench  (the main job)  and  make test.
+# Both create .venv with the pinned torch from this machine's wheel store, build fsskern into
+# it (no build isolation, so no other torch is pulled in) and then run.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+TORCH_CMAKE = $$($(PY) -c 'import torch; print(torch.utils.cmake_prefix_path)')
+SOURCES := $(shell find csrc -type f) setup.py
+CUDA_SOURCES := $(shell find csrc -name '*.cu')
+TORCH_INCLUDE = $$($(PY) -c 'import torch.utils.cpp_extension as c; print(" ".join("-I" + p for p in c.include_paths()))')
+
+.PHONY: venv build test bench bench-quick cuda-check cmake-test ci clean
+
+venv: $(VENV)/.deps
+$(VENV)/.deps: requirements.txt requirements-dev.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet -r requirements-dev.txt
+	touch $@
+
+# Editable install: fsskern/_C.so is built in place, so tests and scripts import this tree.
+build: $(VENV)/.built
+$(VENV)/.built: $(VENV)/.deps $(SOURCES)
+	$(PY) -m pip install --quiet --no-build-isolation --no-deps -e .
+	touch $@
+
+test: build
+	$(PY) -m pytest -q tests
+
+bench: build
+	$(PY) benchmarks/run.py
+
+bench-quick: build
+	$(PY) benchmarks/run.py --quick
+
+# Compile every .cu on its own for sm_80 and sm_90 (the real CUDA build; no GPU needed).
+cuda-check: venv
+	@for f in $(CUDA_SOURCES); do \
+	  echo "nvcc $$f"; \
+	  /usr/local/cuda/bin/nvcc -std=c++20 -O3 --expt-relaxed-constexpr -Xcompiler -fPIC -Icsrc $(TORCH_INCLUDE) \
+	    -DFSSKERN_WITH_CUDA=1 -gencode arch=compute_80,code=sm_80 -gencode arch=compute_90,code=sm_90 \
+	    -c $$f -o /dev/null || exit 1; \
+	done
+
+# The same sources built with CMake against libtorch, and the C++ test run by ctest.
+cmake-test: venv
+	$(VENV)/bin/cmake -S . -B build-cmake -DCMAKE_PREFIX_PATH="$(TORCH_CMAKE)" -DCMAKE_BUILD_TYPE=Release
+	$(VENV)/bin/cmake --build build-cmake -j2
+	$(VENV)/bin/ctest --test-dir build-cmake --output-on-failure
+
+ci: test cuda-check cmake-test bench-quick
+
+clean:
+	rm -rf build build-cmake fsskern/_C*.so *.egg-info $(VENV)/.built

@@ -1,0 +1,89 @@
+"""Timing and memory measurement shared by every benchmark case.
+
+Time: both sides run alternately (reference, fsskern, reference, ...) after a warm-up, so drift
+of the machine hits both; the median of the timed runs is reported.
+Memory: each side runs once in a fresh process; the peak resident set size during the call
+(Linux VmHWM, reset just before the call) minus the resident size just before it is the side's
+peak extra memory. Inputs are built before the reset, so they are not counted.
+"""
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+
+
+def median_times(fns, reps, warmup=1):
+    """Median wall time (seconds) of each function, runs interleaved."""
+    for _ in range(warmup):
+        for fn in fns:
+            fn()
+    samples = [[] for _ in fns]
+    for _ in range(reps):
+        for fn, out in zip(fns, samples):
+            start = time.perf_counter()
+            fn()
+            out.append(time.perf_counter() - start)
+    return [statistics.median(s) for s in samples]
+
+
+def _status_kib(field):
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def peak_extra_bytes(fn):
+    """Peak resident memory added while fn runs (bytes), measured in this process."""
+    import gc
+    gc.collect()
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # reset VmHWM (peak RSS) to the current RSS
+    before = _status_kib("VmRSS")
+    fn()
+    return max(0, _status_kib("VmHWM") - before) * 1024
+
+
+def measure_memory_in_subprocess(case_name, side, quick):
+    """Run `run.py --memory CASE SIDE` in a fresh interpreter and return its peak extra bytes."""
+    cmd = [sys.executable, str(HERE / "run.py"), "--memory", case_name, side] + (["--quick"] if quick else [])
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(HERE)})
+    return json.loads(out.stdout.strip().splitlines()[-1])["peak_extra_bytes"]
+
+
+def machine_info():
+    import fsskern
+    model = platform.processor() or "unknown"
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    info = fsskern.build_info()
+    return {
+        "cpu": model,
+        "logical_cpus": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "fsskern_cuda_kernels": info["cuda"],
+        "fsskern_cpu_dispatch": ",".join(info["cpu_dispatch"]),
+        "compiler": info["compiler"],
+        "python": platform.python_version(),
+    }
+
+
+def machine_slug(info):
+    cpu = "".join(c if c.isalnum() else "-" for c in info["cpu"].lower()).strip("-")
+    while "--" in cpu:
+        cpu = cpu.replace("--", "-")
+    return f"{cpu}-{info['logical_cpus']}cpu"

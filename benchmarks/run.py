@@ -1,0 +1,120 @@
+"""Run every benchmark case: fsskern vs the pure-PyTorch reference, time and peak memory.
+
+    python benchmarks/run.py            # full sizes (the papers'); minutes
+    python benchmarks/run.py --quick    # CI smoke sizes; seconds
+
+Writes benchmarks/results/<machine>/{results.json, report.md} (--quick: quick.json, quick.md).
+"""
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+from cases import all_cases  # noqa: E402
+from harness import machine_info, machine_slug, measure_memory_in_subprocess, median_times, peak_extra_bytes  # noqa: E402,E501
+
+
+def find_case(name, quick):
+    for case in all_cases(quick):
+        if case.name == name:
+            return case
+    raise SystemExit(f"no case named {name!r}")
+
+
+def memory_mode(name, side, quick):
+    """Child process: warm the libraries up on the smallest case, then measure one call."""
+    warm = all_cases(quick=True)[0]
+    warm_inputs = warm.build()
+    with torch.no_grad():
+        warm.reference(warm_inputs), warm.fsskern(warm_inputs)
+        case = find_case(name, quick)
+        inputs = case.build()
+        fn = case.reference if side == "reference" else case.fsskern
+        print(json.dumps({"peak_extra_bytes": peak_extra_bytes(lambda: fn(inputs))}))
+
+
+def run_case(case, quick, reps):
+    inputs = case.build()
+    with torch.no_grad():
+        ref_out, fss_out = case.reference(inputs), case.fsskern(inputs)
+        max_abs_diff = (ref_out.float().reshape(fss_out.shape) - fss_out.float()).abs().max().item()
+        t_ref, t_fss = median_times([lambda: case.reference(inputs), lambda: case.fsskern(inputs)], reps)
+    m_ref = measure_memory_in_subprocess(case.name, "reference", quick)
+    m_fss = measure_memory_in_subprocess(case.name, "fsskern", quick)
+    row = {
+        "case": case.name, "op": case.op, "size": case.size, "reps": reps,
+        "reference_ms": t_ref * 1e3, "fsskern_ms": t_fss * 1e3, "speedup": t_ref / t_fss,
+        "reference_peak_extra_mb": m_ref / 2**20, "fsskern_peak_extra_mb": m_fss / 2**20,
+        "memory_ratio": m_fss / m_ref if m_ref else None,
+        "speedup_target": case.speedup_target, "memory_target": case.memory_target,
+        "max_abs_diff": max_abs_diff,
+    }
+    print(f"{case.name:28s} {case.size:34s} ref {row['reference_ms']:9.2f} ms  fsskern {row['fsskern_ms']:9.2f} ms"
+          f"  x{row['speedup']:7.1f}  mem {row['reference_peak_extra_mb']:8.1f} -> {row['fsskern_peak_extra_mb']:7.1f} MB",
+          flush=True)
+    return row
+
+
+def verdict(value, target, higher_is_better):
+    if target is None or value is None:
+        return ""
+    met = value >= target if higher_is_better else value <= target
+    if met:
+        return "met"
+    return f"missed ({value / target:.2f}x of target)" if higher_is_better else f"missed ({value / target:.1f}x over)"
+
+
+def markdown(rows, info, quick):
+    lines = [f"Machine: {info['cpu']}, {info['logical_cpus']} logical CPUs, torch {info['torch']} "
+             f"({info['torch_threads']} threads, {info['cpu_capability']}), fsskern CPU dispatch "
+             f"{info['fsskern_cpu_dispatch']}, gcc {info['compiler']}." + (" Quick sizes." if quick else ""),
+             "",
+             "| case | size | reference | fsskern | speed-up (target) | peak extra memory ref -> fsskern | "
+             "memory ratio (target) |",
+             "|---|---|---:|---:|---|---|---|"]
+    for r in rows:
+        speed = f"**{r['speedup']:.1f}x**"
+        if r["speedup_target"]:
+            speed += f" (>= {r['speedup_target']:g}x: {verdict(r['speedup'], r['speedup_target'], True)})"
+        ratio = "n/a" if r["memory_ratio"] is None else f"{r['memory_ratio']:.3f}"
+        if r["memory_target"] and r["memory_ratio"] is not None:
+            ratio += f" (<= {r['memory_target']:g}: {verdict(r['memory_ratio'], r['memory_target'], False)})"
+        lines.append(f"| {r['case']} | {r['size']} | {r['reference_ms']:.1f} ms | {r['fsskern_ms']:.1f} ms | {speed} | "
+                     f"{r['reference_peak_extra_mb']:.1f} -> {r['fsskern_peak_extra_mb']:.1f} MB | {ratio} |")
+    lines.append("")
+    lines.append("Median of the timed runs (interleaved, after one warm-up); peak extra memory of each side "
+                 "measured once in its own process.")
+    return "\n".join(lines) + "\n"
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="CI smoke sizes")
+    parser.add_argument("--only", default="", help="run only cases whose name contains this text")
+    parser.add_argument("--reps", type=int, default=None, help="timed runs per side (default 5, quick 3)")
+    parser.add_argument("--out", type=Path, default=None, help="results folder (default results/<machine>)")
+    parser.add_argument("--memory", nargs=2, metavar=("CASE", "SIDE"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.memory:
+        return memory_mode(*args.memory, args.quick)
+
+    info = machine_info()
+    out = args.out or HERE / "results" / machine_slug(info)
+    out.mkdir(parents=True, exist_ok=True)
+    reps = args.reps or (3 if args.quick else 5)
+    start = time.time()
+    rows = [run_case(c, args.quick, reps) for c in all_cases(args.quick) if args.only in c.name]
+    stem = "quick" if args.quick else "results"
+    (out / f"{stem}.json").write_text(json.dumps({"machine": info, "rows": rows}, indent=2))
+    (out / f"{'quick' if args.quick else 'report'}.md").write_text(markdown(rows, info, args.quick))
+    print(f"wrote {out}/ in {time.time() - start:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
