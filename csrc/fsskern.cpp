@@ -1,6 +1,6 @@
 // The fsskern operator library. Each op declares its schema in its own ops/<op>.cpp with
 // TORCH_LIBRARY_FRAGMENT; this file opens the namespace and answers what the build contains.
-#include <torch/library.h>
+#include "common/library.h"
 
 #include <string>
 
@@ -22,7 +22,7 @@ std::string build_info() {
   return info;
 }
 
-TORCH_LIBRARY(fsskern, m) {
+TORCH_LIBRARY(FSSKERN_NAMESPACE, m) {
   m.def("_build_info() -> str", &build_info);
 }
 

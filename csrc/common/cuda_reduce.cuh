@@ -1,5 +1,8 @@
 #pragma once
 // Warp and block sums used by the reduction kernels.
+#if defined(FSSKERN_SIMT)
+#include "simt/simt.h"
+#endif
 
 namespace fsskern {
 
@@ -12,9 +15,9 @@ __device__ __forceinline__ T warp_sum(T v) {
 }
 
 // Sum over the whole block; every thread must call it (it has barriers) and gets the total.
-// `scratch` holds one T per warp (32 is enough for blocks up to 1024 threads).
-template <typename T>
-__device__ T block_sum(T v, T* scratch) {
+// `scratch` is a shared array of one T per warp (32 is enough for blocks up to 1024 threads).
+template <typename T, typename Scratch>
+__device__ T block_sum(T v, Scratch&& scratch) {
   const int lane = threadIdx.x & 31;
   const int warp = threadIdx.x >> 5;
   const int num_warps = (blockDim.x + 31) >> 5;
@@ -23,7 +26,7 @@ __device__ T block_sum(T v, T* scratch) {
   if (lane == 0) scratch[warp] = v;
   __syncthreads();
   T total = T(0);
-  for (int w = 0; w < num_warps; ++w) total += scratch[w];
+  for (int w = 0; w < num_warps; ++w) total += static_cast<T>(scratch[w]);
   return total;
 }
 

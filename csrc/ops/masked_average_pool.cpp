@@ -128,7 +128,7 @@ at::Tensor masked_average_pool_backward_masks_impl(const MapKernels& kernels, co
   return grad_masks.view({B, N, H, W}).to(masks.scalar_type());
 }
 
-TORCH_LIBRARY_FRAGMENT(fsskern, m) {
+TORCH_LIBRARY_FRAGMENT(FSSKERN_NAMESPACE, m) {
   m.def("masked_average_pool(Tensor features, Tensor masks, str resize, float eps) -> (Tensor, Tensor)");
   m.def(
       "_masked_average_pool_backward_features(Tensor grad_prototypes, Tensor features, Tensor masks, Tensor area, "

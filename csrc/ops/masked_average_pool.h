@@ -3,7 +3,7 @@
 // device-independent orchestration (dtype handling, denominators, the GEMM-shaped backward
 // pieces) live once in masked_average_pool.cpp; a backend supplies only its two kernels.
 #include <ATen/ATen.h>
-#include <torch/library.h>
+#include "common/library.h"
 
 #include <string>
 #include <tuple>

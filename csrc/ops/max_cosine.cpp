@@ -1,7 +1,7 @@
 // max_cosine: schema and input checks (math: max_cosine.h; kernels: cpu/, cuda/).
 #include "ops/max_cosine.h"
 
-#include <torch/library.h>
+#include "common/library.h"
 
 namespace fsskern {
 
@@ -31,7 +31,7 @@ void check_max_cosine_inputs(const at::Tensor& query, const at::Tensor& support,
   TORCH_CHECK(std::isfinite(eps) && eps >= 0, "max_cosine: eps must be finite and >= 0, got ", eps);
 }
 
-TORCH_LIBRARY_FRAGMENT(fsskern, m) {
+TORCH_LIBRARY_FRAGMENT(FSSKERN_NAMESPACE, m) {
   m.def("max_cosine(Tensor query, Tensor support, Tensor support_weights, float eps) -> (Tensor, Tensor)");
   m.def(
       "_max_cosine_backward(Tensor grad_values, Tensor query, Tensor support, Tensor support_weights, "

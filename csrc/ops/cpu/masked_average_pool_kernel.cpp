@@ -129,6 +129,6 @@ constexpr MapKernels kCpuKernels{&resample_cpu, &weighted_sum_cpu};
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(fsskern, CPU, m) { register_masked_average_pool<kCpuKernels>(m); }
+TORCH_LIBRARY_IMPL(FSSKERN_NAMESPACE, CPU, m) { register_masked_average_pool<kCpuKernels>(m); }
 
 }  // namespace fsskern

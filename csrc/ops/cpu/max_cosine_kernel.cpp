@@ -9,13 +9,13 @@
 //      extra memory is the panel plus one buffer per thread.
 // Backward walks the saved argmax: O(Nq) saved state, O(B K Nq C) work.
 #include <ATen/Parallel.h>
-#include <torch/library.h>
 
 #include <atomic>
 #include <cmath>
 #include <vector>
 
 #include "common/cpu_dispatch.h"
+#include "common/library.h"
 #include "ops/max_cosine.h"
 
 namespace fsskern {
@@ -254,7 +254,7 @@ std::tuple<at::Tensor, at::Tensor> max_cosine_backward_cpu(const at::Tensor& gra
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(fsskern, CPU, m) {
+TORCH_LIBRARY_IMPL(FSSKERN_NAMESPACE, CPU, m) {
   m.impl("max_cosine", &max_cosine_cpu);
   m.impl("_max_cosine_backward", &max_cosine_backward_cpu);
 }

@@ -1,7 +1,6 @@
 // CUDA launchers and registration of masked_average_pool (kernels in the .cuh beside this).
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
-#include <c10/cuda/CUDAGuard.h>
 
 #include "common/launch.cuh"
 #include "ops/cuda/masked_average_pool_kernel.cuh"
@@ -20,7 +19,7 @@ LaunchConfig elementwise_config(int64_t total) {
 
 at::Tensor resample_cuda(const at::Tensor& planes, int64_t out_h, int64_t out_w, bool align_corners,
                          bool transpose) {
-  const c10::cuda::CUDAGuard guard(planes.device());
+  const DeviceGuard guard(planes.device());
   const auto src = planes.contiguous();
   const int64_t P = src.size(0), H = src.size(1), W = src.size(2);
   auto dst = at::empty({P, out_h, out_w}, src.options());
@@ -39,7 +38,7 @@ at::Tensor resample_cuda(const at::Tensor& planes, int64_t out_h, int64_t out_w,
 
 void weighted_sum_cuda(const at::Tensor& features, const at::Tensor& weights, const at::Tensor& denom,
                        at::Tensor& out) {
-  const c10::cuda::CUDAGuard guard(features.device());
+  const DeviceGuard guard(features.device());
   const int64_t B = features.size(0), C = features.size(1), P = features.size(2), N = weights.size(1);
   const LaunchConfig cfg{dim3(static_cast<unsigned>(ceil_div(C, kWeightedSumWarpsPerBlock)), static_cast<unsigned>(N),
                               static_cast<unsigned>(B)),
@@ -55,6 +54,6 @@ constexpr MapKernels kCudaKernels{&resample_cuda, &weighted_sum_cuda};
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(fsskern, CUDA, m) { register_masked_average_pool<kCudaKernels>(m); }
+TORCH_LIBRARY_IMPL(FSSKERN_NAMESPACE, FSSKERN_CUDA_KEY, m) { register_masked_average_pool<kCudaKernels>(m); }
 
 }  // namespace fsskern

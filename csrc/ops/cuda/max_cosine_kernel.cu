@@ -1,9 +1,8 @@
 // CUDA launchers and registration of max_cosine (kernels in the .cuh beside this).
 #include <ATen/ATen.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <torch/library.h>
 
 #include "common/launch.cuh"
+#include "common/library.h"
 #include "ops/cuda/max_cosine_kernel.cuh"
 
 namespace fsskern {
@@ -12,7 +11,7 @@ namespace {
 std::tuple<at::Tensor, at::Tensor> max_cosine_cuda(const at::Tensor& query, const at::Tensor& support,
                                                    const at::Tensor& support_weights, double eps) {
   check_max_cosine_inputs(query, support, support_weights, eps);
-  const c10::cuda::CUDAGuard guard(query.device());
+  const DeviceGuard guard(query.device());
   const auto q = query.contiguous();
   const auto s = support.contiguous();
   const auto w = support_weights.contiguous();
@@ -42,7 +41,7 @@ std::tuple<at::Tensor, at::Tensor> max_cosine_cuda(const at::Tensor& query, cons
             dim3(kMaxCosineThreads)},
            q.const_data_ptr<scalar_t>(), s.const_data_ptr<scalar_t>(), w.const_data_ptr<scalar_t>(),
            query_norms.const_data_ptr<scalar_t>(), support_norms.const_data_ptr<scalar_t>(),
-           fg_index.const_data_ptr<int64_t>(), fg_count.const_data_ptr<int64_t>(), poisoned.const_data_ptr<bool>(),
+           fg_index.const_data_ptr<int64_t>(), fg_count.const_data_ptr<int64_t>(), poisoned.const_data_ptr<uint8_t>(),
            values.mutable_data_ptr<scalar_t>(), indices.mutable_data_ptr<int64_t>(), params);
   });
   return {values, indices};
@@ -53,7 +52,7 @@ std::tuple<at::Tensor, at::Tensor> max_cosine_backward_cuda(const at::Tensor& gr
                                                             const at::Tensor& support_weights,
                                                             const at::Tensor& indices, double eps) {
   check_max_cosine_inputs(query, support, support_weights, eps);
-  const c10::cuda::CUDAGuard guard(query.device());
+  const DeviceGuard guard(query.device());
   const auto q = query.contiguous();
   const auto s = support.contiguous();
   const int64_t B = s.size(0), K = s.size(1), C = s.size(2), Ns = s.size(3), Nq = q.size(2);
@@ -73,7 +72,7 @@ std::tuple<at::Tensor, at::Tensor> max_cosine_backward_cuda(const at::Tensor& gr
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(fsskern, CUDA, m) {
+TORCH_LIBRARY_IMPL(FSSKERN_NAMESPACE, FSSKERN_CUDA_KEY, m) {
   m.impl("max_cosine", &max_cosine_cuda);
   m.impl("_max_cosine_backward", &max_cosine_backward_cuda);
 }

@@ -3,6 +3,7 @@
 #include <cstdint>
 
 #include "common/cuda_reduce.cuh"
+#include "common/shared_memory.cuh"
 #include "ops/max_cosine.h"
 
 namespace fsskern {
@@ -52,12 +53,12 @@ __global__ void __launch_bounds__(kMaxCosineThreads)
     max_cosine_forward_kernel(const T* __restrict__ query, const T* __restrict__ support,
                               const T* __restrict__ weights, const T* __restrict__ query_norms,
                               const T* __restrict__ support_norms, const int64_t* __restrict__ fg_index,
-                              const int64_t* __restrict__ fg_count, const bool* __restrict__ poisoned,
+                              const int64_t* __restrict__ fg_count, const uint8_t* __restrict__ poisoned,
                               T* __restrict__ values, int64_t* __restrict__ indices, MaxCosineParams p) {
-  __shared__ T q_tile[kTileC][kTileQ];
-  __shared__ T s_tile[kTileC][kTileS];
-  __shared__ T red_v[16][kTileQ];
-  __shared__ int64_t red_j[16][kTileQ];
+  FSSKERN_SHARED_ARRAY2D(T, q_tile, kTileC, kTileQ);
+  FSSKERN_SHARED_ARRAY2D(T, s_tile, kTileC, kTileS);
+  FSSKERN_SHARED_ARRAY2D(T, red_v, 16, kTileQ);
+  FSSKERN_SHARED_ARRAY2D(int64_t, red_j, 16, kTileQ);
 
   const int64_t b = blockIdx.z, k = blockIdx.y, bk = b * p.K + k;
   const int64_t q0 = int64_t(blockIdx.x) * kTileQ;
@@ -135,12 +136,14 @@ __global__ void __launch_bounds__(kMaxCosineThreads)
     T v = has_bg ? background_cosine(query_norms[b * p.Nq + i]) : T(-INFINITY);
     int64_t j = has_bg ? kBackgroundIndex : kNoIndex;
     for (int t = 0; t < 16; ++t) {
-      if (max_cosine_better(red_v[t][tid], red_j[t][tid], v, j)) {
-        v = red_v[t][tid];
-        j = red_j[t][tid];
+      const T cand_v = red_v[t][tid];
+      const int64_t cand_j = red_j[t][tid];
+      if (max_cosine_better(cand_v, cand_j, v, j)) {
+        v = cand_v;
+        j = cand_j;
       }
     }
-    values[bk * p.Nq + i] = poisoned[bk] ? T(NAN) : v;
+    values[bk * p.Nq + i] = poisoned[bk] != 0 ? T(NAN) : v;
     indices[bk * p.Nq + i] = j;
   }
 }
@@ -155,7 +158,7 @@ __global__ void __launch_bounds__(kBackwardThreads)
     max_cosine_backward_kernel(const T* __restrict__ grad, const T* __restrict__ query, const T* __restrict__ support,
                                const T* __restrict__ weights, const int64_t* __restrict__ indices,
                                T* __restrict__ grad_query, T* __restrict__ grad_support, MaxCosineParams p) {
-  __shared__ T scratch[32];
+  FSSKERN_SHARED_ARRAY(T, scratch, 32);
   const int64_t i = blockIdx.x, b = blockIdx.y;
   const T eps = static_cast<T>(p.eps);
   const T* q = query + b * p.C * p.Nq + i;  // channel c at q[c * Nq]
@@ -177,7 +180,7 @@ __global__ void __launch_bounds__(kBackwardThreads)
     sq = block_sum(sq, scratch);
     ss = block_sum(ss, scratch);
     qq = block_sum(qq, scratch);
-    const CosineGrad<T> cg = cosine_grad(g, sq, sqrt(ss), sqrt(qq), eps);
+    const CosineGrad<T> cg = cosine_grad<T>(g, sq, sqrt(ss), sqrt(qq), eps);
     T* gs = grad_support + bk * p.C * p.Ns + j;
     for (int64_t c = threadIdx.x; c < p.C; c += blockDim.x) {
       const T sv = w * s[c * p.Ns], qv = q[c * p.Nq];
