@@ -1,0 +1,212 @@
+"""Every CUDA kernel of fsskern, executed on the CPU by the SIMT emulation harness (csrc/simt),
+against the references and the CPU kernels with the CPU kernels' tolerances, under several
+thread schedules; and proof that the harness catches the classic kernel bugs.
+
+Run only this suite with `pytest -m simt`.
+"""
+import re
+from pathlib import Path
+
+import pytest
+import torch
+from torch.testing import assert_close
+
+from conftest import FP32, tol
+from fsskern import reference
+from simt_build import CSRC, load_simt
+
+pytestmark = pytest.mark.simt
+
+SCHEDULES = [("in_order", 0), ("reversed", 0), ("random", 7)]
+
+
+@pytest.fixture(scope="module")
+def simt():
+    return load_simt()
+
+
+@pytest.fixture(params=SCHEDULES, ids=[s for s, _ in SCHEDULES])
+def schedule(request, simt):
+    name, seed = request.param
+    simt._simt_set_schedule(name, seed)
+    yield name
+    simt._simt_set_schedule("in_order", 0)
+
+
+# ---- masked_average_pool: resample_gather / resample_adjoint / weighted_sum kernels --------------
+
+# (B, N, C, h, w, H, W): C = 13 leaves a partial block of warps (8 channels per block); masks
+# larger and smaller than the features exercise both resampling directions; 53x53 <- 417 takes
+# several blocks of the grid-stride resampling kernels.
+MAP_SHAPES = [(2, 3, 13, 9, 11, 30, 25), (1, 2, 8, 12, 10, 6, 7), (5, 1, 3, 53, 53, 417, 417)]
+
+
+@pytest.mark.parametrize("mode", ["mask", "features"])
+@pytest.mark.parametrize("shape", MAP_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_masked_average_pool_forward(simt, schedule, mode, shape):
+    B, N, C, h, w, H, W = shape
+    features = torch.randn(B, C, h, w)
+    masks = torch.rand(B, N, H, W)
+    protos, area = simt.masked_average_pool(features, masks, mode, 1e-3)
+    assert_close(protos, reference.masked_average_pool(features, masks, mode, 1e-3), **FP32)
+    cpu_protos, cpu_area = torch.ops.fsskern.masked_average_pool(features, masks, mode, 1e-3)
+    assert_close(protos, cpu_protos, **FP32)
+    assert_close(area, cpu_area, **FP32)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float16, torch.bfloat16])
+def test_masked_average_pool_dtypes(simt, schedule, dtype):
+    features = torch.randn(2, 11, 7, 9).to(dtype)
+    masks = (torch.rand(2, 2, 20, 21) < 0.5).float()
+    protos, _ = simt.masked_average_pool(features, masks, "mask", 5e-4)
+    assert protos.dtype == dtype
+    cpu, _ = torch.ops.fsskern.masked_average_pool(features, masks, "mask", 5e-4)
+    if dtype == torch.float64:
+        assert_close(protos, reference.masked_average_pool(features, masks, "mask"), **tol(dtype))
+    else:
+        assert_close(protos.float(), cpu.float(), rtol=0, atol=float(torch.finfo(dtype).eps) * 4)
+
+
+@pytest.mark.parametrize("mode", ["mask", "features"])
+def test_masked_average_pool_backward(simt, schedule, mode):
+    features = torch.randn(2, 9, 8, 6, dtype=torch.float64)
+    masks = torch.rand(2, 3, 17, 13, dtype=torch.float64)
+    protos, area = torch.ops.fsskern.masked_average_pool(features, masks, mode, 1e-3)
+    grad, grad_area = torch.randn_like(protos), torch.randn_like(area)
+    got_f = simt._masked_average_pool_backward_features(grad, features, masks, area, mode, 1e-3)
+    got_m = simt._masked_average_pool_backward_masks(grad, grad_area, features, masks, protos, area, mode, 1e-3)
+    want_f = torch.ops.fsskern._masked_average_pool_backward_features(grad, features, masks, area, mode, 1e-3)
+    want_m = torch.ops.fsskern._masked_average_pool_backward_masks(grad, grad_area, features, masks, protos, area,
+                                                                     mode, 1e-3)
+    assert_close(got_f, want_f, **tol(torch.float64))
+    assert_close(got_m, want_m, **tol(torch.float64))
+
+
+# ---- max_cosine: support_norms / max_cosine_forward / max_cosine_backward kernels -------------
+
+# (B, K, C, Nq, Ns, fg): Nq 150 = two full 64-query tiles and a tail; C 40 = two full 16-channel
+# steps and a tail; ~100 foreground pixels = a full 64-pixel tile and a tail; fg 0 and 1 are the
+# no-foreground and no-background paths.
+COS_SHAPES = [(2, 2, 40, 150, 170, 0.6), (1, 3, 16, 64, 64, 1.0), (1, 1, 5, 9, 12, 0.0), (2, 1, 130, 33, 20, 0.5)]
+
+
+@pytest.mark.parametrize("shape", COS_SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("signed", [False, True], ids=["relu", "signed"])
+def test_max_cosine_forward(simt, schedule, shape, signed):
+    B, K, C, Nq, Ns, fg = shape
+    q, s = torch.randn(B, C, Nq), torch.randn(B, K, C, Ns)
+    if not signed:
+        q, s = q.relu(), s.relu()
+    w = (torch.rand(B, K, Ns) < fg).float()
+    values, idx = simt.max_cosine(q, s, w, 1e-7)
+    cpu_values, cpu_idx = torch.ops.fsskern.max_cosine(q, s, w, 1e-7)
+    assert_close(values, cpu_values, **FP32)
+    assert torch.equal(idx, cpu_idx)
+
+
+def test_max_cosine_matches_prior_reference_and_float64(simt, schedule):
+    q = torch.randn(2, 24, 10, 9, dtype=torch.float64)
+    s = torch.randn(2, 2, 24, 8, 8, dtype=torch.float64)
+    m = (torch.rand(2, 2, 8, 8) < 0.4).double()
+    values, _ = simt.max_cosine(q.flatten(2), s.flatten(3), m.flatten(2), 1e-7)
+    want = reference.prior_mask(q, s, m, normalize=False, reduce=None).flatten(2)
+    assert_close(values, want, **tol(torch.float64))
+
+
+def test_max_cosine_nan_poisoning(simt, schedule):
+    q, s = torch.rand(1, 6, 20), torch.rand(1, 2, 6, 15)
+    w = (torch.rand(1, 2, 15) < 0.5).float()
+    w[0, 0, 3] = 0
+    s[0, 0, 2, 3] = float("inf")  # masked out: the reference's 0 * inf poisons shot 0
+    q[0, 1, 7] = float("nan")
+    values, _ = simt.max_cosine(q, s, w, 1e-7)
+    cpu_values, _ = torch.ops.fsskern.max_cosine(q, s, w, 1e-7)
+    assert_close(values, cpu_values, equal_nan=True)
+    assert torch.isnan(values[0, 0]).all() and torch.isnan(values[0, 1, 7])
+
+
+@pytest.mark.parametrize("C", [7, 300], ids=["C7", "C300"])  # below and above one pass of 128 threads
+def test_max_cosine_backward(simt, schedule, C):
+    q, s = torch.randn(2, C, 21, dtype=torch.float64), torch.randn(2, 2, C, 17, dtype=torch.float64)
+    w = (torch.rand(2, 2, 17) < 0.6).double()
+    _, idx = torch.ops.fsskern.max_cosine(q, s, w, 1e-7)
+    grad = torch.randn(2, 2, 21, dtype=torch.float64)
+    got = simt._max_cosine_backward(grad, q, s, w, idx, 1e-7)
+    want = torch.ops.fsskern._max_cosine_backward(grad, q, s, w, idx, 1e-7)
+    for g, r in zip(got, want):
+        assert_close(g, r, **tol(torch.float64))
+
+
+# ---- the harness catches the classic bugs -------------------------------------------------------
+
+CAUGHT = {
+    "neighbour_missing_barrier": "before any thread wrote it|no barrier in between",
+    "neighbour_overwrite_race": r"no barrier in between \(race\)",
+    "shared_off_by_one": "indexes shared vals at 64, outside its 64 elements",
+    "shared_off_by_one_2d": "indexes shared tile at 32, outside its 32 elements",
+    "dynamic_shared_overflow": "outside its 32 elements",
+    "read_before_write": "before any thread wrote it",
+    "barrier_in_branch": "barrier divergence: .* has exited",
+    "two_different_barriers": "barrier divergence: .* waits at __syncthreads .*:\\d+, thread",
+    "shuffle_wrong_mask": "mask names a lane that does not take part",
+}
+
+
+@pytest.mark.parametrize("kernel", sorted(CAUGHT))
+def test_planted_bug_is_caught(simt, schedule, kernel):
+    with pytest.raises(RuntimeError, match=f"in kernel {kernel}: simt: .*{CAUGHT[kernel]}"):
+        simt._planted(kernel)
+
+
+def test_correct_twins_pass(simt, schedule):
+    ids = torch.arange(64.0)
+    assert torch.equal(simt._planted("neighbour_with_barrier"), (ids + 1) % 64)
+    assert (simt._planted("block_sum_ok") == 2016).all()
+    lanes = ids % 32
+    shuffled = torch.where(lanes < 15, ids + 1, ids)
+    assert torch.equal(simt._planted("shuffle_partial_mask_ok"), shuffled)
+    xor = ids + torch.where(ids % 2 == 0, 1.0, -1.0)
+    assert torch.equal(simt._planted("collectives_ok"), 11 * 1000 + xor + 0.5)  # 11 of 32 lanes % 3 == 0
+
+
+def test_schedules_expose_a_global_memory_race(simt):
+    outputs = []
+    for name, seed in SCHEDULES:
+        simt._simt_set_schedule(name, seed)
+        outputs.append(simt._planted("global_overwrite_race"))
+    simt._simt_set_schedule("in_order", 0)
+    assert not torch.equal(outputs[0], outputs[1])  # in order vs reversed
+
+
+def test_unknown_schedule_is_refused(simt):
+    with pytest.raises(RuntimeError, match="schedule must be"):
+        simt._simt_set_schedule("sideways", 0)
+
+
+# ---- coverage: this file must run every kernel csrc ships ---------------------------------------
+
+def declared_kernels():
+    names = set()
+    for path in CSRC.rglob("*.cuh"):
+        text = path.read_text()
+        names.update(re.findall(r"__global__\s+void\s+(?:__launch_bounds__\([^)]*\)\s+)?(\w+)\s*\(", text))
+    return names
+
+
+def test_no_raw_shared_or_triple_chevrons_in_kernels():
+    """Kernels declare shared memory through common/shared_memory.cuh and launch through
+    fsskern::launch, so that this harness sees every access and every launch."""
+    for path in list(CSRC.rglob("*.cu")) + list(CSRC.rglob("*.cuh")):
+        if path.name in {"shared_memory.cuh", "launch.cuh"}:
+            continue
+        text = path.read_text()
+        assert "__shared__" not in text, f"{path}: declare shared memory with FSSKERN_SHARED_ARRAY*"
+        assert "<<<" not in text, f"{path}: launch kernels with fsskern::launch"
+
+
+def test_every_cuda_kernel_ran_under_the_emulator(simt):
+    """Runs last in this file: every __global__ kernel in csrc/ must have been launched above."""
+    declared = declared_kernels()
+    assert len(declared) >= 5
+    missing = declared - set(simt._simt_launched_kernels())
+    assert not missing, f"CUDA kernels with no emulated test: {sorted(missing)}"
