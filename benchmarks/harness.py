@@ -1,12 +1,14 @@
 """Timing and memory measurement shared by every benchmark case.
 
 Time: both sides run alternately (reference, fsskern, reference, ...) after a warm-up, so drift
-of the machine hits both; the median of the timed runs is reported.
+of the machine hits both; the median of the timed samples is reported.
 Memory: each side runs once in a fresh process; the peak resident set size during the call
 (Linux VmHWM, reset just before the call) minus the resident size just before it is the side's
 peak extra memory. Inputs are built before the reset, so they are not counted.
 """
+import gc
 import json
+import math
 import os
 import platform
 import statistics
@@ -20,17 +22,27 @@ import torch
 HERE = Path(__file__).resolve().parent
 
 
-def median_times(fns, reps, warmup=1):
-    """Median wall time (seconds) of each function, runs interleaved."""
-    for _ in range(warmup):
-        for fn in fns:
-            fn()
+def median_times(fns, reps, settle=0.1, min_sample=0.02):
+    """Median wall time (seconds) per call of each function, runs interleaved.
+
+    Before each timed sample the machine settles (garbage collected, `settle` seconds idle), so
+    one side does not pay for the memory the other just released; a sample times enough calls
+    back to back to last `min_sample` seconds, so fast ops are not measured at timer noise.
+    """
+    calls = []
+    for fn in fns:  # warm-up, and how many calls make one sample
+        start = time.perf_counter()
+        fn()
+        calls.append(max(1, math.ceil(min_sample / max(time.perf_counter() - start, 1e-9))))
     samples = [[] for _ in fns]
     for _ in range(reps):
-        for fn, out in zip(fns, samples):
+        for fn, n, out in zip(fns, calls, samples):
+            gc.collect()
+            time.sleep(settle)
             start = time.perf_counter()
-            fn()
-            out.append(time.perf_counter() - start)
+            for _ in range(n):
+                fn()
+            out.append((time.perf_counter() - start) / n)
     return [statistics.median(s) for s in samples]
 
 
@@ -44,7 +56,6 @@ def _status_kib(field):
 
 def peak_extra_bytes(fn):
     """Peak resident memory added while fn runs (bytes), measured in this process."""
-    import gc
     gc.collect()
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # reset VmHWM (peak RSS) to the current RSS
@@ -53,9 +64,9 @@ def peak_extra_bytes(fn):
     return max(0, _status_kib("VmHWM") - before) * 1024
 
 
-def measure_memory_in_subprocess(case_name, side, quick):
-    """Run `run.py --memory CASE SIDE` in a fresh interpreter and return its peak extra bytes."""
-    cmd = [sys.executable, str(HERE / "run.py"), "--memory", case_name, side] + (["--quick"] if quick else [])
+def measure_memory_in_subprocess(case_index, side, quick):
+    """Run `run.py --memory CASE_INDEX SIDE` in a fresh interpreter; its peak extra bytes."""
+    cmd = [sys.executable, str(HERE / "run.py"), "--memory", str(case_index), side] + (["--quick"] if quick else [])
     out = subprocess.run(cmd, check=True, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(HERE)})
     return json.loads(out.stdout.strip().splitlines()[-1])["peak_extra_bytes"]
 

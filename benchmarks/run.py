@@ -20,33 +20,26 @@ from cases import all_cases  # noqa: E402
 from harness import machine_info, machine_slug, measure_memory_in_subprocess, median_times, peak_extra_bytes  # noqa: E402,E501
 
 
-def find_case(name, quick):
-    for case in all_cases(quick):
-        if case.name == name:
-            return case
-    raise SystemExit(f"no case named {name!r}")
-
-
-def memory_mode(name, side, quick):
+def memory_mode(index, side, quick):
     """Child process: warm the libraries up on the smallest case, then measure one call."""
     warm = all_cases(quick=True)[0]
     warm_inputs = warm.build()
     with torch.no_grad():
         warm.reference(warm_inputs), warm.fsskern(warm_inputs)
-        case = find_case(name, quick)
+        case = all_cases(quick)[int(index)]
         inputs = case.build()
         fn = case.reference if side == "reference" else case.fsskern
         print(json.dumps({"peak_extra_bytes": peak_extra_bytes(lambda: fn(inputs))}))
 
 
-def run_case(case, quick, reps):
+def run_case(index, case, quick, reps):
     inputs = case.build()
     with torch.no_grad():
         ref_out, fss_out = case.reference(inputs), case.fsskern(inputs)
         max_abs_diff = (ref_out.float().reshape(fss_out.shape) - fss_out.float()).abs().max().item()
         t_ref, t_fss = median_times([lambda: case.reference(inputs), lambda: case.fsskern(inputs)], reps)
-    m_ref = measure_memory_in_subprocess(case.name, "reference", quick)
-    m_fss = measure_memory_in_subprocess(case.name, "fsskern", quick)
+    m_ref = measure_memory_in_subprocess(index, "reference", quick)
+    m_fss = measure_memory_in_subprocess(index, "fsskern", quick)
     row = {
         "case": case.name, "op": case.op, "size": case.size, "reps": reps,
         "reference_ms": t_ref * 1e3, "fsskern_ms": t_fss * 1e3, "speedup": t_ref / t_fss,
@@ -88,7 +81,7 @@ def markdown(rows, info, quick):
         lines.append(f"| {r['case']} | {r['size']} | {r['reference_ms']:.1f} ms | {r['fsskern_ms']:.1f} ms | {speed} | "
                      f"{r['reference_peak_extra_mb']:.1f} -> {r['fsskern_peak_extra_mb']:.1f} MB | {ratio} |")
     lines.append("")
-    lines.append("Median of the timed runs (interleaved, after one warm-up); peak extra memory of each side "
+    lines.append("Median of the timed samples (interleaved, after a warm-up and a 0.1 s settle before each sample); peak extra memory of each side "
                  "measured once in its own process.")
     return "\n".join(lines) + "\n"
 
@@ -99,7 +92,7 @@ def main():
     parser.add_argument("--only", default="", help="run only cases whose name contains this text")
     parser.add_argument("--reps", type=int, default=None, help="timed runs per side (default 5, quick 3)")
     parser.add_argument("--out", type=Path, default=None, help="results folder (default results/<machine>)")
-    parser.add_argument("--memory", nargs=2, metavar=("CASE", "SIDE"), help=argparse.SUPPRESS)
+    parser.add_argument("--memory", nargs=2, metavar=("CASE_INDEX", "SIDE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.memory:
         return memory_mode(*args.memory, args.quick)
@@ -109,7 +102,8 @@ def main():
     out.mkdir(parents=True, exist_ok=True)
     reps = args.reps or (3 if args.quick else 5)
     start = time.time()
-    rows = [run_case(c, args.quick, reps) for c in all_cases(args.quick) if args.only in c.name]
+    rows = [run_case(i, c, args.quick, reps) for i, c in enumerate(all_cases(args.quick))
+            if args.only in f"{c.name} {c.size}"]
     stem = "quick" if args.quick else "results"
     (out / f"{stem}.json").write_text(json.dumps({"machine": info, "rows": rows}, indent=2))
     (out / f"{'quick' if args.quick else 'report'}.md").write_text(markdown(rows, info, args.quick))
