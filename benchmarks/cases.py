@@ -3,8 +3,8 @@
 A case builds its inputs once (seeded) and times two forward calls: the reference as the public
 FSS code writes it, and the fsskern op. Targets come from the issue that introduced the op.
 """
-from dataclasses import dataclass
-from typing import Callable, Optional
+from dataclasses import dataclass, field
+from typing import Callable, Dict, Optional
 
 import torch
 
@@ -21,6 +21,8 @@ class Case:
     fsskern: Callable[[dict], torch.Tensor]
     speedup_target: Optional[float] = None  # reference time / fsskern time, at least
     memory_target: Optional[float] = None  # fsskern extra memory / reference extra memory, at most
+    time_target_ms: Optional[float] = None  # fsskern time, at most
+    peers: Dict[str, Callable[[dict], object]] = field(default_factory=dict)  # timed beside, not compared
 
 
 def exact_fraction_masks(shape, fraction, generator):
@@ -66,12 +68,82 @@ def prior_case(B, K, C, hw, fraction):
                 speedup_target=2.5, memory_target=0.05)
 
 
+def faiss_hamming_kmeans(codes, k, iters, init):
+    """The same k-means built from faiss-cpu: IndexBinaryFlat finds the nearest centroid (the
+    fastest exact Hamming search faiss has), numpy takes the majority vote."""
+    import faiss
+    import numpy as np
+    packed = codes.numpy().astype("<i8").view(np.uint8).reshape(-1, 8)
+    bits = np.unpackbits(packed, axis=1, bitorder="little").astype(np.float32)  # (N, 64)
+    centroids = packed[init.numpy()].copy()
+    for it in range(iters + 1):
+        index = faiss.IndexBinaryFlat(64)
+        index.add(centroids)
+        _, assign = index.search(packed, 1)
+        assign = assign[:, 0]
+        if it == iters:
+            return assign
+        one_hot = np.zeros((k, len(assign)), np.float32)
+        one_hot[assign, np.arange(len(assign))] = 1
+        counts = one_hot.sum(1, keepdims=True)
+        ones = one_hot @ bits  # (k, 64) set bits per cluster, one BLAS call
+        old = np.unpackbits(centroids, axis=1, bitorder="little")
+        new = np.where(2 * ones > counts, 1, np.where(2 * ones < counts, 0, old))
+        centroids = np.packbits(np.where(counts > 0, new, old).astype(np.uint8), axis=1, bitorder="little")
+
+
+def kmeans_case(N, k, bits, iters):
+    def build():
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn(N, 256, generator=g)
+        codes = ops.lsh_hash(x, ops.lsh_planes(bits, 256, generator=g)).view(1, N)
+        valid = torch.ones(1, N, dtype=torch.bool)
+        return {"codes": codes, "valid": valid, "init": ops.draw_init(valid, k, g)}
+
+    return Case(name="Hamming k-means", op="hamming_kmeans", size=f"N{N} {bits} bits k{k} {iters} iters",
+                build=build,
+                reference=lambda x: reference.clustering.hamming_kmeans(x["codes"], k, iters, x["valid"], x["init"]),
+                fsskern=lambda x: ops.hamming_kmeans(x["codes"], k, iters=iters, valid=x["valid"], init=x["init"]),
+                speedup_target=20.0,
+                peers={"faiss-cpu IndexBinaryFlat": lambda x: faiss_hamming_kmeans(x["codes"][0], k, iters,
+                                                                                   x["init"][0])})
+
+
+def umtfss_reference_prototypes(features, masks, k_fg=20, k_bg=50, bits=32, iters=10, seed=0):
+    """UMTFSS's prototype pipeline from the pure-PyTorch pieces (fp32 hashing as in the repo)."""
+    g = torch.Generator().manual_seed(seed)
+    B, K, C, h, w = features.shape
+    fg = (torch.nn.functional.interpolate(masks, size=(h, w), mode="bilinear", align_corners=True) >= 0.5)
+    tokens = features.permute(0, 1, 3, 4, 2).reshape(B, -1, C)
+    codes = reference.clustering.lsh_hash(tokens, ops.lsh_planes(bits, C, generator=g))
+    protos = []
+    for k, part in ((k_fg, fg.reshape(B, -1)), (k_bg, ~fg.reshape(B, -1))):
+        assign, _, _ = reference.clustering.hamming_kmeans(codes, k, iters, part, ops.draw_init(part, k, g))
+        protos.append(reference.clustering.cluster_means(tokens, assign, k)[0])
+    return torch.nn.functional.normalize(torch.cat(protos, 1), dim=-1)
+
+
+def support_prototypes_case(K, C, hw, fraction):
+    def build():
+        g = torch.Generator().manual_seed(0)
+        return {"features": torch.randn(1, K, C, hw, hw, generator=g),
+                "masks": exact_fraction_masks((1, K, hw, hw), fraction, g)}
+
+    return Case(name="UMTFSS support prototypes", op="support_prototypes",
+                size=f"{K} shots C{C} {hw}x{hw} k 20+50 {round(fraction * 100)}% fg", build=build,
+                reference=lambda x: umtfss_reference_prototypes(x["features"], x["masks"]),
+                fsskern=lambda x: ops.support_prototypes(x["features"], x["masks"],
+                                                         generator=torch.Generator().manual_seed(0))[0],
+                time_target_ms=10.0)
+
+
 def all_cases(quick=False):
     if quick:  # CI smoke sizes: every op, seconds in all; the targets are for the papers' sizes
         cases = [map_case("mask", 2, 64, 30, 233), map_case("features", 2, 128, 27, 209),
-                 prior_case(1, 1, 256, 30, 0.3), prior_case(1, 2, 256, 30, 0.5)]
+                 prior_case(1, 1, 256, 30, 0.3), prior_case(1, 2, 256, 30, 0.5), kmeans_case(2000, 20, 32, 3),
+                 support_prototypes_case(2, 64, 20, 0.3)]
         for case in cases:
-            case.speedup_target = case.memory_target = None
+            case.speedup_target = case.memory_target = case.time_target_ms = None
         return cases
     return [
         map_case("mask", 8, 256, 60, 473),
@@ -81,4 +153,6 @@ def all_cases(quick=False):
         prior_case(4, 5, 2048, 60, 0.3),
         prior_case(4, 5, 2048, 60, 0.5),
         prior_case(1, 1, 2048, 129, 0.3),
+        kmeans_case(18000, 50, 32, 10),
+        support_prototypes_case(5, 256, 60, 0.3),
     ]

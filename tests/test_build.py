@@ -8,7 +8,7 @@ from conftest import CUDA, FP32
 from fsskern import ops
 
 OPS = ["masked_average_pool", "_masked_average_pool_backward_features", "_masked_average_pool_backward_masks",
-       "max_cosine", "_max_cosine_backward"]
+       "max_cosine", "_max_cosine_backward", "lsh_hash", "hamming_kmeans", "cluster_means", "_cluster_means_backward"]
 
 
 def test_build_info():
@@ -50,3 +50,23 @@ def test_cuda_prior_matches_cpu(fg):
     g = torch.randn_like(out)
     for a, b in zip(torch.autograd.grad(out, (q, s), g), torch.autograd.grad(out_c, (qc, sc), g.cuda())):
         assert_close(b.cpu(), a, rtol=1e-4, atol=1e-5)
+
+
+@CUDA
+def test_cuda_clustering_identical_to_cpu():
+    x = torch.randn(3000, 256)
+    planes = ops.lsh_planes(32, 256)
+    codes = ops.lsh_hash(x, planes)
+    assert torch.equal(ops.lsh_hash(x.cuda(), planes.cuda()).cpu(), codes)
+    codes = codes.view(2, 1500)
+    valid = torch.rand(2, 1500) < 0.6
+    init = ops.draw_init(valid, 20, torch.Generator().manual_seed(0))
+    cpu = ops.hamming_kmeans(codes, 20, valid=valid, init=init)
+    gpu = ops.hamming_kmeans(codes.cuda(), 20, valid=valid.cuda(), init=init.cuda())
+    for a, b in zip(cpu, gpu):
+        assert torch.equal(a, b.cpu())
+    f = torch.randn(2, 1500, 64)
+    means, counts = ops.cluster_means(f, cpu[0], 20)
+    means_c, counts_c = ops.cluster_means(f.cuda(), cpu[0].cuda(), 20)
+    assert_close(means_c.cpu(), means, **FP32)
+    assert torch.equal(counts_c.cpu(), counts)

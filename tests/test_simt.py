@@ -137,6 +137,44 @@ def test_max_cosine_backward(simt, schedule, C):
         assert_close(g, r, **tol(torch.float64))
 
 
+# ---- clustering: lsh_hash / kmeans_assign / kmeans_count_bits / kmeans_update / cluster_means ----
+
+@pytest.mark.parametrize("bits,E", [(64, 37), (13, 16), (1, 300)], ids=["64x37", "13x16", "1x300"])
+def test_lsh_hash_bit_identical(simt, schedule, bits, E):
+    # 700 points: several blocks of 128 threads and a tail; E not a multiple of 16 -> lane tails
+    x = torch.randn(700, E)
+    planes = torch.randn(bits, E + 1)
+    assert torch.equal(simt.lsh_hash(x, planes), torch.ops.fsskern.lsh_hash(x, planes))
+    xd, pd = x.double(), planes.double()
+    assert torch.equal(simt.lsh_hash(xd, pd), torch.ops.fsskern.lsh_hash(xd, pd))
+
+
+@pytest.mark.parametrize("k,iters", [(12, 10), (1, 3), (40, 0)])
+def test_hamming_kmeans_identical(simt, schedule, k, iters):
+    # 600 points per row: three blocks of 256 and a tail; row 1 has <= k valid points (raw path)
+    codes = torch.randint(-(2**62), 2**62, (3, 600)) ^ torch.randint(0, 2, (3, 600)) << 63
+    valid = torch.rand(3, 600) < 0.7
+    valid[1] = False
+    valid[1, 100:100 + k] = True
+    from fsskern import ops
+    init = ops.draw_init(valid, k, torch.Generator().manual_seed(4))
+    got = simt.hamming_kmeans(codes, valid, init, k, iters)
+    want = torch.ops.fsskern.hamming_kmeans(codes, valid, init, k, iters)
+    for g, w in zip(got, want):
+        assert torch.equal(g, w)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_cluster_means(simt, schedule, dtype):
+    # C = 300: more channels than the block's 256 threads
+    features = torch.randn(2, 90, 300).to(dtype)
+    assign = torch.randint(-1, 7, (2, 90))
+    got = simt.cluster_means(features, assign, 7, 1e-3)
+    want = torch.ops.fsskern.cluster_means(features, assign, 7, 1e-3)
+    assert_close(got[0], want[0], **(tol(dtype) if dtype != torch.bfloat16 else dict(rtol=0, atol=0)))
+    assert torch.equal(got[1], want[1])
+
+
 # ---- the harness catches the classic bugs -------------------------------------------------------
 
 CAUGHT = {

@@ -1,4 +1,5 @@
 #pragma once
+#include <cmath>
 // Math that the CPU kernels (g++) and the CUDA kernels (nvcc) both use is written once, in
 // headers, as HOST_DEVICE inline functions.
 #if defined(__CUDACC__)
@@ -15,6 +16,18 @@ HOST_DEVICE float mul_add_unfused(float a, float b, float c) {
   return __fadd_rn(__fmul_rn(a, b), c);
 #else
   return a * b + c;
+#endif
+}
+
+// a * b + c rounded once (IEEE fused multiply-add) on every backend: std::fma on the CPU (the
+// FMA instruction in the x86-64-v3/v4 clones, a correctly rounded library call otherwise), the
+// fma instruction on the GPU. Bit-identical everywhere, and half the instructions of the above.
+template <typename T>
+HOST_DEVICE T mul_add_fused(T a, T b, T c) {
+#if defined(__CUDA_ARCH__)
+  return fma(a, b, c);
+#else
+  return std::fma(a, b, c);
 #endif
 }
 

@@ -7,6 +7,7 @@
 #include <vector>
 
 #include "common/cpu_dispatch.h"
+#include "common/divide.h"
 #include "common/resample.h"
 #include "ops/masked_average_pool.h"
 
@@ -112,8 +113,7 @@ void weighted_sum_typed(const at::Tensor& features, const at::Tensor& weights, c
       }
       for (int64_t n = 0; n < N; ++n) {
         const acc_t s = dot(row, w + (b * N + n) * P, P);
-        const acc_t den = d[b * N + n];
-        o[(b * N + n) * C + c] = static_cast<scalar_t>(den != acc_t(0) ? s / den : acc_t(0));
+        o[(b * N + n) * C + c] = static_cast<scalar_t>(divide_or_zero(s, d[b * N + n]));
       }
     }
   });

@@ -3,6 +3,7 @@
 #include <cstdint>
 
 #include "common/cuda_reduce.cuh"
+#include "common/divide.h"
 #include "common/resample.h"
 
 namespace fsskern {
@@ -55,10 +56,7 @@ __global__ void weighted_sum_kernel(const scalar_t* __restrict__ features, const
   acc_t acc = acc_t(0);
   for (int64_t p = lane; p < P; p += 32) acc += static_cast<acc_t>(f[p]) * w[p];
   acc = warp_sum(acc);
-  if (lane == 0) {
-    const acc_t d = denom[b * N + n];
-    out[(b * N + n) * C + c] = static_cast<scalar_t>(d != acc_t(0) ? acc / d : acc_t(0));
-  }
+  if (lane == 0) out[(b * N + n) * C + c] = static_cast<scalar_t>(divide_or_zero(acc, denom[b * N + n]));
 }
 
 }  // namespace fsskern

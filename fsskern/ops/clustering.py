@@ -1,0 +1,195 @@
+"""UMTFSS's clustered prototypes: LSH hashing, Hamming k-means, cluster means.
+
+Kernels: ``csrc/ops/{lsh_hash,hamming_kmeans,cluster_means}.*`` (CPU and CUDA). Everything is
+seeded through a ``torch.Generator`` and the integer parts are identical on CPU and CUDA.
+"""
+from typing import Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+
+
+def lsh_planes(bits: int, dim: int, *, generator: Optional[torch.Generator] = None, dtype=torch.float32,
+               device=None) -> torch.Tensor:
+    """Random hyperplanes for :func:`lsh_hash`: (bits, dim + 1) standard normal, the last column
+    the threshold (UMTFSS draws a fresh set per call)."""
+    if not 1 <= bits <= 64:
+        raise ValueError(f"lsh_planes: 1 <= bits <= 64, got {bits}")
+    planes = torch.randn(bits, dim + 1, generator=generator, dtype=dtype)
+    return planes.to(device) if device is not None else planes
+
+
+def lsh_hash(x: torch.Tensor, planes: torch.Tensor) -> torch.Tensor:
+    """Sign-random-projection codes, UMTFSS's convention.
+
+    Args:
+        x: (..., E) float32/float64 points (not normalised, as in UMTFSS).
+        planes: (bits, E + 1), 1 <= bits <= 64; bit i is ``x . planes[i, :E] > planes[i, E]``.
+
+    Returns:
+        int64 codes of shape (...), least-significant bit first (bit 63 is the sign bit).
+    """
+    if x.dim() < 1:
+        raise ValueError("lsh_hash: x must have a feature dimension")
+    return torch.ops.fsskern.lsh_hash(x.reshape(-1, x.shape[-1]), planes).view(x.shape[:-1])
+
+
+def draw_init(valid: torch.Tensor, k: int, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """k distinct valid points per batch item, uniformly (rows with <= k valid points get
+    zeros: hamming_kmeans does not use their init)."""
+    scores = torch.rand(valid.shape, generator=generator).to(valid.device)
+    scores = torch.where(valid, scores, torch.full_like(scores, -1.0))
+    init = scores.topk(min(k, valid.shape[1]), dim=1).indices
+    if init.shape[1] < k:
+        init = torch.cat([init, init.new_zeros(init.shape[0], k - init.shape[1])], 1)
+    return torch.where((valid.sum(1) > k).unsqueeze(1), init, torch.zeros_like(init))
+
+
+def hamming_kmeans(codes: torch.Tensor, k: int, *, iters: int = 10, valid: Optional[torch.Tensor] = None,
+                   init: Optional[torch.Tensor] = None,
+                   generator: Optional[torch.Generator] = None) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Deterministic k-means of binary codes in Hamming space (UMTFSS's clustering).
+
+    Args:
+        codes: (B, N) int64.
+        k: clusters per batch item.
+        iters: majority-vote updates, the same number on every device.
+        valid: (B, N) bool, the points that take part (default all).
+        init: (B, k) indices of k distinct valid points to start from; default drawn from
+            ``generator``.
+
+    Returns:
+        assign (B, N) int64 (-1 for invalid points), centroid codes (B, k), counts (B, k).
+        Assignment takes the nearest centroid, lowest index on ties; a centroid bit takes its
+        members' majority, a tie keeps the previous bit, an empty cluster keeps its code. With
+        no more than k valid points, each is its own cluster (the rest empty). The returned
+        assignment is recomputed against the returned centroids.
+    """
+    if valid is None:
+        valid = torch.ones_like(codes, dtype=torch.bool)
+    if valid.dtype != torch.bool or valid.shape != codes.shape:
+        raise ValueError(f"hamming_kmeans: valid must be a bool tensor of the shape of codes {tuple(codes.shape)}, "
+                         f"got {valid.dtype} of shape {tuple(valid.shape)}")
+    if init is None:
+        init = draw_init(valid, k, generator)
+    return torch.ops.fsskern.hamming_kmeans(codes, valid, init, k, iters)
+
+
+def cluster_means(features: torch.Tensor, assign: torch.Tensor, k: int, *,
+                  eps: float = 1e-3) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Float mean of each cluster's features, UMTFSS's ``one_hot(assign)^T @ feats / (counts + 0.001)``.
+
+    Args:
+        features: (B, N, C) float32/float64/float16/bfloat16.
+        assign: (B, N) int64 in [-1, k) (-1: no cluster).
+
+    Returns:
+        means (B, k, C) (differentiable w.r.t. features) and counts (B, k) int64.
+    """
+    return torch.ops.fsskern.cluster_means(features, assign, k, float(eps))
+
+
+def support_prototypes(features: torch.Tensor, masks: torch.Tensor, *, k_fg: int = 20, k_bg: int = 50,
+                       bits: int = 32, iters: int = 10, generator: Optional[torch.Generator] = None,
+                       normalize: bool = True) -> Tuple[torch.Tensor, torch.Tensor]:
+    """UMTFSS's clustered prototypes of the support set.
+
+    Args:
+        features: (B, K, C, h, w) support features of K shots.
+        masks: (B, K, H, W) support masks, resized bilinear (align_corners=True) to (h, w); a
+            token is foreground when its resized mask is >= 0.5.
+
+    Returns:
+        prototypes (B, k_fg + k_bg, C): foreground clusters first, L2-normalised when
+        ``normalize``; and valid (B, k_fg + k_bg) bool. As in UMTFSS: all shots' tokens are
+        hashed (one fresh set of planes per call) and clustered per image, separately for
+        foreground and background; with no foreground the centre 2x2 tokens of every shot count
+        as foreground, with no background the 4 corners; with no more tokens than clusters the
+        tokens themselves are the prototypes. Unlike UMTFSS, empty clusters and padding rows are
+        zero rows marked invalid, so attention can exclude them.
+    """
+    if features.dim() != 5 or masks.dim() != 4 or masks.shape[:2] != features.shape[:2]:
+        raise ValueError(f"support_prototypes: expected features (B, K, C, h, w) and masks (B, K, H, W), got "
+                         f"{tuple(features.shape)} and {tuple(masks.shape)}")
+    B, K, C, h, w = features.shape
+    m = F.interpolate(masks.to(features.dtype), size=(h, w), mode="bilinear", align_corners=True) >= 0.5
+    fg, bg = _with_fallbacks(m)
+    tokens = features.permute(0, 1, 3, 4, 2).reshape(B, K * h * w, C)
+    planes = lsh_planes(bits, C, generator=generator, dtype=tokens.dtype, device=tokens.device)
+    codes = lsh_hash(tokens.detach(), planes)
+    protos, valid = [], []
+    for k, part in ((k_fg, fg.reshape(B, -1)), (k_bg, bg.reshape(B, -1))):
+        assign, _, counts = hamming_kmeans(codes, k, iters=iters, valid=part, generator=generator)
+        means, _ = cluster_means(tokens, assign, k)
+        # with no more tokens than clusters the tokens themselves are the prototypes (no eps)
+        raw = (part.sum(1) <= k).view(B, 1, 1)
+        order = torch.where(assign >= 0, assign, torch.full_like(assign, k))
+        slot = torch.zeros(B, k + 1, dtype=torch.long, device=tokens.device)
+        slot.scatter_(1, order, torch.arange(tokens.shape[1], device=tokens.device).expand(B, -1))
+        raw_rows = tokens.gather(1, slot[:, :k, None].expand(B, k, C))
+        protos.append(torch.where(raw, raw_rows, means) * (counts > 0).unsqueeze(-1))
+        valid.append(counts > 0)
+    prototypes = torch.cat(protos, 1)
+    if normalize:
+        prototypes = F.normalize(prototypes, dim=-1)
+    return prototypes, torch.cat(valid, 1)
+
+
+def _with_fallbacks(fg: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """UMTFSS's fallbacks, per image over all shots: no foreground -> the centre 2x2 tokens of
+    every shot; no background -> the 4 corners of every shot."""
+    B, K, h, w = fg.shape
+    centre = torch.zeros(h, w, dtype=torch.bool, device=fg.device)
+    centre[max(h // 2 - 1, 0):h // 2 + 1, max(w // 2 - 1, 0):w // 2 + 1] = True
+    corners = torch.zeros(h, w, dtype=torch.bool, device=fg.device)
+    corners[[0, 0, -1, -1], [0, -1, 0, -1]] = True
+    no_fg = ~fg.flatten(1).any(1).view(B, 1, 1, 1)
+    fg = torch.where(no_fg, centre.expand_as(fg), fg)
+    bg = ~fg
+    no_bg = ~bg.flatten(1).any(1).view(B, 1, 1, 1)
+    bg = torch.where(no_bg, corners.expand_as(bg), bg)
+    fg = fg & ~(no_bg & corners)
+    return fg, bg
+
+
+@torch.library.register_fake("fsskern::lsh_hash")
+def _(x, planes):
+    torch._check(x.dim() == 2 and planes.dim() == 2, lambda: "lsh_hash: x (N, E), planes (bits, E + 1)")
+    return x.new_empty(x.shape[0], dtype=torch.int64)
+
+
+@torch.library.register_fake("fsskern::hamming_kmeans")
+def _(codes, valid, init, k, iters):
+    B = codes.shape[0]
+    return torch.empty_like(codes), codes.new_empty(B, k), codes.new_empty(B, k)
+
+
+@torch.library.register_fake("fsskern::cluster_means")
+def _(features, assign, k, eps):
+    torch._check(features.dim() == 3, lambda: "cluster_means: features must be (B, N, C)")
+    B, _, C = features.shape
+    return features.new_empty(B, k, C), assign.new_empty(B, k)
+
+
+@torch.library.register_fake("fsskern::_cluster_means_backward")
+def _(grad_means, features, assign, counts, eps):
+    return features.new_empty(features.shape)
+
+
+def _setup_context(ctx, inputs, output):
+    features, assign, k, eps = inputs
+    _, counts = output
+    ctx.eps = eps
+    ctx.mark_non_differentiable(counts)
+    ctx.save_for_backward(features, assign, counts)
+
+
+def _backward(ctx, grad_means, grad_counts):
+    features, assign, counts = ctx.saved_tensors
+    grad = None
+    if ctx.needs_input_grad[0]:
+        grad = torch.ops.fsskern._cluster_means_backward(grad_means, features, assign, counts, ctx.eps)
+    return grad, None, None, None
+
+
+torch.library.register_autograd("fsskern::cluster_means", _backward, setup_context=_setup_context)

@@ -1,0 +1,278 @@
+"""lsh_hash, hamming_kmeans, cluster_means and support_prototypes (UMTFSS)."""
+import pytest
+import torch
+from torch.testing import assert_close
+
+from conftest import FP32, tol
+from fsskern import ops
+from fsskern.reference import clustering as ref
+
+
+def gen(seed):
+    return torch.Generator().manual_seed(seed)
+
+
+# ---- lsh_hash -----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("bits", [1, 7, 32, 61, 64])
+@pytest.mark.parametrize("E", [1, 16, 37, 256])
+def test_lsh_hash_float64_equals_reference(bits, E):
+    x = torch.randn(500, E, dtype=torch.float64, generator=gen(0))
+    planes = ops.lsh_planes(bits, E, generator=gen(1), dtype=torch.float64)
+    assert torch.equal(ops.lsh_hash(x, planes), ref.lsh_hash(x, planes))
+
+
+def test_lsh_hash_float32_agrees_with_exact_projections():
+    # fsskern sums in a fixed order; the fp64 reference is exact to far below fp32 rounding, so a
+    # disagreement would need a point within ~1e-6 of a hyperplane
+    x = torch.randn(4000, 256, generator=gen(0))
+    planes = ops.lsh_planes(32, 256, generator=gen(1))
+    codes = ops.lsh_hash(x, planes)
+    assert (codes != ref.lsh_hash(x.double(), planes.double())).sum() <= 1
+    assert (codes != ref.lsh_hash(x, planes)).float().mean() < 1e-3  # the repo's fp32 matmul
+
+
+def test_lsh_hash_bits_and_sign_bit():
+    x = torch.tensor([[1.0, 0.0], [-1.0, 0.0]])
+    planes = torch.zeros(64, 3)
+    planes[:, 0] = 1.0  # every bit is x0 > 0
+    codes = ops.lsh_hash(x, planes)
+    assert codes[0] == -1 and codes[1] == 0  # all 64 bits set: the int64 is -1
+    planes[5, 2] = 2.0  # threshold 2: bit 5 never set
+    assert ops.lsh_hash(x, planes)[0] == -1 ^ (1 << 5)
+
+
+def test_lsh_hash_shapes_and_errors():
+    x = torch.randn(2, 3, 8)
+    assert ops.lsh_hash(x, ops.lsh_planes(16, 8)).shape == (2, 3)
+    assert ops.lsh_hash(torch.randn(0, 8), ops.lsh_planes(4, 8)).shape == (0,)
+    with pytest.raises(RuntimeError, match=r"planes must be \(bits, E \+ 1\)"):
+        ops.lsh_hash(x, torch.randn(16, 8))
+    with pytest.raises(RuntimeError, match="1 <= bits <= 64"):
+        ops.lsh_hash(x, torch.randn(65, 9))
+    with pytest.raises(RuntimeError, match="float32 or float64"):
+        ops.lsh_hash(x.half(), torch.randn(4, 9).half())
+    with pytest.raises(RuntimeError, match="dtype of x"):
+        ops.lsh_hash(x, torch.randn(4, 9, dtype=torch.float64))
+    with pytest.raises(ValueError, match="1 <= bits <= 64"):
+        ops.lsh_planes(0, 8)
+
+
+def test_lsh_hash_deterministic_across_threads():
+    x = torch.randn(3000, 64, generator=gen(0))
+    planes = ops.lsh_planes(32, 64, generator=gen(1))
+    previous = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = ops.lsh_hash(x, planes)
+        torch.set_num_threads(2)
+        two = ops.lsh_hash(x, planes)
+    finally:
+        torch.set_num_threads(previous)
+    assert torch.equal(one, two)
+
+
+# ---- hamming_kmeans -----------------------------------------------------------------------------
+
+def clustered_codes(B, N, bits, seed):
+    x = torch.randn(B * N, 24, generator=gen(seed))
+    return ops.lsh_hash(x, ops.lsh_planes(bits, 24, generator=gen(seed + 1))).view(B, N)
+
+
+@pytest.mark.parametrize("bits", [1, 8, 32, 64])
+@pytest.mark.parametrize("k,iters", [(1, 3), (5, 10), (20, 0), (50, 10)])
+def test_kmeans_equals_reference(bits, k, iters):
+    codes = clustered_codes(3, 400, bits, seed=bits + k)
+    valid = torch.rand(3, 400, generator=gen(k)) < 0.7
+    valid[2] = False
+    valid[2, :k] = True  # exactly k valid points: each its own cluster
+    init = ops.draw_init(valid, k, gen(5))
+    got = ops.hamming_kmeans(codes, k, iters=iters, valid=valid, init=init)
+    want = ref.hamming_kmeans(codes, k, iters, valid, init)
+    for g, w in zip(got, want):
+        assert torch.equal(g, w)
+    assign, _, counts = got
+    assert (assign[~valid] == -1).all()
+    assert torch.equal(counts.sum(1), valid.sum(1))
+
+
+def test_kmeans_fewer_points_than_clusters():
+    codes = torch.tensor([[5, 9, 9, 3]])
+    valid = torch.tensor([[True, False, True, True]])
+    assign, centroids, counts = ops.hamming_kmeans(codes, 6, valid=valid, generator=gen(0))
+    assert assign.tolist() == [[0, -1, 1, 2]]
+    assert centroids.tolist() == [[5, 9, 3, 0, 0, 0]]
+    assert counts.tolist() == [[1, 1, 1, 0, 0, 0]]
+
+
+def test_kmeans_ties_duplicates_and_empty_clusters():
+    # duplicates: two identical start points, so one cluster stays empty and keeps its code
+    codes = torch.tensor([[0b0011, 0b0011, 0b0011, 0b1100, 0b1100]])
+    init = torch.tensor([[0, 1, 3]])
+    assign, centroids, counts = ops.hamming_kmeans(codes, 3, init=init, iters=5)
+    assert assign.tolist() == [[0, 0, 0, 2, 2]]  # lowest index wins the tie between 0 and 1
+    assert counts.tolist() == [[3, 0, 2]] and centroids.tolist() == [[0b0011, 0b0011, 0b1100]]
+    # a tie in the majority vote keeps the previous bit
+    codes = torch.tensor([[0b01, 0b10, 0b11, 0b00]])
+    init = torch.tensor([[2, 3]])  # centroids 11 and 00; 01 and 10 are 1 away from both -> cluster 0
+    _, centroids, _ = ops.hamming_kmeans(codes, 2, init=init, iters=1)
+    assert centroids[0, 0] == 0b11  # members 01, 10, 11: each bit 2 of 3 set -> 1
+
+
+def test_kmeans_sign_bit_codes():
+    codes = torch.tensor([[-1, -1, 0, -(1 << 63), -2]])  # -(1 << 63): only the sign bit
+    got = ops.hamming_kmeans(codes, 2, init=torch.tensor([[0, 2]]), iters=3)
+    want = ref.hamming_kmeans(codes, 2, 3, torch.ones_like(codes, dtype=torch.bool), torch.tensor([[0, 2]]))
+    for g, w in zip(got, want):
+        assert torch.equal(g, w)
+
+
+def test_kmeans_seeded_and_deterministic():
+    codes = clustered_codes(2, 2000, 32, seed=3)
+    a = ops.hamming_kmeans(codes, 20, generator=gen(7))
+    b = ops.hamming_kmeans(codes, 20, generator=gen(7))
+    c = ops.hamming_kmeans(codes, 20, generator=gen(8))
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+    assert not torch.equal(a[1], c[1])
+    previous = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        d = ops.hamming_kmeans(codes, 20, generator=gen(7))
+    finally:
+        torch.set_num_threads(previous)
+    assert all(torch.equal(x, y) for x, y in zip(a, d))
+
+
+def test_kmeans_all_invalid_and_empty():
+    codes = clustered_codes(2, 50, 16, seed=0)
+    assign, centroids, counts = ops.hamming_kmeans(codes, 4, valid=torch.zeros(2, 50, dtype=torch.bool))
+    assert (assign == -1).all() and (counts == 0).all() and (centroids == 0).all()
+    assign, _, counts = ops.hamming_kmeans(torch.zeros(2, 0, dtype=torch.long), 4)
+    assert assign.shape == (2, 0) and (counts == 0).all()
+
+
+def test_kmeans_bad_inputs():
+    codes = clustered_codes(1, 30, 16, seed=0)
+    with pytest.raises(RuntimeError, match="codes must be an int64"):
+        ops.hamming_kmeans(codes.int(), 3)
+    with pytest.raises(RuntimeError, match="k must be >= 1"):
+        ops.hamming_kmeans(codes, 0, init=torch.zeros(1, 0, dtype=torch.long))
+    with pytest.raises(RuntimeError, match="iters must be >= 0"):
+        ops.hamming_kmeans(codes, 3, iters=-1)
+    with pytest.raises(RuntimeError, match="init must be int64"):
+        ops.hamming_kmeans(codes, 3, init=torch.zeros(1, 2, dtype=torch.long))
+    with pytest.raises(RuntimeError, match="distinct valid points"):
+        ops.hamming_kmeans(codes, 3, init=torch.tensor([[1, 1, 2]]))
+    with pytest.raises(RuntimeError, match=r"init indices must lie in \[0, 30\)"):
+        ops.hamming_kmeans(codes, 3, init=torch.tensor([[1, 2, 30]]))
+    valid = torch.ones(1, 30, dtype=torch.bool)
+    valid[0, 4] = False
+    with pytest.raises(RuntimeError, match="distinct valid points"):
+        ops.hamming_kmeans(codes, 3, valid=valid, init=torch.tensor([[1, 4, 2]]))
+    with pytest.raises(ValueError, match="valid must be a bool"):
+        ops.hamming_kmeans(codes, 3, valid=valid.int())
+    with pytest.raises(RuntimeError, match="valid must be a bool"):
+        torch.ops.fsskern.hamming_kmeans(codes, valid.int(), torch.tensor([[1, 2, 3]]), 3, 2)
+
+
+# ---- cluster_means ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_cluster_means_equal_umtfss(dtype):
+    features = torch.randn(2, 300, 70, dtype=dtype, generator=gen(0))
+    assign = torch.randint(-1, 9, (2, 300), generator=gen(1))
+    assign[1][assign[1] == 4] = 5  # cluster 4 empty in image 1
+    means, counts = ops.cluster_means(features, assign, 9)
+    want, want_counts = ref.cluster_means(features, assign, 9)
+    assert_close(means, want, **tol(dtype))
+    assert torch.equal(counts, want_counts) and counts[1, 4] == 0 and (means[1, 4] == 0).all()
+
+
+def test_cluster_means_reduced_precision_and_zero_eps():
+    features = torch.randn(1, 64, 16, generator=gen(0))
+    assign = torch.randint(0, 4, (1, 64), generator=gen(1))
+    for dtype in (torch.float16, torch.bfloat16):
+        means, _ = ops.cluster_means(features.to(dtype), assign, 6, eps=0.0)
+        assert means.dtype == dtype
+        want, _ = ref.cluster_means(features.to(dtype).float(), assign, 6, eps=0.0)
+        want = torch.nan_to_num(want)  # empty clusters: 0 / 0 in the reference, 0 here
+        assert_close(means.float(), want, rtol=0, atol=float(torch.finfo(dtype).eps) * 8)
+
+
+def test_cluster_means_gradcheck_and_opcheck():
+    features = torch.randn(2, 30, 5, dtype=torch.float64, requires_grad=True)
+    assign = torch.randint(-1, 4, (2, 30), generator=gen(2))
+    assert torch.autograd.gradcheck(lambda f: ops.cluster_means(f, assign, 4)[0], (features,))
+    torch.library.opcheck(torch.ops.fsskern.cluster_means.default, (features, assign, 4, 1e-3))
+    torch.library.opcheck(torch.ops.fsskern.cluster_means.default, (features.detach().float(), assign, 4, 0.0))
+    torch.library.opcheck(torch.ops.fsskern.lsh_hash.default, (torch.randn(20, 6), torch.randn(8, 7)))
+    codes = clustered_codes(2, 40, 16, seed=1)
+    valid = torch.rand(2, 40, generator=gen(3)) < 0.5
+    torch.library.opcheck(torch.ops.fsskern.hamming_kmeans.default,
+                          (codes, valid, ops.draw_init(valid, 5, gen(4)), 5, 4))
+
+
+def test_cluster_means_bad_inputs():
+    f = torch.randn(1, 10, 4)
+    with pytest.raises(RuntimeError, match=r"assign must lie in \[-1, 3\)"):
+        ops.cluster_means(f, torch.full((1, 10), 3), 3)
+    with pytest.raises(RuntimeError, match="assign must be int64"):
+        ops.cluster_means(f, torch.zeros(1, 9, dtype=torch.long), 3)
+    with pytest.raises(RuntimeError, match="features must be 3-d"):
+        ops.cluster_means(f[0], torch.zeros(1, 10, dtype=torch.long), 3)
+    with pytest.raises(RuntimeError, match="eps must be finite"):
+        ops.cluster_means(f, torch.zeros(1, 10, dtype=torch.long), 3, eps=-1.0)
+
+
+# ---- support_prototypes -------------------------------------------------------------------------
+
+def umtfss_reference(features, masks, k_fg, k_bg, bits, iters, seed):
+    """The same composition from the reference pieces and the same random draws."""
+    g = gen(seed)
+    B, K, C, h, w = features.shape
+    m = torch.nn.functional.interpolate(masks, size=(h, w), mode="bilinear", align_corners=True) >= 0.5
+    from fsskern.ops.clustering import _with_fallbacks
+    fg, bg = _with_fallbacks(m)
+    tokens = features.permute(0, 1, 3, 4, 2).reshape(B, -1, C)
+    planes = ops.lsh_planes(bits, C, generator=g)
+    codes = ref.lsh_hash(tokens.double(), planes.double())
+    out, valid = [], []
+    for k, part in ((k_fg, fg.reshape(B, -1)), (k_bg, bg.reshape(B, -1))):
+        assign, _, counts = ref.hamming_kmeans(codes, k, iters, part, ops.draw_init(part, k, g))
+        means, _ = ref.cluster_means(tokens, assign, k)
+        for b in range(B):
+            if part[b].sum() <= k:  # the raw tokens
+                idx = part[b].nonzero().flatten()
+                means[b] = 0
+                means[b, :len(idx)] = tokens[b, idx]
+        out.append(means * (counts > 0).unsqueeze(-1))
+        valid.append(counts > 0)
+    return torch.nn.functional.normalize(torch.cat(out, 1), dim=-1), torch.cat(valid, 1)
+
+
+@pytest.mark.parametrize("fg", ["sparse", "none", "all", "tiny"])
+def test_support_prototypes_match_the_umtfss_composition(fg):
+    B, K, C, h, w = 2, 3, 16, 9, 11
+    features = torch.randn(B, K, C, h, w, generator=gen(0))
+    masks = (torch.rand(B, K, 36, 44, generator=gen(1)) < 0.3).float()
+    if fg == "none":
+        masks[0] = 0
+    elif fg == "all":
+        masks[1] = 1
+    elif fg == "tiny":  # fewer foreground tokens than clusters: the tokens are the prototypes
+        masks[:] = 0
+        masks[:, 0, 8:12, 8:12] = 1
+    got, valid = ops.support_prototypes(features, masks, k_fg=5, k_bg=12, bits=32, iters=4, generator=gen(9))
+    want, want_valid = umtfss_reference(features, masks, 5, 12, 32, 4, seed=9)
+    assert got.shape == (B, 17, C)
+    assert torch.equal(valid, want_valid)
+    assert_close(got, want, **FP32)
+    assert (got[~valid] == 0).all()
+
+
+def test_support_prototypes_gradients_reach_features():
+    features = torch.randn(1, 2, 8, 6, 6, generator=gen(0), requires_grad=True)
+    masks = (torch.rand(1, 2, 6, 6, generator=gen(1)) < 0.4).float()
+    protos, valid = ops.support_prototypes(features, masks, k_fg=3, k_bg=4, generator=gen(2))
+    (protos * torch.randn_like(protos)).sum().backward()
+    assert features.grad is not None and features.grad.abs().sum() > 0
