@@ -19,10 +19,12 @@ def test_build_info():
 
 @pytest.mark.parametrize("name", OPS)
 def test_ops_registered_with_cpu_kernels(name):
-    op = getattr(torch.ops.fsskern, name)
-    assert torch._C._dispatch_has_kernel_for_dispatch_key(op.default.name(), "CPU")
+    name = getattr(torch.ops.fsskern, name).default.name()
+    if torch._C._dispatch_has_kernel_for_dispatch_key(name, "CompositeExplicitAutograd"):
+        return  # one ATen implementation serves every device
+    assert torch._C._dispatch_has_kernel_for_dispatch_key(name, "CPU")
     if fsskern.build_info()["cuda"]:
-        assert torch._C._dispatch_has_kernel_for_dispatch_key(op.default.name(), "CUDA")
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(name, "CUDA")
 
 
 @CUDA
