@@ -33,7 +33,7 @@ def schedule(request, simt):
     simt._simt_set_schedule("in_order", 0)
 
 
-# ---- masked_average_pool: resample_gather / resample_adjoint / weighted_sum kernels --------------
+# ---- masked_average_pool: resample (both directions) / weighted_sum kernels ---------------------
 
 # (B, N, C, h, w, H, W): C = 13 leaves a partial block of warps (8 channels per block); masks
 # larger and smaller than the features exercise both resampling directions; 53x53 <- 417 takes

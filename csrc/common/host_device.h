@@ -1,7 +1,9 @@
 #pragma once
-#include <cmath>
 // Math that the CPU kernels (g++) and the CUDA kernels (nvcc) both use is written once, in
 // headers, as HOST_DEVICE inline functions.
+#include <cmath>
+#include <type_traits>
+
 #if defined(__CUDACC__)
 #define HOST_DEVICE __host__ __device__ __forceinline__
 #else
@@ -11,9 +13,14 @@
 // a * b + c rounded after the multiply and after the add, as PyTorch's separate elementwise ops
 // compute it. Fusing the two into one FMA changes the last bit, which min-max normalisation can
 // blow up; the CPU build compiles with -ffp-contract=off, device code asks for it explicitly.
-HOST_DEVICE float mul_add_unfused(float a, float b, float c) {
+template <typename T>
+HOST_DEVICE T mul_add_unfused(T a, T b, T c) {
 #if defined(__CUDA_ARCH__)
-  return __fadd_rn(__fmul_rn(a, b), c);
+  if constexpr (std::is_same_v<T, float>) {
+    return __fadd_rn(__fmul_rn(a, b), c);
+  } else {
+    return __dadd_rn(__dmul_rn(a, b), c);
+  }
 #else
   return a * b + c;
 #endif
@@ -28,13 +35,5 @@ HOST_DEVICE T mul_add_fused(T a, T b, T c) {
   return fma(a, b, c);
 #else
   return std::fma(a, b, c);
-#endif
-}
-
-HOST_DEVICE double mul_add_unfused(double a, double b, double c) {
-#if defined(__CUDA_ARCH__)
-  return __dadd_rn(__dmul_rn(a, b), c);
-#else
-  return a * b + c;
 #endif
 }

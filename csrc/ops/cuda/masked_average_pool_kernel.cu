@@ -24,14 +24,9 @@ at::Tensor resample_cuda(const at::Tensor& planes, int64_t out_h, int64_t out_w,
   const int64_t P = src.size(0), H = src.size(1), W = src.size(2);
   auto dst = at::empty({P, out_h, out_w}, src.options());
   AT_DISPATCH_FLOATING_TYPES(src.scalar_type(), "fsskern_resample_cuda", [&] {
-    const auto cfg = elementwise_config(P * out_h * out_w);
-    if (transpose) {
-      launch(resample_adjoint_kernel<scalar_t>, cfg, src.const_data_ptr<scalar_t>(), dst.mutable_data_ptr<scalar_t>(),
-             P, H, W, out_h, out_w, align_corners);
-    } else {
-      launch(resample_gather_kernel<scalar_t>, cfg, src.const_data_ptr<scalar_t>(), dst.mutable_data_ptr<scalar_t>(),
-             P, H, W, out_h, out_w, align_corners);
-    }
+    launch(transpose ? resample_kernel<scalar_t, true> : resample_kernel<scalar_t, false>,
+           elementwise_config(P * out_h * out_w), src.const_data_ptr<scalar_t>(), dst.mutable_data_ptr<scalar_t>(), P,
+           H, W, out_h, out_w, align_corners);
   });
   return dst;
 }

@@ -8,33 +8,21 @@
 
 namespace fsskern {
 
-// One thread per destination pixel of every plane: dst (planes, out_h, out_w) sampled from
-// src (planes, in_h, in_w).
-template <typename T>
-__global__ void resample_gather_kernel(const T* __restrict__ src, T* __restrict__ dst, int64_t planes, int64_t in_h,
-                                       int64_t in_w, int64_t out_h, int64_t out_w, bool align_corners) {
-  const int64_t total = planes * out_h * out_w;
-  for (int64_t idx = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; idx < total;
-       idx += int64_t(gridDim.x) * blockDim.x) {
-    const int64_t p = idx / (out_h * out_w), rem = idx % (out_h * out_w);
-    dst[idx] = bilinear_gather_at(src + p * in_h * in_w, in_h, in_w, out_h, out_w, align_corners, rem / out_w,
-                                  rem % out_w);
-  }
-}
-
-// One thread per destination pixel of the adjoint: dst (planes, dst_h, dst_w) collects src
-// (planes, src_h, src_w) through the taps of sampling (dst_h, dst_w) to (src_h, src_w). Written
-// as a gather, not an atomic scatter, so results do not depend on thread order.
-template <typename T>
-__global__ void resample_adjoint_kernel(const T* __restrict__ src, T* __restrict__ dst, int64_t planes,
-                                        int64_t src_h, int64_t src_w, int64_t dst_h, int64_t dst_w,
-                                        bool align_corners) {
+// One thread per destination pixel of every plane, grid-stride. kTranspose = false: dst
+// (planes, dst_h, dst_w) is src (planes, src_h, src_w) sampled bilinear. kTranspose = true: dst
+// collects src through the taps of sampling (dst_h, dst_w) to (src_h, src_w), the adjoint,
+// written as a gather rather than an atomic scatter so results do not depend on thread order.
+template <typename T, bool kTranspose>
+__global__ void resample_kernel(const T* __restrict__ src, T* __restrict__ dst, int64_t planes, int64_t src_h,
+                                int64_t src_w, int64_t dst_h, int64_t dst_w, bool align_corners) {
   const int64_t total = planes * dst_h * dst_w;
   for (int64_t idx = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; idx < total;
        idx += int64_t(gridDim.x) * blockDim.x) {
     const int64_t p = idx / (dst_h * dst_w), rem = idx % (dst_h * dst_w);
-    dst[idx] = bilinear_adjoint_at(src + p * src_h * src_w, dst_h, dst_w, src_h, src_w, align_corners, rem / dst_w,
-                                   rem % dst_w);
+    const T* plane = src + p * src_h * src_w;
+    dst[idx] = kTranspose
+                   ? bilinear_adjoint_at(plane, dst_h, dst_w, src_h, src_w, align_corners, rem / dst_w, rem % dst_w)
+                   : bilinear_gather_at(plane, src_h, src_w, dst_h, dst_w, align_corners, rem / dst_w, rem % dst_w);
   }
 }
 
