@@ -210,6 +210,9 @@ def test_cluster_means_gradcheck_and_opcheck():
     valid = torch.rand(2, 40, generator=gen(3)) < 0.5
     torch.library.opcheck(torch.ops.fsskern.hamming_kmeans.default,
                           (codes, valid, ops.draw_init(valid, 5, gen(4)), 5, 4))
+    codes_t, valid_t = codes.t().contiguous().t(), valid.t().contiguous().t()  # column-major views
+    torch.library.opcheck(torch.ops.fsskern.hamming_kmeans.default,
+                          (codes_t, valid_t, ops.draw_init(valid, 5, gen(4)), 5, 4))
 
 
 def test_cluster_means_bad_inputs():

@@ -160,6 +160,9 @@ def test_opcheck(mode):
          torch.rand(2, 3, 15, 13, dtype=torch.float64, requires_grad=True)),
         (torch.randn(1, 4, 6, 6, requires_grad=True), torch.rand(1, 2, 11, 11) < 0.5),
         (torch.randn(1, 4, 6, 6, dtype=torch.bfloat16), torch.rand(1, 2, 11, 11)),
+        # channels-last features and transposed masks: the backward's fake must match its strides
+        (torch.randn(2, 5, 7, 6).contiguous(memory_format=torch.channels_last).requires_grad_(),
+         torch.rand(2, 3, 13, 15).transpose(2, 3).requires_grad_()),
     ]
     for features, masks in samples:
         torch.library.opcheck(torch.ops.fsskern.masked_average_pool.default, (features, masks, mode, 5e-4))

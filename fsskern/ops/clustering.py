@@ -161,7 +161,7 @@ def _(x, planes):
 @torch.library.register_fake("fsskern::hamming_kmeans")
 def _(codes, valid, init, k, iters):
     B = codes.shape[0]
-    return torch.empty_like(codes), codes.new_empty(B, k), codes.new_empty(B, k)
+    return codes.new_empty(codes.shape), codes.new_empty(B, k), codes.new_empty(B, k)
 
 
 @torch.library.register_fake("fsskern::cluster_means")

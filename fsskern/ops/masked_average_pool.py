@@ -92,12 +92,12 @@ def _(features, masks, resize, eps):
 
 @torch.library.register_fake("fsskern::_masked_average_pool_backward_features")
 def _(grad_prototypes, features, masks, area, resize, eps):
-    return torch.empty_like(features)
+    return features.new_empty(features.shape)  # the kernel returns a contiguous tensor
 
 
 @torch.library.register_fake("fsskern::_masked_average_pool_backward_masks")
 def _(grad_prototypes, grad_area, features, masks, prototypes, area, resize, eps):
-    return torch.empty_like(masks)
+    return masks.new_empty(masks.shape)  # the kernel returns a contiguous tensor
 
 
 def _setup_context(ctx, inputs, output):
