@@ -1,11 +1,11 @@
-// hamming_kmeans: schema and input checks (math: hamming_kmeans.h; kernels: cpu/, cuda/).
+// hamming_kmeans: schema, input checks, and the orchestration both backends share (math:
+// hamming_kmeans.h; kernels: cpu/, cuda/).
 #include "ops/hamming_kmeans.h"
 
-#include "common/library.h"
-
 namespace fsskern {
+namespace {
 
-void check_hamming_kmeans_inputs(const at::Tensor& codes, const at::Tensor& valid, const at::Tensor& init, int64_t k,
+void check_inputs(const at::Tensor& codes, const at::Tensor& valid, const at::Tensor& init, int64_t k,
                                  int64_t iters) {
   TORCH_CHECK(codes.dim() == 2 && codes.scalar_type() == at::kLong,
               "hamming_kmeans: codes must be an int64 (B, N) tensor, got ", codes.scalar_type(), " of shape ",
@@ -36,6 +36,36 @@ void check_hamming_kmeans_inputs(const at::Tensor& codes, const at::Tensor& vali
   TORCH_CHECK(picked_valid.logical_and(distinct).logical_or(used.logical_not()).all().item<bool>(),
               "hamming_kmeans: init must name k distinct valid points in every batch item with more than k valid "
               "points");
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> hamming_kmeans_impl(const KmeansKernels& kernels,
+                                                                   const at::Tensor& codes, const at::Tensor& valid,
+                                                                   const at::Tensor& init, int64_t k, int64_t iters) {
+  check_inputs(codes, valid, init, k, iters);
+  const auto cc = codes.contiguous();
+  const auto vc = valid.contiguous();
+  const int64_t B = cc.size(0), N = cc.size(1);
+  if (N == 0) return {at::empty({B, 0}, cc.options()), at::zeros({B, k}, cc.options()), at::zeros({B, k}, cc.options())};
+  const auto active = (vc.sum(1) > k).to(at::kByte);
+
+  // Rows with n <= k valid points: point r (in index order) is cluster r and its own centroid.
+  const auto rank = vc.to(at::kLong).cumsum(1) - 1;
+  at::Tensor assign = at::where(vc, rank, at::full_like(rank, -1));
+  at::Tensor own = at::zeros({B, k + 1}, cc.options());  // column k collects what is dropped
+  own.scatter_(1, at::where(vc, rank.clamp_max(k), at::full_like(rank, k)), cc);
+  at::Tensor centroids =
+      at::where(active.unsqueeze(1).to(at::kBool), cc.gather(1, init.contiguous()), own.narrow(1, 0, k)).contiguous();
+
+  for (int64_t it = 0; it < iters; ++it) {
+    kernels.assign(cc, vc, centroids, active, assign);
+    kernels.update(cc, assign, active, centroids);
+  }
+  kernels.assign(cc, vc, centroids, active, assign);
+  at::Tensor counts = at::zeros({B, k + 1}, cc.options());
+  counts.scatter_add_(1, at::where(assign < 0, at::full_like(assign, k), assign), at::ones_like(assign));
+  return {assign, centroids, counts.narrow(1, 0, k).contiguous()};
 }
 
 TORCH_LIBRARY_FRAGMENT(FSSKERN_NAMESPACE, m) {

@@ -14,6 +14,7 @@
 #include <cstdint>
 
 #include "common/host_device.h"
+#include "common/library.h"
 
 namespace fsskern {
 
@@ -53,7 +54,25 @@ HOST_DEVICE int64_t majority_code(int64_t previous, const int32_t* ones, int64_t
   return static_cast<int64_t>(code);
 }
 
-void check_hamming_kmeans_inputs(const at::Tensor& codes, const at::Tensor& valid, const at::Tensor& init, int64_t k,
-                                 int64_t iters);
+// What a backend supplies; the rest (the n <= k rows, the starting centroids, the iteration,
+// the counts) is written once with tensor ops in hamming_kmeans.cpp. `active` (B,) uint8 marks
+// the rows that cluster (more valid points than clusters); kernels leave the other rows alone.
+struct KmeansKernels {
+  // assign[b, n] = nearest centroid of codes[b, n], or -1 for an invalid point.
+  void (*assign)(const at::Tensor& codes, const at::Tensor& valid, const at::Tensor& centroids,
+                 const at::Tensor& active, at::Tensor& assign);
+  // One majority-vote update of the centroids from the assignment.
+  void (*update)(const at::Tensor& codes, const at::Tensor& assign, const at::Tensor& active, at::Tensor& centroids);
+};
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> hamming_kmeans_impl(const KmeansKernels& kernels,
+                                                                   const at::Tensor& codes, const at::Tensor& valid,
+                                                                   const at::Tensor& init, int64_t k, int64_t iters);
+
+template <const KmeansKernels& kernels>
+void register_hamming_kmeans(torch::Library& m) {
+  m.impl("hamming_kmeans", [](const at::Tensor& codes, const at::Tensor& valid, const at::Tensor& init, int64_t k,
+                              int64_t iters) { return hamming_kmeans_impl(kernels, codes, valid, init, k, iters); });
+}
 
 }  // namespace fsskern

@@ -55,7 +55,6 @@ struct Shadow {
 struct Segment {
   std::unique_ptr<unsigned char[]> bytes;
   size_t size = 0, element_size = 1;
-  std::string name;
   std::vector<Shadow> shadow;
 };
 
@@ -76,13 +75,11 @@ struct Block {
   std::vector<Fiber> fibers;
   ucontext_t scheduler;
   const std::function<void()>* kernel = nullptr;
-  std::string kernel_name;
   uint64_t epoch = 0;
   std::vector<uint64_t> warp_epoch;
   std::unordered_map<const void*, size_t> static_segments;
   std::vector<Segment> segments;
   size_t dynamic_bytes = 0;
-  long dynamic_segment = -1;
   std::string error;
 };
 
@@ -324,7 +321,6 @@ void launch(const std::string& name, dim3 grid, dim3 block_dim, size_t dynamic_s
     for (int64_t b = begin; b < end; ++b) {
       Block block;
       block.kernel = &kernel;
-      block.kernel_name = name;
       block.dynamic_bytes = dynamic_shared_bytes;
       const dim3 idx(b % grid.x, (b / grid.x) % grid.y, b / (int64_t(grid.x) * grid.y));
       try {

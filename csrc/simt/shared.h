@@ -21,8 +21,8 @@ class SharedPtr;
 template <typename T>
 class SharedRef {
  public:
-  SharedRef(T* p, size_t shadow, size_t element, size_t shadow_element, const char* name)
-      : p_(p), shadow_(shadow), element_(element), shadow_element_(shadow_element), name_(name) {}
+  SharedRef(T* p, size_t shadow, size_t shadow_element, const char* name)
+      : p_(p), shadow_(shadow), shadow_element_(shadow_element), name_(name) {}
   operator T() const {
     shared_access(shadow_, shadow_element_, Access::Read, name_);
     return *p_;
@@ -48,7 +48,7 @@ class SharedRef {
 
  private:
   T* p_;
-  size_t shadow_, element_, shadow_element_;
+  size_t shadow_, shadow_element_;
   const char* name_;
 };
 
@@ -66,7 +66,7 @@ class SharedPtr {
       fail("indexes shared " + std::string(name_) + " at " + std::to_string(at) + ", outside its " +
            std::to_string(size_) + " elements");
     }
-    return SharedRef<T>(base_ + at, shadow_, at, shadow_base_ + at * stride_, name_);
+    return SharedRef<T>(base_ + at, shadow_, shadow_base_ + at * stride_, name_);
   }
   SharedRef<T> operator*() const { return (*this)[0]; }
   SharedPtr operator+(int64_t i) const {
