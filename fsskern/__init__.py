@@ -8,8 +8,8 @@ pure-PyTorch references written the way the public FSS repositories write them a
 import torch  # noqa: F401  (loads libtorch before the extension)
 
 from . import _C  # noqa: F401  (registers torch.ops.fsskern.*)
-from . import ops, reference  # noqa: E402
+from . import nn, ops, reference  # noqa: E402
 from ._build import build_info  # noqa: E402
 
-__all__ = ["ops", "reference", "build_info"]
+__all__ = ["ops", "nn", "reference", "build_info"]
 __version__ = "0.1.0"

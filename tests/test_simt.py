@@ -175,6 +175,55 @@ def test_cluster_means(simt, schedule, dtype):
     assert torch.equal(got[1], want[1])
 
 
+# ---- attention: forward, backward-query and backward-key kernels --------------------------------
+
+# (B, H, N, D, Dv, P): D and Dv above one warp's 32 lanes, N not a multiple of the 4 warps per
+# block, P = 1, one image with every key invalid.
+ATTENTION_SHAPES = [(2, 3, 37, 40, 35, 9), (1, 2, 6, 4, 3, 1)]
+
+
+@pytest.mark.parametrize("dropout_p", [0.0, 0.3])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("shape", ATTENTION_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_prototype_attention(simt, schedule, shape, dtype, dropout_p):
+    B, H, N, D, Dv, P = shape
+    q, k, v = torch.randn(B, H, N, D, dtype=dtype), torch.randn(B, H, P, D, dtype=dtype), \
+        torch.randn(B, H, P, Dv, dtype=dtype)
+    valid = torch.rand(B, P) < 0.6
+    valid[0, 0] = True
+    if B > 1:
+        valid[1] = False
+    args = (valid, 0.3, dropout_p, 17)
+    out, lse = simt.prototype_attention(q, k, v, *args)
+    cpu_out, cpu_lse = torch.ops.fsskern.prototype_attention(q, k, v, *args)
+    assert_close(out, cpu_out, **tol(dtype))  # the same dropout mask on both
+    assert_close(lse, cpu_lse, **tol(dtype))
+    if dropout_p == 0:
+        assert_close(out, reference.attention.prototype_attention(q, k, v, valid, scale=0.3).masked_fill(
+            ~valid.any(1)[:, None, None, None], 0.0), **tol(dtype))
+    grad = torch.randn_like(out)
+    got = simt._prototype_attention_backward(grad, q, k, v, *args[:1], out, lse, *args[1:])
+    want = torch.ops.fsskern._prototype_attention_backward(grad, q, k, v, *args[:1], cpu_out, cpu_lse, *args[1:])
+    for g, w in zip(got, want):
+        assert_close(g, w, **tol(dtype))
+
+
+@pytest.mark.parametrize("mode", ["exclude", "multiply"])
+def test_local_conditional_attention(simt, schedule, mode):
+    query, support, value = torch.randn(3, 36, 23), torch.randn(3, 36, 19), torch.randn(3, 33, 19)
+    mask = (torch.rand(3, 19) < 0.4).float()
+    mask[1], mask[2] = 0, 1  # no foreground; no background
+    out, lse = simt.local_conditional_attention(query, support, mask, value, mode)
+    assert_close(out, reference.attention.local_conditional_attention(query, support, mask, value, mode), **FP32)
+    cpu_out, cpu_lse = torch.ops.fsskern.local_conditional_attention(query, support, mask, value, mode)
+    grad = torch.randn_like(out)
+    got = simt._local_conditional_attention_backward(grad, query, support, mask, value, out, lse, mode)
+    want = torch.ops.fsskern._local_conditional_attention_backward(grad, query, support, mask, value, cpu_out,
+                                                                    cpu_lse, mode)
+    for g, w in zip(got, want):
+        assert_close(g, w, **FP32)
+
+
 # ---- the harness catches the classic bugs -------------------------------------------------------
 
 CAUGHT = {

@@ -1,0 +1,80 @@
+// CUDA launchers of the attention core and registration of prototype_attention and
+// local_conditional_attention (kernels in the .cuh beside this; orchestration: attention.cpp).
+#include <ATen/ATen.h>
+
+#include "common/launch.cuh"
+#include "ops/attention.h"
+#include "ops/cuda/attention_kernel.cuh"
+
+namespace fsskern {
+namespace {
+
+// q must be contiguous (the launchers pass in.q.contiguous()).
+template <typename T>
+AttentionParams<T> make_params(const AttentionInputs& in, const at::Tensor& q) {
+  return {q.const_data_ptr<T>(),
+          in.k.const_data_ptr<T>(),
+          in.v.const_data_ptr<T>(),
+          in.key_index.const_data_ptr<int64_t>(),
+          in.key_count.const_data_ptr<int64_t>(),
+          in.const_logit.const_data_ptr<T>(),
+          in.const_value.const_data_ptr<T>(),
+          in.q.size(1),
+          in.q.size(2),
+          in.key_index.size(1),
+          in.k.size(2),
+          in.q.size(3),
+          in.v.size(3),
+          static_cast<T>(in.scale),
+          in.drop_threshold,
+          static_cast<T>(in.keep_scale),
+          in.seed};
+}
+
+// One warp per item (query row or key), kAttentionWarps items per block, grid (items, H, B).
+template <typename T>
+LaunchConfig warp_per_item_config(int64_t items, int64_t H, int64_t B, int64_t shared_per_warp) {
+  return {dim3(static_cast<unsigned>(ceil_div(items, kAttentionWarps)), static_cast<unsigned>(H),
+               static_cast<unsigned>(B)),
+          dim3(32 * kAttentionWarps), static_cast<size_t>(kAttentionWarps * shared_per_warp) * sizeof(T)};
+}
+
+void attention_forward_cuda(const AttentionInputs& in, at::Tensor& out, at::Tensor& lse) {
+  const DeviceGuard guard(in.q.device());
+  const auto q = in.q.contiguous();
+  at::Tensor out_rows = out.is_contiguous() ? out : at::empty(out.sizes(), out.options());
+  AT_DISPATCH_FLOATING_TYPES(in.q.scalar_type(), "fsskern_attention_forward_cuda", [&] {
+    const auto p = make_params<scalar_t>(in, q);
+    launch(attention_forward_kernel<scalar_t>, warp_per_item_config<scalar_t>(p.N, p.H, in.q.size(0), p.D + p.Dv),
+           p, out_rows.mutable_data_ptr<scalar_t>(), lse.mutable_data_ptr<scalar_t>());
+  });
+  if (!out_rows.is_same(out)) out.copy_(out_rows);
+}
+
+void attention_backward_cuda(const AttentionInputs& in, const at::Tensor& out, const at::Tensor& lse,
+                             const at::Tensor& grad_out, at::Tensor& grad_q, at::Tensor& grad_k, at::Tensor& grad_v,
+                             at::Tensor& grad_const) {
+  const DeviceGuard guard(in.q.device());
+  at::Tensor delta = at::empty(lse.sizes(), lse.options());
+  const auto q = in.q.contiguous();
+  AT_DISPATCH_FLOATING_TYPES(in.q.scalar_type(), "fsskern_attention_backward_cuda", [&] {
+    const auto p = make_params<scalar_t>(in, q);
+    const int64_t B = in.q.size(0);
+    launch(attention_backward_query_kernel<scalar_t>, warp_per_item_config<scalar_t>(p.N, p.H, B, 2 * p.D), p,
+           out.const_data_ptr<scalar_t>(), lse.const_data_ptr<scalar_t>(), grad_out.const_data_ptr<scalar_t>(),
+           delta.mutable_data_ptr<scalar_t>(), grad_q.mutable_data_ptr<scalar_t>());
+    // W + 1 warps: the packed keys and the constant key.
+    launch(attention_backward_key_kernel<scalar_t>,
+           warp_per_item_config<scalar_t>(p.W + 1, p.H, B, 2 * p.D + p.Dv), p, lse.const_data_ptr<scalar_t>(),
+           grad_out.const_data_ptr<scalar_t>(), delta.const_data_ptr<scalar_t>(), grad_k.mutable_data_ptr<scalar_t>(),
+           grad_v.mutable_data_ptr<scalar_t>(), grad_const.mutable_data_ptr<scalar_t>());
+  });
+}
+
+constexpr AttentionKernels kCudaKernels{&attention_forward_cuda, &attention_backward_cuda};
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(FSSKERN_NAMESPACE, FSSKERN_CUDA_KEY, m) { register_attention<kCudaKernels>(m); }
+
+}  // namespace fsskern

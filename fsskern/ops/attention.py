@@ -1,0 +1,140 @@
+"""Fused attention from query pixels to support information.
+
+``prototype_attention`` (UMTFSS: query tokens attend to fg/bg prototypes) and
+``local_conditional_attention`` (CRCNet: query pixels attend to support foreground pixels) share
+one flash-style core (``csrc/ops/attention.*``, CPU and CUDA kernels): scores, mask, softmax,
+dropout and the weighted sum of values in one pass per query tile, backward by recomputation
+from the saved row logsumexp. Neither keeps the (N x P) probability matrix.
+"""
+from typing import Optional
+
+import torch
+
+from ._checks import check_choice
+
+_SEED_RANGE = 2 ** 62
+
+
+def prototype_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
+                        key_valid: Optional[torch.Tensor] = None, scale: Optional[float] = None,
+                        dropout_p: float = 0.0, seed: Optional[int] = None) -> torch.Tensor:
+    """softmax(scale q k^T, invalid keys excluded) v, with dropout on the attention weights.
+
+    Args:
+        q: (B, H, N, D) float32/float64 query tokens.
+        k, v: (B, H, P, D) and (B, H, P, Dv), same dtype: the prototypes (UMTFSS: P = 70).
+        key_valid: (B, P) bool; invalid keys get no weight. UMTFSS adds -10000 instead, which is
+            the same unless every key of an image is invalid: then the output is 0 here (and
+            the gradients 0), not the reference's uniform average.
+        scale: multiplies the scores; default D ** -0.5.
+        dropout_p: probability of zeroing an attention weight (kept weights scaled by
+            1 / (1 - p)), after the softmax as in UMTFSS. Pass 0 in evaluation.
+        seed: keys the counter-based RNG (Philox): the same seed gives the same mask on CPU and
+            CUDA and in backward. None draws one from torch's default generator.
+
+    Returns:
+        (B, H, N, Dv) in the dtype of q. Differentiable w.r.t. q, k and v.
+    """
+    if scale is None:
+        scale = q.shape[-1] ** -0.5
+    if dropout_p == 0:
+        seed = 0
+    elif seed is None:
+        seed = int(torch.randint(_SEED_RANGE, (1,)).item())
+    out, _ = torch.ops.fsskern.prototype_attention(q, k, v, key_valid, float(scale), float(dropout_p), int(seed))
+    return out
+
+
+def local_conditional_attention(query: torch.Tensor, support: torch.Tensor, support_mask: torch.Tensor, *,
+                                value: Optional[torch.Tensor] = None, mode: str = "exclude") -> torch.Tensor:
+    """CRCNet's local conditional module: ``value . softmax_rows(query^T support, masked)^T``.
+
+    Args:
+        query: (B, C, Nq) query features (CRCNet: after its 1x1 conv + ReLU, theta).
+        support: (B, C, Ns) support features (delta).
+        support_mask: (B, Ns) bool or float holding only 0 and 1.
+        value: (B, Cv, Ns) the features that are averaged; default ``support``.
+        mode: "exclude", a true masked softmax over the foreground pixels (an image without
+            foreground gives 0); or "multiply", CRCNet's equation taken literally: the logits
+            are multiplied by the mask, so every background logit is exactly 0 and the
+            background still gets weight (computed as one constant key, never pixel by pixel).
+
+    Returns:
+        (B, Cv, Nq), differentiable w.r.t. query, support and value. No scaling of the logits
+        (CRCNet has none).
+    """
+    check_choice("local_conditional_attention", "mode", mode, {"exclude", "multiply"})
+    out, _ = torch.ops.fsskern.local_conditional_attention(query, support, support_mask,
+                                                           support if value is None else value, mode)
+    return out
+
+
+# ---- fake kernels --------------------------------------------------------------------------------
+
+@torch.library.register_fake("fsskern::prototype_attention")
+def _(q, k, v, key_valid, scale, dropout_p, seed):
+    torch._check(q.dim() == 4 and k.dim() == 4 and v.dim() == 4,
+                 lambda: "prototype_attention: q, k and v must be 4-d")
+    torch._check(q.device == k.device == v.device, lambda: "prototype_attention: all inputs must be on one device")
+    B, H, N = q.shape[:3]
+    return q.new_empty((B, H, N, v.shape[3])), q.new_empty((B, H, N))
+
+
+@torch.library.register_fake("fsskern::_prototype_attention_backward")
+def _(grad_out, q, k, v, key_valid, out, lse, scale, dropout_p, seed):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+@torch.library.register_fake("fsskern::local_conditional_attention")
+def _(query, support, support_mask, value, mode):
+    torch._check(query.dim() == 3 and support.dim() == 3 and value.dim() == 3,
+                 lambda: "local_conditional_attention: query, support and value must be 3-d")
+    torch._check(query.device == support.device == value.device == support_mask.device,
+                 lambda: "local_conditional_attention: all inputs must be on one device")
+    B, _, Nq = query.shape
+    return query.new_empty((B, value.shape[1], Nq)), query.new_empty((B, Nq))
+
+
+@torch.library.register_fake("fsskern::_local_conditional_attention_backward")
+def _(grad_out, query, support, support_mask, value, out, lse, mode):
+    return query.new_empty(query.shape), support.new_empty(support.shape), value.new_empty(value.shape)
+
+
+# ---- autograd ------------------------------------------------------------------------------------
+
+def _prototype_setup(ctx, inputs, output):
+    q, k, v, key_valid, scale, dropout_p, seed = inputs
+    out, lse = output
+    ctx.mark_non_differentiable(lse)
+    ctx.args = (scale, dropout_p, seed)
+    ctx.save_for_backward(q, k, v, key_valid, out, lse)
+
+
+def _prototype_backward(ctx, grad_out, grad_lse):
+    q, k, v, key_valid, out, lse = ctx.saved_tensors
+    grads = torch.ops.fsskern._prototype_attention_backward(grad_out, q, k, v, key_valid, out, lse, *ctx.args)
+    return (*[g if need else None for g, need in zip(grads, ctx.needs_input_grad[:3])], None, None, None, None)
+
+
+torch.library.register_autograd("fsskern::prototype_attention", _prototype_backward, setup_context=_prototype_setup)
+
+
+def _local_setup(ctx, inputs, output):
+    query, support, support_mask, value, mode = inputs
+    out, lse = output
+    ctx.mark_non_differentiable(lse)
+    ctx.mode = mode
+    ctx.save_for_backward(query, support, support_mask, value, out, lse)
+
+
+def _local_backward(ctx, grad_out, grad_lse):
+    query, support, support_mask, value, out, lse = ctx.saved_tensors
+    if ctx.needs_input_grad[2]:
+        raise RuntimeError("local_conditional_attention: gradients w.r.t. support_mask are not supported")
+    gq, gs, gv = torch.ops.fsskern._local_conditional_attention_backward(grad_out, query, support, support_mask,
+                                                                         value, out, lse, ctx.mode)
+    need = ctx.needs_input_grad
+    return gq if need[0] else None, gs if need[1] else None, None, gv if need[3] else None, None
+
+
+torch.library.register_autograd("fsskern::local_conditional_attention", _local_backward, setup_context=_local_setup)
