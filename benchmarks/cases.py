@@ -23,6 +23,7 @@ class Case:
     memory_target: Optional[float] = None  # fsskern extra memory / reference extra memory, at most
     time_target_ms: Optional[float] = None  # fsskern time, at most
     peers: Dict[str, Callable[[dict], object]] = field(default_factory=dict)  # timed beside, not compared
+    peer_targets: Dict[str, float] = field(default_factory=dict)  # peer time / fsskern time, at least
 
 
 def exact_fraction_masks(shape, fraction, generator):
@@ -137,13 +138,54 @@ def support_prototypes_case(K, C, hw, fraction):
                 time_target_ms=10.0)
 
 
+def prototype_attention_case(B, H, N, D, P, dropout_p=0.0):
+    def build():
+        g = torch.Generator().manual_seed(0)
+        valid = torch.rand(B, P, generator=g) < 0.9  # UMTFSS pads and marks a few prototypes invalid
+        valid[:, 0] = True
+        return {"q": torch.randn(B, H, N, D, generator=g), "k": torch.randn(B, H, P, D, generator=g),
+                "v": torch.randn(B, H, P, D, generator=g), "valid": valid}
+
+    peers, peer_targets = {}, {}
+    if dropout_p == 0:
+        sdpa = "torch SDPA, bool mask"
+        peers[sdpa] = lambda x: torch.nn.functional.scaled_dot_product_attention(
+            x["q"], x["k"], x["v"], attn_mask=x["valid"][:, None, None, :])
+        peer_targets[sdpa] = 1.0
+    return Case(name="prototype attention" + (f" dropout {dropout_p:g}" if dropout_p else ""),
+                op="prototype_attention", size=f"B{B} H{H} N{N} D{D} P{P}", build=build,
+                reference=lambda x: reference.attention.prototype_attention(x["q"], x["k"], x["v"], x["valid"],
+                                                                            dropout_p=dropout_p),
+                fsskern=lambda x: ops.prototype_attention(x["q"], x["k"], x["v"], key_valid=x["valid"],
+                                                          dropout_p=dropout_p, seed=0),
+                speedup_target=None if dropout_p else 2.0, memory_target=None if dropout_p else 0.5,
+                peers=peers, peer_targets=peer_targets)
+
+
+def local_attention_case(B, C, hw, fraction, mode):
+    def build():
+        g = torch.Generator().manual_seed(0)
+        return {"query": torch.randn(B, C, hw * hw, generator=g).relu_(),
+                "support": torch.randn(B, C, hw * hw, generator=g).relu_(),
+                "mask": exact_fraction_masks((B, hw, hw), fraction, g).view(B, -1)}
+
+    return Case(name=f"local attention {mode}", op="local_conditional_attention",
+                size=f"B{B} C{C} {hw}x{hw} {round(fraction * 100)}% fg", build=build,
+                reference=lambda x: reference.attention.local_conditional_attention(x["query"], x["support"],
+                                                                                    x["mask"], None, mode),
+                fsskern=lambda x: ops.local_conditional_attention(x["query"], x["support"], x["mask"], mode=mode),
+                speedup_target=3.0, memory_target=0.05)
+
+
 def all_cases(quick=False):
     if quick:  # CI smoke sizes: every op, seconds in all; the targets are for the papers' sizes
         cases = [map_case("mask", 2, 64, 30, 233), map_case("features", 2, 128, 27, 209),
                  prior_case(1, 1, 256, 30, 0.3), prior_case(1, 2, 256, 30, 0.5), kmeans_case(2000, 20, 32, 3),
-                 support_prototypes_case(2, 64, 20, 0.3)]
+                 support_prototypes_case(2, 64, 20, 0.3), prototype_attention_case(1, 2, 400, 32, 20),
+                 local_attention_case(1, 32, 20, 0.3, "exclude"), local_attention_case(1, 32, 20, 0.3, "multiply")]
         for case in cases:
             case.speedup_target = case.memory_target = case.time_target_ms = None
+            case.peer_targets = {}
         return cases
     return [
         map_case("mask", 8, 256, 60, 473),
@@ -155,4 +197,8 @@ def all_cases(quick=False):
         prior_case(1, 1, 2048, 129, 0.3),
         kmeans_case(18000, 50, 32, 10),
         support_prototypes_case(5, 256, 60, 0.3),
+        prototype_attention_case(4, 8, 3600, 32, 70),
+        prototype_attention_case(4, 8, 3600, 32, 70, dropout_p=0.1),
+        local_attention_case(4, 256, 60, 0.3, "exclude"),
+        local_attention_case(4, 256, 60, 0.3, "multiply"),
     ]

@@ -48,7 +48,8 @@ def run_case(index, case, quick, reps):
         "memory_ratio": m_fss / m_ref if m_ref else None,
         "speedup_target": case.speedup_target, "memory_target": case.memory_target,
         "time_target_ms": case.time_target_ms,
-        "peers": {name: {"ms": t * 1e3, "speedup_vs_peer": t / t_fss} for (name, _), t in zip(peers, times[2:])},
+        "peers": {name: {"ms": t * 1e3, "speedup_vs_peer": t / t_fss, "target": case.peer_targets.get(name)}
+                  for (name, _), t in zip(peers, times[2:])},
     }
     print(f"{case.name:28s} {case.size:34s} ref {row['reference_ms']:9.2f} ms  fsskern {row['fsskern_ms']:9.2f} ms"
           f"  x{row['speedup']:7.1f}  mem {row['reference_peak_extra_mb']:8.1f} -> {row['fsskern_peak_extra_mb']:7.1f} MB",
@@ -88,8 +89,10 @@ def markdown(rows, info, quick):
     if peer_rows:
         lines += ["", "| case | peer | peer time | fsskern time | fsskern speed-up over the peer |", "|---|---|---:|---:|---|"]
         for r, name, p in peer_rows:
+            target = p.get("target")
+            verdict_text = f" (>= {target:g}x: {verdict(p['speedup_vs_peer'], target, True)})" if target else ""
             lines.append(f"| {r['case']} ({r['size']}) | {name} | {p['ms']:.1f} ms | {r['fsskern_ms']:.1f} ms | "
-                         f"**{p['speedup_vs_peer']:.1f}x** |")
+                         f"**{p['speedup_vs_peer']:.2f}x**{verdict_text} |")
     lines.append("")
     lines.append("Median of the timed samples (interleaved, after a warm-up and a 0.1 s settle before each sample); peak extra memory of each side "
                  "measured once in its own process.")
