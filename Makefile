@@ -31,6 +31,7 @@ bench: build
 
 bench-quick: build
 	$(PY) benchmarks/run.py --quick
+	$(PY) benchmarks/check_results.py --quick
 
 # Compile every .cu on its own for sm_80 and sm_90 (the real CUDA build; no GPU needed).
 cuda-check: venv

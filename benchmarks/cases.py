@@ -3,12 +3,24 @@
 A case builds its inputs once (seeded) and times two forward calls: the reference as the public
 FSS code writes it, and the fsskern op. Targets come from the issue that introduced the op.
 """
+import tempfile
+import time
 from dataclasses import dataclass, field
-from typing import Callable, Dict, Optional
+from typing import Callable, Dict, Optional, Tuple
 
 import torch
 
 from fsskern import ops, reference
+
+
+@dataclass
+class Work:
+    """What one fsskern call does, for the roofline: `amount` flops ("flop") or bytes moved
+    ("byte"); `gemm` the (m, k, n) of a torch.mm doing GEMM work of the same shape, whose speed
+    on this machine is the flop limit (the copy bandwidth is the byte limit)."""
+    kind: str
+    amount: float
+    gemm: Optional[Tuple[int, int, int]] = None
 
 
 @dataclass
@@ -24,6 +36,7 @@ class Case:
     time_target_ms: Optional[float] = None  # fsskern time, at most
     peers: Dict[str, Callable[[dict], object]] = field(default_factory=dict)  # timed beside, not compared
     peer_targets: Dict[str, float] = field(default_factory=dict)  # peer time / fsskern time, at least
+    work: Optional[Callable[[dict], Work]] = None
 
 
 def exact_fraction_masks(shape, fraction, generator):
@@ -52,7 +65,8 @@ def map_case(mode, B, C, h, H):
     return Case(name=name, op="masked_average_pool", size=f"B{B} C{C} feat {h}x{h} mask {H}x{H}",
                 build=build, reference=ref,
                 fsskern=lambda x: ops.masked_average_pool(x["features"], x["masks"], resize=mode),
-                speedup_target=target)
+                speedup_target=target,
+                work=lambda x: Work("byte", x["features"].numel() * 4 + x["masks"].numel() * 4))
 
 
 def prior_case(B, K, C, hw, fraction):
@@ -66,7 +80,68 @@ def prior_case(B, K, C, hw, fraction):
                 size=f"B{B} C{C} {hw}x{hw} K{K}", build=build,
                 reference=lambda x: reference.prior_mask(x["query"], x["support"], x["masks"]),
                 fsskern=lambda x: ops.prior_mask(x["query"], x["support"], x["masks"]),
-                speedup_target=2.5, memory_target=0.05)
+                speedup_target=2.5, memory_target=0.05, work=lambda x: prior_work(x["masks"], C, hw))
+
+
+def prior_work(masks, C, hw):
+    """GEMM flops over the foreground support pixels (what fsskern computes)."""
+    fg = int(masks.count_nonzero())
+    n_fg = max(fg // (masks.shape[0] * masks.shape[1]), 1)
+    return Work("flop", 2.0 * fg * hw * hw * C, gemm=(n_fg, C, hw * hw))
+
+
+class KeopsMaxCosine:
+    """pykeops peer for the max-cosine reduction: a LazyTensor formula over the foreground support
+    pixels (compacted, the fastest way to hand them to KeOps), reduced with max over them. Its
+    one-time compile is timed separately: the formula compiles into a fresh build folder on the
+    first call (`first_call_s`)."""
+
+    def __init__(self):
+        self.first_call_s = None
+
+    def __call__(self, x):
+        import pykeops
+        from pykeops.torch import LazyTensor
+        if self.first_call_s is None:
+            pykeops.set_build_folder(tempfile.mkdtemp(prefix="fsskern-keops-"))
+            start = time.perf_counter()
+            out = self._run(x, LazyTensor)
+            self.first_call_s = time.perf_counter() - start
+            return out
+        return self._run(x, LazyTensor)
+
+    @staticmethod
+    def _run(x, LazyTensor):
+        query, support, masks = x["query"], x["support"], x["masks"]
+        B, K, C = support.shape[:3]
+        outs = []
+        for b in range(B):
+            q = query[b].flatten(1).T.contiguous()  # (Nq, C)
+            for k in range(K):
+                s = support[b, k].flatten(1).T[masks[b, k].flatten() > 0].contiguous()  # (Nfg, C)
+                cos = (LazyTensor(s[:, None, :]) | LazyTensor(q[None, :, :])) / (
+                    LazyTensor(s.norm(dim=1, keepdim=True)[:, None, :]) *
+                    LazyTensor(q.norm(dim=1, keepdim=True)[None, :, :]) + 1e-7)
+                outs.append(cos.max(dim=0))
+        return outs
+
+
+def max_cosine_case(B, K, C, hw, fraction, keops=True):
+    """The max-cosine core of the prior (no normalisation, no resize), with pykeops as peer."""
+    def build():
+        g = torch.Generator().manual_seed(0)
+        return {"query": torch.randn(B, C, hw, hw, generator=g).relu_(),
+                "support": torch.randn(B, K, C, hw, hw, generator=g).relu_(),
+                "masks": exact_fraction_masks((B, K, hw, hw), fraction, g)}
+
+    peers = {"pykeops LazyTensor": KeopsMaxCosine()} if keops else {}
+    return Case(name=f"max-cosine core {round(fraction * 100)}% fg", op="max_cosine", size=f"B{B} C{C} {hw}x{hw} K{K}",
+                build=build,
+                reference=lambda x: reference.prior_mask(x["query"], x["support"], x["masks"], normalize=False,
+                                                         reduce=None),
+                fsskern=lambda x: ops.max_cosine(x["query"].flatten(2), x["support"].flatten(3),
+                                                 x["masks"].flatten(2))[0],
+                peers=peers, work=lambda x: prior_work(x["masks"], C, hw))
 
 
 def faiss_hamming_kmeans(codes, k, iters, init):
@@ -106,6 +181,7 @@ def kmeans_case(N, k, bits, iters):
                 reference=lambda x: reference.clustering.hamming_kmeans(x["codes"], k, iters, x["valid"], x["init"]),
                 fsskern=lambda x: ops.hamming_kmeans(x["codes"], k, iters=iters, valid=x["valid"], init=x["init"]),
                 speedup_target=20.0,
+                work=lambda x: Work("byte", 2.0 * 8 * N * (iters + 1)),
                 peers={"faiss-cpu IndexBinaryFlat": lambda x: faiss_hamming_kmeans(x["codes"][0], k, iters,
                                                                                    x["init"][0])})
 
@@ -135,7 +211,8 @@ def support_prototypes_case(K, C, hw, fraction):
                 reference=lambda x: umtfss_reference_prototypes(x["features"], x["masks"]),
                 fsskern=lambda x: ops.support_prototypes(x["features"], x["masks"],
                                                          generator=torch.Generator().manual_seed(0))[0],
-                time_target_ms=10.0)
+                time_target_ms=10.0,
+                work=lambda x: Work("flop", 2.0 * K * hw * hw * C * 32, gemm=(K * hw * hw, C, 32)))
 
 
 def prototype_attention_case(B, H, N, D, P, dropout_p=0.0):
@@ -159,7 +236,8 @@ def prototype_attention_case(B, H, N, D, P, dropout_p=0.0):
                 fsskern=lambda x: ops.prototype_attention(x["q"], x["k"], x["v"], key_valid=x["valid"],
                                                           dropout_p=dropout_p, seed=0),
                 speedup_target=None if dropout_p else 2.0, memory_target=None if dropout_p else 0.5,
-                peers=peers, peer_targets=peer_targets)
+                peers=peers, peer_targets=peer_targets,
+                work=lambda x: Work("flop", 4.0 * H * N * D * int(x["valid"].sum()), gemm=(N, D, P)))
 
 
 def local_attention_case(B, C, hw, fraction, mode):
@@ -174,7 +252,9 @@ def local_attention_case(B, C, hw, fraction, mode):
                 reference=lambda x: reference.attention.local_conditional_attention(x["query"], x["support"],
                                                                                     x["mask"], None, mode),
                 fsskern=lambda x: ops.local_conditional_attention(x["query"], x["support"], x["mask"], mode=mode),
-                speedup_target=3.0, memory_target=0.05)
+                speedup_target=3.0, memory_target=0.05,
+                work=lambda x: Work("flop", 4.0 * hw * hw * C * int(x["mask"].sum()),
+                                    gemm=(hw * hw, C, max(int(x["mask"].sum()) // B, 1))))
 
 
 def all_cases(quick=False):
@@ -182,7 +262,8 @@ def all_cases(quick=False):
         cases = [map_case("mask", 2, 64, 30, 233), map_case("features", 2, 128, 27, 209),
                  prior_case(1, 1, 256, 30, 0.3), prior_case(1, 2, 256, 30, 0.5), kmeans_case(2000, 20, 32, 3),
                  support_prototypes_case(2, 64, 20, 0.3), prototype_attention_case(1, 2, 400, 32, 20),
-                 local_attention_case(1, 32, 20, 0.3, "exclude"), local_attention_case(1, 32, 20, 0.3, "multiply")]
+                 local_attention_case(1, 32, 20, 0.3, "exclude"), local_attention_case(1, 32, 20, 0.3, "multiply"),
+                 max_cosine_case(1, 1, 64, 20, 0.3)]
         for case in cases:
             case.speedup_target = case.memory_target = case.time_target_ms = None
             case.peer_targets = {}
@@ -195,6 +276,7 @@ def all_cases(quick=False):
         prior_case(4, 5, 2048, 60, 0.3),
         prior_case(4, 5, 2048, 60, 0.5),
         prior_case(1, 1, 2048, 129, 0.3),
+        max_cosine_case(1, 1, 256, 60, 0.3),
         kmeans_case(18000, 50, 32, 10),
         support_prototypes_case(5, 256, 60, 0.3),
         prototype_attention_case(4, 8, 3600, 32, 70),

@@ -98,3 +98,18 @@ def machine_slug(info):
     while "--" in cpu:
         cpu = cpu.replace("--", "-")
     return f"{cpu}-{info['logical_cpus']}cpu"
+
+
+def gemm_gflops(m, k, n, reps=3):
+    """fp32 GFLOP/s of torch.mm (m x k) @ (k x n) here: the flop limit of a GEMM-shaped case."""
+    a, b = torch.randn(m, k), torch.randn(k, n)
+    (t,) = median_times([lambda: torch.mm(a, b)], reps, settle=0.02)
+    return 2.0 * m * k * n / t / 1e9
+
+
+def copy_bandwidth_gbs(mbytes=256, reps=5):
+    """Memory bandwidth of a large tensor copy (bytes read + written per second, in GB/s)."""
+    src = torch.randn(mbytes * 2**20 // 4)
+    dst = torch.empty_like(src)
+    (t,) = median_times([lambda: dst.copy_(src)], reps, settle=0.02)
+    return 2.0 * src.numel() * 4 / t / 1e9

@@ -1,9 +1,11 @@
-"""Run every benchmark case: fsskern vs the pure-PyTorch reference, time and peak memory.
+"""Run every benchmark: fsskern vs the pure-PyTorch reference and peers, time and peak memory,
+the roofline of each case, the scaling sweeps and the thread scaling, with plots.
 
-    python benchmarks/run.py            # full sizes (the papers'); minutes
-    python benchmarks/run.py --quick    # CI smoke sizes; seconds
+    python benchmarks/run.py            # full sizes (the papers'); about 15 minutes
+    python benchmarks/run.py --quick    # CI smoke sizes; about a minute
 
-Writes benchmarks/results/<machine>/{results.json, report.md} (--quick: quick.json, quick.md).
+Writes benchmarks/results/<machine>/{results.json, report.md, plots/*.png}
+(--quick: quick.json, quick.md, quick-plots/).
 """
 import argparse
 import json
@@ -17,7 +19,10 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 from cases import all_cases  # noqa: E402
-from harness import machine_info, machine_slug, measure_memory_in_subprocess, median_times, peak_extra_bytes  # noqa: E402,E501
+from harness import (copy_bandwidth_gbs, gemm_gflops, machine_info, machine_slug,  # noqa: E402
+                     measure_memory_in_subprocess, median_times, peak_extra_bytes)
+from plots import plot_roofline, plot_sweep, plot_threads  # noqa: E402
+from sweeps import all_sweeps, thread_cases  # noqa: E402
 
 
 def memory_mode(index, side, quick):
@@ -41,6 +46,7 @@ def run_case(index, case, quick, reps):
         t_ref, t_fss = times[:2]
     m_ref = measure_memory_in_subprocess(index, "reference", quick)
     m_fss = measure_memory_in_subprocess(index, "fsskern", quick)
+    work = case.work(inputs) if case.work else None
     row = {
         "case": case.name, "op": case.op, "size": case.size, "reps": reps,
         "reference_ms": t_ref * 1e3, "fsskern_ms": t_fss * 1e3, "speedup": t_ref / t_fss,
@@ -48,13 +54,72 @@ def run_case(index, case, quick, reps):
         "memory_ratio": m_fss / m_ref if m_ref else None,
         "speedup_target": case.speedup_target, "memory_target": case.memory_target,
         "time_target_ms": case.time_target_ms,
-        "peers": {name: {"ms": t * 1e3, "speedup_vs_peer": t / t_fss, "target": case.peer_targets.get(name)}
-                  for (name, _), t in zip(peers, times[2:])},
+        "peers": {name: {"ms": t * 1e3, "speedup_vs_peer": t / t_fss, "target": case.peer_targets.get(name),
+                         "first_call_s": getattr(fn, "first_call_s", None)}
+                  for (name, fn), t in zip(peers, times[2:])},
+        "work": None if work is None else {"kind": work.kind, "amount": work.amount, "gemm": work.gemm},
     }
     print(f"{case.name:28s} {case.size:34s} ref {row['reference_ms']:9.2f} ms  fsskern {row['fsskern_ms']:9.2f} ms"
           f"  x{row['speedup']:7.1f}  mem {row['reference_peak_extra_mb']:8.1f} -> {row['fsskern_peak_extra_mb']:7.1f} MB",
           flush=True)
     return row
+
+
+def add_roofline(rows, copy_gbs, reps):
+    """Achieved GFLOP/s or GB/s of each case next to this machine's limit for it."""
+    limits = {}
+    for r in rows:
+        work = r.get("work")
+        if not work:
+            continue
+        rate = work["amount"] / (r["fsskern_ms"] * 1e-3) / 1e9
+        if work["kind"] == "flop":
+            shape = tuple(work["gemm"])
+            if shape not in limits:
+                limits[shape] = gemm_gflops(*shape, reps=reps)
+            limit, limit_name = limits[shape], f"torch.mm {shape[0]}x{shape[1]} @ {shape[1]}x{shape[2]}"
+        else:
+            limit, limit_name = copy_gbs, "copy bandwidth"
+        r["roofline"] = {"kind": work["kind"], "achieved": rate, "limit": limit, "limit_name": limit_name,
+                         "percent_of_limit": 100.0 * rate / limit}
+
+
+def run_sweeps(quick, reps):
+    results = []
+    for sweep in all_sweeps(quick):
+        points = []
+        for value in sweep.values:
+            case = sweep.case(value)
+            inputs = case.build()
+            peers = list(case.peers.items())
+            with torch.no_grad():
+                times = median_times([lambda: case.reference(inputs), lambda: case.fsskern(inputs)] +
+                                     [lambda fn=fn: fn(inputs) for _, fn in peers], reps)
+            points.append({"x": value, "size": case.size, "reference_ms": times[0] * 1e3, "fsskern_ms": times[1] * 1e3,
+                           "peers_ms": {name: t * 1e3 for (name, _), t in zip(peers, times[2:])}})
+            print(f"  sweep {sweep.name:32s} {str(value):>6s}  ref {times[0] * 1e3:9.2f} ms  "
+                  f"fsskern {times[1] * 1e3:8.2f} ms  x{times[0] / times[1]:6.1f}", flush=True)
+        results.append((sweep, points))
+    return results
+
+
+def run_threads(quick, reps):
+    rows, threads = [], torch.get_num_threads()
+    for case in thread_cases(quick):
+        inputs = case.build()
+        row = {"case": case.name, "size": case.size}
+        try:
+            for n in (1, 2):
+                torch.set_num_threads(n)
+                with torch.no_grad():
+                    t_ref, t_fss = median_times([lambda: case.reference(inputs), lambda: case.fsskern(inputs)], reps)
+                row[f"reference_{n}t_ms"], row[f"fsskern_{n}t_ms"] = t_ref * 1e3, t_fss * 1e3
+        finally:
+            torch.set_num_threads(threads)
+        print(f"  threads {case.name:30s} fsskern 1t {row['fsskern_1t_ms']:8.2f} ms  2t {row['fsskern_2t_ms']:8.2f} ms",
+              flush=True)
+        rows.append(row)
+    return rows
 
 
 def verdict(value, target, higher_is_better):
@@ -66,7 +131,7 @@ def verdict(value, target, higher_is_better):
     return f"missed ({value / target:.2f}x of target)" if higher_is_better else f"missed ({value / target:.1f}x over)"
 
 
-def markdown(rows, info, quick):
+def markdown(rows, info, quick, sweeps=(), threads=(), plots_dir="plots", limits=None):
     lines = [f"Machine: {info['cpu']}, {info['logical_cpus']} logical CPUs, torch {info['torch']} "
              f"({info['torch_threads']} threads, {info['cpu_capability']}), fsskern CPU dispatch "
              f"{info['fsskern_cpu_dispatch']}, gcc {info['compiler']}." + (" Quick sizes." if quick else ""),
@@ -91,11 +156,50 @@ def markdown(rows, info, quick):
         for r, name, p in peer_rows:
             target = p.get("target")
             verdict_text = f" (>= {target:g}x: {verdict(p['speedup_vs_peer'], target, True)})" if target else ""
+            if p.get("first_call_s") is not None:
+                verdict_text += f"; one-time compile {p['first_call_s'] - p['ms'] * 1e-3:.1f} s, not in the time"
             lines.append(f"| {r['case']} ({r['size']}) | {name} | {p['ms']:.1f} ms | {r['fsskern_ms']:.1f} ms | "
                          f"**{p['speedup_vs_peer']:.2f}x**{verdict_text} |")
     lines.append("")
     lines.append("Median of the timed samples (interleaved, after a warm-up and a 0.1 s settle before each sample); peak extra memory of each side "
                  "measured once in its own process.")
+    roof = [r for r in rows if r.get("roofline")]
+    if roof:
+        lines += ["", "### Roofline", ""]
+        if limits:
+            lines.append(f"Machine limits measured in this run: GEMM {limits['gemm_peak_gflops']:.0f} GFLOP/s "
+                         f"(torch.mm 2048^3, fp32), copy {limits['copy_gbs']:.1f} GB/s (read + write). "
+                         "Each flop-bound case is compared with torch.mm at its own GEMM shape (skinny GEMMs run "
+                         "below the peak); fsskern's flops count only the work it does (foreground pixels, valid keys).")
+            lines.append("")
+        lines += ["| case | size | fsskern achieves | limit | % of limit |", "|---|---|---:|---|---:|"]
+        for r in roof:
+            f = r["roofline"]
+            unit = "GFLOP/s" if f["kind"] == "flop" else "GB/s"
+            lines.append(f"| {r['case']} | {r['size']} | {f['achieved']:.1f} {unit} | {f['limit']:.1f} {unit} "
+                         f"({f['limit_name']}) | {f['percent_of_limit']:.0f}% |")
+        lines += ["", f"![roofline]({plots_dir}/roofline.png)"]
+    if sweeps:
+        lines += ["", "### Scaling sweeps", ""]
+        for sweep, points in sweeps:
+            peer_names = list(points[0]["peers_ms"])
+            lines += [f"**{sweep.title}**", "", f"![{sweep.name}]({plots_dir}/{sweep.name}.png)", "",
+                      f"| {sweep.xlabel} | reference | fsskern | speed-up |" + "".join(f" {n} |" for n in peer_names),
+                      "|---:|---:|---:|---:|" + "---:|" * len(peer_names)]
+            for p in points:
+                lines.append(f"| {p['x']} | {p['reference_ms']:.2f} ms | {p['fsskern_ms']:.2f} ms | "
+                             f"{p['reference_ms'] / p['fsskern_ms']:.1f}x |" +
+                             "".join(f" {p['peers_ms'][n]:.2f} ms |" for n in peer_names))
+            lines.append("")
+    if threads:
+        lines += ["### Threads: 1 vs 2", "", f"![threads]({plots_dir}/threads.png)", "",
+                  "| case | size | reference 1 / 2 threads | fsskern 1 / 2 threads | fsskern scaling |",
+                  "|---|---|---|---|---:|"]
+        for t in threads:
+            lines.append(f"| {t['case']} | {t['size']} | {t['reference_1t_ms']:.1f} / {t['reference_2t_ms']:.1f} ms | "
+                         f"{t['fsskern_1t_ms']:.1f} / {t['fsskern_2t_ms']:.1f} ms | "
+                         f"{t['fsskern_1t_ms'] / t['fsskern_2t_ms']:.2f}x |")
+        lines.append("")
     return "\n".join(lines) + "\n"
 
 
@@ -105,6 +209,7 @@ def main():
     parser.add_argument("--only", default="", help="run only cases whose name contains this text")
     parser.add_argument("--reps", type=int, default=None, help="timed runs per side (default 5, quick 3)")
     parser.add_argument("--out", type=Path, default=None, help="results folder (default results/<machine>)")
+    parser.add_argument("--no-sweeps", action="store_true", help="main cases and roofline only")
     parser.add_argument("--memory", nargs=2, metavar=("CASE_INDEX", "SIDE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.memory:
@@ -117,9 +222,27 @@ def main():
     start = time.time()
     rows = [run_case(i, c, args.quick, reps) for i, c in enumerate(all_cases(args.quick))
             if args.only in f"{c.name} {c.size}"]
+    limits = {"gemm_peak_gflops": gemm_gflops(2048, 2048, 2048, reps=3), "copy_gbs": copy_bandwidth_gbs()}
+    add_roofline(rows, limits["copy_gbs"], reps=3)
+    sweep_reps = 2 if args.quick else 3
+    sweeps = [] if args.no_sweeps or args.only else run_sweeps(args.quick, sweep_reps)
+    threads = [] if args.no_sweeps or args.only else run_threads(args.quick, sweep_reps)
+
+    plots_name = "quick-plots" if args.quick else "plots"
+    plots = out / plots_name
+    plots.mkdir(exist_ok=True)
+    plot_roofline(rows, plots / "roofline.png")
+    for sweep, points in sweeps:
+        plot_sweep(sweep, points, plots / f"{sweep.name}.png")
+    if threads:
+        plot_threads(threads, plots / "threads.png")
     stem = "quick" if args.quick else "results"
-    (out / f"{stem}.json").write_text(json.dumps({"machine": info, "rows": rows}, indent=2))
-    (out / f"{'quick' if args.quick else 'report'}.md").write_text(markdown(rows, info, args.quick))
+    (out / f"{stem}.json").write_text(json.dumps(
+        {"machine": info, "limits": limits, "rows": rows, "threads": threads, "seconds": time.time() - start,
+         "sweeps": [{"name": s.name, "title": s.title, "xlabel": s.xlabel, "points": p} for s, p in sweeps]},
+        indent=2))
+    (out / f"{'quick' if args.quick else 'report'}.md").write_text(
+        markdown(rows, info, args.quick, sweeps, threads, plots_name, limits))
     print(f"wrote {out}/ in {time.time() - start:.0f} s")
 
 
