@@ -275,7 +275,6 @@ def all_cases(quick=False):
         prior_case(4, 1, 2048, 60, 0.5),
         prior_case(4, 5, 2048, 60, 0.3),
         prior_case(4, 5, 2048, 60, 0.5),
-        prior_case(1, 1, 2048, 129, 0.3),
         max_cosine_case(1, 1, 256, 60, 0.3),
         kmeans_case(18000, 50, 32, 10),
         support_prototypes_case(5, 256, 60, 0.3),

@@ -117,22 +117,30 @@ def support_prototypes(features: torch.Tensor, masks: torch.Tensor, *, k_fg: int
     tokens = features.permute(0, 1, 3, 4, 2).reshape(B, K * h * w, C)
     planes = lsh_planes(bits, C, generator=generator, dtype=tokens.dtype, device=tokens.device)
     codes = lsh_hash(tokens.detach(), planes)
-    protos, valid = [], []
+    # Both clusterings first, then the means of all k_fg + k_bg clusters in one pass over the
+    # tokens (background clusters numbered after the foreground ones).
+    assigns, counts, raws = [], [], []
     for k, part in ((k_fg, fg.reshape(B, -1)), (k_bg, bg.reshape(B, -1))):
-        assign, _, counts = hamming_kmeans(codes, k, iters=iters, valid=part, generator=generator)
-        means, _ = cluster_means(tokens, assign, k)
+        assign, _, count = hamming_kmeans(codes, k, iters=iters, valid=part, generator=generator)
+        assigns.append(assign)
+        counts.append(count)
+        raws.append(part.sum(1) <= k)
+    combined = torch.where(assigns[1] >= 0, assigns[1] + k_fg, assigns[0])
+    means, _ = cluster_means(tokens, combined, k_fg + k_bg)
+    protos = []
+    for (k, offset), assign, raw in zip(((k_fg, 0), (k_bg, k_fg)), assigns, raws):
         # with no more tokens than clusters the tokens themselves are the prototypes (no eps)
-        raw = (part.sum(1) <= k).view(B, 1, 1)
         order = torch.where(assign >= 0, assign, torch.full_like(assign, k))
         slot = torch.zeros(B, k + 1, dtype=torch.long, device=tokens.device)
         slot.scatter_(1, order, torch.arange(tokens.shape[1], device=tokens.device).expand(B, -1))
         raw_rows = tokens.gather(1, slot[:, :k, None].expand(B, k, C))
-        protos.append(torch.where(raw, raw_rows, means) * (counts > 0).unsqueeze(-1))
-        valid.append(counts > 0)
-    prototypes = torch.cat(protos, 1)
+        protos.append(torch.where(raw.view(B, 1, 1), raw_rows, means[:, offset:offset + k]))
+    count = torch.cat(counts, 1)
+    prototypes = torch.cat(protos, 1) * (count > 0).unsqueeze(-1)
+    valid = count > 0
     if normalize:
         prototypes = F.normalize(prototypes, dim=-1)
-    return prototypes, torch.cat(valid, 1)
+    return prototypes, valid
 
 
 def _with_fallbacks(fg: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
