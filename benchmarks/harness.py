@@ -89,6 +89,7 @@ def machine_info():
         "fsskern_cuda_kernels": info["cuda"],
         "fsskern_cpu_dispatch": ",".join(info["cpu_dispatch"]),
         "compiler": info["compiler"],
+        "cxx_flags": info["cxx_flags"],
         "python": platform.python_version(),
     }
 

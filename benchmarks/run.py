@@ -134,7 +134,9 @@ def verdict(value, target, higher_is_better):
 def markdown(rows, info, quick, sweeps=(), threads=(), plots_dir="plots", limits=None):
     lines = [f"Machine: {info['cpu']}, {info['logical_cpus']} logical CPUs, torch {info['torch']} "
              f"({info['torch_threads']} threads, {info['cpu_capability']}), fsskern CPU dispatch "
-             f"{info['fsskern_cpu_dispatch']}, gcc {info['compiler']}." + (" Quick sizes." if quick else ""),
+             f"{info['fsskern_cpu_dispatch']}, gcc {info['compiler']} `{info['cxx_flags']}`, CUDA kernels "
+             f"{'built' if info['fsskern_cuda_kernels'] else 'not built'} (never run here: no GPU)."
+             + (" Quick sizes." if quick else ""),
              "",
              "| case | size | reference | fsskern | speed-up (target) | peak extra memory ref -> fsskern | "
              "memory ratio (target) |",

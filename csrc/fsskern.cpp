@@ -2,11 +2,18 @@
 // TORCH_LIBRARY_FRAGMENT; this file opens the namespace and answers what the build contains.
 #include "common/library.h"
 
+#include <algorithm>
 #include <string>
 
 #ifndef FSSKERN_WITH_CUDA
 #define FSSKERN_WITH_CUDA 0
 #endif
+// The compile flags, from setup.py or CMakeLists.txt, as one token with "_" for spaces.
+#ifndef FSSKERN_CXX_FLAGS
+#define FSSKERN_CXX_FLAGS unknown
+#endif
+#define FSSKERN_STRINGIFY_(x) #x
+#define FSSKERN_STRINGIFY(x) FSSKERN_STRINGIFY_(x)
 
 namespace fsskern {
 
@@ -19,6 +26,9 @@ std::string build_info() {
   info += "default";
 #endif
   info += ";compiler=" __VERSION__;
+  std::string flags = FSSKERN_STRINGIFY(FSSKERN_CXX_FLAGS);
+  std::replace(flags.begin(), flags.end(), '_', ' ');
+  info += ";cxx_flags=" + flags;
   return info;
 }
 

@@ -9,4 +9,5 @@ def build_info() -> dict:
         "cuda": info["cuda"] == "1",
         "cpu_dispatch": info["cpu_dispatch"].split(","),
         "compiler": info["compiler"],
+        "cxx_flags": info.get("cxx_flags", "unknown"),
     }

@@ -8,13 +8,16 @@ from conftest import CUDA, FP32
 from fsskern import ops
 
 OPS = ["masked_average_pool", "_masked_average_pool_backward_features", "_masked_average_pool_backward_masks",
-       "max_cosine", "_max_cosine_backward", "lsh_hash", "hamming_kmeans", "cluster_means", "_cluster_means_backward"]
+       "max_cosine", "_max_cosine_backward", "lsh_hash", "hamming_kmeans", "cluster_means", "_cluster_means_backward",
+       "prototype_attention", "_prototype_attention_backward", "local_conditional_attention",
+       "_local_conditional_attention_backward"]
 
 
 def test_build_info():
     info = fsskern.build_info()
-    assert set(info) == {"cuda", "cpu_dispatch", "compiler"}
+    assert set(info) == {"cuda", "cpu_dispatch", "compiler", "cxx_flags"}
     assert "default" in info["cpu_dispatch"]
+    assert "-ffp-contract=off" in info["cxx_flags"].split()
 
 
 @pytest.mark.parametrize("name", OPS)
@@ -72,3 +75,27 @@ def test_cuda_clustering_identical_to_cpu():
     means_c, counts_c = ops.cluster_means(f.cuda(), cpu[0].cuda(), 20)
     assert_close(means_c.cpu(), means, **FP32)
     assert torch.equal(counts_c.cpu(), counts)
+
+
+@CUDA
+@pytest.mark.parametrize("mode", ["exclude", "multiply"])
+def test_cuda_attention_matches_cpu(mode):
+    q, k, v = (torch.randn(2, 4, 300, 32, requires_grad=True), torch.randn(2, 4, 70, 32, requires_grad=True),
+               torch.randn(2, 4, 70, 32, requires_grad=True))
+    valid = torch.rand(2, 70) < 0.8
+    cuda = [t.detach().cuda().requires_grad_() for t in (q, k, v)]
+    out = ops.prototype_attention(q, k, v, key_valid=valid, dropout_p=0.1, seed=3)
+    out_c = ops.prototype_attention(*cuda, key_valid=valid.cuda(), dropout_p=0.1, seed=3)
+    assert_close(out_c.cpu(), out, **FP32)  # the same dropout mask on both devices
+    g = torch.randn_like(out)
+    for a, b in zip(torch.autograd.grad(out, (q, k, v), g), torch.autograd.grad(out_c, cuda, g.cuda())):
+        assert_close(b.cpu(), a, rtol=1e-4, atol=1e-5)
+    query, support = torch.randn(2, 64, 500, requires_grad=True), torch.randn(2, 64, 700, requires_grad=True)
+    mask = torch.rand(2, 700) < 0.3
+    qc, sc = query.detach().cuda().requires_grad_(), support.detach().cuda().requires_grad_()
+    out = ops.local_conditional_attention(query, support, mask, mode=mode)
+    out_c = ops.local_conditional_attention(qc, sc, mask.cuda(), mode=mode)
+    assert_close(out_c.cpu(), out, **FP32)
+    g = torch.randn_like(out)
+    for a, b in zip(torch.autograd.grad(out, (query, support), g), torch.autograd.grad(out_c, (qc, sc), g.cuda())):
+        assert_close(b.cpu(), a, rtol=1e-4, atol=1e-5)
