@@ -273,7 +273,6 @@ def all_cases(quick=False):
         map_case("features", 5, 1536, 53, 417),
         prior_case(4, 1, 2048, 60, 0.3),
         prior_case(4, 1, 2048, 60, 0.5),
-        prior_case(4, 5, 2048, 60, 0.3),
         prior_case(4, 5, 2048, 60, 0.5),
         max_cosine_case(1, 1, 256, 60, 0.3),
         kmeans_case(18000, 50, 32, 10),

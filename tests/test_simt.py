@@ -208,6 +208,22 @@ def test_prototype_attention(simt, schedule, shape, dtype, dropout_p):
         assert_close(g, w, **tol(dtype))
 
 
+def test_attention_wide_rows_use_fewer_warps(simt, schedule):
+    # 2 x 3100 fp32 values per warp: 24 KiB, so 2 warps per block instead of 4 (48 KiB in all).
+    q, k, v = torch.randn(1, 1, 5, 3100), torch.randn(1, 1, 3, 3100), torch.randn(1, 1, 3, 3100)
+    out, lse = simt.prototype_attention(q, k, v, None, 0.01, 0.0, 0)
+    want, want_lse = torch.ops.fsskern.prototype_attention(q, k, v, None, 0.01, 0.0, 0)
+    assert_close(out, want, **FP32)
+    grads = simt._prototype_attention_backward(torch.ones_like(out), q, k, v, None, out, lse, 0.01, 0.0, 0)
+    want_grads = torch.ops.fsskern._prototype_attention_backward(torch.ones_like(out), q, k, v, None, want,
+                                                                  want_lse, 0.01, 0.0, 0)
+    for g, w in zip(grads, want_grads):
+        assert_close(g, w, **FP32)
+    with pytest.raises(RuntimeError, match="does not fit in shared memory; at most 12288"):
+        simt.prototype_attention(q.expand(1, 1, 5, 3100).repeat(1, 1, 1, 3), k.repeat(1, 1, 1, 3),
+                                 v.repeat(1, 1, 1, 3), None, 0.01, 0.0, 0)
+
+
 @pytest.mark.parametrize("mode", ["exclude", "multiply"])
 def test_local_conditional_attention(simt, schedule, mode):
     query, support, value = torch.randn(3, 36, 23), torch.randn(3, 36, 19), torch.randn(3, 33, 19)

@@ -15,7 +15,10 @@
 
 namespace fsskern {
 
+// Up to 4 warps per block; fewer when their rows would not fit in the 48 KiB of dynamic shared
+// memory every GPU grants without opting in (the launcher decides, blockDim.x says).
 constexpr int kAttentionWarps = 4;
+constexpr size_t kAttentionSharedBytes = 48 * 1024;
 
 template <typename T>
 struct AttentionParams {
@@ -81,7 +84,7 @@ __device__ __forceinline__ int64_t keys_visited(const AttentionParams<T>& p, int
 template <typename T>
 __global__ void attention_forward_kernel(AttentionParams<T> p, T* __restrict__ out, T* __restrict__ lse) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  const int64_t i = int64_t(blockIdx.x) * kAttentionWarps + warp, h = blockIdx.y, b = blockIdx.z;
+  const int64_t i = int64_t(blockIdx.x) * (blockDim.x >> 5) + warp, h = blockIdx.y, b = blockIdx.z;
   if (i >= p.N) return;  // whole warps leave together; there are no block barriers
   const int64_t bh = b * p.H + h, count = p.key_count[b], visited = keys_visited(p, b);
   FSSKERN_DYNAMIC_SHARED(T, smem);
@@ -120,7 +123,7 @@ __global__ void attention_backward_query_kernel(AttentionParams<T> p, const T* _
                                                 const T* __restrict__ lse, const T* __restrict__ grad_out,
                                                 T* __restrict__ delta, T* __restrict__ grad_q) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  const int64_t i = int64_t(blockIdx.x) * kAttentionWarps + warp, h = blockIdx.y, b = blockIdx.z;
+  const int64_t i = int64_t(blockIdx.x) * (blockDim.x >> 5) + warp, h = blockIdx.y, b = blockIdx.z;
   if (i >= p.N) return;
   const int64_t bh = b * p.H + h, row = bh * p.N + i, count = p.key_count[b];
   FSSKERN_DYNAMIC_SHARED(T, smem);
@@ -153,7 +156,7 @@ __global__ void attention_backward_key_kernel(AttentionParams<T> p, const T* __r
                                               T* __restrict__ grad_k, T* __restrict__ grad_v,
                                               T* __restrict__ grad_const) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  const int64_t j = int64_t(blockIdx.x) * kAttentionWarps + warp, h = blockIdx.y, b = blockIdx.z;
+  const int64_t j = int64_t(blockIdx.x) * (blockDim.x >> 5) + warp, h = blockIdx.y, b = blockIdx.z;
   const int64_t bh = b * p.H + h, count = p.key_count[b];
   if (j >= keys_visited(p, b)) return;
   const bool is_const = j == count;
