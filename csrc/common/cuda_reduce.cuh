@@ -14,6 +14,13 @@ __device__ __forceinline__ T warp_sum(T v) {
   return v;  // complete in lane 0
 }
 
+// Butterfly sum: every lane gets the total.
+template <typename T>
+__device__ __forceinline__ T warp_all_sum(T v) {
+  for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_xor_sync(kFullWarpMask, v, offset);
+  return v;
+}
+
 // Sum over the whole block; every thread must call it (it has barriers) and gets the total.
 // `scratch` is a shared array of one T per warp (32 is enough for blocks up to 1024 threads).
 template <typename T, typename Scratch>

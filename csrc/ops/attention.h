@@ -129,6 +129,41 @@ HOST_DEVICE T rescale_factor(T previous_max, T new_max) {
   return previous_max == -INFINITY ? T(0) : softmax_exp(previous_max - new_max);
 }
 
+// What multiplies a probability after dropout: 1 / (1 - p) when kept, 0 when dropped.
+template <typename T>
+HOST_DEVICE T dropout_factor(uint64_t seed, uint64_t element, uint32_t threshold, T keep_scale) {
+  return dropout_keep(seed, element, threshold) ? keep_scale : T(0);
+}
+
+// ---- the row statistics of the online softmax, and the backward built on them -------------
+// A row that saw no key (running sum l = 0) has output 0 and logsumexp -inf.
+template <typename T>
+HOST_DEVICE T output_normaliser(T l) {
+  return l == T(0) ? T(0) : T(1) / l;
+}
+
+template <typename T>
+HOST_DEVICE T row_logsumexp(T m, T l) {
+#if defined(__CUDA_ARCH__)
+  return l == T(0) ? T(-INFINITY) : m + log(l);
+#else
+  return l == T(0) ? T(-INFINITY) : m + std::log(l);
+#endif
+}
+
+// The probability of a (row, key) pair recomputed from its logit and the row's logsumexp.
+template <typename T>
+HOST_DEVICE T probability_from_lse(T logit, T row_lse) {
+  return row_lse == T(-INFINITY) ? T(0) : softmax_exp(logit - row_lse);
+}
+
+// Gradient of the (unscaled) logit: a * (dp - delta), with dp the gradient of the probability
+// (dropout already applied) and delta = dO . O for the row.
+template <typename T>
+HOST_DEVICE T logit_grad(T a, T dp, T delta) {
+  return a * (dp - delta);
+}
+
 // ---- orchestration (attention.cpp) -----------------------------------------------------------
 std::tuple<at::Tensor, at::Tensor> prototype_attention_impl(const AttentionKernels& kernels, const at::Tensor& q,
                                                             const at::Tensor& k, const at::Tensor& v,

@@ -79,10 +79,7 @@ FSSKERN_CPU_CLONES void apply_dropout_tile(T* p, int64_t n, int64_t rows, const 
     T* row = p + j * rows;
     const uint64_t first = dropout_element(bh, i0, key_index[j], N, P);
 #pragma omp simd
-    for (int64_t i = 0; i < rows; ++i) {
-      const bool keep = dropout_keep(seed, first + static_cast<uint64_t>(i * P), threshold);
-      row[i] = keep ? row[i] * keep_scale : T(0);
-    }
+    for (int64_t i = 0; i < rows; ++i) row[i] *= dropout_factor(seed, first + static_cast<uint64_t>(i * P), threshold, keep_scale);
   }
 }
 
@@ -150,31 +147,26 @@ void forward_typed(const AttentionInputs& in, at::Tensor& out, at::Tensor& lse) 
       }
       if (count == 0 && !has_const) acc_tile.zero_();
       for (int64_t r = 0; r < rows; ++r) {
-        const bool empty = l[r] == T(0);
-        sum[r] = empty ? T(0) : T(1) / l[r];  // reused as the normaliser
-        lse_data[bh * N + i0 + r] = empty ? -std::numeric_limits<T>::infinity() : m[r] + std::log(l[r]);
+        sum[r] = output_normaliser(l[r]);  // reused as the normaliser
+        lse_data[bh * N + i0 + r] = row_logsumexp(m[r], l[r]);
       }
       write_normalised(acc_data, sum.data(), rows, Dv, out[b][h].narrow(0, i0, rows));
     }
   });
 }
 
-// ds[j] = a[j] * (dpd[j] * keep_j - delta), with a the probability recomputed from the
-// logsumexp and dpd = dO . v_j; `a` becomes the dropped-out probability for the dV GEMM.
+// One row of a backward tile: the scores s become the probabilities a (from the logsumexp),
+// and the probability gradients dp = dO . v_j (dropout applied) become the logit gradients.
 template <typename T>
 FSSKERN_CPU_CLONES void probabilities_row(T* s, int64_t n, T scale, T lse) {
-  if (lse == -std::numeric_limits<T>::infinity()) {
-    std::fill(s, s + n, T(0));
-    return;
-  }
 #pragma omp simd
-  for (int64_t j = 0; j < n; ++j) s[j] = softmax_exp(s[j] * scale - lse);
+  for (int64_t j = 0; j < n; ++j) s[j] = probability_from_lse(s[j] * scale, lse);
 }
 
 template <typename T>
-FSSKERN_CPU_CLONES void score_grad_row(const T* a, T* ds, int64_t n, T delta) {
+FSSKERN_CPU_CLONES void logit_grad_row(const T* a, T* dp, int64_t n, T delta) {
 #pragma omp simd
-  for (int64_t j = 0; j < n; ++j) ds[j] = a[j] * (ds[j] - delta);
+  for (int64_t j = 0; j < n; ++j) dp[j] = logit_grad(a[j], dp[j], delta);
 }
 
 template <typename T>
@@ -222,13 +214,13 @@ void backward_typed(const AttentionInputs& in, const at::Tensor& out, const at::
             T* ad = a_dropped.mutable_data_ptr<T>();
             for (int64_t r = 0; r < rows; ++r)
               for (int64_t j = 0; j < n; ++j) {
-                const bool keep = dropout_keep(in.seed, dropout_element(bh, i0 + r, key_index[b * P + j0 + j], N, P),
-                                               in.drop_threshold);
-                ad[r * n + j] = keep ? a_data[r * n + j] * keep_scale : T(0);
-                ds_data[r * n + j] = keep ? ds_data[r * n + j] * keep_scale : T(0);
+                const T factor = dropout_factor(
+                    in.seed, dropout_element(bh, i0 + r, key_index[b * P + j0 + j], N, P), in.drop_threshold, keep_scale);
+                ad[r * n + j] = a_data[r * n + j] * factor;
+                ds_data[r * n + j] *= factor;
               }
           }
-          for (int64_t r = 0; r < rows; ++r) score_grad_row(a_data + r * n, ds_data + r * n, n, row_delta[r]);
+          for (int64_t r = 0; r < rows; ++r) logit_grad_row(a_data + r * n, ds_data + r * n, n, row_delta[r]);
           dv.narrow(0, j0, n).addmm_(a_dropped.t(), d_out_tile);
           dq.narrow(0, i0, rows).addmm_(ds, k_tile, 1, scale);
           dk.narrow(0, j0, n).addmm_(ds.t(), q_tile, 1, scale);
@@ -238,8 +230,7 @@ void backward_typed(const AttentionInputs& in, const at::Tensor& out, const at::
         if (c > -std::numeric_limits<T>::infinity()) {
           at::Tensor a_const = at::empty({rows}, in.q.options());
           T* ac = a_const.mutable_data_ptr<T>();
-          for (int64_t r = 0; r < rows; ++r)
-            ac[r] = row_lse[r] == -std::numeric_limits<T>::infinity() ? T(0) : softmax_exp(c - row_lse[r]);
+          for (int64_t r = 0; r < rows; ++r) ac[r] = probability_from_lse(c, row_lse[r]);
           grad_const[b][h].addmv_(d_out_tile.t(), a_const);
         }
       }

@@ -36,12 +36,6 @@ struct AttentionParams {
   uint64_t seed;
 };
 
-template <typename T>
-__device__ __forceinline__ T warp_all_sum(T v) {
-  for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_xor_sync(kFullWarpMask, v, offset);
-  return v;  // in every lane
-}
-
 // Dot product of two length-n rows, lanes striding the channels; every lane gets the result.
 template <typename T, typename Row>
 __device__ __forceinline__ T warp_dot(Row a, const T* b, int64_t n) {
@@ -69,9 +63,8 @@ template <typename T>
 __device__ __forceinline__ T keep_factor(const AttentionParams<T>& p, int64_t bh, int64_t b, int64_t i, int64_t j,
                                          int64_t count) {
   if (p.drop_threshold == 0 || j == count) return T(1);
-  return dropout_keep(p.seed, dropout_element(bh, i, p.key_index[b * p.P + j], p.N, p.P), p.drop_threshold)
-             ? p.keep_scale
-             : T(0);
+  return dropout_factor(p.seed, dropout_element(bh, i, p.key_index[b * p.P + j], p.N, p.P), p.drop_threshold,
+                        p.keep_scale);
 }
 
 // Number of keys a row visits: the packed keys plus the constant key when present.
@@ -104,15 +97,9 @@ __global__ void attention_forward_kernel(AttentionParams<T> p, T* __restrict__ o
     const T* value = key_value(p, bh, b, j, count);
     for (int64_t e = lane; e < p.Dv; e += 32) acc[e] = acc[e] * alpha + weight * value[e];
   }
-  const T inv = l == T(0) ? T(0) : T(1) / l;
+  const T inv = output_normaliser(l);
   for (int64_t e = lane; e < p.Dv; e += 32) out[(bh * p.N + i) * p.Dv + e] = acc[e] * inv;
-  if (lane == 0) lse[bh * p.N + i] = l == T(0) ? T(-INFINITY) : m + log(l);
-}
-
-// Probability of (row, key) recomputed from the row's logsumexp (0 for a row without keys).
-template <typename T>
-__device__ __forceinline__ T recomputed_probability(T logit, T row_lse) {
-  return row_lse == -INFINITY ? T(0) : softmax_exp(logit - row_lse);
+  if (lane == 0) lse[bh * p.N + i] = row_logsumexp(m, l);
 }
 
 // Backward, one warp per query row: delta_i = dO_i . O_i (kept for the key kernel) and
@@ -137,9 +124,9 @@ __global__ void attention_backward_query_kernel(AttentionParams<T> p, const T* _
   const T row_delta = warp_dot(d_out, out + row * p.Dv, p.Dv);
   if (lane == 0) delta[row] = row_delta;
   for (int64_t j = 0; j < count; ++j) {  // the constant key's key vector is 0: no dQ term
-    const T a = recomputed_probability(key_logit(p, q_row, bh, b, j, count), lse[row]);
+    const T a = probability_from_lse(key_logit(p, q_row, bh, b, j, count), lse[row]);
     const T dp = warp_dot(d_out, p.v + (bh * p.W + j) * p.Dv, p.Dv) * keep_factor(p, bh, b, i, j, count);
-    const T ds = a * (dp - row_delta) * p.scale;
+    const T ds = logit_grad(a, dp, row_delta) * p.scale;
     const T* key = p.k + (bh * p.W + j) * p.D;
     for (int64_t d = lane; d < p.D; d += 32) dq[d] = dq[d] + ds * key[d];
   }
@@ -175,11 +162,11 @@ __global__ void attention_backward_key_kernel(AttentionParams<T> p, const T* __r
     const T* q_row = p.q + row * p.D;
     const T* d_out = grad_out + row * p.Dv;
     const T logit = is_const ? p.const_logit[b] : warp_dot(key, q_row, p.D) * p.scale;
-    const T a = recomputed_probability(logit, lse[row]);
+    const T a = probability_from_lse(logit, lse[row]);
     const T keep = keep_factor(p, bh, b, i, j, count);
     for (int64_t e = lane; e < p.Dv; e += 32) dv[e] = dv[e] + a * keep * d_out[e];
     if (is_const) continue;
-    const T ds = a * (warp_dot(d_out, value, p.Dv) * keep - delta[row]) * p.scale;
+    const T ds = logit_grad(a, warp_dot(d_out, value, p.Dv) * keep, delta[row]) * p.scale;
     for (int64_t d = lane; d < p.D; d += 32) dk[d] = dk[d] + ds * q_row[d];
   }
   if (is_const) {
