@@ -1,7 +1,7 @@
 """Run every benchmark: fsskern vs the pure-PyTorch reference and peers, time and peak memory,
 the roofline of each case, the scaling sweeps and the thread scaling, with plots.
 
-    python benchmarks/run.py            # full sizes (the papers'); about 15 minutes
+    python benchmarks/run.py            # full sizes (the papers'); about 9 minutes here
     python benchmarks/run.py --quick    # CI smoke sizes; about a minute
 
 Writes benchmarks/results/<machine>/{results.json, report.md, plots/*.png}
@@ -37,13 +37,18 @@ def memory_mode(index, side, quick):
         print(json.dumps({"peak_extra_bytes": peak_extra_bytes(lambda: fn(inputs))}))
 
 
-def run_case(index, case, quick, reps):
-    inputs = case.build()
+def time_sides(case, inputs, reps):
+    """Median seconds of the reference, fsskern and each peer, interleaved, without autograd."""
+    peers = list(case.peers.items())
     with torch.no_grad():
-        peers = list(case.peers.items())
         times = median_times([lambda: case.reference(inputs), lambda: case.fsskern(inputs)] +
                              [lambda fn=fn: fn(inputs) for _, fn in peers], reps)
-        t_ref, t_fss = times[:2]
+    return times[0], times[1], [(name, fn, t) for (name, fn), t in zip(peers, times[2:])]
+
+
+def run_case(index, case, quick, reps):
+    inputs = case.build()
+    t_ref, t_fss, peers = time_sides(case, inputs, reps)
     m_ref = measure_memory_in_subprocess(index, "reference", quick)
     m_fss = measure_memory_in_subprocess(index, "fsskern", quick)
     work = case.work(inputs) if case.work else None
@@ -56,7 +61,7 @@ def run_case(index, case, quick, reps):
         "time_target_ms": case.time_target_ms,
         "peers": {name: {"ms": t * 1e3, "speedup_vs_peer": t / t_fss, "target": case.peer_targets.get(name),
                          "first_call_s": getattr(fn, "first_call_s", None)}
-                  for (name, fn), t in zip(peers, times[2:])},
+                  for name, fn, t in peers},
         "work": None if work is None else {"kind": work.kind, "amount": work.amount, "gemm": work.gemm},
     }
     print(f"{case.name:28s} {case.size:34s} ref {row['reference_ms']:9.2f} ms  fsskern {row['fsskern_ms']:9.2f} ms"
@@ -90,15 +95,11 @@ def run_sweeps(quick, reps):
         points = []
         for value in sweep.values:
             case = sweep.case(value)
-            inputs = case.build()
-            peers = list(case.peers.items())
-            with torch.no_grad():
-                times = median_times([lambda: case.reference(inputs), lambda: case.fsskern(inputs)] +
-                                     [lambda fn=fn: fn(inputs) for _, fn in peers], reps)
-            points.append({"x": value, "size": case.size, "reference_ms": times[0] * 1e3, "fsskern_ms": times[1] * 1e3,
-                           "peers_ms": {name: t * 1e3 for (name, _), t in zip(peers, times[2:])}})
-            print(f"  sweep {sweep.name:32s} {str(value):>6s}  ref {times[0] * 1e3:9.2f} ms  "
-                  f"fsskern {times[1] * 1e3:8.2f} ms  x{times[0] / times[1]:6.1f}", flush=True)
+            t_ref, t_fss, peers = time_sides(case, case.build(), reps)
+            points.append({"x": value, "size": case.size, "reference_ms": t_ref * 1e3, "fsskern_ms": t_fss * 1e3,
+                           "peers_ms": {name: t * 1e3 for name, _, t in peers}})
+            print(f"  sweep {sweep.name:32s} {str(value):>6s}  ref {t_ref * 1e3:9.2f} ms  "
+                  f"fsskern {t_fss * 1e3:8.2f} ms  x{t_ref / t_fss:6.1f}", flush=True)
         results.append((sweep, points))
     return results
 
