@@ -32,6 +32,24 @@ def test_lsh_hash_float32_agrees_with_exact_projections():
     assert (codes != ref.lsh_hash(x, planes)).float().mean() < 1e-3  # the repo's fp32 matmul
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_lsh_hash_reads_any_layout_in_place(dtype):
+    # FSS support features (B, K, C, h, w) hashed as tokens without the permute copy: the same
+    # codes as the contiguous tokens, bit for bit (one order of operations for every layout)
+    feats = torch.randn(2, 3, 24, 5, 7, dtype=dtype, generator=gen(0))
+    planes = ops.lsh_planes(40, 24, generator=gen(1), dtype=dtype)
+    tokens = feats.permute(0, 1, 3, 4, 2)
+    want = ops.lsh_hash(tokens.contiguous(), planes)
+    assert want.shape == (2, 3, 5, 7)
+    assert torch.equal(ops.lsh_hash(tokens, planes), want)
+    assert torch.equal(ops.lsh_hash(feats.flatten(3).transpose(2, 3), planes), want.flatten(2))
+    rows = tokens.reshape(-1, 24)
+    assert torch.equal(ops.lsh_hash(rows[::2], planes), want.flatten()[::2])  # row stride 48
+    assert torch.equal(ops.lsh_hash(rows[5], planes), want.flatten()[5])  # one point
+    if dtype == torch.float64:
+        assert torch.equal(want, ref.lsh_hash(tokens, planes))
+
+
 def test_lsh_hash_bits_and_sign_bit():
     x = torch.tensor([[1.0, 0.0], [-1.0, 0.0]])
     planes = torch.zeros(64, 3)
@@ -48,6 +66,9 @@ def test_lsh_hash_shapes_and_errors():
     assert ops.lsh_hash(torch.randn(0, 8), ops.lsh_planes(4, 8)).shape == (0,)
     with pytest.raises(RuntimeError, match=r"planes must be \(bits, E \+ 1\)"):
         ops.lsh_hash(x, torch.randn(16, 8))
+    with pytest.raises(RuntimeError, match=r"x must be 2-d \(N, E\) or 3-d \(M, N, E\)"):
+        torch.ops.fsskern.lsh_hash(torch.randn(2, 2, 3, 8), ops.lsh_planes(4, 8))
+    assert ops.lsh_hash(torch.randn(3, 0, 2, 8), ops.lsh_planes(4, 8)).shape == (3, 0, 2)
     with pytest.raises(RuntimeError, match="1 <= bits <= 64"):
         ops.lsh_hash(x, torch.randn(65, 9))
     with pytest.raises(RuntimeError, match="float32 or float64"):
@@ -188,6 +209,30 @@ def test_cluster_means_equal_umtfss(dtype):
     assert torch.equal(counts, want_counts) and counts[1, 4] == 0 and (means[1, 4] == 0).all()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_cluster_means_of_channel_first_maps(dtype):
+    # (B, S, C, h, w) support maps: points numbered shot by shot, pixel by pixel, read in place;
+    # the same sums in the same order as the (B, N, C) tokens, so equal bit for bit
+    maps = torch.randn(2, 3, 37, 4, 5, generator=gen(0)).to(dtype)
+    assign = torch.randint(-1, 6, (2, 60), generator=gen(1))
+    tokens = maps.permute(0, 1, 3, 4, 2).reshape(2, 60, 37)
+    means, counts = ops.cluster_means(maps, assign, 6)
+    want, want_counts = ops.cluster_means(tokens, assign, 6)
+    assert torch.equal(means, want) and torch.equal(counts, want_counts)
+    assert torch.equal(ops.cluster_means(tokens.transpose(1, 2).contiguous().transpose(1, 2), assign, 6)[0], want)
+    if dtype == torch.float64:
+        assert_close(means, ref.cluster_means(tokens, assign, 6)[0], **tol(dtype))
+
+
+def test_cluster_means_of_maps_gradcheck_and_opcheck():
+    maps = torch.randn(2, 3, 5, 8, dtype=torch.float64, requires_grad=True)
+    assign = torch.randint(-1, 4, (2, 24), generator=gen(2))
+    assert torch.autograd.gradcheck(lambda f: ops.cluster_means(f, assign, 4)[0], (maps,))
+    torch.library.opcheck(torch.ops.fsskern.cluster_means.default, (maps, assign, 4, 1e-3))
+    torch.library.opcheck(torch.ops.fsskern.lsh_hash.default, (maps.detach().float()[0].transpose(1, 2),
+                                                                torch.randn(8, 6)))
+
+
 def test_cluster_means_reduced_precision_and_zero_eps():
     features = torch.randn(1, 64, 16, generator=gen(0))
     assign = torch.randint(0, 4, (1, 64), generator=gen(1))
@@ -221,8 +266,10 @@ def test_cluster_means_bad_inputs():
         ops.cluster_means(f, torch.full((1, 10), 3), 3)
     with pytest.raises(RuntimeError, match="assign must be int64"):
         ops.cluster_means(f, torch.zeros(1, 9, dtype=torch.long), 3)
-    with pytest.raises(RuntimeError, match="features must be 3-d"):
+    with pytest.raises(RuntimeError, match=r"features must be 3-d \(B, N, C\) or 4-d channel-first maps"):
         ops.cluster_means(f[0], torch.zeros(1, 10, dtype=torch.long), 3)
+    with pytest.raises(RuntimeError, match=r"assign must be int64 \(B, N\) = \(1, 12\)"):
+        ops.cluster_means(torch.randn(1, 2, 4, 6), torch.zeros(1, 10, dtype=torch.long), 3)
     with pytest.raises(RuntimeError, match="eps must be finite"):
         ops.cluster_means(f, torch.zeros(1, 10, dtype=torch.long), 3, eps=-1.0)
 

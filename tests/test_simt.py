@@ -141,12 +141,25 @@ def test_max_cosine_backward(simt, schedule, C):
 
 @pytest.mark.parametrize("bits,E", [(64, 37), (13, 16), (1, 300)], ids=["64x37", "13x16", "1x300"])
 def test_lsh_hash_bit_identical(simt, schedule, bits, E):
-    # 700 points: several blocks of 128 threads and a tail; E not a multiple of 16 -> lane tails
+    # 700 points: several blocks of 128 threads and a tail; the CPU kernel's blocks of 16 points
+    # and 16 planes have tails too
     x = torch.randn(700, E)
     planes = torch.randn(bits, E + 1)
     assert torch.equal(simt.lsh_hash(x, planes), torch.ops.fsskern.lsh_hash(x, planes))
     xd, pd = x.double(), planes.double()
     assert torch.equal(simt.lsh_hash(xd, pd), torch.ops.fsskern.lsh_hash(xd, pd))
+
+
+def test_lsh_hash_channel_first_maps_bit_identical(simt, schedule):
+    # (maps, pixels, channels) read in place with strides (C * M, 1, M): the CPU kernel's
+    # in-place path (whole blocks of 16 pixels) and its copied tail (M = 150)
+    maps = torch.randn(3, 40, 150)
+    x = maps.transpose(1, 2)
+    planes = torch.randn(20, 41)
+    got = torch.ops.fsskern.lsh_hash(x, planes)
+    assert got.shape == (3, 150)
+    assert torch.equal(simt.lsh_hash(x, planes), got)
+    assert torch.equal(got, torch.ops.fsskern.lsh_hash(x.contiguous(), planes))
 
 
 @pytest.mark.parametrize("k,iters", [(12, 10), (1, 3), (40, 0)])
@@ -173,6 +186,16 @@ def test_cluster_means(simt, schedule, dtype):
     want = torch.ops.fsskern.cluster_means(features, assign, 7, 1e-3)
     assert_close(got[0], want[0], **(tol(dtype) if dtype != torch.bfloat16 else dict(rtol=0, atol=0)))
     assert torch.equal(got[1], want[1])
+
+
+def test_cluster_means_channel_first_maps(simt, schedule):
+    # (B, S, C, M) maps of S = 3 shots: the CPU kernel's by-channel path, C = 20 leaves a
+    # partial group of 16 channels
+    maps = torch.randn(2, 3, 20, 30)
+    assign = torch.randint(-1, 7, (2, 90))
+    got = simt.cluster_means(maps, assign, 7, 1e-3)
+    want = torch.ops.fsskern.cluster_means(maps, assign, 7, 1e-3)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
 
 
 # ---- attention: forward, backward-query and backward-key kernels --------------------------------

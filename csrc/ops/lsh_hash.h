@@ -1,9 +1,13 @@
 #pragma once
 // lsh_hash: sign random projections packed into int64 codes, UMTFSS's convention:
 //   bit i of code(x) = (x . plane_i[:E] > plane_i[E]),   least-significant bit first.
-// The projection is a dot product in a fixed order (16 interleaved partial sums of fused
-// multiply-adds, combined pairwise): the same correctly rounded operations on CPU and CUDA, so a
-// point that sits within rounding of a hyperplane gets the same bit on both.
+// The projection is one fused multiply-add per channel in increasing channel order, on CPU
+// and CUDA alike: the same correctly rounded operations, so a point that sits within rounding of
+// a hyperplane gets the same bit on both. The CPU kernel runs this order for 16 points at once
+// (one vector lane per point), so it needs no horizontal sums.
+//
+// x may be any strided (M, N, E) view, e.g. channel-first feature maps seen as (maps, pixels,
+// channels): the kernels read it in place.
 #include <ATen/ATen.h>
 
 #include <cstdint>
@@ -12,37 +16,28 @@
 
 namespace fsskern {
 
-constexpr int kLshLanes = 16;
-
-// Lane l accumulates x[i] * plane[i] for i = l (mod 16), in increasing i; then the lanes are
-// added pairwise (8 apart, 4 apart, 2, 1). The CPU kernel runs this schedule for all planes of a
-// point at once (cpu/lsh_hash_kernel.cpp); any implementation must keep it to stay bit-identical.
+// The projection of one point whose channels lie `channel_stride` apart.
 template <typename T>
-HOST_DEVICE T lsh_reduce_lanes(T* lane) {
-  for (int width = kLshLanes / 2; width > 0; width /= 2)
-    for (int l = 0; l < width; ++l) lane[l] = lane[l] + lane[l + width];
-  return lane[0];
-}
-
-template <typename T>
-HOST_DEVICE T lsh_projection(const T* x, const T* plane, int64_t E) {
-  T lane[kLshLanes];
-  for (int l = 0; l < kLshLanes; ++l) lane[l] = T(0);
-  for (int64_t i = 0; i < E; ++i) lane[i % kLshLanes] = mul_add_fused(x[i], plane[i], lane[i % kLshLanes]);
-  return lsh_reduce_lanes(lane);
+HOST_DEVICE T lsh_projection(const T* x, int64_t channel_stride, const T* plane, int64_t E) {
+  T acc = T(0);
+  for (int64_t i = 0; i < E; ++i) acc = mul_add_fused(x[i * channel_stride], plane[i], acc);
+  return acc;
 }
 
 // The code of one point: planes is (bits, E + 1), the last column the threshold.
 template <typename T>
-HOST_DEVICE int64_t lsh_code(const T* x, const T* planes, int64_t E, int64_t bits) {
+HOST_DEVICE int64_t lsh_code(const T* x, int64_t channel_stride, const T* planes, int64_t E, int64_t bits) {
   uint64_t code = 0;
   for (int64_t b = 0; b < bits; ++b) {
     const T* plane = planes + b * (E + 1);
-    if (lsh_projection(x, plane, E) > plane[E]) code |= uint64_t(1) << b;
+    if (lsh_projection(x, channel_stride, plane, E) > plane[E]) code |= uint64_t(1) << b;
   }
   return static_cast<int64_t>(code);
 }
 
 void check_lsh_hash_inputs(const at::Tensor& x, const at::Tensor& planes);
+
+// x as (M, N, E) (a 2-d x is one row of points), without copying.
+at::Tensor lsh_hash_as_3d(const at::Tensor& x);
 
 }  // namespace fsskern

@@ -23,7 +23,8 @@ def lsh_hash(x: torch.Tensor, planes: torch.Tensor) -> torch.Tensor:
     """Sign-random-projection codes, UMTFSS's convention.
 
     Args:
-        x: (..., E) float32/float64 points (not normalised, as in UMTFSS).
+        x: (..., E) float32/float64 points (not normalised, as in UMTFSS), any strides: e.g.
+            channel-first maps ``f.flatten(-2).transpose(-1, -2)`` are hashed in place.
         planes: (bits, E + 1), 1 <= bits <= 64; bit i is ``x . planes[i, :E] > planes[i, E]``.
 
     Returns:
@@ -31,7 +32,11 @@ def lsh_hash(x: torch.Tensor, planes: torch.Tensor) -> torch.Tensor:
     """
     if x.dim() < 1:
         raise ValueError("lsh_hash: x must have a feature dimension")
-    return torch.ops.fsskern.lsh_hash(x.reshape(-1, x.shape[-1]), planes).view(x.shape[:-1])
+    if x.dim() == 1:
+        return torch.ops.fsskern.lsh_hash(x.unsqueeze(0), planes)[0]
+    # (M, N, E) is what the kernels read; merging the leading dims copies only if they do not merge
+    rows = x.reshape(-1, *x.shape[-2:]) if x.dim() > 3 else x
+    return torch.ops.fsskern.lsh_hash(rows, planes).view(x.shape[:-1])
 
 
 def draw_init(valid: torch.Tensor, k: int, generator: Optional[torch.Generator] = None) -> torch.Tensor:
@@ -80,12 +85,17 @@ def cluster_means(features: torch.Tensor, assign: torch.Tensor, k: int, *,
     """Float mean of each cluster's features, UMTFSS's ``one_hot(assign)^T @ feats / (counts + 0.001)``.
 
     Args:
-        features: (B, N, C) float32/float64/float16/bfloat16.
+        features: float32/float64/float16/bfloat16, read in place (any strides) in either layout:
+            (B, N, C) points by channels; or channel-first maps (B, S, C, h, w) / (B, S, C, M) of
+            S shots, whose N = S*h*w points are numbered shot by shot, pixel by pixel (UMTFSS's
+            token order), with no permute copy.
         assign: (B, N) int64 in [-1, k) (-1: no cluster).
 
     Returns:
         means (B, k, C) (differentiable w.r.t. features) and counts (B, k) int64.
     """
+    if features.dim() == 5:
+        features = features.flatten(3)
     return torch.ops.fsskern.cluster_means(features, assign, k, float(eps))
 
 
@@ -114,9 +124,11 @@ def support_prototypes(features: torch.Tensor, masks: torch.Tensor, *, k_fg: int
     B, K, C, h, w = features.shape
     m = F.interpolate(masks.to(features.dtype), size=(h, w), mode="bilinear", align_corners=True) >= 0.5
     fg, bg = _with_fallbacks(m)
-    tokens = features.permute(0, 1, 3, 4, 2).reshape(B, K * h * w, C)
-    planes = lsh_planes(bits, C, generator=generator, dtype=tokens.dtype, device=tokens.device)
-    codes = lsh_hash(tokens.detach(), planes)
+    # Tokens are read where they lie: maps (B, K, C, hw) for the means, the same memory seen as
+    # (B*K, hw, C) for the hash. Token t of image b is pixel t % hw of shot t // hw.
+    maps = features.flatten(3)
+    planes = lsh_planes(bits, C, generator=generator, dtype=features.dtype, device=features.device)
+    codes = lsh_hash(maps.detach().transpose(2, 3), planes).view(B, K * h * w)
     # Both clusterings first, then the means of all k_fg + k_bg clusters in one pass over the
     # tokens (background clusters numbered after the foreground ones).
     assigns, counts, raws = [], [], []
@@ -126,14 +138,16 @@ def support_prototypes(features: torch.Tensor, masks: torch.Tensor, *, k_fg: int
         counts.append(count)
         raws.append(part.sum(1) <= k)
     combined = torch.where(assigns[1] >= 0, assigns[1] + k_fg, assigns[0])
-    means, _ = cluster_means(tokens, combined, k_fg + k_bg)
+    means, _ = cluster_means(maps, combined, k_fg + k_bg)
     protos = []
+    image = torch.arange(B, device=features.device).view(B, 1)
     for (k, offset), assign, raw in zip(((k_fg, 0), (k_bg, k_fg)), assigns, raws):
         # with no more tokens than clusters the tokens themselves are the prototypes (no eps)
         order = torch.where(assign >= 0, assign, torch.full_like(assign, k))
-        slot = torch.zeros(B, k + 1, dtype=torch.long, device=tokens.device)
-        slot.scatter_(1, order, torch.arange(tokens.shape[1], device=tokens.device).expand(B, -1))
-        raw_rows = tokens.gather(1, slot[:, :k, None].expand(B, k, C))
+        slot = torch.zeros(B, k + 1, dtype=torch.long, device=features.device)
+        slot.scatter_(1, order, torch.arange(K * h * w, device=features.device).expand(B, -1))
+        token = slot[:, :k]
+        raw_rows = maps[image, token // (h * w), :, token % (h * w)]
         protos.append(torch.where(raw.view(B, 1, 1), raw_rows, means[:, offset:offset + k]))
     count = torch.cat(counts, 1)
     prototypes = torch.cat(protos, 1) * (count > 0).unsqueeze(-1)
@@ -162,8 +176,8 @@ def _with_fallbacks(fg: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
 
 @torch.library.register_fake("fsskern::lsh_hash")
 def _(x, planes):
-    torch._check(x.dim() == 2 and planes.dim() == 2, lambda: "lsh_hash: x (N, E), planes (bits, E + 1)")
-    return x.new_empty(x.shape[0], dtype=torch.int64)
+    torch._check(x.dim() in (2, 3) and planes.dim() == 2, lambda: "lsh_hash: x (N, E) or (M, N, E), planes (bits, E + 1)")
+    return x.new_empty(x.shape[:-1], dtype=torch.int64)
 
 
 @torch.library.register_fake("fsskern::hamming_kmeans")
@@ -174,8 +188,8 @@ def _(codes, valid, init, k, iters):
 
 @torch.library.register_fake("fsskern::cluster_means")
 def _(features, assign, k, eps):
-    torch._check(features.dim() == 3, lambda: "cluster_means: features must be (B, N, C)")
-    B, _, C = features.shape
+    torch._check(features.dim() in (3, 4), lambda: "cluster_means: features must be (B, N, C) or (B, S, C, M)")
+    B, C = features.shape[0], features.shape[2]
     return features.new_empty(B, k, C), assign.new_empty(B, k)
 
 

@@ -1,11 +1,12 @@
 // CPU kernels of hamming_kmeans (orchestration: ../hamming_kmeans.cpp).
 //
-// Assignment: blocks of points, each 64-bit code split into two 32-bit halves, and the
-// distance to one centroid computed for the whole block at once (a vector loop over points:
-// xor, a bit-parallel popcount, compare, select). Centroids are visited in increasing index
-// and only a strictly smaller distance replaces the best, so the lowest index wins ties, as in
-// nearest_centroid (hamming_kmeans.h), which the CUDA kernel uses. When no code has a bit in
-// its upper half (UMTFSS hashes 32 bits), the upper halves are skipped.
+// Assignment: blocks of valid points, each 64-bit code split into two 32-bit halves. 16 points
+// at a time (one vector) visit every centroid with their best distance and index kept in
+// registers: xor, a popcount (VPOPCNTD where the CPU has it, else bit-parallel), compare,
+// select. Centroids are visited in increasing index and only a strictly smaller distance
+// replaces the best, so the lowest index wins ties, as in nearest_centroid (hamming_kmeans.h),
+// which the CUDA kernel uses. When no code has a bit in its upper half (UMTFSS hashes 32
+// bits), the upper halves are skipped.
 // Update: per point, its bits are added to its cluster's 64 counters in one vector loop.
 #include <ATen/Parallel.h>
 
@@ -20,19 +21,27 @@ namespace fsskern {
 namespace {
 
 constexpr int64_t kAssignBlock = 256;
+constexpr int kLanes = 16;
 
 // Bit-parallel popcount (Hacker's Delight 5-1, shifts and adds only): plain integer
 // operations, so vector loops vectorise it on any instruction set (POPCNT has no AVX2 form).
 // The variant with a final multiply is recognised by GCC as a popcount and turned back into
 // the scalar instruction.
-inline int32_t popcount32(uint32_t v) {
-  v = v - ((v >> 1) & 0x55555555u);
-  v = (v & 0x33333333u) + ((v >> 2) & 0x33333333u);
-  v = (v + (v >> 4)) & 0x0F0F0F0Fu;
-  v = v + (v >> 8);
-  v = v + (v >> 16);
-  return static_cast<int32_t>(v & 0x3Fu);
-}
+struct BitParallelPopcount {
+  static int32_t count(uint32_t v) {
+    v = v - ((v >> 1) & 0x55555555u);
+    v = (v & 0x33333333u) + ((v >> 2) & 0x33333333u);
+    v = (v + (v >> 4)) & 0x0F0F0F0Fu;
+    v = v + (v >> 8);
+    v = v + (v >> 16);
+    return static_cast<int32_t>(v & 0x3Fu);
+  }
+};
+
+// The builtin, which becomes VPOPCNTD in vector loops compiled for FSSKERN_TARGET_VPOPCNT.
+struct InstructionPopcount {
+  static int32_t count(uint32_t v) { return __builtin_popcount(v); }
+};
 
 bool any_upper_half(const int64_t* codes, int64_t N) {
   uint64_t upper = 0;
@@ -40,26 +49,50 @@ bool any_upper_half(const int64_t* codes, int64_t N) {
   return upper != 0;
 }
 
+// 16 points (one vector of 32-bit lanes) against every centroid, their best distance and
+// index kept in registers; n is a multiple of 16 (the block is zero-padded).
+template <bool kUpperHalf, typename Popcount>
+__attribute__((always_inline)) inline void nearest_in_block_with(const uint32_t* lo, const uint32_t* hi,
+                                                                 const uint32_t* centroid_lo,
+                                                                 const uint32_t* centroid_hi, int64_t k,
+                                                                 int32_t* arg, int64_t n) {
+  typedef uint32_t Codes __attribute__((vector_size(kLanes * sizeof(uint32_t))));
+  typedef int32_t Ints __attribute__((vector_size(kLanes * sizeof(int32_t))));
+  for (int64_t i0 = 0; i0 < n; i0 += kLanes) {
+    Codes x_lo, x_hi;
+    Ints best, index;
+    for (int l = 0; l < kLanes; ++l) {
+      x_lo[l] = lo[i0 + l];
+      x_hi[l] = hi[i0 + l];
+      best[l] = 65;
+      index[l] = 0;
+    }
+    for (int64_t c = 0; c < k; ++c) {
+      const uint32_t clo = centroid_lo[c], chi = centroid_hi[c];
+#pragma omp simd
+      for (int l = 0; l < kLanes; ++l) {
+        int32_t d = Popcount::count(x_lo[l] ^ clo);
+        if constexpr (kUpperHalf) d += Popcount::count(x_hi[l] ^ chi);
+        const bool closer = d < best[l];
+        best[l] = closer ? d : best[l];
+        index[l] = closer ? static_cast<int32_t>(c) : index[l];
+      }
+    }
+    for (int l = 0; l < kLanes; ++l) arg[i0 + l] = index[l];
+  }
+}
+
 template <bool kUpperHalf>
 FSSKERN_CPU_CLONES void nearest_in_block(const uint32_t* lo, const uint32_t* hi, const uint32_t* centroid_lo,
-                                         const uint32_t* centroid_hi, int64_t k, int32_t* best, int32_t* arg,
-                                         int64_t n) {
-  for (int64_t i = 0; i < n; ++i) {
-    best[i] = 65;
-    arg[i] = 0;
-  }
-  for (int64_t c = 0; c < k; ++c) {
-    const uint32_t clo = centroid_lo[c], chi = centroid_hi[c];
-    const int32_t index = static_cast<int32_t>(c);
-#pragma omp simd
-    for (int64_t i = 0; i < n; ++i) {
-      int32_t d = popcount32(lo[i] ^ clo);
-      if constexpr (kUpperHalf) d += popcount32(hi[i] ^ chi);
-      const bool closer = d < best[i];
-      best[i] = closer ? d : best[i];
-      arg[i] = closer ? index : arg[i];
-    }
-  }
+                                         const uint32_t* centroid_hi, int64_t k, int32_t* arg, int64_t n) {
+  nearest_in_block_with<kUpperHalf, BitParallelPopcount>(lo, hi, centroid_lo, centroid_hi, k, arg, n);
+}
+
+template <bool kUpperHalf>
+FSSKERN_TARGET_VPOPCNT void nearest_in_block_vpopcnt(const uint32_t* lo, const uint32_t* hi,
+                                                     const uint32_t* centroid_lo, const uint32_t* centroid_hi,
+                                                     int64_t k, int32_t* arg, int64_t n) {
+  nearest_in_block_with<kUpperHalf, InstructionPopcount>(lo, hi, centroid_lo, centroid_hi, k, arg, n);
 }
 
 // Only valid points are gathered into the blocks (UMTFSS clusters foreground and background
@@ -72,7 +105,7 @@ void assign_points(const int64_t* codes, const bool* valid, const int64_t* centr
     centroid_hi[c] = static_cast<uint32_t>(static_cast<uint64_t>(centroids[c]) >> 32);
   }
   uint32_t lo[kAssignBlock], hi[kAssignBlock];
-  int32_t best[kAssignBlock], arg[kAssignBlock];
+  int32_t arg[kAssignBlock];
   int64_t index[kAssignBlock];
   for (int64_t next = begin; next < end;) {
     int64_t n = 0;
@@ -86,10 +119,10 @@ void assign_points(const int64_t* codes, const bool* valid, const int64_t* centr
       hi[n] = static_cast<uint32_t>(static_cast<uint64_t>(codes[next]) >> 32);
       ++n;
     }
-    if (upper_half)
-      nearest_in_block<true>(lo, hi, centroid_lo.data(), centroid_hi.data(), k, best, arg, n);
-    else
-      nearest_in_block<false>(lo, hi, centroid_lo.data(), centroid_hi.data(), k, best, arg, n);
+    const auto nearest = cpu_has_vpopcnt() ? (upper_half ? nearest_in_block_vpopcnt<true> : nearest_in_block_vpopcnt<false>)
+                                           : (upper_half ? nearest_in_block<true> : nearest_in_block<false>);
+    for (int64_t i = n; i % kLanes != 0; ++i) lo[i] = hi[i] = 0;  // padding lanes, results unused
+    nearest(lo, hi, centroid_lo.data(), centroid_hi.data(), k, arg, at::divup(n, kLanes) * kLanes);
     for (int64_t i = 0; i < n; ++i) assign[index[i]] = arg[i];
   }
 }

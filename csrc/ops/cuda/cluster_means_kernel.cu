@@ -14,17 +14,17 @@ std::tuple<at::Tensor, at::Tensor> cluster_means_cuda(const at::Tensor& features
                                                       double eps) {
   check_cluster_means_inputs(features, assign, k, eps);
   const DeviceGuard guard(features.device());
-  const auto f = features.contiguous();
+  const auto layout = point_layout(features);
   const auto a = assign.contiguous();
-  const int64_t B = f.size(0), N = f.size(1), C = f.size(2);
-  at::Tensor means = at::zeros({B, k, C}, f.options());
+  const int64_t B = layout.B, C = layout.C;
+  at::Tensor means = at::zeros({B, k, C}, features.options());
   at::Tensor counts = at::zeros({B, k}, a.options());
   const LaunchConfig cfg{dim3(static_cast<unsigned>(k), static_cast<unsigned>(B)),
                          dim3(static_cast<unsigned>(std::clamp<int64_t>(C, 1, 256)))};
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, f.scalar_type(), "fsskern_cluster_means_cuda", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, features.scalar_type(), "fsskern_cluster_means_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    launch(cluster_means_kernel<scalar_t, acc_t>, cfg, f.const_data_ptr<scalar_t>(), a.const_data_ptr<int64_t>(),
-           means.mutable_data_ptr<scalar_t>(), counts.mutable_data_ptr<int64_t>(), N, C, k, eps);
+    launch(cluster_means_kernel<scalar_t, acc_t>, cfg, features.const_data_ptr<scalar_t>(), layout,
+           a.const_data_ptr<int64_t>(), means.mutable_data_ptr<scalar_t>(), counts.mutable_data_ptr<int64_t>(), k, eps);
   });
   return {means, counts};
 }

@@ -11,14 +11,16 @@ namespace {
 at::Tensor lsh_hash_cuda(const at::Tensor& x, const at::Tensor& planes) {
   check_lsh_hash_inputs(x, planes);
   const DeviceGuard guard(x.device());
-  const auto xc = x.contiguous();
+  const auto x3 = lsh_hash_as_3d(x);
   const auto pc = planes.contiguous();
-  const int64_t N = xc.size(0), E = xc.size(1), bits = pc.size(0);
-  at::Tensor codes = at::empty({N}, xc.options().dtype(at::kLong));
-  AT_DISPATCH_FLOATING_TYPES(xc.scalar_type(), "fsskern_lsh_hash_cuda", [&] {
-    launch(lsh_hash_kernel<scalar_t>, {dim3(static_cast<unsigned>(std::min<int64_t>(ceil_div(N, 128), 65535))), dim3(128)},
-           xc.const_data_ptr<scalar_t>(), pc.const_data_ptr<scalar_t>(), codes.mutable_data_ptr<int64_t>(), N, E,
-           bits);
+  const int64_t M = x3.size(0), N = x3.size(1), E = x3.size(2), bits = pc.size(0);
+  at::Tensor codes = at::empty(x.sizes().slice(0, x.dim() - 1), x.options().dtype(at::kLong));
+  if (codes.numel() == 0) return codes;
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "fsskern_lsh_hash_cuda", [&] {
+    launch(lsh_hash_kernel<scalar_t>,
+           {dim3(static_cast<unsigned>(std::min<int64_t>(ceil_div(M * N, 128), 65535))), dim3(128)},
+           x3.const_data_ptr<scalar_t>(), pc.const_data_ptr<scalar_t>(), codes.mutable_data_ptr<int64_t>(), M, N, E,
+           x3.stride(0), x3.stride(1), x3.stride(2), bits);
   });
   return codes;
 }
