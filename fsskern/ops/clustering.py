@@ -140,15 +140,12 @@ def support_prototypes(features: torch.Tensor, masks: torch.Tensor, *, k_fg: int
     combined = torch.where(assigns[1] >= 0, assigns[1] + k_fg, assigns[0])
     means, _ = cluster_means(maps, combined, k_fg + k_bg)
     protos = []
-    image = torch.arange(B, device=features.device).view(B, 1)
     for (k, offset), assign, raw in zip(((k_fg, 0), (k_bg, k_fg)), assigns, raws):
+        part_means = means[:, offset:offset + k]
         # with no more tokens than clusters the tokens themselves are the prototypes (no eps)
-        order = torch.where(assign >= 0, assign, torch.full_like(assign, k))
-        slot = torch.zeros(B, k + 1, dtype=torch.long, device=features.device)
-        slot.scatter_(1, order, torch.arange(K * h * w, device=features.device).expand(B, -1))
-        token = slot[:, :k]
-        raw_rows = maps[image, token // (h * w), :, token % (h * w)]
-        protos.append(torch.where(raw.view(B, 1, 1), raw_rows, means[:, offset:offset + k]))
+        if bool(raw.any()):
+            part_means = torch.where(raw.view(B, 1, 1), _clustered_tokens(maps, assign, k), part_means)
+        protos.append(part_means)
     count = torch.cat(counts, 1)
     prototypes = torch.cat(protos, 1) * (count > 0).unsqueeze(-1)
     valid = count > 0
@@ -157,10 +154,24 @@ def support_prototypes(features: torch.Tensor, masks: torch.Tensor, *, k_fg: int
     return prototypes, valid
 
 
+def _clustered_tokens(maps: torch.Tensor, assign: torch.Tensor, k: int) -> torch.Tensor:
+    """(B, k, C): the token of maps (B, K, C, M) assigned to each cluster (the last one if
+    several, token 0 if none); used where every token is its own cluster."""
+    B, K, _, M = maps.shape
+    order = torch.where(assign >= 0, assign, torch.full_like(assign, k))
+    slot = torch.zeros(B, k + 1, dtype=torch.long, device=maps.device)
+    slot.scatter_(1, order, torch.arange(K * M, device=maps.device).expand(B, -1))
+    token = slot[:, :k]
+    return maps[torch.arange(B, device=maps.device).view(B, 1), token // M, :, token % M]
+
+
 def _with_fallbacks(fg: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     """UMTFSS's fallbacks, per image over all shots: no foreground -> the centre 2x2 tokens of
     every shot; no background -> the 4 corners of every shot."""
     B, K, h, w = fg.shape
+    flat = fg.flatten(1)
+    if bool((flat.any(1) & ~flat.all(1)).all()):  # every image has both: no fallback
+        return fg, ~fg
     centre = torch.zeros(h, w, dtype=torch.bool, device=fg.device)
     centre[max(h // 2 - 1, 0):h // 2 + 1, max(w // 2 - 1, 0):w // 2 + 1] = True
     corners = torch.zeros(h, w, dtype=torch.bool, device=fg.device)

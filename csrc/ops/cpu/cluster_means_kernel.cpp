@@ -2,12 +2,14 @@
 // agree bit for bit with each other and with the CUDA kernel, for any thread count.
 // - Channels adjacent in memory (points by channels): threads split the channels, and each adds
 //   its slice of every point's row into the point's cluster.
-// - Otherwise (channel-first maps): threads split the channels into groups of 16 and stream
-//   those channels' rows pixel by pixel, adding each pixel's 16 values into its cluster's sums
-//   (16 independent additions per pixel).
+// - Otherwise (channel-first maps): threads split the channels into groups of 16; tiles of 16
+//   channels x 16 pixels are transposed in registers, so each pixel adds its 16 values to its
+//   cluster's sums in one vector addition.
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 
+#include <cstring>
+#include <type_traits>
 #include <vector>
 
 #include "common/cpu_dispatch.h"
@@ -53,31 +55,85 @@ void means_by_rows(const scalar_t* f, const PointLayout& layout, const int64_t* 
   });
 }
 
+// A 16 x 16 tile as 16 vectors (GCC vector extensions, lowered to the clone's instructions).
+constexpr int kTile = 16;
+template <typename acc_t>
+struct TileRow {
+  typedef acc_t type __attribute__((vector_size(kTile * sizeof(acc_t))));
+  typedef std::conditional_t<sizeof(acc_t) == 4, int32_t, int64_t> index_t;
+  typedef index_t index __attribute__((vector_size(kTile * sizeof(index_t))));
+};
+
+// v[i][j] <- v[j][i]. Four butterfly stages: stage d exchanges, between rows j and j + d, the
+// d-wide blocks that sit on the wrong side of the diagonal; each is one two-vector shuffle.
+template <typename acc_t>
+inline void transpose_tile(typename TileRow<acc_t>::type* v) {
+  using Index = typename TileRow<acc_t>::index;
+  static constexpr Index lo[4] = {{0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23},
+                                  {0, 1, 2, 3, 16, 17, 18, 19, 8, 9, 10, 11, 24, 25, 26, 27},
+                                  {0, 1, 16, 17, 4, 5, 20, 21, 8, 9, 24, 25, 12, 13, 28, 29},
+                                  {0, 16, 2, 18, 4, 20, 6, 22, 8, 24, 10, 26, 12, 28, 14, 30}};
+  for (int stage = 0, d = kTile / 2; d > 0; ++stage, d /= 2) {
+    const Index hi = lo[stage] + d;
+    for (int j = 0; j < kTile; ++j) {
+      if (j & d) continue;
+      const auto a = v[j], b = v[j + d];
+      v[j] = __builtin_shuffle(a, b, lo[stage]);
+      v[j + d] = __builtin_shuffle(a, b, hi);
+    }
+  }
+}
+
+// One task: 16 channels of image b, over every shot's pixels, 16 pixels at a time: the tile
+// (16 channel rows x 16 pixels) is loaded, transposed in registers, and each pixel's 16 values
+// added to its cluster's 16 sums in one vector addition.
+template <typename scalar_t, typename acc_t>
+FSSKERN_CPU_CLONES void sum_channel_group(const scalar_t* f, const PointLayout& layout, const int64_t* a, int64_t b,
+                                          int64_t c0, int64_t width, acc_t* sums) {
+  using Row = typename TileRow<acc_t>::type;
+  const int64_t N = layout.N, M = layout.pixels_per_shot, stride = layout.channel_stride;
+  for (int64_t n0 = 0; n0 < N; n0 += M) {  // one shot
+    const scalar_t* shot = f + layout.offset(b, n0) + c0 * stride;
+    const int64_t* shot_assign = a + b * N + n0;
+    for (int64_t m0 = 0; m0 < M; m0 += kTile) {
+      const int64_t pixels = std::min<int64_t>(kTile, M - m0);
+      Row tile[kTile];
+      if (width == kTile && pixels == kTile && layout.pixel_stride == 1) {
+        for (int i = 0; i < kTile; ++i)
+#pragma omp simd
+          for (int l = 0; l < kTile; ++l) tile[i][l] = static_cast<acc_t>(shot[i * stride + m0 + l]);
+      } else {  // an edge of the maps, or pixels not adjacent: zeros outside
+        for (int i = 0; i < kTile; ++i)
+          for (int l = 0; l < kTile; ++l)
+            tile[i][l] = i < width && l < pixels ? static_cast<acc_t>(shot[i * stride + (m0 + l) * layout.pixel_stride])
+                                                 : acc_t(0);
+      }
+      transpose_tile<acc_t>(tile);
+      for (int64_t l = 0; l < pixels; ++l) {
+        if (shot_assign[m0 + l] < 0) continue;
+        acc_t* sum = sums + shot_assign[m0 + l] * kTile;  // (unaligned: memcpy, not a Row*)
+        Row row;
+        std::memcpy(&row, sum, sizeof(Row));
+        row += tile[l];
+        std::memcpy(sum, &row, sizeof(Row));
+      }
+    }
+  }
+}
+
 template <typename scalar_t>
 void means_by_channels(const scalar_t* f, const PointLayout& layout, const int64_t* a, const int64_t* counts,
                        int64_t k, double eps, scalar_t* out) {
   using acc_t = at::opmath_type<scalar_t>;
-  constexpr int64_t kChannels = 16;
-  const int64_t N = layout.N, C = layout.C, M = layout.pixels_per_shot, stride = layout.channel_stride;
-  const int64_t chunks = at::divup(C, kChannels);
+  const int64_t C = layout.C, chunks = at::divup(C, int64_t(kTile));
   at::parallel_for(0, layout.B * chunks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> sums(k * kChannels);
+    std::vector<acc_t> sums(k * kTile);
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t b = task / chunks, c0 = (task % chunks) * kChannels, width = std::min(kChannels, C - c0);
+      const int64_t b = task / chunks, c0 = (task % chunks) * kTile, width = std::min<int64_t>(kTile, C - c0);
       std::fill(sums.begin(), sums.end(), acc_t(0));
-      for (int64_t n0 = 0; n0 < N; n0 += M) {  // one shot's pixels, read row by row
-        const scalar_t* shot = f + layout.offset(b, n0) + c0 * stride;
-        const int64_t* shot_assign = a + b * N + n0;
-        for (int64_t m = 0; m < M; ++m) {
-          const int64_t c = shot_assign[m];
-          if (c < 0) continue;
-          const scalar_t* pixel = shot + m * layout.pixel_stride;
-          acc_t* sum = sums.data() + c * kChannels;
-          for (int64_t i = 0; i < kChannels; ++i)
-            if (i < width) sum[i] += static_cast<acc_t>(pixel[i * stride]);
-        }
-      }
-      write_means(sums.data(), kChannels, counts + b * k, k, width, eps, out + b * k * C + c0, C);
+      sum_channel_group<scalar_t, acc_t>(f, layout, a, b, c0, width, sums.data());
+      write_means(sums.data(), kTile, counts + b * k, k, width, eps,
+                  out + b * k * C + c0, C);
     }
   });
 }
