@@ -17,6 +17,7 @@
 #include <limits>
 
 #include "common/cpu_dispatch.h"
+#include "common/parallel.h"
 #include "ops/attention.h"
 
 namespace fsskern {
@@ -31,52 +32,62 @@ struct Tiles {
   int64_t keys, rows;
 };
 
-Tiles choose_tiles(int64_t count) {
+// count keys, N query rows: no tile larger than the problem.
+Tiles choose_tiles(int64_t count, int64_t N) {
   const int64_t keys = std::clamp<int64_t>(count, 1, kKeyTile);
-  return {keys, std::max<int64_t>(16, kTileElements / keys)};
+  return {keys, std::clamp<int64_t>(kTileElements / keys, 1, std::max<int64_t>(N, 16))};
 }
 
 // Softmax step of a tile of scores, stored transposed (n keys x rows, already scaled) so that
-// every loop below runs along the query rows: per-row maxima and sums become elementwise
-// vector operations. Grows each row's running max m, turns the scores into probabilities in
-// place, updates the running sum l, and stores in alpha the factor each row's accumulator
-// must be rescaled by.
+// the loops run along the query rows, 16 rows (one vector) at a time through all n keys: each
+// strip's max and sum stay in registers. Grows each row's running max m, turns the scores
+// into probabilities in place, updates the running sum l, and stores in alpha the factor each
+// row's accumulator must be rescaled by.
+constexpr int64_t kStrip = 16;
+
 template <typename T>
-FSSKERN_CPU_CLONES void online_softmax_tile(T* s, int64_t n, int64_t rows, T* m, T* l, T* alpha, T* sum) {
-  // alpha holds the new maxima until the end.
-  std::copy(m, m + rows, alpha);
-  for (int64_t j = 0; j < n; ++j) {
-    const T* row = s + j * rows;
+FSSKERN_CPU_CLONES void online_softmax_strip(T* s, int64_t n, int64_t ld, T* m, T* l, T* alpha) {
+  T new_max[kStrip], sum[kStrip] = {};
 #pragma omp simd
-    for (int64_t i = 0; i < rows; ++i) alpha[i] = row[i] > alpha[i] ? row[i] : alpha[i];
+  for (int64_t i = 0; i < kStrip; ++i) new_max[i] = m[i];
+  for (int64_t j = 0; j < n; ++j) {
+    const T* row = s + j * ld;
+#pragma omp simd
+    for (int64_t i = 0; i < kStrip; ++i) new_max[i] = row[i] > new_max[i] ? row[i] : new_max[i];
   }
-  std::fill(sum, sum + rows, T(0));
   for (int64_t j = 0; j < n; ++j) {
-    T* row = s + j * rows;
+    T* row = s + j * ld;
 #pragma omp simd
-    for (int64_t i = 0; i < rows; ++i) {
-      row[i] = softmax_exp(row[i] - alpha[i]);
+    for (int64_t i = 0; i < kStrip; ++i) {
+      row[i] = softmax_exp(row[i] - new_max[i]);
       sum[i] += row[i];
     }
   }
   // A NaN score does not raise the max but poisons the sum, and with it the row (as softmax).
 #pragma omp simd
-  for (int64_t i = 0; i < rows; ++i) {
-    const T new_max = alpha[i];
-    alpha[i] = rescale_factor(m[i], new_max);
-    m[i] = new_max;
+  for (int64_t i = 0; i < kStrip; ++i) {
+    alpha[i] = rescale_factor(m[i], new_max[i]);
+    m[i] = new_max[i];
     l[i] = l[i] * alpha[i] + sum[i];
   }
 }
 
-// Dropout of a transposed probability tile: key j (original index key_index[j]), rows i0.. .
+// s: n keys' rows, ld >= rows rounded up to 16 apart; m, l and alpha have ld entries. The last
+// strip runs into the padding.
+template <typename T>
+void online_softmax_tile(T* s, int64_t n, int64_t rows, int64_t ld, T* m, T* l, T* alpha) {
+  for (int64_t i0 = 0; i0 < rows; i0 += kStrip) online_softmax_strip(s + i0, n, ld, m + i0, l + i0, alpha + i0);
+}
+
+// Dropout of a transposed probability tile: key j (original index key_index[j], its row ld
+// apart), rows i0.. .
 // The counters of a key's row are consecutive multiples of P apart; Philox vectorises.
 template <typename T>
-FSSKERN_CPU_CLONES void apply_dropout_tile(T* p, int64_t n, int64_t rows, const int64_t* key_index, int64_t bh,
+FSSKERN_CPU_CLONES void apply_dropout_tile(T* p, int64_t n, int64_t rows, int64_t ld, const int64_t* key_index, int64_t bh,
                                            int64_t i0, int64_t N, int64_t P, uint64_t seed, uint32_t threshold,
                                            T keep_scale) {
   for (int64_t j = 0; j < n; ++j) {
-    T* row = p + j * rows;
+    T* row = p + j * ld;
     const uint64_t first = dropout_element(bh, i0, key_index[j], N, P);
 #pragma omp simd
     for (int64_t i = 0; i < rows; ++i) row[i] *= dropout_factor(seed, first + static_cast<uint64_t>(i * P), threshold, keep_scale);
@@ -106,15 +117,18 @@ void forward_typed(const AttentionInputs& in, at::Tensor& out, at::Tensor& lse) 
   const T* const_logit = in.const_logit.const_data_ptr<T>();
   const T* const_value = in.const_value.const_data_ptr<T>();
   T* lse_data = lse.mutable_data_ptr<T>();
-  const Tiles tiles = choose_tiles(in.k.size(2));
+  const Tiles tiles = choose_tiles(in.k.size(2), N);
   const int64_t row_tiles = (N + tiles.rows - 1) / tiles.rows;
 
-  at::parallel_for(0, B * H * row_tiles, 1, [&](int64_t begin, int64_t end) {
+  const int64_t tasks = B * H * row_tiles;
+  parallel_tasks(tasks, [&](const auto& claim) {
     const at::AutoDispatchBelowADInplaceOrView below_autograd;  // the GEMMs are internal, not traced
-    at::Tensor scores = at::empty({tiles.rows * tiles.keys}, in.q.options());
+    // Score rows are padded to whole strips; the padding's values are computed and never used.
+    const int64_t ld = at::divup(tiles.rows, kStrip) * kStrip;
+    at::Tensor scores = at::empty({tiles.keys * ld}, in.q.options());
     at::Tensor acc = at::empty({tiles.rows, Dv}, in.q.options());
-    std::vector<T> m(tiles.rows), l(tiles.rows), alpha(tiles.rows), sum(tiles.rows);
-    for (int64_t task = begin; task < end; ++task) {
+    std::vector<T> m(ld), l(ld), alpha(ld), sum(ld);
+    for (int64_t task = claim(); task < tasks; task = claim()) {
       const int64_t bh = task / row_tiles, b = bh / H, h = bh % H, i0 = (task % row_tiles) * tiles.rows;
       const int64_t rows = std::min(tiles.rows, N - i0), count = key_count[b];
       const at::Tensor q_tile = in.q[b][h].narrow(0, i0, rows);
@@ -123,18 +137,20 @@ void forward_typed(const AttentionInputs& in, at::Tensor& out, at::Tensor& lse) 
       // The constant key first: exp(c - c) = 1 times its value.
       const T c = const_logit[b];
       const bool has_const = c > -std::numeric_limits<T>::infinity();
-      std::fill(m.begin(), m.begin() + rows, c);
-      std::fill(l.begin(), l.begin() + rows, has_const ? T(1) : T(0));
+      std::fill(m.begin(), m.end(), c);
+      std::fill(l.begin(), l.end(), has_const ? T(1) : T(0));
       if (has_const)
         for (int64_t r = 0; r < rows; ++r) std::copy(const_value + b * Dv, const_value + (b + 1) * Dv, acc_data + r * Dv);
       for (int64_t j0 = 0; j0 < count; j0 += tiles.keys) {
         const int64_t n = std::min(tiles.keys, count - j0);
-        at::Tensor s_tile = scores.narrow(0, 0, n * rows).view({n, rows});  // transposed: keys x rows
+        // transposed: keys x rows, each key's row ld apart
+        at::Tensor s_tile = scores.narrow(0, 0, n * ld).view({n, ld}).narrow(1, 0, rows);
         at::addmm_out(s_tile, s_tile, in.k[b][h].narrow(0, j0, n), q_tile.t(), /*beta=*/0, /*alpha=*/in.scale);
         T* s = s_tile.mutable_data_ptr<T>();
-        online_softmax_tile(s, n, rows, m.data(), l.data(), alpha.data(), sum.data());
+        for (int64_t j = 0; j < n; ++j) std::fill(s + j * ld + rows, s + (j + 1) * ld, T(0));
+        online_softmax_tile(s, n, rows, ld, m.data(), l.data(), alpha.data());
         if (in.drop_threshold > 0)
-          apply_dropout_tile(s, n, rows, key_index + b * P + j0, bh, i0, N, P, in.seed, in.drop_threshold,
+          apply_dropout_tile(s, n, rows, ld, key_index + b * P + j0, bh, i0, N, P, in.seed, in.drop_threshold,
                              static_cast<T>(in.keep_scale));
         const at::Tensor v_tile = in.v[b][h].narrow(0, j0, n);
         if (j0 == 0 && !has_const) {  // nothing accumulated yet
@@ -177,7 +193,7 @@ void backward_typed(const AttentionInputs& in, const at::Tensor& out, const at::
   const int64_t* key_index = in.key_index.const_data_ptr<int64_t>();
   const T* const_logit = in.const_logit.const_data_ptr<T>();
   const T* lse_data = lse.const_data_ptr<T>();
-  const Tiles tiles = choose_tiles(in.k.size(2));
+  const Tiles tiles = choose_tiles(in.k.size(2), N);
   const T scale = static_cast<T>(in.scale), keep_scale = static_cast<T>(in.keep_scale);
   // delta_i = dO_i . O_i = sum_j a_ij dP_ij, the softmax backward's row term.
   const at::AutoDispatchBelowADInplaceOrView below_autograd;
