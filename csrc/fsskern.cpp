@@ -21,7 +21,7 @@ std::string build_info() {
   std::string info = "cuda=" + std::to_string(FSSKERN_WITH_CUDA);
   info += ";cpu_dispatch=";
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-  info += "x86-64-v4,x86-64-v3,default";
+  info += "x86-64-v4+vpopcntdq,x86-64-v4,x86-64-v3,default";  // the first for bit-counting loops only
 #else
   info += "default";
 #endif
