@@ -117,6 +117,28 @@ def test_kmeans_equals_reference(bits, k, iters):
     assert torch.equal(counts.sum(1), valid.sum(1))
 
 
+def test_kmeans_without_vector_popcount_equals_reference():
+    # FSSKERN_VPOPCNT=0 runs the bit-parallel popcount that CPUs without VPOPCNTDQ use
+    script = """
+import torch
+from fsskern import ops
+from fsskern.reference import clustering as ref
+g = torch.Generator().manual_seed(0)
+for bits in (32, 64):
+    codes = ops.lsh_hash(torch.randn(2 * 500, 24, generator=g), ops.lsh_planes(bits, 24, generator=g)).view(2, 500)
+    valid = torch.rand(2, 500, generator=g) < 0.7
+    init = ops.draw_init(valid, 12, g)
+    got = ops.hamming_kmeans(codes, 12, iters=6, valid=valid, init=init)
+    want = ref.hamming_kmeans(codes, 12, 6, valid, init)
+    assert all(torch.equal(a, b) for a, b in zip(got, want))
+print("ok")
+"""
+    import os, subprocess, sys
+    out = subprocess.run([sys.executable, "-c", script], env={**os.environ, "FSSKERN_VPOPCNT": "0"},
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
+
+
 def test_kmeans_fewer_points_than_clusters():
     codes = torch.tensor([[5, 9, 9, 3]])
     valid = torch.tensor([[True, False, True, True]])
