@@ -9,12 +9,12 @@
 #include <ATen/Parallel.h>
 
 #include <cstring>
-#include <type_traits>
 #include <vector>
 
 #include "common/cpu_dispatch.h"
 #include "common/divide.h"
 #include "common/library.h"
+#include "common/transpose_tile.h"
 #include "ops/cluster_means.h"
 
 namespace fsskern {
@@ -53,35 +53,6 @@ void means_by_rows(const scalar_t* f, const PointLayout& layout, const int64_t* 
       write_means(sums.data(), kChannels, counts + b * k, k, width, eps, out + b * k * C + c0, C);
     }
   });
-}
-
-// A 16 x 16 tile as 16 vectors (GCC vector extensions, lowered to the clone's instructions).
-constexpr int kTile = 16;
-template <typename acc_t>
-struct TileRow {
-  typedef acc_t type __attribute__((vector_size(kTile * sizeof(acc_t))));
-  typedef std::conditional_t<sizeof(acc_t) == 4, int32_t, int64_t> index_t;
-  typedef index_t index __attribute__((vector_size(kTile * sizeof(index_t))));
-};
-
-// v[i][j] <- v[j][i]. Four butterfly stages: stage d exchanges, between rows j and j + d, the
-// d-wide blocks that sit on the wrong side of the diagonal; each is one two-vector shuffle.
-template <typename acc_t>
-inline void transpose_tile(typename TileRow<acc_t>::type* v) {
-  using Index = typename TileRow<acc_t>::index;
-  static constexpr Index lo[4] = {{0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23},
-                                  {0, 1, 2, 3, 16, 17, 18, 19, 8, 9, 10, 11, 24, 25, 26, 27},
-                                  {0, 1, 16, 17, 4, 5, 20, 21, 8, 9, 24, 25, 12, 13, 28, 29},
-                                  {0, 16, 2, 18, 4, 20, 6, 22, 8, 24, 10, 26, 12, 28, 14, 30}};
-  for (int stage = 0, d = kTile / 2; d > 0; ++stage, d /= 2) {
-    const Index hi = lo[stage] + d;
-    for (int j = 0; j < kTile; ++j) {
-      if (j & d) continue;
-      const auto a = v[j], b = v[j + d];
-      v[j] = __builtin_shuffle(a, b, lo[stage]);
-      v[j + d] = __builtin_shuffle(a, b, hi);
-    }
-  }
 }
 
 // One task: 16 channels of image b, over every shot's pixels, 16 pixels at a time: the tile

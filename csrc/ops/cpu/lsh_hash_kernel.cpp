@@ -3,20 +3,24 @@
 // per plane adds x[point, channel] * plane[channel] to that plane's vector. Every lane thus
 // follows lsh_hash.h's order, so the codes equal the CUDA kernel's. Planes are taken 16 at a
 // time so that their accumulators stay in registers (with AVX-512, 16 of the 32).
-// Points adjacent in memory (channel-first maps) are read in place; otherwise (row-major points,
-// a last partial block) the block is first copied, channel by channel, into a small buffer.
+// Points adjacent in memory (channel-first maps) are read in place. Row-major points are first
+// turned into vectors of channels, 16 x 16 tiles at a time in registers; anything else (other
+// strides, a last partial block) is copied channel by channel into the same small buffer.
 #include <ATen/Parallel.h>
 
+#include <cstring>
 #include <vector>
 
 #include "common/cpu_dispatch.h"
 #include "common/library.h"
+#include "common/transpose_tile.h"
 #include "ops/lsh_hash.h"
 
 namespace fsskern {
 namespace {
 
 constexpr int kPointsPerBlock = 16;
+static_assert(kPointsPerBlock == kTile, "a block of points is one tile wide");
 constexpr int kPlanesPerPass = 16;
 
 // GCC vector extension: one lane per point of a block, lowered to the clone's instruction set.
@@ -55,6 +59,19 @@ FSSKERN_CPU_CLONES void hash_block(const T* block, int64_t ld, const T* weights,
   for (int l = 0; l < points; ++l) codes[l] = static_cast<int64_t>(code[l]);
 }
 
+// 16 row-major points (rows point_stride apart, E a multiple of 16) into block[c * 16 + l],
+// 16 x 16 tiles at a time through registers.
+template <typename T>
+FSSKERN_CPU_CLONES void transpose_points(const T* points, int64_t point_stride, int64_t E, T* block) {
+  using Row = typename TileRow<T>::type;
+  for (int64_t c0 = 0; c0 < E; c0 += kTile) {
+    Row tile[kTile];
+    for (int l = 0; l < kTile; ++l) std::memcpy(&tile[l], points + l * point_stride + c0, sizeof(Row));
+    transpose_tile<T>(tile);
+    for (int i = 0; i < kTile; ++i) std::memcpy(block + (c0 + i) * kPointsPerBlock, &tile[i], sizeof(Row));
+  }
+}
+
 at::Tensor lsh_hash_cpu(const at::Tensor& x, const at::Tensor& planes) {
   check_lsh_hash_inputs(x, planes);
   const auto x3 = lsh_hash_as_3d(x);
@@ -85,9 +102,12 @@ at::Tensor lsh_hash_cpu(const at::Tensor& x, const at::Tensor& planes) {
           hash_block(first, channel_stride, wp, padded, tp, E, bits, points, block_codes);
           continue;
         }
-        for (int64_t c = 0; c < E; ++c)
-          for (int l = 0; l < kPointsPerBlock; ++l)
-            buffer[c * kPointsPerBlock + l] = l < points ? first[l * point_stride + c * channel_stride] : scalar_t(0);
+        if (channel_stride == 1 && points == kPointsPerBlock && E % kTile == 0)
+          transpose_points(first, point_stride, E, buffer.data());
+        else
+          for (int64_t c = 0; c < E; ++c)
+            for (int l = 0; l < kPointsPerBlock; ++l)
+              buffer[c * kPointsPerBlock + l] = l < points ? first[l * point_stride + c * channel_stride] : scalar_t(0);
         hash_block(buffer.data(), kPointsPerBlock, wp, padded, tp, E, bits, points, block_codes);
       }
     });
