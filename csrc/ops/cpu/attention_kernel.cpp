@@ -83,14 +83,15 @@ void online_softmax_tile(T* s, int64_t n, int64_t rows, int64_t ld, T* m, T* l, 
 // apart), rows i0.. .
 // The counters of a key's row are consecutive multiples of P apart; Philox vectorises.
 template <typename T>
-FSSKERN_CPU_CLONES void apply_dropout_tile(T* p, int64_t n, int64_t rows, int64_t ld, const int64_t* key_index, int64_t bh,
-                                           int64_t i0, int64_t N, int64_t P, uint64_t seed, uint32_t threshold,
-                                           T keep_scale) {
+FSSKERN_CPU_CLONES void apply_dropout_tile(T* p, int64_t n, int64_t rows, int64_t ld, const int64_t* key_index,
+                                           int64_t bh, int64_t i0, int64_t N, int64_t P, uint64_t seed,
+                                           uint32_t threshold, T keep_scale) {
   for (int64_t j = 0; j < n; ++j) {
     T* row = p + j * ld;
     const uint64_t first = dropout_element(bh, i0, key_index[j], N, P);
 #pragma omp simd
-    for (int64_t i = 0; i < rows; ++i) row[i] *= dropout_factor(seed, first + static_cast<uint64_t>(i * P), threshold, keep_scale);
+    for (int64_t i = 0; i < rows; ++i)
+      row[i] *= dropout_factor(seed, first + static_cast<uint64_t>(i * P), threshold, keep_scale);
   }
 }
 
@@ -230,8 +231,8 @@ void backward_typed(const AttentionInputs& in, const at::Tensor& out, const at::
             T* ad = a_dropped.mutable_data_ptr<T>();
             for (int64_t r = 0; r < rows; ++r)
               for (int64_t j = 0; j < n; ++j) {
-                const T factor = dropout_factor(
-                    in.seed, dropout_element(bh, i0 + r, key_index[b * P + j0 + j], N, P), in.drop_threshold, keep_scale);
+                const uint64_t element = dropout_element(bh, i0 + r, key_index[b * P + j0 + j], N, P);
+                const T factor = dropout_factor(in.seed, element, in.drop_threshold, keep_scale);
                 ad[r * n + j] = a_data[r * n + j] * factor;
                 ds_data[r * n + j] *= factor;
               }

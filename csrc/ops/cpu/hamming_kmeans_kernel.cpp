@@ -104,6 +104,9 @@ void assign_points(const int64_t* codes, const bool* valid, const int64_t* centr
     centroid_lo[c] = static_cast<uint32_t>(static_cast<uint64_t>(centroids[c]));
     centroid_hi[c] = static_cast<uint32_t>(static_cast<uint64_t>(centroids[c]) >> 32);
   }
+  const auto nearest = cpu_has_vpopcnt()
+                            ? (upper_half ? nearest_in_block_vpopcnt<true> : nearest_in_block_vpopcnt<false>)
+                            : (upper_half ? nearest_in_block<true> : nearest_in_block<false>);
   uint32_t lo[kAssignBlock], hi[kAssignBlock];
   int32_t arg[kAssignBlock];
   int64_t index[kAssignBlock];
@@ -119,8 +122,6 @@ void assign_points(const int64_t* codes, const bool* valid, const int64_t* centr
       hi[n] = static_cast<uint32_t>(static_cast<uint64_t>(codes[next]) >> 32);
       ++n;
     }
-    const auto nearest = cpu_has_vpopcnt() ? (upper_half ? nearest_in_block_vpopcnt<true> : nearest_in_block_vpopcnt<false>)
-                                           : (upper_half ? nearest_in_block<true> : nearest_in_block<false>);
     for (int64_t i = n; i % kLanes != 0; ++i) lo[i] = hi[i] = 0;  // padding lanes, results unused
     nearest(lo, hi, centroid_lo.data(), centroid_hi.data(), k, arg, at::divup(n, kLanes) * kLanes);
     for (int64_t i = 0; i < n; ++i) assign[index[i]] = arg[i];
