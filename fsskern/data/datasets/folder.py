@@ -1,0 +1,107 @@
+"""A labelled folder: ``images/<id>.<ext>`` + ``labels/<id>.png`` (label value = class id) + a class
+list (``data.classes``, relative to the root: ``id<TAB>name`` rows with an optional header, or one
+name a line). Any number of classes; folds (``data.folds``: novel class ids per fold) and merges
+(``data.merge``: ``{new name: [old ids]}``, all mapped to the group's first id; the name
+``background`` maps them to 0) come from the config.
+
+``data.params``: ``void`` (raw values read as ignore 255, e.g. MSRC-v2's 0), ``image_dir``,
+``label_dir``, ``image_ext`` (guessed from the files when absent), ``split_lists``
+(``{train|val|test: file of ids}``; without it every split holds every image, which is sound with
+the ``bam`` training policy: every test query holds a novel class, so no training image is a test
+query) and ``label_channel`` (for RGB-stored labels).
+
+Used for MSRC-v2 (``configs/data/msrc_v2.yaml``), CCP and VITON parsing maps."""
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import numpy as np
+
+from ..io import DataError, apply_lut, read_class_table, read_label, read_lines
+from .base import IGNORE, Source, check_params, register_source
+
+FOLDER_PARAMS = ["void", "image_dir", "label_dir", "image_ext", "split_lists", "label_channel"]
+
+
+def merged_lut(names: Dict[int, str], merge: Optional[Dict[str, List[int]]], void=()) -> tuple:
+    """(class names list with None for ids merged away, raw -> class id LUT)."""
+    size = max(256, max(names) + 1)
+    lut = np.full(size, -1, dtype=np.int64)
+    class_names: List[Optional[str]] = [None] * (max(names) + 1)
+    for i, n in names.items():
+        lut[i] = i
+        class_names[i] = n
+    class_names[0] = class_names[0] or "background"
+    for new_name, ids in (merge or {}).items():
+        missing = [i for i in ids if i not in names]
+        if missing:
+            raise DataError(f"data.merge {new_name!r} names unknown class ids {missing}")
+        target = 0 if new_name == "background" else ids[0]
+        for i in ids:
+            lut[i] = target
+            class_names[i] = None
+        if target:
+            class_names[target] = new_name
+    for v in void:
+        lut[v] = IGNORE
+        if v < len(class_names) and v != 0:
+            class_names[v] = None
+    lut[IGNORE] = IGNORE
+    return class_names, lut
+
+
+@register_source("folder")
+class FolderSource(Source):
+    def __init__(self, cfg_data, split: str, extra_params=()):
+        super().__init__(split)
+        params = check_params(cfg_data, FOLDER_PARAMS + list(extra_params))
+        self.params = params
+        self.root = Path(cfg_data.root)
+        if not self.root.is_dir():
+            raise DataError(f"missing dataset folder: {self.root}")
+        names = self.class_table(cfg_data)
+        self.class_names, self.lut = merged_lut(names, cfg_data.merge, params.get("void", ()))
+        self.label_channel = int(params.get("label_channel", 0))
+        self.samples = self.list_samples(params.get("image_dir", "images"), params.get("label_dir", "labels"),
+                                         params.get("image_ext"), (params.get("split_lists") or {}).get(split))
+        self.folds = [sorted(f) for f in (cfg_data.folds or [])]
+        self.num_folds = max(1, len(self.folds))
+        for k, novel in enumerate(self.folds):
+            bad = [c for c in novel if not (0 < c < len(self.class_names) and self.class_names[c])]
+            if bad:
+                raise DataError(f"data.folds[{k}] names class ids {bad} that are not foreground classes")
+
+    def class_table(self, cfg_data) -> Dict[int, str]:
+        if not cfg_data.classes:
+            raise DataError("folder dataset needs data.classes (a class-list file)")
+        path = Path(cfg_data.classes)
+        return read_class_table(path if path.is_absolute() else self.root / path)
+
+    def list_samples(self, image_dir: str, label_dir: str, image_ext: Optional[str], list_file: Optional[str]):
+        images = self.root / image_dir
+        if not images.is_dir():
+            raise DataError(f"missing image folder: {images}")
+        if list_file:
+            ids = read_lines(self.root / list_file, "image list")
+            if image_ext is None:
+                found = {p.stem: p.suffix for p in images.iterdir()}
+                missing = [i for i in ids if i not in found]
+                if missing:
+                    raise DataError(f"missing image file for id {missing[0]!r} in {images} ({len(missing)} missing)")
+                paths = [images / (i + found[i]) for i in ids]
+            else:
+                paths = [images / (i + image_ext) for i in ids]
+        else:
+            exts = (image_ext,) if image_ext else (".jpg", ".jpeg", ".png", ".bmp")
+            paths = sorted(p for p in images.iterdir() if p.suffix.lower() in exts)
+        if not paths:
+            raise DataError(f"no image in {images}")
+        return [(p.stem, str(p), str(self.root / label_dir / (p.stem + ".png"))) for p in paths]
+
+    def load_label(self, i: int) -> np.ndarray:
+        path = self.samples[i][2]
+        return apply_lut(read_label(path, self.label_channel), self.lut, path)
+
+    def novel_classes(self, fold: int) -> List[int]:
+        if not self.folds:
+            raise DataError(f"dataset {self.name!r} at {self.root} has no folds: set data.folds")
+        return self.folds[fold]

@@ -1,0 +1,166 @@
+"""Which images hold which classes: one scan of the labels at the original resolution, cached as
+JSON keyed by the sha256 of (index version, source, sample list, label mapping, filter parameters),
+so a changed list or filter never reads a stale cache (HDMNet#15).
+
+A class counts for an image when it covers >= ``min_pixels`` (2 * 32 * 32 = 2048, the OSLSM rule
+that PFENet applies to its lists) after the source's own region filter (pseudo labels). The scan
+keeps every class's pixel count, so any ``min_pixels`` and both training policies derive from it:
+
+- ``pfenet``: keep every training image; novel pixels become background in training labels;
+- ``bam``: drop every training image that holds any pixel of a novel class (BAM ``filter_intersection``).
+"""
+import hashlib
+import json
+import os
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from .io import DataError
+
+INDEX_VERSION = 1
+POLICIES = ("pfenet", "bam")
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("FSSKERN_CACHE", Path.home() / ".cache" / "fsskern")) / "index"
+
+
+@dataclass
+class LabelStats:
+    """Per sample: {foreground class id: pixels}; samples that failed to load (skip mode) are in
+    ``skipped`` ({sample index: message}) and hold no class."""
+    pixels: List[Dict[int, int]]
+    skipped: Dict[int, str] = field(default_factory=dict)
+    key: str = ""
+
+    def class_index(self, min_pixels: int = 2048, samples: Optional[Sequence[int]] = None) -> Dict[int, List[int]]:
+        """{class id: sample indices (ascending) where the class covers >= min_pixels}."""
+        out: Dict[int, List[int]] = {}
+        for i in (range(len(self.pixels)) if samples is None else samples):
+            for c, n in self.pixels[i].items():
+                if n >= min_pixels:
+                    out.setdefault(c, []).append(i)
+        return {c: out[c] for c in sorted(out)}
+
+    def present(self, i: int) -> List[int]:
+        """Every foreground class with at least one pixel in sample i."""
+        return sorted(self.pixels[i])
+
+
+def index_key(source) -> str:
+    h = hashlib.sha256()
+    h.update(json.dumps({"version": INDEX_VERSION, "source": type(source).__name__, "describe": source.describe(),
+                         "samples": [(s[0], s[2]) for s in source.samples]}, sort_keys=True).encode())
+    h.update(np.ascontiguousarray(source.lut).tobytes())
+    return h.hexdigest()
+
+
+def scan_labels(source, cache_dir=None, on_error: str = "raise") -> LabelStats:
+    """Read every label of ``source`` once (or the cache). ``on_error="skip"`` records a bad sample in
+    ``skipped`` instead of raising; the count is reported, never hidden."""
+    if on_error not in ("raise", "skip"):
+        raise DataError(f"on_error must be raise or skip, not {on_error!r}")
+    if len(source) == 0:
+        raise DataError(f"dataset {source.name!r} split {source.split!r} has no sample")
+    key = index_key(source)
+    path = Path(cache_dir or default_cache_dir()) / f"{source.name}-{key[:16]}.json"
+    if path.is_file():
+        cached = json.loads(path.read_text())
+        if cached.get("key") == key and (on_error == "skip" or not cached["skipped"]):
+            return LabelStats([{int(c): n for c, n in p.items()} for p in cached["pixels"]],
+                              {int(i): m for i, m in cached["skipped"].items()}, key)
+    pixels, skipped = [], {}
+    for i in range(len(source)):
+        try:
+            pixels.append(source.class_pixels(source.load_label(i)))
+        except DataError as e:
+            if on_error == "raise":
+                raise
+            skipped[i] = str(e)
+            pixels.append({})
+    if skipped:
+        warnings.warn(f"{source.name} {source.split}: skipped {len(skipped)} of {len(source)} samples with bad "
+                      f"labels (first: {next(iter(skipped.values()))})")
+    stats = LabelStats(pixels, skipped, key)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        tmp.write_text(json.dumps({"key": key, "version": INDEX_VERSION, "pixels": pixels, "skipped": skipped}))
+        tmp.replace(path)
+    except OSError as e:  # a read-only cache is slower, not wrong
+        warnings.warn(f"class index cache not written to {path}: {e}")
+    return stats
+
+
+def class_index(source, min_pixels: int = 2048, cache_dir=None, on_error: str = "raise") -> Dict[int, List[int]]:
+    """``{class_id: [sample indices]}`` counting a class where it covers >= min_pixels (contract)."""
+    return scan_labels(source, cache_dir, on_error).class_index(min_pixels)
+
+
+@dataclass
+class TrainingPools:
+    """Base-class sample pools of the training split for one fold: ``train`` for meta-training,
+    ``val`` for model selection (held-out images, base classes only, never a test class)."""
+    base: List[int]
+    novel: List[int]
+    train: Dict[int, List[int]]
+    val: Dict[int, List[int]]
+    dropped: int            # images removed by the bam policy
+    empty_classes: List[int]  # base classes with no qualifying image (never sampled)
+
+
+def held_out(sample_id: str, fraction: float) -> bool:
+    """Deterministic image-level hold-out: the same images for any fold, seed or machine."""
+    return int(hashlib.sha256(sample_id.encode()).hexdigest()[:8], 16) / 0x100000000 < fraction
+
+
+def training_pools(source, stats: LabelStats, fold: int, policy: str = "pfenet", min_pixels: int = 2048,
+                   val_fraction: float = 0.0) -> TrainingPools:
+    if policy not in POLICIES:
+        raise DataError(f"unknown training policy {policy!r}; expected one of {POLICIES}")
+    if not 0 <= val_fraction < 1:
+        raise DataError(f"val_fraction must be in [0, 1), not {val_fraction}")
+    base, novel = source.fold_classes(fold)
+    novel_set, base_set = set(novel), set(base)
+    keep, dropped = [], 0
+    for i in range(len(source)):
+        if i in stats.skipped:
+            continue
+        if policy == "bam" and novel_set.intersection(stats.pixels[i]):
+            dropped += 1
+            continue
+        keep.append(i)
+    val_ids = [i for i in keep if held_out(source.sample_id(i), val_fraction)]
+    val_set = set(val_ids)
+    train = {c: v for c, v in stats.class_index(min_pixels, [i for i in keep if i not in val_set]).items()
+             if c in base_set}
+    val = {c: v for c, v in stats.class_index(min_pixels, val_ids).items() if c in base_set}
+    if not train:
+        raise DataError(f"{source.name} fold {fold}: no training image holds a base class with >= {min_pixels} px")
+    return TrainingPools(base, novel, train, val, dropped, [c for c in base if c not in train])
+
+
+def test_pool(source, stats: LabelStats, fold: int, min_pixels: int = 2048) -> Tuple[List[int], Dict[int, List[int]]]:
+    """(novel classes, {novel class: sample indices with >= min_pixels}); every novel class must have one."""
+    _, novel = source.fold_classes(fold)
+    index = stats.class_index(min_pixels)
+    empty = [c for c in novel if not index.get(c)]
+    if empty:
+        names = [source.class_names[c] for c in empty]
+        raise DataError(f"{source.name} {source.split} fold {fold}: no image with >= {min_pixels} px of class(es) "
+                        f"{empty} {names}")
+    return novel, {c: index[c] for c in novel}
+
+
+def base_label_lut(base: Sequence[int], size: int = 256) -> np.ndarray:
+    """Label map -> base-learner label space (BAM): base classes 1..n_base in ascending id order,
+    background and every other class 0, 255 stays 255."""
+    lut = np.zeros(size, dtype=np.int64)
+    for k, c in enumerate(sorted(base), start=1):
+        lut[c] = k
+    lut[255] = 255
+    return lut

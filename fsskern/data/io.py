@@ -1,0 +1,85 @@
+"""File reading with one error type: every failure names the file or value that caused it.
+
+Images decode to uint8 (H, W, 3) RGB; labels decode to int64 (H, W) *indices* (a palette PNG gives
+its palette indices, as PIL mode "P" stores them, never the RGB colours).
+"""
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+
+class DataError(ValueError):
+    """Bad input data (missing, truncated or inconsistent files, impossible requests)."""
+
+
+def read_image(path) -> np.ndarray:
+    """(H, W, 3) uint8 RGB. Raises DataError on a missing, truncated or unreadable file."""
+    path = Path(path)
+    try:
+        with Image.open(path) as im:
+            im.load()  # decode now: a truncated file fails here, not later in a worker
+            return np.array(im.convert("RGB"))  # writable: torch.from_numpy refuses read-only arrays
+    except FileNotFoundError:
+        raise DataError(f"missing image file: {path}") from None
+    except (OSError, ValueError, SyntaxError) as e:
+        raise DataError(f"unreadable or truncated image file: {path} ({e})") from None
+
+
+def read_label(path, channel: int = 0) -> np.ndarray:
+    """(H, W) int64 label indices. A multi-channel PNG gives its ``channel``-th channel."""
+    path = Path(path)
+    try:
+        with Image.open(path) as im:
+            im.load()
+            a = np.asarray(im)
+    except FileNotFoundError:
+        raise DataError(f"missing label file: {path}") from None
+    except (OSError, ValueError, SyntaxError) as e:
+        raise DataError(f"unreadable or truncated label file: {path} ({e})") from None
+    if a.ndim == 3:
+        a = a[..., channel]
+    return a.astype(np.int64)
+
+
+def check_same_size(image: np.ndarray, label: np.ndarray, image_path, label_path) -> None:
+    if image.shape[:2] != label.shape[:2]:
+        raise DataError(f"image/label size mismatch: {image_path} is {image.shape[1]}x{image.shape[0]}, "
+                        f"{label_path} is {label.shape[1]}x{label.shape[0]} (width x height)")
+
+
+def apply_lut(raw: np.ndarray, lut: np.ndarray, path) -> np.ndarray:
+    """Map raw label values through ``lut`` (int64, -1 = not a valid value); DataError names the
+    first invalid value and the file."""
+    if raw.size and (raw.min() < 0 or raw.max() >= len(lut)):
+        bad = int(raw.max() if raw.max() >= len(lut) else raw.min())
+        raise DataError(f"label value {bad} outside the dataset's classes in {path}")
+    out = lut[raw]
+    if (out < 0).any():
+        bad = sorted(set(np.unique(raw[out < 0]).tolist()))
+        raise DataError(f"label value(s) {bad} outside the dataset's classes in {path}")
+    return out
+
+
+def read_lines(path, what: str = "list") -> list:
+    """Non-empty, stripped lines; DataError when the file is missing or holds no entry."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"missing {what} file: {path}")
+    lines = [ln.strip() for ln in path.read_text().splitlines()]
+    lines = [ln for ln in lines if ln and not ln.startswith("#")]
+    if not lines:
+        raise DataError(f"empty {what} file: {path}")
+    return lines
+
+
+def read_class_table(path) -> dict:
+    """{id: name} from a class list: "id<TAB or space>name[...]" rows (a header row whose first
+    field is not an integer is skipped) or one name a line (id = line number)."""
+    rows = read_lines(path, "class list")
+    fields = [r.replace("\t", " ").split() for r in rows]
+    if not fields[0][0].lstrip("-").isdigit():
+        fields = fields[1:]
+    if all(len(f) >= 2 and f[0].isdigit() for f in fields):
+        return {int(f[0]): f[1] for f in fields}
+    return {i: r for i, r in enumerate(rows)}

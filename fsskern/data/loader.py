@@ -1,0 +1,184 @@
+"""Episodes -> tensors: ``EpisodeDataset`` builds one episode dict (docs/architecture.md "Episode
+batch") and ``collate_episodes`` stacks them. Augmentation draws only from a ``torch.Generator``
+seeded with the episode's own seed, so an episode's tensors are identical for any ``num_workers``,
+sampler or loading order.
+
+Labels of an episode (PFENet conventions): the query mask holds way w's class as w + 1, 0 elsewhere,
+255 kept; a support mask is 1 on its way's class, 0 elsewhere, 255 kept. In training, novel-class
+pixels are background (PFENet policy; the bam policy has no such image) and ``base_label`` is the
+query label in the base-learner space. A way whose supports hold no pixel of its class is background
+in the query (POPNet: the query is parsed into the classes the support annotates)."""
+from typing import Dict, List, Optional, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as nnf
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from . import transforms as T
+from .datasets import IGNORE, build_source
+from .index import base_label_lut
+from .io import DataError
+
+
+def way_lut(classes: Sequence[int], size: int = 256) -> np.ndarray:
+    lut = np.zeros(size, dtype=np.int64)
+    for w, c in enumerate(classes, start=1):
+        lut[c] = w
+    lut[IGNORE] = IGNORE
+    return lut
+
+
+class EpisodeDataset(Dataset):
+    """``dataset[t]`` -> the episode dict of ``manifest[t]`` (a ``Manifest`` or ``TrainEpisodes``).
+
+    ``train``: ``transform`` is a ``TrainTransform`` (called with the episode's generator) and
+    ``novel`` / ``base`` give the training label rules; otherwise a ``TestTransform`` and the dict
+    also carries ``query_label_orig`` and ``restore``."""
+
+    def __init__(self, source, manifest, transform, train: bool, base: Sequence[int] = (), novel: Sequence[int] = ()):
+        self.source, self.manifest, self.transform, self.train = source, manifest, transform, train
+        size = max(256, len(getattr(source, "lut", ())))
+        self.train_lut = np.arange(size, dtype=np.int64)
+        self.train_lut[list(novel)] = 0
+        self.base_lut = base_label_lut(base, size) if base else None
+        self.areas = getattr(source, "area_lut", None)
+
+    def __len__(self) -> int:
+        return len(self.manifest)
+
+    def set_epoch(self, epoch: int) -> None:
+        if hasattr(self.manifest, "set_epoch"):
+            self.manifest.set_epoch(epoch)
+
+    def _load(self, i: int):
+        image, label = self.source.load(i)
+        return image, (self.train_lut[label] if self.train else label)
+
+    def __getitem__(self, t: int) -> Dict:
+        e = self.manifest[t]
+        ways, shots = len(e.classes), len(e.supports) // len(e.classes)
+        gen = torch.Generator().manual_seed(e.seed)
+        supports: Dict[int, tuple] = {}
+        for s in dict.fromkeys(e.supports):  # each distinct support image decoded once
+            supports[s] = self._load(s)
+        masks = []  # (way, shot) -> binary mask at the original resolution
+        for w, c in enumerate(e.classes):
+            for k in range(shots):
+                lbl = supports[e.supports[w * shots + k]][1]
+                masks.append(np.where(lbl == IGNORE, IGNORE, lbl == c).astype(np.int64))
+        q_image, q_label = self._load(e.query)
+        lut = way_lut(e.classes, max(256, len(self.train_lut)))
+        for w in range(ways):  # no support pixel of this way: nothing to segment it from
+            if not any((m == 1).any() for m in masks[w * shots:(w + 1) * shots]):
+                lut[e.classes[w]] = 0
+        q_mask = lut[q_label]
+        q_extra = []
+        if self.train and self.base_lut is not None:
+            q_extra.append(self.base_lut[q_label])
+        if self.areas is not None:
+            q_extra.append(self.areas[q_label])
+        out = {"classes": torch.tensor(e.classes, dtype=torch.int64), "index": torch.tensor(t, dtype=torch.int64)}
+        if self.train:
+            img, labels = self.transform(q_image, [q_mask] + q_extra, gen)
+        else:
+            img, labels, restore = self.transform(q_image, [q_mask] + q_extra)
+            out["query_label_orig"] = torch.from_numpy(q_mask)
+            out["restore"] = restore
+        out["query_img"], out["query_mask"] = img, labels[0]
+        if self.train and self.base_lut is not None:
+            out["base_label"] = labels[1]
+        if self.areas is not None:
+            out["query_areas"] = labels[-1]
+        s_imgs: List[Optional[torch.Tensor]] = [None] * len(masks)
+        s_masks: List[Optional[torch.Tensor]] = [None] * len(masks)
+        s_areas: List[Optional[torch.Tensor]] = [None] * len(masks)
+        for s, (image, label) in supports.items():
+            slots = [j for j, sj in enumerate(e.supports) if sj == s]  # one transform per image, all its ways
+            extra = [self.areas[label]] if self.areas is not None else []
+            if self.train:
+                img, labels = self.transform(image, [masks[j] for j in slots] + extra, gen)
+            else:
+                img, labels, _ = self.transform(image, [masks[j] for j in slots] + extra)
+            for n, j in enumerate(slots):
+                s_imgs[j], s_masks[j] = img, labels[n]
+                if extra:
+                    s_areas[j] = labels[-1]
+        out["support_imgs"], out["support_masks"] = _stack(s_imgs, 0.0), _stack(s_masks, IGNORE)
+        if self.areas is not None:
+            out["support_areas"] = _stack(s_areas, IGNORE)
+        return out
+
+
+def _pad_to(x: torch.Tensor, h: int, w: int, value) -> torch.Tensor:
+    dh, dw = h - x.shape[-2], w - x.shape[-1]
+    return nnf.pad(x, (0, dw, 0, dh), value=value) if dh or dw else x
+
+
+def _stack(xs: List[torch.Tensor], value) -> torch.Tensor:
+    h = max(x.shape[-2] for x in xs)
+    w = max(x.shape[-1] for x in xs)
+    return torch.stack([_pad_to(x, h, w, value) for x in xs])
+
+
+def collate_episodes(batch: List[Dict]) -> Dict:
+    """Stack episode dicts; images of different sizes (``original`` test rule) are padded bottom/right
+    to the batch maximum with 0 (images) and 255 (labels); ``query_label_orig`` and ``restore`` stay
+    lists (one original-size label and restore dict per episode)."""
+    out = {}
+    for k in batch[0]:
+        xs = [b[k] for b in batch]
+        if k in ("query_label_orig", "restore"):
+            out[k] = xs
+        elif k in ("query_img", "support_imgs"):
+            out[k] = _stack(xs, 0.0)
+        elif k in ("classes", "index"):
+            out[k] = torch.stack(xs)
+        else:
+            out[k] = _stack(xs, IGNORE)
+    return out
+
+
+class ShardSampler(Sampler):
+    """Evaluation sharding without padding: rank r gets indices r, r + world, ... so the shards are
+    disjoint and their union is the whole manifest (DistributedSampler pads with repeats, which would
+    count some episodes twice in summed I/U)."""
+
+    def __init__(self, n: int, rank: int, world_size: int):
+        if not 0 <= rank < world_size:
+            raise DataError(f"rank {rank} out of range for world size {world_size}")
+        self.indices = list(range(rank, n, world_size))
+
+    def __iter__(self):
+        return iter(self.indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+
+def test_transform_for(cfg_data, protocol: Optional[str]):
+    """The protocol's resize rule and size (``data.test_size`` when the protocol names none)."""
+    if not protocol or protocol.startswith("val"):
+        return T.from_config(cfg_data, train=False)
+    from .protocols import get_protocol
+    p = get_protocol(protocol)
+    size = p.get(p.size, cfg_data.dataset) or cfg_data.test_size
+    return T.TestTransform(size, p.resize)
+
+
+def build_loader(cfg_data, split: str, fold: int, manifest, train: bool, sampler: Optional[Sampler] = None,
+                 source=None, batch_size: Optional[int] = None) -> DataLoader:
+    """A DataLoader of episode batches. ``manifest``: ``TrainEpisodes`` (training) or ``Manifest``.
+    ``sampler``: e.g. ``DistributedSampler`` (training) or ``ShardSampler`` (evaluation)."""
+    source = source or build_source(cfg_data, split)
+    if train:
+        base, novel = source.fold_classes(fold)
+        transform = T.from_config(cfg_data, train=True)
+        dataset = EpisodeDataset(source, manifest, transform, True, base=base, novel=novel)
+    else:
+        transform = test_transform_for(cfg_data, getattr(manifest, "meta", {}).get("protocol"))
+        dataset = EpisodeDataset(source, manifest, transform, False)
+    workers = cfg_data.num_workers
+    return DataLoader(dataset, batch_size=batch_size or cfg_data.batch_size, shuffle=False, sampler=sampler,
+                      num_workers=workers, collate_fn=collate_episodes, drop_last=train,
+                      persistent_workers=workers > 0, pin_memory=torch.cuda.is_available())
