@@ -1,0 +1,272 @@
+"""Dataset sources on real files (../shared/data) and on tiny synthetic layouts; every bad input
+raises DataError with a message naming the file or value."""
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from fsskern.data import DataError, build_source
+from fsskern.data.datasets.coco import coco_novel_classes
+from fsskern.data.index import base_label_lut, scan_labels, training_pools
+from fsskern.engine.config import DataConfig
+
+DATA = Path(__file__).parents[1].parent / "shared" / "data"
+
+
+def need(name):
+    if not (DATA / name).is_dir():
+        pytest.skip(f"real data {DATA / name} absent")
+    return DATA / name
+
+
+def write_pair(root, sid, label, image_dir="images", label_dir="labels", ext=".jpg", palette=False):
+    (root / image_dir).mkdir(parents=True, exist_ok=True)
+    (root / label_dir).mkdir(parents=True, exist_ok=True)
+    h, w = label.shape
+    rgb = (np.random.default_rng(len(sid)).random((h, w, 3)) * 255).astype(np.uint8)
+    Image.fromarray(rgb).save(root / image_dir / (sid + ext))
+    lbl = Image.fromarray(label.astype(np.uint8))
+    if palette:
+        lbl = lbl.convert("P")
+        lbl.putpalette([v for i in range(256) for v in (i, 255 - i, i // 2)])
+    lbl.save(root / label_dir / (sid + ".png"))
+
+
+def blocks(h, w, *regions):
+    """A label map with (value, y0, y1, x0, x1) rectangles."""
+    lbl = np.zeros((h, w), dtype=np.int64)
+    for v, y0, y1, x0, x1 in regions:
+        lbl[y0:y1, x0:x1] = v
+    return lbl
+
+
+# ---- real files -------------------------------------------------------------------------------
+
+def test_msrc_real_void_is_ignore_and_folds():
+    root = need("msrc_v2")
+    cfg = DataConfig(dataset="folder", root=str(root), classes="class_counts.tsv", params={"void": [0]},
+                     folds=[[4, 6, 9, 11], [12, 13, 14, 15], [16, 17, 18, 20], [21, 22, 23]])
+    src = build_source(cfg, "test")
+    assert len(src) == 591 and src.class_names[5] == "horse" and src.class_names[23] == "boat"
+    image, label = src.load(0)
+    assert image.dtype == np.uint8 and image.shape == (213, 320, 3) and label.dtype == np.int64
+    assert set(np.unique(label)) <= {14, 255}  # 10_10_s: flower + void
+    base, novel = src.fold_classes(3)
+    assert novel == [21, 22, 23] and 5 in base and 7 in base
+    with pytest.raises(DataError, match="fold 4 out of range"):
+        src.fold_classes(4)
+
+
+def test_msrc_config_file_matches_readme_counts():
+    import yaml
+    cfg = yaml.safe_load((Path(__file__).parents[1] / "configs" / "data" / "msrc_v2.yaml").read_text())["data"]
+    novel = [c for f in cfg["folds"] for c in f]
+    assert len(novel) == len(set(novel)) == 15 and 5 not in novel
+    assert not set(novel) & {1, 2, 3, 7, 8, 10, 19}
+
+
+def test_voc_sample_real_palette_indices(tmp_path):
+    root = need("voc2012_sample")
+    src = build_source(DataConfig(dataset="pascal", root=str(root)), "train")
+    assert len(src) == 102
+    image, label = src.load(0)
+    assert set(np.unique(label)) == {0, 10, 16, 255}  # palette indices, not colours
+    stats = scan_labels(src, cache_dir=tmp_path)
+    assert stats.pixels[0][16] >= 2048
+    assert src.fold_classes(1) == ([c for c in range(1, 21) if not 6 <= c <= 10], [6, 7, 8, 9, 10])
+
+
+def test_viton_lip_merge_and_hierarchy():
+    root = need("viton_parsing")
+    cfg = DataConfig(dataset="parsing", root=str(root), params={"preset": "lip"},
+                     hierarchy={"head": ["hat", "hair", "face"], "body": ["upper-clothes", "dress", "coat",
+                                "jumpsuits", "skirt"], "arms": ["arms"], "legs": ["pants", "legs", "shoes"]})
+    src = build_source(cfg, "test")
+    _, label = src.load(0)
+    assert 15 not in label and 14 in label  # right-arm merged into arms
+    areas = src.to_areas(label)
+    assert set(np.unique(areas)) <= {0, 1, 2, 3, 4, 255} and (areas[label == 14] == 3).all()
+    assert src.fold_classes(0)[1] == [6, 9, 12]
+    bad = DataConfig(dataset="parsing", root=str(root), params={"preset": "lip"}, hierarchy={"head": ["hair"]})
+    with pytest.raises(DataError, match="without an area"):
+        build_source(bad, "test")
+
+
+def test_ccp_with_config_grouping():
+    root = need("ccp")
+    cfg = DataConfig(dataset="parsing", root=str(root), classes="class_index.tsv",
+                     merge={"background": [0], "head": [19, 18], "skin": [41]}, folds=[[19]])
+    src = build_source(cfg, "test")
+    _, label = src.load(0)
+    assert src.class_names[19] == "head" and 18 not in label
+
+
+# ---- synthetic layouts -----------------------------------------------------------------------
+
+def pascal_layout(tmp_path):
+    root = tmp_path / "voc"
+    ids = [f"2007_00000{i}" for i in range(6)]
+    for k, sid in enumerate(ids):
+        write_pair(root, sid, blocks(64, 80, (1 + k % 2, 0, 48, 0, 48), (6 if k < 3 else 0, 50, 64, 60, 80),
+                                     (255, 48, 50, 0, 80)),
+                   "JPEGImages", "SegmentationClassAug", palette=True)
+    lists = root / "ImageSets" / "Segmentation"
+    lists.mkdir(parents=True)
+    (lists / "train_aug.txt").write_text("\n".join(ids[:4]) + "\n")
+    (lists / "val.txt").write_text("\n".join(ids[4:]) + "\n")
+    return root, ids
+
+
+def test_pascal_list_formats_and_policies(tmp_path):
+    root, ids = pascal_layout(tmp_path)
+    (root / "pairs.txt").write_text("".join(f"JPEGImages/{i}.jpg SegmentationClassAug/{i}.png\n" for i in ids))
+    (root / "hsnet.txt").write_text(f"{ids[0]}__01\n{ids[1]}__02\n{ids[0]}__06\n")
+    src = build_source(DataConfig(dataset="pascal", root=str(root), train_list="pairs.txt"), "train")
+    assert [src.sample_id(i) for i in range(len(src))] == ids
+    hs = build_source(DataConfig(dataset="pascal", root=str(root), train_list="hsnet.txt"), "train")
+    assert len(hs) == 2 and hs.listed_pairs == [(0, 1), (1, 2), (0, 6)]
+    test = build_source(DataConfig(dataset="pascal", root=str(root)), "test")
+    assert len(test) == 2
+    stats = scan_labels(src, cache_dir=tmp_path / "c")
+    assert stats.pixels[0] == {1: 48 * 48, 6: 14 * 20}
+    pfenet = training_pools(src, stats, 1, "pfenet", min_pixels=100)   # fold 1: novel 6..10
+    bam = training_pools(src, stats, 1, "bam", min_pixels=100)
+    assert pfenet.train == {1: [0, 2, 4], 2: [1, 3, 5]} and pfenet.dropped == 0
+    assert bam.train == {1: [4], 2: [3, 5]} and bam.dropped == 3  # images 0-2 hold class 6, novel in fold 1
+    with pytest.raises(DataError, match="unknown training policy 'keep'"):
+        training_pools(src, stats, 1, "keep")
+    pf0 = training_pools(src, stats, 0, "pfenet", min_pixels=100)
+    assert 6 in pf0.train and 1 not in pf0.train
+    assert base_label_lut(pf0.base)[[0, 1, 6, 255]].tolist() == [0, 0, 1, 255]
+
+
+def test_pascal_bad_list_lines(tmp_path):
+    root, _ = pascal_layout(tmp_path)
+    (root / "bad.txt").write_text("a b c\n")
+    with pytest.raises(DataError, match="bad list line 'a b c'"):
+        build_source(DataConfig(dataset="pascal", root=str(root), train_list="bad.txt"), "train")
+    (root / "empty.txt").write_text("\n\n")
+    with pytest.raises(DataError, match="empty image list file"):
+        build_source(DataConfig(dataset="pascal", root=str(root), train_list="empty.txt"), "train")
+    with pytest.raises(DataError, match="missing image list file"):
+        build_source(DataConfig(dataset="pascal", root=str(root), train_list="nope.txt"), "train")
+
+
+def test_bad_files_are_named(tmp_path):
+    root, ids = pascal_layout(tmp_path)
+    src = build_source(DataConfig(dataset="pascal", root=str(root)), "train")
+    (root / "JPEGImages" / f"{ids[0]}.jpg").unlink()
+    with pytest.raises(DataError, match=f"missing image file: .*{ids[0]}.jpg"):
+        src.load(0)
+    data = (root / "JPEGImages" / f"{ids[1]}.jpg").read_bytes()
+    (root / "JPEGImages" / f"{ids[1]}.jpg").write_bytes(data[: len(data) // 2])
+    with pytest.raises(DataError, match=f"unreadable or truncated image file: .*{ids[1]}.jpg"):
+        src.load(1)
+    Image.fromarray(np.zeros((10, 10), np.uint8)).save(root / "SegmentationClassAug" / f"{ids[2]}.png")
+    with pytest.raises(DataError, match=f"size mismatch: .*{ids[2]}.jpg is 80x64.*is 10x10"):
+        src.load(2)
+    Image.fromarray(np.full((64, 80), 42, np.uint8)).save(root / "SegmentationClassAug" / f"{ids[3]}.png")
+    with pytest.raises(DataError, match=rf"label value\(s\) \[42\] outside the dataset's classes in .*{ids[3]}.png"):
+        src.load(3)
+    (root / "SegmentationClassAug" / f"{ids[3]}.png").write_bytes(b"not a png")
+    with pytest.raises(DataError, match=f"unreadable or truncated label file: .*{ids[3]}.png"):
+        scan_labels(src, cache_dir=tmp_path / "c")
+    with pytest.warns(UserWarning, match="skipped 1 of 4"):
+        stats = scan_labels(src, cache_dir=tmp_path / "c", on_error="skip")
+    assert list(stats.skipped) == [3] and "not a png" not in stats.skipped[3]
+
+
+def test_index_cache_is_keyed_by_list_and_mapping(tmp_path):
+    root, ids = pascal_layout(tmp_path)
+    cache = tmp_path / "c"
+    src = build_source(DataConfig(dataset="pascal", root=str(root)), "train")
+    first = scan_labels(src, cache_dir=cache)
+    assert len(list(cache.iterdir())) == 1 and scan_labels(src, cache_dir=cache).pixels == first.pixels
+    (root / "short.txt").write_text(ids[0] + "\n")
+    other = build_source(DataConfig(dataset="pascal", root=str(root), train_list="short.txt"), "train")
+    assert scan_labels(other, cache_dir=cache).key != first.key and len(list(cache.iterdir())) == 2
+
+
+def test_unknown_names_are_refused(tmp_path):
+    with pytest.raises(DataError, match="unknown dataset 'voc'"):
+        build_source(DataConfig(dataset="voc", root=str(tmp_path)), "train")
+    root, _ = pascal_layout(tmp_path)
+    with pytest.raises(DataError, match=r"unknown data.params for dataset 'pascal': \['typo'\]"):
+        build_source(DataConfig(dataset="pascal", root=str(root), params={"typo": 1}), "train")
+    with pytest.raises(DataError, match="unknown COCO fold convention 'odd'"):
+        coco_novel_classes(0, "odd")
+
+
+def test_coco_fold_conventions():
+    inter = [coco_novel_classes(k, "interleaved") for k in range(4)]
+    cont = [coco_novel_classes(k, "contiguous") for k in range(4)]
+    assert inter[0][:3] == [1, 5, 9] and inter[3][-1] == 80 and cont[1] == list(range(21, 41))
+    for folds in (inter, cont):
+        assert sorted(c for f in folds for c in f) == list(range(1, 81)) and all(len(f) == 20 for f in folds)
+
+
+def test_fss1000_layout(tmp_path):
+    root = tmp_path / "fss"
+    names = {"trn": ["ant", "bee"], "val": ["cat"], "test": ["dog", "eel"]}
+    (root / "splits").mkdir(parents=True)
+    for split, ns in names.items():
+        (root / "splits" / f"{split}.txt").write_text("\n".join(ns) + "\n")
+        for n in ns:
+            for k in range(1, 4):
+                write_pair(root, str(k), blocks(32, 32, (200, 0, 16, 0, 16), (100, 16, 32, 0, 32)), n, n)
+    src = build_source(DataConfig(dataset="fss1000", root=str(root)), "test")
+    assert src.class_names == ["background", "ant", "bee", "cat", "dog", "eel"] and len(src) == 6
+    _, label = src.load(4)  # eel/2
+    assert src.sample_id(4) == "eel/2" and set(np.unique(label)) == {0, 5} and (label == 5).sum() == 256
+    assert src.fold_classes(0) == ([1, 2], [4, 5])
+    (root / "ant" / "2.png").unlink()
+    with pytest.raises(DataError, match="missing label file: .*ant/2.png"):
+        build_source(DataConfig(dataset="fss1000", root=str(root)), "train").load(1)
+
+
+def test_fss1000_official_test_list_reads():
+    root = need("fss1000_example")
+    names = (root / "fss_test_set.txt").read_text().split()
+    assert len(names) == 240
+
+
+def test_atr_popnet_layout_pools_and_merge(tmp_path):
+    root = tmp_path / "ATR_OS"
+    (root / "list").mkdir(parents=True)
+    ids = [f"img{i}" for i in range(8)]
+    for k, sid in enumerate(ids):
+        write_pair(root, sid, blocks(40, 30, (2, 0, 10, 0, 30), (10, 30, 40, 0, 15), (9, 30, 40, 15, 30),
+                                     (13, 20, 30, 0, 15), (3, 10, 12, 0, 5)), "trainval_images", "trainval_classes")
+    (root / "list" / "meta_train_id.txt").write_text("\n".join(ids) + "\n")
+    (root / "list" / "meta_test_id.txt").write_text("\n".join(ids) + "\n")
+    cfg = DataConfig(dataset="parsing", root=str(root), params={"layout": "popnet", "preset": "atr",
+                                                                 "fold_protocol": "paper", "pool_boundary": 2})
+    src = build_source(cfg, "train")
+    assert src.query_pool == [0, 1, 2] and src.support_pool == [3, 4, 5, 6, 7]
+    _, label = src.load(0)
+    assert set(np.unique(label)) == {0, 2, 9, 12}  # shoes merged to 9, right-leg to 12, sunglasses to bg
+    assert src.fold_classes(0) == ([1, 2, 4, 5, 7, 11, 14, 16], [6, 9, 12])
+    code = DataConfig(dataset="parsing", root=str(root), params={"layout": "popnet", "preset": "atr"})
+    with pytest.raises(DataError, match="pool_boundary 200 leaves no support pool in a 8-image list"):
+        build_source(code, "test")  # the code's test boundary (200) needs the full 2706-line list
+    code.params["pool_boundary"] = 2
+    assert build_source(code, "test").fold_classes(1)[1] == [1, 4, 16]
+    with pytest.raises(DataError, match="preset 'lip' has no 'paper' folds"):
+        build_source(DataConfig(dataset="parsing", root=str(root), params={"layout": "popnet", "preset": "lip",
+                                                                             "fold_protocol": "paper"}), "test")
+
+
+def test_pseudo_folder_span_filter(tmp_path):
+    root = tmp_path / "pseudo"
+    write_pair(root, "a", blocks(100, 100, (1, 0, 100, 0, 50), (2, 10, 60, 60, 100)), "images", "pseudo")
+    write_pair(root, "b", blocks(100, 100, (2, 0, 40, 0, 40)), "images", "pseudo")
+    (root / "index.json").write_text(json.dumps({"version": 1, "num_clusters": 3, "samples": ["a", "b"]}))
+    src = build_source(DataConfig(dataset="pseudo", root=str(root)), "train")
+    stats = scan_labels(src, cache_dir=tmp_path / "c")
+    # clusters 0 and 1 (classes 1, 2) span every row: "stuff", dropped; cluster 2 (class 3) survives
+    assert stats.pixels == [{3: 2000}, {3: 1600}]
+    (root / "index.json").write_text("{}")
+    with pytest.raises(DataError, match="bad pseudo-label index"):
+        build_source(DataConfig(dataset="pseudo", root=str(root)), "train")
