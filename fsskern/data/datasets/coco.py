@@ -69,7 +69,7 @@ class CocoSource(Source):
         names = COCO_CLASSES
         if (root / "classes.txt").is_file():
             table = read_class_table(root / "classes.txt")
-            names = [table[k] for k in sorted(table)]
+            names = [table[k] for k in sorted(table) if k > 0]  # id 0 is background
         self.class_names = ["background"] + list(names)
         self.convention = cfg_data.fold_convention
         coco_novel_classes(0, self.convention)  # validates the convention name now
