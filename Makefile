@@ -9,7 +9,7 @@ SOURCES := $(shell find csrc -type f) setup.py
 CUDA_SOURCES := $(shell find csrc -name '*.cu')
 TORCH_INCLUDE = $$($(PY) -c 'import torch.utils.cpp_extension as c; print(" ".join("-I" + p for p in c.include_paths()))')
 
-.PHONY: venv build test bench bench-quick cuda-check cmake-test ci clean
+.PHONY: venv build test bench bench-quick cuda-check cmake-test gpu-check ci clean
 
 venv: $(VENV)/.deps
 $(VENV)/.deps: requirements.txt requirements-dev.txt
@@ -47,6 +47,12 @@ cmake-test: venv
 	$(VENV)/bin/cmake -S . -B build-cmake -DCMAKE_PREFIX_PATH="$(TORCH_CMAKE)" -DCMAKE_BUILD_TYPE=Release
 	$(VENV)/bin/cmake --build build-cmake -j2
 	$(VENV)/bin/ctest --test-dir build-cmake --output-on-failure
+
+# On a machine with one NVIDIA GPU: build for it, CUDA tests, op benchmarks and model steps on it,
+# results in $GPU_CHECK_OUT (docs/gpu.md). ARGS=--dry-run lists what it would do, on any machine.
+ARGS ?=
+gpu-check:
+	$(PYTHON) python/gpu_check.py --venv $(VENV) $(ARGS)
 
 ci: test cuda-check cmake-test bench-quick
 

@@ -1,0 +1,542 @@
+"""One prepared run on a machine with an NVIDIA GPU: build fsskern for that GPU, run the CUDA
+tests, the op benchmarks on CUDA and one training step and one inference of every registered
+model, and leave every result in one folder. See docs/gpu.md.
+
+    make gpu-check                          # python3 python/gpu_check.py
+    make gpu-check ARGS=--dry-run           # what it would do; any machine, no GPU needed
+    make gpu-check ARGS="--skip build --limit op-bench=200"
+
+Phases, in order, each under its own time limit (--limit PHASE=SECONDS); a phase that fails or
+runs out of time is recorded and the next one runs, so one broken kernel does not cost the run:
+
+    build        venv, then fsskern built with its CUDA kernels for this GPU's architecture only
+    cuda-tests   pytest -k cuda: every CUDA test (JUnit XML + log)
+    op-bench     benchmarks/run.py --device cuda at the papers' sizes (JSON + Markdown)
+    model-steps  each registered model: one inference and one training step, ops=fused vs reference
+    summary      timings.json and summary.md; the short summary is printed last
+
+Everything lands in $GPU_CHECK_OUT (default runs/gpu-check). Exit status: 0 when every phase
+passed, 1 when one failed or timed out, 2 when there is no GPU (nothing is run).
+
+This process needs no torch: it runs under the machine's python3 and starts every phase as a
+child process, which it kills (with its whole process group) at the phase's limit.
+"""
+import argparse
+import json
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import time
+import traceback
+import xml.etree.ElementTree as ET
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Dict, List, Optional
+
+ROOT = Path(__file__).resolve().parents[1]
+PHASES = ["build", "cuda-tests", "op-bench", "model-steps", "summary"]
+# Seconds per phase: 470 in all, inside the 8 minutes the check is given (summary takes no time).
+LIMITS = {"build": 210, "cuda-tests": 120, "op-bench": 90, "model-steps": 50}
+NO_GPU_EXIT = 2
+
+# Run by the base interpreter: what torch (if any) sees, and where its packages live.
+PROBE = """
+import json, site, sys
+info = {"python": sys.executable, "in_venv": sys.prefix != sys.base_prefix, "site": site.getsitepackages()}
+try:
+    import torch
+except ImportError:
+    info["torch"] = None
+else:
+    info["torch"] = torch.__version__
+    info["torch_cuda"] = torch.version.cuda
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+        info["capability"] = "%d.%d" % torch.cuda.get_device_capability(0)
+print(json.dumps(info))
+"""
+
+
+# ---- finding the GPU ------------------------------------------------------------------------------
+
+def probe_python(python: str) -> dict:
+    """What `python` offers: its torch, the GPU that torch sees, its site-packages."""
+    try:
+        out = subprocess.run([python, "-c", PROBE], capture_output=True, text=True, timeout=120)
+        return json.loads(out.stdout.strip().splitlines()[-1])
+    except (OSError, subprocess.TimeoutExpired, ValueError, IndexError):
+        return {"python": python, "torch": None}
+
+
+def probe_nvidia_smi() -> Optional[dict]:
+    """The first GPU nvidia-smi lists (name, compute capability, driver), or None."""
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=name,compute_cap,driver_version", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    rows = [line.split(",") for line in out.stdout.strip().splitlines() if line.count(",") == 2]
+    if out.returncode != 0 or not rows:
+        return None
+    name, capability, driver = (part.strip() for part in rows[0])
+    return {"gpu": name, "capability": capability, "driver": driver}
+
+
+def find_gpu(base: dict, fake: Optional[str]) -> Optional[dict]:
+    """{"gpu", "capability", "driver"?, "source"} of the GPU to check, or None when there is none."""
+    if fake:  # tests of the phase logic on machines without a GPU
+        name, capability = fake.rsplit(",", 1)
+        return {"gpu": name, "capability": capability, "source": "--fake-gpu"}
+    smi = probe_nvidia_smi()
+    if base.get("gpu"):
+        return {"gpu": base["gpu"], "capability": base["capability"], "driver": (smi or {}).get("driver"),
+                "source": f"torch {base['torch']} in {base['python']}"}
+    if smi:
+        return {**smi, "source": "nvidia-smi"}
+    return None
+
+
+def no_gpu_message(base: dict) -> str:
+    torch_note = (f"torch {base['torch']} in {base['python']} sees no CUDA device" if base.get("torch")
+                  else f"{base['python']} has no torch")
+    return f"gpu-check: NO GPU on this machine ({torch_note}, and nvidia-smi lists none)"
+
+
+# ---- phases ---------------------------------------------------------------------------------------
+
+@dataclass
+class Step:
+    title: str
+    argv: Optional[List[str]] = None  # a command run in the repository root ...
+    action: Optional[Callable[[], None]] = None  # ... or a function of this script
+    env: Dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class Phase:
+    name: str
+    limit_s: float
+    log: Path
+    steps: List[Step]
+    outputs: List[Path] = field(default_factory=list)
+
+
+def venv_steps(args, base: dict) -> List[Step]:
+    """Create the venv unless it exists. With a CUDA torch in the base interpreter (the device
+    machines: no registry reachable) the venv sees the base's packages; else the Makefile's way."""
+    python = args.venv / "bin" / "python"
+    if python.exists():
+        return []
+    if base.get("torch_cuda"):
+        steps = [Step(f"{args.python} -m venv --system-site-packages --without-pip {args.venv}",
+                      [args.python, "-m", "venv", "--system-site-packages", "--without-pip", str(args.venv)])]
+        if base.get("in_venv"):  # --system-site-packages reaches the base's base, not the base venv's own
+            steps.append(Step(f"{args.venv}/.../gpu_check_base.pth -> {', '.join(base['site'])}",
+                              action=lambda: link_base_site(python, base["site"])))
+        return steps
+    return [Step(f"make venv VENV={args.venv}", ["make", "venv", f"VENV={args.venv}", f"PYTHON={args.python}"])]
+
+
+def link_base_site(python: Path, site_dirs: List[str]):
+    """A .pth in the venv that adds the base venv's site-packages, their own .pth files processed
+    (addsitedir), after the venv's own packages."""
+    purelib = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                             capture_output=True, text=True, check=True).stdout.strip()
+    (Path(purelib) / "gpu_check_base.pth").write_text("".join(f"import site; site.addsitedir({d!r})\n"
+                                                              for d in site_dirs))
+
+
+def build_phase(args, base: dict, gpu: Optional[dict]) -> Phase:
+    python = str(args.venv / "bin" / "python")
+    arch = gpu["capability"] if gpu else "<the GPU's compute capability>"
+    env = {"FSSKERN_CUDA": "1", "TORCH_CUDA_ARCH_LIST": arch, "MAX_JOBS": str(os.cpu_count() or 1),
+           # ninja and the toolchain of the base interpreter (torch compiles one file at a time without ninja)
+           "PATH": os.pathsep.join([str(Path(args.python).parent), os.environ.get("PATH", "")])}
+    check = ("import fsskern; info = fsskern.build_info(); print(info); "
+             "assert info['cuda'], 'fsskern was built without its CUDA kernels'")
+    steps = venv_steps(args, base) + [
+        # the Makefile's build recipe, for this GPU only
+        Step("pip install --no-build-isolation --no-deps -e .  (the build)",
+             [python, "-m", "pip", "install", "--no-build-isolation", "--no-deps", "-e", "."], env=env),
+        Step("fsskern.build_info() lists the CUDA kernels", [python, "-c", check]),
+    ]
+    return Phase("build", args.limits["build"], args.out / "build.log", steps)
+
+
+def test_phase(args) -> Phase:
+    xml = args.out / "cuda-tests.xml"
+    # -k cuda: tests marked `cuda`, in test_cuda.py, or named *cuda* (test_build's CPU-vs-CUDA tests)
+    argv = [str(args.venv / "bin" / "python"), "-m", "pytest", "-q", "-rfEs", "-p", "no:cacheprovider", "tests",
+            "-k", "cuda", f"--junitxml={xml}"]
+    return Phase("cuda-tests", args.limits["cuda-tests"], args.out / "cuda-tests.log",
+                 [Step(shlex.join(argv), argv)], [xml])
+
+
+def bench_phase(args) -> Phase:
+    out = args.out / "bench"
+    argv = [str(args.venv / "bin" / "python"), "benchmarks/run.py", "--device", "cuda", "--no-sweeps",
+            "--out", str(out)]
+    return Phase("op-bench", args.limits["op-bench"], args.out / "op-bench.log", [Step(shlex.join(argv), argv)],
+                 [out / "results.json", out / "report.md"])
+
+
+def model_phase(args) -> Phase:
+    result = args.out / "model-steps.json"
+    argv = [str(args.venv / "bin" / "python"), str(Path(__file__).resolve()), "--run-model-steps", str(result),
+            "--model-size", str(args.model_size), "--model-batch", str(args.model_batch)]
+    return Phase("model-steps", args.limits["model-steps"], args.out / "model-steps.log",
+                 [Step(shlex.join(argv), argv)], [result])
+
+
+def plan(args, base: dict, gpu: Optional[dict]) -> List[Phase]:
+    phases = [build_phase(args, base, gpu), test_phase(args), bench_phase(args), model_phase(args)]
+    for phase in phases:
+        if phase.name in args.fake_phase:  # tests: a phase replaced by a shell command
+            phase.steps = [Step(args.fake_phase[phase.name], ["bash", "-c", args.fake_phase[phase.name]])]
+    return [p for p in phases if p.name not in args.skip]
+
+
+def run_command(argv: List[str], env: Dict[str, str], timeout: float, log) -> Optional[int]:
+    """Exit status of argv, or None when it ran past `timeout` and was killed with its children."""
+    proc = subprocess.Popen(argv, cwd=ROOT, env={**os.environ, "PYTHONUNBUFFERED": "1", **env}, stdout=log,
+                            stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+    try:
+        return proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)  # its own session: pip's nvcc, pytest's compile workers
+        proc.wait()
+        return None
+
+
+def run_phase(phase: Phase) -> dict:
+    """Run the phase's steps in order until one fails or the phase's time is up."""
+    start = time.monotonic()
+    record = {"phase": phase.name, "status": "ok", "limit_s": phase.limit_s, "log": str(phase.log), "steps": []}
+    print(f"== {phase.name} (limit {phase.limit_s:.0f} s, log {phase.log})", flush=True)
+    with open(phase.log, "w") as log:
+        for step in phase.steps:
+            left = phase.limit_s - (time.monotonic() - start)
+            log.write(f"$ {step.title}\n")
+            log.flush()
+            step_start = time.monotonic()
+            if left <= 0:
+                rc = None
+            elif step.action:
+                try:
+                    step.action()
+                    rc = 0
+                except Exception:  # noqa: BLE001  (a failed step is recorded, the next phase runs)
+                    log.write(traceback.format_exc())
+                    rc = 1
+            else:
+                rc = run_command(step.argv, step.env, left, log)
+            seconds = time.monotonic() - step_start
+            record["steps"].append({"step": step.title, "rc": rc, "seconds": round(seconds, 2)})
+            print(f"   {step.title[:100]}: {'timed out' if rc is None else f'rc {rc}'} in {seconds:.1f} s", flush=True)
+            if rc is None:
+                record["status"] = "timeout"
+                log.write(f"\n[gpu-check] killed at the phase limit of {phase.limit_s:.0f} s\n")
+                break
+            if rc != 0:
+                record["status"] = "failed"
+                break
+    record["seconds"] = round(time.monotonic() - start, 2)
+    if record["status"] != "ok":
+        print(f"   {phase.name} {record['status'].upper()}; the log ends:", flush=True)
+        print("".join("     | " + line for line in tail(phase.log, 15)), flush=True)
+    return record
+
+
+def tail(path: Path, n: int) -> List[str]:
+    lines = path.read_text(errors="replace").splitlines(keepends=True) if path.exists() else []
+    return [line if line.endswith("\n") else line + "\n" for line in lines[-n:]]
+
+
+# ---- the model steps (run under the venv's python, with torch) ------------------------------------
+
+def synthetic_episode(batch: int, shots: int, ways: int, size: int, training: bool, seed: int = 0) -> dict:
+    """An episode batch as ``fsskern.data`` collates it (docs/architecture.md, "Episode batch"):
+    random ImageNet-normalised-like images; the masks are one rectangle per way (query) or per
+    shot (support) with a 255 ignore border of 4 pixels; ``base_label`` marks the query's
+    foreground as base class 1 (training only). Sizes: images (B, 3, H, W) / (B, S, 3, H, W),
+    S = ways * shots way-major, masks int64 (B, H, W) / (B, S, H, W), H = W = size."""
+    import torch
+    g = torch.Generator().manual_seed(seed)
+
+    def rectangle(label: int) -> "torch.Tensor":
+        mask = torch.zeros(size, size, dtype=torch.int64)
+        h, w = (int(v) for v in torch.randint(size // 4, size // 2 + 1, (2,), generator=g))
+        y, x = (int(v) for v in torch.randint(4, size - max(h, w) - 4, (2,), generator=g))
+        mask[y:y + h, x:x + w] = label
+        return mask
+
+    def with_border(mask):
+        mask[..., :4, :], mask[..., -4:, :], mask[..., :, :4], mask[..., :, -4:] = 255, 255, 255, 255
+        return mask
+
+    query_mask = torch.zeros(batch, size, size, dtype=torch.int64)
+    for b in range(batch):
+        for way in range(ways):
+            query_mask[b] = torch.where(rectangle(1) > 0, way + 1, query_mask[b])
+    support_masks = torch.stack([torch.stack([rectangle(1) for _ in range(ways * shots)]) for _ in range(batch)])
+    episode = {
+        "query_img": torch.randn(batch, 3, size, size, generator=g),
+        "query_mask": with_border(query_mask),
+        "support_imgs": torch.randn(batch, ways * shots, 3, size, size, generator=g),
+        "support_masks": with_border(support_masks),
+        "classes": torch.arange(1, ways + 1).repeat(batch, 1),
+        "index": torch.arange(batch),
+    }
+    if training:
+        episode["base_label"] = torch.where(query_mask == 255, 255, (query_mask > 0).long())
+    return episode
+
+
+def model_config(name: str):
+    """The fsskern config of `name`: the first file of configs/<name>/ when there is one (its
+    weights dropped: nothing is downloaded here), else the defaults with model.name set."""
+    from fsskern.engine.config import load_config, with_overrides
+    files = sorted((ROOT / "configs" / name).glob("*.yaml"))
+    if files:
+        return with_overrides(load_config(files[0]), {"model.weights": None}), str(files[0].relative_to(ROOT))
+    return load_config(tree={"model": {"name": name}}), None
+
+
+def timed(fn, device: str):
+    """fn's result and its seconds, the GPU's queued work included."""
+    import torch
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    sync()
+    start = time.perf_counter()
+    out = fn()
+    sync()
+    return out, time.perf_counter() - start
+
+
+def step_model(cfg, ops: str, size: int, batch: int, device: str) -> dict:
+    """Inference then one SGD training step of a freshly built model, each run twice (cold,
+    then warm: the warm times are reported). Same seed for every ops backend, so the inference
+    logits of fused and reference come from the same weights. A model with no trainable
+    parameters or no losses (training-free) gets its training-mode forward only."""
+    import torch
+    from fsskern.models import create_model
+    torch.manual_seed(0)
+    model = create_model(cfg.model, ops=ops).to(device)
+    shots, ways = cfg.data.shots, cfg.data.ways
+    move = lambda episode: {k: v.to(device) for k, v in episode.items()}  # noqa: E731
+    eval_batch = move(synthetic_episode(batch, shots, ways, size, training=False))
+    train_batch = move(synthetic_episode(batch, shots, ways, size, training=True))
+    model.eval()
+    with torch.no_grad():
+        timed(lambda: model(eval_batch), device)
+        out, infer_s = timed(lambda: model(eval_batch), device)
+    logits = out["logits"].float()
+
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD(params, lr=1e-3, momentum=0.9) if params else None
+
+    def train_step():
+        losses = model(train_batch)["losses"]
+        if optimizer and losses:
+            optimizer.zero_grad(set_to_none=True)
+            sum(losses.values()).backward()
+            optimizer.step()
+        return {k: float(v) for k, v in losses.items()}
+
+    timed(train_step, device)
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    losses, train_s = timed(train_step, device)
+    return {"inference_ms": infer_s * 1e3, "train_step_ms": train_s * 1e3, "losses": losses,
+            "trainable_params": sum(p.numel() for p in params),
+            "train_peak_mb": torch.cuda.max_memory_allocated() / 2**20 if device == "cuda" else None,
+            "logits_shape": list(logits.shape), "logits_finite": bool(torch.isfinite(logits).all()), "_logits": logits}
+
+
+def run_model_steps(path: Path, size: int, batch: int, device: str = "cuda") -> int:
+    """Every registered model, fused vs reference; the results as JSON at `path`. 1 if one failed."""
+    import torch
+    import fsskern.models
+    result = {"device": torch.cuda.get_device_name(0) if device == "cuda" else device, "size": size, "batch": batch,
+              "models": {}}
+    names = fsskern.models.list_models()
+    if not names:
+        result["note"] = "no models registered"
+    for name in names:
+        print(f"model {name}", flush=True)
+        try:
+            cfg, config_file = model_config(name)
+            sides = {ops: step_model(cfg, ops, size, batch, device) for ops in ("fused", "reference")}
+            fused, ref = sides["fused"].pop("_logits"), sides["reference"].pop("_logits")
+            f, r = sides["fused"], sides["reference"]
+            result["models"][name] = {"status": "ok", "config": config_file, "shots": cfg.data.shots,
+                                      "ways": cfg.data.ways, **sides,
+                                      "max_abs_logit_diff": float((fused - ref).abs().max()),
+                                      "inference_speedup": r["inference_ms"] / f["inference_ms"],
+                                      "train_speedup": r["train_step_ms"] / f["train_step_ms"]}
+        except Exception as e:  # noqa: BLE001  (one broken model must not hide the others)
+            traceback.print_exc()
+            result["models"][name] = {"status": "failed", "error": f"{type(e).__name__}: {e}"}
+        if device == "cuda":
+            torch.cuda.empty_cache()
+        print(json.dumps(result["models"][name]), flush=True)
+    path.write_text(json.dumps(result, indent=2))
+    return int(any(m["status"] != "ok" for m in result["models"].values()))
+
+
+# ---- summary --------------------------------------------------------------------------------------
+
+def junit_counts(path: Path) -> Optional[dict]:
+    if not path.exists():
+        return None
+    try:
+        root = ET.parse(path).getroot()
+    except ET.ParseError:
+        return None
+    suites = [root] if root.tag == "testsuite" else root.findall("testsuite")
+    counts = {k: sum(int(s.get(k, 0)) for s in suites) for k in ("tests", "failures", "errors", "skipped")}
+    counts["failed"] = [f"{case.get('classname')}::{case.get('name')}" for s in suites for case in s.iter("testcase")
+                        if case.find("failure") is not None or case.find("error") is not None]
+    return counts
+
+
+def read_json(path: Path) -> Optional[dict]:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def summary_lines(gpu: Optional[dict], records: List[dict], out: Path) -> List[str]:
+    """summary.md: the GPU, each phase's status and time, then each phase's figures."""
+    lines = ["# gpu-check", "",
+             f"GPU: {gpu['gpu']} (compute capability {gpu['capability']}, driver {gpu.get('driver') or '?'}; "
+             f"found by {gpu['source']}). Results in `{out}`.", "",
+             "| phase | status | seconds | limit |", "|---|---|---:|---:|"]
+    lines += [f"| {r['phase']} | {r['status']} | {r['seconds']:.1f} | {r['limit_s']:.0f} |" for r in records]
+    build = next((r for r in records if r["phase"] == "build"), None)
+    if build:
+        pip = [s for s in build["steps"] if s["step"].startswith("pip install")]
+        if pip:
+            lines += ["", f"Build (pip install -e . with CUDA, arch {gpu['capability']}): {pip[0]['seconds']:.0f} s."]
+    tests = junit_counts(out / "cuda-tests.xml")
+    if tests:
+        passed = tests["tests"] - tests["failures"] - tests["errors"] - tests["skipped"]
+        lines += ["", f"CUDA tests: {tests['tests']} run, {passed} passed, {tests['failures']} failed, "
+                  f"{tests['errors']} errors, {tests['skipped']} skipped."]
+        lines += [f"- failed: `{name}`" for name in tests["failed"]]
+    bench = read_json(out / "bench" / "results.json")
+    if bench:
+        lines += ["", "| op case | size | reference ms | fsskern ms | speed-up | peers (ms) |",
+                  "|---|---|---:|---:|---:|---|"]
+        for row in bench["rows"]:
+            peers = ", ".join(f"{n} {p['ms']:.3f}" for n, p in row.get("peers", {}).items())
+            lines.append(f"| {row['case']} | {row['size']} | {row['reference_ms']:.3f} | {row['fsskern_ms']:.3f} | "
+                         f"{row['speedup']:.1f}x | {peers} |")
+    models = read_json(out / "model-steps.json")
+    if models:
+        lines += ["", f"Models at {models['size']}x{models['size']}, batch {models['batch']}, warm calls:"]
+        if models.get("note"):
+            lines.append(f"- {models['note']}")
+        for name, m in models["models"].items():
+            if m["status"] != "ok":
+                lines.append(f"- {name}: FAILED {m['error']}")
+                continue
+            f, r = m["fused"], m["reference"]
+            lines.append(f"- {name}: inference {f['inference_ms']:.1f} ms fused / {r['inference_ms']:.1f} ms "
+                         f"reference, train step {f['train_step_ms']:.1f} / {r['train_step_ms']:.1f} ms, "
+                         f"max |logit diff| {m['max_abs_logit_diff']:.2e}")
+    return lines
+
+
+# ---- main -----------------------------------------------------------------------------------------
+
+def key_values(items: List[str], flag: str, convert=str) -> Dict[str, object]:
+    values = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or key not in PHASES:
+            raise SystemExit(f"{flag} wants PHASE=VALUE with PHASE one of {', '.join(PHASES[:-1])}; got {item!r}")
+        values[key] = convert(value)
+    return values
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dry-run", action="store_true", help="list the phases and commands, run nothing, exit 0")
+    parser.add_argument("--out", type=Path, default=Path(os.environ.get("GPU_CHECK_OUT", "runs/gpu-check")),
+                        help="results folder (default $GPU_CHECK_OUT, else runs/gpu-check)")
+    parser.add_argument("--limit", action="append", default=[], metavar="PHASE=SECONDS",
+                        help="a phase's time limit (defaults: " + ", ".join(f"{k} {v}" for k, v in LIMITS.items())
+                        + ")")
+    parser.add_argument("--skip", action="append", default=[], choices=PHASES[:-1], help="leave a phase out")
+    parser.add_argument("--python", default=sys.executable, help="base interpreter the venv is made from")
+    parser.add_argument("--venv", type=Path, default=Path(".venv"), help="venv to create or reuse")
+    parser.add_argument("--model-size", type=int, default=241, help="model-steps image side (pixels)")
+    parser.add_argument("--model-batch", type=int, default=2, help="model-steps episodes per batch")
+    # internal: the model-steps child, and the hooks the tests drive the phase logic with
+    parser.add_argument("--run-model-steps", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--fake-gpu", help=argparse.SUPPRESS)  # "NAME,CAPABILITY"
+    parser.add_argument("--fake-phase", action="append", default=[], help=argparse.SUPPRESS)  # PHASE=SHELL COMMAND
+    args = parser.parse_args(argv)
+    args.limits = {**LIMITS, **key_values(args.limit, "--limit", float)}
+    args.fake_phase = key_values(args.fake_phase, "--fake-phase")
+    args.out = (ROOT / args.out) if not args.out.is_absolute() else args.out
+    args.venv = (ROOT / args.venv) if not args.venv.is_absolute() else args.venv
+    return args
+
+
+def dry_run(args, base: dict, gpu: Optional[dict], phases: List[Phase]) -> int:
+    print(f"gpu-check --dry-run: nothing is run. Results would go to {args.out}")
+    print(f"GPU: {gpu['gpu']}, compute capability {gpu['capability']} ({gpu['source']})" if gpu
+          else f"{no_gpu_message(base)}: a real run would stop here, exit {NO_GPU_EXIT}")
+    print(f"base interpreter: {base['python']} (torch {base.get('torch') or 'not installed'}); venv {args.venv}"
+          + (" exists: reused" if (args.venv / "bin" / "python").exists() else ""))
+    total = 0.0
+    for phase in phases:
+        total += phase.limit_s
+        print(f"\n[{phase.name}] limit {phase.limit_s:.0f} s, log {phase.log}")
+        for step in phase.steps:
+            env = " ".join(f"{k}={v}" for k, v in step.env.items() if k != "PATH")
+            print(f"  $ {env + ' ' if env else ''}{step.title}")
+        for output in phase.outputs:
+            print(f"  -> {output}")
+    print(f"\n[summary] {args.out / 'timings.json'}, {args.out / 'summary.md'}; the short summary printed last")
+    print(f"\nphase limits add up to {total:.0f} s; skipped: {', '.join(args.skip) or 'none'}")
+    return 0
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.run_model_steps:
+        return run_model_steps(args.run_model_steps, args.model_size, args.model_batch)
+    # a fake GPU (tests) needs no probe unless the venv is to be made
+    need_probe = not args.fake_gpu or not (args.venv / "bin" / "python").exists()
+    base = probe_python(args.python) if need_probe else {"python": args.python, "torch": None}
+    gpu = find_gpu(base, args.fake_gpu)
+    phases = plan(args, base, gpu)
+    if args.dry_run:
+        return dry_run(args, base, gpu, phases)
+    args.out.mkdir(parents=True, exist_ok=True)
+    if gpu is None:
+        message = (f"{no_gpu_message(base)}. Nothing was built or run: this check needs one NVIDIA GPU "
+                   "(`make gpu-check ARGS=--dry-run` lists what it would do).")
+        (args.out / "summary.md").write_text(f"# gpu-check\n\n{message}\n")
+        print(message, file=sys.stderr)
+        return NO_GPU_EXIT
+    print(f"gpu-check on {gpu['gpu']} (compute capability {gpu['capability']}); results in {args.out}", flush=True)
+    start = time.monotonic()
+    records = [run_phase(phase) for phase in phases]
+    timings = {"gpu": gpu, "base": base, "total_s": round(time.monotonic() - start, 2), "phases": records}
+    (args.out / "timings.json").write_text(json.dumps(timings, indent=2))
+    lines = summary_lines(gpu, records, args.out)
+    (args.out / "summary.md").write_text("\n".join(lines) + "\n")
+    print("\n" + "\n".join(lines) + f"\n\ntotal {timings['total_s']:.0f} s", flush=True)
+    return int(any(r["status"] != "ok" for r in records))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

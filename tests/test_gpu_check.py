@@ -1,0 +1,190 @@
+"""python/gpu_check.py without a GPU: the dry run, the no-GPU refusal, phase isolation and time
+limits (phases replaced by shell commands through its internal --fake-gpu/--fake-phase hooks),
+the venv it makes from a base interpreter, and the model-step helpers on the CPU."""
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "python" / "gpu_check.py"
+PHASES = ["build", "cuda-tests", "op-bench", "model-steps"]
+
+
+def load_script():
+    spec = importlib.util.spec_from_file_location("gpu_check", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+gpu_check = load_script()
+
+
+def run(*args, timeout=120):
+    return subprocess.run([sys.executable, str(SCRIPT), *map(str, args)], cwd=ROOT, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def alive(pid):
+    """Running (a killed child whose parent died may linger as a zombie until PID 1 reaps it)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return state != "Z"
+
+
+def test_dry_run_lists_every_phase_and_runs_nothing(tmp_path):
+    out = tmp_path / "out"
+    result = run("--dry-run", "--out", out)
+    assert result.returncode == 0, result.stderr
+    text = result.stdout
+    positions = [text.index(f"[{name}]") for name in PHASES + ["summary"]]
+    assert positions == sorted(positions)
+    assert "FSSKERN_CUDA=1 TORCH_CUDA_ARCH_LIST=" in text and f"MAX_JOBS={os.cpu_count()}" in text
+    assert "benchmarks/run.py --device cuda" in text and "-k cuda" in text and "--run-model-steps" in text
+    assert "limit 210 s" in text and "phase limits add up to 470 s" in text
+    if not torch.cuda.is_available():
+        assert "NO GPU on this machine" in text and "a real run would stop here, exit 2" in text
+    assert not out.exists()
+
+
+def test_dry_run_skip_and_limits(tmp_path):
+    result = run("--dry-run", "--out", tmp_path, "--skip", "build", "--limit", "op-bench=200")
+    assert result.returncode == 0, result.stderr
+    assert "[build]" not in result.stdout and "[op-bench] limit 200 s" in result.stdout
+    bad = run("--dry-run", "--limit", "bench=5")
+    assert bad.returncode != 0 and "PHASE=VALUE with PHASE one of build" in bad.stderr
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
+def test_no_gpu_says_so_and_exits_non_zero(tmp_path):
+    result = run("--out", tmp_path)
+    assert result.returncode == 2
+    assert "NO GPU on this machine" in result.stderr and "Nothing was built or run" in result.stderr
+    assert "NO GPU" in (tmp_path / "summary.md").read_text()
+    assert not (tmp_path / "timings.json").exists() and not (tmp_path / "build.log").exists()
+
+
+def test_a_failed_or_timed_out_phase_does_not_stop_the_next(tmp_path):
+    pid_file, ran = tmp_path / "sleeper.pid", tmp_path / "model-steps-ran"
+    start = time.monotonic()
+    result = run("--out", tmp_path, "--fake-gpu", "Fake GPU,9.0",
+                 "--fake-phase", "build=echo building",
+                 "--fake-phase", "cuda-tests=echo one test broke; exit 3",
+                 # a child that outlives its shell unless the whole process group is killed
+                 "--fake-phase", f"op-bench=sleep 60 & echo $! > {pid_file}; wait", "--limit", "op-bench=2",
+                 "--fake-phase", f"model-steps=touch {ran}")
+    assert time.monotonic() - start < 30
+    assert result.returncode == 1, result.stdout + result.stderr
+    timings = json.loads((tmp_path / "timings.json").read_text())
+    status = {r["phase"]: r["status"] for r in timings["phases"]}
+    assert status == {"build": "ok", "cuda-tests": "failed", "op-bench": "timeout", "model-steps": "ok"}
+    assert ran.exists()
+    assert timings["phases"][1]["steps"][0]["rc"] == 3 and timings["phases"][2]["steps"][0]["rc"] is None
+    assert "one test broke" in (tmp_path / "cuda-tests.log").read_text()
+    assert "killed at the phase limit of 2 s" in (tmp_path / "op-bench.log").read_text()
+    assert not alive(int(pid_file.read_text()))
+    summary = (tmp_path / "summary.md").read_text()
+    assert "Fake GPU (compute capability 9.0" in summary
+    assert "| cuda-tests | failed |" in summary and "| op-bench | timeout |" in summary
+    # the short summary is what the run prints last
+    assert result.stdout.rstrip().splitlines()[-1].startswith("total ")
+    assert "| model-steps | ok |" in result.stdout.split("# gpu-check")[-1]
+
+
+def test_summary_reads_the_phase_outputs(tmp_path):
+    (tmp_path / "cuda-tests.xml").write_text(
+        '<testsuites><testsuite tests="3" failures="1" errors="0" skipped="1">'
+        '<testcase classname="tests.test_cuda" name="test_a"><failure message="x"/></testcase>'
+        '<testcase classname="tests.test_cuda" name="test_b"/><testcase classname="tests.test_cuda" name="test_c">'
+        '<skipped/></testcase></testsuite></testsuites>')
+    (tmp_path / "bench").mkdir()
+    (tmp_path / "bench" / "results.json").write_text(json.dumps({"rows": [
+        {"case": "prior", "size": "B4", "reference_ms": 2.0, "fsskern_ms": 0.5, "speedup": 4.0, "peers": {}}]}))
+    (tmp_path / "model-steps.json").write_text(json.dumps({"size": 65, "batch": 1, "models": {},
+                                                           "note": "no models registered"}))
+    records = [{"phase": "build", "status": "ok", "seconds": 100.0, "limit_s": 210,
+                "steps": [{"step": "pip install --no-build-isolation", "rc": 0, "seconds": 95.0}]}]
+    text = "\n".join(gpu_check.summary_lines({"gpu": "G", "capability": "9.0", "source": "test"}, records, tmp_path))
+    assert "Build (pip install -e . with CUDA, arch 9.0): 95 s." in text
+    assert "CUDA tests: 3 run, 1 passed, 1 failed, 0 errors, 1 skipped." in text
+    assert "`tests.test_cuda::test_a`" in text
+    assert "| prior | B4 | 2.000 | 0.500 | 4.0x |" in text and "- no models registered" in text
+
+
+def test_venv_from_a_base_venv_sees_its_torch(tmp_path):
+    base = gpu_check.probe_python(sys.executable)
+    assert base["torch"] == torch.__version__ and base["in_venv"] == (sys.prefix != sys.base_prefix)
+    if not base.get("torch_cuda"):
+        pytest.skip("this torch is a CPU build: the check would make the venv with `make venv`")
+    args = gpu_check.parse_args(["--venv", str(tmp_path / "venv"), "--fake-gpu", "G,9.0"])
+    steps = gpu_check.venv_steps(args, base)
+    assert "--system-site-packages" in steps[0].title
+    for step in steps:
+        step.action() if step.action else subprocess.run(step.argv, check=True, capture_output=True)
+    probe = "import sys, torch; print(sys.prefix); print(torch.__file__)"
+    prefix, torch_file = subprocess.run([str(tmp_path / "venv" / "bin" / "python"), "-c", probe], check=True,
+                                        capture_output=True, text=True).stdout.split()
+    assert Path(prefix) == tmp_path / "venv" and Path(torch_file).resolve() == Path(torch.__file__).resolve()
+    assert gpu_check.venv_steps(args, base) == []  # made once, then reused
+
+
+def test_synthetic_episode_follows_the_batch_contract():
+    ep = gpu_check.synthetic_episode(batch=2, shots=3, ways=2, size=65, training=True)
+    assert ep["query_img"].shape == (2, 3, 65, 65) and ep["query_img"].dtype == torch.float32
+    assert ep["support_imgs"].shape == (2, 6, 3, 65, 65)
+    assert ep["query_mask"].shape == (2, 65, 65) and ep["query_mask"].dtype == torch.int64
+    assert ep["support_masks"].shape == (2, 6, 65, 65) and ep["support_masks"].dtype == torch.int64
+    assert set(ep["query_mask"].unique().tolist()) <= {0, 1, 2, 255} and (ep["query_mask"] == 1).any()
+    assert set(ep["support_masks"].unique().tolist()) == {0, 1, 255}
+    assert (ep["support_masks"].flatten(2).eq(1).sum(2) > 0).all()  # every shot has foreground
+    assert ep["classes"].tolist() == [[1, 2], [1, 2]] and ep["index"].tolist() == [0, 1]
+    assert set(ep["base_label"].unique().tolist()) == {0, 1, 255}
+    assert "base_label" not in gpu_check.synthetic_episode(1, 1, 1, 65, training=False)
+
+
+def test_model_steps_on_cpu(tmp_path, monkeypatch):
+    """The model-steps child on the CPU: one registered model fused vs reference, then none."""
+    import fsskern.models
+    from fsskern.models import registry
+
+    class TinyPrototypeNet(torch.nn.Module):
+        """A conv, masked average pooling through the backend, cosine logits, one loss."""
+
+        def __init__(self, cfg, backend):
+            super().__init__()
+            self.backend, self.conv = backend, torch.nn.Conv2d(3, 8, 3, stride=4, padding=1)
+
+        def forward(self, batch):
+            q = self.conv(batch["query_img"])
+            s = self.conv(batch["support_imgs"].flatten(0, 1))
+            masks = torch.stack([batch["support_masks"] == 0, batch["support_masks"] == 1], 2).flatten(0, 1)
+            protos = self.backend.masked_average_pool(s, masks.float(), resize="mask")
+            protos = protos.view(*batch["support_masks"].shape[:2], 2, -1).mean(1)
+            logits = torch.nn.functional.interpolate(torch.einsum("bpc,bchw->bphw", protos, q),
+                                                     size=batch["query_img"].shape[-2:], mode="bilinear")
+            losses = {"ce": torch.nn.functional.cross_entropy(logits, batch["query_mask"], ignore_index=255)}
+            return {"logits": logits, "losses": losses if self.training else {}}
+
+    monkeypatch.setattr(registry, "_MODELS", {"tiny": TinyPrototypeNet})
+    path = tmp_path / "steps.json"
+    assert gpu_check.run_model_steps(path, size=65, batch=2, device="cpu") == 0
+    tiny = json.loads(path.read_text())["models"]["tiny"]
+    assert tiny["status"] == "ok" and tiny["config"] is None
+    assert tiny["max_abs_logit_diff"] < 1e-4 and tiny["fused"]["logits_shape"] == [2, 2, 65, 65]
+    assert tiny["fused"]["trainable_params"] == 8 * 3 * 9 + 8 and set(tiny["reference"]["losses"]) == {"ce"}
+    assert abs(tiny["fused"]["losses"]["ce"] - tiny["reference"]["losses"]["ce"]) < 1e-4
+
+    monkeypatch.setattr(registry, "_MODELS", {})
+    assert fsskern.models.list_models() == []
+    assert gpu_check.run_model_steps(path, size=65, batch=1, device="cpu") == 0
+    assert json.loads(path.read_text()) == {"device": "cpu", "size": 65, "batch": 1, "models": {},
+                                            "note": "no models registered"}
