@@ -105,7 +105,7 @@ class TrainEpisodes:
 
     def __init__(self, pools: Dict[int, Sequence[int]], key: dict, shots: int = 1, ways: int = 1,
                  support_pools: Optional[Dict[int, Sequence[int]]] = None):
-        self.key, self.shots, self.ways = dict(key), shots, ways
+        self.key, self.shots, self.ways = key_seed(key), shots, ways  # the key hashed once
         self.support_pools = support_pools if support_pools is not None else pools
         self.excluded = sorted(c for c in pools if len(set(self.support_pools.get(c, ())) | set(pools[c])) < shots + 1
                                or not self.support_pools.get(c))

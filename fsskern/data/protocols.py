@@ -98,10 +98,11 @@ def build_test_manifest(source, stats: LabelStats, fold: int, shots: int, ways: 
     pairs = [(i, c) for i in queries for c in qualifying[i]]
     if order == "pairs" and getattr(source, "listed_pairs", None):
         pairs = [(i, c) for i, c in source.listed_pairs if c in novel]
-    per_class_order = {c: episode_rng(meta, "class", c).permutation(len(pools[c])) for c in novel}
+    mk = key_seed(meta)  # hash the key once; episode t then hashes (mk, t)
+    per_class_order = {c: episode_rng(mk, "class", c).permutation(len(pools[c])) for c in novel}
     out = []
     for t in range(n):
-        rng = episode_rng(meta, t)
+        rng = episode_rng(mk, t)
         if order == "list":
             q = queries[t % len(queries)]
             choices = [c for c in novel if c in stats.pixels[q]] if proto.quirk_query_class else qualifying[q]
@@ -119,7 +120,7 @@ def build_test_manifest(source, stats: LabelStats, fold: int, shots: int, ways: 
         classes = [cls] + [novel[int(k)] for k in rng.choice(
             [j for j, c in enumerate(novel) if c != cls], ways - 1, replace=False)] if ways > 1 else [cls]
         support_pools = {c: pools.get(c, []) for c in classes}
-        out.append(make_episode(rng, q, classes, support_pools, shots, key_seed(meta, t, "aug")))
+        out.append(make_episode(rng, q, classes, support_pools, shots, key_seed(mk, t, "aug")))
     return Manifest(meta, out)
 
 

@@ -1,0 +1,200 @@
+"""Episode manifests, protocols and the loader: pure functions of their key, identical for any worker
+count, world size or loading order; exact episode counts; supports never equal the query."""
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import DataLoader, DistributedSampler
+
+from fsskern.data import DataError, build_source
+from fsskern.data.episodes import Manifest, TrainEpisodes
+from fsskern.data.index import LabelStats, scan_labels, training_pools
+from fsskern.data.loader import EpisodeDataset, ShardSampler, build_loader, collate_episodes
+from fsskern.data.protocols import PROTOCOLS, build_test_manifest, build_val_manifest, coverage, popnet_pairs
+from fsskern.data.transforms import TestTransform, TrainTransform
+from fsskern.engine.config import DataConfig
+
+DATA = Path(__file__).parents[1].parent / "shared" / "data"
+FOLDS = [[4, 6, 9, 11], [12, 13, 14, 15], [16, 17, 18, 20], [21, 22, 23]]
+
+
+@pytest.fixture(scope="module")
+def msrc(tmp_path_factory):
+    if not (DATA / "msrc_v2").is_dir():
+        pytest.skip(f"real data {DATA / 'msrc_v2'} absent")
+    cfg = DataConfig(dataset="folder", root=str(DATA / "msrc_v2"), classes="class_counts.tsv", params={"void": [0]},
+                     folds=FOLDS, train_policy="bam", train_size=65, test_size=64, batch_size=2, num_workers=0)
+    src = build_source(cfg, "test")
+    return cfg, src, scan_labels(src, cache_dir=tmp_path_factory.mktemp("idx"))
+
+
+class FakeSource:
+    """A source without files: labels are what LabelStats says (enough for manifests)."""
+    name, split = "pascal", "test"
+
+    def __init__(self, n, novel):
+        self.n, self.novel, self.class_names = n, novel, [str(c) for c in range(21)]
+
+    def __len__(self):
+        return self.n
+
+    def fold_classes(self, fold):
+        return [c for c in range(1, 21) if c not in self.novel], list(self.novel)
+
+    def foreground_classes(self):
+        return list(range(1, 21))
+
+
+def test_manifest_is_a_pure_function_of_its_key(msrc):
+    _, src, stats = msrc
+    a = build_test_manifest(src, stats, 0, 5, 1, "bam", 510)
+    b = build_test_manifest(src, stats, 0, 5, 1, "bam", 510)
+    assert a.sha256 == b.sha256 and len(a) == 1000
+    assert build_test_manifest(src, stats, 0, 5, 1, "bam", 365).sha256 != a.sha256
+    assert build_test_manifest(src, stats, 1, 5, 1, "bam", 510).sha256 != a.sha256
+    pools = stats.class_index(2048)
+    for e in a.episodes:
+        assert e.query not in e.supports and len(set(e.supports)) == 5
+        assert e.classes[0] in FOLDS[0] and all(s in pools[e.classes[0]] for s in e.supports)
+    # episode t does not depend on how many episodes were asked for
+    assert build_test_manifest(src, stats, 0, 5, 1, "bam", 510, episodes=10).episodes == a.episodes[:10]
+
+
+def test_exact_episode_counts_no_off_by_one(msrc):
+    _, src, stats = msrc
+    assert len(build_test_manifest(src, stats, 0, 1, 1, "pfenet", 321)) == 1000  # folder default
+    fake = FakeSource(6, [1, 2, 3, 4, 5])
+    pix = [{1: 5000}, {1: 5000, 2: 100}, {2: 3000}, {2: 3000}, {3: 3000, 4: 3000, 5: 3000}, {3: 3000, 4: 3000, 5: 3000}]
+    stats = LabelStats(pix, {}, "k")
+    m = build_test_manifest(fake, stats, 0, 1, 1, "pfenet", 321)
+    assert len(m) == 5000  # PFENet's loop runs 5001
+    assert [e.query for e in m.episodes[:7]] == [0, 1, 2, 3, 4, 5, 0]  # file order, repeated
+    assert {e.classes[0] for e in m.episodes if e.query == 1} == {1}  # class 2 under 2048 px there
+    quirk = build_test_manifest(fake, stats, 0, 1, 1, "pfenet-compat", 321)
+    assert {e.classes[0] for e in quirk.episodes if e.query == 1} == {1, 2}  # PFENet draws it anyway
+    hs = build_test_manifest(fake, stats, 0, 1, 1, "hsnet", 0)
+    pairs = [(0, 1), (1, 1), (2, 2), (3, 2), (4, 3), (4, 4), (4, 5), (5, 3), (5, 4), (5, 5)]
+    assert [(e.query, e.classes[0]) for e in hs.episodes[:12]] == pairs + pairs[:2]
+
+
+def test_too_few_images_and_coverage(msrc):
+    fake = FakeSource(3, [1, 2, 3, 4, 5])
+    stats = LabelStats([{c: 4000 for c in (1, 2, 3, 4)}, {1: 4000, 2: 4000, 3: 4000, 4: 4000}, {5: 4000}], {}, "k")
+    with pytest.raises(DataError, match="class 5 has 1 qualifying image"):
+        build_test_manifest(fake, stats, 0, 1, 1, "balanced", 0)
+    with pytest.raises(DataError, match=r"no image with >= 2048 px of class\(es\) \[2, 3, 4, 5\]"):
+        build_test_manifest(fake, LabelStats([{1: 4000}, {1: 4000}, {}], {}, "k"), 0, 1, 1, "bam", 0)
+    _, src, stats = msrc
+    m = build_test_manifest(src, stats, 3, 1, 1, "balanced", 0)
+    assert coverage(m, FOLDS[3]) == {21: 334, 22: 333, 23: 333}
+    with pytest.warns(UserWarning, match="fewer than 400 episodes"):
+        coverage(m, FOLDS[3], min_class_episodes=400)
+
+
+def test_manifest_file_roundtrip_and_tamper(msrc, tmp_path):
+    _, src, stats = msrc
+    m = build_test_manifest(src, stats, 2, 1, 2, "panet", 1234, episodes=20)
+    assert all(len(e.classes) == 2 and len(e.supports) == 2 for e in m.episodes)
+    sha = m.save(tmp_path / "m.json")
+    assert Manifest.load(tmp_path / "m.json").episodes == m.episodes and sha == m.sha256
+    (tmp_path / "m.json").write_text((tmp_path / "m.json").read_text().replace('"seed": 1234', '"seed": 1'))
+    with pytest.raises(DataError, match="does not match its sha256"):
+        Manifest.load(tmp_path / "m.json")
+
+
+def test_training_episodes_from_seed_epoch_index(msrc):
+    cfg, _, _ = msrc
+    src = build_source(cfg, "train")
+    pools = training_pools(src, scan_labels(src, cache_dir=None), 0, "bam", 2048, 0.1)
+    a, b = TrainEpisodes(pools.train, {"seed": 1}, shots=2), TrainEpisodes(pools.train, {"seed": 1}, shots=2)
+    assert [a.episode(3, i) for i in range(50)] == [b.episode(3, i) for i in reversed(range(50))][::-1]
+    assert [a.episode(3, i) for i in range(20)] != [a.episode(4, i) for i in range(20)]
+    novel = set(FOLDS[0])
+    for i in range(len(a)):
+        e = a.episode(0, i)
+        assert e.query not in e.supports and e.classes[0] not in novel
+    assert sorted(a.episode(0, i).query for i in range(len(a))) == a.queries  # an epoch visits every query once
+    val = build_val_manifest(src, pools.val, 0, 1, 1, 0, 40, "k")
+    held = {i for p in pools.val.values() for i in p}
+    assert all(e.query in held and set(e.supports) <= held and e.classes[0] not in novel for e in val.episodes)
+    assert not held & {i for p in pools.train.values() for i in p}
+
+
+def _batches(loader):
+    return [{k: v for k, v in b.items() if torch.is_tensor(v)} for b in loader]
+
+
+def _same(xs, ys):
+    assert len(xs) == len(ys)
+    for x, y in zip(xs, ys):
+        assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
+
+
+def test_loader_identical_for_any_worker_count(msrc):
+    cfg, src, stats = msrc
+    m = build_test_manifest(src, stats, 0, 1, 1, "bam", 510, episodes=8)
+    ds = EpisodeDataset(src, m, TestTransform(64, "pfenet"), False)
+    runs = [_batches(DataLoader(ds, batch_size=2, num_workers=w, collate_fn=collate_episodes)) for w in (0, 2)]
+    _same(*runs)
+    train_src = build_source(cfg, "train")
+    pools = training_pools(train_src, scan_labels(train_src, cache_dir=None), 0, "bam", 2048)
+    te = TrainEpisodes(pools.train, {"seed": 5}, shots=1)
+    base, novel = train_src.fold_classes(0)
+    tds = EpisodeDataset(train_src, te, TrainTransform(65), True, base=base, novel=novel)
+    sub = torch.utils.data.Subset(tds, range(6))
+    runs = [_batches(DataLoader(sub, batch_size=3, num_workers=w, collate_fn=collate_episodes)) for w in (0, 2)]
+    _same(*runs)
+    b = runs[0][0]
+    assert b["query_img"].shape == (3, 3, 65, 65) and b["support_masks"].shape == (3, 1, 65, 65)
+    assert set(b["query_mask"].unique().tolist()) <= {0, 1, 255} and b["base_label"].max() <= 255
+
+
+def test_world_sizes_shard_the_same_episodes(msrc):
+    cfg, src, stats = msrc
+    m = build_test_manifest(src, stats, 1, 1, 1, "hsnet", 0, episodes=7)
+    whole = [int(i) for b in build_loader(cfg, "test", 1, m, False, source=src) for i in b["index"]]
+    assert whole == list(range(7))
+    shards = [list(ShardSampler(7, r, 2)) for r in range(2)]
+    assert sorted(shards[0] + shards[1]) == whole and not set(shards[0]) & set(shards[1])
+    ds = [list(DistributedSampler(range(7), num_replicas=2, rank=r, shuffle=False)) for r in range(2)]
+    assert set(ds[0]) | set(ds[1]) == set(whole)
+    one = build_loader(cfg, "test", 1, m, False, source=src, batch_size=1)
+    by_rank = {int(b["index"][0]): b["query_mask"] for r in range(2)
+               for b in build_loader(cfg, "test", 1, m, False, sampler=ShardSampler(7, r, 2), source=src, batch_size=1)}
+    for b in one:
+        assert torch.equal(b["query_mask"], by_rank[int(b["index"][0])])
+
+
+def test_eval_batch_labels_and_padding(msrc):
+    cfg, src, stats = msrc
+    m = build_test_manifest(src, stats, 0, 1, 1, "balanced", 0, episodes=4)
+    ds = EpisodeDataset(src, m, TestTransform(0, "original"), False)
+    b = collate_episodes([ds[i] for i in range(4)])
+    e = m[0]
+    _, label = src.load(e.query)
+    want = np.where(label == e.classes[0], 1, np.where(label == 255, 255, 0))
+    assert torch.equal(b["query_label_orig"][0], torch.from_numpy(want))
+    h, w = label.shape
+    assert torch.equal(b["query_mask"][0, :h, :w], torch.from_numpy(want))
+    assert (b["query_mask"][0, h:] == 255).all() and (b["query_img"][0, :, h:] == 0).all()
+    assert b["restore"][0]["orig_h"] == h and len(b["restore"]) == 4
+
+
+def test_popnet_frozen_pairs():
+    class Parsing(FakeSource):
+        name = "parsing"
+        query_pool, support_pool, test_class_order = list(range(30)), list(range(30, 400)), [2, 1]
+
+        def foreground_classes(self):
+            return [1, 2]
+    src = Parsing(400, [2])
+    stats = LabelStats([{1: 10, 2: 10} for _ in range(400)], {}, "k")
+    m = build_test_manifest(src, stats, 0, 1, 2, "popnet", 0)
+    assert len(m) == 300 and len({e.query for e in m.episodes}) == 20
+    assert len({e.supports[0] for e in m.episodes}) == 300
+    assert m[0].classes == (1, 2) and m[0].supports[0] == m[0].supports[1] and m[0].query == 0
+    assert [e.query for e in m.episodes[:16]] == [0] * 15 + [1]
+    one_way = popnet_pairs(src, stats, 0, 1, 1, {"k": 1})
+    assert one_way[0].classes == (2,) and one_way[150].classes == (1,)
+    assert set(PROTOCOLS) >= {"pfenet", "bam", "hsnet", "panet", "popnet", "cyctr", "hdmnet", "balanced"}
