@@ -193,3 +193,20 @@ def test_from_config():
     cfg.augment = {"scal": [1, 1]}
     with pytest.raises(ValueError, match="unknown augment keys"):
         from_config(cfg, train=True)
+
+
+def test_rotation_matches_torchvision_about_cv2_centre():
+    """The hand-written rotation reads the same pixels as v2.functional.rotate about cv2's centre (w/2, h/2)
+    in pixel indices (= w/2 + 0.5 in torchvision's pixel-area coordinates), labels filled with 255."""
+    from torchvision import tv_tensors
+    from torchvision.transforms.v2 import functional as F
+    g = torch.Generator().manual_seed(0)
+    coarse = torch.randint(0, 3, (1, 1, 15, 22), generator=g).float()
+    mask = tv_tensors.Mask(nnf.interpolate(coarse, scale_factor=4, mode="nearest")[0].to(torch.uint8))
+    h, w = mask.shape[-2:]
+    image = torch.zeros(3, h, w)
+    for angle in (7.0, -9.0):
+        _, mine = TrainTransform._rotate(image, mask, angle)
+        assert torch.equal(mine, F.rotate(mask, angle, center=[w / 2 + 0.5, h / 2 + 0.5], fill=255))
+    rotated, _ = TrainTransform._rotate(torch.ones(3, h, w), mask, 9.0)
+    assert rotated[:, 0, 0].abs().max() == 0  # corners come from outside: fill 0 = the mean pixel
