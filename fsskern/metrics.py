@@ -25,8 +25,8 @@ IGNORE_INDEX = 255
 ROW_FIELDS = ("class", "i_fg", "u_fg", "i_bg", "u_bg", "index", "way")
 
 
-def episode_iou_counts(pred: torch.Tensor, label: torch.Tensor, num_classes: int = 2,
-                       ignore_index: int = IGNORE_INDEX) -> tuple[torch.Tensor, torch.Tensor]:
+def episode_iou_counts(pred: torch.Tensor, label: torch.Tensor, ignore_index: int = IGNORE_INDEX,
+                       num_classes: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-label intersection and union of one or many episodes.
 
     pred, label: (..., H, W) integer maps (pred in 0..num_classes-1; label may also hold ignore_index,

@@ -1,11 +1,11 @@
 """Episode transforms: PFENet's training augmentation and the three test-time resize rules.
 
 Images arrive as uint8 (H, W, 3) RGB arrays and labels as int64 (H, W) arrays (255 = ignore), as
-`Source.load` returns them. Every geometric step runs on uint8 tensors through
-`torchvision.transforms.v2.functional` (tv_tensors.Image / tv_tensors.Mask pick the kernel: bilinear
-for images, nearest for masks); the image is converted to float32 and ImageNet-normalised last.
-All label maps of one image (e.g. the episode mask and the base-class label) travel stacked as one
-(L, H, W) mask so they see exactly the same geometry.
+`Source.load` returns them. Resize, flip, pad and crop go through `torchvision.transforms.v2.functional`
+on tv_tensors.Image / tv_tensors.Mask (bilinear for images, nearest for masks; resize on uint8). The
+rotation and the blur of the training augmentation, and its foreground-keeping crop, are written here
+(each says why); the image is normalised last. All label maps of one image (e.g. the episode mask and
+the base-class label) travel stacked as one (L, H, W) mask so they see exactly the same geometry.
 
 Conventions reproduced (see docs/evaluation.md and ../shared/notes/engine-anchors.md c5, c7):
 - training: PFENet util/transform.py (RandScale, RandRotate p=0.5, RandomGaussianBlur p=0.5,
