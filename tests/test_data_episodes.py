@@ -198,3 +198,29 @@ def test_popnet_frozen_pairs():
     one_way = popnet_pairs(src, stats, 0, 1, 1, {"k": 1})
     assert one_way[0].classes == (2,) and one_way[150].classes == (1,)
     assert set(PROTOCOLS) >= {"pfenet", "bam", "hsnet", "panet", "popnet", "cyctr", "hdmnet", "balanced"}
+
+
+def test_parsing_kway_and_one_way_training_episodes(tmp_path):
+    if not (DATA / "viton_parsing").is_dir():
+        pytest.skip(f"real data {DATA / 'viton_parsing'} absent")
+    from fsskern.data.episodes import KWayTrainEpisodes, parsing_train_episodes
+    cfg = DataConfig(dataset="parsing", root=str(DATA / "viton_parsing"), params={"preset": "lip"},
+                     hierarchy={"head": ["hat", "hair", "face"], "body": ["upper-clothes", "dress", "coat", "jumpsuits",
+                                "skirt"], "arms": ["arms"], "legs": ["pants", "legs", "shoes"]})
+    src = build_source(cfg, "train")
+    src.samples = src.samples[:40]  # a slice of the real set keeps the test quick
+    src.query_pool, src.support_pool = list(range(20)), list(range(20, 40))
+    pools = training_pools(src, scan_labels(src, cache_dir=tmp_path), 0, "pfenet", 1).train
+    kway = parsing_train_episodes(src, pools, {"s": 0}, shots=1, ways=2)
+    assert isinstance(kway, KWayTrainEpisodes) and len(kway) == 20
+    e = kway.episode(0, 3)
+    assert e.query < 20 and set(e.supports) == {e.supports[0]} and e.supports[0] >= 20
+    assert set(e.classes) <= set(src.fold_classes(0)[0]) and not set(e.classes) & {6, 9, 12}
+    base, novel = src.fold_classes(0)
+    b = EpisodeDataset(src, kway, TrainTransform(65), True, base=base, novel=novel)[3]
+    assert b["support_imgs"].shape == (len(e.classes), 3, 65, 65) and b["query_areas"].max() <= 255
+    assert torch.equal(b["support_imgs"][0], b["support_imgs"][-1])  # one annotated support, all ways
+    one = parsing_train_episodes(src, pools, {"s": 0}, shots=1, ways=1)
+    for i in range(len(one)):
+        e = one.episode(1, i)
+        assert e.query < 20 and e.supports[0] >= 20

@@ -156,3 +156,48 @@ class TrainEpisodes:
 def manifest_meta(source, fold: int, shots: int, ways: int, protocol: str, seed: int, index_key: str, **extra) -> dict:
     return {"dataset": source.name, "split": source.split, "fold": fold, "shots": shots, "ways": ways,
             "protocol": protocol, "seed": seed, "index": index_key, "samples": len(source), **extra}
+
+
+class KWayTrainEpisodes:
+    """POPNet k-way training episodes (code: ``oshp_loader.py``): a query from the query pool, ``shots``
+    support images from the support pool, every listed class a way (the support is annotated with all
+    of them; a class the support lacks becomes background in the query, see ``EpisodeDataset``).
+    Drawn per (seed, epoch, index), not once at start-up as the code does."""
+
+    def __init__(self, query_pool: Sequence[int], support_pool: Sequence[int], classes: Sequence[int], key: dict,
+                 shots: int = 1):
+        if len(support_pool) < shots + 1:
+            raise DataError(f"k-way episodes need >= {shots + 1} support-pool images, not {len(support_pool)}")
+        if not query_pool:
+            raise DataError("k-way episodes need a non-empty query pool")
+        self.queries, self.support_pool = list(query_pool), list(support_pool)
+        self.classes, self.key, self.shots, self.epoch = tuple(classes), key_seed(key), shots, 0
+
+    def __len__(self) -> int:
+        return len(self.queries)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def episode(self, epoch: int, i: int) -> EpisodeSpec:
+        q = self.queries[int(episode_rng(self.key, "order", epoch).permutation(len(self.queries))[i])]
+        rng = episode_rng(self.key, epoch, i)
+        shot = draw_supports(rng, self.support_pool, q, self.shots, -1)
+        return EpisodeSpec(q, self.classes, tuple(s for _ in self.classes for s in shot),
+                           key_seed(self.key, epoch, i, "aug"))
+
+    def __getitem__(self, i: int) -> EpisodeSpec:
+        return self.episode(self.epoch, i)
+
+
+def parsing_train_episodes(source, pools: Dict[int, List[int]], key: dict, shots: int = 1, ways: int = 1):
+    """Training episodes of a parsing source: k-way (``ways`` > 1: all base classes, one annotated
+    support) or one-way (class episodes with queries from the query pool and supports from the support
+    pool). ``pools``: ``TrainingPools.train`` (base classes only)."""
+    qset, sset = set(source.query_pool), set(source.support_pool)
+    if ways > 1:
+        kept = {i for p in pools.values() for i in p}
+        return KWayTrainEpisodes([i for i in source.query_pool if i in kept],
+                                 [i for i in source.support_pool if i in kept], sorted(pools), key, shots)
+    return TrainEpisodes({c: [i for i in p if i in qset] for c, p in pools.items()}, key, shots, 1,
+                         support_pools={c: [i for i in p if i in sset] for c, p in pools.items()})

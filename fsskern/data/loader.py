@@ -116,6 +116,8 @@ def _pad_to(x: torch.Tensor, h: int, w: int, value) -> torch.Tensor:
 
 
 def _stack(xs: List[torch.Tensor], value) -> torch.Tensor:
+    if len(xs) == 1:
+        return xs[0].unsqueeze(0)  # a view: one 1-shot support image is not copied
     h = max(x.shape[-2] for x in xs)
     w = max(x.shape[-1] for x in xs)
     return torch.stack([_pad_to(x, h, w, value) for x in xs])

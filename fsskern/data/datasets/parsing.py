@@ -14,8 +14,7 @@ Two layouts (``data.params.layout``):
 ``code`` = the public code's folds). ``data.merge`` and ``data.folds`` override them.
 ``data.hierarchy`` ({area: [fine class names]}) gives the stage-2 area of each fine class
 (``to_areas``; unlisted foreground classes are an error, so the hierarchy stays complete)."""
-from pathlib import Path
-from typing import Dict, List
+from typing import Dict
 
 import numpy as np
 
@@ -86,8 +85,8 @@ class ParsingSource(FolderSource):
             return super().list_samples(image_dir, label_dir, image_ext, list_file)
         name = "meta_test_id.txt" if self.split == "test" else "meta_train_id.txt"
         ids = read_lines(self.root / "list" / name, "image list")
-        return [(i, str(self.root / "trainval_images" / (i + ".jpg")), str(self.root / "trainval_classes" / (i + ".png")))
-                for i in ids]
+        images, labels = self.root / "trainval_images", self.root / "trainval_classes"
+        return [(i, str(images / (i + ".jpg")), str(labels / (i + ".png"))) for i in ids]
 
     def build_hierarchy(self, hierarchy):
         if not hierarchy:
@@ -98,7 +97,8 @@ class ParsingSource(FolderSource):
         for a, (area, members) in enumerate(hierarchy.items(), start=1):
             for m in members:
                 if m not in by_name:
-                    raise DataError(f"data.hierarchy area {area!r} names unknown class {m!r}; classes: {sorted(by_name)}")
+                    raise DataError(f"data.hierarchy area {area!r} names unknown class {m!r}; "
+                                    f"classes: {sorted(by_name)}")
                 lut[by_name[m]] = a
         missing = [self.class_names[c] for c in self.foreground_classes() if lut[c] < 0]
         if missing:
