@@ -51,7 +51,8 @@ def _to_tensors(image: np.ndarray, labels: Sequence[np.ndarray]) -> tuple[tv_ten
         warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
         img = tv_tensors.Image(torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1))
     stacked = torch.from_numpy(np.stack(labels))
-    if stacked.numel() and int(stacked.min()) >= 0 and int(stacked.max()) <= 255:
+    low, high = torch.aminmax(stacked)
+    if int(low) >= 0 and int(high) <= 255:
         stacked = stacked.to(torch.uint8)
     return img, tv_tensors.Mask(stacked)
 
@@ -168,12 +169,13 @@ class TrainTransform:
         if self.flip and u[4] < 0.5:
             img, mask = F.horizontal_flip(img), F.horizontal_flip(mask)
 
-        img, mask = self._pad_to_size(img, mask)
+        mask, pad_top, pad_left = self._pad_mask_to_size(mask)
         top, left = self._crop_offsets(mask[0], generator)
-        img = F.crop(img, top, left, self.size, self.size)
         mask = F.crop(mask, top, left, self.size, self.size)
-        img = img.div_(_STD_PIXEL_T).contiguous()
-        return img, _split_labels(mask)
+        # The image is not padded first: a window reaching outside it is zero-filled by crop, and zero is
+        # the mean pixel here (one copy of the crop instead of a padded copy of the whole image).
+        img = F.crop(img, top - pad_top, left - pad_left, self.size, self.size)
+        return torch.div(img, _STD_PIXEL_T), _split_labels(mask)
 
     @staticmethod
     def _rotate(img: torch.Tensor, mask: tv_tensors.Mask, angle: float):
@@ -189,15 +191,15 @@ class TrainTransform:
         rotated = nnf.grid_sample(shifted[None], grid, mode="nearest", padding_mode="zeros", align_corners=True)[0]
         return img, tv_tensors.Mask(rotated.add_(IGNORE_INDEX).to(mask.dtype))
 
-    def _pad_to_size(self, img: torch.Tensor, mask: tv_tensors.Mask):
+    def _pad_mask_to_size(self, mask: tv_tensors.Mask) -> tuple[tv_tensors.Mask, int, int]:
+        """Pad the labels with 255 to at least size x size; returns them and the top/left padding. PFENet
+        centres the image in the padded frame (cv2.copyMakeBorder with half on each side)."""
         h, w = mask.shape[-2:]
         pad_h, pad_w = max(self.size - h, 0), max(self.size - w, 0)
         if pad_h == 0 and pad_w == 0:
-            return img, mask
-        # PFENet centres the image in the padded frame (cv2.copyMakeBorder with half on each side); the
-        # image is mean-subtracted, so fill 0 is the mean pixel.
+            return mask, 0, 0
         padding = [pad_w // 2, pad_h // 2, pad_w - pad_w // 2, pad_h - pad_h // 2]  # left, top, right, bottom
-        return F.pad(img, padding, fill=0.0), F.pad(mask, padding, fill=IGNORE_INDEX)
+        return F.pad(mask, padding, fill=IGNORE_INDEX), pad_h // 2, pad_w // 2
 
     def _crop_offsets(self, label: torch.Tensor, generator: torch.Generator) -> tuple[int, int]:
         """PFENet's foreground-preserving random crop. v2.RandomCrop draws one window from the global RNG
@@ -209,18 +211,15 @@ class TrainTransform:
         tops = torch.randint(0, h - self.size + 1, (n,), generator=generator).tolist()
         lefts = torch.randint(0, w - self.size + 1, (n,), generator=generator).tolist()
         label = label.as_subclass(torch.Tensor)
-        total = _count_foreground(label)
+        fg = (label != 0) & (label != IGNORE_INDEX)
+        total = int(fg.sum())
         if total == 0:
             return tops[0], lefts[0]
         s = self.size
         for top, left in zip(tops, lefts):
-            if _count_foreground(label[top:top + s, left:left + s]) >= self.FG_KEEP * total:
+            if int(fg[top:top + s, left:left + s].sum()) >= self.FG_KEEP * total:
                 break
         return top, left
-
-
-def _count_foreground(label: torch.Tensor) -> int:
-    return int(label.numel() - ((label == 0) | (label == IGNORE_INDEX)).sum())
 
 
 class TestTransform:
