@@ -270,3 +270,23 @@ def test_pseudo_folder_span_filter(tmp_path):
     (root / "index.json").write_text("{}")
     with pytest.raises(DataError, match="bad pseudo-label index"):
         build_source(DataConfig(dataset="pseudo", root=str(root)), "train")
+
+
+@pytest.mark.parametrize("name", sorted(p.stem for p in (Path(__file__).parents[1] / "configs" / "data").glob("*.yaml")))
+def test_data_presets(name):
+    """Every preset is a valid DataConfig; the ones on ../shared/data build their source and folds."""
+    import yaml
+    repo = Path(__file__).parents[1]
+    section = yaml.safe_load((repo / "configs" / "data" / f"{name}.yaml").read_text())["data"]
+    cfg = DataConfig(**section)
+    if not cfg.root.startswith("../shared/data"):
+        return
+    cfg.root = str(repo / cfg.root)
+    if not Path(cfg.root).is_dir():
+        pytest.skip(f"real data {cfg.root} absent")
+    src = build_source(cfg, "test")
+    for fold in range(src.num_folds):
+        base, novel = src.fold_classes(fold)
+        assert novel and not set(base) & set(novel)
+    if src.name == "parsing" and cfg.hierarchy:
+        assert src.area_lut is not None
