@@ -272,7 +272,10 @@ def test_pseudo_folder_span_filter(tmp_path):
         build_source(DataConfig(dataset="pseudo", root=str(root)), "train")
 
 
-@pytest.mark.parametrize("name", sorted(p.stem for p in (Path(__file__).parents[1] / "configs" / "data").glob("*.yaml")))
+PRESETS = sorted(p.stem for p in (Path(__file__).parents[1] / "configs" / "data").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("name", PRESETS)
 def test_data_presets(name):
     """Every preset is a valid DataConfig; the ones on ../shared/data build their source and folds."""
     import yaml
