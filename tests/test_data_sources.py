@@ -176,6 +176,12 @@ def test_bad_files_are_named(tmp_path):
     with pytest.warns(UserWarning, match="skipped 1 of 4"):
         stats = scan_labels(src, cache_dir=tmp_path / "c", on_error="skip")
     assert list(stats.skipped) == [3] and "not a png" not in stats.skipped[3]
+    with pytest.warns(UserWarning, match="skipped 4 of 4"):  # images checked too: missing, mismatch, truncated
+        stats = scan_labels(src, cache_dir=tmp_path / "c", on_error="skip", check_images="decode")
+    assert "missing image file" in stats.skipped[0] and "truncated" in stats.skipped[1]
+    assert "size mismatch" in stats.skipped[2]
+    with pytest.warns(UserWarning, match="skipped 3 of 4"):  # the header check cannot see truncation
+        scan_labels(src, cache_dir=tmp_path / "c", on_error="skip", check_images="header")
 
 
 def test_index_cache_is_keyed_by_list_and_mapping(tmp_path):

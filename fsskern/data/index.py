@@ -19,7 +19,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from .io import DataError
+from .io import DataError, image_size
 
 INDEX_VERSION = 1
 POLICIES = ("pfenet", "bam")
@@ -51,22 +51,39 @@ class LabelStats:
         return sorted(self.pixels[i])
 
 
-def index_key(source) -> str:
+def index_key(source, check_images: str = "none") -> str:
     h = hashlib.sha256()
     h.update(json.dumps({"version": INDEX_VERSION, "source": type(source).__name__, "describe": source.describe(),
+                         "check_images": check_images,
                          "samples": [(s[0], s[2]) for s in source.samples]}, sort_keys=True).encode())
     h.update(np.ascontiguousarray(source.lut).tobytes())
     return h.hexdigest()
 
 
-def scan_labels(source, cache_dir=None, on_error: str = "raise") -> LabelStats:
+def check_image(source, i: int, label: np.ndarray, mode: str) -> None:
+    """``header``: the image exists and has the label's size (reads the header only); ``decode``: it also
+    decodes in full (finds truncated files)."""
+    if mode == "decode":
+        source.load(i)
+        return
+    _, image_path, label_path = source.samples[i]
+    w, h = image_size(image_path)
+    if (h, w) != label.shape:
+        raise DataError(f"image/label size mismatch: {image_path} is {w}x{h}, {label_path} is "
+                        f"{label.shape[1]}x{label.shape[0]} (width x height)")
+
+
+def scan_labels(source, cache_dir=None, on_error: str = "raise", check_images: str = "none") -> LabelStats:
     """Read every label of ``source`` once (or the cache). ``on_error="skip"`` records a bad sample in
-    ``skipped`` instead of raising; the count is reported, never hidden."""
+    ``skipped`` instead of raising; the count is reported, never hidden. ``check_images`` (none | header
+    | decode) also checks each image, so that skip mode catches bad images before training meets them."""
     if on_error not in ("raise", "skip"):
         raise DataError(f"on_error must be raise or skip, not {on_error!r}")
+    if check_images not in ("none", "header", "decode"):
+        raise DataError(f"check_images must be none, header or decode, not {check_images!r}")
     if len(source) == 0:
         raise DataError(f"dataset {source.name!r} split {source.split!r} has no sample")
-    key = index_key(source)
+    key = index_key(source, check_images)
     path = Path(cache_dir or default_cache_dir()) / f"{source.name}-{key[:16]}.json"
     if path.is_file():
         cached = json.loads(path.read_text())
@@ -76,7 +93,10 @@ def scan_labels(source, cache_dir=None, on_error: str = "raise") -> LabelStats:
     pixels, skipped = [], {}
     for i in range(len(source)):
         try:
-            pixels.append(source.class_pixels(source.load_label(i)))
+            label = source.load_label(i)
+            if check_images != "none":
+                check_image(source, i, label, check_images)
+            pixels.append(source.class_pixels(label))
         except DataError as e:
             if on_error == "raise":
                 raise
@@ -84,7 +104,7 @@ def scan_labels(source, cache_dir=None, on_error: str = "raise") -> LabelStats:
             pixels.append({})
     if skipped:
         warnings.warn(f"{source.name} {source.split}: skipped {len(skipped)} of {len(source)} samples with bad "
-                      f"labels (first: {next(iter(skipped.values()))})")
+                      f"files (first: {next(iter(skipped.values()))})")
     stats = LabelStats(pixels, skipped, key)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)

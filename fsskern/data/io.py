@@ -26,6 +26,18 @@ def read_image(path) -> np.ndarray:
         raise DataError(f"unreadable or truncated image file: {path} ({e})") from None
 
 
+def image_size(path) -> tuple:
+    """(width, height) from the file header, without decoding the pixels."""
+    path = Path(path)
+    try:
+        with Image.open(path) as im:
+            return im.size
+    except FileNotFoundError:
+        raise DataError(f"missing image file: {path}") from None
+    except (OSError, ValueError, SyntaxError) as e:
+        raise DataError(f"unreadable image file: {path} ({e})") from None
+
+
 def read_label(path, channel: int = 0) -> np.ndarray:
     """(H, W) int64 label indices. A multi-channel PNG gives its ``channel``-th channel."""
     path = Path(path)

@@ -48,6 +48,9 @@ class FSS1000Source(Source):
         raw = read_label(self.samples[i][2])
         return np.where(raw >= self.threshold, self.sample_class[i], 0).astype(np.int64)
 
+    def describe(self) -> dict:
+        return {**super().describe(), "mask_threshold": self.threshold}
+
     def novel_classes(self, fold: int) -> List[int]:
         return self.split_classes["test" if self.split == "test" else "val"]
 
