@@ -227,6 +227,15 @@ def test_fss1000_layout(tmp_path):
     _, label = src.load(4)  # eel/2
     assert src.sample_id(4) == "eel/2" and set(np.unique(label)) == {0, 5} and (label == 5).sum() == 256
     assert src.fold_classes(0) == ([1, 2], [4, 5])
+    many = tmp_path / "many"
+    (many / "splits").mkdir(parents=True)
+    (many / "splits" / "trn.txt").write_text("".join(f"c{k}\n" for k in range(300)))
+    (many / "splits" / "val.txt").write_text("v\n")
+    (many / "splits" / "test.txt").write_text("t\n")
+    write_pair(many, "1", blocks(8, 8, (255, 0, 4, 0, 4)), "t", "t")
+    big = build_source(DataConfig(dataset="fss1000", root=str(many)), "test")
+    assert big.class_names[255] is None and big.class_names[256] == "c254" and big.fold_classes(0)[1] == [303]
+    assert set(np.unique(big.load(0)[1])) == {0, 303}  # class ids skip 255, which stays ignore
     (root / "ant" / "2.png").unlink()
     with pytest.raises(DataError, match="missing label file: .*ant/2.png"):
         build_source(DataConfig(dataset="fss1000", root=str(root)), "train").load(1)

@@ -39,7 +39,8 @@ def image_size(path) -> tuple:
 
 
 def read_label(path, channel: int = 0) -> np.ndarray:
-    """(H, W) int64 label indices. A multi-channel PNG gives its ``channel``-th channel."""
+    """(H, W) label indices in the file's integer dtype (uint8 for 8-bit PNGs; ``apply_lut`` makes them
+    int64 class ids). A multi-channel PNG gives its ``channel``-th channel."""
     path = Path(path)
     try:
         with Image.open(path) as im:
@@ -51,7 +52,9 @@ def read_label(path, channel: int = 0) -> np.ndarray:
         raise DataError(f"unreadable or truncated label file: {path} ({e})") from None
     if a.ndim == 3:
         a = a[..., channel]
-    return a.astype(np.int64)
+    if a.dtype == bool or a.dtype.kind not in "ui":
+        a = a.astype(np.int64)
+    return a
 
 
 def check_same_size(image: np.ndarray, label: np.ndarray, image_path, label_path) -> None:
@@ -63,14 +66,13 @@ def check_same_size(image: np.ndarray, label: np.ndarray, image_path, label_path
 def apply_lut(raw: np.ndarray, lut: np.ndarray, path) -> np.ndarray:
     """Map raw label values through ``lut`` (int64, -1 = not a valid value); DataError names the
     first invalid value and the file."""
-    if raw.size and (raw.min() < 0 or raw.max() >= len(lut)):
-        bad = int(raw.max() if raw.max() >= len(lut) else raw.min())
-        raise DataError(f"label value {bad} outside the dataset's classes in {path}")
-    out = lut[raw]
-    if (out < 0).any():
-        bad = sorted(set(np.unique(raw[out < 0]).tolist()))
+    if raw.size and raw.min() < 0:
+        raise DataError(f"label value(s) [{int(raw.min())}] outside the dataset's classes in {path}")
+    values = np.flatnonzero(np.bincount(raw.ravel()))  # one pass over the pixels, then the few values
+    bad = [int(v) for v in values if v >= len(lut) or lut[v] < 0]
+    if bad:
         raise DataError(f"label value(s) {bad} outside the dataset's classes in {path}")
-    return out
+    return lut[raw]
 
 
 def read_lines(path, what: str = "list") -> list:

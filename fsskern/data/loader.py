@@ -38,11 +38,18 @@ class EpisodeDataset(Dataset):
 
     def __init__(self, source, manifest, transform, train: bool, base: Sequence[int] = (), novel: Sequence[int] = ()):
         self.source, self.manifest, self.transform, self.train = source, manifest, transform, train
-        size = max(256, len(getattr(source, "lut", ())))
-        self.train_lut = np.arange(size, dtype=np.int64)
-        self.train_lut[list(novel)] = 0
-        self.base_lut = base_label_lut(base, size) if base else None
-        self.areas = getattr(source, "area_lut", None)
+        self.size = max(256, len(source.class_names))
+        # label rules are composed as lookup tables (256+ entries) and applied to each label in one pass
+        self.pre = np.arange(self.size, dtype=np.int64)
+        if train:
+            self.pre[list(novel)] = 0  # PFENet policy: novel pixels are background in training
+        self.base_lut = base_label_lut(base, self.size)[self.pre] if (train and base) else None
+        areas = getattr(source, "area_lut", None)
+        self.areas = None
+        if areas is not None:
+            self.areas = np.zeros(self.size, dtype=np.int64)
+            self.areas[:len(areas)] = areas
+            self.areas = self.areas[self.pre]
 
     def __len__(self) -> int:
         return len(self.manifest)
@@ -51,30 +58,25 @@ class EpisodeDataset(Dataset):
         if hasattr(self.manifest, "set_epoch"):
             self.manifest.set_epoch(epoch)
 
-    def _load(self, i: int):
-        image, label = self.source.load(i)
-        return image, (self.train_lut[label] if self.train else label)
-
     def __getitem__(self, t: int) -> Dict:
         e = self.manifest[t]
         ways, shots = len(e.classes), len(e.supports) // len(e.classes)
         gen = torch.Generator().manual_seed(e.seed)
-        supports: Dict[int, tuple] = {}
-        for s in dict.fromkeys(e.supports):  # each distinct support image decoded once
-            supports[s] = self._load(s)
+        supports = {s: self.source.load(s) for s in dict.fromkeys(e.supports)}  # each image decoded once
         masks = []  # (way, shot) -> binary mask at the original resolution
         for w, c in enumerate(e.classes):
-            for k in range(shots):
-                lbl = supports[e.supports[w * shots + k]][1]
-                masks.append(np.where(lbl == IGNORE, IGNORE, lbl == c).astype(np.int64))
-        q_image, q_label = self._load(e.query)
-        lut = way_lut(e.classes, max(256, len(self.train_lut)))
+            binary = np.zeros(self.size, dtype=np.int64)
+            binary[c], binary[IGNORE] = 1, IGNORE
+            binary = binary[self.pre]
+            masks += [binary[supports[e.supports[w * shots + k]][1]] for k in range(shots)]
+        q_image, q_label = self.source.load(e.query)
+        lut = way_lut(e.classes, self.size)
         for w in range(ways):  # no support pixel of this way: nothing to segment it from
             if not any((m == 1).any() for m in masks[w * shots:(w + 1) * shots]):
                 lut[e.classes[w]] = 0
-        q_mask = lut[q_label]
+        q_mask = lut[self.pre][q_label]
         q_extra = []
-        if self.train and self.base_lut is not None:
+        if self.base_lut is not None:
             q_extra.append(self.base_lut[q_label])
         if self.areas is not None:
             q_extra.append(self.areas[q_label])
@@ -86,7 +88,7 @@ class EpisodeDataset(Dataset):
             out["query_label_orig"] = torch.from_numpy(q_mask)
             out["restore"] = restore
         out["query_img"], out["query_mask"] = img, labels[0]
-        if self.train and self.base_lut is not None:
+        if self.base_lut is not None:
             out["base_label"] = labels[1]
         if self.areas is not None:
             out["query_areas"] = labels[-1]
