@@ -19,7 +19,9 @@ def read_image(path) -> np.ndarray:
     try:
         with Image.open(path) as im:
             im.load()  # decode now: a truncated file fails here, not later in a worker
-            return np.array(im.convert("RGB"))  # writable: torch.from_numpy refuses read-only arrays
+            # np.array, not asarray: a writable copy (torch.from_numpy warns on read-only arrays);
+            # convert only when needed (convert("RGB") of an RGB image is one more copy)
+            return np.array(im if im.mode == "RGB" else im.convert("RGB"))
     except FileNotFoundError:
         raise DataError(f"missing image file: {path}") from None
     except (OSError, ValueError, SyntaxError) as e:
