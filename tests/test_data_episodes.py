@@ -103,6 +103,19 @@ def test_manifest_file_roundtrip_and_tamper(msrc, tmp_path):
         Manifest.load(tmp_path / "m.json")
 
 
+def test_build_train_episodes_from_config(msrc, tmp_path):
+    from fsskern.data.loader import build_train_episodes
+    cfg, _, _ = msrc
+    src = build_source(cfg, "train")
+    episodes, pools = build_train_episodes(cfg, src, 2, seed=7, cache_dir=tmp_path)
+    assert pools.dropped > 0 and set(episodes.classes) <= set(pools.base) and not set(pools.novel) & set(pools.train)
+    loader = build_loader(cfg, "train", 2, episodes, True, source=src)
+    loader.dataset.set_epoch(1)
+    batch = next(iter(loader))
+    assert batch["query_img"].shape == (2, 3, 65, 65) and batch["base_label"].shape == (2, 65, 65)
+    assert [int(c) for c in batch["classes"][:, 0]] == [episodes.episode(1, i).classes[0] for i in range(2)]
+
+
 def test_training_episodes_from_seed_epoch_index(msrc):
     cfg, _, _ = msrc
     src = build_source(cfg, "train")
@@ -220,7 +233,8 @@ def test_parsing_kway_and_one_way_training_episodes(tmp_path):
     b = EpisodeDataset(src, kway, TrainTransform(65), True, base=base, novel=novel)[3]
     assert b["support_imgs"].shape == (len(e.classes), 3, 65, 65) and b["query_areas"].max() <= 255
     assert torch.equal(b["support_imgs"][0], b["support_imgs"][-1])  # one annotated support, all ways
-    one = parsing_train_episodes(src, pools, {"s": 0}, shots=1, ways=1)
+    with pytest.warns(UserWarning, match="never sampled"):  # the slice has single-image classes
+        one = parsing_train_episodes(src, pools, {"s": 0}, shots=1, ways=1)
     for i in range(len(one)):
         e = one.episode(1, i)
         assert e.query < 20 and e.supports[0] >= 20

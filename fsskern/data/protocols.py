@@ -64,7 +64,7 @@ PROTOCOLS: Dict[str, Protocol] = {p.name: p for p in [
     Protocol("hsnet", {"fss1000": 2400, "default": 1000}, (0,), {"coco": "class_uniform", "default": "pairs"},
              "square", {"default": 400}),
     Protocol("panet", {"default": 1000}, (1234, 1235, 1236, 1237, 1238), {"default": "class_uniform"}, "square",
-             {"default": 417}, notes="mean +- std over the 5 runs"),
+             {"default": 417}, min_pixels=1, notes="mean +- std over the 5 runs; PANet has no size filter"),
     Protocol("popnet", {"default": 0}, (0,), {"default": "frozen"}, "original", {"default": 0}, min_pixels=1,
              notes="frozen pairs: 10 queries x 15 supports per class; no size filter"),
     Protocol("balanced", {"coco": 4000, "default": 1000}, (0, 1, 2, 3, 4), {"default": "balanced"}, "pfenet",
