@@ -131,6 +131,7 @@ class TrainingPools:
     val: Dict[int, List[int]]
     dropped: int            # images removed by the bam policy
     empty_classes: List[int]  # base classes with no qualifying image (never sampled)
+    index_key: str = ""       # the LabelStats key these pools come from
 
 
 def held_out(sample_id: str, fraction: float) -> bool:
@@ -161,7 +162,7 @@ def training_pools(source, stats: LabelStats, fold: int, policy: str = "pfenet",
     val = {c: v for c, v in stats.class_index(min_pixels, val_ids).items() if c in base_set}
     if not train:
         raise DataError(f"{source.name} fold {fold}: no training image holds a base class with >= {min_pixels} px")
-    return TrainingPools(base, novel, train, val, dropped, [c for c in base if c not in train])
+    return TrainingPools(base, novel, train, val, dropped, [c for c in base if c not in train], stats.key)
 
 
 def test_pool(source, stats: LabelStats, fold: int, min_pixels: int = 2048) -> Tuple[List[int], Dict[int, List[int]]]:
