@@ -233,8 +233,21 @@ def test_parsing_kway_and_one_way_training_episodes(tmp_path):
     b = EpisodeDataset(src, kway, TrainTransform(65), True, base=base, novel=novel)[3]
     assert b["support_imgs"].shape == (len(e.classes), 3, 65, 65) and b["query_areas"].max() <= 255
     assert torch.equal(b["support_imgs"][0], b["support_imgs"][-1])  # one annotated support, all ways
-    with pytest.warns(UserWarning, match="never sampled"):  # the slice has single-image classes
-        one = parsing_train_episodes(src, pools, {"s": 0}, shots=1, ways=1)
+    one = parsing_train_episodes(src, pools, {"s": 0}, shots=1, ways=1)
     for i in range(len(one)):
         e = one.episode(1, i)
         assert e.query < 20 and e.supports[0] >= 20
+
+
+def test_training_classes_without_enough_supports_are_reported():
+    pools = {1: [0, 1, 2], 2: [3]}
+    with pytest.warns(UserWarning, match=r"classes \[2\] have fewer than 2 images"):
+        te = TrainEpisodes(pools, {"s": 0}, shots=1)
+    assert te.excluded == [2] and te.queries == [0, 1, 2]
+    with pytest.raises(DataError, match="training needs 1 class"):
+        with pytest.warns(UserWarning):
+            TrainEpisodes({1: [0]}, {"s": 0}, shots=1)
+    # disjoint query/support pools: one support image is enough for 1-shot, not for 2-shot
+    assert TrainEpisodes({1: [0, 1]}, {"s": 0}, shots=1, support_pools={1: [5]}).excluded == []
+    with pytest.warns(UserWarning, match="never sampled"):
+        TrainEpisodes({1: [0, 1], 2: [0]}, {"s": 0}, shots=2, support_pools={1: [5, 6], 2: [7]})

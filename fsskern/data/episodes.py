@@ -107,8 +107,7 @@ class TrainEpisodes:
                  support_pools: Optional[Dict[int, Sequence[int]]] = None):
         self.key, self.shots, self.ways = key_seed(key), shots, ways  # the key hashed once
         self.support_pools = support_pools if support_pools is not None else pools
-        self.excluded = sorted(c for c in pools if len(set(self.support_pools.get(c, ())) | set(pools[c])) < shots + 1
-                               or not self.support_pools.get(c))
+        self.excluded = sorted(c for c in pools if self._supports_short(pools[c], self.support_pools.get(c, ()), shots))
         if self.excluded:
             warnings.warn(f"training episodes: classes {self.excluded} have fewer than {shots + 1} images and are "
                           f"never sampled")
@@ -124,6 +123,12 @@ class TrainEpisodes:
         self.classes = sorted(usable)
         self.epoch = 0
         self._order: Tuple[int, Optional[np.ndarray]] = (-1, None)
+
+    @staticmethod
+    def _supports_short(queries: Sequence[int], supports: Sequence[int], shots: int) -> bool:
+        """True when some query of the class would find fewer than ``shots`` supports other than itself."""
+        s = set(supports)
+        return len(s) - (1 if s.intersection(queries) else 0) < shots
 
     def __len__(self) -> int:
         return len(self.queries)
