@@ -251,3 +251,14 @@ def test_training_classes_without_enough_supports_are_reported():
     assert TrainEpisodes({1: [0, 1]}, {"s": 0}, shots=1, support_pools={1: [5]}).excluded == []
     with pytest.warns(UserWarning, match="never sampled"):
         TrainEpisodes({1: [0, 1], 2: [0]}, {"s": 0}, shots=2, support_pools={1: [5, 6], 2: [7]})
+
+
+def test_protocol_decides_the_test_transform():
+    from fsskern.data.loader import test_transform_for
+    cfg = DataConfig(dataset="coco", test_size=473)
+    assert repr(test_transform_for(cfg, "pfenet")) == "TestTransform(size=641, rule='pfenet', score_at='original')"
+    assert repr(test_transform_for(cfg, "hsnet")) == "TestTransform(size=400, rule='square', score_at='input')"
+    assert repr(test_transform_for(cfg, "popnet")) == "TestTransform(size=473, rule='original', score_at='original')"
+    assert PROTOCOLS["bam"].describe("pascal")["seeds"] == [510, 365, 382, 322, 988]
+    with pytest.raises(DataError, match="unknown protocol 'pfnet'"):
+        test_transform_for(cfg, "pfnet")

@@ -167,7 +167,7 @@ def test_transform_for(cfg_data, protocol: Optional[str]):
     from .protocols import get_protocol
     p = get_protocol(protocol)
     size = p.get(p.size, cfg_data.dataset) or cfg_data.test_size
-    return T.TestTransform(size, p.resize)
+    return T.TestTransform(size, p.resize, score_at=p.score_at)
 
 
 def build_train_episodes(cfg_data, source, fold: int, seed: int, cache_dir=None, on_error: str = "raise"):
@@ -188,7 +188,9 @@ def build_train_episodes(cfg_data, source, fold: int, seed: int, cache_dir=None,
 def build_loader(cfg_data, split: str, fold: int, manifest, train: bool, sampler: Optional[Sampler] = None,
                  source=None, batch_size: Optional[int] = None) -> DataLoader:
     """A DataLoader of episode batches. ``manifest``: ``TrainEpisodes`` (training) or ``Manifest``.
-    ``sampler``: e.g. ``DistributedSampler`` (training) or ``ShardSampler`` (evaluation)."""
+    ``sampler``: ``DistributedSampler(dataset, shuffle=False)`` in training (the episodes already come
+    in a per-epoch order) or ``ShardSampler`` in evaluation. The test resize rule and size come from
+    the manifest's protocol."""
     source = source or build_source(cfg_data, split)
     if train:
         base, novel = source.fold_classes(fold)

@@ -37,6 +37,7 @@ class Protocol:
     size: Dict[str, int] = field(default_factory=dict)  # test size per dataset; "default"
     min_pixels: int = 2048
     quirk_query_class: bool = False    # pfenet-compat: query class among all novel classes present
+    score_at: str = "original"         # original label size, or the input size (HSNet default, PANet)
     notes: str = ""
 
     def get(self, table: dict, dataset: str):
@@ -45,7 +46,7 @@ class Protocol:
     def describe(self, dataset: str) -> dict:
         """What every result file records about the protocol."""
         return {"protocol": self.name, "episodes": self.get(self.episodes, dataset), "seeds": list(self.seeds),
-                "query_order": self.get(self.query_order, dataset), "resize": self.resize,
+                "query_order": self.get(self.query_order, dataset), "resize": self.resize, "score_at": self.score_at,
                 "size": self.get(self.size, dataset), "min_pixels": self.min_pixels,
                 "quirk_query_class": self.quirk_query_class}
 
@@ -62,9 +63,9 @@ PROTOCOLS: Dict[str, Protocol] = {p.name: p for p in [
     Protocol("hdmnet", {"pascal": 1000, "coco": 10000, "default": 1000}, BAM_SEEDS + (98, 742, 17, 595, 106), _LIST,
              "pfenet", {"coco": 633, "default": 473}),
     Protocol("hsnet", {"fss1000": 2400, "default": 1000}, (0,), {"coco": "class_uniform", "default": "pairs"},
-             "square", {"default": 400}),
+             "square", {"default": 400}, score_at="input"),
     Protocol("panet", {"default": 1000}, (1234, 1235, 1236, 1237, 1238), {"default": "class_uniform"}, "square",
-             {"default": 417}, min_pixels=1, notes="mean +- std over the 5 runs; PANet has no size filter"),
+             {"default": 417}, min_pixels=1, score_at="input", notes="mean +- std over 5 runs; no size filter"),
     Protocol("popnet", {"default": 0}, (0,), {"default": "frozen"}, "original", {"default": 0}, min_pixels=1,
              notes="frozen pairs: 10 queries x 15 supports per class; no size filter"),
     Protocol("balanced", {"coco": 4000, "default": 1000}, (0, 1, 2, 3, 4), {"default": "balanced"}, "pfenet",
