@@ -116,10 +116,10 @@ def test_build_train_episodes_from_config(msrc, tmp_path):
     assert [int(c) for c in batch["classes"][:, 0]] == [episodes.episode(1, i).classes[0] for i in range(2)]
 
 
-def test_training_episodes_from_seed_epoch_index(msrc):
+def test_training_episodes_from_seed_epoch_index(msrc, tmp_path):
     cfg, _, _ = msrc
     src = build_source(cfg, "train")
-    pools = training_pools(src, scan_labels(src, cache_dir=None), 0, "bam", 2048, 0.1)
+    pools = training_pools(src, scan_labels(src, cache_dir=tmp_path), 0, "bam", 2048, 0.1)
     a, b = TrainEpisodes(pools.train, {"seed": 1}, shots=2), TrainEpisodes(pools.train, {"seed": 1}, shots=2)
     assert [a.episode(3, i) for i in range(50)] == [b.episode(3, i) for i in reversed(range(50))][::-1]
     assert [a.episode(3, i) for i in range(20)] != [a.episode(4, i) for i in range(20)]
@@ -144,14 +144,14 @@ def _same(xs, ys):
         assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
 
 
-def test_loader_identical_for_any_worker_count(msrc):
+def test_loader_identical_for_any_worker_count(msrc, tmp_path):
     cfg, src, stats = msrc
     m = build_test_manifest(src, stats, 0, 1, 1, "bam", 510, episodes=8)
     ds = EpisodeDataset(src, m, TestTransform(64, "pfenet"), False)
     runs = [_batches(DataLoader(ds, batch_size=2, num_workers=w, collate_fn=collate_episodes)) for w in (0, 2)]
     _same(*runs)
     train_src = build_source(cfg, "train")
-    pools = training_pools(train_src, scan_labels(train_src, cache_dir=None), 0, "bam", 2048)
+    pools = training_pools(train_src, scan_labels(train_src, cache_dir=tmp_path), 0, "bam", 2048)
     te = TrainEpisodes(pools.train, {"seed": 5}, shots=1)
     base, novel = train_src.fold_classes(0)
     tds = EpisodeDataset(train_src, te, TrainTransform(65), True, base=base, novel=novel)

@@ -308,3 +308,23 @@ def test_data_presets(name):
         assert novel and not set(base) & set(novel)
     if src.name == "parsing" and cfg.hierarchy:
         assert src.area_lut is not None
+
+
+def test_bam_class_lists_read_safely_and_compare(tmp_path):
+    from fsskern.data.index import class_index_from_lists, compare_indexes
+    root, ids = pascal_layout(tmp_path)
+    src = build_source(DataConfig(dataset="pascal", root=str(root)), "train")
+    lists = {1: [[f"JPEGImages/{ids[0]}.jpg", f"SegmentationClassAug/{ids[0]}.png"]],
+             2: [[f"JPEGImages/{ids[1]}.jpg", f"SegmentationClassAug/{ids[1]}.png"],
+                 [f"JPEGImages/{ids[3]}.jpg", f"SegmentationClassAug/{ids[3]}.png"]]}
+    (tmp_path / "sub.txt").write_text(repr(lists))
+    theirs = class_index_from_lists(src, tmp_path / "sub.txt")
+    assert theirs == {1: [0], 2: [1, 3]}
+    ours = scan_labels(src, cache_dir=tmp_path / "c").class_index(2048)
+    assert compare_indexes(ours, theirs) == {1: ([2], [])}  # image 2 holds class 1 too; the list misses it
+    (tmp_path / "evil.txt").write_text("__import__('os').system('true')")
+    with pytest.raises(DataError, match="not a Python dict literal"):
+        class_index_from_lists(src, tmp_path / "evil.txt")
+    (tmp_path / "other.txt").write_text(repr({1: [["JPEGImages/x.jpg", "SegmentationClassAug/x.png"]]}))
+    with pytest.raises(DataError, match="names 1 image.* \\(first: 'x'\\)"):
+        class_index_from_lists(src, tmp_path / "other.txt")

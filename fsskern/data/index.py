@@ -185,3 +185,38 @@ def base_label_lut(base: Sequence[int], size: int = 256) -> np.ndarray:
         lut[c] = k
     lut[255] = 255
     return lut
+
+
+def class_index_from_lists(source, path) -> Dict[int, List[int]]:
+    """A PFENet/BAM class list (``sub_class_file_list_{k}.txt``: a Python dict literal
+    ``{class: [[image path, label path], ...]}``, read with ``ast.literal_eval``, never ``eval``) as
+    ``{class: [sample indices]}`` of ``source``, to reproduce those lists exactly or to compare them
+    with this index (``compare_indexes``). An image the source does not list is an error."""
+    import ast
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"missing class list file: {path}")
+    try:
+        lists = ast.literal_eval(path.read_text())
+    except (ValueError, SyntaxError) as e:
+        raise DataError(f"class list {path} is not a Python dict literal: {e}") from None
+    by_id = {source.sample_id(i): i for i in range(len(source))}
+    out: Dict[int, List[int]] = {}
+    for c, pairs in lists.items():
+        ids = [Path(p[0] if isinstance(p, (list, tuple)) else p).stem for p in pairs]
+        unknown = [i for i in ids if i not in by_id]
+        if unknown:
+            raise DataError(f"class list {path}: class {c} names {len(unknown)} image(s) the source does not list "
+                            f"(first: {unknown[0]!r})")
+        out[int(c)] = sorted(by_id[i] for i in ids)
+    return {c: out[c] for c in sorted(out)}
+
+
+def compare_indexes(ours: Dict[int, List[int]], theirs: Dict[int, List[int]]) -> Dict[int, Tuple[List[int], List[int]]]:
+    """{class: (samples only in ours, samples only in theirs)} for the classes where they differ."""
+    diff = {}
+    for c in sorted(set(ours) | set(theirs)):
+        a, b = set(ours.get(c, ())), set(theirs.get(c, ()))
+        if a != b:
+            diff[c] = (sorted(a - b), sorted(b - a))
+    return diff
