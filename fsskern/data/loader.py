@@ -7,7 +7,9 @@ Labels of an episode (PFENet conventions): the query mask holds way w's class as
 255 kept; a support mask is 1 on its way's class, 0 elsewhere, 255 kept. In training, novel-class
 pixels are background (PFENet policy; the bam policy has no such image) and ``base_label`` is the
 query label in the base-learner space. A way whose supports hold no pixel of its class is background
-in the query (POPNet: the query is parsed into the classes the support annotates)."""
+in the query (POPNet: the query is parsed into the classes the support annotates). A parsing source
+with ``data.hierarchy`` adds ``query_areas`` (B, H, W) and ``support_areas`` (B, S, H, W) int64: the
+labels in area ids (0 bg, 1..n areas, 255 ignore) for POPNet's stage 2."""
 from typing import Dict, List, Optional, Sequence
 
 import numpy as np
