@@ -262,3 +262,15 @@ def test_protocol_decides_the_test_transform():
     assert PROTOCOLS["bam"].describe("pascal")["seeds"] == [510, 365, 382, 322, 988]
     with pytest.raises(DataError, match="unknown protocol 'pfnet'"):
         test_transform_for(cfg, "pfnet")
+
+
+def test_draw_supports_skips_the_query_without_copying_the_pool():
+    from fsskern.data.episodes import draw_supports, episode_rng
+    rng = episode_rng("t")
+    assert sorted(draw_supports(rng, [2, 5, 7, 9], 5, 3, 1)) == [2, 7, 9]
+    assert sorted(draw_supports(rng, [2, 5, 7, 9], 9, 3, 1)) == [2, 5, 7]
+    assert sorted(draw_supports(rng, [2, 5, 7, 9], 4, 4, 1)) == [2, 5, 7, 9]  # query outside the pool
+    seen = {s for _ in range(200) for s in draw_supports(rng, list(range(10)), 0, 1, 1)}
+    assert seen == set(range(1, 10))
+    with pytest.raises(DataError, match="class 3 has 2 qualifying image"):
+        draw_supports(rng, [1, 4], 4, 2, 3)

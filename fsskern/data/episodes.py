@@ -9,6 +9,7 @@ episodes are computed on demand from (seed, epoch, index) by ``TrainEpisodes``."
 import hashlib
 import json
 import warnings
+from bisect import bisect_left
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -36,14 +37,22 @@ def episode_rng(*key) -> np.random.Generator:
     return np.random.Generator(np.random.PCG64(key_seed(*key)))
 
 
+def others_in(pool: Sequence[int], query: int) -> Tuple[int, int]:
+    """(samples of the ascending ``pool`` other than the query, the query's position or -1)."""
+    pos = bisect_left(pool, query)
+    found = pos < len(pool) and pool[pos] == query
+    return len(pool) - found, (pos if found else -1)
+
+
 def draw_supports(rng: np.random.Generator, pool: Sequence[int], query: int, shots: int, cls: int) -> List[int]:
-    """``shots`` distinct samples of ``pool`` (ascending sample indices), none equal to the query."""
-    candidates = [i for i in pool if i != query]
-    if len(candidates) < shots:
-        raise DataError(f"class {cls} has {len(candidates) + (len(candidates) < len(pool))} qualifying image(s); "
-                        f"{shots}-shot episodes need at least {shots + 1} (query + {shots} supports)")
-    picks = rng.choice(len(candidates), size=shots, replace=False)
-    return [candidates[int(p)] for p in picks]
+    """``shots`` distinct samples of ``pool`` (ascending sample indices), none equal to the query; no
+    copy of the pool is made (COCO pools hold tens of thousands of images)."""
+    n, pos = others_in(pool, query)
+    if n < shots:
+        raise DataError(f"class {cls} has {len(pool)} qualifying image(s); {shots}-shot episodes need at least "
+                        f"{shots + 1} (query + {shots} supports)")
+    picks = rng.choice(n, size=shots, replace=False)
+    return [pool[int(p) + (0 <= pos <= p)] for p in picks]
 
 
 def make_episode(rng, query: int, classes: Sequence[int], pools: Dict[int, Sequence[int]], shots: int,
@@ -106,7 +115,8 @@ class TrainEpisodes:
     def __init__(self, pools: Dict[int, Sequence[int]], key: dict, shots: int = 1, ways: int = 1,
                  support_pools: Optional[Dict[int, Sequence[int]]] = None):
         self.key, self.shots, self.ways = key_seed(key), shots, ways  # the key hashed once
-        self.support_pools = support_pools if support_pools is not None else pools
+        pools = {c: sorted(p) for c, p in pools.items()}  # draw_supports bisects
+        self.support_pools = {c: sorted(p) for c, p in (support_pools if support_pools is not None else pools).items()}
         self.excluded = sorted(c for c in pools if self._supports_short(pools[c], self.support_pools.get(c, ()), shots))
         if self.excluded:
             warnings.warn(f"training episodes: classes {self.excluded} have fewer than {shots + 1} images and are "
@@ -150,7 +160,7 @@ class TrainEpisodes:
             others = [c for c in self.classes if c != cls[0]]
             if self.ways > 1:
                 cls += [others[int(k)] for k in rng.choice(len(others), self.ways - 1, replace=False)]
-            if all(len([s for s in self.support_pools[c] if s != q]) >= self.shots for c in cls):
+            if all(others_in(self.support_pools[c], q)[0] >= self.shots for c in cls):
                 return make_episode(rng, q, cls, self.support_pools, self.shots, key_seed(self.key, epoch, i, "aug"))
         raise DataError(f"no class of query sample {q} has {self.shots} support image(s) other than the query")
 
@@ -175,7 +185,7 @@ class KWayTrainEpisodes:
             raise DataError(f"k-way episodes need >= {shots + 1} support-pool images, not {len(support_pool)}")
         if not query_pool:
             raise DataError("k-way episodes need a non-empty query pool")
-        self.queries, self.support_pool = list(query_pool), list(support_pool)
+        self.queries, self.support_pool = list(query_pool), sorted(support_pool)
         self.classes, self.key, self.shots, self.epoch = tuple(classes), key_seed(key), shots, 0
 
     def __len__(self) -> int:
