@@ -184,6 +184,13 @@ def test_bad_files_are_named(tmp_path):
         scan_labels(src, cache_dir=tmp_path / "c", on_error="skip", check_images="header")
 
 
+def test_scan_in_worker_processes_matches(tmp_path):
+    root, _ = pascal_layout(tmp_path)
+    src = build_source(DataConfig(dataset="pascal", root=str(root)), "train")
+    serial = scan_labels(src, cache_dir=tmp_path / "a")
+    assert scan_labels(src, cache_dir=tmp_path / "b", workers=2).pixels == serial.pixels
+
+
 def test_index_cache_is_keyed_by_list_and_mapping(tmp_path):
     root, ids = pascal_layout(tmp_path)
     cache = tmp_path / "c"

@@ -73,10 +73,35 @@ def check_image(source, i: int, label: np.ndarray, mode: str) -> None:
                         f"{label.shape[1]}x{label.shape[0]} (width x height)")
 
 
-def scan_labels(source, cache_dir=None, on_error: str = "raise", check_images: str = "none") -> LabelStats:
+_WORKER_SOURCE = None
+
+
+def _init_worker(source) -> None:
+    global _WORKER_SOURCE
+    _WORKER_SOURCE = source
+
+
+def _scan_in_worker(args):
+    return _scan(_WORKER_SOURCE, *args)
+
+
+def _scan(source, i: int, check_images: str):
+    """(class pixels, None) or (None, error message) for one sample."""
+    try:
+        label = source.load_label(i)
+        if check_images != "none":
+            check_image(source, i, label, check_images)
+        return source.class_pixels(label), None
+    except DataError as e:
+        return None, str(e)
+
+
+def scan_labels(source, cache_dir=None, on_error: str = "raise", check_images: str = "none",
+                workers: int = 0) -> LabelStats:
     """Read every label of ``source`` once (or the cache). ``on_error="skip"`` records a bad sample in
     ``skipped`` instead of raising; the count is reported, never hidden. ``check_images`` (none | header
-    | decode) also checks each image, so that skip mode catches bad images before training meets them."""
+    | decode) also checks each image, so that skip mode catches bad images before training meets them.
+    ``workers`` > 0 reads the labels in that many processes (COCO: 82k labels); the result is the same."""
     if on_error not in ("raise", "skip"):
         raise DataError(f"on_error must be raise or skip, not {on_error!r}")
     if check_images not in ("none", "header", "decode"):
@@ -91,17 +116,19 @@ def scan_labels(source, cache_dir=None, on_error: str = "raise", check_images: s
             return LabelStats([{int(c): n for c, n in p.items()} for p in cached["pixels"]],
                               {int(i): m for i, m in cached["skipped"].items()}, key)
     pixels, skipped = [], {}
-    for i in range(len(source)):
-        try:
-            label = source.load_label(i)
-            if check_images != "none":
-                check_image(source, i, label, check_images)
-            pixels.append(source.class_pixels(label))
-        except DataError as e:
+    jobs = [(i, check_images) for i in range(len(source))]
+    if workers > 0:
+        from concurrent.futures import ProcessPoolExecutor
+        with ProcessPoolExecutor(workers, initializer=_init_worker, initargs=(source,)) as pool:
+            results = list(pool.map(_scan_in_worker, jobs, chunksize=64))
+    else:
+        results = (_scan(source, *job) for job in jobs)
+    for i, (counts, error) in enumerate(results):
+        if error is not None:
             if on_error == "raise":
-                raise
-            skipped[i] = str(e)
-            pixels.append({})
+                raise DataError(error)
+            skipped[i] = error
+        pixels.append(counts or {})
     if skipped:
         warnings.warn(f"{source.name} {source.split}: skipped {len(skipped)} of {len(source)} samples with bad "
                       f"files (first: {next(iter(skipped.values()))})")
