@@ -195,18 +195,58 @@ def test_from_config():
         from_config(cfg, train=True)
 
 
+def _seed_with(rotate: bool, blur: bool, flip: bool, min_angle_fraction: float = 0.0) -> int:
+    """A seed whose branch draws (TrainTransform's first torch.rand(5)) take the asked branches, with a rotation
+    of at least min_angle_fraction of the maximum angle."""
+    for seed in range(1000):
+        u = torch.rand(5, generator=torch.Generator().manual_seed(seed), dtype=torch.float64).tolist()
+        if (u[1] < 0.5, u[3] < 0.5, u[4] < 0.5) == (rotate, blur, flip) and abs(2 * u[2] - 1) >= min_angle_fraction:
+            return seed
+    raise AssertionError("no such seed")
+
+
 def test_rotation_matches_torchvision_about_cv2_centre():
-    """The hand-written rotation reads the same pixels as v2.functional.rotate about cv2's centre (w/2, h/2)
-    in pixel indices (= w/2 + 0.5 in torchvision's pixel-area coordinates), labels filled with 255."""
+    """The cv2 rotation reads the same label pixels as v2.functional.rotate about cv2's centre (w/2, h/2) in
+    pixel indices (= w/2 + 0.5 in torchvision's pixel-area coordinates), labels filled with 255."""
     from torchvision import tv_tensors
     from torchvision.transforms.v2 import functional as F
+    from fsskern.data.transforms import _label_stacks, _rotate
     g = torch.Generator().manual_seed(0)
     coarse = torch.randint(0, 3, (1, 1, 15, 22), generator=g).float()
-    mask = tv_tensors.Mask(nnf.interpolate(coarse, scale_factor=4, mode="nearest")[0].to(torch.uint8))
-    h, w = mask.shape[-2:]
-    image = torch.zeros(3, h, w)
+    mask = nnf.interpolate(coarse, scale_factor=4, mode="nearest")[0, 0].to(torch.uint8)
+    h, w = mask.shape
+    image = np.zeros((h, w, 3), np.uint8)
     for angle in (7.0, -9.0):
-        _, mine = TrainTransform._rotate(image, mask, angle)
-        assert torch.equal(mine, F.rotate(mask, angle, center=[w / 2 + 0.5, h / 2 + 0.5], fill=255))
-    rotated, _ = TrainTransform._rotate(torch.ones(3, h, w), mask, 9.0)
-    assert rotated[:, 0, 0].abs().max() == 0  # corners come from outside: fill 0 = the mean pixel
+        _, stacks = _rotate(image, _label_stacks([mask.numpy()]), angle)
+        mine = torch.from_numpy(stacks[0][..., 0])
+        ref = F.rotate(tv_tensors.Mask(mask[None]), angle, center=[w / 2 + 0.5, h / 2 + 0.5], fill=255)[0]
+        # nearest rounding ties (cv2's 1/1024 fixed point vs grid_sample) may differ on a few pixels
+        assert (mine == ref).float().mean() > 0.995, angle
+        assert mine[0, 0] == 255 and ref[0, 0] == 255
+
+
+def test_rotation_fill_is_the_mean_pixel_exactly():
+    image = np.full((64, 64, 3), 255, np.uint8)
+    label = np.ones((64, 64), np.int64)
+    for blur in (False, True):
+        t = TrainTransform(64, scale=(1.0, 1.0), rotate=10.0, blur=blur, flip=False)
+        img, labels = t(image, [label], torch.Generator().manual_seed(_seed_with(True, blur, False, 0.8)))
+        corner = labels[0] == 255  # filled by the rotation (the crop is the whole image here)
+        assert 0 < int(corner.sum()) < 64 * 64 // 4
+        white = torch.tensor([(1 - m) / s for m, s in zip(IMAGENET_MEAN, IMAGENET_STD)]).view(3, 1, 1)
+        assert torch.allclose(img[:, 10:50, 10:50], white.expand(3, 40, 40), atol=1e-5)  # away from the edges
+        # the fill minus the pixels the bilinear rotation or the blur mixed with the image
+        fill = nnf.max_pool2d((~corner)[None, None].float(), 7, stride=1, padding=3)[0, 0] == 0
+        assert fill.any() and (img[:, fill] == 0).all(), blur  # the mean pixel normalises to exactly 0
+
+
+def test_wide_label_ids_and_bad_labels():
+    image, label = _sample(40, 50)
+    wide = np.where(label == 1, 300, label)
+    img, labels = TrainTransform(32)(image, [label, wide], torch.Generator().manual_seed(1))
+    assert set(labels[1].unique().tolist()) <= {0, 300, 255}
+    assert torch.equal(labels[1] == 300, labels[0] == 1)
+    with pytest.raises(ValueError, match="0..65535"):
+        TrainTransform(32)(image, [label - 1], torch.Generator())
+    with pytest.raises(ValueError, match="integer"):
+        TrainTransform(32)(image, [label.astype(np.float32)], torch.Generator())

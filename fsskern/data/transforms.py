@@ -1,11 +1,11 @@
 """Episode transforms: PFENet's training augmentation and the three test-time resize rules.
 
-Images arrive as uint8 (H, W, 3) RGB arrays and labels as int64 (H, W) arrays (255 = ignore), as
-`Source.load` returns them. Resize, flip, pad and crop go through `torchvision.transforms.v2.functional`
-on tv_tensors.Image / tv_tensors.Mask (bilinear for images, nearest for masks; resize on uint8). The
-rotation and the blur of the training augmentation, and its foreground-keeping crop, are written here
-(each says why); the image is normalised last. All label maps of one image (e.g. the episode mask and
-the base-class label) travel stacked as one (L, H, W) mask so they see exactly the same geometry.
+Images arrive as uint8 (H, W, 3) RGB arrays and labels as integer (H, W) arrays (255 = ignore), as
+`Source.load` returns them. The training augmentation runs PFENet's own cv2 calls on uint8 (bilinear for
+images, nearest for labels) and makes only the final crop float (`TrainTransform` says why not
+torchvision). The test rules go through `torchvision.transforms.v2.functional` on tv_tensors.Image /
+tv_tensors.Mask (resize on uint8). All label maps of one image (e.g. the episode mask and the base-class
+label) see exactly the same geometry; the image is normalised last.
 
 Conventions reproduced (see docs/evaluation.md and ../shared/notes/engine-anchors.md c5, c7):
 - training: PFENet util/transform.py (RandScale, RandRotate p=0.5, RandomGaussianBlur p=0.5,
@@ -16,10 +16,10 @@ Conventions reproduced (see docs/evaluation.md and ../shared/notes/engine-anchor
 """
 from __future__ import annotations
 
-import math
 import warnings
 from collections.abc import Mapping, Sequence
 
+import cv2
 import numpy as np
 import torch
 import torch.nn.functional as nnf
@@ -29,16 +29,14 @@ from torchvision.transforms.v2 import functional as F
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-# PFENet pads rotated/cropped images with the mean pixel on the 0..255 scale (it normalises to 0).
+# The mean pixel and std on the 0..255 scale: PFENet pads rotated/cropped images with the mean pixel.
 _MEAN_PIXEL_T = torch.tensor(IMAGENET_MEAN).mul(255).view(3, 1, 1)
 _STD_PIXEL_T = torch.tensor(IMAGENET_STD).mul(255).view(3, 1, 1)
 IGNORE_INDEX = 255
 TEST_RULES = ("pfenet", "square", "original")
 
 
-def _to_tensors(image: np.ndarray, labels: Sequence[np.ndarray]) -> tuple[tv_tensors.Image, tv_tensors.Mask]:
-    """(H, W, 3) uint8 + L x (H, W) int labels -> Image (3, H, W) uint8 (a channels-last view, no copy)
-    and Mask (L, H, W), uint8 when every value fits (fast nearest kernels), int64 otherwise."""
+def _check_inputs(image: np.ndarray, labels: Sequence[np.ndarray]) -> None:
     if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
         raise ValueError(f"image must be uint8 (H, W, 3), got {image.dtype} {image.shape}")
     if not labels:
@@ -46,6 +44,12 @@ def _to_tensors(image: np.ndarray, labels: Sequence[np.ndarray]) -> tuple[tv_ten
     for label in labels:
         if label.shape != image.shape[:2]:
             raise ValueError(f"label shape {label.shape} does not match image {image.shape[:2]}")
+
+
+def _to_tensors(image: np.ndarray, labels: Sequence[np.ndarray]) -> tuple[tv_tensors.Image, tv_tensors.Mask]:
+    """(H, W, 3) uint8 + L x (H, W) int labels -> Image (3, H, W) uint8 (a channels-last view, no copy)
+    and Mask (L, H, W), uint8 when every value fits (fast nearest kernels), int64 otherwise."""
+    _check_inputs(image, labels)
     with warnings.catch_warnings():
         # Arrays decoded by PIL are read-only; nothing here writes into the input.
         warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
@@ -73,67 +77,73 @@ def denormalize(img: torch.Tensor) -> torch.Tensor:
     return (img * std + mean).mul(255).round().clamp(0, 255).to(torch.uint8)
 
 
-def _gaussian_kernel(ksize: int) -> list[float]:
-    # cv2.GaussianBlur(img, (k, k), 0) derives sigma from the kernel size this way (1.1 for k = 5).
-    sigma = 0.3 * ((ksize - 1) * 0.5 - 1) + 0.8
-    x = torch.arange(ksize, dtype=torch.float64) - (ksize - 1) / 2
-    k = torch.exp(-x * x / (2 * sigma * sigma))
-    return (k / k.sum()).tolist()
+# cv2 runs the training augmentation on uint8 in one thread, as PFENet's loader does (cv2.setNumThreads(0)):
+# its thread pool would only add overhead on ~500 x 375 images and oversubscribe DataLoader workers.
+cv2.setNumThreads(0)
+# The rotation fill in uint8 (the float mean pixel is 123.675, 116.28, 103.53). The rotation carries an alpha
+# channel (255 inside, 0 = fill): pixels with alpha 0 (all fill, also after the blur) are set to exactly 0 after
+# normalisation; the rounding only touches pixels that mix fill and image (rotation or blur edges).
+_FILL_RGBA = tuple(round(255 * m) for m in IMAGENET_MEAN) + (0,)
+_BLUR_KSIZE = 5  # PFENet RandomGaussianBlur(radius=5): cv2.GaussianBlur(image, (5, 5), 0), sigma 1.1
+# uint8 level -> ImageNet-normalised float32, one table per channel (cv2.LUT: one SIMD pass, no temporaries).
+_NORMALIZE_LUT = [((np.arange(256) - 255 * m) / (255 * s)).astype(np.float32)[None]
+                  for m, s in zip(IMAGENET_MEAN, IMAGENET_STD)]
 
 
-def _blur(img: torch.Tensor, kernel: list[float]) -> torch.Tensor:
-    """Separable Gaussian blur of a float (C, H, W) image, border reflect-101 as cv2's default.
-    Hand-written: v2.functional.gaussian_blur runs a dense k x k depthwise conv2d; on a 3x412x550 image with
-    one core here (interleaved runs, best of 15) it took 13.8 ms against 3.7 ms for these two passes."""
-    r = len(kernel) // 2
-    for dim in (-1, -2):
-        n = img.shape[dim]
-        padded = nnf.pad(img[None], (r, r, 0, 0) if dim == -1 else (0, 0, r, r), mode="reflect")[0]
-        out = padded.narrow(dim, 0, n) * kernel[0]
-        for i in range(1, len(kernel)):
-            out.add_(padded.narrow(dim, i, n), alpha=kernel[i])
-        img = out
-    return img
+def _label_stacks(labels: Sequence[np.ndarray]) -> list[np.ndarray]:
+    """The label maps packed 4 to a (H, W, 4) array (the last one padded with copies): one cv2 call then moves
+    up to four maps, and a 4-channel nearest warp costs about one 1-channel warp (2 or 3 channels cost more).
+    uint8, or uint16 when the ids need it (the dtypes cv2's nearest resize and warp take)."""
+    high = 0
+    for label in labels:
+        if label.dtype.kind not in "ui":
+            raise ValueError(f"training labels must be integer arrays, got {label.dtype}")
+        # One reduction instead of min and max: negative values wrap to huge unsigned ones.
+        high = max(high, int(label.view(f"u{label.dtype.itemsize}").max()))
+    if high > 65535:
+        raise ValueError(f"training labels must lie in 0..65535, got a value outside (max as unsigned: {high})")
+    dtype = np.uint8 if high <= 255 else np.uint16
+    planes = [label.astype(dtype, copy=False) for label in labels]
+    planes += [planes[-1]] * (-len(planes) % 4)
+    return [cv2.merge(planes[i:i + 4]) for i in range(0, len(planes), 4)]
 
 
-def _rotation_grid(h: int, w: int, angle: float) -> torch.Tensor:
-    """grid_sample grid (1, h, w, 2) of cv2.warpAffine with getRotationMatrix2D((w/2, h/2), angle, 1):
-    the output pixel (x, y) reads the input at R^-1 ((x, y) - c) + c, angle counter-clockwise in degrees.
-    Built as one broadcast sum of an x term (w, 2) and a y term (h, 2) (affine_grid's batched matmul
-    costs 3 ms at 375 x 500)."""
-    rad = math.radians(angle)
-    cos, sin = math.cos(rad), math.sin(rad)
-    cx, cy = w / 2, h / 2
-    # align_corners=True: pixel index i sits at -1 + 2 i / (n - 1).
-    nx, ny = 2 / max(w - 1, 1), 2 / max(h - 1, 1)
-    xs = torch.arange(w, dtype=torch.float32) - cx
-    ys = torch.arange(h, dtype=torch.float32) - cy
-    x_term = torch.stack((cos * nx * xs, sin * ny * xs), dim=-1)  # (w, 2)
-    y_term = torch.stack(((-sin * ys + cx) * nx - 1, (cos * ys + cy) * ny - 1), dim=-1)  # (h, 2)
-    return (x_term[None, :, :] + y_term[:, None, :])[None]
+def _rotate(image: np.ndarray, stacks: list[np.ndarray], angle: float):
+    """PFENet RandRotate: cv2.warpAffine about (w/2, h/2) (pixel indices), size kept, angle counter-clockwise in
+    degrees; image bilinear with the mean pixel as fill, labels nearest with 255. The image comes back RGBA
+    (alpha 0 where filled): cv2's 4-channel bilinear warp is also twice as fast as its 3-channel one."""
+    h, w = image.shape[:2]
+    matrix = cv2.getRotationMatrix2D((w / 2, h / 2), angle, 1.0)
+    image = cv2.warpAffine(cv2.cvtColor(image, cv2.COLOR_RGB2RGBA), matrix, (w, h), flags=cv2.INTER_LINEAR,
+                           borderMode=cv2.BORDER_CONSTANT, borderValue=_FILL_RGBA)
+    stacks = [cv2.warpAffine(st, matrix, (w, h), flags=cv2.INTER_NEAREST, borderMode=cv2.BORDER_CONSTANT,
+                             borderValue=(IGNORE_INDEX,) * 4) for st in stacks]
+    return image, stacks
 
 
 class TrainTransform:
     """PFENet's training augmentation (dvlab-research/PFENet util/transform.py, train.py order).
 
     Steps: RandScale(scale) -> RandRotate(+-rotate deg, p=0.5, image fill = the mean pixel, label fill
-    255) -> Gaussian blur (p=0.5, 5x5, sigma 1.1 as cv2 derives it) -> horizontal flip (p=0.5) ->
-    pad to size (centred, mean pixel / 255) -> random size x size crop, redrawn (up to 30 more
-    times) while less than 85 % of labels[0]'s foreground (values not 0/255) survives; the last draw
-    is kept, as in PFENet. All randomness comes from the `generator` argument, so the augmentation of
-    an episode is a pure function of its seed.
+    255) -> Gaussian blur (p=0.5, 5x5, sigma 1.1 as cv2 derives it, border reflect-101) -> horizontal flip
+    (p=0.5) -> pad to size (centred, mean pixel / 255) -> random size x size crop, redrawn (up to 30 more
+    times) while less than 85 % of labels[0]'s foreground (values not 0/255) survives; the last draw is
+    kept, as in PFENet. All randomness comes from the `generator` argument, so the augmentation of an
+    episode is a pure function of its seed.
 
-    The resize runs on uint8 (torchvision's native uint8 bilinear kernel, antialiased: it differs from
-    cv2.INTER_LINEAR only when downscaling); the image is then made float with the mean pixel
-    subtracted, so every later fill (rotation corners, crop padding) is exactly the mean pixel, as in
-    PFENet's float32 pipeline, and normalises to 0.
+    The steps are PFENet's own cv2 calls (cv2.resize INTER_LINEAR / INTER_NEAREST, warpAffine,
+    GaussianBlur, flip), run on uint8 instead of PFENet's float32 (cv2's 8-bit bilinear rounds to the
+    nearest level). Only the size x size crop is made float: normalised with the ImageNet mean/std, with
+    the crop padding and the rotation's filled corners set to 0 (= the mean pixel, as PFENet fills them).
+    Not torchvision.transforms.v2 (used for the test rules): its torch kernels are too slow for the
+    loader's budget. Thread CPU time on this machine (AMD EPYC, 2 shared vCPUs, one thread, best of 15,
+    one 500 x 375 VOC image and 2 label maps at 473): see docs/evaluation.md for the figures.
 
     Returns (image (3, size, size) float32 ImageNet-normalised, [label (size, size) int64, ...]).
     """
 
     FG_KEEP = 0.85
     CROP_RETRIES = 30
-    BLUR_KERNEL = 5
 
     def __init__(self, size: int, scale=(0.9, 1.1), rotate: float = 10.0, blur: bool = True, flip: bool = True):
         if not 0 < scale[0] <= scale[1]:
@@ -143,85 +153,86 @@ class TrainTransform:
         self.rotate = float(rotate)
         self.blur = bool(blur)
         self.flip = bool(flip)
-        self._kernel = _gaussian_kernel(self.BLUR_KERNEL)
 
     def __repr__(self) -> str:
         return (f"TrainTransform(size={self.size}, scale={self.scale}, rotate={self.rotate}, "
                 f"blur={self.blur}, flip={self.flip})")
 
     def __call__(self, image: np.ndarray, labels: Sequence[np.ndarray], generator: torch.Generator):
-        img, mask = _to_tensors(image, labels)
+        _check_inputs(image, labels)
+        stacks = _label_stacks(labels)
         # A fixed number of draws per call, whatever branches are taken: the crop offsets are the only
         # other draw and come last.
         u = torch.rand(5, generator=generator, dtype=torch.float64).tolist()
 
         s = self.scale[0] + (self.scale[1] - self.scale[0]) * u[0]
-        h, w = mask.shape[-2:]
-        new_hw = [max(1, round(h * s)), max(1, round(w * s))]  # cv2.resize(fx=fy=s) rounds the same way
-        img = F.resize(img, new_hw, interpolation=InterpolationMode.BILINEAR, antialias=True)
-        mask = F.resize(mask, new_hw, interpolation=InterpolationMode.NEAREST)
-        img = img.as_subclass(torch.Tensor).to(torch.float32, memory_format=torch.contiguous_format)
-        img = img.sub_(_MEAN_PIXEL_T)
-
+        h, w = image.shape[:2]
+        new_wh = (max(1, round(w * s)), max(1, round(h * s)))  # what cv2.resize(fx=fy=s) computes
+        image = cv2.resize(image, new_wh, interpolation=cv2.INTER_LINEAR)
+        stacks = [cv2.resize(st, new_wh, interpolation=cv2.INTER_NEAREST) for st in stacks]
         if self.rotate > 0 and u[1] < 0.5:
-            img, mask = self._rotate(img, mask, -self.rotate + 2 * self.rotate * u[2])
+            image, stacks = _rotate(image, stacks, -self.rotate + 2 * self.rotate * u[2])
         if self.blur and u[3] < 0.5:
-            img = _blur(img, self._kernel)
+            image = cv2.GaussianBlur(image, (_BLUR_KSIZE, _BLUR_KSIZE), 0)  # border reflect-101, as PFENet
         if self.flip and u[4] < 0.5:
-            img, mask = F.horizontal_flip(img), F.horizontal_flip(mask)
+            image, stacks = cv2.flip(image, 1), [cv2.flip(st, 1) for st in stacks]
+        planes = [stacks[k // 4][..., k % 4] for k in range(len(labels))]
 
-        mask, pad_top, pad_left = self._pad_mask_to_size(mask)
-        top, left = self._crop_offsets(mask[0], generator)
-        mask = F.crop(mask, top, left, self.size, self.size)
-        # The image is not padded first: a window reaching outside it is zero-filled by crop, and zero is
-        # the mean pixel here (one copy of the crop instead of a padded copy of the whole image).
-        img = F.crop(img, top - pad_top, left - pad_left, self.size, self.size)
-        return torch.div(img, _STD_PIXEL_T), _split_labels(mask)
+        # Pad (centred) and crop together: the window is drawn in the padded frame and only its part inside
+        # the image is copied, onto a canvas of the fill values.
+        h, w = image.shape[:2]
+        pad_top, pad_left = max(self.size - h, 0) // 2, max(self.size - w, 0) // 2
+        top, left = self._crop_offsets(planes[0], pad_top, pad_left, generator)
+        rows, canvas_rows = _window(top - pad_top, self.size, h)
+        cols, canvas_cols = _window(left - pad_left, self.size, w)
+        img = self._normalized_crop(image[rows, cols], canvas_rows, canvas_cols)
+        return img, [self._label_crop(plane[rows, cols], canvas_rows, canvas_cols) for plane in planes]
 
-    @staticmethod
-    def _rotate(img: torch.Tensor, mask: tv_tensors.Mask, angle: float):
-        """Rotation about the centre, size kept (cv2.warpAffine as PFENet's RandRotate). Hand-written on
-        grid_sample: v2.functional.rotate converts to float, appends a fill channel and builds its grid with
-        affine_grid, once per tensor; for a 3x412x550 image and its mask with one core here (interleaved
-        runs, best of 15) it took 31.8 ms against 9.8 ms for this one shared grid. Zero padding is the fill:
-        the image is mean-subtracted (fill = mean pixel) and the labels are shifted by -255 around the
-        sampling (fill = 255)."""
-        h, w = img.shape[-2:]
-        grid = _rotation_grid(h, w, angle)
-        img = nnf.grid_sample(img[None], grid, mode="bilinear", padding_mode="zeros", align_corners=True)[0]
-        shifted = mask.as_subclass(torch.Tensor).float().sub_(IGNORE_INDEX)
-        rotated = nnf.grid_sample(shifted[None], grid, mode="nearest", padding_mode="zeros", align_corners=True)[0]
-        return img, tv_tensors.Mask(rotated.add_(IGNORE_INDEX).to(mask.dtype))
+    def _normalized_crop(self, crop: np.ndarray, canvas_rows: slice, canvas_cols: slice) -> torch.Tensor:
+        """uint8 (h, w, 3) crop, or (h, w, 4) with alpha from the rotation -> (3, size, size) float32 canvas of
+        zeros (the normalised mean pixel) with the normalised crop at (canvas_rows, canvas_cols); pixels of
+        alpha 0 (rotation fill) are 0 too."""
+        out = np.zeros((3, self.size, self.size), np.float32)
+        planes = cv2.split(crop)
+        for c in range(3):
+            region = out[c, canvas_rows, canvas_cols]
+            cv2.LUT(planes[c], _NORMALIZE_LUT[c], dst=region)  # written in place (a strided view is accepted)
+            if len(planes) == 4:
+                np.multiply(region, planes[3] != 0, out=region)
+        return torch.from_numpy(out)
 
-    def _pad_mask_to_size(self, mask: tv_tensors.Mask) -> tuple[tv_tensors.Mask, int, int]:
-        """Pad the labels with 255 to at least size x size; returns them and the top/left padding. PFENet
-        centres the image in the padded frame (cv2.copyMakeBorder with half on each side)."""
-        h, w = mask.shape[-2:]
-        pad_h, pad_w = max(self.size - h, 0), max(self.size - w, 0)
-        if pad_h == 0 and pad_w == 0:
-            return mask, 0, 0
-        padding = [pad_w // 2, pad_h // 2, pad_w - pad_w // 2, pad_h - pad_h // 2]  # left, top, right, bottom
-        return F.pad(mask, padding, fill=IGNORE_INDEX), pad_h // 2, pad_w // 2
+    def _label_crop(self, crop: np.ndarray, canvas_rows: slice, canvas_cols: slice) -> torch.Tensor:
+        out = np.full((self.size, self.size), IGNORE_INDEX, crop.dtype)
+        out[canvas_rows, canvas_cols] = crop
+        return torch.from_numpy(out).to(torch.int64)
 
-    def _crop_offsets(self, label: torch.Tensor, generator: torch.Generator) -> tuple[int, int]:
-        """PFENet's foreground-preserving random crop. v2.RandomCrop draws one window from the global RNG
-        and has no acceptance rule, so the offsets are drawn here: first window, then up to CROP_RETRIES
-        redraws while the window keeps < 85 % of the foreground; the last draw wins. All draws are made
-        up front (a fixed number per call); windows are counted only until one is accepted."""
+    def _crop_offsets(self, label: np.ndarray, pad_top: int, pad_left: int,
+                      generator: torch.Generator) -> tuple[int, int]:
+        """PFENet's foreground-preserving random crop, in the frame padded to at least size x size.
+        v2.RandomCrop draws one window from the global RNG and has no acceptance rule, so the offsets are
+        drawn here: first window, then up to CROP_RETRIES redraws while the window keeps < 85 % of the
+        foreground; the last draw wins. All draws are made up front (a fixed number per call); windows are
+        counted only until one is accepted (the padding holds no foreground, so on the unpadded label)."""
         h, w = label.shape
-        n = 1 + self.CROP_RETRIES
-        tops = torch.randint(0, h - self.size + 1, (n,), generator=generator).tolist()
-        lefts = torch.randint(0, w - self.size + 1, (n,), generator=generator).tolist()
-        label = label.as_subclass(torch.Tensor)
+        s, n = self.size, 1 + self.CROP_RETRIES
+        tops = torch.randint(0, max(h, s) - s + 1, (n,), generator=generator).tolist()
+        lefts = torch.randint(0, max(w, s) - s + 1, (n,), generator=generator).tolist()
         fg = (label != 0) & (label != IGNORE_INDEX)
-        total = int(fg.sum())
+        total = np.count_nonzero(fg)
         if total == 0:
             return tops[0], lefts[0]
-        s = self.size
         for top, left in zip(tops, lefts):
-            if int(fg[top:top + s, left:left + s].sum()) >= self.FG_KEEP * total:
+            rows, _ = _window(top - pad_top, s, h)
+            cols, _ = _window(left - pad_left, s, w)
+            if np.count_nonzero(fg[rows, cols]) >= self.FG_KEEP * total:
                 break
         return top, left
+
+
+def _window(start: int, size: int, n: int) -> tuple[slice, slice]:
+    """The part of [start, start + size) inside [0, n), as (slice of the image, slice of the size-long canvas)."""
+    lo, hi = max(start, 0), min(start + size, n)
+    return slice(lo, hi), slice(lo - start, hi - start)
 
 
 class TestTransform:
