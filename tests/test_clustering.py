@@ -6,6 +6,7 @@ from torch.testing import assert_close
 from conftest import FP32, tol
 from fsskern import ops
 from fsskern.reference import clustering as ref
+from fsskern.reference import composed
 
 
 def gen(seed):
@@ -298,30 +299,6 @@ def test_cluster_means_bad_inputs():
 
 # ---- support_prototypes -------------------------------------------------------------------------
 
-def umtfss_reference(features, masks, k_fg, k_bg, bits, iters, seed):
-    """The same composition from the reference pieces and the same random draws."""
-    g = gen(seed)
-    B, K, C, h, w = features.shape
-    m = torch.nn.functional.interpolate(masks, size=(h, w), mode="bilinear", align_corners=True) >= 0.5
-    from fsskern.ops.clustering import _with_fallbacks
-    fg, bg = _with_fallbacks(m)
-    tokens = features.permute(0, 1, 3, 4, 2).reshape(B, -1, C)
-    planes = ops.lsh_planes(bits, C, generator=g)
-    codes = ref.lsh_hash(tokens.double(), planes.double())
-    out, valid = [], []
-    for k, part in ((k_fg, fg.reshape(B, -1)), (k_bg, bg.reshape(B, -1))):
-        assign, _, counts = ref.hamming_kmeans(codes, k, iters, part, ops.draw_init(part, k, g))
-        means, _ = ref.cluster_means(tokens, assign, k)
-        for b in range(B):
-            if part[b].sum() <= k:  # the raw tokens
-                idx = part[b].nonzero().flatten()
-                means[b] = 0
-                means[b, :len(idx)] = tokens[b, idx]
-        out.append(means * (counts > 0).unsqueeze(-1))
-        valid.append(counts > 0)
-    return torch.nn.functional.normalize(torch.cat(out, 1), dim=-1), torch.cat(valid, 1)
-
-
 @pytest.mark.parametrize("fg", ["sparse", "none", "all", "tiny"])
 def test_support_prototypes_match_the_umtfss_composition(fg):
     B, K, C, h, w = 2, 3, 16, 9, 11
@@ -335,7 +312,9 @@ def test_support_prototypes_match_the_umtfss_composition(fg):
         masks[:] = 0
         masks[:, 0, 8:12, 8:12] = 1
     got, valid = ops.support_prototypes(features, masks, k_fg=5, k_bg=12, bits=32, iters=4, generator=gen(9))
-    want, want_valid = umtfss_reference(features, masks, 5, 12, 32, 4, seed=9)
+    # the same composition from the reference pieces and the same random draws
+    want, want_valid = composed.support_prototypes(features, masks, k_fg=5, k_bg=12, bits=32, iters=4,
+                                                   generator=gen(9))
     assert got.shape == (B, 17, C)
     assert torch.equal(valid, want_valid)
     assert_close(got, want, **FP32)
