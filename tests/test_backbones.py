@@ -9,7 +9,7 @@ from fsskern.backbones import (LAYERS, WeightsError, create_backbone, expected_k
 
 # Output sizes at 65x65 for each stride (conv arithmetic of 3x3/7x7 stride-2 convs and pools on 8k+1 inputs).
 SIZE = {2: 33, 4: 17, 8: 9, 16: 5}
-FSS = ["resnet50_v2", "resnet101_v2", "resnet50", "resnet101", "vgg16_bn", "mobilenet_v2"]
+FSS = ["resnet50_v2", "resnet50", "vgg16_bn", "mobilenet_v2"]  # the 101s: test_resnet101_layout
 CHANNELS = {"resnet50_v2": [128, 256, 512, 1024, 2048], "resnet50": [64, 256, 512, 1024, 2048],
             "vgg16_bn": [64, 128, 256, 512, 512], "mobilenet_v2": [16, 24, 32, 96, 320]}
 STRIDES = {"resnet50_v2": [4, 4, 8, 8, 8], "vgg16_bn": [2, 4, 8, 16, 16], "mobilenet_v2": [2, 4, 8, 8, 8]}
@@ -21,7 +21,7 @@ def small_input():
 
 
 def test_registry_lists_every_backbone():
-    assert set(FSS) | {"deeplabv3plus_resnet50", "deeplabv3plus_mobilenet_v2"} <= set(list_backbones())
+    assert set(FSS) | {"resnet101", "resnet101_v2", "deeplabv3plus_resnet50", "deeplabv3plus_mobilenet_v2"} <= set(list_backbones())
     with pytest.raises(KeyError, match="available: .*resnet50_v2"):
         create_backbone("resnet18")
 
@@ -32,11 +32,20 @@ def test_layer_shapes_strides_and_channels(name, small_input):
     with torch.no_grad():
         out = model(small_input)
     assert list(out) == list(LAYERS)
-    base = name.replace("101", "50")
-    assert [model.channels[k] for k in LAYERS] == CHANNELS[base]
-    assert [model.strides[k] for k in LAYERS] == STRIDES.get(base, STRIDES["resnet50_v2"])
+    assert [model.channels[k] for k in LAYERS] == CHANNELS[name]
+    assert [model.strides[k] for k in LAYERS] == STRIDES.get(name, STRIDES["resnet50_v2"])
     for k, v in out.items():
         assert v.shape == (1, model.channels[k], SIZE[model.strides[k]], SIZE[model.strides[k]]), k
+
+
+@pytest.mark.parametrize("name", ["resnet101", "resnet101_v2"])
+def test_resnet101_layout(name):
+    with torch.device("meta"):  # no memory, no init: the layout only
+        model = create_backbone(name)
+    assert len(model.layer3) == 23 and model.layer3[22].conv2.dilation == (2, 2)
+    assert [model.channels[k] for k in LAYERS] == CHANNELS[name.replace("101", "50")]
+    stem = {"conv1.weight", "bn1.weight", "conv2.weight", "conv3.weight", "bn3.running_var"}
+    assert (stem <= set(expected_keys(name))) == name.endswith("_v2")
 
 
 @pytest.mark.parametrize("name,output_stride,last", [("resnet50", 16, 5), ("resnet50", 32, 3),
@@ -155,11 +164,11 @@ def test_wrong_file_names_missing_and_unexpected_keys(tmp_path):
         create_backbone("mobilenet_v2", weights=str(tmp_path / "foreign.pth"))
     (tmp_path / "truncated.pth").write_bytes(b"PK\x03\x04 not a checkpoint")
     with pytest.raises(WeightsError, match="truncated.pth: cannot be read"):
-        create_backbone("resnet50", weights=str(tmp_path / "truncated.pth"))
+        create_backbone("mobilenet_v2", weights=str(tmp_path / "truncated.pth"))
     with pytest.raises(WeightsError, match="not found"):
-        create_backbone("resnet50", weights=str(tmp_path / "absent.pth"))
+        create_backbone("mobilenet_v2", weights=str(tmp_path / "absent.pth"))
     with pytest.raises(WeightsError, match="mobilenet_v2 only"):
-        create_backbone("resnet50", weights="imagenet")
+        create_backbone("vgg16_bn", weights="imagenet")
 
 
 def test_deeplab_loads_a_backbone_only_file(tmp_path):

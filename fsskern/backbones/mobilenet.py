@@ -15,7 +15,6 @@ stage for the ImageNet classifier and adds no spatial context; DeepLabV3+ on Mob
 high-level features before it, and 320-d keeps the prior / attention cheap. ``last_conv=True`` appends it
 (layer4 then has 1280 channels).
 """
-import torch.nn as nn
 from torchvision.models import mobilenet_v2 as tv_mobilenet_v2
 
 from .base import Backbone

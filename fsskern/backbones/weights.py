@@ -5,7 +5,7 @@ public checkpoint each layout matches. Nothing is downloaded, ever.
 """
 import importlib.util
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List
 
 import torch
 import torch.nn as nn
