@@ -12,9 +12,9 @@ class Backbone(nn.Module):
     """Base class: subclasses set ``channels`` and ``strides`` ({layer: int}) and implement ``stages()``.
 
     ``forward(x)`` with x (B, 3, H, W) float (ImageNet-normalised) returns {"layer0": ..., "layer4": ...},
-    each (B, channels[name], ceil-ish(H / strides[name]), ...). With ``frozen_bn`` every BatchNorm stays in
-    eval mode (running statistics used and never updated) whatever ``train()`` is called with, and its
-    weight and bias have ``requires_grad=False``; the rest of the backbone stays trainable unless
+    each (B, channels[name], ceil(H / strides[name]), ceil(W / strides[name])). With ``frozen_bn`` every
+    BatchNorm stays in eval mode (running statistics used and never updated) whatever ``train()`` is called
+    with, and its weight and bias have ``requires_grad=False``; the rest of the backbone stays trainable unless
     :func:`freeze` is called.
     """
     channels: Dict[str, int]
