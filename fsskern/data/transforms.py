@@ -132,12 +132,15 @@ class TrainTransform:
     episode is a pure function of its seed.
 
     The steps are PFENet's own cv2 calls (cv2.resize INTER_LINEAR / INTER_NEAREST, warpAffine,
-    GaussianBlur, flip), run on uint8 instead of PFENet's float32 (cv2's 8-bit bilinear rounds to the
-    nearest level). Only the size x size crop is made float: normalised with the ImageNet mean/std, with
-    the crop padding and the rotation's filled corners set to 0 (= the mean pixel, as PFENet fills them).
-    Not torchvision.transforms.v2 (used for the test rules): its torch kernels are too slow for the
-    loader's budget. Thread CPU time on this machine (AMD EPYC, 2 shared vCPUs, one thread, best of 15,
-    one 500 x 375 VOC image and 2 label maps at 473): see docs/evaluation.md for the figures.
+    GaussianBlur, flip), run on uint8 instead of PFENet's float32 (cv2's 8-bit kernels round to the nearest
+    level). Only the size x size crop is made float: normalised with the ImageNet mean/std through a lookup
+    table, with the crop padding and the rotation's filled corners set to 0 (= the mean pixel, as PFENet
+    fills them). Not torchvision.transforms.v2 (used for the test rules) nor hand-written torch: on float
+    tensors they were the loader's bottleneck. Thread CPU time, one thread, AMD EPYC (2 vCPUs shared with
+    other jobs, so best of 3 interleaved rounds of 15), a 500 x 375 VOC image + 2 label maps at 473:
+    no branch 8.4 -> 3.6 ms, rotate 15.9 -> 6.1, blur 10.9 -> 4.4, all three 20.7 -> 6.7 (torch/v2 -> this).
+    The pieces (same machine): cv2's bilinear warp 0.6 ms on RGBA vs 1.7 on RGB (hence the alpha channel),
+    GaussianBlur 0.3 ms, resize 0.4 ms.
 
     Returns (image (3, size, size) float32 ImageNet-normalised, [label (size, size) int64, ...]).
     """
@@ -176,7 +179,8 @@ class TrainTransform:
             image = cv2.GaussianBlur(image, (_BLUR_KSIZE, _BLUR_KSIZE), 0)  # border reflect-101, as PFENet
         if self.flip and u[4] < 0.5:
             image, stacks = cv2.flip(image, 1), [cv2.flip(st, 1) for st in stacks]
-        planes = [stacks[k // 4][..., k % 4] for k in range(len(labels))]
+        # Contiguous planes from here on: numpy and cv2 run 5-10x slower on channel views.
+        planes = [plane for st in stacks for plane in cv2.split(st)][:len(labels)]
 
         # Pad (centred) and crop together: the window is drawn in the padded frame and only its part inside
         # the image is copied, onto a canvas of the fill values.
@@ -193,7 +197,7 @@ class TrainTransform:
         zeros (the normalised mean pixel) with the normalised crop at (canvas_rows, canvas_cols); pixels of
         alpha 0 (rotation fill) are 0 too."""
         out = np.zeros((3, self.size, self.size), np.float32)
-        planes = cv2.split(crop)
+        planes = cv2.split(np.ascontiguousarray(crop))  # the copy first: split is 4x slower on a strided view
         for c in range(3):
             region = out[c, canvas_rows, canvas_cols]
             cv2.LUT(planes[c], _NORMALIZE_LUT[c], dst=region)  # written in place (a strided view is accepted)
