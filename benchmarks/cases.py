@@ -3,6 +3,7 @@
 A case builds its inputs once (seeded) and times two forward calls: the reference as the public
 FSS code writes it, and the fsskern op. Targets come from the issue that introduced the op.
 """
+import importlib.util
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -134,7 +135,7 @@ def max_cosine_case(B, K, C, hw, fraction, keops=True):
                 "support": torch.randn(B, K, C, hw, hw, generator=g).relu_(),
                 "masks": exact_fraction_masks((B, K, hw, hw), fraction, g)}
 
-    peers = {"pykeops LazyTensor": KeopsMaxCosine()} if keops else {}
+    peers = {"pykeops LazyTensor": KeopsMaxCosine()} if keops and importlib.util.find_spec("pykeops") else {}
     return Case(name=f"max-cosine core {round(fraction * 100)}% fg", op="max_cosine", size=f"B{B} C{C} {hw}x{hw} K{K}",
                 build=build,
                 reference=lambda x: reference.prior_mask(x["query"], x["support"], x["masks"], normalize=False,
@@ -142,6 +143,9 @@ def max_cosine_case(B, K, C, hw, fraction, keops=True):
                 fsskern=lambda x: ops.max_cosine(x["query"].flatten(2), x["support"].flatten(3),
                                                  x["masks"].flatten(2))[0],
                 peers=peers, work=lambda x: prior_work(x["masks"], C, hw))
+
+
+FAISS_CPU = "faiss-cpu IndexBinaryFlat"  # a CPU library: not a peer of a GPU run
 
 
 def faiss_hamming_kmeans(codes, k, iters, init):
@@ -182,8 +186,7 @@ def kmeans_case(N, k, bits, iters):
                 fsskern=lambda x: ops.hamming_kmeans(x["codes"], k, iters=iters, valid=x["valid"], init=x["init"]),
                 speedup_target=20.0,
                 work=lambda x: Work("byte", 2.0 * 8 * N * (iters + 1)),
-                peers={"faiss-cpu IndexBinaryFlat": lambda x: faiss_hamming_kmeans(x["codes"][0], k, iters,
-                                                                                   x["init"][0])})
+                peers={FAISS_CPU: lambda x: faiss_hamming_kmeans(x["codes"][0], k, iters, x["init"][0])})
 
 
 def umtfss_reference_prototypes(features, masks, k_fg=20, k_bg=50, bits=32, iters=10, seed=0):
@@ -192,7 +195,7 @@ def umtfss_reference_prototypes(features, masks, k_fg=20, k_bg=50, bits=32, iter
     B, K, C, h, w = features.shape
     fg = (torch.nn.functional.interpolate(masks, size=(h, w), mode="bilinear", align_corners=True) >= 0.5)
     tokens = features.permute(0, 1, 3, 4, 2).reshape(B, -1, C)
-    codes = reference.clustering.lsh_hash(tokens, ops.lsh_planes(bits, C, generator=g))
+    codes = reference.clustering.lsh_hash(tokens, ops.lsh_planes(bits, C, generator=g, device=features.device))
     protos = []
     for k, part in ((k_fg, fg.reshape(B, -1)), (k_bg, ~fg.reshape(B, -1))):
         assign, _, _ = reference.clustering.hamming_kmeans(codes, k, iters, part, ops.draw_init(part, k, g))
@@ -257,7 +260,18 @@ def local_attention_case(B, C, hw, fraction, mode):
                                     gemm=(hw * hw, C, max(int(x["mask"].sum()) // B, 1))))
 
 
-def all_cases(quick=False):
+def all_cases(quick=False, device="cpu"):
+    """The cases at the papers' sizes (quick: CI smoke sizes); on a CUDA device without the
+    CPU-only peers."""
+    cases = _cases(quick)
+    if torch.device(device).type == "cuda":
+        for case in cases:
+            case.peers.pop(FAISS_CPU, None)
+            case.peer_targets.pop(FAISS_CPU, None)
+    return cases
+
+
+def _cases(quick):
     if quick:  # CI smoke sizes: every op, seconds in all; the targets are for the papers' sizes
         cases = [map_case("mask", 2, 64, 30, 233), map_case("features", 2, 128, 27, 209),
                  prior_case(1, 1, 256, 30, 0.3), prior_case(1, 2, 256, 30, 0.5), kmeans_case(2000, 20, 32, 3),

@@ -22,26 +22,32 @@ import torch
 HERE = Path(__file__).resolve().parent
 
 
-def median_times(fns, reps, settle=0.1, min_sample=0.02):
+def median_times(fns, reps, settle=0.1, min_sample=0.02, sync=lambda: None):
     """Median wall time (seconds) per call of each function, runs interleaved.
 
     Before each timed sample the machine settles (garbage collected, `settle` seconds idle), so
     one side does not pay for the memory the other just released; a sample times enough calls
     back to back to last `min_sample` seconds, so fast ops are not measured at timer noise.
+    `sync` waits for queued work (torch.cuda.synchronize on a GPU, whose launches return at
+    once); it is called before the clock starts and before it stops, not between calls.
     """
     calls = []
     for fn in fns:  # warm-up, and how many calls make one sample
+        sync()
         start = time.perf_counter()
         fn()
+        sync()
         calls.append(max(1, math.ceil(min_sample / max(time.perf_counter() - start, 1e-9))))
     samples = [[] for _ in fns]
     for _ in range(reps):
         for fn, n, out in zip(fns, calls, samples):
             gc.collect()
             time.sleep(settle)
+            sync()
             start = time.perf_counter()
             for _ in range(n):
                 fn()
+            sync()
             out.append((time.perf_counter() - start) / n)
     return [statistics.median(s) for s in samples]
 
@@ -64,6 +70,18 @@ def peak_extra_bytes(fn):
     return max(0, _status_kib("VmHWM") - before) * 1024
 
 
+def cuda_peak_extra_bytes(fn):
+    """Peak GPU memory that fn's allocations add (bytes), from the caching allocator's counters:
+    on a GPU the device memory is what a fused op saves, and the counters are exact in-process."""
+    gc.collect()
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    fn()
+    torch.cuda.synchronize()
+    return max(0, torch.cuda.max_memory_allocated() - before)
+
+
 def measure_memory_in_subprocess(case_index, side, quick):
     """Run `run.py --memory CASE_INDEX SIDE` in a fresh interpreter; its peak extra bytes."""
     cmd = [sys.executable, str(HERE / "run.py"), "--memory", str(case_index), side] + (["--quick"] if quick else [])
@@ -71,7 +89,8 @@ def measure_memory_in_subprocess(case_index, side, quick):
     return json.loads(out.stdout.strip().splitlines()[-1])["peak_extra_bytes"]
 
 
-def machine_info():
+def machine_info(device="cpu"):
+    """The machine header of a report; on a CUDA device also the GPU's name, capability and CUDA."""
     import fsskern
     model = platform.processor() or "unknown"
     try:
@@ -91,26 +110,45 @@ def machine_info():
         "compiler": info["compiler"],
         "cxx_flags": info["cxx_flags"],
         "python": platform.python_version(),
+        **(cuda_info() if torch.device(device).type == "cuda" else {}),
     }
 
 
+def cuda_info():
+    props = torch.cuda.get_device_properties(torch.cuda.current_device())
+    return {"gpu": props.name, "gpu_capability": f"{props.major}.{props.minor}",
+            "gpu_memory_gib": props.total_memory / 2**30, "gpu_multiprocessors": props.multi_processor_count,
+            "cuda": torch.version.cuda}
+
+
 def machine_slug(info):
-    cpu = "".join(c if c.isalnum() else "-" for c in info["cpu"].lower()).strip("-")
-    while "--" in cpu:
-        cpu = cpu.replace("--", "-")
-    return f"{cpu}-{info['logical_cpus']}cpu"
+    if info.get("gpu"):
+        return _slug(info["gpu"])
+    return f"{_slug(info['cpu'])}-{info['logical_cpus']}cpu"
 
 
-def gemm_gflops(m, k, n, reps=3):
-    """fp32 GFLOP/s of torch.mm (m x k) @ (k x n) here: the flop limit of a GEMM-shaped case."""
-    a, b = torch.randn(m, k), torch.randn(k, n)
-    (t,) = median_times([lambda: torch.mm(a, b)], reps, settle=0.02)
+def _slug(name):
+    slug = "".join(c if c.isalnum() else "-" for c in name.lower()).strip("-")
+    while "--" in slug:
+        slug = slug.replace("--", "-")
+    return slug
+
+
+def device_sync(device):
+    """What median_times must call on `device` to time finished work."""
+    return torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
+
+
+def gemm_gflops(m, k, n, reps=3, device="cpu"):
+    """fp32 GFLOP/s of torch.mm (m x k) @ (k x n) on `device`: the flop limit of a GEMM-shaped case."""
+    a, b = torch.randn(m, k, device=device), torch.randn(k, n, device=device)
+    (t,) = median_times([lambda: torch.mm(a, b)], reps, settle=0.02, sync=device_sync(device))
     return 2.0 * m * k * n / t / 1e9
 
 
-def copy_bandwidth_gbs(mbytes=256, reps=5):
-    """Memory bandwidth of a large tensor copy (bytes read + written per second, in GB/s)."""
-    src = torch.randn(mbytes * 2**20 // 4)
+def copy_bandwidth_gbs(mbytes=256, reps=5, device="cpu"):
+    """Memory bandwidth of a large tensor copy on `device` (bytes read + written per second, in GB/s)."""
+    src = torch.randn(mbytes * 2**20 // 4, device=device)
     dst = torch.empty_like(src)
-    (t,) = median_times([lambda: dst.copy_(src)], reps, settle=0.02)
+    (t,) = median_times([lambda: dst.copy_(src)], reps, settle=0.02, sync=device_sync(device))
     return 2.0 * src.numel() * 4 / t / 1e9

@@ -3,9 +3,13 @@ the roofline of each case, the scaling sweeps and the thread scaling, with plots
 
     python benchmarks/run.py            # full sizes (the papers'); about 9 minutes here
     python benchmarks/run.py --quick    # CI smoke sizes; about a minute
+    python benchmarks/run.py --device cuda --no-sweeps   # the cases on a GPU (make gpu-check)
 
 Writes benchmarks/results/<machine>/{results.json, report.md, plots/*.png}
-(--quick: quick.json, quick.md, quick-plots/).
+(--quick: quick.json, quick.md, quick-plots/); <machine> is the GPU's name with --device cuda.
+On a GPU the inputs live on it, every sample ends with a synchronize, peak extra memory is the
+caching allocator's (in-process), CPU-only peers (faiss-cpu) are left out, and there is no
+thread sweep.
 """
 import argparse
 import json
@@ -19,8 +23,8 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 from cases import all_cases  # noqa: E402
-from harness import (copy_bandwidth_gbs, gemm_gflops, machine_info, machine_slug,  # noqa: E402
-                     measure_memory_in_subprocess, median_times, peak_extra_bytes)
+from harness import (copy_bandwidth_gbs, cuda_peak_extra_bytes, device_sync, gemm_gflops,  # noqa: E402
+                     machine_info, machine_slug, measure_memory_in_subprocess, median_times, peak_extra_bytes)
 from plots import plot_roofline, plot_sweep, plot_threads  # noqa: E402
 from sweeps import all_sweeps, thread_cases  # noqa: E402
 
@@ -37,20 +41,35 @@ def memory_mode(index, side, quick):
         print(json.dumps({"peak_extra_bytes": peak_extra_bytes(lambda: fn(inputs))}))
 
 
-def time_sides(case, inputs, reps):
+def to_device(inputs, device):
+    """A case's inputs (built on the CPU, seeded) moved to the device the run times on."""
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
+
+
+def time_sides(case, inputs, reps, device):
     """Median seconds of the reference, fsskern and each peer, interleaved, without autograd."""
     peers = list(case.peers.items())
     with torch.no_grad():
         times = median_times([lambda: case.reference(inputs), lambda: case.fsskern(inputs)] +
-                             [lambda fn=fn: fn(inputs) for _, fn in peers], reps)
+                             [lambda fn=fn: fn(inputs) for _, fn in peers], reps, sync=device_sync(device))
     return times[0], times[1], [(name, fn, t) for (name, fn), t in zip(peers, times[2:])]
 
 
-def run_case(index, case, quick, reps):
-    inputs = case.build()
-    t_ref, t_fss, peers = time_sides(case, inputs, reps)
-    m_ref = measure_memory_in_subprocess(index, "reference", quick)
-    m_fss = measure_memory_in_subprocess(index, "fsskern", quick)
+def peak_memory(index, case, inputs, quick, device):
+    """Peak extra memory of (reference, fsskern): resident memory, each side in a fresh process on
+    the CPU; device memory, in this process, on a GPU."""
+    if device.type == "cuda":
+        with torch.no_grad():
+            return (cuda_peak_extra_bytes(lambda: case.reference(inputs)),
+                    cuda_peak_extra_bytes(lambda: case.fsskern(inputs)))
+    return (measure_memory_in_subprocess(index, "reference", quick),
+            measure_memory_in_subprocess(index, "fsskern", quick))
+
+
+def run_case(index, case, quick, reps, device):
+    inputs = to_device(case.build(), device)
+    t_ref, t_fss, peers = time_sides(case, inputs, reps, device)
+    m_ref, m_fss = peak_memory(index, case, inputs, quick, device)
     work = case.work(inputs) if case.work else None
     row = {
         "case": case.name, "op": case.op, "size": case.size, "reps": reps,
@@ -70,7 +89,7 @@ def run_case(index, case, quick, reps):
     return row
 
 
-def add_roofline(rows, copy_gbs, reps):
+def add_roofline(rows, copy_gbs, reps, device):
     """Achieved GFLOP/s or GB/s of each case next to this machine's limit for it."""
     limits = {}
     for r in rows:
@@ -81,7 +100,7 @@ def add_roofline(rows, copy_gbs, reps):
         if work["kind"] == "flop":
             shape = tuple(work["gemm"])
             if shape not in limits:
-                limits[shape] = gemm_gflops(*shape, reps=reps)
+                limits[shape] = gemm_gflops(*shape, reps=reps, device=device)
             limit, limit_name = limits[shape], f"torch.mm {shape[0]}x{shape[1]} @ {shape[1]}x{shape[2]}"
         else:
             limit, limit_name = copy_gbs, "copy bandwidth"
@@ -89,13 +108,13 @@ def add_roofline(rows, copy_gbs, reps):
                          "percent_of_limit": 100.0 * rate / limit}
 
 
-def run_sweeps(quick, reps):
+def run_sweeps(quick, reps, device):
     results = []
     for sweep in all_sweeps(quick):
         points = []
         for value in sweep.values:
             case = sweep.case(value)
-            t_ref, t_fss, peers = time_sides(case, case.build(), reps)
+            t_ref, t_fss, peers = time_sides(case, to_device(case.build(), device), reps, device)
             points.append({"x": value, "size": case.size, "reference_ms": t_ref * 1e3, "fsskern_ms": t_fss * 1e3,
                            "peers_ms": {name: t * 1e3 for name, _, t in peers}})
             print(f"  sweep {sweep.name:32s} {str(value):>6s}  ref {t_ref * 1e3:9.2f} ms  "
@@ -133,10 +152,16 @@ def verdict(value, target, higher_is_better):
 
 
 def markdown(rows, info, quick, sweeps=(), threads=(), plots_dir="plots", limits=None):
+    if info.get("gpu"):
+        where = (f"GPU: {info['gpu']} (compute capability {info['gpu_capability']}, {info['gpu_multiprocessors']} "
+                 f"SMs, {info['gpu_memory_gib']:.0f} GiB, CUDA {info['cuda']}); every time and peak memory below "
+                 "is on the GPU (CUDA caching allocator).")
+    else:
+        where = (f"CUDA kernels {'built' if info['fsskern_cuda_kernels'] else 'not built'} "
+                 "(not run here: every time below is on the CPU).")
     lines = [f"Machine: {info['cpu']}, {info['logical_cpus']} logical CPUs, torch {info['torch']} "
              f"({info['torch_threads']} threads, {info['cpu_capability']}), fsskern CPU dispatch "
-             f"{info['fsskern_cpu_dispatch']}, gcc {info['compiler']} `{info['cxx_flags']}`, CUDA kernels "
-             f"{'built' if info['fsskern_cuda_kernels'] else 'not built'} (never run here: no GPU)."
+             f"{info['fsskern_cpu_dispatch']}, gcc {info['compiler']} `{info['cxx_flags']}`. {where}"
              + (" Quick sizes." if quick else ""),
              "",
              "| case | size | reference | fsskern | speed-up (target) | peak extra memory ref -> fsskern | "
@@ -171,7 +196,8 @@ def markdown(rows, info, quick, sweeps=(), threads=(), plots_dir="plots", limits
         lines += ["", "### Roofline", ""]
         if limits:
             lines.append(f"Machine limits measured in this run: GEMM {limits['gemm_peak_gflops']:.0f} GFLOP/s "
-                         f"(torch.mm 2048^3, fp32), copy {limits['copy_gbs']:.1f} GB/s (read + write). "
+                         f"(torch.mm 2048^3, fp32, {limits.get('device', 'cpu')}), copy {limits['copy_gbs']:.1f} GB/s "
+                         "(read + write). "
                          "Each flop-bound case is compared with torch.mm at its own GEMM shape (skinny GEMMs run "
                          "below the peak); fsskern's flops count only the work it does (foreground pixels, valid keys).")
             lines.append("")
@@ -213,23 +239,30 @@ def main():
     parser.add_argument("--reps", type=int, default=None, help="timed runs per side (default 5, quick 3)")
     parser.add_argument("--out", type=Path, default=None, help="results folder (default results/<machine>)")
     parser.add_argument("--no-sweeps", action="store_true", help="main cases and roofline only")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
+                        help="where the inputs live and every side runs (cuda: the current GPU)")
     parser.add_argument("--memory", nargs=2, metavar=("CASE_INDEX", "SIDE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.memory:
         return memory_mode(*args.memory, args.quick)
 
-    info = machine_info()
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: torch sees no CUDA device")
+    info = machine_info(device)
     out = args.out or HERE / "results" / machine_slug(info)
     out.mkdir(parents=True, exist_ok=True)
     reps = args.reps or (3 if args.quick else 5)
     start = time.time()
-    rows = [run_case(i, c, args.quick, reps) for i, c in enumerate(all_cases(args.quick))
+    rows = [run_case(i, c, args.quick, reps, device) for i, c in enumerate(all_cases(args.quick, device))
             if args.only in f"{c.name} {c.size}"]
-    limits = {"gemm_peak_gflops": gemm_gflops(2048, 2048, 2048, reps=3), "copy_gbs": copy_bandwidth_gbs()}
-    add_roofline(rows, limits["copy_gbs"], reps=3)
+    limits = {"gemm_peak_gflops": gemm_gflops(2048, 2048, 2048, reps=3, device=device),
+              "copy_gbs": copy_bandwidth_gbs(device=device), "device": device.type}
+    add_roofline(rows, limits["copy_gbs"], reps=3, device=device)
     sweep_reps = 2 if args.quick else 3
-    sweeps = [] if args.no_sweeps or args.only else run_sweeps(args.quick, sweep_reps)
-    threads = [] if args.no_sweeps or args.only else run_threads(args.quick, sweep_reps)
+    sweeps = [] if args.no_sweeps or args.only else run_sweeps(args.quick, sweep_reps, device)
+    # CPU threads do not change a GPU's times
+    threads = [] if args.no_sweeps or args.only or device.type == "cuda" else run_threads(args.quick, sweep_reps)
 
     plots_name = "quick-plots" if args.quick else "plots"
     plots = out / plots_name

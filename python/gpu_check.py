@@ -10,7 +10,7 @@ Phases, in order, each under its own time limit (--limit PHASE=SECONDS); a phase
 runs out of time is recorded and the next one runs, so one broken kernel does not cost the run:
 
     build        venv, then fsskern built with its CUDA kernels for this GPU's architecture only
-    cuda-tests   pytest -k cuda: every CUDA test (JUnit XML + log)
+    cuda-tests   pytest -k "cuda and not simt": every CUDA test (JUnit XML + log)
     op-bench     benchmarks/run.py --device cuda at the papers' sizes (JSON + Markdown)
     model-steps  each registered model: one inference and one training step, ops=fused vs reference
     summary      timings.json and summary.md; the short summary is printed last
@@ -25,6 +25,7 @@ import argparse
 import json
 import os
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -37,8 +38,9 @@ from typing import Callable, Dict, List, Optional
 
 ROOT = Path(__file__).resolve().parents[1]
 PHASES = ["build", "cuda-tests", "op-bench", "model-steps", "summary"]
-# Seconds per phase: 470 in all, inside the 8 minutes the check is given (summary takes no time).
-LIMITS = {"build": 210, "cuda-tests": 120, "op-bench": 90, "model-steps": 50}
+# Seconds per phase: 460 in all, inside the 8 minutes the check is given with the GPU probe and
+# the summary (seconds).
+LIMITS = {"build": 200, "cuda-tests": 120, "op-bench": 90, "model-steps": 50}
 NO_GPU_EXIT = 2
 
 # Run by the base interpreter: what torch (if any) sees, and where its packages live.
@@ -167,9 +169,11 @@ def build_phase(args, base: dict, gpu: Optional[dict]) -> Phase:
 
 def test_phase(args) -> Phase:
     xml = args.out / "cuda-tests.xml"
-    # -k cuda: tests marked `cuda`, in test_cuda.py, or named *cuda* (test_build's CPU-vs-CUDA tests)
+    # -k matches markers and names: tests marked `cuda`, all of test_cuda.py, test_build's
+    # test_cuda_*; not the emulator's suite (test_simt, CPU only). A test module that cannot be
+    # imported there (a missing package) must not stop the others.
     argv = [str(args.venv / "bin" / "python"), "-m", "pytest", "-q", "-rfEs", "-p", "no:cacheprovider", "tests",
-            "-k", "cuda", f"--junitxml={xml}"]
+            "-k", "cuda and not simt", "--continue-on-collection-errors", f"--junitxml={xml}"]
     return Phase("cuda-tests", args.limits["cuda-tests"], args.out / "cuda-tests.log",
                  [Step(shlex.join(argv), argv)], [xml])
 
@@ -344,7 +348,7 @@ def step_model(cfg, ops: str, size: int, batch: int, device: str) -> dict:
             optimizer.zero_grad(set_to_none=True)
             sum(losses.values()).backward()
             optimizer.step()
-        return {k: float(v) for k, v in losses.items()}
+        return {k: float(v.detach()) for k, v in losses.items()}
 
     timed(train_step, device)
     if device == "cuda":
@@ -365,6 +369,7 @@ def run_model_steps(path: Path, size: int, batch: int, device: str = "cuda") -> 
     names = fsskern.models.list_models()
     if not names:
         result["note"] = "no models registered"
+    path.write_text(json.dumps(result, indent=2))
     for name in names:
         print(f"model {name}", flush=True)
         try:
@@ -383,7 +388,7 @@ def run_model_steps(path: Path, size: int, batch: int, device: str = "cuda") -> 
         if device == "cuda":
             torch.cuda.empty_cache()
         print(json.dumps(result["models"][name]), flush=True)
-    path.write_text(json.dumps(result, indent=2))
+        path.write_text(json.dumps(result, indent=2))  # after each model: a timeout keeps the finished ones
     return int(any(m["status"] != "ok" for m in result["models"].values()))
 
 
@@ -484,6 +489,7 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
     args.limits = {**LIMITS, **key_values(args.limit, "--limit", float)}
     args.fake_phase = key_values(args.fake_phase, "--fake-phase")
+    args.python = shutil.which(args.python) or args.python  # its folder holds the base's ninja
     args.out = (ROOT / args.out) if not args.out.is_absolute() else args.out
     args.venv = (ROOT / args.venv) if not args.venv.is_absolute() else args.venv
     return args

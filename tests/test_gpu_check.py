@@ -4,6 +4,8 @@ the venv it makes from a base interpreter, and the model-step helpers on the CPU
 import importlib.util
 import json
 import os
+import shutil
+import site
 import subprocess
 import sys
 import time
@@ -49,15 +51,15 @@ def test_dry_run_lists_every_phase_and_runs_nothing(tmp_path):
     positions = [text.index(f"[{name}]") for name in PHASES + ["summary"]]
     assert positions == sorted(positions)
     assert "FSSKERN_CUDA=1 TORCH_CUDA_ARCH_LIST=" in text and f"MAX_JOBS={os.cpu_count()}" in text
-    assert "benchmarks/run.py --device cuda" in text and "-k cuda" in text and "--run-model-steps" in text
-    assert "limit 210 s" in text and "phase limits add up to 470 s" in text
+    assert "benchmarks/run.py --device cuda" in text and "-k 'cuda and not simt'" in text and "--run-model-steps" in text
+    assert "limit 200 s" in text and "phase limits add up to 460 s" in text
     if not torch.cuda.is_available():
         assert "NO GPU on this machine" in text and "a real run would stop here, exit 2" in text
     assert not out.exists()
 
 
 def test_dry_run_skip_and_limits(tmp_path):
-    result = run("--dry-run", "--out", tmp_path, "--skip", "build", "--limit", "op-bench=200")
+    result = run("--dry-run", "--out", tmp_path, "--skip", "build", "--limit", "op-bench=200", "--fake-gpu", "G,9.0")
     assert result.returncode == 0, result.stderr
     assert "[build]" not in result.stdout and "[op-bench] limit 200 s" in result.stdout
     bad = run("--dry-run", "--limit", "bench=5")
@@ -66,7 +68,9 @@ def test_dry_run_skip_and_limits(tmp_path):
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
 def test_no_gpu_says_so_and_exits_non_zero(tmp_path):
-    result = run("--out", tmp_path)
+    # any base interpreter: the system's python3 probes fastest where it has no torch (the dry run
+    # above covers a torch that sees no device)
+    result = run("--out", tmp_path, "--python", shutil.which("python3") or sys.executable)
     assert result.returncode == 2
     assert "NO GPU on this machine" in result.stderr and "Nothing was built or run" in result.stderr
     assert "NO GPU" in (tmp_path / "summary.md").read_text()
@@ -121,10 +125,11 @@ def test_summary_reads_the_phase_outputs(tmp_path):
 
 
 def test_venv_from_a_base_venv_sees_its_torch(tmp_path):
-    base = gpu_check.probe_python(sys.executable)
-    assert base["torch"] == torch.__version__ and base["in_venv"] == (sys.prefix != sys.base_prefix)
-    if not base.get("torch_cuda"):
+    if not torch.version.cuda:
         pytest.skip("this torch is a CPU build: the check would make the venv with `make venv`")
+    # what probe_python reports for this interpreter (the dry run above runs the probe itself)
+    base = {"python": sys.executable, "torch": torch.__version__, "torch_cuda": torch.version.cuda,
+            "in_venv": sys.prefix != sys.base_prefix, "site": site.getsitepackages()}
     args = gpu_check.parse_args(["--venv", str(tmp_path / "venv"), "--fake-gpu", "G,9.0"])
     steps = gpu_check.venv_steps(args, base)
     assert "--system-site-packages" in steps[0].title
