@@ -29,9 +29,6 @@ from torchvision.transforms.v2 import functional as F
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-# The mean pixel and std on the 0..255 scale: PFENet pads rotated/cropped images with the mean pixel.
-_MEAN_PIXEL_T = torch.tensor(IMAGENET_MEAN).mul(255).view(3, 1, 1)
-_STD_PIXEL_T = torch.tensor(IMAGENET_STD).mul(255).view(3, 1, 1)
 IGNORE_INDEX = 255
 TEST_RULES = ("pfenet", "square", "original")
 
