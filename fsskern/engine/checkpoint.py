@@ -1,0 +1,77 @@
+"""Checkpoints that are never half-written and that a resumed run can trust.
+
+Files are written to a temporary name in the same folder, flushed, fsynced and renamed over the
+old one (then the folder is fsynced), so ``last.pt`` is always either the previous or the new
+checkpoint. Loading checks a format tag, so a truncated file or another program's checkpoint is
+refused with a message that says which.
+"""
+import os
+import random
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+FORMAT = "fsskern-checkpoint"
+VERSION = 1
+
+
+class CheckpointError(RuntimeError):
+    pass
+
+
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_atomic(payload: dict, path) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save({"format": FORMAT, "version": VERSION, **payload}, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def load(path) -> dict:
+    """Read an fsskern checkpoint; a clear CheckpointError for a missing, truncated or foreign file."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    try:
+        # Our checkpoints hold RNG states (numpy arrays, tuples) besides tensors: weights_only
+        # would refuse them. Only load checkpoints you wrote.
+        payload = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # torch raises several types for a cut or non-torch file
+        raise CheckpointError(f"checkpoint {path} cannot be read (truncated or not a torch file: "
+                              f"{type(e).__name__}: {e})") from e
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        keys = sorted(payload)[:10] if isinstance(payload, dict) else type(payload).__name__
+        raise CheckpointError(f"{path} is not an fsskern checkpoint (found {keys}); to start from other "
+                              f"weights use model.weights (backbone) or a phase's init")
+    if payload.get("version") != VERSION:
+        raise CheckpointError(f"{path} has checkpoint version {payload.get('version')}, this fsskern reads {VERSION}")
+    return payload

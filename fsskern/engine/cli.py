@@ -1,0 +1,69 @@
+"""The two entry points (``python/train.py`` / ``fsskern-train``, ``python/evaluate.py`` /
+``fsskern-evaluate``): a config file or run folder, then dotted ``key=value`` overrides."""
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from .config import ConfigError, load_config, read_yaml
+
+
+def _parser(prog, what):
+    p = argparse.ArgumentParser(prog=prog, description=what,
+                                epilog="Overrides: dotted keys with YAML values, e.g. data.fold=1 "
+                                       "eval.seeds=[0,1,2] out=runs/x resume=true")
+    p.add_argument("source")
+    p.add_argument("overrides", nargs="*")
+    return p
+
+
+def train_main(argv=None) -> int:
+    args = _parser("fsskern-train", "Train a model: python python/train.py CONFIG [key=value ...]").parse_args(argv)
+    from .trainer import train
+    try:
+        cfg = load_config(args.source, args.overrides)
+    except ConfigError as e:
+        print(f"fsskern-train: {e}", file=sys.stderr)
+        return 2
+    out = train(cfg)
+    print(f"done: {out}")
+    return 0
+
+
+def last_phase(run: Path) -> Path:
+    """The folder of a run's last phase (the run itself when it has one phase)."""
+    phases = read_yaml(run / "config.yaml").get("train", {}).get("phases") or []
+    return run / phases[-1]["name"] if phases else run
+
+
+def run_checkpoint(run: Path, choice: str) -> Path:
+    """The checkpoint ``choice`` (best | last | a path) of a one-phase run folder."""
+    if choice not in ("best", "last"):
+        return Path(choice)
+    if choice == "best" and (run / "best.pt").is_file():
+        return run / "best.pt"
+    if (run / "last.pt").is_file():
+        return run / "last.pt"
+    raise FileNotFoundError(f"{run} holds no checkpoint (last.pt); has the run started?")
+
+
+def evaluate_main(argv=None) -> int:
+    args = _parser("fsskern-evaluate", "Evaluate: python python/evaluate.py (RUN_DIR | CONFIG) [key=value ...]. "
+                   "A run folder is evaluated with its frozen config and its checkpoint (eval.checkpoint).") \
+        .parse_args(argv)
+    from .evaluator import evaluate
+    source = Path(args.source)
+    try:
+        if source.is_dir():
+            run = last_phase(source)
+            cfg = load_config(run / "config.yaml", [f"out={source / 'eval'}", "resume=false", *args.overrides])
+            checkpoint = run_checkpoint(run, cfg.eval.checkpoint)
+        else:
+            cfg = load_config(source, args.overrides)
+            checkpoint = None if cfg.eval.checkpoint in ("best", "last") else Path(cfg.eval.checkpoint)
+    except (ConfigError, FileNotFoundError) as e:
+        print(f"fsskern-evaluate: {e}", file=sys.stderr)
+        return 2
+    result = evaluate(cfg, checkpoint)
+    print(json.dumps({k: result[k] for k in ("miou", "miou_std", "fb_iou", "fb_iou_std", "protocol")}))
+    return 0

@@ -1,0 +1,227 @@
+"""One typed configuration: a YAML file validated against dataclasses, plus dotted ``key=value``
+overrides whose values are parsed as YAML (``eval.seeds=[0,1,2]``).
+
+A config file may start from others with ``base: [path, ...]`` (paths relative to the file); keys
+of later files and of the overrides win. Unknown keys are refused with the list of valid ones,
+and values of the wrong type are refused with the key's dotted name.
+"""
+import dataclasses
+import hashlib
+import json
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import yaml
+
+
+@dataclass
+class DataConfig:
+    dataset: str = "pascal"            # source registry name (fsskern.data.datasets)
+    root: str = ""
+    fold: int = 0
+    shots: int = 1
+    ways: int = 1
+    train_size: int = 473              # square training crop
+    test_size: int = 473
+    batch_size: int = 4                # episodes per step and rank (before accumulation)
+    num_workers: int = 2
+    train_list: Optional[str] = None
+    val_list: Optional[str] = None
+    train_policy: str = "pfenet"       # pfenet: keep images, novel pixels -> bg; bam: drop them
+    min_pixels: int = 2048             # the 2*32*32 rule
+    fold_convention: str = "interleaved"  # COCO-20i: interleaved (4j+i+1) | contiguous (20i+1..)
+    folds: Optional[List[List[int]]] = None       # folder datasets: novel class ids per fold
+    classes: Optional[str] = None                 # folder datasets: class-list file
+    merge: Optional[Dict[str, List[int]]] = None  # class merges {new name: [old ids]}
+    hierarchy: Optional[Dict[str, List[str]]] = None  # parsing: area -> fine classes
+    val_fraction: float = 0.1          # held-out base-class images for model selection
+    augment: Dict[str, Any] = field(default_factory=lambda: {"scale": [0.9, 1.1], "rotate": 10.0,
+                                                             "blur": True, "flip": True})
+    params: Dict[str, Any] = field(default_factory=dict)  # dataset-specific, checked by the dataset
+
+
+@dataclass
+class ModelConfig:
+    name: str = "baseline"
+    backbone: str = "mobilenet_v2"
+    weights: Optional[str] = None      # a file, "imagenet" (MobileNetV2 only) or null (random init)
+    freeze_backbone: bool = True
+    params: Dict[str, Any] = field(default_factory=dict)  # method hyper-parameters, checked by the model
+
+
+@dataclass
+class TrainConfig:
+    iters: int = 0                     # optimizer steps; 0 = nothing to train (a training-free model)
+    optimizer: str = "sgd"             # sgd | adamw (a model may put groups on another one)
+    lr: float = 0.0025
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    warmup_iters: int = 0
+    poly_power: float = 0.9
+    accumulate: int = 1                # micro-batches per optimizer step
+    clip_grad: Optional[float] = None  # max global grad norm
+    checkpoint_every: int = 500
+    val_every: int = 0                 # 0: validate only at the end
+    val_episodes: int = 200
+    log_every: int = 20
+    find_unused_parameters: bool = False
+    phases: List[Dict[str, Any]] = field(default_factory=list)  # [{name: ..., config: {dotted: value}}]
+
+
+@dataclass
+class EvalConfig:
+    protocol: str = "pfenet"
+    episodes: int = 1000
+    seeds: List[int] = field(default_factory=lambda: [0])
+    split: str = "test"                # test: the fold's novel classes; val: held-out base images
+    batch_size: int = 1
+    min_class_episodes: int = 10       # warn when a class gets fewer episodes
+    visualize: bool = False            # overlays of the best, median and worst episodes (PNG + TensorBoard)
+    checkpoint: str = "best"           # evaluating a run: best (on val; else last) | last | a file
+
+
+@dataclass
+class Config:
+    out: str = "runs/default"
+    seed: int = 0
+    device: str = "cpu"
+    ops: str = "fused"                 # fused | reference
+    amp: str = "none"                  # none | bf16 | fp16
+    resume: bool = False
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+CHOICES = {"ops": ("fused", "reference"), "amp": ("none", "bf16", "fp16"),
+           "data.train_policy": ("pfenet", "bam"), "data.fold_convention": ("interleaved", "contiguous"),
+           "train.optimizer": ("sgd", "adamw"), "eval.split": ("test", "val")}
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def _merge(base: dict, update: dict) -> dict:
+    out = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def read_yaml(path) -> dict:
+    """A config file with its ``base`` files merged in (depth first, later keys win)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    raw = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: a config file must hold a mapping, got {type(raw).__name__}")
+    bases = raw.pop("base", [])
+    merged: dict = {}
+    for base in [bases] if isinstance(bases, str) else bases:
+        merged = _merge(merged, read_yaml(path.parent / base))
+    return _merge(merged, raw)
+
+
+def set_dotted(tree: dict, dotted: str, value) -> None:
+    keys = dotted.split(".")
+    for key in keys[:-1]:
+        node = tree.setdefault(key, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {dotted}: {key} is not a section")
+        tree = node
+    tree[keys[-1]] = value
+
+
+def parse_overrides(args: List[str]) -> dict:
+    tree: dict = {}
+    for arg in args:
+        if "=" not in arg:
+            raise ConfigError(f"override {arg!r} is not of the form key=value")
+        key, text = arg.split("=", 1)
+        set_dotted(tree, key.strip(), yaml.safe_load(text) if text != "" else None)
+    return tree
+
+
+def _check_type(name: str, value, hint):
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin is typing.Union:  # Optional[X]
+        if value is None:
+            return None
+        return _check_type(name, value, next(a for a in args if a is not type(None)))
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hint is float and isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    if hint in (int, float, str, bool):
+        if not isinstance(value, hint) or (hint is int and isinstance(value, bool)):
+            raise ConfigError(f"{name} must be {hint.__name__}, got {value!r}")
+        return value
+    if origin in (list, List):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{name} must be a list, got {value!r}")
+        return [_check_type(f"{name}[{i}]", v, args[0]) for i, v in enumerate(value)] if args else list(value)
+    if origin in (dict, Dict):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{name} must be a mapping, got {value!r}")
+        return dict(value)
+    return value
+
+
+def _build(cls, tree: dict, prefix: str = ""):
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'} must be a mapping, got {tree!r}")
+    hints = typing.get_type_hints(cls)
+    valid = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(tree) - set(valid))
+    if unknown:
+        raise ConfigError(f"unknown config key(s) {', '.join(prefix + k for k in unknown)}; "
+                          f"valid keys{' of ' + prefix.rstrip('.') if prefix else ''}: {', '.join(valid)}")
+    kwargs = {}
+    for key, value in tree.items():
+        hint = hints[key]
+        if dataclasses.is_dataclass(hint):
+            kwargs[key] = _build(hint, value or {}, f"{prefix}{key}.")
+        else:
+            kwargs[key] = _check_type(prefix + key, value, hint)
+        choices = CHOICES.get(prefix + key)
+        if choices and kwargs[key] not in choices:
+            raise ConfigError(f"{prefix}{key} must be one of {', '.join(choices)}, got {kwargs[key]!r}")
+    return cls(**kwargs)
+
+
+def config_from_dict(tree: dict) -> Config:
+    return _build(Config, tree)
+
+
+def load_config(path=None, overrides: Optional[List[str]] = None, tree: Optional[dict] = None) -> Config:
+    """The config of ``path`` (or of an already-read ``tree``) with ``overrides`` applied."""
+    base = read_yaml(path) if path is not None else dict(tree or {})
+    return config_from_dict(_merge(base, parse_overrides(overrides or [])))
+
+
+def to_dict(cfg) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def with_overrides(cfg: Config, dotted: Dict[str, Any]) -> Config:
+    """A copy of ``cfg`` with ``{dotted.key: value}`` applied (and validated)."""
+    tree = to_dict(cfg)
+    for key, value in dotted.items():
+        set_dotted(tree, key, value)
+    return config_from_dict(tree)
+
+
+def config_hash(cfg: Config) -> str:
+    return hashlib.sha256(json.dumps(to_dict(cfg), sort_keys=True).encode()).hexdigest()

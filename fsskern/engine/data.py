@@ -1,0 +1,81 @@
+"""Where the engine meets fsskern.data: the training stream, the evaluation manifests, the loader.
+
+Training episode ``g`` (a global index, see the trainer) is episode ``g % n`` of epoch ``g // n`` of
+the fold's ``TrainEpisodes`` (n = its query images), so it is a pure function of (seed, g).
+Evaluation manifests are written to ``out/manifests/`` with their sha256.
+"""
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader
+
+from ..data.datasets import build_source
+from ..data.episodes import TrainEpisodes
+from ..data.index import scan_labels, training_pools
+from ..data.loader import EpisodeDataset, collate_episodes
+from ..data.protocols import build_test_manifest, build_val_manifest, coverage, get_protocol
+from ..data.transforms import TestTransform, from_config
+from . import distributed as dist
+from .config import Config
+
+
+class EpisodeStream:
+    """Training episodes by global index: ``stream[g] = episodes.episode(g // n, g % n)``."""
+
+    def __init__(self, episodes: TrainEpisodes):
+        self.episodes = episodes
+
+    def __len__(self) -> int:
+        return 2 ** 62  # unbounded: the sampler decides which indices are read
+
+    def __getitem__(self, g: int):
+        epoch, i = divmod(g, len(self.episodes))
+        return self.episodes.episode(epoch, i)
+
+
+def train_dataset(cfg: Config) -> EpisodeDataset:
+    d = cfg.data
+    source = build_source(d, "train")
+    pools = training_pools(source, scan_labels(source), d.fold, d.train_policy, d.min_pixels, d.val_fraction)
+    key = {"dataset": d.dataset, "fold": d.fold, "shots": d.shots, "ways": d.ways, "seed": cfg.seed,
+           "policy": d.train_policy, "min_pixels": d.min_pixels}
+    episodes = TrainEpisodes(pools.train, key, shots=d.shots, ways=d.ways)
+    return EpisodeDataset(source, EpisodeStream(episodes), from_config(d, train=True), True,
+                          base=pools.base, novel=pools.novel)
+
+
+def eval_dataset(cfg: Config, seed: int):
+    """(EpisodeDataset, info) for ``cfg.eval.split``: ``test`` = the fold's novel classes under
+    ``cfg.eval.protocol``; ``val`` = held-out images of the base classes (model selection).
+    The protocol fixes the query order and the resize rule; ``data.test_size`` the size."""
+    d, e = cfg.data, cfg.eval
+    if e.split == "test":
+        source = build_source(d, "test")
+        stats = scan_labels(source)
+        manifest = build_test_manifest(source, stats, d.fold, d.shots, d.ways, e.protocol, seed, e.episodes)
+        _, classes = source.fold_classes(d.fold)
+        protocol = {**get_protocol(e.protocol).describe(d.dataset), "size": d.test_size, "episodes": e.episodes}
+        transform = TestTransform(d.test_size, protocol["resize"])
+    else:
+        source = build_source(d, "train")
+        stats = scan_labels(source)
+        pools = training_pools(source, stats, d.fold, d.train_policy, d.min_pixels, d.val_fraction)
+        manifest = build_val_manifest(source, pools.val, d.fold, d.shots, d.ways, seed, e.episodes, stats.key)
+        classes = manifest.meta["classes"]
+        protocol = {"protocol": "val-balanced", "episodes": e.episodes, "resize": "pfenet", "size": d.test_size}
+        transform = TestTransform(d.test_size, "pfenet")
+    sha = manifest.sha256
+    if dist.is_main():
+        name = f"{e.split}-fold{d.fold}-{d.shots}shot-{d.ways}way-seed{seed}.json"
+        manifest.save(Path(cfg.out) / "manifests" / name)
+    info = {"protocol": protocol, "manifest_sha256": sha, "classes": list(classes),
+            "coverage": coverage(manifest, list(classes), e.min_class_episodes)}
+    return EpisodeDataset(source, manifest, transform, False), info
+
+
+def episode_loader(dataset, indices, batch_size: int, num_workers: int, seed: int) -> DataLoader:
+    """Episodes ``indices`` in this order, in batches. The worker seeds come from a generator of
+    their own, never from torch's global RNG (which a resumed run must find as it was saved)."""
+    return DataLoader(dataset, batch_size=batch_size, sampler=list(indices), num_workers=num_workers,
+                      collate_fn=collate_episodes, generator=torch.Generator().manual_seed(seed),
+                      pin_memory=torch.cuda.is_available())

@@ -1,0 +1,100 @@
+"""Evaluation on an episode manifest: sharded over ranks, per-class counts summed across them,
+every seed of ``eval.seeds`` run, mean and std reported with the protocol and manifest hashes.
+
+Logits are mapped back to the original label resolution by the transform's restore rule
+(``pfenet``: bilinear to L x L, L the longer original side; ``square``; ``original``) for every
+item of a batch (PFENet's own code assumes batch 1 there).
+"""
+import json
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from ..data.transforms import restore_logits
+from ..metrics import FewShotMeter, episode_iou_counts, seed_statistics
+from . import distributed as dist
+from .config import Config, to_dict
+from .data import episode_loader, eval_dataset
+
+
+@torch.no_grad()
+def evaluate_model(cfg: Config, model, progress: bool = True, visualizer=None) -> dict:
+    """Evaluate ``model`` on ``cfg.eval`` (split, protocol, episodes, seeds). Every rank calls it."""
+    from .trainer import autocast, device_of, to_device  # the trainer imports this module
+    device = device_of(cfg)
+    was_training = model.training
+    model.eval()
+    per_seed, manifests, protocol = [], [], None
+    for seed in cfg.eval.seeds:
+        dataset, info = eval_dataset(cfg, seed)
+        protocol = info["protocol"]
+        manifests.append(info["manifest_sha256"])
+        if visualizer is not None:
+            visualizer.class_names = dataset.source.class_names
+        shard = list(range(dist.rank(), len(dataset), dist.world_size()))
+        loader = episode_loader(dataset, shard, cfg.eval.batch_size, cfg.data.num_workers, seed=seed)
+        meter = FewShotMeter(info["classes"], min_episodes=cfg.eval.min_class_episodes)
+        bar = _progress(loader, f"eval {cfg.eval.split} seed {seed}", progress and dist.is_main())
+        for batch in bar:
+            batch = to_device(batch, device)
+            with autocast(cfg, device):
+                logits = model(batch)["logits"].float()
+            for b in range(logits.shape[0]):
+                restore = batch["restore"][b]
+                pred = restore_logits(logits[b], restore).argmax(0)
+                # scored at the original label, or (HSNet's default, score_at=input) at the input size
+                label = batch["query_mask"][b] if restore["score_at"] == "input" else batch["query_label_orig"][b]
+                inter, union = episode_iou_counts(pred, label.to(device), num_classes=logits.shape[1])
+                meter.update(batch["classes"][b:b + 1], inter[None], union[None], batch["index"][b:b + 1])
+                if visualizer is not None and union[1] > 0:
+                    visualizer.offer(seed, batch, b, logits[b].argmax(0), float(inter[1]) / float(union[1]))
+        meter.all_reduce()
+        if dist.is_main() and cfg.eval.split == "test":  # every episode's (I, U), to recompute any variant
+            (Path(cfg.out) / "episodes").mkdir(parents=True, exist_ok=True)
+            meter.to_json(Path(cfg.out) / "episodes" / f"seed{seed}.json", seed=seed, protocol=protocol,
+                          manifest_sha256=info["manifest_sha256"])
+        per_seed.append({"seed": seed, **meter.summary()})
+    model.train(was_training)
+    stats = seed_statistics(per_seed)
+    return {"miou": stats["miou"]["mean"], "miou_std": stats["miou"]["std"], "fb_iou": stats["fb_iou"]["mean"],
+            "fb_iou_std": stats["fb_iou"]["std"], "std_kind": stats["std_kind"],
+            "per_class": {c: v["mean"] for c, v in stats["per_class"].items()}, "per_seed": per_seed,
+            "episodes": cfg.eval.episodes, "seeds": list(cfg.eval.seeds), "split": cfg.eval.split,
+            "protocol": protocol, "manifest_sha256": manifests}
+
+
+def _progress(loader, desc, enabled):
+    if not enabled:
+        return loader
+    from tqdm import tqdm
+    return tqdm(loader, desc=desc, dynamic_ncols=True, mininterval=1.0)
+
+
+def evaluate(cfg: Config, checkpoint: Optional[Path] = None) -> dict:
+    """Build the model of ``cfg`` (weights from ``checkpoint`` when given), evaluate it and write
+    ``cfg.out/metrics.json`` on rank 0."""
+    from ..models import create_model
+    from . import checkpoint as ckpt
+    from .logging import tensorboard_writer, write_run_info
+    from .visualize import EpisodeGallery
+    from .trainer import device_of
+    dist.init_from_env(cfg.device)
+    torch.manual_seed(cfg.seed)  # a model without weights files must be the same model every time
+    model = create_model(cfg.model, cfg.ops).to(device_of(cfg))
+    if checkpoint is not None:
+        model.load_state_dict(ckpt.load(checkpoint)["model"])
+    gallery = EpisodeGallery() if cfg.eval.visualize else None
+    result = evaluate_model(cfg, model, visualizer=gallery)
+    result["checkpoint"] = str(checkpoint) if checkpoint else None
+    result["config"] = to_dict(cfg)
+    if dist.is_main():
+        out = Path(cfg.out)
+        write_run_info(cfg, out)
+        if gallery is not None:
+            writer = tensorboard_writer(out)
+            result["overlays"] = [str(p) for p in gallery.write(out / "overlays", writer)]
+            if writer is not None:
+                writer.close()
+        (out / "metrics.json").write_text(json.dumps(result, indent=1))
+    return result

@@ -1,0 +1,84 @@
+"""What a run leaves behind: the resolved config and its provenance, metrics as JSON lines and
+TensorBoard scalars/images, and a tqdm bar with ETA (rank 0 only)."""
+import json
+import platform
+import subprocess
+import time
+from pathlib import Path
+
+import torch
+import yaml
+from tqdm import tqdm
+
+from .config import Config, config_hash, to_dict
+
+
+def git_commit() -> str:
+    root = Path(__file__).resolve().parents[2]
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
+                                timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return (commit + ("-dirty" if dirty else "")) if commit else "unknown"
+
+
+def write_run_info(cfg: Config, out: Path, **extra) -> None:
+    """Freeze the resolved config and its provenance into the run folder."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    info = {"git_commit": git_commit(), "config_sha256": config_hash(cfg), "torch": torch.__version__,
+            "python": platform.python_version(), "machine": platform.processor() or platform.machine(),
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S"), **extra}
+    path = out / "run.json"
+    old = json.loads(path.read_text()) if path.is_file() else {}
+    path.write_text(json.dumps({**old, **info}, indent=1))
+
+
+def tensorboard_writer(out: Path):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:  # tensorboard is a requirement, but a missing sink must not stop a run
+        return None
+    return SummaryWriter(str(out / "tb"))
+
+
+class RunLogger:
+    """metrics.jsonl + TensorBoard + a progress bar; does nothing on ranks other than 0."""
+
+    def __init__(self, out: Path, total: int, start: int = 0, enabled: bool = True, every: int = 1):
+        self.enabled = enabled
+        self.out = out
+        if not enabled:
+            return
+        out.mkdir(parents=True, exist_ok=True)
+        self.jsonl = open(out / "metrics.jsonl", "a")
+        self.tb = tensorboard_writer(out)
+        self.bar = tqdm(total=total, initial=start, desc=out.name, dynamic_ncols=True, mininterval=1.0)
+
+    def step(self, iteration: int, losses: dict, lr: float, seconds: float) -> None:
+        if not self.enabled:
+            return
+        total = sum(losses.values())
+        self.bar.update(1)
+        self.bar.set_postfix(loss=f"{total:.4f}", lr=f"{lr:.2e}")
+        self.scalars(iteration, {"train/loss": total, "train/lr": lr, "train/step_s": seconds,
+                                 **{f"train/{k}": v for k, v in losses.items()}})
+
+    def scalars(self, iteration: int, values: dict) -> None:
+        if not self.enabled:
+            return
+        self.jsonl.write(json.dumps({"iteration": iteration, **values}) + "\n")
+        self.jsonl.flush()
+        if self.tb is not None:
+            for k, v in values.items():
+                self.tb.add_scalar(k, v, iteration)
+
+    def close(self) -> None:
+        if self.enabled:
+            self.bar.close()
+            self.jsonl.close()
+            if self.tb is not None:
+                self.tb.close()

@@ -1,0 +1,50 @@
+"""Optimizers and the warm-up + poly schedule.
+
+A model may define ``param_groups(train_cfg) -> [{"params": [...], "lr_mult": 10.0,
+"optimizer": "adamw", "lr": ..., "weight_decay": ...}, ...]``; groups are split by their
+``optimizer`` (default ``train.optimizer``) into one optimizer each, so a recipe such as UMTFSS's
+(SGD for the convolutions, AdamW for the Transformer) is one model method, and every optimizer is
+in the checkpoint (CyCTR-style code forgets the second one).
+"""
+import torch
+
+from .config import TrainConfig
+
+
+def _groups(model, cfg: TrainConfig):
+    if hasattr(model, "param_groups"):
+        groups = model.param_groups(cfg)
+    else:
+        groups = [{"params": [p for p in model.parameters() if p.requires_grad]}]
+    return [g for g in groups if len(list(g["params"])) > 0]
+
+
+def build_optimizers(model, cfg: TrainConfig):
+    by_name = {}
+    for group in _groups(model, cfg):
+        group = dict(group)
+        name = group.pop("optimizer", cfg.optimizer)
+        group["params"] = list(group["params"])
+        group["lr"] = group.get("lr", cfg.lr) * group.pop("lr_mult", 1.0)
+        group["initial_lr"] = group["lr"]
+        by_name.setdefault(name, []).append(group)
+    optimizers = []
+    for name, groups in sorted(by_name.items()):
+        if name == "sgd":
+            optimizers.append(torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay))
+        elif name == "adamw":
+            optimizers.append(torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay))
+        else:
+            raise ValueError(f"unknown optimizer {name!r} in a parameter group; use sgd or adamw")
+    return optimizers
+
+
+def lr_factor(iteration: int, cfg: TrainConfig) -> float:
+    """Linear warm-up over ``warmup_iters`` steps, then PFENet's poly decay (1 - t / T) ** power."""
+    if iteration < cfg.warmup_iters:
+        return (iteration + 1) / cfg.warmup_iters
+    return max(0.0, 1.0 - iteration / max(1, cfg.iters)) ** cfg.poly_power
+
+
+def build_schedulers(optimizers, cfg: TrainConfig):
+    return [torch.optim.lr_scheduler.LambdaLR(o, lambda it: lr_factor(it, cfg)) for o in optimizers]

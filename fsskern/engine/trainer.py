@@ -1,0 +1,200 @@
+"""The episodic training loop: torchvision references/segmentation's plain loop, plus what the
+public FSS code lacks (engine-anchors §d): exact resume, atomic checkpoints, honest model
+selection on held-out base classes, AMP, accumulation, DDP through one code path.
+
+Exactness: every random choice of the data comes from (seed, episode index); the optimizer step
+t of rank r reads episodes ``t * G + m * B * W + r * B + j`` (G = B * accumulate * W episodes
+per step, micro-batch m, item j), so the episodes of a step do not depend on the worker count,
+the world size or where a run was resumed; the model's own randomness (dropout) uses torch's
+global RNG, whose state (with python's, numpy's and CUDA's) is saved per rank in every checkpoint.
+"""
+import json
+import math
+import time
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Optional
+
+import torch
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader
+
+from ..models import create_model
+from . import checkpoint as ckpt
+from . import distributed as dist
+from .config import Config, to_dict, with_overrides
+from .data import episode_loader, train_dataset
+from .evaluator import evaluate_model
+from .logging import RunLogger, write_run_info
+from .optim import build_optimizers, build_schedulers
+
+
+class NonFiniteLossError(FloatingPointError):
+    pass
+
+
+def device_of(cfg: Config) -> torch.device:
+    if cfg.device.startswith("cuda"):
+        return torch.device("cuda", dist.local_rank()) if cfg.device == "cuda" else torch.device(cfg.device)
+    return torch.device(cfg.device)
+
+
+def autocast(cfg: Config, device: torch.device):
+    if cfg.amp == "none":
+        return nullcontext()
+    dtype = torch.bfloat16 if cfg.amp == "bf16" else torch.float16
+    return torch.autocast(device.type, dtype=dtype)
+
+
+def unwrap(model):
+    return model.module if isinstance(model, DistributedDataParallel) else model
+
+
+def train(cfg: Config) -> Path:
+    """Run every phase of ``cfg`` (or the one phase it is), each in ``out/<phase name>`` and each
+    starting from the weights the previous phase ended with. Returns the last phase's folder."""
+    if not cfg.train.phases:
+        return train_phase(cfg)
+    previous = None
+    for i, phase in enumerate(cfg.train.phases):
+        unknown = set(phase) - {"name", "config"}
+        if unknown or "name" not in phase:
+            raise ValueError(f"train.phases[{i}] needs 'name' and optional 'config' (dotted overrides); got {sorted(phase)}")
+        sub = with_overrides(cfg, {"out": str(Path(cfg.out) / phase["name"]), "train.phases": [],
+                                   **phase.get("config", {})})
+        previous = train_phase(sub, init_from=previous)
+    return previous
+
+
+def train_phase(cfg: Config, init_from: Optional[Path] = None) -> Path:
+    dist.init_from_env(cfg.device)
+    device = device_of(cfg)
+    out = Path(cfg.out)
+    last, best = out / "last.pt", out / "best.pt"
+    if (out / "done.json").is_file() and cfg.resume:
+        return out  # a finished phase of a resumed multi-phase run
+    if last.is_file() and not cfg.resume:
+        raise FileExistsError(f"{out} already holds a run ({last}); pass resume=true to continue it, or another out=")
+
+    torch.manual_seed(cfg.seed + dist.rank())
+    model = create_model(cfg.model, cfg.ops).to(device)
+    if init_from is not None:
+        model.load_state_dict(ckpt.load(Path(init_from) / "last.pt")["model"])
+    optimizers = build_optimizers(model, cfg.train)
+    schedulers = build_schedulers(optimizers, cfg.train)
+    scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16")
+    state = {"iteration": 0, "best": None}
+    if cfg.resume and last.is_file():
+        payload = ckpt.load(last)
+        if payload["config"]["model"] != to_dict(cfg)["model"]:
+            raise ValueError(f"resume: the model config differs from the one {last} was trained with")
+        model.load_state_dict(payload["model"])
+        for opt, s in zip(optimizers, payload["optimizers"]):
+            opt.load_state_dict(s)
+        for sched, s in zip(schedulers, payload["schedulers"]):
+            sched.load_state_dict(s)
+        scaler.load_state_dict(payload["scaler"])
+        ckpt.set_rng_state(payload["rng"][dist.rank()])
+        state = {"iteration": payload["iteration"], "best": payload["best"]}
+    if dist.is_main():
+        write_run_info(cfg, out)
+
+    wrapped = model
+    if dist.world_size() > 1:
+        wrapped = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                          find_unused_parameters=cfg.train.find_unused_parameters)
+    dataset = train_dataset(cfg)
+    loader = episode_loader(dataset, positions(cfg, state["iteration"]), cfg.data.batch_size, cfg.data.num_workers,
+                            seed=cfg.seed + state["iteration"])
+    logger = RunLogger(out, cfg.train.iters, start=state["iteration"], enabled=dist.is_main())
+
+    def save(path):
+        rngs = dist.all_gather_objects(ckpt.rng_state())
+        if dist.is_main():
+            ckpt.save_atomic({"model": model.state_dict(), "optimizers": [o.state_dict() for o in optimizers],
+                              "schedulers": [s.state_dict() for s in schedulers], "scaler": scaler.state_dict(),
+                              "rng": rngs, "iteration": state["iteration"], "best": state["best"],
+                              "config": to_dict(cfg)}, path)
+        dist.barrier()
+
+    batches = iter(loader)
+    wrapped.train()
+    while state["iteration"] < cfg.train.iters:
+        it = state["iteration"]
+        tic = time.perf_counter()
+        losses_sum = {}
+        for m in range(cfg.train.accumulate):
+            batch = to_device(next(batches), device)
+            sync = nullcontext() if m == cfg.train.accumulate - 1 or dist.world_size() == 1 else wrapped.no_sync()
+            with sync:
+                with autocast(cfg, device):
+                    losses = wrapped(batch)["losses"]
+                loss = sum(losses.values())
+                check_finite(loss, losses, it, last)
+                scaler.scale(loss / cfg.train.accumulate).backward()
+            for k, v in losses.items():
+                losses_sum[k] = losses_sum.get(k, 0.0) + float(v) / cfg.train.accumulate
+        for opt in optimizers:
+            scaler.unscale_(opt)
+        if cfg.train.clip_grad:
+            torch.nn.utils.clip_grad_norm_([p for o in optimizers for g in o.param_groups for p in g["params"]],
+                                           cfg.train.clip_grad)
+        for opt in optimizers:
+            scaler.step(opt)
+        scaler.update()
+        for opt in optimizers:
+            opt.zero_grad(set_to_none=True)
+        for sched in schedulers:
+            sched.step()
+        state["iteration"] = it + 1
+        logger.step(state["iteration"], losses_sum, lr=optimizers[0].param_groups[0]["lr"],
+                    seconds=time.perf_counter() - tic)
+
+        done = state["iteration"] == cfg.train.iters
+        if (cfg.train.val_every and state["iteration"] % cfg.train.val_every == 0) or done:
+            validate(cfg, model, state, logger, save_best=lambda: save(best))
+        if done or state["iteration"] % cfg.train.checkpoint_every == 0:
+            save(last)
+    if dist.is_main():
+        (out / "done.json").write_text(json.dumps({"iteration": state["iteration"], "best": state["best"]}))
+    logger.close()
+    return out
+
+
+def positions(cfg: Config, start_iteration: int):
+    """This rank's episode indices from ``start_iteration`` on, in loading order (module docstring)."""
+    B, W, A, r = cfg.data.batch_size, dist.world_size(), cfg.train.accumulate, dist.rank()
+    G = B * A * W
+    return [t * G + m * B * W + r * B + j for t in range(start_iteration, cfg.train.iters)
+            for m in range(A) for j in range(B)]
+
+
+def to_device(batch: dict, device: torch.device) -> dict:
+    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+def check_finite(loss: torch.Tensor, losses: dict, iteration: int, last: Path) -> None:
+    bad = torch.tensor(0.0 if torch.isfinite(loss) else 1.0)
+    if dist.all_reduce_sum(bad).item() > 0:
+        parts = ", ".join(f"{k}={float(v):.4g}" for k, v in losses.items())
+        kept = f"the last good checkpoint is {last}" if last.is_file() else "no checkpoint was written yet"
+        raise NonFiniteLossError(f"loss is not finite at iteration {iteration + 1} ({parts}); stopping; {kept}")
+
+
+def validate(cfg: Config, model, state: dict, logger, save_best) -> None:
+    """Model selection on held-out base-class images (eval.split=val): never on the test classes.
+    Runs under fork_rng so validating does not change the training's random stream."""
+    if cfg.train.val_episodes <= 0:
+        return
+    val_cfg = with_overrides(cfg, {"eval.split": "val", "eval.episodes": cfg.train.val_episodes,
+                                   "eval.seeds": [cfg.seed], "eval.visualize": False})
+    with torch.random.fork_rng(devices=[]):
+        result = evaluate_model(val_cfg, model, progress=False)
+    model.train()
+    miou = result["miou"]
+    logger.scalars(state["iteration"], {"val/miou": miou, "val/fb_iou": result["fb_iou"]})
+    if state["best"] is None or miou > state["best"]["miou"]:
+        state["best"] = {"miou": miou, "iteration": state["iteration"]}
+        save_best()
+    elif math.isnan(miou):
+        raise NonFiniteLossError(f"validation mIoU is NaN at iteration {state['iteration']}")

@@ -1,0 +1,85 @@
+"""Blocks that more than one method uses, written once."""
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def cosine_logits(features: torch.Tensor, prototypes: torch.Tensor, scale: float = 20.0, eps: float = 1e-8):
+    """Non-parametric cosine segmentation (PANet ``calDist``, the training-free baseline, POPNet's NCM).
+
+    features (B, C, h, w), prototypes (B, P, C) -> (B, P, h, w): ``scale * cos(feature, prototype)``,
+    PANet's alpha = 20. Each side is normalised with ``eps`` as ``F.cosine_similarity`` does, but
+    as one batched product: the (B, P, C, h, w) broadcast of ``cosine_similarity`` is never built.
+    """
+    f = F.normalize(features, dim=1, eps=eps)
+    p = F.normalize(prototypes, dim=2, eps=eps)
+    return scale * torch.einsum("bpc,bchw->bphw", p, f)
+
+
+def _conv_norm_relu(in_channels: int, out_channels: int, kernel_size: int, dilation: int, norm):
+    """Conv -> [norm] -> ReLU. Without a norm the conv has a bias (BAM's ASPP); with one it has none."""
+    padding = dilation * (kernel_size - 1) // 2
+    conv = nn.Conv2d(in_channels, out_channels, kernel_size, padding=padding, dilation=dilation, bias=norm is None)
+    layers = [conv] if norm is None else [conv, norm(out_channels)]
+    return nn.Sequential(*layers, nn.ReLU(inplace=True))
+
+
+class ASPP(nn.Module):
+    """Atrous spatial pyramid pooling (DeepLab v3; BAM ``model/ASPP.py`` layout and init by default).
+
+    Branches, in this order: image pooling (global average -> 1x1 conv -> broadcast), a 1x1 conv,
+    and one 3x3 conv per dilation; each branch is conv -> [norm] -> ReLU. The branches are
+    concatenated without a projection, so (B, in_channels, h, w) -> (B, out_channels * (2 +
+    len(dilations)), h, w); a method that wants DeepLab's projection adds its own 1x1 conv.
+
+    Args:
+        in_channels, out_channels: per-branch widths (BAM: 256 -> 256, output 1280).
+        dilations: of the 3x3 branches (BAM, DeepLab v3 at output stride 8 ... 16: 6, 12, 18).
+        norm: None (BAM: convs with bias, no normalisation) or a layer class such as
+            ``nn.BatchNorm2d`` (DeepLab: convs without bias, then the norm).
+        image_pool: include the image-pooling branch.
+    Conv weights are kaiming-normal (fan-in, as BAM's ``_init_weight``); biases keep PyTorch's init.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int = 256, dilations=(6, 12, 18), norm=None,
+                 image_pool: bool = True):
+        super().__init__()
+        self.pool = _conv_norm_relu(in_channels, out_channels, 1, 1, norm) if image_pool else None
+        self.branches = nn.ModuleList([_conv_norm_relu(in_channels, out_channels, 1, 1, norm)] +
+                                      [_conv_norm_relu(in_channels, out_channels, 3, d, norm) for d in dilations])
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = [branch(x) for branch in self.branches]
+        if self.pool is not None:
+            pooled = self.pool(x.mean((2, 3), keepdim=True))
+            out.insert(0, pooled.expand(-1, -1, *x.shape[-2:]))
+        return torch.cat(out, 1)
+
+
+class PPM(nn.Module):
+    """Pyramid pooling module (PSPNet; BAM ``model/PPM.py`` layout).
+
+    For each bin b: adaptive average pool to b x b -> 1x1 conv (no bias) -> norm -> ReLU ->
+    bilinear upsample (align_corners=True) to the input size; the input and all bins are
+    concatenated: (B, C, h, w) -> (B, C + len(bins) * reduction, h, w). PSPNet uses
+    reduction = C / len(bins), so the output has 2C channels (ResNet-50: 2048 -> 4096).
+
+    Args:
+        in_channels, reduction: input width and per-bin width.
+        bins: pooled grid sizes (PSPNet: 1, 2, 3, 6).
+        norm: normalisation layer class (PSPNet: BatchNorm2d).
+    """
+
+    def __init__(self, in_channels: int, reduction: int, bins=(1, 2, 3, 6), norm=nn.BatchNorm2d):
+        super().__init__()
+        self.stages = nn.ModuleList(nn.Sequential(
+            nn.AdaptiveAvgPool2d(b), nn.Conv2d(in_channels, reduction, 1, bias=False), norm(reduction),
+            nn.ReLU(inplace=True)) for b in bins)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        size = x.shape[-2:]
+        return torch.cat([x] + [F.interpolate(stage(x), size, mode="bilinear", align_corners=True)
+                                for stage in self.stages], 1)
