@@ -59,7 +59,8 @@ def test_dry_run_lists_every_phase_and_runs_nothing(tmp_path):
 
 
 def test_dry_run_skip_and_limits(tmp_path):
-    result = run("--dry-run", "--out", tmp_path, "--skip", "build", "--limit", "op-bench=200", "--fake-gpu", "G,9.0")
+    result = run("--dry-run", "--out", tmp_path, "--skip", "build", "--limit", "op-bench=200",
+                 "--fake-gpu", "G,9.0")
     assert result.returncode == 0, result.stderr
     assert "[build]" not in result.stdout and "[op-bench] limit 200 s" in result.stdout
     bad = run("--dry-run", "--limit", "bench=5")
