@@ -1,0 +1,248 @@
+"""RILFS / BAM (fsskern.models.rilfs): the method contract on CPU at small sizes, plus the notes' section 2.6
+checks (identity settings reduce RILFS to BAM exactly; flip bookkeeping of every reflected piece)."""
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fsskern.backend import get_backend
+from fsskern.engine.config import ModelConfig
+from fsskern.models import create_model
+from fsskern.models.rilfs import RILFS
+
+MSRC = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "msrc_v2"
+MEAN, STD = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1), torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
+
+
+def build(name="rilfs", ops="fused", backbone="mobilenet_v2", weights=None, seed=0, **params):
+    torch.manual_seed(seed)
+    return create_model(ModelConfig(name=name, backbone=backbone, weights=weights, params=params), ops=ops)
+
+
+def episode(B=2, K=1, H=41, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    masks = torch.zeros(B, K, H, H, dtype=torch.long)
+    masks[..., H // 4:H // 2 + 8, H // 5:H // 2 + 4] = 1  # a box that is not left-right symmetric
+    masks[..., :3, :] = 255
+    qmask = torch.zeros(B, H, H, dtype=torch.long)
+    qmask[:, H // 3:, H // 2:] = 1
+    return dict(query_img=torch.randn(B, 3, H, H, generator=g), support_imgs=torch.randn(B, K, 3, H, H, generator=g),
+                support_masks=masks, query_mask=qmask, base_label=qmask * 3, classes=torch.ones(B, 1, dtype=torch.long))
+
+
+def set_identity(model):
+    """Notes 2.6: p = (1, 0), a = (1, 0), F = (0, 1) on (m_f, m_o), F_fuse = (1, 0) on (R_o, R_f)."""
+    with torch.no_grad():
+        model.proto_weights.copy_(torch.tensor([1.0, 0.0]))
+        model.factor_weights.copy_(torch.tensor([1.0, 0.0]))
+        model.prior_fuse.weight.copy_(torch.tensor([0.0, 1.0]).view(1, 2, 1, 1))
+        model.pred_fuse.weight.copy_(torch.tensor([1.0, 0.0]).view(1, 2, 1, 1))
+
+
+def test_params_are_validated():
+    with pytest.raises(ValueError, match="unknown model.params key.*alfa; valid keys: alpha"):
+        build(alfa=0.5)
+    with pytest.raises(ValueError, match="phase must be"):
+        build(phase="pretrain")
+    with pytest.raises(ValueError, match="shots must be int"):
+        build(shots="1")
+    with pytest.raises(ValueError, match="meta phase keeps the backbone frozen"):
+        create_model(ModelConfig(name="rilfs", backbone="mobilenet_v2", freeze_backbone=False))
+
+
+@pytest.mark.parametrize("shots", [1, 2])
+def test_identity_settings_reduce_rilfs_to_bam(shots):
+    bam = build("bam", shots=shots).eval()
+    rilfs = build("rilfs", shots=shots, seed=7).eval()
+    missing, unexpected = rilfs.load_state_dict(bam.state_dict(), strict=False)
+    assert not unexpected and sorted(missing) == ["factor_weights", "pred_fuse.weight", "prior_fuse.weight",
+                                                  "proto_weights"]
+    set_identity(rilfs)
+    batch = episode(K=shots)
+    with torch.no_grad():
+        assert torch.equal(rilfs(batch)["logits"], bam(batch)["logits"])
+        rilfs.pred_fuse.weight.fill_(0.5)  # and the identity is not vacuous: the reflected view counts
+        assert not torch.allclose(rilfs(batch)["logits"], bam(batch)["logits"])
+
+
+def test_flip_bookkeeping():
+    """Mirrored features in every reflected slot give P_f = P_o, m_{v,h} = m_{v,o}, m_{h,u} = flip(m_{o,u}),
+    theta_{v,h} = theta_{v,o}; R_f = flip(R_o) with F_fuse = (0.5, 0.5) gives R_ff = R_o (notes 2.6)."""
+    model, B, K, H = build(shots=2).eval(), 2, 2, 33
+    q2, q4 = torch.randn(B, 8, 9, 9), torch.randn(B, 16, 9, 9)
+    s2, s4, fs = torch.randn(B, K, 8, 9, 9), torch.randn(B, K, 16, 9, 9), torch.randn(B, K, 12, 9, 9)
+    masks = (torch.rand(B, K, H, H) > 0.6).float()
+
+    def views(x):  # the original maps and their mirror images: one entry per view
+        return [x, x.flip(-1)]
+
+    def supp(x):  # support maps as the model holds them: (B * K, C, h, w) per view
+        return [v.flatten(0, 1) for v in views(x)]
+    est, w = model.scene_distances(views(q2), supp(s2))
+    torch.testing.assert_close(est[:, :, 1], est[:, :, 0], rtol=1e-5, atol=1e-6)   # theta_{v,h} = theta_{v,o}
+    torch.testing.assert_close(est[:, 1], est[:, 0], rtol=1e-5, atol=1e-6)         # and per query view
+    torch.testing.assert_close(w[:, :, 1], w[:, :, 0])
+    protos = {}
+    for pick in ((1.0, 0.0), (0.0, 1.0)):
+        with torch.no_grad():
+            model.proto_weights.copy_(torch.tensor(pick))
+        protos[pick] = model.prototypes(supp(fs), views(masks), w)
+    torch.testing.assert_close(protos[(0.0, 1.0)], protos[(1.0, 0.0)], rtol=1e-5, atol=1e-6)  # P_f = P_o
+    priors = {}
+    for pick in ((1.0, 0.0), (0.0, 1.0)):  # F on (m_f, m_o): pick one support view
+        with torch.no_grad():
+            model.prior_fuse.weight.copy_(torch.tensor(pick).view(1, 2, 1, 1))
+        priors[pick] = model.priors(views(q4), supp(s4), views(masks), w, (9, 9))
+    (m_fo, m_fh), (m_oo, m_oh) = priors[(1.0, 0.0)], priors[(0.0, 1.0)]
+    torch.testing.assert_close(m_fo, m_oo, rtol=1e-5, atol=1e-6)                 # m_{v,h} = m_{v,o}
+    torch.testing.assert_close(m_fh, m_oh, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(m_oh, m_oo.flip(-1), rtol=1e-5, atol=1e-6)        # m_{h,u} = flip(m_{o,u})
+    assert not torch.allclose(m_oo, m_oo.flip(-1))                              # (the features are not symmetric)
+    r_o = torch.randn(B, 2, 9, 9)
+    with torch.no_grad():
+        model.pred_fuse.weight.fill_(0.5)
+        torch.testing.assert_close(model.risp(r_o, r_o.flip(-1)), r_o)
+        assert not torch.allclose(model.risp(r_o, r_o), r_o)                    # the flip back is what makes it hold
+
+
+@pytest.mark.parametrize("name", ["rilfs", "bam"])
+def test_fused_matches_reference(name):
+    """Outputs, losses and gradients of the real model with ops=fused vs ops=reference (train mode, same
+    dropout draws): rtol 1e-4, atol 1e-5 (float32; the ops match their references to 1e-5)."""
+    batch, results = episode(K=2, H=65), []
+    for ops in ("fused", "reference"):
+        model = build(name, ops=ops, shots=2).train()
+        torch.manual_seed(3)
+        out = model(batch)
+        sum(out["losses"].values()).backward()
+        grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+        results.append((out, grads))
+    (fo, fg), (ro, rg) = results
+    torch.testing.assert_close(fo["logits"], ro["logits"], rtol=1e-4, atol=1e-5)
+    for key in fo["losses"]:
+        torch.testing.assert_close(fo["losses"][key], ro["losses"][key], rtol=1e-4, atol=1e-5)
+    assert fg.keys() == rg.keys() and len(fg) > 10
+    for key in fg:
+        torch.testing.assert_close(fg[key], rg[key], rtol=1e-4, atol=1e-5, msg=key)
+
+
+@pytest.mark.parametrize("name,terms", [("rilfs", {"final", "original", "reflected", "meta", "meta_reflected"}),
+                                        ("bam", {"final", "meta"})])
+@pytest.mark.parametrize("shots", [1, 3])
+def test_kshot_paths(name, terms, shots):
+    model = build(name, shots=shots).train()
+    with torch.no_grad():  # BAM's gram_merge starts at (1, 0): theta (and a1, a2) would get no gradient yet
+        model.gram_merge.weight[0, 1] = 0.3
+    out = model(episode(K=shots))
+    assert out["logits"].shape == (2, 2, 41, 41) and set(out["losses"]) == terms
+    sum(out["losses"].values()).backward()
+    if shots > 1:
+        assert model.kshot_rw[0].weight.grad.abs().sum() > 0
+    if name == "rilfs":
+        for p in (model.proto_weights, model.factor_weights, model.prior_fuse.weight, model.pred_fuse.weight):
+            assert p.grad is not None and p.grad.abs().sum() > 0
+    assert all(p.grad is None for p in model.backbone.parameters())
+    assert all(p.grad is None for p in model.base_learner.parameters())
+
+
+def test_same_seed_same_result():
+    runs = []
+    for _ in range(2):
+        model = build(shots=2).train()
+        torch.manual_seed(5)
+        out = model(episode(K=2))
+        sum(out["losses"].values()).backward()
+        runs.append((out["logits"], model.init_merge[0].weight.grad))
+    assert torch.equal(runs[0][0], runs[1][0]) and torch.equal(runs[0][1], runs[1][1])
+
+
+def test_bad_inputs():
+    model = build(shots=2).train()
+    batch = episode(K=2)
+    with pytest.raises(ValueError, match="built for 2 shot"):
+        model(episode(K=1))
+    with pytest.raises(ValueError, match="support_masks .* do not match"):
+        model(dict(batch, support_masks=batch["support_masks"][..., :-1]))
+    with pytest.raises(ValueError, match="query_mask must be"):
+        model(dict(batch, query_mask=batch["query_mask"][:, :-1]))
+    with pytest.raises(ValueError, match="1-way"):
+        model(dict(batch, classes=torch.ones(2, 2, dtype=torch.long)))
+    with pytest.raises(ValueError, match="expected query_img"):
+        model(dict(batch, query_img=batch["query_img"][0]))
+    with pytest.raises(KeyError, match="base_label"):
+        build(phase="base").train()({"query_img": batch["query_img"]})
+    # A support without foreground is defined as in BAM (zero prototype, zero prior), not an error.
+    empty = dict(batch, support_masks=torch.zeros_like(batch["support_masks"]))
+    assert torch.isfinite(model.eval()(empty)["logits"]).all()
+
+
+def test_base_phase_and_handover(tmp_path):
+    torch.manual_seed(0)
+    base = create_model(ModelConfig(name="rilfs", backbone="mobilenet_v2", freeze_backbone=False,
+                                    params=dict(phase="base", base_classes=5, encoder_lr_mult=0.1)))
+    batch = episode()
+    out = base.train()(batch)
+    assert out["logits"].shape == (2, 6, 41, 41) and set(out["losses"]) == {"base"}
+    out["losses"]["base"].backward()
+    groups = base.param_groups()
+    assert [g.get("lr_mult", 1.0) for g in groups] == [0.1, 1.0]
+    assert sum(len(g["params"]) for g in groups) == sum(p.requires_grad for p in base.parameters())
+    assert not any(p.requires_grad for p in base.aspp.parameters())
+    path = tmp_path / "phase1.pt"
+    torch.save({"format": "fsskern-checkpoint", "model": base.state_dict()}, path)
+    meta = build(base_classes=5, base_weights=str(path), seed=9)
+    for key, value in base.state_dict().items():
+        if key.startswith(("backbone.", "base_learner.")):
+            assert torch.equal(meta.state_dict()[key], value), key
+    meta.load_state_dict(base.state_dict())  # the trainer's phase chaining: a strict load of phase 1
+    assert not any(p.requires_grad for p in meta.base_learner.parameters())
+    assert not meta.train().base_learner.training and not meta.backbone.training
+    with pytest.raises(ValueError, match="does not fit base_learner"):
+        build(base_classes=6, base_weights=str(path))
+
+
+def _msrc_episodes(cls=4, names=("1_12_s", "1_14_s", "1_15_s", "1_16_s"), size=97):
+    """Four MSRC-v2 images of one class (cow) resized to size x size: query i, support (i + 1) % 4."""
+    from PIL import Image
+    imgs, labels = [], []
+    for name in names:
+        img = Image.open(MSRC / "images" / f"{name}.png").convert("RGB").resize((size, size), Image.BILINEAR)
+        lab = np.array(Image.open(MSRC / "labels" / f"{name}.png").resize((size, size), Image.NEAREST))
+        imgs.append((torch.from_numpy(np.array(img)).permute(2, 0, 1).float() / 255 - MEAN) / STD)
+        labels.append(torch.from_numpy(np.where(lab == 0, 255, lab == cls).astype(np.int64)))
+    order = [(i, (i + 1) % len(names)) for i in range(len(names))]
+    return dict(query_img=torch.stack([imgs[q] for q, _ in order]),
+                support_imgs=torch.stack([imgs[s] for _, s in order])[:, None],
+                support_masks=torch.stack([labels[s] for _, s in order])[:, None],
+                query_mask=torch.stack([labels[q] for q, _ in order]), classes=torch.ones(4, 1, dtype=torch.long))
+
+
+@pytest.mark.skipif(not MSRC.is_dir(), reason=f"MSRC-v2 not found at {MSRC}")
+def test_overfits_real_msrc_episodes():
+    """Four real episodes (MobileNetV2 ImageNet weights, frozen) are fitted to foreground IoU >= 0.9."""
+    batch = _msrc_episodes()
+    model = build(weights="imagenet").train()
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    for _ in range(80):
+        opt.zero_grad()
+        sum(model(batch)["losses"].values()).backward()
+        opt.step()
+    with torch.no_grad():
+        pred = model.eval()(batch)["logits"].argmax(1)
+    valid, fg = batch["query_mask"] != 255, batch["query_mask"] == 1
+    iou = ((pred == 1) & fg).sum() / (((pred == 1) & valid) | fg).sum()
+    assert iou >= 0.9, f"IoU {iou:.3f} after 80 steps"
+
+
+@pytest.mark.slow
+def test_paper_size_forward_backward():
+    """ResNet-50 (deep stem, output stride 8) at 473 x 473, 1-shot, once: shapes and finite gradients."""
+    model = build(backbone="resnet50_v2").train()
+    batch = episode(B=1, H=473)
+    out = model(batch)
+    assert out["logits"].shape == (1, 2, 473, 473)
+    sum(out["losses"].values()).backward()
+    assert model.down_query[0].weight.grad.shape == (256, 1536, 1, 1)
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.requires_grad)
