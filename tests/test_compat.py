@@ -52,7 +52,8 @@ def real():
     imgs, labels = [], []
     for name in IMAGES:
         img = np.asarray(Image.open(MSRC / "images" / f"{name}.png").convert("RGB").resize((SIZE, SIZE)))
-        lab = np.asarray(Image.open(MSRC / "labels" / f"{name}.png").resize((SIZE, SIZE), Image.NEAREST)).astype(np.int64)
+        lab = Image.open(MSRC / "labels" / f"{name}.png").resize((SIZE, SIZE), Image.NEAREST)
+        lab = np.asarray(lab).astype(np.int64)
         imgs.append(torch.from_numpy(img.copy()).permute(2, 0, 1).float() / 255)
         labels.append(torch.from_numpy(np.where(lab == 0, 255, lab)))
     torch.manual_seed(123)

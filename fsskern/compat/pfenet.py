@@ -73,9 +73,10 @@ def corr_query_mask(query_feat_4: torch.Tensor, final_supp_list: Sequence[torch.
         raise ValueError(f"corr_query_mask: need one mask per support map, got {len(final_supp_list)} maps and "
                          f"{len(mask_list)} masks")
     size = (resize_size, resize_size) if isinstance(resize_size, int) else tuple(resize_size)
-    support = torch.stack(list(final_supp_list), 1)  # (B, K, C, hs, ws)
-    masks = torch.cat([m.to(query_feat_4.dtype) for m in mask_list], 1)  # (B, K, H, W)
-    priors = ops.prior_mask(query_feat_4, support, masks, eps=cosine_eps, reduce=None, out_size=size)
+    # one op call per shot: stacking the shots' layer4 maps would copy them (150 MB at BAM 5-shot)
+    priors = torch.cat([ops.prior_mask(query_feat_4, supp.unsqueeze(1), mask.to(query_feat_4.dtype), eps=cosine_eps,
+                                       reduce=None, out_size=size)
+                        for supp, mask in zip(final_supp_list, mask_list)], 1)
     if weight_soft is None:
         return priors.mean(1, keepdim=True)
     return (weight_soft * priors).sum(1, keepdim=True)
