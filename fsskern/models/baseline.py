@@ -7,8 +7,17 @@ interpolation, ``resize="features"``), prototypes averaged over the shots, and a
 cosine segmentation (alpha = 20). Ignore pixels (255) belong to neither prototype.
 
 params: ``layers`` (backbone outputs concatenated after resizing to the first one's grid; default
-``[layer3, layer4]``), ``scale`` (alpha, 20).
+``[layer2, layer3]``, chosen on held-out base-class images of MSRC-v2 fold 0 with MobileNetV2: val mIoU
+61.5 for layer2+3, 60.7 layer3, 59.5 layer3+4, 48.8 layer4, 300 episodes each; never on test classes), ``scale`` (alpha, 20), ``cache_mb`` (features of recently seen images kept,
+in MB; 0 turns the cache off).
+
+Evaluation reads the same few hundred images in thousands of episodes, and a frozen backbone is a
+pure function of its input, so the features of each input image are kept (keyed by a hash of its
+bytes, least recently used dropped first): on MSRC-v2 this makes 3,000 episodes about 10x cheaper.
 """
+import hashlib
+from collections import OrderedDict
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -21,7 +30,7 @@ from .params import parse_params
 
 @register_model("baseline")
 class PrototypeBaseline(nn.Module):
-    DEFAULTS = {"layers": ["layer3", "layer4"], "scale": 20.0}
+    DEFAULTS = {"layers": ["layer2", "layer3"], "scale": 20.0, "cache_mb": 1024}
 
     def __init__(self, cfg, backend):
         super().__init__()
@@ -29,8 +38,30 @@ class PrototypeBaseline(nn.Module):
         self.backend = backend
         self.backbone = create_backbone(cfg.backbone, weights=cfg.weights)
         freeze(self.backbone)  # training-free: nothing here learns, whatever the config says
+        self.cache: "OrderedDict[bytes, torch.Tensor]" = OrderedDict()
+        self.cache_bytes = 0
 
     def features(self, images: torch.Tensor) -> torch.Tensor:
+        """(N, 3, H, W) -> (N, C, h, w), from the cache where an identical image was seen."""
+        if self.params["cache_mb"] <= 0:
+            return self._features(images)
+        keys = [hashlib.blake2b(img.detach().cpu().numpy().tobytes(), digest_size=16).digest() for img in images]
+        missing = [i for i, k in enumerate(keys) if k not in self.cache]
+        if missing:
+            for i, f in zip(missing, self._features(images[missing])):
+                self._remember(keys[i], f)
+        for k in keys:
+            self.cache.move_to_end(k)
+        return torch.stack([self.cache[k] for k in keys])
+
+    def _remember(self, key: bytes, feature: torch.Tensor) -> None:
+        self.cache[key] = feature
+        self.cache_bytes += feature.numel() * feature.element_size()
+        while self.cache_bytes > self.params["cache_mb"] * 2 ** 20 and len(self.cache) > 1:
+            _, old = self.cache.popitem(last=False)
+            self.cache_bytes -= old.numel() * old.element_size()
+
+    def _features(self, images: torch.Tensor) -> torch.Tensor:
         outs = self.backbone(images)
         layers = [outs[name] for name in self.params["layers"]]
         size = layers[0].shape[-2:]
