@@ -9,7 +9,7 @@ SOURCES := $(shell find csrc -type f) setup.py
 CUDA_SOURCES := $(shell find csrc -name '*.cu')
 TORCH_INCLUDE = $$($(PY) -c 'import torch.utils.cpp_extension as c; print(" ".join("-I" + p for p in c.include_paths()))')
 
-.PHONY: venv build test bench bench-quick cuda-check cmake-test gpu-check ci clean
+.PHONY: demo venv build test bench bench-quick cuda-check cmake-test gpu-check ci clean
 
 venv: $(VENV)/.deps
 $(VENV)/.deps: requirements.txt requirements-dev.txt
@@ -25,6 +25,11 @@ build: $(VENV)/.built
 $(VENV)/.built: $(VENV)/.deps $(SOURCES)
 	$(PY) -m pip install --quiet --no-build-isolation --no-deps -e .
 	touch $@
+
+DATA ?= ../shared/data/msrc_v2
+# The model user's first job: the baseline and one trained method on real photos, with a report.
+demo: build
+	$(PY) python/demo.py --data $(DATA)
 
 test: build
 	$(PY) -m pytest -q tests

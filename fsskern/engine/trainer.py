@@ -53,8 +53,11 @@ def unwrap(model):
 def train(cfg: Config) -> Path:
     """Run every phase of ``cfg`` (or the one phase it is), each in ``out/<phase name>`` and each
     starting from the weights the previous phase ended with. Returns the last phase's folder."""
+    dist.init_from_env(cfg.device)
     if not cfg.train.phases:
         return train_phase(cfg)
+    if dist.is_main():  # the run folder's own config lists the phases (evaluate.py reads it)
+        write_run_info(cfg, Path(cfg.out))
     previous = None
     for i, phase in enumerate(cfg.train.phases):
         unknown = set(phase) - {"name", "config"}
