@@ -7,7 +7,7 @@ is cached). On a machine shared with other jobs, run it on one thread: two OpenM
 busy cores wait on each other (fused ops 25x slower at small sizes), for both sides.
 
     OMP_NUM_THREADS=1 python benchmarks/compat.py   # paper sizes, about 5 minutes
-    python benchmarks/compat.py --quick             # small sizes, under a minute
+    python benchmarks/compat.py --quick             # small sizes, 1-3 minutes (mostly process start-up)
 
 Writes benchmarks/results/compat.{md,json} (--quick: compat-quick.{md,json}).
 
@@ -237,7 +237,8 @@ def main():
     title = "# fsskern.compat: public-style forward, original functions vs compat"
     lines = [title + (" (quick sizes)" if args.quick else ""),
              "", f"Machine: {info['cpu']}, {info['logical_cpus']} logical CPUs, {info['torch_threads']} torch threads, "
-             f"torch {info['torch']}. Command: `python benchmarks/compat.py{' --quick' if args.quick else ''}`; "
+             f"torch {info['torch']}. Command: `OMP_NUM_THREADS={torch.get_num_threads()} python "
+             f"benchmarks/compat.py{' --quick' if args.quick else ''}`; "
              f"median of {args.reps} interleaved runs; peak extra resident memory of the first call, each side in a "
              "fresh process. Backbone excluded (see the module docstring).", "",
              "| case | original ms | compat ms | speed-up | original MiB | compat MiB | memory ratio |",
