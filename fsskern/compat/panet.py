@@ -1,7 +1,7 @@
 """Drop-in methods for PANet-style code (PANet, PPNet, DPCL and other forks of ``FewShotSeg``).
 
-Mirrors kaixin96/PANet ``models/fewshot.py`` (commit 1c8ae0ef as held by the search index; the
-methods are unchanged at 1695bf37): ``FewShotSeg.getFeatures``, ``getPrototype``, ``calDist`` and
+Mirrors kaixin96/PANet ``models/fewshot.py`` at commit 1c8ae0ef (the version the code index holds;
+the project's survey names 1695bf37, not compared): ``FewShotSeg.getFeatures``, ``getPrototype``, ``calDist`` and
 ``alignLoss``. They are methods there; here they are plain functions with the same arguments
 minus ``self``, so one assignment per instance swaps them in:
 

@@ -1,10 +1,10 @@
 """Drop-in functions for PFENet-derived code: PFENet, BAM, CyCTR, UMTFSS, HDMNet, MSANet.
 
 Mirrors (read at these commits; the functions are re-implemented on fsskern ops, no code copied):
-- dvlab-research/PFENet ``model/PFENet.py`` (commit f4f5560c, the version the search index holds;
-  the function bodies are unchanged at a5056754): ``Weighted_GAP`` and the prior block of
+- dvlab-research/PFENet ``model/PFENet.py`` at commit f4f5560c (the version the code index holds;
+  the project's survey names a5056754, not compared): ``Weighted_GAP`` and the prior block of
   ``PFENet.forward`` ("corr_query_mask").
-- chunbolang/BAM ``model/BAM.py`` (958e58a8): the same ``Weighted_GAP``, and the prior weighted by
+- chunbolang/BAM ``model/BAM.py`` at 958e58a8 (survey: c0f935c3): the same ``Weighted_GAP``, and the prior weighted by
   ``weight_soft`` (the ``if self.shot > 1`` K-shot re-weighting) instead of the plain mean.
 - YanFangCS/CyCTR-Pytorch, SSSKYue/UMTFSS (bc92b523), Pbihao/HDMNet, AIVResearch/MSANet define
   ``Weighted_GAP`` byte-for-byte as PFENet does and copy its prior block.

@@ -1,7 +1,7 @@
 """Drop-in per-class prototype pooling for POPNet and EOPNet (one-shot human parsing).
 
-Mirrors Charleshhy/One-shot-Human-Parsing (commit 2ed721b2 as held by the search index; the code
-is unchanged at 4df7ebff):
+Mirrors Charleshhy/One-shot-Human-Parsing at commit 2ed721b2 (the version the code index holds;
+the project's survey names 4df7ebff, not compared):
 - ``networks/popnet.py``, ``popnet_kway_dp.forward``: the support mask resized nearest to the
   features, ``mask2map`` (per-class indicator divided by the class's pixel count, 0 replaced by
   1), one ``matmul`` -> ``sp_ave_features``: :func:`class_average_features` replaces the three.
