@@ -6,8 +6,9 @@ Mirrors (read at these commits; the functions are re-implemented on fsskern ops,
   ``PFENet.forward`` ("corr_query_mask").
 - chunbolang/BAM ``model/BAM.py`` at 958e58a8 (survey: c0f935c3): the same ``Weighted_GAP``, and the prior weighted by
   ``weight_soft`` (the ``if self.shot > 1`` K-shot re-weighting) instead of the plain mean.
-- YanFangCS/CyCTR-Pytorch, SSSKYue/UMTFSS (bc92b523), Pbihao/HDMNet, AIVResearch/MSANet define
-  ``Weighted_GAP`` byte-for-byte as PFENet does and copy its prior block.
+- CyCTR-Pytorch, HDMNet and MSANet (BAM-based) define ``Weighted_GAP`` as PFENet does (seen by
+  code search); their prior blocks, and UMTFSS's, follow PFENet's formula according to
+  ../shared/notes/reference-conventions.md; they were not re-read line by line here.
 
 Use: ``from fsskern.compat.pfenet import Weighted_GAP`` in place of the model file's own
 definition; replace the prior loop of ``forward`` by one ``corr_query_mask(...)`` call.
