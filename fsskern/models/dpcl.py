@@ -174,13 +174,14 @@ class DPCL(nn.Module):
     contrastive (True: DPCL; False: PANet), levels (["layer2", "layer3", "layer4"]), head_dim (512; 0 = no
     heads), scale (20, alpha of Eq. 2), align (True, PANet's PAR), frozen_bn (False), momentum (0.999),
     dict_size (8192), cs_negatives (7000), ca_negatives (1000), ca_pixels (5), ca_min_pixels (5),
-    tau (0.05), cs_weight (0.02, lambda1), ca_weight (0.015, lambda2), crop_scale ([0.2, 1.0]).
+    tau (0.05), cs_weight (0.02, lambda1), ca_weight (0.015, lambda2), crop_scale ([0.2, 1.0]), output_stride
+    (None: the backbone's default, 8 for ResNet-50 as the paper).
     """
 
     DEFAULTS = {"contrastive": True, "levels": ["layer2", "layer3", "layer4"], "head_dim": 512, "scale": 20.0,
                 "align": True, "frozen_bn": False, "momentum": 0.999, "dict_size": 8192, "cs_negatives": 7000,
                 "ca_negatives": 1000, "ca_pixels": 5, "ca_min_pixels": 5, "tau": 0.05, "cs_weight": 0.02,
-                "ca_weight": 0.015, "crop_scale": [0.2, 1.0]}
+                "ca_weight": 0.015, "crop_scale": [0.2, 1.0], "output_stride": None}
 
     def __init__(self, cfg, backend):
         super().__init__()
@@ -191,7 +192,8 @@ class DPCL(nn.Module):
         self.p = {**self.DEFAULTS, **params}
         self.backend = backend
         options = {"dilation": "torchvision", "last_relu": False} if cfg.backbone.startswith("resnet") else {}
-        backbone = create_backbone(cfg.backbone, weights=cfg.weights, frozen_bn=self.p["frozen_bn"], **options)
+        backbone = create_backbone(cfg.backbone, weights=cfg.weights, frozen_bn=self.p["frozen_bn"],
+                                   output_stride=self.p["output_stride"], **options)
         if cfg.freeze_backbone:
             freeze(backbone)
         self.encoder = MultiLevelEncoder(backbone, self.p["levels"], self.p["head_dim"])
@@ -308,7 +310,8 @@ class DPCL(nn.Module):
             if background.numel() < max(n, low):
                 continue
             pick = torch.rand(v, background.numel(), generator=g).topk(n, dim=1).indices.to(fb_q.device)
-            pixels = fb_q[b].flatten(1)[:, background[pick.flatten()]].view(d, v, n).mean(2).t()  # (V, d)
+            rows = fb_q[b].flatten(1).t().contiguous()  # (h*w, d): gathering whole rows is a plain copy
+            pixels = rows.index_select(0, background[pick.flatten()]).view(v, n, d).mean(1)  # (V, d)
             for way in range(ways):
                 if int((small[b] == way + 1).sum()) >= low:
                     keys[b, way], keep[b, way] = pixels, True
