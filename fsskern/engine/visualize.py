@@ -20,7 +20,7 @@ IGNORE = np.array([128, 128, 128], dtype=np.float32)
 
 def _rgb(img: torch.Tensor) -> np.ndarray:
     """(3, H, W) normalised -> (H, W, 3) uint8."""
-    return (denormalize(img.float().cpu()).clamp(0, 1).permute(1, 2, 0).numpy() * 255).astype(np.uint8)
+    return denormalize(img.float().cpu()).permute(1, 2, 0).numpy()
 
 
 def overlay(rgb: np.ndarray, mask: np.ndarray, alpha: float = 0.5) -> np.ndarray:
@@ -58,7 +58,7 @@ def episode_panel(support: torch.Tensor, support_mask: torch.Tensor, query: torc
 class EpisodeGallery:
     """Collects every evaluated 1-way episode (small copies) and draws the best, median and worst."""
 
-    def __init__(self, class_names: List[str] = (), max_side: int = 160):
+    def __init__(self, class_names: List[str] = (), max_side: int = 240):
         self.class_names = list(class_names)
         self.max_side = max_side
         self.items = []  # (iou, seed, index, small tensors)
