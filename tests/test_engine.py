@@ -177,14 +177,36 @@ def test_nan_loss_stops_with_message_and_keeps_checkpoint(dataset, tmp_path):
 
 # --- evaluation --------------------------------------------------------------------------------
 
+def baseline_args(dataset, out, *extra):
+    return [*data_overrides(dataset), "model.name=baseline", "model.backbone=mobilenet_v2", "model.weights=null",
+            "eval.episodes=12", "eval.seeds=[0,1]", "eval.protocol=balanced", "eval.min_class_episodes=0",
+            f"out={out}", "data.test_size=65", *extra]
+
+
+@pytest.mark.slow
+def test_ddp_evaluation_equals_one_process(dataset, tmp_path):
+    """Two gloo ranks evaluate disjoint shards of the manifest and gather their rows."""
+    config = dataset / "baseline.yaml"
+    config.write_text("model:\n  name: baseline\n")
+    script = str(ROOT / "python" / "evaluate.py")
+    one = subprocess.run([sys.executable, script, str(config), *baseline_args(dataset, tmp_path / "one")],
+                         env=ENV, capture_output=True, text=True, timeout=300)
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29534",
+                          script, str(config), *baseline_args(dataset, tmp_path / "two", "data.num_workers=0")],
+                         env=ENV, capture_output=True, text=True, timeout=300)
+    assert two.returncode == 0, two.stderr[-3000:]
+    a, b = (json.loads((tmp_path / n / "metrics.json").read_text()) for n in ("one", "two"))
+    for key in ("miou", "fb_iou", "per_class", "manifest_sha256"):
+        assert a[key] == b[key], key
+    assert [s["episodes"] for s in b["per_seed"]] == [12, 12]
+
+
 def test_baseline_metrics_identical_for_0_and_2_workers(dataset, tmp_path):
     from fsskern.engine.evaluator import evaluate
     results = []
     for workers in (0, 2):
-        cfg = load_config(None, [*data_overrides(dataset), "model.name=baseline", "model.backbone=mobilenet_v2",
-                                 "model.weights=null", f"data.num_workers={workers}", "eval.episodes=12",
-                                 "eval.seeds=[0,1]", "eval.protocol=balanced", "eval.min_class_episodes=0",
-                                 f"out={tmp_path / str(workers)}", "data.test_size=65"])
+        cfg = load_config(None, baseline_args(dataset, tmp_path / str(workers), f"data.num_workers={workers}"))
         results.append(evaluate(cfg))
     metrics = [json.loads((tmp_path / str(w) / "metrics.json").read_text()) for w in (0, 2)]
     for key in ("miou", "fb_iou", "miou_std", "per_class", "per_seed", "manifest_sha256", "protocol"):
