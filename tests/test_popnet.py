@@ -1,0 +1,207 @@
+"""POPNet (fsskern/models/popnet.py): ops parity, the paper-size step, over-fitting real CCP k-way episodes,
+k-way / one-way paths, the dynamic-prototype bank, determinism and input errors. CPU, small sizes."""
+import copy
+from pathlib import Path
+
+import pytest
+import torch
+
+from fsskern.backend import get_backend
+from fsskern.engine.config import ModelConfig
+from fsskern.models import create_model
+from fsskern.models.popnet import ABSENT
+
+DATA = Path(__file__).parents[1].parent / "shared" / "data"
+REPO = Path(__file__).parents[1]
+
+
+def model(seed=0, ops="fused", backbone="deeplabv3plus_mobilenet_v2", **params):
+    torch.manual_seed(seed)
+    return create_model(ModelConfig(name="popnet", backbone=backbone, params=params), ops)
+
+
+def kway_batch(B=2, ways=3, size=33, seed=0, shared=True):
+    """One support image per episode annotated with every way (k-way), as the loader builds it."""
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.randint(0, ways + 1, (B, size, size), generator=g)
+    labels[:, :2] = 255
+    s_img = torch.randn(B, 3, size, size, generator=g)
+    masks = torch.stack([torch.where(labels == 255, 255, (labels == w + 1).long()) for w in range(ways)], 1)
+    supports = s_img[:, None].expand(-1, ways, -1, -1, -1).contiguous()
+    if not shared:
+        supports = supports + 0.01 * torch.randn(supports.shape, generator=g)
+    q = torch.randint(0, ways + 1, (B, size, size), generator=g)
+    areas = lambda y: torch.where(y == 255, 255, (y + 1) // 2)  # noqa: E731  ways 1, 2 -> area 1; 3 -> area 2
+    return {"query_img": torch.randn(B, 3, size, size, generator=g), "query_mask": q,
+            "support_imgs": supports, "support_masks": masks, "query_areas": areas(q),
+            "support_areas": areas(labels)[:, None].expand(-1, ways, -1, -1),
+            "classes": torch.arange(1, ways + 1).expand(B, ways).contiguous(), "index": torch.arange(B)}
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_fused_and_reference_ops_give_the_same_outputs_and_grads(stage):
+    fused = model(stage=stage, areas=2).train()
+    ref = copy.deepcopy(fused)
+    ref.backend = get_backend("reference")
+    batch = kway_batch()
+    outs = []
+    for m in (fused, ref):
+        out = m(batch)
+        sum(out["losses"].values()).backward()
+        outs.append((out, {n: p.grad for n, p in m.named_parameters() if p.grad is not None}))
+    (a, ga), (b, gb) = outs
+    # tolerance: the two ops sum features in a different order (fp32); 1e-5 relative on outputs and grads
+    torch.testing.assert_close(a["logits"], b["logits"], rtol=1e-5, atol=1e-5)
+    assert ga.keys() == gb.keys() and ga
+    for n in ga:
+        torch.testing.assert_close(ga[n], gb[n], rtol=1e-4, atol=1e-6, msg=n)
+
+
+@pytest.mark.slow
+def test_paper_size_forward_backward_resnet50():
+    """512 x 512, ResNet-50 DeepLabV3+ (random init), stage 3 with 11 ways, batch 2 (the paper's; batch 1
+    cannot train: the ASPP image-pooling BatchNorm needs more than one value per channel)."""
+    m = model(backbone="deeplabv3plus_resnet50", stage=3).train()
+    batch = kway_batch(B=2, ways=11, size=512)
+    out = m(batch)
+    assert out["logits"].shape == (2, 12, 512, 512)
+    sum(out["losses"].values()).backward()
+    assert all(p.grad is not None for p in m.heads["3"].parameters())
+    assert m.encoders["2"].aspp.project[0].weight.grad is None  # stage 2 frozen
+
+
+def test_stages_train_only_their_own_modules():
+    for stage in (1, 2, 3):
+        m = model(stage=stage, areas=2).train()
+        out = m(kway_batch())
+        sum(out["losses"].values()).backward()
+        trained = [n for n, p in m.named_parameters() if p.grad is not None]
+        own = {1: ("encoders.1.", "fg_classifier."), 2: ("encoders.2.", "kim.2.", "heads.2."),
+               3: ("encoders.3.", "kim.3.", "heads.3.")}[stage]
+        assert all(n.startswith(own) for n in trained) and any(n.startswith(f"encoders.{stage}.") for n in trained)
+        assert int(m.steps[stage]) == 1
+        assert out["logits"].shape[1] == {1: 2, 2: 3, 3: 4}[stage]
+        frozen_bn = [mod for name, mod in m.named_modules() if isinstance(mod, torch.nn.BatchNorm2d)
+                     and not name.startswith(f"encoders.{stage}") and not name.startswith(f"kim.{stage}")
+                     and not name.startswith(f"heads.{stage}")]
+        assert frozen_bn and not any(mod.training for mod in frozen_bn)
+
+
+def test_absent_ways_are_excluded_and_one_way_runs():
+    m = model().eval()
+    batch = kway_batch(ways=3)
+    batch["support_masks"][:, 2] = torch.where(batch["support_masks"][:, 2] == 255, 255, 0)  # way 3 absent
+    with torch.no_grad():
+        logits = m(batch)["logits"]
+    assert (logits[:, 3] == ABSENT * m.heads["3"].scale).all() and (logits.argmax(1) != 3).all()
+    one = kway_batch(ways=1)
+    with torch.no_grad():
+        assert m(one)["logits"].shape == (2, 2, 33, 33)
+
+
+def test_shared_support_image_equals_one_image_per_way():
+    """k-way with one support image (encoded once, one label map) = the same image given per way."""
+    m = model(stage=3, dynamic=False).eval()
+    batch = kway_batch(B=1, ways=2)
+    with torch.no_grad():
+        shared = m(batch)["logits"]
+        # force the per-image path: the same image twice, one value changed by 1e-30 (below fp32 resolution
+        # of the features it reaches), so both paths must agree up to summation order
+        split = dict(batch, support_imgs=batch["support_imgs"].clone())
+        split["support_imgs"][0, 1, 0, 0, 0] += 1e-30
+        torch.testing.assert_close(m(split)["logits"], shared, rtol=1e-4, atol=1e-4)
+
+
+def test_dynamic_prototype_bank():
+    m = model(stage=3, iters=4, epochs=2, static_epochs=1, rate=0.5).train()
+    batch = kway_batch(B=2, ways=2)  # train-mode BN in the ASPP image pooling needs batch >= 2
+    m(batch)  # epoch 0: static maps, the bank's first write is the prototype itself
+    assert m.seen_s3[1:3].all() and not m.seen_s3[3:].any()
+    first = m.bank_s3[1].clone()
+    m(batch), m(batch)  # step 2 is epoch 1: dynamic, EMA with rate 0.5
+    assert not torch.equal(m.bank_s3[1], first)
+    state = m.state_dict()
+    assert "bank_s3" in state and "seen_s3" in state and int(state["steps"][3]) == 3
+    m.eval()
+    before = m.bank_s3.clone()
+    with torch.no_grad():
+        m(batch)
+        m(dict(batch, classes=torch.tensor([[7, 8], [7, 8]])))  # unseen (novel) slots: static prototypes
+    assert torch.equal(m.bank_s3, before) and not m.seen_s3[7:9].any()
+
+
+def test_weight_shifting_and_ablation_switches():
+    m = model(iters=30, epochs=30)
+    assert m.beta() == 1.0
+    m.steps[3] = 29
+    assert m.beta() == pytest.approx(1 / 30)
+    assert model(weight_shift=False).beta() == 0.5
+    assert model(head="agm").beta() == 1.0 and model(head="ncm").beta() == 0.0
+    single = model(kim=False).train()
+    assert set(single.encoders) == {"3"} and not hasattr(single, "kim")
+    assert set(single(kway_batch())["losses"]) == {"agm"}
+
+
+def test_same_seed_same_result():
+    outs = []
+    for _ in range(2):
+        m = model(seed=3).train()
+        out = m(kway_batch(seed=4))
+        outs.append((out["logits"].detach(), float(sum(out["losses"].values()).detach())))
+    assert torch.equal(outs[0][0], outs[1][0]) and outs[0][1] == outs[1][1]
+
+
+def test_bad_inputs_are_refused():
+    m = model()
+    with pytest.raises(ValueError, match="unknown model.params"):
+        model(alpha=1)
+    with pytest.raises(ValueError, match="stage"):
+        model(stage=4)
+    b = kway_batch(ways=3)
+    with pytest.raises(ValueError, match="do not match"):
+        m(dict(b, support_masks=b["support_masks"][..., :-1]))
+    with pytest.raises(ValueError, match="multiple"):
+        m(dict(b, classes=torch.zeros(2, 2, dtype=torch.long)))
+    with pytest.raises(ValueError, match="binary"):
+        m(dict(b, support_masks=b["support_masks"] * 2))
+    with pytest.raises(ValueError, match="query_areas"):
+        model(stage=2)(dict(b, query_areas=None))
+    with pytest.raises(ValueError, match="bank_size"):
+        m.eval()(dict(b, classes=torch.full((2, 3), 300)))
+
+
+def test_learns_real_ccp_kway_episodes():
+    """30 steps on 2 real CCP k-way episodes (10 ways) at 65 px: the NCM loss falls and the parts appear."""
+    if not (DATA / "ccp").is_dir():
+        pytest.skip(f"real data {DATA / 'ccp'} absent")
+    from fsskern.data import build_source, transforms
+    from fsskern.data.loader import EpisodeDataset, build_train_episodes, collate_episodes
+    from fsskern.engine.config import load_config
+    from fsskern.metrics import ConfusionMatrix
+    cfg = load_config(REPO / "configs/popnet/ccp_mobilenet_v2.yaml",
+                      [f"data.root={DATA / 'ccp'}", "data.train_size=65", "data.augment={scale: [0.1, 0.1]}"])
+    src = build_source(cfg.data, "train")
+    episodes, _ = build_train_episodes(cfg.data, src, 0, 0, cache_dir=None)
+    base, novel = src.fold_classes(0)
+    ds = EpisodeDataset(src, episodes, transforms.from_config(cfg.data, train=True), True, base=base, novel=novel)
+    batch = collate_episodes([ds[i] for i in range(6) if (ds[i]["query_mask"] > 0).any()][:2])
+    m = create_model(ModelConfig(name="popnet", backbone="deeplabv3plus_mobilenet_v2", weights="imagenet",
+                                 freeze_backbone=True, params={"kim": False, "head": "ncm", "dynamic": False}),
+                     "fused").train()
+    opt = torch.optim.Adam([p for p in m.parameters() if p.requires_grad], lr=3e-3)
+    losses = []
+    for _ in range(30):
+        out = m(batch)
+        loss = out["losses"]["ncm"]
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+    ways = batch["classes"].shape[1]
+    cm = ConfusionMatrix(ways + 1)
+    cm.update(out["logits"].argmax(1), batch["query_mask"])
+    present = (torch.bincount(batch["query_mask"][batch["query_mask"] != 255].flatten(), minlength=ways + 1) > 0)
+    miou = float(cm.iou()[present.numpy()].mean())
+    # measured (AMD EPYC, 1 thread): loss 0.75 -> 0.14, mIoU over the present classes (bg + 3 small garments,
+    # 16 x 16 feature grid) 0.49. The method contract's >= 0.9 is NOT reached at this CPU-test size.
+    assert losses[-1] < 0.3 * losses[0] and miou >= 0.4, (losses, cm.iou())
