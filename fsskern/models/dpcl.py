@@ -210,7 +210,7 @@ class DPCL(nn.Module):
     def forward(self, batch: Dict[str, torch.Tensor]) -> Dict:
         """batch: the episode batch of ``docs/architecture.md``. Returns {"logits": (B, 1 + ways, H, W)} and,
         in training, "losses": {"query", "align", "cs_nce", "ca_nce"} (weighted as Eq. 8)."""
-        ways, shots = self.check_batch(batch)
+        ways, shots, support_fg = self.check_batch(batch)
         q_img, s_imgs, s_masks = batch["query_img"], batch["support_imgs"], batch["support_masks"]
         B, S = s_imgs.shape[:2]
         feats = self.encoder(torch.cat([s_imgs.flatten(0, 1), q_img]))
@@ -224,7 +224,7 @@ class DPCL(nn.Module):
         if self.p["align"]:
             losses["align"] = self.alignment_loss(f_s, f_q, logits_small, s_masks, ways, shots)
         if self.contrastive:
-            losses.update(self.contrastive_losses(batch, prototypes[:, 1:], ways, shots))
+            losses.update(self.contrastive_losses(batch, prototypes[:, 1:], ways, shots, support_fg))
         return {"logits": logits, "losses": losses}
 
     def support_prototypes(self, f_s, masks, B, ways, shots):
@@ -257,8 +257,10 @@ class DPCL(nn.Module):
         for p_m, p in zip(self.key_encoder.parameters(), self.encoder.parameters()):
             p_m.mul_(m).add_(p.detach(), alpha=1 - m)
 
-    def contrastive_losses(self, batch, p_c, ways, shots):
-        """L_cs-NCE and L_ca-NCE (R7-R9) for the way prototypes p_c (B, ways, d); enqueues the batch's keys."""
+    def contrastive_losses(self, batch, p_c, ways, shots, support_fg):
+        """L_cs-NCE and L_ca-NCE (R7-R9) for the way prototypes p_c (B, ways, d); enqueues the batch's keys.
+        (episode, way) pairs whose supports lost every foreground pixel to the data augmentation
+        (support_fg False) take no part: their p_c is the zero vector."""
         B, S = batch["support_masks"].shape[:2]
         g = torch.Generator().manual_seed(episode_seed(batch["index"]))
         with torch.no_grad():
@@ -275,17 +277,19 @@ class DPCL(nn.Module):
             classes = batch["classes"].flatten()
             queue_sim, queue_keep = self.dictionary_negatives(classes, g)  # (B*ways, J) indices, validity
         anchor = p_c.flatten(0, 1)  # (B*ways, d), the only term with a gradient (notes A26)
+        valid = support_fg.flatten()
         sims = F.normalize(anchor, dim=1) @ self.queue_keys.to(anchor.dtype, copy=True).t()  # enqueue writes in place
         cs_neg = sims.gather(1, queue_sim).masked_fill(~queue_keep, float("-inf"))
-        l_cs = info_nce(anchor, p_bar.flatten(0, 1), cs_neg, self.p["tau"])
-        keep = ca_keep.flatten()
+        l_cs = info_nce(anchor[valid], p_bar.flatten(0, 1)[valid], cs_neg[valid], self.p["tau"]) if valid.any() \
+            else anchor.new_zeros(())
+        keep = ca_keep.flatten() & valid
         if keep.any():
             k_neg = k_neg.flatten(0, 1)[keep]
             ca_neg = torch.einsum("pc,pvc->pv", F.normalize(anchor[keep], dim=1), F.normalize(k_neg, dim=2))
             l_ca = info_nce(anchor[keep], k_pos.flatten(0, 1)[keep], ca_neg, self.p["tau"])
         else:
             l_ca = anchor.new_zeros(())
-        self.enqueue(F.normalize(p_bar.flatten(0, 1).float(), dim=1), classes)
+        self.enqueue(F.normalize(p_bar.flatten(0, 1)[valid].float(), dim=1), classes[valid])
         return {"cs_nce": self.p["cs_weight"] * l_cs, "ca_nce": self.p["ca_weight"] * l_ca}
 
     def dictionary_negatives(self, classes, g):
@@ -328,7 +332,10 @@ class DPCL(nn.Module):
 
     # ---------------------------------------------------------------------------------------------- checks
     def check_batch(self, batch) -> tuple:
-        """Shapes and values of the episode batch; returns (ways, shots). Raises ValueError naming the key."""
+        """Shapes and values of the episode batch; returns (ways, shots, support_fg (B, ways) bool: the way's
+        supports hold a foreground pixel). Raises ValueError naming the key. A way without support foreground
+        is an error at inference (its prototype would be the zero vector); in training the data
+        augmentation's crop may cut it away, and the episode then trains the segmentation losses only."""
         q_img, s_imgs, s_masks = batch["query_img"], batch["support_imgs"], batch["support_masks"]
         if s_imgs.dim() != 5 or q_img.dim() != 4 or s_imgs.shape[0] != q_img.shape[0]:
             raise ValueError(f"support_imgs must be (B, S, 3, H, W) and query_img (B, 3, H, W) with one B; got "
@@ -345,7 +352,7 @@ class DPCL(nn.Module):
         if ((s_masks != 0) & (s_masks != 1) & (s_masks != IGNORE)).any():
             raise ValueError(f"support_masks must hold 0, 1 or {IGNORE}; found {s_masks.unique()[:8].tolist()}")
         fg = (s_masks == 1).flatten(2).sum(2).view(B, ways, shots).sum(2)
-        if (fg == 0).any():
+        if (fg == 0).any() and not self.training:
             b, way = (fg == 0).nonzero()[0].tolist()
             index = batch["index"][b].item() if "index" in batch else b
             raise ValueError(f"episode {index}: way {way + 1} has no foreground pixel in any of its {shots} support "
@@ -361,7 +368,7 @@ class DPCL(nn.Module):
         if self.training and self.contrastive and ("index" not in batch or "classes" not in batch):
             raise ValueError("DPCL training needs batch['index'] (seeds its randomness) and batch['classes'] "
                              "(dictionary labels)")
-        return ways, shots
+        return ways, shots, fg > 0
 
 
 @register_model("panet")
