@@ -9,7 +9,7 @@ SOURCES := $(shell find csrc -type f) setup.py
 CUDA_SOURCES := $(shell find csrc -name '*.cu')
 TORCH_INCLUDE = $$($(PY) -c 'import torch.utils.cpp_extension as c; print(" ".join("-I" + p for p in c.include_paths()))')
 
-.PHONY: demo venv build test bench bench-quick cuda-check cmake-test gpu-check ci clean
+.PHONY: demo smoke venv build test bench bench-quick cuda-check cmake-test gpu-check ci clean
 
 venv: $(VENV)/.deps
 $(VENV)/.deps: requirements.txt requirements-dev.txt
@@ -30,6 +30,13 @@ DATA ?= ../shared/data/msrc_v2
 # The model user's first job: the baseline and one trained method on real photos, with a report.
 demo: build
 	$(PY) python/demo.py --data $(DATA)
+
+# CI's smoke versions of the demo and the methods table: tiny budgets, outputs checked to exist and parse.
+smoke: build
+	$(PY) python/demo.py --data $(DATA) --out runs/smoke/demo --iters 2 --episodes 4 --val-episodes 2 \
+	  --method configs/panet/msrc_v2_mobilenet_v2.yaml
+	$(PY) benchmarks/methods.py --quick --out runs/smoke/methods
+	$(PY) benchmarks/check_smoke.py runs/smoke
 
 test: build
 	$(PY) -m pytest -q tests

@@ -37,6 +37,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=str(ROOT / "runs" / "demo"))
     p.add_argument("--method", default=str(ROOT / "configs" / "rilfs" / "msrc_v2_mobilenet_v2.yaml"))
     p.add_argument("--iters", type=int, default=None, help="training iterations (default: the recipe's)")
+    p.add_argument("--val-episodes", type=int, default=None, help="model-selection episodes (default: the recipe's)")
     p.add_argument("--episodes", type=int, default=300)
     p.add_argument("--seeds", default="[0]")
     args = p.parse_args(argv)
@@ -44,8 +45,9 @@ def main(argv=None) -> int:
     if not (data / "images").is_dir() or not (data / "labels").is_dir():
         print(LAYOUT.format(data=data), file=sys.stderr)
         return 2
-    common = [f"data.root={data}", "data.fold=0", "data.shots=1", f"eval.episodes={args.episodes}",
-              f"eval.seeds={args.seeds}", "eval.visualize=true"]
+    # Both models on the same episodes at the same input size (the MSRC-v2 preset's 241).
+    common = [f"data.root={data}", "data.fold=0", "data.shots=1", "data.test_size=241",
+              f"eval.episodes={args.episodes}", f"eval.seeds={args.seeds}", "eval.visualize=true"]
     timings = {}
     tic = time.time()
     run(["evaluate.py", str(ROOT / "configs/baseline/msrc_v2_mobilenet_v2.yaml"), f"out={out / 'baseline'}",
@@ -58,6 +60,8 @@ def main(argv=None) -> int:
     train_args = [f"out={train_out}", f"data.root={data}", "data.fold=0", "data.shots=1"]
     if args.iters:
         train_args.append(f"train.iters={args.iters}")
+    if args.val_episodes is not None:
+        train_args.append(f"train.val_episodes={args.val_episodes}")
     if not (train_out / "config.yaml").is_file() or not _finished(train_out):
         resume = ["resume=true"] if (train_out / "config.yaml").is_file() else []
         run(["train.py", args.method, *train_args, *resume])

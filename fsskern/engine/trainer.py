@@ -83,6 +83,9 @@ def train_phase(cfg: Config, init_from: Optional[Path] = None) -> Path:
     model = create_model(cfg.model, cfg.ops).to(device)
     if init_from is not None:
         model.load_state_dict(ckpt.load(Path(init_from) / "last.pt")["model"])
+    if not any(p.requires_grad for p in model.parameters()):
+        raise ValueError(f"model {cfg.model.name!r} has no trainable parameter: a training-free model is "
+                         f"evaluated (python/evaluate.py), not trained")
     optimizers = build_optimizers(model, cfg.train)
     schedulers = build_schedulers(optimizers, cfg.train)
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16")
@@ -132,11 +135,13 @@ def train_phase(cfg: Config, init_from: Optional[Path] = None) -> Path:
             with sync:
                 with autocast(cfg, device):
                     losses = wrapped(batch)["losses"]
+                if not losses:
+                    raise ValueError(f"model {cfg.model.name!r} returned no losses in training mode")
                 loss = sum(losses.values())
                 check_finite(loss, losses, it, last)
                 scaler.scale(loss / cfg.train.accumulate).backward()
             for k, v in losses.items():
-                losses_sum[k] = losses_sum.get(k, 0.0) + float(v) / cfg.train.accumulate
+                losses_sum[k] = losses_sum.get(k, 0.0) + float(v.detach()) / cfg.train.accumulate
         for opt in optimizers:
             scaler.unscale_(opt)
         if cfg.train.clip_grad:

@@ -1,0 +1,210 @@
+"""One table of the methods: every method's MSRC-v2 CPU recipe and the baselines, trained and evaluated the
+same way (same folds, backbone, crop, training budget, episodes and seeds).
+
+    python benchmarks/methods.py [--methods baseline panet dpcl bam rilfs ...] [--folds 0 1] [--shots 1 5]
+                                 [--seeds 0 1 2] [--episodes 1000] [--iters N] [--quick]
+
+For each method and fold: train its recipe (``configs/<method>/msrc_v2_mobilenet_v2.yaml``; the baseline
+trains nothing) with ``train.iters`` set to the shared budget, evaluate 1-shot and 5-shot on the fold's novel
+classes (the 1-shot-trained model; a model built for one K only is marked "not run" at the other), and time
+one training step and one inference on a real batch with ``ops=fused`` and ``ops=reference``. Every finished
+(method, fold) is written to ``OUT/runs.json`` at once, so an interrupted run resumes where it stopped.
+Writes OUT/results.json, OUT/report.md and OUT/miou.png (mean +- std over seeds, averaged over folds).
+"""
+import argparse
+import json
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from fsskern.engine.cli import last_phase, run_checkpoint  # noqa: E402
+from fsskern.engine.config import load_config  # noqa: E402
+from fsskern.engine.evaluator import evaluate  # noqa: E402
+from fsskern.engine.trainer import train  # noqa: E402
+
+DEFAULT_METHODS = ["baseline", "panet", "dpcl", "bam", "rilfs", "crcnet", "popnet", "umtfss"]
+
+
+def recipe(method: str) -> Path:
+    return ROOT / "configs" / method / "msrc_v2_mobilenet_v2.yaml"
+
+
+def cpu_name() -> str:
+    out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
+    return next((line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name")),
+                platform.processor())
+
+
+def step_times(cfg_path: Path, overrides, reps: int = 3) -> dict:
+    """Median seconds of one training step and one inference on a real batch, fused vs reference."""
+    from fsskern.engine.data import episode_loader, train_dataset
+    from fsskern.models import create_model
+    out = {}
+    batch = None
+    for ops in ("fused", "reference"):
+        cfg = load_config(cfg_path, [*overrides, f"ops={ops}", "data.num_workers=0"])
+        if batch is None:
+            batch = next(iter(episode_loader(train_dataset(cfg), range(cfg.data.batch_size), cfg.data.batch_size,
+                                             0, seed=0)))
+        torch.manual_seed(0)
+        model = create_model(cfg.model, cfg.ops)
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        samples = {"train_step_s": [], "inference_s": []}
+        for _ in range(reps + 1):  # the first is a warm-up
+            if trainable:
+                model.train()
+                tic = time.perf_counter()
+                loss = sum(model(batch)["losses"].values())
+                loss.backward()
+                samples["train_step_s"].append(time.perf_counter() - tic)
+                model.zero_grad(set_to_none=True)
+            model.eval()
+            tic = time.perf_counter()
+            with torch.no_grad():
+                model(batch)
+            samples["inference_s"].append(time.perf_counter() - tic)
+        out[ops] = {k: statistics.median(v[1:]) for k, v in samples.items() if v}
+    return out
+
+
+def run_one(method: str, fold: int, args, out: Path) -> dict:
+    cfg_path = recipe(method)
+    common = [f"data.fold={fold}", f"data.root={args.data}", f"eval.episodes={args.episodes}",
+              f"eval.seeds={json.dumps(args.seeds)}", "eval.min_class_episodes=0"]
+    row = {"method": method, "fold": fold}
+    run_dir = out / "runs" / f"{method}-fold{fold}"
+    trains = load_config(cfg_path).train.iters > 0
+    train_cfg = load_config(cfg_path, [*common, f"out={run_dir}"] +
+                            ([f"train.iters={args.iters}"] if args.iters and trains else []) +
+                            ([f"train.val_episodes={args.val_episodes}"] if args.val_episodes is not None else []) +
+                            (["resume=true"] if (run_dir / "config.yaml").is_file() else []))
+    checkpoint, eval_cfg_path = None, cfg_path
+    if train_cfg.train.iters > 0:
+        tic = time.time()
+        train(train_cfg)
+        row["train_s"] = time.time() - tic
+        phase = last_phase(run_dir)
+        checkpoint, eval_cfg_path = run_checkpoint(phase, "best"), phase / "config.yaml"
+        row["train_iters"] = train_cfg.train.iters
+    for shots in args.shots:
+        cfg = load_config(eval_cfg_path, [*common, f"data.shots={shots}", f"out={run_dir / f'eval-{shots}shot'}",
+                                          "resume=false"])
+        try:
+            m = evaluate(cfg, checkpoint)
+        except ValueError as e:  # a model built for one K refuses another
+            row[f"{shots}shot"] = {"not_run": str(e)}
+            continue
+        row[f"{shots}shot"] = {k: m[k] for k in ("miou", "miou_std", "fb_iou", "fb_iou_std")}
+    no_cache = ["model.params.cache_mb=0"] if method == "baseline" else []  # time the backbone too
+    row["steps"] = step_times(eval_cfg_path, [*common, f"out={run_dir / 'steps'}", *no_cache])
+    return row
+
+
+def report(rows, info) -> str:
+    by_method = {}
+    for r in rows:
+        by_method.setdefault(r["method"], []).append(r)
+    lines = [f"# Methods on MSRC-v2 (CPU recipes, MobileNetV2 ImageNet, 241 x 241)", "",
+             f"Machine: {info['cpu']}, {info['threads']} threads, torch {info['torch']}. Command: "
+             f"`python benchmarks/methods.py {' '.join(info['argv'])}`. mIoU / FB-IoU: mean ± std over seeds "
+             f"(population std), averaged over folds {info['folds']}; episodes {info['episodes']} x seeds "
+             f"{info['seeds']} per fold; training budget {info['iters'] or 'each recipe'} iterations.", "",
+             "| method | 1-shot mIoU | 1-shot FB-IoU | 5-shot mIoU | 5-shot FB-IoU | train min | step fused / ref (s) "
+             "| inference fused / ref (s) |", "|---|---|---|---|---|---|---|---|"]
+
+    def cell(rs, shots, key):
+        vals = [r[f"{shots}shot"] for r in rs if f"{shots}shot" in r and key in r[f"{shots}shot"]]
+        if not vals:
+            return "not run"
+        return f"{statistics.mean(v[key] for v in vals):.1f} ± {statistics.mean(v[key + '_std'] for v in vals):.1f}"
+
+    def times(rs, key):
+        f = [r["steps"]["fused"].get(key) for r in rs if r["steps"]["fused"].get(key)]
+        g = [r["steps"]["reference"].get(key) for r in rs if r["steps"]["reference"].get(key)]
+        return f"{statistics.mean(f):.3f} / {statistics.mean(g):.3f}" if f and g else "-"
+    for method, rs in by_method.items():
+        train_min = [r["train_s"] / 60 for r in rs if "train_s" in r]
+        lines.append(f"| {method} | {cell(rs, 1, 'miou')} | {cell(rs, 1, 'fb_iou')} | {cell(rs, 5, 'miou')} | "
+                     f"{cell(rs, 5, 'fb_iou')} | {statistics.mean(train_min):.1f} | " if train_min else
+                     f"| {method} | {cell(rs, 1, 'miou')} | {cell(rs, 1, 'fb_iou')} | {cell(rs, 5, 'miou')} | "
+                     f"{cell(rs, 5, 'fb_iou')} | - | ")
+        lines[-1] += f"{times(rs, 'train_step_s')} | {times(rs, 'inference_s')} |"
+    base = by_method.get("baseline")
+    if base:
+        b = statistics.mean(r["1shot"]["miou"] for r in base if "miou" in r.get("1shot", {}))
+        losers = [m for m, rs in by_method.items() if m != "baseline" and
+                  all("miou" in r.get("1shot", {}) for r in rs) and
+                  statistics.mean(r["1shot"]["miou"] for r in rs) < b]
+        lines += ["", "Below the training-free baseline (1-shot): " + (", ".join(losers) if losers else "none") + "."]
+    return "\n".join(lines) + "\n"
+
+
+def plot(rows, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    means, stds = [], []
+    for m in methods:
+        vals = [r["1shot"] for r in rows if r["method"] == m and "miou" in r.get("1shot", {})]
+        means.append(statistics.mean(v["miou"] for v in vals) if vals else 0.0)
+        stds.append(statistics.mean(v["miou_std"] for v in vals) if vals else 0.0)
+    fig, ax = plt.subplots(figsize=(1.2 * len(methods) + 2, 3.5))
+    ax.bar(methods, means, yerr=stds, capsize=4, color="tab:blue")
+    ax.set_ylabel("1-shot mIoU (%)")
+    ax.set_title("MSRC-v2 novel classes, mean over folds (error bars: std over seeds)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--methods", nargs="*", default=None, help=f"default: those with a recipe of {DEFAULT_METHODS}")
+    p.add_argument("--folds", type=int, nargs="*", default=[0, 1])
+    p.add_argument("--shots", type=int, nargs="*", default=[1, 5])
+    p.add_argument("--seeds", type=int, nargs="*", default=[0, 1, 2])
+    p.add_argument("--episodes", type=int, default=1000)
+    p.add_argument("--iters", type=int, default=None, help="one training budget for every method (default: recipes')")
+    p.add_argument("--val-episodes", type=int, default=None, help="model-selection episodes (default: recipes')")
+    p.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "msrc_v2"))
+    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "methods"))
+    p.add_argument("--quick", action="store_true", help="CI smoke: 2 iterations, 4 episodes, 1 seed, fold 0, 1-shot")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.iters, args.episodes, args.seeds, args.folds, args.shots, args.val_episodes = 2, 4, [0], [0], [1], 2
+    methods = args.methods or [m for m in DEFAULT_METHODS if recipe(m).is_file()]
+    missing = [m for m in methods if not recipe(m).is_file()]
+    if missing:
+        p.error(f"no MSRC-v2 CPU recipe for {missing} (expected configs/<method>/msrc_v2_mobilenet_v2.yaml)")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    done_path = out / "runs.json"
+    done = json.loads(done_path.read_text()) if done_path.is_file() else {}
+    for m in methods:
+        for fold in args.folds:
+            key = f"{m}/fold{fold}"
+            if key in done:
+                continue
+            print(f"== {key}", flush=True)
+            done[key] = run_one(m, fold, args, out)
+            done_path.write_text(json.dumps(done, indent=1))
+    rows = [done[f"{m}/fold{f}"] for m in methods for f in args.folds]
+    info = {"cpu": cpu_name(), "threads": torch.get_num_threads(), "torch": torch.__version__, "argv": argv or
+            sys.argv[1:], "folds": args.folds, "episodes": args.episodes, "seeds": args.seeds, "iters": args.iters}
+    (out / "results.json").write_text(json.dumps({"info": info, "rows": rows}, indent=1))
+    (out / "report.md").write_text(report(rows, info))
+    plot(rows, out / "miou.png")
+    print((out / "report.md").read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
