@@ -150,8 +150,16 @@ def run(args):
         models = [build(side, case["shots"], args.quick, device) for side in ("reference", "fused")]
         batch = episode(case["shots"], args.quick, device)
         fns = [step_fn(m, batch, case["mode"], case["amp"], device) for m in models]
+        for m in models:
+            m.backend.seconds.update({op: 0.0 for op in TIMED_OPS})
+        start = time.perf_counter()
         t_ref, t_fused = median_times(fns, args.reps, sync=sync)
-        shares = [op_shares(fn, m, sync) for fn, m in zip(fns, models)]
+        if args.reps == 1:  # the one warm-up and the one sample per side: shares from those two calls
+            shares = [{op: m.backend.seconds[op] / (2 * t) for op in TIMED_OPS}
+                      for m, t in zip(models, (t_ref, t_fused))]
+        else:
+            shares = [op_shares(fn, m, sync) for fn, m in zip(fns, models)]
+        print(f"case {index}: timed in {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
         m_ref, m_fused = peak_memory(index, fns, args.quick, args.bf16_5shot, device)
         row = dict(case, reference_s=t_ref, fused_s=t_fused, speedup=t_ref / t_fused,
                    reference_peak_extra_mb=m_ref / 2**20, fused_peak_extra_mb=m_fused / 2**20,

@@ -14,7 +14,9 @@ Two phases (``params.phase``), one class:
   meta learner and the ensemble trained on 1-way episodes.
 
 Meta-phase forward for an episode, V = 2 query views (original, reflected) and U = 2 support views
-(V = U = 1 for BAM); every tensor of both views goes through one batched call:
+(V = U = 1 for BAM). Every module runs once per view on BAM's own batch (convolutions may pick another
+algorithm for another batch size, so with the identity settings RILFS reproduces BAM bit for bit); the
+backend ops take both support views in one call:
 
 1. images and support masks flipped along the width (M0); the frozen backbone runs on the V * B queries and
    the B * U * K supports (support layer4 on layer3 * mask, BAM).
