@@ -22,6 +22,8 @@ from .data import episode_loader, eval_dataset
 def evaluate_model(cfg: Config, model, progress: bool = True, visualizer=None) -> dict:
     """Evaluate ``model`` on ``cfg.eval`` (split, protocol, episodes, seeds). Every rank calls it."""
     from .trainer import autocast, device_of, to_device  # the trainer imports this module
+    if getattr(model, "metric", "few_shot") == "parsing":
+        return _parsing(cfg, model, progress)
     device = device_of(cfg)
     was_training = model.training
     model.eval()
@@ -62,6 +64,26 @@ def evaluate_model(cfg: Config, model, progress: bool = True, visualizer=None) -
             "per_class": {c: v["mean"] for c, v in stats["per_class"].items()}, "per_seed": per_seed,
             "episodes": cfg.eval.episodes, "seeds": list(cfg.eval.seeds), "split": cfg.eval.split,
             "protocol": protocol, "manifest_sha256": manifests}
+
+
+def _parsing(cfg: Config, model, progress: bool) -> dict:
+    """Human-parsing models (POPNet): one confusion matrix per seed (engine/parsing_eval.py); ``miou`` is
+    the human mIoU (all classes, background included), the novel and base mIoU are reported beside it."""
+    import numpy as np
+
+    from ..data.datasets import build_source
+    from .parsing_eval import evaluate_parsing
+    per_seed = evaluate_parsing(cfg, model, len(build_source(cfg.data, "test").class_names), progress)["per_seed"]
+    out = {"metric": "parsing", "per_seed": per_seed, "episodes": cfg.eval.episodes, "seeds": list(cfg.eval.seeds),
+           "split": cfg.eval.split, "protocol": per_seed[0]["protocol"],
+           "manifest_sha256": [s["manifest_sha256"] for s in per_seed], "fb_iou": None, "fb_iou_std": None,
+           "std_kind": "population (ddof=0)"}
+    for key in ("human_miou", "novel_miou", "base_miou", "bi_iou", "pixel_accuracy"):
+        values = [s[key] for s in per_seed if s.get(key) is not None]
+        if values:
+            out[key], out[key + "_std"] = float(np.mean(values)), float(np.std(values))
+    out["miou"], out["miou_std"] = out["human_miou"], out["human_miou_std"]
+    return out
 
 
 def _progress(loader, desc, enabled):

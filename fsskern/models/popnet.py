@@ -167,6 +167,7 @@ def merge_support_labels(masks: torch.Tensor, ways: int) -> torch.Tensor:
 
 @register_model("popnet")
 class POPNet(nn.Module):
+    metric = "parsing"  # the evaluator scores it with POPNet's confusion-matrix metrics (engine/parsing_eval.py)
     DEFAULTS = {"stage": 3, "kim": True, "head": "dml", "weight_shift": True, "dynamic": True, "rate": 0.001,
                 "epochs": 30, "static_epochs": 15, "iters": 120000, "areas": 4, "bank_size": 256,
                 "ncm_affine": True, "ncm_scale_init": 10.0, "frozen_bn": True, "output_stride": 16}
