@@ -223,7 +223,7 @@ def test_clear_errors_for_bad_inputs():
 @pytest.mark.slow
 def test_paper_size_forward_backward():
     """ResNet-50 at 473 x 473, 1-shot, batch 1, the paper's dictionary and negatives: 1536-d features at 60 x 60."""
-    model = build(backbone="resnet50", dict_size=8192, cs_negatives=7000, ca_negatives=1000).train()
+    model = build(backbone="resnet50", dict_size=8192, cs_negatives=7000, ca_negatives=1000, head_dim=512).train()
     batch = synthetic_batch(B=1, size=473)
     with torch.no_grad():
         assert model.encoder(batch["query_img"]).shape == (1, 1536, 60, 60)
