@@ -5,12 +5,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 
-from fsskern.backend import get_backend
 from fsskern.engine.config import ModelConfig
 from fsskern.models import create_model
-from fsskern.models.rilfs import RILFS
 
 MSRC = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "msrc_v2"
 MEAN, STD = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1), torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
