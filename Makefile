@@ -39,7 +39,7 @@ smoke: build
 	$(PY) benchmarks/check_smoke.py runs/smoke
 
 test: build
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --durations=20 tests
 
 bench: build
 	$(PY) benchmarks/run.py

@@ -222,15 +222,19 @@ def test_gallery_draws_best_median_worst_with_the_real_pixels(tmp_path):
     from fsskern.engine.visualize import EpisodeGallery
     mean, std = torch.tensor(IMAGENET_MEAN).view(3, 1, 1), torch.tensor(IMAGENET_STD).view(3, 1, 1)
     pixels = torch.randint(0, 256, (3, 3, 24, 32)).float()
-    batch = {"query_img": (pixels / 255 - mean) / std, "support_imgs": ((pixels / 255 - mean) / std)[:, None],
-             "query_mask": torch.zeros(3, 24, 32, dtype=torch.long), "support_masks": torch.zeros(3, 1, 24, 32,
-                                                                                                  dtype=torch.long),
-             "index": torch.arange(3), "classes": torch.tensor([[1], [1], [2]])}
+    episodes = [{"query_img": (pixels[i] / 255 - mean) / std, "support_imgs": ((pixels[i] / 255 - mean) / std)[None],
+                 "query_mask": torch.zeros(24, 32, dtype=torch.long),
+                 "support_masks": torch.zeros(1, 24, 32, dtype=torch.long),
+                 "index": torch.tensor(i), "classes": torch.tensor([1 + i % 2])} for i in range(3)]
+
+    def model(batch):
+        return {"logits": torch.zeros(1, 2, 24, 32)}
     gallery = EpisodeGallery(["background", "cow", "sheep"], max_side=32)
-    for b, iou in enumerate([0.5, 0.9, 0.1]):
-        gallery.offer(0, batch, b, torch.zeros(24, 32, dtype=torch.long), iou)
+    for i, iou in enumerate([0.5, 0.9, 0.1]):
+        gallery.offer(7, i, iou)
+    gallery.render({7: episodes}, model, lambda b: b)
     paths = gallery.write(tmp_path)
     assert [p.name.split("-")[0] for p in paths] == ["bad", "median", "good"]
-    assert "iou10" in paths[0].name and "iou90" in paths[2].name
+    assert "episode2-iou10" in paths[0].name and "episode1-iou90" in paths[2].name
     query_tile = np.asarray(Image.open(paths[2]))[16:16 + 24, 36:36 + 32]  # second tile, below its title
     assert np.abs(query_tile.astype(int) - pixels[1].permute(1, 2, 0).numpy().astype(int)).max() <= 1

@@ -27,9 +27,10 @@ def evaluate_model(cfg: Config, model, progress: bool = True, visualizer=None) -
     device = device_of(cfg)
     was_training = model.training
     model.eval()
-    per_seed, manifests, protocol = [], [], None
+    per_seed, manifests, protocol, datasets = [], [], None, {}
     for seed in cfg.eval.seeds:
         dataset, info = eval_dataset(cfg, seed)
+        datasets[seed] = dataset
         protocol = info["protocol"]
         manifests.append(info["manifest_sha256"])
         if visualizer is not None:
@@ -50,13 +51,17 @@ def evaluate_model(cfg: Config, model, progress: bool = True, visualizer=None) -
                 inter, union = episode_iou_counts(pred, label.to(device), num_classes=logits.shape[1])
                 meter.update(batch["classes"][b:b + 1], inter[None], union[None], batch["index"][b:b + 1])
                 if visualizer is not None and union[1] > 0:
-                    visualizer.offer(seed, batch, b, logits[b].argmax(0), float(inter[1]) / float(union[1]))
+                    visualizer.offer(seed, int(batch["index"][b]), float(inter[1]) / float(union[1]))
         meter.all_reduce()
         if dist.is_main() and cfg.eval.split == "test":  # every episode's (I, U), to recompute any variant
             (Path(cfg.out) / "episodes").mkdir(parents=True, exist_ok=True)
             meter.to_json(Path(cfg.out) / "episodes" / f"seed{seed}.json", seed=seed, protocol=protocol,
                           manifest_sha256=info["manifest_sha256"])
         per_seed.append({"seed": seed, **meter.summary()})
+    if visualizer is not None:  # every rank's scores, the three picks drawn on rank 0
+        visualizer.scores = [s for rank in dist.all_gather_objects(visualizer.scores) for s in rank]
+        if dist.is_main():
+            visualizer.render(datasets, model, lambda batch: to_device(batch, device))
     model.train(was_training)
     stats = seed_statistics(per_seed)
     return {"miou": stats["miou"]["mean"], "miou_std": stats["miou"]["std"], "fb_iou": stats["fb_iou"]["mean"],

@@ -1,8 +1,8 @@
 """Episode overlays: support with its mask, query, ground truth, prediction and the episode's IoU,
 for the best, median and worst episodes of an evaluation (PNG files and TensorBoard images).
 
-The gallery keeps a thumbnail (longer side ``max_side``) of each episode it might show, so
-evaluating thousands of episodes costs little memory.
+The gallery keeps only each episode's IoU while evaluating; the three episodes it shows are loaded and
+predicted again at the end, so evaluating thousands of episodes costs no memory.
 """
 from pathlib import Path
 from typing import List
@@ -56,15 +56,36 @@ def episode_panel(support: torch.Tensor, support_mask: torch.Tensor, query: torc
 
 
 class EpisodeGallery:
-    """Collects every evaluated 1-way episode (small copies) and draws the best, median and worst."""
+    """Keeps every evaluated episode's IoU (a few bytes each) and, once the evaluation is over, draws the
+    best, median and worst of them by loading and predicting those three episodes again."""
 
     def __init__(self, class_names: List[str] = (), max_side: int = 240):
         self.class_names = list(class_names)
         self.max_side = max_side
-        self.items = []  # (iou, seed, index, small tensors)
+        self.scores = []  # (iou, seed, episode index)
+        self.panels = []  # (kind, iou, seed, index, PIL image)
 
-    def offer(self, seed: int, batch: dict, b: int, pred: torch.Tensor, iou: float) -> None:
-        """Episode ``b`` of ``batch`` with its prediction at the input resolution (H, W) and its IoU."""
+    def offer(self, seed: int, index: int, iou: float) -> None:
+        self.scores.append((iou, seed, index))
+
+    def picks(self):
+        """[(kind, (iou, seed, index))] for the worst, median and best episodes."""
+        if not self.scores:
+            return []
+        ranked = sorted(self.scores)
+        return [("bad", ranked[0]), ("median", ranked[len(ranked) // 2]), ("good", ranked[-1])]
+
+    @torch.no_grad()
+    def render(self, datasets: dict, model, prepare) -> None:
+        """Draw the picks: ``datasets[seed]`` gives episode ``index``; ``prepare(batch)`` moves it to the
+        model's device."""
+        from ..data.loader import collate_episodes
+        for kind, (iou, seed, index) in self.picks():
+            batch = prepare(collate_episodes([datasets[seed][index]]))
+            pred = model(batch)["logits"][0].argmax(0)
+            self.panels.append((kind, iou, seed, index, self._panel(batch, pred, iou)))
+
+    def _panel(self, batch: dict, pred: torch.Tensor, iou: float) -> Image.Image:
         h, w = batch["query_img"].shape[-2:]
         scale = self.max_side / max(h, w)
         size = (max(1, round(h * scale)), max(1, round(w * scale)))
@@ -73,24 +94,16 @@ class EpisodeGallery:
             x = x.cpu().float()
             y = F.interpolate(x[None] if x.dim() == 3 else x[None, None], size=size, mode=mode)
             return y[0] if x.dim() == 3 else y[0, 0].long()
-        self.items.append((iou, seed, int(batch["index"][b]), int(batch["classes"][b, 0]),
-                           small(batch["support_imgs"][b, 0], "bilinear"), small(batch["support_masks"][b, 0], "nearest"),
-                           small(batch["query_img"][b], "bilinear"), small(batch["query_mask"][b], "nearest"),
-                           small(pred, "nearest")))
-
-    def picks(self):
-        """The best, median and worst episodes by IoU."""
-        if not self.items:
-            return []
-        ranked = sorted(self.items, key=lambda it: (it[0], it[1], it[2]))
-        return [("bad", ranked[0]), ("median", ranked[len(ranked) // 2]), ("good", ranked[-1])]
+        cls = int(batch["classes"][0, 0])
+        name = self.class_names[cls] if cls < len(self.class_names) and self.class_names[cls] else str(cls)
+        return episode_panel(small(batch["support_imgs"][0, 0], "bilinear"),
+                             small(batch["support_masks"][0, 0], "nearest"), small(batch["query_img"][0], "bilinear"),
+                             small(batch["query_mask"][0], "nearest"), small(pred, "nearest"), iou, name)
 
     def write(self, folder: Path, writer=None, step: int = 0) -> List[Path]:
         folder.mkdir(parents=True, exist_ok=True)
         paths = []
-        for kind, (iou, seed, index, cls, s, sm, q, ql, qp) in self.picks():
-            name = self.class_names[cls] if cls < len(self.class_names) else str(cls)
-            panel = episode_panel(s, sm, q, ql, qp, iou, name)
+        for kind, iou, seed, index, panel in self.panels:
             path = folder / f"{kind}-seed{seed}-episode{index}-iou{100 * iou:.0f}.png"
             panel.save(path)
             paths.append(path)
