@@ -1,18 +1,18 @@
 """CRCNet (fsskern.models.crcnet): the method contract on CPU at small sizes, plus the notes' acceptance
 checks 8.2 (no label leak with support_condition="cross", the refinement cache, k-shot fine-tuning restores
 every weight)."""
+import sys
 from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
 
-from fsskern.data import build_source
-from fsskern.engine.config import ModelConfig, config_from_dict, read_yaml
+from fsskern.engine.config import ModelConfig
 from fsskern.models import create_model
 
-REPO = Path(__file__).resolve().parents[1]
-MSRC = REPO.parent / "shared" / "data" / "msrc_v2"
+sys.path.insert(0, str(Path(__file__).parent))
+from method_support import MSRC, msrc_episodes  # noqa: E402
+
 
 
 def build(ops="fused", backbone="mobilenet_v2", weights=None, seed=0, **params):
@@ -148,37 +148,12 @@ def test_bad_inputs():
     assert torch.isfinite(model.eval()(empty)["logits"]).all()
 
 
-def _msrc_episodes(size=97):
-    """Two real MSRC-v2 1-way 1-shot episodes (cow, sheep) loaded by the dataset source of
-    configs/data/msrc_v2.yaml: label == class -> 1, void -> 255, other classes -> 0, resized to size x size."""
-    tree = read_yaml(REPO / "configs" / "data" / "msrc_v2.yaml")
-    tree["data"]["root"] = str(MSRC)
-    source = build_source(config_from_dict(tree).data, "train")
-    ids = {source.sample_id(i): i for i in range(len(source))}
-    episodes = [("1_13_s", "1_11_s", 4), ("1_26_s", "1_27_s", 6)]  # (query, support, class)
-    mean, std = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1), torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
-
-    def load(name, cls):
-        image, label = source.load(ids[name])
-        image = torch.from_numpy(image).permute(2, 0, 1)[None].float() / 255
-        image = F.interpolate(image, size=(size, size), mode="bilinear", align_corners=False)[0]
-        label = F.interpolate(torch.from_numpy(label)[None, None].float(), size=(size, size), mode="nearest")[0, 0]
-        return (image - mean) / std, torch.where(label == 255, 255, (label == cls).long())
-
-    q = [load(qn, c) for qn, _, c in episodes]
-    s = [load(sn, c) for _, sn, c in episodes]
-    return {"query_img": torch.stack([i for i, _ in q]), "query_mask": torch.stack([m for _, m in q]),
-            "support_imgs": torch.stack([i for i, _ in s])[:, None],
-            "support_masks": torch.stack([m for _, m in s])[:, None],
-            "classes": torch.tensor([[c] for *_, c in episodes])}
-
-
 @pytest.mark.skipif(not (MSRC / "images").is_dir(), reason=f"MSRC-v2 not found at {MSRC}")
 def test_overfits_real_msrc_episodes():
     """Two real episodes (MobileNetV2 ImageNet weights, frozen; 64-wide modules to keep it cheap) are fitted to
     query foreground IoU >= 0.9 (pooled over both episodes) at test time (10 refinement steps); ~140 steps."""
     model = build(weights="imagenet", dim=64)
-    batch = _msrc_episodes()
+    batch = msrc_episodes()
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=3e-3)
     for step in range(180):
         model.train()

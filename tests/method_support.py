@@ -1,0 +1,37 @@
+"""Real episodes for the methods' over-fitting tests, written once."""
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from fsskern.data import build_source
+from fsskern.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from fsskern.engine.config import config_from_dict, read_yaml
+
+REPO = Path(__file__).resolve().parents[1]
+MSRC = REPO.parent / "shared" / "data" / "msrc_v2"
+COW_SHEEP = (("1_13_s", "1_11_s", 4), ("1_26_s", "1_27_s", 6))  # (query, support, class)
+
+
+def msrc_episodes(episodes=COW_SHEEP, size: int = 97) -> dict:
+    """Real MSRC-v2 1-way 1-shot episodes as one batch, loaded by the dataset source of
+    configs/data/msrc_v2.yaml: label == class -> 1, void -> 255, other classes -> 0, resized to size x size."""
+    tree = read_yaml(REPO / "configs" / "data" / "msrc_v2.yaml")
+    tree["data"]["root"] = str(MSRC)
+    source = build_source(config_from_dict(tree).data, "train")
+    ids = {source.sample_id(i): i for i in range(len(source))}
+    mean, std = torch.tensor(IMAGENET_MEAN).view(3, 1, 1), torch.tensor(IMAGENET_STD).view(3, 1, 1)
+
+    def load(name, cls):
+        image, label = source.load(ids[name])
+        image = torch.from_numpy(image).permute(2, 0, 1)[None].float() / 255
+        image = F.interpolate(image, size=(size, size), mode="bilinear", align_corners=False)[0]
+        label = F.interpolate(torch.from_numpy(label)[None, None].float(), size=(size, size), mode="nearest")[0, 0]
+        return (image - mean) / std, torch.where(label == 255, 255, (label == cls).long())
+
+    q = [load(qn, c) for qn, _, c in episodes]
+    s = [load(sn, c) for _, sn, c in episodes]
+    return {"query_img": torch.stack([i for i, _ in q]), "query_mask": torch.stack([m for _, m in q]),
+            "support_imgs": torch.stack([i for i, _ in s])[:, None],
+            "support_masks": torch.stack([m for _, m in s])[:, None],
+            "classes": torch.tensor([[c] for *_, c in episodes]), "index": torch.arange(len(episodes))}
