@@ -174,7 +174,7 @@ def test_bad_inputs_are_refused():
 
 
 def test_learns_real_ccp_kway_episodes():
-    """30 steps on 2 real CCP k-way episodes (10 ways) at 65 px: the NCM loss falls and the parts appear."""
+    """40 steps on 2 real CCP k-way episodes (10 ways) at 65 px: the NCM loss falls and the parts appear."""
     if not (DATA / "ccp").is_dir():
         pytest.skip(f"real data {DATA / 'ccp'} absent")
     from fsskern.data import build_source, transforms
@@ -188,12 +188,14 @@ def test_learns_real_ccp_kway_episodes():
     base, novel = src.fold_classes(0)
     ds = EpisodeDataset(src, episodes, transforms.from_config(cfg.data, train=True), True, base=base, novel=novel)
     batch = collate_episodes([ds[i] for i in range(6) if (ds[i]["query_mask"] > 0).any()][:2])
+    torch.manual_seed(0)  # unseeded, the heads started from whatever RNG state earlier tests left (a CI failure)
     m = create_model(ModelConfig(name="popnet", backbone="deeplabv3plus_mobilenet_v2", weights="imagenet",
                                  freeze_backbone=True, params={"kim": False, "head": "ncm", "dynamic": False}),
                      "fused").train()
-    opt = torch.optim.Adam([p for p in m.parameters() if p.requires_grad], lr=3e-3)
+    # lr 3e-3 made the loss jump to 2x its start before falling, and on one CI run end at 0.41x of it
+    opt = torch.optim.Adam([p for p in m.parameters() if p.requires_grad], lr=1e-3)
     losses = []
-    for _ in range(30):
+    for _ in range(40):
         out = m(batch)
         loss = out["losses"]["ncm"]
         opt.zero_grad()
@@ -205,9 +207,9 @@ def test_learns_real_ccp_kway_episodes():
     cm.update(out["logits"].argmax(1), batch["query_mask"])
     present = (torch.bincount(batch["query_mask"][batch["query_mask"] != 255].flatten(), minlength=ways + 1) > 0)
     miou = float(cm.iou()[present.numpy()].mean())
-    # measured (AMD EPYC, 1 thread): loss 0.75 -> 0.14, mIoU over the present classes (bg + 3 small garments,
-    # 16 x 16 feature grid) 0.49. The method contract's >= 0.9 is NOT reached at this CPU-test size.
-    assert losses[-1] < 0.3 * losses[0] and miou >= 0.4, (losses, cm.iou())
+    # measured (AMD EPYC, 2 threads, init seeds 0-4): loss 0.52-0.59 -> 0.086-0.094, mIoU over the present
+    # classes (bg + small garments, 16 x 16 feature grid) 0.77-0.79. The contract's >= 0.9 is NOT reached here.
+    assert losses[-1] < 0.3 * losses[0] and miou >= 0.6, (losses, cm.iou())
 
 
 def test_parsing_eval_maps_ways_to_dataset_ids_and_runs_one_way(tmp_path):
