@@ -327,3 +327,76 @@ def test_support_prototypes_gradients_reach_features():
     protos, valid = ops.support_prototypes(features, masks, k_fg=3, k_bg=4, generator=gen(2))
     (protos * torch.randn_like(protos)).sum().backward()
     assert features.grad is not None and features.grad.abs().sum() > 0
+
+
+def _padded(B=2, K=2, H=36, W=44, seed=3):
+    """UMTFSS-style padding: each shot's content fills the top-left, the rest is padding (invalid)."""
+    valid = torch.zeros(B, K, H, W, dtype=torch.bool)
+    g = gen(seed)
+    for b in range(B):
+        for k in range(K):
+            valid[b, k, :int(torch.randint(H // 2, H + 1, (1,), generator=g)),
+                  :int(torch.randint(W // 2, W + 1, (1,), generator=g))] = True
+    return valid
+
+
+@pytest.mark.parametrize("fg", ["sparse", "none", "all", "tiny", "all_padded_shot"])
+def test_support_prototypes_valid_mask_matches_reference(fg):
+    B, K, C, h, w = 2, 2, 16, 9, 11
+    features = torch.randn(B, K, C, h, w, generator=gen(0))
+    masks = (torch.rand(B, K, 36, 44, generator=gen(1)) < 0.3).float()
+    valid = _padded()
+    if fg == "none":
+        masks[0] = 0
+    elif fg == "all":  # the 4-corner background fallback, then the padded corners dropped
+        masks[1] = 1
+    elif fg == "tiny":
+        masks[:] = 0
+        masks[:, 0, 8:12, 8:12] = 1
+    elif fg == "all_padded_shot":
+        valid[0, 1] = False
+    args = dict(valid=valid, k_fg=5, k_bg=12, bits=32, iters=4)
+    got, got_valid = ops.support_prototypes(features, masks, generator=gen(9), **args)
+    want, want_valid = composed.support_prototypes(features, masks, generator=gen(9), **args)
+    assert torch.equal(got_valid, want_valid)
+    assert_close(got, want, **FP32)
+    if fg == "all":  # the raw valid corner tokens are the background prototypes
+        keep = torch.nn.functional.interpolate(valid.float(), size=(h, w), mode="nearest").bool()
+        assert int(got_valid[1, 5:].sum()) == int(keep[1][:, [0, 0, -1, -1], [0, -1, 0, -1]].sum()) < 8
+
+
+def test_support_prototypes_masked_tokens_never_influence_prototypes():
+    """Invalid tokens (at feature resolution after the nearest resize) may hold anything: the prototypes,
+    their validity and the gradients of the valid tokens do not change, and invalid tokens get no gradient."""
+    B, K, C, h, w = 2, 2, 16, 9, 11
+    valid = _padded()
+    keep = torch.nn.functional.interpolate(valid.float(), size=(h, w), mode="nearest").bool()[:, :, None]
+    masks = (torch.rand(B, K, 36, 44, generator=gen(1)) < 0.3).float()
+    base = torch.randn(B, K, C, h, w, generator=gen(0))
+    runs = []
+    for noise_seed in (4, 5):
+        noise = 100 * torch.randn(B, K, C, h, w, generator=gen(noise_seed))
+        features = torch.where(keep, base, noise).requires_grad_()
+        for backend in (ops, composed):
+            protos, pvalid = backend.support_prototypes(features, masks, valid=valid, k_fg=4, k_bg=9, iters=4,
+                                                        generator=gen(7))
+            grad, = torch.autograd.grad((protos * torch.randn(protos.shape, generator=gen(8))).sum(), features)
+            assert (grad.masked_select(~keep.expand_as(grad)) == 0).all()
+            runs.append((protos, pvalid, grad))
+    (p, v, g), rest = runs[0], runs[1:]
+    for q, u, f in rest:
+        assert torch.equal(u, v)
+        assert_close(q, p, **FP32)
+        assert_close(f, g, **FP32)
+    # and an all-valid mask is the same as no mask
+    full = torch.ones_like(valid)
+    assert torch.equal(ops.support_prototypes(base, masks, valid=full, generator=gen(7))[0],
+                       ops.support_prototypes(base, masks, generator=gen(7))[0])
+
+
+def test_support_prototypes_valid_mask_errors():
+    features, masks = torch.randn(1, 2, 8, 6, 6), torch.zeros(1, 2, 12, 12)
+    with pytest.raises(ValueError, match="valid must be a bool"):
+        ops.support_prototypes(features, masks, valid=torch.ones(1, 2, 12, 12))
+    with pytest.raises(ValueError, match="valid must be a bool"):
+        ops.support_prototypes(features, masks, valid=torch.ones(1, 3, 12, 12, dtype=torch.bool))

@@ -99,8 +99,9 @@ def cluster_means(features: torch.Tensor, assign: torch.Tensor, k: int, *,
     return torch.ops.fsskern.cluster_means(features, assign, k, float(eps))
 
 
-def support_prototypes(features: torch.Tensor, masks: torch.Tensor, *, k_fg: int = 20, k_bg: int = 50,
-                       bits: int = 32, iters: int = 10, generator: Optional[torch.Generator] = None,
+def support_prototypes(features: torch.Tensor, masks: torch.Tensor, *, valid: Optional[torch.Tensor] = None,
+                       k_fg: int = 20, k_bg: int = 50, bits: int = 32, iters: int = 10,
+                       generator: Optional[torch.Generator] = None,
                        normalize: bool = True) -> Tuple[torch.Tensor, torch.Tensor]:
     """UMTFSS's clustered prototypes of the support set.
 
@@ -108,6 +109,10 @@ def support_prototypes(features: torch.Tensor, masks: torch.Tensor, *, k_fg: int
         features: (B, K, C, h, w) support features of K shots.
         masks: (B, K, H, W) support masks, resized bilinear (align_corners=True) to (h, w); a
             token is foreground when its resized mask is >= 0.5.
+        valid: (B, K, H', W') bool, the tokens that take part (UMTFSS: False where the support
+            padding mask is 255), resized nearest to (h, w) as UMTFSS resizes it; an invalid
+            token is in neither set, after the fallbacks (UMTFSS drops padded tokens after
+            them too). Default: every token.
 
     Returns:
         prototypes (B, k_fg + k_bg, C): foreground clusters first, L2-normalised when
@@ -122,8 +127,7 @@ def support_prototypes(features: torch.Tensor, masks: torch.Tensor, *, k_fg: int
         raise ValueError(f"support_prototypes: expected features (B, K, C, h, w) and masks (B, K, H, W), got "
                          f"{tuple(features.shape)} and {tuple(masks.shape)}")
     B, K, C, h, w = features.shape
-    m = F.interpolate(masks.to(features.dtype), size=(h, w), mode="bilinear", align_corners=True) >= 0.5
-    fg, bg = _with_fallbacks(m)
+    fg, bg = _token_sets(masks, valid, (h, w), features.dtype)
     # Tokens are read where they lie: maps (B, K, C, hw) for the means, the same memory seen as
     # (B*K, hw, C) for the hash. Token t of image b is pixel t % hw of shot t // hw.
     maps = features.flatten(3)
@@ -152,6 +156,20 @@ def support_prototypes(features: torch.Tensor, masks: torch.Tensor, *, k_fg: int
     if normalize:
         prototypes = F.normalize(prototypes, dim=-1)
     return prototypes, valid
+
+
+def _token_sets(masks: torch.Tensor, valid: Optional[torch.Tensor], size, dtype) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(fg, bg) token sets (B, K, h, w) bool of :func:`support_prototypes` (shared with its reference)."""
+    m = F.interpolate(masks.to(dtype), size=size, mode="bilinear", align_corners=True) >= 0.5
+    fg, bg = _with_fallbacks(m)
+    if valid is None:
+        return fg, bg
+    if valid.dtype != torch.bool or valid.shape[:2] != masks.shape[:2] or valid.dim() != 4:
+        raise ValueError(f"support_prototypes: valid must be a bool (B, K, H, W) tensor of masks' B, K "
+                         f"{tuple(masks.shape[:2])}, got {valid.dtype} of shape {tuple(valid.shape)}")
+    if valid.shape[-2:] != tuple(size):
+        valid = F.interpolate(valid.float(), size=size, mode="nearest") > 0
+    return fg & valid, bg & valid
 
 
 def _clustered_tokens(maps: torch.Tensor, assign: torch.Tensor, k: int) -> torch.Tensor:

@@ -11,7 +11,7 @@ from typing import Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-from ..ops.clustering import _with_fallbacks, draw_init, lsh_planes
+from ..ops.clustering import _token_sets, draw_init, lsh_planes
 from . import clustering
 from .masked_average_pool import class_prototypes_popnet, masked_average_pool
 
@@ -34,19 +34,23 @@ def class_prototypes(features: torch.Tensor, labels: torch.Tensor, num_classes: 
     return prototypes, masks.sum((2, 3))
 
 
-def support_prototypes(features: torch.Tensor, masks: torch.Tensor, *, k_fg: int = 20, k_bg: int = 50,
-                       bits: int = 32, iters: int = 10, generator: Optional[torch.Generator] = None,
+def support_prototypes(features: torch.Tensor, masks: torch.Tensor, *, valid: Optional[torch.Tensor] = None,
+                       k_fg: int = 20, k_bg: int = 50, bits: int = 32, iters: int = 10,
+                       generator: Optional[torch.Generator] = None,
                        normalize: bool = True) -> Tuple[torch.Tensor, torch.Tensor]:
     """Reference of :func:`fsskern.ops.support_prototypes`: features (B, K, C, h, w) permuted to tokens
     (B, K*h*w, C) as UMTFSS does, hashed in float64 (the kernels' fp32 hash agrees with exact projections),
-    clustered per image with one-hot matmul means. Returns prototypes (B, k_fg + k_bg, C) and valid."""
+    clustered per image with one-hot matmul means; tokens outside ``valid`` dropped from both sets. Returns
+    prototypes (B, k_fg + k_bg, C) and valid."""
     B, K, C, h, w = features.shape
-    m = F.interpolate(masks.to(features.dtype), size=(h, w), mode="bilinear", align_corners=True) >= 0.5
-    fg, bg = _with_fallbacks(m)
+    fg, bg = _token_sets(masks, None, (h, w), features.dtype)
+    if valid is not None:  # UMTFSS: the padding mask resized nearest, padded tokens dropped from both sets
+        keep = F.interpolate(valid.float(), size=(h, w), mode="nearest") > 0
+        fg, bg = fg & keep, bg & keep
     tokens = features.permute(0, 1, 3, 4, 2).reshape(B, -1, C)
     planes = lsh_planes(bits, C, generator=generator, dtype=features.dtype)
     codes = clustering.lsh_hash(tokens.detach().double().cpu(), planes.double())
-    out, valid = [], []
+    out, valids = [], []
     for k, part in ((k_fg, fg.reshape(B, -1).cpu()), (k_bg, bg.reshape(B, -1).cpu())):
         assign, _, counts = clustering.hamming_kmeans(codes, k, iters, part, draw_init(part, k, generator))
         assign, counts = assign.to(features.device), counts.to(features.device)
@@ -57,9 +61,9 @@ def support_prototypes(features: torch.Tensor, masks: torch.Tensor, *, k_fg: int
                 means[b] = 0
                 means[b, :len(idx)] = tokens[b, idx]
         out.append(means * (counts > 0).unsqueeze(-1))
-        valid.append(counts > 0)
+        valids.append(counts > 0)
     prototypes = torch.cat(out, 1)
-    return (F.normalize(prototypes, dim=-1) if normalize else prototypes), torch.cat(valid, 1)
+    return (F.normalize(prototypes, dim=-1) if normalize else prototypes), torch.cat(valids, 1)
 
 
 def max_cosine(query: torch.Tensor, support: torch.Tensor, support_weights: torch.Tensor, *,
