@@ -25,6 +25,17 @@ def train_main(argv=None) -> int:
     except ConfigError as e:
         print(f"fsskern-train: {e}", file=sys.stderr)
         return 2
+    # -- UMTFSS stage A (fsskern.pseudo_tasks): build the pseudo tasks of a `dataset: pseudo` phase with a
+    # data.params.build block when missing, reuse them when complete (docs/pseudo_tasks.md)
+    from ..backbones import WeightsError
+    from ..data.io import DataError
+    from ..pseudo_tasks import ensure_for_run
+    try:
+        ensure_for_run(cfg)
+    except (ConfigError, DataError, WeightsError) as e:
+        print(f"fsskern-train: stage A: {e}", file=sys.stderr)
+        return 2
+    # -- end of stage A
     out = train(cfg)
     print(f"done: {out}")
     return 0
