@@ -21,7 +21,7 @@ from .data import episode_loader, eval_dataset
 @torch.no_grad()
 def evaluate_model(cfg: Config, model, progress: bool = True, visualizer=None) -> dict:
     """Evaluate ``model`` on ``cfg.eval`` (split, protocol, episodes, seeds). Every rank calls it."""
-    from .trainer import autocast, device_of, to_device  # the trainer imports this module
+    from .trainer import device_of, to_device  # the trainer imports this module
     if getattr(model, "metric", "few_shot") == "parsing":
         return _parsing(cfg, model, progress)
     device = device_of(cfg)
@@ -35,23 +35,12 @@ def evaluate_model(cfg: Config, model, progress: bool = True, visualizer=None) -
         manifests.append(info["manifest_sha256"])
         if visualizer is not None:
             visualizer.class_names = dataset.source.class_names
-        shard = list(range(dist.rank(), len(dataset), dist.world_size()))
-        loader = episode_loader(dataset, shard, cfg.eval.batch_size, cfg.data.num_workers, seed=seed)
         meter = FewShotMeter(info["classes"], min_episodes=cfg.eval.min_class_episodes)
-        bar = _progress(loader, f"eval {cfg.eval.split} seed {seed}", progress and dist.is_main())
-        for batch in bar:
-            batch = to_device(batch, device)
-            with autocast(cfg, device):
-                logits = model(batch)["logits"].float()
-            for b in range(logits.shape[0]):
-                restore = batch["restore"][b]
-                pred = restore_logits(logits[b], restore).argmax(0)
-                # scored at the original label, or (HSNet's default, score_at=input) at the input size
-                label = batch["query_mask"][b] if restore["score_at"] == "input" else batch["query_label_orig"][b]
-                inter, union = episode_iou_counts(pred, label.to(device), num_classes=logits.shape[1])
-                meter.update(batch["classes"][b:b + 1], inter[None], union[None], batch["index"][b:b + 1])
-                if visualizer is not None and union[1] > 0:
-                    visualizer.offer(seed, int(batch["index"][b]), float(inter[1]) / float(union[1]))
+        for batch, b, logits, label in scored_episodes(cfg, model, dataset, seed, device, progress):
+            inter, union = episode_iou_counts(logits.argmax(0), label, num_classes=logits.shape[0])
+            meter.update(batch["classes"][b:b + 1], inter[None], union[None], batch["index"][b:b + 1])
+            if visualizer is not None and union[1] > 0:
+                visualizer.offer(seed, int(batch["index"][b]), float(inter[1]) / float(union[1]))
         meter.all_reduce()
         if dist.is_main() and cfg.eval.split == "test":  # every episode's (I, U), to recompute any variant
             (Path(cfg.out) / "episodes").mkdir(parents=True, exist_ok=True)
@@ -69,6 +58,24 @@ def evaluate_model(cfg: Config, model, progress: bool = True, visualizer=None) -
             "per_class": {c: v["mean"] for c, v in stats["per_class"].items()}, "per_seed": per_seed,
             "episodes": cfg.eval.episodes, "seeds": list(cfg.eval.seeds), "split": cfg.eval.split,
             "protocol": protocol, "manifest_sha256": manifests}
+
+
+@torch.no_grad()
+def scored_episodes(cfg: Config, model, dataset, seed: int, device, progress: bool = False):
+    """This rank's shard of ``dataset`` run through ``model``, one (batch, b, logits, label) per episode: item b's
+    logits (C, H, W) restored by the transform's rule and the label they are scored against, on ``device``: the
+    original label, or (HSNet's default, score_at=input) the input-size mask. Shared with engine/parsing_eval."""
+    from .trainer import autocast, to_device
+    shard = list(range(dist.rank(), len(dataset), dist.world_size()))
+    loader = episode_loader(dataset, shard, cfg.eval.batch_size, cfg.data.num_workers, seed=seed)
+    for batch in _progress(loader, f"eval {cfg.eval.split} seed {seed}", progress and dist.is_main()):
+        batch = to_device(batch, device)
+        with autocast(cfg, device):
+            logits = model(batch)["logits"].float()
+        for b in range(logits.shape[0]):
+            restore = batch["restore"][b]
+            label = batch["query_mask"][b] if restore["score_at"] == "input" else batch["query_label_orig"][b]
+            yield batch, b, restore_logits(logits[b], restore), label.to(device)
 
 
 def _parsing(cfg: Config, model, progress: bool) -> dict:

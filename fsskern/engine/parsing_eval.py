@@ -9,11 +9,10 @@ the original label resolution (``restore_logits``) or the input size, as the pro
 """
 import torch
 
-from ..data.transforms import restore_logits
 from ..metrics import ConfusionMatrix, one_way_parsing_summary
-from . import distributed as dist
 from .config import Config
-from .data import episode_loader, eval_dataset
+from .data import eval_dataset
+from .evaluator import scored_episodes
 
 IGNORE = 255
 
@@ -31,7 +30,7 @@ def evaluate_parsing(cfg: Config, model, num_classes: int, progress: bool = Fals
     ``num_classes``: the dataset's label space (``len(source.class_names)``). Returns {"per_seed": [summary
     per seed]}, each summary holding human_miou, novel_miou, base_miou, pixel_accuracy, per_class (k-way)
     or human_miou, novel_miou, bi_iou, per_class, background_iou (one-way), all in percent."""
-    from .trainer import autocast, device_of, to_device  # the trainer imports the evaluator
+    from .trainer import device_of  # the trainer imports the evaluator
     device = device_of(cfg)
     was_training = model.training
     model.eval()
@@ -39,26 +38,17 @@ def evaluate_parsing(cfg: Config, model, num_classes: int, progress: bool = Fals
     for seed in cfg.eval.seeds:
         dataset, info = eval_dataset(cfg, seed)
         novel = info["classes"]
-        shard = list(range(dist.rank(), len(dataset), dist.world_size()))
-        loader = episode_loader(dataset, shard, cfg.eval.batch_size, cfg.data.num_workers, seed=seed)
         kway = cfg.data.ways > 1
         total = ConfusionMatrix(num_classes)
         per_class = {}
-        for batch in loader:
-            batch = to_device(batch, device)
-            with autocast(cfg, device):
-                logits = model(batch)["logits"].float()
-            for b in range(logits.shape[0]):
-                restore = batch["restore"][b]
-                pred = restore_logits(logits[b], restore).argmax(0)
-                label = batch["query_mask"][b] if restore["score_at"] == "input" else batch["query_label_orig"][b]
-                label = label.to(device)
-                if kway:
-                    classes = batch["classes"][b]
-                    total.update(way_to_class(pred, classes), way_to_class(label, classes))
-                else:
-                    c = int(batch["classes"][b, 0])
-                    per_class.setdefault(c, ConfusionMatrix(2)).update(pred, label)
+        for batch, b, logits, label in scored_episodes(cfg, model, dataset, seed, device):
+            pred = logits.argmax(0)
+            if kway:
+                classes = batch["classes"][b]
+                total.update(way_to_class(pred, classes), way_to_class(label, classes))
+            else:
+                c = int(batch["classes"][b, 0])
+                per_class.setdefault(c, ConfusionMatrix(2)).update(pred, label)
         if kway:
             total.all_reduce()
             summary = total.parsing_summary(novel)
