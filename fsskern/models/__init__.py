@@ -6,5 +6,6 @@ from . import rilfs  # noqa: F401
 from . import dpcl  # noqa: F401
 from . import popnet  # noqa: F401
 from . import crcnet  # noqa: F401
+from . import umtfss  # noqa: F401
 
 __all__ = ["create_model", "list_models", "register_model"]

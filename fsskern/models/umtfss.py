@@ -1,0 +1,339 @@
+"""UMTFSS (Li, Shi et al., "Label-Efficient Few-Shot Semantic Segmentation with Unsupervised Meta-Training",
+AAAI 2024): the few-shot segmenter of stage B (meta-training on pseudo tasks) and stage C (fine-tuning on few
+labels; the same model, other data). Stage A (the pseudo tasks) is the ``pseudo`` dataset's builder.
+
+The spec with every equation is ``../shared/notes/methods/umtfss.md`` (section numbers below are its own); the
+layout follows the public code (SSSKYue/UMTFSS ``model/fss_network.py``, ``model/proto_transformer.py``), read,
+not copied. ``docs/methods/umtfss.md`` lists the resolutions below with their sources.
+
+Forward for B episodes of K shots (3.2), d = ``reduce_dim``:
+
+1. frozen backbone (BN frozen) on the query and the B * K supports; layer2 is resized to layer3's grid when
+   they differ (MobileNetV2 / VGG rule of the other models; ResNet-50 OS 8 gives 60 x 60 for both at 473).
+2. adapters: Dropout2d(0.5)(ReLU(Conv1x1(concat(layer2, layer3)))) -> d, separate for query and support.
+3. MAP per shot: ``backend.masked_average_pool`` (Weighted_GAP: mask bilinear to the grid, eps 5e-4); the
+   query side reads the mean over shots, each support shot its own vector (code).
+4. prior: ``backend.prior_mask`` on layer4 (PFENet: masked support, cosine eps 1e-7, per-shot min-max, mean
+   over shots), in float32.
+5. merges: query ReLU(Conv1x1([X_q; g; prior])) (2d + 1 -> d), support ReLU(Conv1x1([X_s; g_k])) (2d -> d).
+6. tokens + a DETR sine positional encoding (d / 2 features per axis, normalised, temperature 1e4, 2 pi) of
+   the full grid, added to queries and keys of self-attention only.
+7. support stack, ``layers`` x [X = LN(X + Drop(SA(X + pos, X))); X = LN(FFN(X))] per shot; padded support
+   tokens (support_masks == 255) are not attended to (the code zeroes them in its deformable attention).
+8. prototypes: ``backend.support_prototypes`` on the post-attention support tokens of all shots (LSH 32 bits
+   + Hamming k-means, 10 updates, K_fg + K_bg cluster means, L2-normalised, padded tokens excluded through
+   ``valid``, empty clusters and padding rows masked).
+9. query stack, ``layers`` x [SA block; FFN; X = LN(X + ProtoCrossAttention(X, P)); FFN] (code order), the
+   cross-attention ``fsskern.nn.PrototypeCrossAttention`` (8 heads, scale (d / 8) ** -0.5, dropout 0.1) on
+   the backend's ``prototype_attention``.
+10. head Conv1x1(Dropout2d(0.1)(ReLU(Conv3x3(O_q)))) -> 2, upsampled bilinear (align_corners) to the input.
+11. loss (4.1, code): weighted Dice on the sigmoid of both channels, targets bg = (y == 0), fg = (y == 1);
+    ignore pixels are 0 in both targets and their predictions still count in sum(p^2) (code).
+
+Resolutions (source: P paper, C public code, N the notes' recommendation, R ours):
+- K_fg / K_bg: 50 / 100 (``profile: paper``, P Table 4) or 20 / 50 (``profile: code``, C). [notes 7 #1]
+- LSH bits 32, Lloyd updates 10 (C GPU path). [#2]  Prototype = mean with +0.001, not Eq. 5's sum (C). [#3]
+- Prototypes from the post-self-attention tokens X^s (P Eq. 5); the code's support self-attention is a no-op
+  (its output is discarded): ``profile: code`` skips it (``support_self_attention: false``). [#4, #6]
+- Self-attention: dense multi-head attention through ``F.scaled_dot_product_attention`` (P Eq. 1-2), not the
+  code's deformable attention (not offered); bias-free q/k/v/out projections as in the cross-attention (R);
+  dropout 0.1 on the attention weights and after the block (C). [#5]
+- Layer order: query [SA, FFN, Cross, FFN] x 2 post-LN, support [SA, FFN] x 2, prototypes built once (C). [#7]
+- Attention scale (d / heads) ** -0.5 per head (C). [#8]
+- Prototypes L2-normalised; padding rows and empty clusters masked (C + fsskern). [#9]
+- fg/bg token split: mask bilinear >= 0.5 (fsskern ``support_prototypes``; C: nearest); padded tokens
+  dropped from both sets (C). [#10]
+- Clustering randomness: seeded ``torch.Generator``; training draws its seed from torch's global RNG (saved
+  in checkpoints, so runs resume exactly); evaluation seeds each episode with ``eval_seed + batch["index"]``
+  and clusters episode by episode, so a result does not depend on the batch size (N; C is unseeded). [#11]
+- Loss: the code's Dice loss (P states none). [#12]
+- Optimisers: SGD (momentum, weight decay and poly from ``train``) for every non-Transformer layer at
+  ``sgd_lr_mult`` x train.lr (C x15; P "base 1e-2"); AdamW at ``transformer_lr`` 1e-4, weight decay 1e-2,
+  none on biases / LayerNorm (P + C). [#13, #14] The code keeps AdamW's LR constant and warms SGD up for one
+  epoch; the engine applies its warm-up (``train.warmup_iters``) and poly to both optimisers (R, a known
+  deviation until the engine schedules groups apart).
+- Head Dropout2d(0.1) (C). FFN 3d, bias-free, residual inside (C). Linear layers Xavier-uniform (C 4.4).
+- Positional encoding of the full grid for both stacks (R): the batch has no padding-only mask, and the
+  query mask's 255 (void labels) must not reach the model at test time; C uses the padding masks.
+- Support without foreground: the code's fallback (centre 2 x 2 tokens as foreground for the clustering);
+  zero MAP vector and zero prior, as the code computes them. Not an error.
+
+Batch (``docs/architecture.md``): query_img (B, 3, H, W), support_imgs (B, K, 3, H, W), support_masks
+(B, K, H, W) int64 (1 fg, 0 bg, 255 ignore/padding), query_mask (B, H, W) in training, index (B,) (the
+clustering seed at evaluation; 0 when absent). Any K. Output: {"logits": (B, 2, H, W) (bg, fg), "losses":
+{"dice"} in training}.
+"""
+import math
+from typing import Dict
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..backbones import create_backbone, freeze
+from ..nn import PrototypeCrossAttention
+from .params import parse_params
+from .registry import register_model
+
+# name: (default, type). None defaults come from the profile. The model refuses any other key.
+PARAMS = {
+    "profile": ("paper", str),                  # paper | code (table above)
+    "k_fg": (None, int),                        # foreground prototypes (paper 50, code 20)
+    "k_bg": (None, int),                        # background prototypes (paper 100, code 50)
+    "support_self_attention": (None, bool),     # paper true; code false (its support SA is a no-op)
+    "reduce_dim": (256, int),
+    "heads": (8, int),
+    "layers": (2, int),
+    "dropout": (0.1, float),                    # Transformer dropout (attention weights, block outputs, FFN)
+    "ffn_mult": (3, int),
+    "bits": (32, int),
+    "iters": (10, int),
+    "sgd_lr_mult": (15.0, float),               # the code's scale_lr on every SGD group
+    "transformer_lr": (1e-4, float),
+    "transformer_weight_decay": (1e-2, float),
+    "eval_seed": (0, int),                      # clustering seed at evaluation: eval_seed + episode index
+}
+PROFILES = {"paper": dict(k_fg=50, k_bg=100, support_self_attention=True),
+            "code": dict(k_fg=20, k_bg=50, support_self_attention=False)}
+
+
+def _parse_params(given: Dict) -> Dict:
+    p = parse_params("umtfss", given, {k: d for k, (d, _) in PARAMS.items()})
+    if p["profile"] not in PROFILES:
+        raise ValueError(f"umtfss: model.params.profile must be one of {', '.join(PROFILES)}, got {p['profile']!r}")
+    for key, value in PROFILES[p["profile"]].items():
+        if p[key] is None:
+            p[key] = value
+    for key, (_, kind) in PARAMS.items():
+        value = p[key]
+        if kind is float and isinstance(value, int) and not isinstance(value, bool):
+            p[key] = value = float(value)
+        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+            raise ValueError(f"umtfss: model.params.{key} must be {kind.__name__}, got {value!r}")
+    for key in ("k_fg", "k_bg", "reduce_dim", "heads", "layers", "ffn_mult", "iters"):
+        if p[key] < 1:
+            raise ValueError(f"umtfss: model.params.{key} must be >= 1, got {p[key]}")
+    if p["reduce_dim"] % p["heads"] or p["reduce_dim"] % 4:
+        raise ValueError(f"umtfss: reduce_dim ({p['reduce_dim']}) must be divisible by heads ({p['heads']}) and "
+                         f"by 4 (the sine encoding's sin/cos pairs per axis)")
+    if not 1 <= p["bits"] <= 64:
+        raise ValueError(f"umtfss: model.params.bits must be in 1..64, got {p['bits']}")
+    return p
+
+
+def sine_encoding(h: int, w: int, dim: int, device=None, dtype=torch.float32) -> torch.Tensor:
+    """DETR / mmdet ``SinePositionalEncoding(dim // 2, normalize=True)`` of an unpadded h x w grid: (h * w, dim),
+    y features first; positions 1..h (1..w) scaled to (0, 2 pi], temperature 1e4, sin/cos interleaved."""
+    feats = dim // 2
+    y = torch.arange(1, h + 1, dtype=torch.float32, device=device) / (h + 1e-6) * 2 * math.pi
+    x = torch.arange(1, w + 1, dtype=torch.float32, device=device) / (w + 1e-6) * 2 * math.pi
+    dim_t = 10000 ** (2 * (torch.arange(feats, dtype=torch.float32, device=device) // 2) / feats)
+
+    def encode(pos):  # (n,) -> (n, feats): sin on even, cos on odd features, interleaved
+        t = pos[:, None] / dim_t
+        return torch.stack([t[:, 0::2].sin(), t[:, 1::2].cos()], 2).flatten(1)
+    pos_y = encode(y)[:, None].expand(h, w, feats)
+    pos_x = encode(x)[None].expand(h, w, feats)
+    return torch.cat([pos_y, pos_x], -1).reshape(h * w, dim).to(dtype)
+
+
+def dice_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """UMTFSS's weighted Dice loss (notes 4.1): per image and channel 1 - 2 sum(p t) / max(sum p^2 + sum t^2,
+    1e-8), p = sigmoid of that channel, t_bg = (y == 0), t_fg = (y == 1); summed over the 2 channels, mean over
+    the batch."""
+    p = logits.float().sigmoid().flatten(2)
+    t = torch.stack([target == 0, target == 1], 1).flatten(2).to(p.dtype)
+    ratio = 2 * (p * t).sum(-1) / ((p * p).sum(-1) + (t * t).sum(-1)).clamp(min=1e-8)
+    return (1 - ratio).sum(1).mean()
+
+
+class FFN(nn.Module):
+    """The code's FFN: x + Drop(Linear(Drop(ReLU(Linear(x))))), bias-free, hidden ``mult`` x dim."""
+
+    def __init__(self, dim: int, mult: int, dropout: float):
+        super().__init__()
+        self.layers = nn.Sequential(nn.Linear(dim, mult * dim, bias=False), nn.ReLU(inplace=True),
+                                    nn.Dropout(dropout), nn.Linear(mult * dim, dim, bias=False), nn.Dropout(dropout))
+
+    def forward(self, x):
+        return x + self.layers(x)
+
+
+class SelfAttention(nn.Module):
+    """Multi-head self-attention (Eq. 1) on ``F.scaled_dot_product_attention``: queries and keys from x + pos,
+    values from x; ``key_valid`` (B, N) bool excludes keys (a row without any valid key attends to all)."""
+
+    def __init__(self, dim: int, heads: int, dropout: float):
+        super().__init__()
+        self.heads, self.dropout = heads, dropout
+        self.to_q, self.to_k, self.to_v, self.to_out = (nn.Linear(dim, dim, bias=False) for _ in range(4))
+
+    def forward(self, x, pos, key_valid=None):
+        B, N, dim = x.shape
+        split = lambda t: t.view(B, N, self.heads, dim // self.heads).transpose(1, 2)  # noqa: E731
+        mask = None
+        if key_valid is not None:
+            mask = (key_valid | ~key_valid.any(1, keepdim=True))[:, None, None]
+        out = F.scaled_dot_product_attention(split(self.to_q(x + pos)), split(self.to_k(x + pos)), split(self.to_v(x)),
+                                             attn_mask=mask, dropout_p=self.dropout if self.training else 0.0)
+        return self.to_out(out.transpose(1, 2).reshape(B, N, dim))
+
+
+class CrossAttention(PrototypeCrossAttention):
+    """``fsskern.nn.PrototypeCrossAttention`` (same parameters and maths) with the attention function passed in:
+    the layer binds the fused op, and ``ops=reference`` must run the reference one."""
+
+    def forward(self, x, prototypes, valid, attention):
+        q = self._split_heads(self.to_q(x))
+        k, v = self._split_heads(self.to_k(prototypes)), self._split_heads(self.to_v(prototypes))
+        out = attention(q, k, v, key_valid=valid, dropout_p=self.dropout if self.training else 0.0)
+        return self.out_dropout(self.to_out(out.transpose(1, 2).reshape(x.shape)))
+
+
+class SupportLayer(nn.Module):
+    """X = LN(X + Drop(SA(X + pos, X))); X = LN(FFN(X))."""
+
+    def __init__(self, dim, heads, mult, dropout):
+        super().__init__()
+        self.attn, self.drop = SelfAttention(dim, heads, dropout), nn.Dropout(dropout)
+        self.ffn = FFN(dim, mult, dropout)
+        self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
+
+    def forward(self, x, pos, key_valid=None):
+        x = self.norm1(x + self.drop(self.attn(x, pos, key_valid)))
+        return self.norm2(self.ffn(x))
+
+
+class QueryLayer(SupportLayer):
+    """The support layer, then X = LN(X + ProtoCross(X, P)); X = LN(FFN(X)) (the code's order)."""
+
+    def __init__(self, dim, heads, mult, dropout):
+        super().__init__(dim, heads, mult, dropout)
+        self.cross, self.ffn2 = CrossAttention(dim, heads, dropout), FFN(dim, mult, dropout)
+        self.norm3, self.norm4 = nn.LayerNorm(dim), nn.LayerNorm(dim)
+
+    def forward(self, x, pos, prototypes, valid, attention):
+        x = super().forward(x, pos)
+        x = self.norm3(x + self.cross(x, prototypes, valid, attention))
+        return self.norm4(self.ffn2(x))
+
+
+def _conv_relu(cin, cout, dropout=0.0):
+    layers = [nn.Conv2d(cin, cout, 1, bias=False), nn.ReLU(inplace=True)]
+    return nn.Sequential(*layers, nn.Dropout2d(dropout)) if dropout else nn.Sequential(*layers)
+
+
+@register_model("umtfss")
+class UMTFSS(nn.Module):
+    """UMTFSS few-shot segmenter; see the module docstring for the forward order, resolutions and the batch."""
+
+    def __init__(self, cfg, backend):
+        super().__init__()
+        p = self.p = _parse_params(dict(cfg.params or {}))
+        self.backend = backend
+        if not cfg.freeze_backbone:
+            raise ValueError("umtfss: the backbone is frozen, BatchNorms included (paper); "
+                             "set model.freeze_backbone: true")
+        self.backbone = freeze(create_backbone(cfg.backbone, weights=cfg.weights, frozen_bn=True))
+        ch, d = self.backbone.channels, p["reduce_dim"]
+        self.down_query = _conv_relu(ch["layer2"] + ch["layer3"], d, dropout=0.5)
+        self.down_supp = _conv_relu(ch["layer2"] + ch["layer3"], d, dropout=0.5)
+        self.query_merge = _conv_relu(2 * d + 1, d)
+        self.supp_merge = _conv_relu(2 * d, d)
+        args = (d, p["heads"], p["ffn_mult"], p["dropout"])
+        # one module holds every Transformer parameter: the AdamW group (the code splits on "transformer")
+        self.transformer = nn.ModuleDict({
+            "query": nn.ModuleList(QueryLayer(*args) for _ in range(p["layers"])),
+            "support": nn.ModuleList(SupportLayer(*args) for _ in range(p["layers"]))
+            if p["support_self_attention"] else nn.ModuleList()})
+        self.head = nn.Sequential(nn.Conv2d(d, d, 3, padding=1, bias=False), nn.ReLU(inplace=True), nn.Dropout2d(0.1),
+                                  nn.Conv2d(d, 2, 1))
+        for m in self.transformer.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+
+    def param_groups(self, train_cfg=None):
+        """SGD for the convolutions at ``sgd_lr_mult`` x train.lr; AdamW for the Transformer at ``transformer_lr``
+        with ``transformer_weight_decay`` on weight matrices and none on LayerNorm (the layers have no biases)."""
+        p = self.p
+        rest = [q for n, q in self.named_parameters() if q.requires_grad and not n.startswith("transformer.")]
+        tr = [q for q in self.transformer.parameters() if q.requires_grad]
+        adamw = dict(optimizer="adamw", lr=p["transformer_lr"])
+        return [{"params": rest, "optimizer": "sgd", "lr_mult": p["sgd_lr_mult"]},
+                {"params": [q for q in tr if q.dim() > 1], "weight_decay": p["transformer_weight_decay"], **adamw},
+                {"params": [q for q in tr if q.dim() <= 1], "weight_decay": 0.0, **adamw}]
+
+    # ----------------------------------------------------------------------------------------- forward
+    def forward(self, batch: Dict) -> Dict:
+        query, supports, smasks = self._check_batch(batch)
+        B, K = supports.shape[:2]
+        fg = (smasks == 1).to(query.dtype)
+        valid = smasks != 255
+        q, s = self._features(query), self._features(supports.flatten(0, 1))
+        xq, xs = self.down_query(q["mid"]), self.down_supp(s["mid"])
+        d, (h, w) = xq.shape[1], xq.shape[-2:]
+        g_k = self.backend.masked_average_pool(xs, fg.flatten(0, 1)[:, None], resize="mask")[:, 0]  # (B * K, d)
+        g = g_k.view(B, K, d).mean(1)
+        prior = self.backend.prior_mask(q["layer4"].float(), s["layer4"].float().view(B, K, *s["layer4"].shape[1:]),
+                                        fg.float(), reduce="mean", out_size=(h, w)).to(xq.dtype)
+        xq = self.query_merge(torch.cat([xq, g[..., None, None].expand(-1, -1, h, w), prior], 1))
+        xs = self.supp_merge(torch.cat([xs, g_k[..., None, None].expand(-1, -1, h, w)], 1))
+
+        pos = sine_encoding(h, w, d, xq.device, xq.dtype)
+        tq, ts = xq.flatten(2).transpose(1, 2), xs.flatten(2).transpose(1, 2)
+        if len(self.transformer["support"]):
+            token_valid = F.interpolate(valid.float(), size=(h, w), mode="nearest").flatten(0, 1).flatten(1) > 0
+            for layer in self.transformer["support"]:
+                ts = layer(ts, pos, token_valid)
+        protos, proto_valid = self.prototypes(ts.transpose(1, 2).reshape(B, K, d, h, w), fg, valid, batch)
+        for layer in self.transformer["query"]:
+            tq = layer(tq, pos, protos, proto_valid, self.backend.prototype_attention)
+        logits = self.head(tq.transpose(1, 2).reshape(B, d, h, w))
+        out = {"logits": F.interpolate(logits, query.shape[-2:], mode="bilinear", align_corners=True)}
+        if self.training:
+            out["losses"] = {"dice": dice_loss(out["logits"], batch["query_mask"])}
+        return out
+
+    def prototypes(self, maps, fg, valid, batch):
+        """``backend.support_prototypes`` on maps (B, K, d, h, w): one call seeded from torch's RNG in training;
+        at evaluation one call per episode, seeded with eval_seed + its index (results repeat)."""
+        args = dict(k_fg=self.p["k_fg"], k_bg=self.p["k_bg"], bits=self.p["bits"], iters=self.p["iters"])
+        if self.training:
+            g = torch.Generator().manual_seed(int(torch.randint(2 ** 62, (1,))))
+            return self.backend.support_prototypes(maps, fg, valid=valid, generator=g, **args)
+        index = batch.get("index")
+        parts = []
+        for b in range(maps.shape[0]):
+            g = torch.Generator().manual_seed(self.p["eval_seed"] + (int(index[b]) if index is not None else 0))
+            parts.append(self.backend.support_prototypes(maps[b:b + 1], fg[b:b + 1], valid=valid[b:b + 1],
+                                                         generator=g, **args))
+        return torch.cat([x for x, _ in parts]), torch.cat([v for _, v in parts])
+
+    def _features(self, images):
+        """Frozen backbone without autograd: {"mid": concat(layer2, layer3), "layer4"}; layer2 is resized to
+        layer3's grid when they differ."""
+        with torch.no_grad():
+            f = self.backbone(images)
+            l2 = f["layer2"]
+            if l2.shape[-2:] != f["layer3"].shape[-2:]:
+                l2 = F.interpolate(l2, f["layer3"].shape[-2:], mode="bilinear", align_corners=True)
+            return {"mid": torch.cat([l2, f["layer3"]], 1), "layer4": f["layer4"]}
+
+    def _check_batch(self, batch):
+        query, supports, smasks = batch["query_img"], batch["support_imgs"], batch["support_masks"]
+        if query.dim() != 4 or supports.dim() != 5 or smasks.dim() != 4:
+            raise ValueError(f"umtfss: expected query_img (B, 3, H, W), support_imgs (B, K, 3, H, W), support_masks "
+                             f"(B, K, H, W); got {tuple(query.shape)}, {tuple(supports.shape)}, {tuple(smasks.shape)}")
+        if smasks.shape != supports.shape[:2] + supports.shape[-2:] or supports.shape[0] != query.shape[0]:
+            raise ValueError(f"umtfss: support_masks {tuple(smasks.shape)} do not match support_imgs "
+                             f"{tuple(supports.shape)} and query_img {tuple(query.shape)} (one mask per shot)")
+        if supports.shape[-2:] != query.shape[-2:]:
+            raise ValueError(f"umtfss: query and support images must share one size (the positional encoding and the "
+                             f"prior read one grid); got {tuple(query.shape[-2:])} and {tuple(supports.shape[-2:])}")
+        if "classes" in batch and batch["classes"].shape[-1] != 1:
+            raise ValueError(f"umtfss: 1-way episodes only, the batch has {batch['classes'].shape[-1]} ways")
+        expected = (query.shape[0],) + tuple(query.shape[-2:])
+        if self.training and tuple(batch["query_mask"].shape) != expected:
+            raise ValueError(f"umtfss: query_mask must be (B, H, W) = {expected}, "
+                             f"got {tuple(batch['query_mask'].shape)}")
+        return query, supports, smasks
