@@ -253,8 +253,8 @@ PALETTE = palette()
 
 
 def write_png(path: Path, label: np.ndarray) -> None:
-    im = Image.fromarray(label.astype(np.uint8), mode="P")
-    im.putpalette(PALETTE)
+    im = Image.fromarray(label.astype(np.uint8))
+    im.putpalette(PALETTE)  # L -> P: a palette PNG, read back as the indices
     tmp = path.with_name(path.name + ".tmp")
     im.save(tmp, format="PNG")
     tmp.replace(path)
@@ -314,7 +314,8 @@ class _State:
 def build_pseudo_tasks(cfg_data, device: str = "cpu", progress: bool = True) -> dict:
     """Build (or finish building) the pseudo tasks of ``cfg_data`` (a ``dataset: pseudo`` data section
     with ``params.build``) into ``cfg_data.root``. Returns {"root", "images", "regions", "reused",
-    "seconds": {step: s}, "counts": {step: images}}."""
+    "seconds": {step: s}, "counts": {step: images}} (a reused build: the first four); the steps are
+    embed_sample, kmeans, embed_assign, assign, superpixels, embed_descriptor, regions, neighbours."""
     from .data.datasets.pseudo import span_filter
     params = dict(cfg_data.params or {})
     spec = build_spec(params.get("build"))
@@ -348,7 +349,9 @@ def _locked(path: Path):
 
 
 def _build(root, spec, filters, ids, paths, key, device, progress, span_filter) -> dict:
-    seconds = {s: 0.0 for s in ("embedding", "kmeans", "assign", "superpixels", "regions", "neighbours")}
+    steps = ("embed_sample", "kmeans", "embed_assign", "assign", "superpixels", "embed_descriptor", "regions",
+             "neighbours")
+    seconds = {s: 0.0 for s in steps}
     counts = dict.fromkeys(seconds, 0)
     state = _State(root, key)
     embedder = Embedder(spec, device)
@@ -377,7 +380,8 @@ def _build(root, spec, filters, ids, paths, key, device, progress, span_filter) 
         images = [read_image(paths[i]) for i in batch]
         t = time.perf_counter()
         feats = embedder.canvas(images, spec["assign_size"])
-        seconds["embedding"] += time.perf_counter() - t
+        seconds["embed_assign"] += time.perf_counter() - t
+        counts["embed_assign"] += len(batch)
         for i, image, f in zip(batch, images, feats):
             _label_image(root, state, spec, filters, embedder, centroids, ids[i], i, image, f, seconds, counts,
                          span_filter)
@@ -418,8 +422,8 @@ def _sample_vectors(state, embedder, spec, paths, sample, seconds, counts, progr
         images = [read_image(paths[sample[j]]) for j in batch]
         t = time.perf_counter()
         feats = embedder.canvas(images, size)
-        seconds["embedding"] += time.perf_counter() - t
-        counts["embedding"] += len(batch)
+        seconds["embed_sample"] += time.perf_counter() - t
+        counts["embed_sample"] += len(batch)
         for j, f in zip(batch, feats):
             v = f.reshape(f.shape[0], -1).T.numpy()
             if cap is not None and len(v) > cap:  # a seeded subset per image, independent of the batch
@@ -467,7 +471,8 @@ def _label_image(root, state, spec, filters, embedder, centroids, sid, i, image,
         t = time.perf_counter()
         if size != spec["assign_size"]:
             feats = embedder.original(image) if size is None else embedder.canvas([image], size)[0]
-        seconds["embedding"] += time.perf_counter() - t
+            counts["embed_descriptor"] += 1
+        seconds["embed_descriptor"] += time.perf_counter() - t
         t = time.perf_counter()
         desc = masked_means(feats, label, clusters)
         seconds["regions"] += time.perf_counter() - t

@@ -84,6 +84,9 @@ class PseudoSource(Source):
         self.samples = [(i, str(p), str(label_dir / (i + ".png"))) for i, p in zip(ids, images)]
         self.class_names = ["background"] + [f"cluster{c}" for c in range(n)]
         self.lut = make_lut([], ignore=(), remap={c: c + 1 for c in range(n)})
+        # the build key is part of describe(), so of the class-index cache key: a folder rebuilt with another
+        # seed never reads the cached index of the previous build
+        self.build_key = (index.get("build") or {}).get("key")
         self.region_files = None
         if params.get("support_neighbours", True) and index.get("regions"):
             self.region_files = (root / index["regions"], root / index["neighbours"])
@@ -95,7 +98,8 @@ class PseudoSource(Source):
         return []
 
     def describe(self) -> dict:
-        return {**super().describe(), "span_filter": self.span, "support_neighbours": self.region_files is not None}
+        return {**super().describe(), "span_filter": self.span, "support_neighbours": self.region_files is not None,
+                "build_key": self.build_key}
 
     def train_episodes(self, pools: Dict[int, Sequence[int]], key: dict, shots: int = 1, ways: int = 1):
         """Training episodes: ``NeighbourEpisodes`` when the index has neighbour lists (and
