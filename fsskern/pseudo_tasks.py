@@ -314,7 +314,7 @@ class _State:
 def build_pseudo_tasks(cfg_data, device: str = "cpu", progress: bool = True) -> dict:
     """Build (or finish building) the pseudo tasks of ``cfg_data`` (a ``dataset: pseudo`` data section
     with ``params.build``) into ``cfg_data.root``. Returns {"root", "images", "regions", "reused",
-    "seconds": {step: s}, "counts": {step: images}} (a reused build: the first four); the steps are
+    "kmeans_vectors", "seconds": {step: s}, "counts": {step: images}} (a reused build: the first four); the steps are
     embed_sample, kmeans, embed_assign, assign, superpixels, embed_descriptor, regions, neighbours."""
     from .data.datasets.pseudo import span_filter
     params = dict(cfg_data.params or {})
@@ -361,13 +361,13 @@ def _build(root, spec, filters, ids, paths, key, device, progress, span_filter) 
         np.sort(rng.choice(n_img, spec["sample_images"], replace=False))
 
     # 1-2. k-means on the valid cells of the sample, stored as they come so that a kill loses one batch
-    centroids_path = state.dir / "centroids.npy"
+    centroids_path, n_vectors = state.dir / "centroids.npy", None
     if not centroids_path.is_file():
         vectors = _sample_vectors(state, embedder, spec, paths, sample, seconds, counts, progress)
         t = time.perf_counter()
         centroids = run_kmeans(vectors, n_clu, spec["kmeans"], spec["seed"])
         seconds["kmeans"] += time.perf_counter() - t
-        counts["kmeans"] = len(sample)
+        counts["kmeans"], n_vectors = len(sample), len(vectors)
         save_npy(centroids_path, centroids)
     centroids = np.load(centroids_path)
 
@@ -404,7 +404,7 @@ def _build(root, spec, filters, ids, paths, key, device, progress, span_filter) 
         "build": {**spec, "key": key, "images_count": n_img, "sample_count": int(len(sample))}})
     shutil.rmtree(state.dir)
     return {"root": str(root), "images": n_img, "regions": int(len(regions)), "reused": False,
-            "seconds": seconds, "counts": counts}
+            "kmeans_vectors": n_vectors, "seconds": seconds, "counts": counts}
 
 
 def _sample_vectors(state, embedder, spec, paths, sample, seconds, counts, progress) -> np.ndarray:
