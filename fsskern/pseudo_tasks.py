@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
 
+from .data.datasets.pseudo import span_filter
 from .data.io import DataError, image_size, read_image
 from .engine.config import Config, ConfigError, config_from_dict, with_overrides
 
@@ -313,10 +314,9 @@ class _State:
 
 def build_pseudo_tasks(cfg_data, device: str = "cpu", progress: bool = True) -> dict:
     """Build (or finish building) the pseudo tasks of ``cfg_data`` (a ``dataset: pseudo`` data section
-    with ``params.build``) into ``cfg_data.root``. Returns {"root", "images", "regions", "reused",
-    "kmeans_vectors", "seconds": {step: s}, "counts": {step: images}} (a reused build: the first four); the steps are
-    embed_sample, kmeans, embed_assign, assign, superpixels, embed_descriptor, regions, neighbours."""
-    from .data.datasets.pseudo import span_filter
+    with ``params.build``) into ``cfg_data.root``. Returns {"root", "images", "reused"} and, for a build,
+    "regions", "kmeans_vectors" (None when resumed past k-means), "seconds" and "counts" (images) of the
+    steps embed_sample, kmeans, embed_assign, assign, superpixels, embed_descriptor, regions, neighbours."""
     params = dict(cfg_data.params or {})
     spec = build_spec(params.get("build"))
     filters = {"min_pixels": int(cfg_data.min_pixels), "span": float(params.get("span", 0.99))}
@@ -334,7 +334,7 @@ def build_pseudo_tasks(cfg_data, device: str = "cpu", progress: bool = True) -> 
                                 f"rebuild, or set another data.root")
             return {"root": str(root), "images": len(ids), "reused": True}
         return _build(root, spec, filters, ids, paths, key, device if spec["device"] is None else spec["device"],
-                      progress, span_filter)
+                      progress)
 
 
 @contextlib.contextmanager
@@ -348,7 +348,7 @@ def _locked(path: Path):
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def _build(root, spec, filters, ids, paths, key, device, progress, span_filter) -> dict:
+def _build(root, spec, filters, ids, paths, key, device, progress) -> dict:
     steps = ("embed_sample", "kmeans", "embed_assign", "assign", "superpixels", "embed_descriptor", "regions",
              "neighbours")
     seconds = {s: 0.0 for s in steps}
@@ -383,8 +383,7 @@ def _build(root, spec, filters, ids, paths, key, device, progress, span_filter) 
         seconds["embed_assign"] += time.perf_counter() - t
         counts["embed_assign"] += len(batch)
         for i, image, f in zip(batch, images, feats):
-            _label_image(root, state, spec, filters, embedder, centroids, ids[i], i, image, f, seconds, counts,
-                         span_filter)
+            _label_image(root, state, spec, filters, embedder, centroids, ids[i], i, image, f, seconds, counts)
             bar.update(1)
     bar.close()
 
@@ -448,8 +447,7 @@ def run_kmeans(vectors: np.ndarray, n: int, kmeans: dict, seed: int) -> np.ndarr
     return np.ascontiguousarray(km.centroids, np.float32)
 
 
-def _label_image(root, state, spec, filters, embedder, centroids, sid, i, image, feats, seconds, counts,
-                 span_filter) -> None:
+def _label_image(root, state, spec, filters, embedder, centroids, sid, i, image, feats, seconds, counts) -> None:
     hw = image.shape[:2]
     t = time.perf_counter()
     label = assign(feats, centroids, hw)
