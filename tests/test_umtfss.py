@@ -224,3 +224,16 @@ def test_paper_size_forward_backward():
     assert model.down_query[0].weight.grad.shape == (256, 1536, 1, 1)
     assert (model.p["k_fg"], model.p["k_bg"]) == (50, 100)
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.requires_grad)
+
+
+def test_init_from_a_stage_b_checkpoint(tmp_path):
+    """Stage C as its own run starts from a stage-B checkpoint (model.params.init): every weight, strictly."""
+    stage_b = build(seed=3)
+    path = tmp_path / "last.pt"
+    torch.save({"format": "fsskern-checkpoint", "model": stage_b.state_dict()}, path)
+    stage_c = build(seed=4, init=str(path))
+    assert all(torch.equal(v, stage_c.state_dict()[k]) for k, v in stage_b.state_dict().items())
+    with pytest.raises(ValueError, match="does not fit this model"):
+        build(init=str(path), reduce_dim=16)
+    # the CPU recipes' output stride 16: a coarser grid, the same model
+    assert build(output_stride=16).eval()(episode(H=65))["logits"].shape == (2, 2, 65, 65)

@@ -92,6 +92,8 @@ PARAMS = {
     "transformer_lr": (1e-4, float),
     "transformer_weight_decay": (1e-2, float),
     "eval_seed": (0, int),                      # clustering seed at evaluation: eval_seed + episode index
+    "output_stride": (8, int),                  # backbone stride (paper 8: 60 x 60 at 473; CPU recipes 16)
+    "init": (None, str),                        # a checkpoint to start from (stage C from a stage-B run)
 }
 PROFILES = {"paper": dict(k_fg=50, k_bg=100, support_self_attention=True),
             "code": dict(k_fg=20, k_bg=50, support_self_attention=False)}
@@ -106,6 +108,8 @@ def _parse_params(given: Dict) -> Dict:
             p[key] = value
     for key, (_, kind) in PARAMS.items():
         value = p[key]
+        if value is None and key == "init":
+            continue
         if kind is float and isinstance(value, int) and not isinstance(value, bool):
             p[key] = value = float(value)
         if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
@@ -234,7 +238,8 @@ class UMTFSS(nn.Module):
         if not cfg.freeze_backbone:
             raise ValueError("umtfss: the backbone is frozen, BatchNorms included (paper); "
                              "set model.freeze_backbone: true")
-        self.backbone = freeze(create_backbone(cfg.backbone, weights=cfg.weights, frozen_bn=True))
+        self.backbone = freeze(create_backbone(cfg.backbone, weights=cfg.weights, frozen_bn=True,
+                                               output_stride=p["output_stride"]))
         ch, d = self.backbone.channels, p["reduce_dim"]
         self.down_query = _conv_relu(ch["layer2"] + ch["layer3"], d, dropout=0.5)
         self.down_supp = _conv_relu(ch["layer2"] + ch["layer3"], d, dropout=0.5)
@@ -251,6 +256,21 @@ class UMTFSS(nn.Module):
         for m in self.transformer.modules():
             if isinstance(m, nn.Linear):
                 nn.init.xavier_uniform_(m.weight)
+        if p["init"]:
+            self.load_init(p["init"])
+
+    def load_init(self, path):
+        """Every weight from a checkpoint of this model (an fsskern checkpoint or a bare state dict): stage C
+        starts from a stage-B run this way (for one run, the trainer's phase chaining does the same)."""
+        payload = torch.load(path, map_location="cpu", weights_only=False)
+        state = payload.get("model", payload) if isinstance(payload, dict) else payload
+        if not isinstance(state, dict):
+            raise ValueError(f"umtfss: {path} holds no state dict (found {type(state).__name__})")
+        try:
+            self.load_state_dict({k[7:] if k.startswith("module.") else k: v for k, v in state.items()})
+        except RuntimeError as e:
+            raise ValueError(f"umtfss: {path} does not fit this model (backbone, reduce_dim, layers, profile?): "
+                             f"{str(e).splitlines()[0]}") from None
 
     def param_groups(self, train_cfg=None):
         """SGD for the convolutions at ``sgd_lr_mult`` x train.lr; AdamW for the Transformer at ``transformer_lr``
