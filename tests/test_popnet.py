@@ -173,6 +173,19 @@ def test_bad_inputs_are_refused():
         m.eval()(dict(b, classes=torch.full((2, 3), 300)))
 
 
+def test_engine_trains_on_kway_parsing_episodes():
+    """The engine's training stream draws the parsing source's k-way episodes (it once drew 1-way class
+    episodes for every source): every way of one annotated support."""
+    if not (DATA / "ccp").is_dir():
+        pytest.skip(f"real data {DATA / 'ccp'} absent")
+    from fsskern.engine.config import load_config
+    from fsskern.engine.data import train_dataset
+    cfg = load_config(REPO / "configs/popnet/ccp_mobilenet_v2.yaml", [f"data.root={DATA / 'ccp'}"])
+    episode = train_dataset(cfg)[0]
+    assert episode["classes"].shape == (cfg.data.ways,)
+    assert (episode["support_imgs"] == episode["support_imgs"][:1]).all()
+
+
 def test_learns_real_ccp_kway_episodes():
     """40 steps on 2 real CCP k-way episodes (10 ways) at 65 px: the NCM loss falls and the parts appear."""
     if not (DATA / "ccp").is_dir():

@@ -174,17 +174,15 @@ def test_transform_for(cfg_data, protocol: Optional[str]):
 
 def build_train_episodes(cfg_data, source, fold: int, seed: int, cache_dir=None, on_error: str = "raise"):
     """(training episodes, TrainingPools) for ``cfg_data``: the class index, the training policy, the
-    held-out validation images, and PFENet-style (or POPNet parsing) episodes keyed by
+    held-out validation images, and the source's episodes (PFENet-style, POPNet parsing, UMTFSS neighbour
+    supports: ``Source.train_episodes``) keyed by
     (dataset, fold, shots, ways, seed, index); call ``set_epoch`` on the loader's dataset each epoch."""
-    from .episodes import TrainEpisodes, parsing_train_episodes
     from .index import scan_labels, training_pools
     stats = scan_labels(source, cache_dir, on_error)
     pools = training_pools(source, stats, fold, cfg_data.train_policy, cfg_data.min_pixels, cfg_data.val_fraction)
     key = {"dataset": source.name, "fold": fold, "shots": cfg_data.shots, "ways": cfg_data.ways, "seed": seed,
            "index": stats.key, "policy": cfg_data.train_policy, "min_pixels": cfg_data.min_pixels}
-    if source.name == "parsing":
-        return parsing_train_episodes(source, pools.train, key, cfg_data.shots, cfg_data.ways), pools
-    return TrainEpisodes(pools.train, key, cfg_data.shots, cfg_data.ways), pools
+    return source.train_episodes(pools.train, key, cfg_data.shots, cfg_data.ways), pools
 
 
 def build_loader(cfg_data, split: str, fold: int, manifest, train: bool, sampler: Optional[Sampler] = None,

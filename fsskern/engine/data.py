@@ -12,7 +12,7 @@ from torch.utils.data import DataLoader
 from ..data.datasets import build_source
 from ..data.episodes import TrainEpisodes
 from ..data.index import scan_labels, training_pools
-from ..data.loader import EpisodeDataset, collate_episodes
+from ..data.loader import EpisodeDataset, build_train_episodes, collate_episodes
 from ..data.protocols import build_test_manifest, build_val_manifest, coverage, get_protocol
 from ..data.transforms import TestTransform, from_config
 from . import distributed as dist
@@ -36,10 +36,8 @@ class EpisodeStream:
 def train_dataset(cfg: Config) -> EpisodeDataset:
     d = cfg.data
     source = build_source(d, "train")
-    pools = training_pools(source, scan_labels(source), d.fold, d.train_policy, d.min_pixels, d.val_fraction)
-    key = {"dataset": d.dataset, "fold": d.fold, "shots": d.shots, "ways": d.ways, "seed": cfg.seed,
-           "policy": d.train_policy, "min_pixels": d.min_pixels}
-    episodes = TrainEpisodes(pools.train, key, shots=d.shots, ways=d.ways)
+    # the loader's episodes: the source's own way of drawing them (parsing k-way, pseudo-task neighbours)
+    episodes, pools = build_train_episodes(d, source, d.fold, cfg.seed)
     return EpisodeDataset(source, EpisodeStream(episodes), from_config(d, train=True), True,
                           base=pools.base, novel=pools.novel)
 

@@ -113,6 +113,12 @@ class Source:
         if not 0 <= fold < self.num_folds:
             raise DataError(f"fold {fold} out of range for dataset {self.name!r} (folds 0..{self.num_folds - 1})")
 
+    def train_episodes(self, pools: Dict[int, Sequence[int]], key: dict, shots: int = 1, ways: int = 1):
+        """Training episodes over ``pools`` (class -> image indices): PFENet-style class episodes;
+        a source that draws its episodes another way (parsing, pseudo tasks) overrides this."""
+        from ..episodes import TrainEpisodes
+        return TrainEpisodes(pools, key, shots, ways)
+
     def describe(self) -> dict:
         """What a result file records about the data."""
         return {"dataset": self.name, "split": self.split, "samples": len(self), "classes": len(self.class_names)}

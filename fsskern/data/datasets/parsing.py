@@ -14,7 +14,7 @@ Two layouts (``data.params.layout``):
 ``code`` = the public code's folds). ``data.merge`` and ``data.folds`` override them.
 ``data.hierarchy`` ({area: [fine class names]}) gives the stage-2 area of each fine class
 (``to_areas``; unlisted foreground classes are an error, so the hierarchy stays complete)."""
-from typing import Dict
+from typing import Dict, Sequence
 
 import numpy as np
 
@@ -104,6 +104,10 @@ class ParsingSource(FolderSource):
         if missing:
             raise DataError(f"data.hierarchy leaves classes {missing} without an area")
         return ["background"] + list(hierarchy), lut
+
+    def train_episodes(self, pools: Dict[int, Sequence[int]], key: dict, shots: int = 1, ways: int = 1):
+        from ..episodes import parsing_train_episodes
+        return parsing_train_episodes(self, pools, key, shots, ways)
 
     def to_areas(self, label: np.ndarray) -> np.ndarray:
         """Fine class ids -> area ids (0 bg, 1..n in ``data.hierarchy`` order, 255 kept)."""
