@@ -8,8 +8,8 @@ not copied. ``docs/methods/umtfss.md`` lists the resolutions below with their so
 
 Forward for B episodes of K shots (3.2), d = ``reduce_dim``:
 
-1. frozen backbone (BN frozen) on the query and the B * K supports; layer2 is resized to layer3's grid when
-   they differ (MobileNetV2 / VGG rule of the other models; ResNet-50 OS 8 gives 60 x 60 for both at 473).
+1. frozen backbone (BN frozen) at ``output_stride`` (paper 8: ResNet-50 layer2/3/4 at 60 x 60 for 473) on the
+   query and the B * K supports; layer2 is resized to layer3's grid when they differ (the other models' rule).
 2. adapters: Dropout2d(0.5)(ReLU(Conv1x1(concat(layer2, layer3)))) -> d, separate for query and support.
 3. MAP per shot: ``backend.masked_average_pool`` (Weighted_GAP: mask bilinear to the grid, eps 5e-4); the
    query side reads the mean over shots, each support shot its own vector (code).
@@ -55,6 +55,9 @@ Resolutions (source: P paper, C public code, N the notes' recommendation, R ours
 - Head Dropout2d(0.1) (C). FFN 3d, bias-free, residual inside (C). Linear layers Xavier-uniform (C 4.4).
 - Positional encoding of the full grid for both stacks (R): the batch has no padding-only mask, and the
   query mask's 255 (void labels) must not reach the model at test time; C uses the padding masks.
+- ``init``: a whole-model checkpoint to start from, so stage C runs on its own from one stage-B run shared by
+  folds and label ratios (the code loads its SSL checkpoint the same way) (C). ``output_stride`` 16 for the CPU
+  recipes (R: the dilated depthwise convs and 961-token attention at stride 8 cost ~10 s a step on 2 cores).
 - Support without foreground: the code's fallback (centre 2 x 2 tokens as foreground for the clustering);
   zero MAP vector and zero prior, as the code computes them. Not an error.
 
