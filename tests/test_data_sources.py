@@ -67,6 +67,32 @@ def test_msrc_config_file_matches_readme_counts():
     assert not set(novel) & {1, 2, 3, 7, 8, 10, 19}
 
 
+def test_msrc_stuff_is_background_to_the_base_learner():
+    """MSRC-v2 labels every pixel, so BAM's base learner would never see its background class and would
+    read every novel object as some base class (RILFS/BAM on MSRC scored 0 mIoU): stuff is its background."""
+    import torch
+    from fsskern.data.episodes import TrainEpisodes
+    from fsskern.data.loader import EpisodeDataset
+    from fsskern.data.transforms import TrainTransform
+    root = need("msrc_v2")
+    folds = [[4, 6, 9, 11], [12, 13, 14, 15], [16, 17, 18, 20], [21, 22, 23]]
+    stuff = [1, 2, 3, 7, 8, 10, 19]
+    cfg = DataConfig(dataset="folder", root=str(root), classes="class_counts.tsv", folds=folds,
+                     params={"void": [0], "stuff": stuff})
+    src = build_source(cfg, "train")
+    base, novel = src.fold_classes(0)
+    objects = src.base_learner_classes(base)
+    assert len(objects) == 12 and not set(objects) & set(stuff) and set(stuff) <= set(base)
+    pools = training_pools(src, scan_labels(src), 0, "bam")
+    ds = EpisodeDataset(src, TrainEpisodes(pools.train, {"seed": 0}), TrainTransform(65), True, base=base, novel=novel)
+    labels = [ds[i]["base_label"] for i in range(4)]
+    values = set(torch.cat([y.flatten() for y in labels]).tolist()) - {255}
+    assert values <= set(range(13)) and 0 in values  # 12 object classes, stuff read as background 0
+    with pytest.raises(DataError, match="stuff"):
+        build_source(DataConfig(dataset="folder", root=str(root), classes="class_counts.tsv", folds=[[4, 7]],
+                                params={"void": [0], "stuff": stuff}), "train")
+
+
 def test_voc_sample_real_palette_indices(tmp_path):
     root = need("voc2012_sample")
     src = build_source(DataConfig(dataset="pascal", root=str(root)), "train")

@@ -45,7 +45,9 @@ class EpisodeDataset(Dataset):
         self.pre = np.arange(self.size, dtype=np.int64)
         if train:
             self.pre[list(novel)] = 0  # PFENet policy: novel pixels are background in training
-        self.base_lut = base_label_lut(base, self.size)[self.pre] if (train and base) else None
+        self.base_lut = None
+        if train and base:
+            self.base_lut = base_label_lut(source.base_learner_classes(base), self.size)[self.pre]
         areas = getattr(source, "area_lut", None)
         self.areas = None
         if areas is not None:

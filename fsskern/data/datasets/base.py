@@ -68,6 +68,9 @@ class Source:
         self.class_names: List[str] = []
         self.samples: List[Tuple[str, str, str]] = []   # (sample id, image path, label path)
         self.lut: np.ndarray = np.zeros(0, dtype=np.int64)
+        # classes that are scene background, not objects (e.g. MSRC-v2's grass, sky): BAM's base learner
+        # reads them as its background class 0, which a fully labelled dataset would otherwise never show it
+        self.stuff: List[int] = []
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -102,6 +105,10 @@ class Source:
         self.check_fold(fold)
         novel = sorted(self.novel_classes(fold))
         return [c for c in self.foreground_classes() if c not in novel], novel
+
+    def base_learner_classes(self, base: Sequence[int]) -> List[int]:
+        """The base-learner label space (BAM): the fold's base classes that are objects, not stuff."""
+        return [c for c in base if c not in self.stuff]
 
     def foreground_classes(self) -> List[int]:
         return [c for c, n in enumerate(self.class_names) if c > 0 and n is not None]

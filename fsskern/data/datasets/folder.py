@@ -8,7 +8,8 @@ name a line). Any number of classes; folds (``data.folds``: novel class ids per 
 ``label_dir``, ``image_ext`` (guessed from the files when absent), ``split_lists``
 (``{train|val|test: file of ids}``; without it every split holds every image, which is sound with
 the ``bam`` training policy: every test query holds a novel class, so no training image is a test
-query) and ``label_channel`` (for RGB-stored labels).
+query), ``label_channel`` (for RGB-stored labels) and ``stuff`` (class ids that are scene background:
+base classes in episodes, but background to BAM's base learner; ``Source.base_learner_classes``).
 
 Used for MSRC-v2 (``configs/data/msrc_v2.yaml``), CCP and VITON parsing maps."""
 from pathlib import Path
@@ -19,7 +20,7 @@ import numpy as np
 from ..io import DataError, apply_lut, read_class_table, read_label, read_lines
 from .base import IGNORE, Source, check_params, register_source
 
-FOLDER_PARAMS = ["void", "image_dir", "label_dir", "image_ext", "split_lists", "label_channel"]
+FOLDER_PARAMS = ["void", "stuff", "image_dir", "label_dir", "image_ext", "split_lists", "label_channel"]
 
 
 def merged_lut(names: Dict[int, str], merge: Optional[Dict[str, List[int]]], void=()) -> tuple:
@@ -64,6 +65,10 @@ class FolderSource(Source):
         self.samples = self.list_samples(params.get("image_dir", "images"), params.get("label_dir", "labels"),
                                          params.get("image_ext"), (params.get("split_lists") or {}).get(split))
         self.folds = [sorted(f) for f in (cfg_data.folds or [])]
+        self.stuff = sorted(params.get("stuff", ()))
+        novel_stuff = sorted(set(self.stuff).intersection(c for f in self.folds for c in f))
+        if novel_stuff:
+            raise DataError(f"data.params.stuff classes {novel_stuff} are novel in a fold; stuff is base everywhere")
         self.num_folds = max(1, len(self.folds))
         for k, novel in enumerate(self.folds):
             bad = [c for c in novel if not (0 < c < len(self.class_names) and self.class_names[c])]
