@@ -6,7 +6,8 @@ name a line). Any number of classes; folds (``data.folds``: novel class ids per 
 
 ``data.params``: ``void`` (raw values read as ignore 255, e.g. MSRC-v2's 0), ``image_dir``,
 ``label_dir``, ``image_ext`` (guessed from the files when absent), ``split_lists``
-(``{train|val|test: file of ids}``; without it every split holds every image, which is sound with
+(``{train|val|test: file of ids}``, or ``data.train_list`` / ``data.val_list`` for train / test;
+without them every split holds every image, which is sound with
 the ``bam`` training policy: every test query holds a novel class, so no training image is a test
 query), ``label_channel`` (for RGB-stored labels) and ``stuff`` (class ids that are scene background:
 base classes in episodes, but background to BAM's base learner; ``Source.base_learner_classes``).
@@ -63,7 +64,7 @@ class FolderSource(Source):
         self.class_names, self.lut = merged_lut(names, cfg_data.merge, params.get("void", ()))
         self.label_channel = int(params.get("label_channel", 0))
         self.samples = self.list_samples(params.get("image_dir", "images"), params.get("label_dir", "labels"),
-                                         params.get("image_ext"), (params.get("split_lists") or {}).get(split))
+                                         params.get("image_ext"), self.list_file(cfg_data, params, split))
         self.folds = [sorted(f) for f in (cfg_data.folds or [])]
         self.stuff = sorted(params.get("stuff", ()))
         novel_stuff = sorted(set(self.stuff).intersection(c for f in self.folds for c in f))
@@ -74,6 +75,19 @@ class FolderSource(Source):
             bad = [c for c in novel if not (0 < c < len(self.class_names) and self.class_names[c])]
             if bad:
                 raise DataError(f"data.folds[{k}] names class ids {bad} that are not foreground classes")
+
+    def list_file(self, cfg_data, params, split: str) -> Optional[str]:
+        """The split's id list: ``data.train_list`` (train) / ``data.val_list`` (test), e.g. a few-label
+        subset, else ``params.split_lists``; a path as given when it exists, else under the root."""
+        chosen = cfg_data.val_list if split == "test" else cfg_data.train_list
+        listed = (params.get("split_lists") or {}).get(split)
+        if chosen and listed:
+            raise DataError(f"both data.{'val' if split == 'test' else 'train'}_list and data.params.split_lists "
+                            f"name the {split} list; give one")
+        chosen = chosen or listed
+        if chosen and not Path(chosen).is_absolute() and not Path(chosen).exists():
+            chosen = str(self.root / chosen)
+        return chosen
 
     def class_table(self, cfg_data) -> Dict[int, str]:
         if not cfg_data.classes:
