@@ -115,6 +115,17 @@ def test_kshot_paths(shots, profile):
         assert torch.isfinite(model.eval()(episode(K=shots, H=49))["logits"]).all()
 
 
+def test_bf16_autocast():
+    """The engine's amp=bf16: the clustering and the attention ops run in float32 inside (they take float32 /
+    float64), the rest in bf16."""
+    model = build().train()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(episode(K=2))
+    out["losses"]["dice"].backward()
+    assert out["logits"].dtype == torch.bfloat16 and torch.isfinite(out["losses"]["dice"])
+    assert torch.isfinite(model.transformer["query"][0].cross.to_v.weight.grad).all()
+
+
 def test_same_seed_same_result():
     """Training: the same torch seed gives the same clustering and dropout; evaluation: each episode is
     clustered with eval_seed + its index, so a result does not depend on the batch it is in or on torch's RNG

@@ -193,8 +193,10 @@ class CrossAttention(PrototypeCrossAttention):
     def forward(self, x, prototypes, valid, attention):
         q = self._split_heads(self.to_q(x))
         k, v = self._split_heads(self.to_k(prototypes)), self._split_heads(self.to_v(prototypes))
-        out = attention(q, k, v, key_valid=valid, dropout_p=self.dropout if self.training else 0.0)
-        return self.out_dropout(self.to_out(out.transpose(1, 2).reshape(x.shape)))
+        # the attention ops take float32 / float64: under autocast the projections come in bf16 / fp16
+        out = attention(q.float(), k.float(), v.float(), key_valid=valid,
+                        dropout_p=self.dropout if self.training else 0.0)
+        return self.out_dropout(self.to_out(out.to(q.dtype).transpose(1, 2).reshape(x.shape)))
 
 
 class SupportLayer(nn.Module):
@@ -308,7 +310,9 @@ class UMTFSS(nn.Module):
             token_valid = F.interpolate(valid.float(), size=(h, w), mode="nearest").flatten(0, 1).flatten(1) > 0
             for layer in self.transformer["support"]:
                 ts = layer(ts, pos, token_valid)
-        protos, proto_valid = self.prototypes(ts.transpose(1, 2).reshape(B, K, d, h, w), fg, valid, batch)
+        # float32: the hash takes float32 / float64 (tokens are bf16 / fp16 under autocast)
+        maps = ts.float().transpose(1, 2).reshape(B, K, d, h, w)
+        protos, proto_valid = self.prototypes(maps, fg.float(), valid, batch)
         for layer in self.transformer["query"]:
             tq = layer(tq, pos, protos, proto_valid, self.backend.prototype_attention)
         logits = self.head(tq.transpose(1, 2).reshape(B, d, h, w))
