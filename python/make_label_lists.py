@@ -13,9 +13,9 @@ choice only. MSRC-v2 (every split holds every image) needs it: its 100 % list is
 stage A / B, which must not hold the fold's test images.
 
 Examples:
-    python python/make_label_lists.py configs/data/msrc_v2.yaml lists/msrc_v2/fold0 --fold 0
-    python python/make_label_lists.py configs/umtfss/pascal_resnet50_finetune20_1shot.yaml lists/pascal \
-        --ratios 5 10 20
+    python python/make_label_lists.py configs/data/msrc_v2.yaml configs/umtfss/lists/msrc_v2/fold0 --fold 0
+    python python/make_label_lists.py configs/umtfss/pascal_resnet50_finetune100.yaml configs/umtfss/lists/pascal \
+        data.train_list=/path/to/UMTFSS/lists/pascal/train.txt      # the paper's 5,953 images: 297 / 595 / 1,190
 """
 import argparse
 import math

@@ -1,4 +1,5 @@
 """UMTFSS (fsskern.models.umtfss): the method contract on CPU at small sizes."""
+import importlib.util
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -248,3 +249,17 @@ def test_init_from_a_stage_b_checkpoint(tmp_path):
         build(init=str(path), reduce_dim=16)
     # the CPU recipes' output stride 16: a coarser grid, the same model
     assert build(output_stride=16).eval()(episode(H=65))["logits"].shape == (2, 2, 65, 65)
+
+
+def test_label_lists_are_seeded_nested_and_sized_as_the_code():
+    path = Path(__file__).resolve().parents[1] / "python" / "make_label_lists.py"
+    spec = importlib.util.spec_from_file_location("make_label_lists", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    label_lists = module.label_lists
+    ids = [f"img{i:04d}" for i in range(5953)]
+    lists = label_lists(ids, [5, 10, 20, 100], seed=0)
+    assert [len(v) for v in lists.values()] == [297, 595, 1190, 5953]  # the code's PASCAL list sizes
+    assert set(lists[5]) <= set(lists[10]) <= set(lists[20]) and lists[100] == ids
+    assert lists[5] == sorted(lists[5]) and label_lists(ids, [5], seed=0)[5] == lists[5]
+    assert label_lists(ids, [5], seed=1)[5] != lists[5]
