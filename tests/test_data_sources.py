@@ -1,6 +1,7 @@
 """Dataset sources on real files (../shared/data) and on tiny synthetic layouts; every bad input
 raises DataError with a message naming the file or value."""
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -101,6 +102,8 @@ def test_folder_train_list_selects_a_label_subset(tmp_path):
     src = build_source(DataConfig(**kw, train_list=str(tmp_path / "few.txt")), "train")
     assert [src.sample_id(i) for i in range(len(src))] == ["10_12_s", "1_1_s"]
     assert len(build_source(DataConfig(**kw, train_list=str(tmp_path / "few.txt")), "test")) == 591
+    relative = DataConfig(**{**kw, "root": os.path.relpath(root)}, train_list=os.path.relpath(tmp_path / "few.txt"))
+    assert len(build_source(relative, "train")) == 2  # a cwd-relative list under a cwd-relative root
     with pytest.raises(DataError, match="give one"):
         build_source(DataConfig(**{**kw, "params": {"void": [0], "split_lists": {"train": "x.txt"}}},
                                 train_list=str(tmp_path / "few.txt")), "train")

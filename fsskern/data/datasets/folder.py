@@ -100,7 +100,7 @@ class FolderSource(Source):
         if not images.is_dir():
             raise DataError(f"missing image folder: {images}")
         if list_file:
-            ids = read_lines(self.root / list_file, "image list")
+            ids = read_lines(Path(list_file), "image list")  # resolved by list_file()
             if image_ext is None:
                 found = {p.stem: p.suffix for p in images.iterdir()}
                 missing = [i for i in ids if i not in found]
