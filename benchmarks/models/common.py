@@ -1,0 +1,182 @@
+"""What the per-method benchmarks (benchmarks/models/<method>.py) share: the backend with its ops timed, the
+training step / inference callables, the synthetic episode, the peak-memory measurement (CPU: one fresh process
+per side, the script re-run in its ``--memory CASE SIDE`` mode) and the report's header lines and files.
+
+A method's script keeps what is its own: its cases, model build, episode keys, targets and report columns.
+"""
+import argparse
+import json
+import subprocess
+import sys
+import time
+from contextlib import nullcontext
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+
+from harness import cuda_peak_extra_bytes, machine_info, peak_extra_bytes  # noqa: E402
+
+SIDES = ("reference", "fused")
+
+
+class TimedBackend(SimpleNamespace):
+    """The backend with ``ops`` timed where the model calls them (seconds summed per op; synchronised on a GPU).
+    Only ``name`` and the timed ops are exposed, so a model calling any other op fails loudly."""
+
+    def __init__(self, backend, ops, sync):
+        super().__init__(name=backend.name, seconds=dict.fromkeys(ops, 0.0))
+        for op in ops:
+            setattr(self, op, self._timed(op, getattr(backend, op), sync))
+
+    def _timed(self, op, fn, sync):
+        def call(*args, **kwargs):
+            sync()
+            start = time.perf_counter()
+            out = fn(*args, **kwargs)
+            sync()
+            self.seconds[op] += time.perf_counter() - start
+            return out
+        return call
+
+    def reset(self):
+        self.seconds.update(dict.fromkeys(self.seconds, 0.0))
+
+    def shares(self, total):
+        """The fraction of ``total`` seconds each op took since the last reset."""
+        return {op: s / total for op, s in self.seconds.items()}
+
+
+def op_shares(fn, timed, sync):
+    """One instrumented call: the fraction of its wall time spent in each op of ``timed`` (a TimedBackend)."""
+    timed.reset()
+    sync()
+    start = time.perf_counter()
+    fn()
+    sync()
+    return timed.shares(time.perf_counter() - start)
+
+
+def step_fn(model, batch, mode, amp="none", device=None, weight_decay=0.0):
+    """One call of ``mode``: "train" is zero_grad + forward + backward + SGD step (momentum 0.9), "infer" an
+    eval-mode forward without autograd; ``amp="bf16"`` runs the forward under bf16 autocast on ``device``."""
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if amp == "bf16" else nullcontext()
+    if mode == "infer":
+        model.eval()
+
+        def infer():
+            with torch.no_grad(), autocast:
+                return model(batch)["logits"]
+        return infer
+    model.train()
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-3, momentum=0.9,
+                          weight_decay=weight_decay)
+
+    def train():
+        opt.zero_grad(set_to_none=True)
+        with autocast:
+            losses = model(batch)["losses"]
+        sum(losses.values()).backward()
+        opt.step()
+    return train
+
+
+def box_masks(batch, shots, size):
+    """Support masks (batch, shots, size, size) holding a foreground box that covers 30 % of the image, so a fused
+    op that skips background does so as on real masks."""
+    lo, hi = int(size * 0.2), int(size * 0.2) + int(size * 0.3 ** 0.5)
+    masks = torch.zeros(batch, shots, size, size, dtype=torch.long)
+    masks[..., lo:hi, lo:hi] = 1
+    return masks
+
+
+def box_episode(batch, shots, size, device, **extra):
+    """Random images, box_masks on the supports, the query's box shifted 10 px right; ``extra`` keys added."""
+    g = torch.Generator().manual_seed(0)
+    masks = box_masks(batch, shots, size)
+    b = dict(query_img=torch.randn(batch, 3, size, size, generator=g),
+             support_imgs=torch.randn(batch, shots, 3, size, size, generator=g), support_masks=masks,
+             query_mask=masks[:, 0].roll(10, -1), **extra)
+    return {k: v.to(device) for k, v in b.items()}
+
+
+def peak_memory(fns, device, child_argv, sides=SIDES):
+    """Peak extra memory of one call per side (bytes). GPU: the caching allocator's peak of ``fns``, in this
+    process. CPU: resident memory, one fresh process per side running ``child_argv + [side]`` (the script and
+    its flags, ending in ``--memory CASE``), whose last stdout line is print_peak_memory's."""
+    if device.type == "cuda":
+        return [cuda_peak_extra_bytes(fn) for fn in fns]
+    out = []
+    for side in sides:
+        res = subprocess.run([sys.executable, *child_argv, side], check=True, capture_output=True, text=True)
+        out.append(json.loads(res.stdout.strip().splitlines()[-1])["peak_extra_bytes"])
+    return out
+
+
+def print_peak_memory(fn):
+    """The child of peak_memory (CPU, after its warm-up call at a small size): the peak extra RSS of one call."""
+    print(json.dumps({"peak_extra_bytes": peak_extra_bytes(fn)}))
+
+
+def parser(doc):
+    """The flags every method's script takes (its own are added by the caller)."""
+    p = argparse.ArgumentParser(description=doc.splitlines()[0])
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--memory", nargs=2, metavar=("CASE", "SIDE"), help=argparse.SUPPRESS)
+    return p
+
+
+def header(method, info, reps):
+    """The report's machine and command lines."""
+    return [f"Machine: {info['cpu']} ({info['logical_cpus']} logical CPUs, {info['torch_threads']} torch threads)"
+            f"{', GPU ' + info['gpu'] if info.get('gpu') else ''}; torch {info['torch']}.",
+            f"Command: `python benchmarks/models/{method}.py {' '.join(sys.argv[1:])}`; median of {reps} "
+            "interleaved samples after a warm-up; memory = peak extra "
+            f"{'device memory (allocator)' if info.get('gpu') else 'resident memory, one fresh process per side'}."]
+
+
+def paired_row(case, times, peaks, shares, reps):
+    """A case measured on both sides: times (s), peaks (bytes) and op shares, each as (reference, fused)."""
+    return dict(case, reference_s=times[0], fused_s=times[1], speedup=times[0] / times[1],
+                reference_peak_extra_mb=peaks[0] / 2**20, fused_peak_extra_mb=peaks[1] / 2**20,
+                memory_ratio=peaks[1] / peaks[0] if peaks[0] else None,
+                reference_op_share=shares[0], fused_op_share=shares[1], reps=reps)
+
+
+def paired_cells(row, digits=3):
+    """The table cells both sides fill: seconds, speedup, MB, memory ratio."""
+    return (f"{row['reference_s']:.{digits}f} | {row['fused_s']:.{digits}f} | {row['speedup']:.2f}x | "
+            f"{row['reference_peak_extra_mb']:.0f} | {row['fused_peak_extra_mb']:.0f} | {row['memory_ratio']:.2f}")
+
+
+def verdict(row, target):
+    return "met" if row["speedup"] >= target["speedup"] and (row["memory_ratio"] or 0) <= target["memory_ratio"] \
+        else "missed"
+
+
+def share_cell(row, op):
+    return f"{row['reference_op_share'][op]:.1%} / {row['fused_op_share'][op]:.1%}"
+
+
+def run(method, args, cases, measure, report):
+    """``measure(index, case, args)`` -> the row of every case (those in ``args.only`` where the script has that
+    flag), each printed as JSON when done; then benchmarks/results/models/<method>{,-quick}{,-cuda}.{json,md},
+    the Markdown being ``report(rows, info, args)``, which is printed too."""
+    info = machine_info(args.device)
+    rows = []
+    for index, case in enumerate(cases):
+        if getattr(args, "only", None) is not None and index not in args.only:
+            continue
+        rows.append(measure(index, case, args))  # the case's models are freed on return, before the next
+        print(json.dumps(rows[-1]), flush=True)
+    stem = method + ("-quick" if args.quick else "") + ("-cuda" if args.device.startswith("cuda") else "")
+    out = HERE.parent / "results" / "models"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{stem}.json").write_text(json.dumps({"machine": info, "command": sys.argv[1:], "rows": rows}, indent=1))
+    (out / f"{stem}.md").write_text(report(rows, info, args))
+    print((out / f"{stem}.md").read_text())
