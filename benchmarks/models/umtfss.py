@@ -17,20 +17,19 @@ inference is an eval-mode forward without autograd (clustering seeded per episod
 support masks hold a 30 % foreground box. The reference clusters in PyTorch loops per image, as the public code.
 Writes benchmarks/results/models/umtfss{,-quick}.{json,md} (with --device cuda: umtfss-cuda.*).
 """
-import argparse
-import json
-import subprocess
 import sys
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import torch
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
+sys.path.insert(0, str(HERE))
 
-from harness import cuda_peak_extra_bytes, device_sync, machine_info, median_times, peak_extra_bytes  # noqa: E402
+from common import (SIDES, TimedBackend, box_episode, box_masks, header, op_shares, paired_row, parser,  # noqa: E402
+                    peak_memory, print_peak_memory, run, share_cell, step_fn)
+from harness import device_sync, median_times  # noqa: E402
 
 from fsskern.backend import get_backend  # noqa: E402
 from fsskern.engine.config import ModelConfig, TrainConfig  # noqa: E402
@@ -44,45 +43,13 @@ CASES = [dict(shots=k, mode=m) for m in ("train", "infer") for k in (1, 5)] + \
         [dict(shots=k, mode="proto") for k in (1, 5)]
 
 
-class TimedBackend(SimpleNamespace):
-    """The backend with its ops timed (seconds summed per op; synchronised on a GPU)."""
-
-    def __init__(self, backend, sync):
-        super().__init__(name=backend.name, seconds=dict.fromkeys(TIMED_OPS, 0.0))
-        for op in TIMED_OPS:
-            setattr(self, op, self._timed(op, getattr(backend, op), sync))
-
-    def _timed(self, op, fn, sync):
-        def call(*args, **kwargs):
-            sync()
-            start = time.perf_counter()
-            out = fn(*args, **kwargs)
-            sync()
-            self.seconds[op] += time.perf_counter() - start
-            return out
-        return call
-
-
 def size_of(quick):
     return 129 if quick else 473
 
 
-def masks_of(batch, shots, size):
-    masks = torch.zeros(batch, shots, size, size, dtype=torch.long)
-    lo, hi = int(size * 0.2), int(size * 0.2) + int(size * 0.3 ** 0.5)  # a box covering 30 % of the image
-    masks[..., lo:hi, lo:hi] = 1
-    return masks
-
-
 def episode(shots, quick, device, batch=2):
-    size = size_of(quick)
-    g = torch.Generator().manual_seed(0)
-    masks = masks_of(batch, shots, size)
-    b = dict(query_img=torch.randn(batch, 3, size, size, generator=g),
-             support_imgs=torch.randn(batch, shots, 3, size, size, generator=g), support_masks=masks,
-             query_mask=masks[:, 0].roll(10, -1), classes=torch.ones(batch, 1, dtype=torch.long),
-             index=torch.arange(batch))
-    return {k: v.to(device) for k, v in b.items()}
+    return box_episode(batch, shots, size_of(quick), device, classes=torch.ones(batch, 1, dtype=torch.long),
+                       index=torch.arange(batch))
 
 
 def model_fn(side, case, quick, device, batch=None):
@@ -90,17 +57,12 @@ def model_fn(side, case, quick, device, batch=None):
     torch.manual_seed(0)
     cfg = ModelConfig(name="umtfss", backbone="mobilenet_v2" if quick else "resnet50_v2", params={"profile": "paper"})
     model = UMTFSS(cfg, get_backend(side)).to(device)
-    timed = model.backend = TimedBackend(model.backend, device_sync(device))
+    timed = model.backend = TimedBackend(model.backend, TIMED_OPS, device_sync(device))
     batch = batch or episode(case["shots"], quick, device)
     if case["mode"] == "infer":
-        model.eval()
-
-        def infer():
-            with torch.no_grad():
-                return model(batch)["logits"]
-        return infer, timed
+        return step_fn(model, batch, "infer"), timed
     model.train()
-    optimizers = build_optimizers(model, TrainConfig(lr=0.01))
+    optimizers = build_optimizers(model, TrainConfig(lr=0.01))  # SGD + AdamW, not common's single SGD
 
     def train():
         for opt in optimizers:
@@ -116,8 +78,8 @@ def proto_fn(side, case, quick, device):
     h = (size_of(quick) - 1) // 8 + 1
     g = torch.Generator().manual_seed(0)
     features = torch.randn(2, case["shots"], 256, h, h, generator=g).to(device).requires_grad_()
-    masks = masks_of(2, case["shots"], size_of(quick)).float().to(device)
-    timed = TimedBackend(get_backend(side), device_sync(device))
+    masks = box_masks(2, case["shots"], size_of(quick)).float().to(device)
+    timed = TimedBackend(get_backend(side), TIMED_OPS, device_sync(device))
 
     def step():
         protos, _ = timed.support_prototypes(features, masks, k_fg=50, k_bg=100, bits=32, iters=10,
@@ -131,60 +93,27 @@ def build(side, index, quick, device):
     return (proto_fn if case["mode"] == "proto" else model_fn)(side, case, quick, device)
 
 
-def op_shares(fn, timed, sync):
-    timed.seconds.update(dict.fromkeys(TIMED_OPS, 0.0))
-    sync()
-    start = time.perf_counter()
-    fn()
-    sync()
-    total = time.perf_counter() - start
-    return {op: s / total for op, s in timed.seconds.items()}
-
-
 def memory_child(index, side, quick):
     """Child process (CPU): warm the libraries up at a small size, then the peak extra RSS of one call."""
     device = torch.device("cpu")
     case = CASES[index]
     if case["mode"] != "proto":
         model_fn(side, case, True, device, episode(case["shots"], True, device, batch=1))[0]()
-    fn, _ = build(side, index, quick, device)
-    print(json.dumps({"peak_extra_bytes": peak_extra_bytes(fn)}))
+    print_peak_memory(build(side, index, quick, device)[0])
 
 
-def peak_memory(index, fns, quick, device):
-    if device.type == "cuda":
-        return [cuda_peak_extra_bytes(fn) for fn in fns]
-    out = []
-    for side in ("reference", "fused"):
-        cmd = [sys.executable, __file__, "--memory", str(index), side] + (["--quick"] if quick else [])
-        res = subprocess.run(cmd, check=True, capture_output=True, text=True)
-        out.append(json.loads(res.stdout.strip().splitlines()[-1])["peak_extra_bytes"])
-    return out
-
-
-def run(args):
+def measure(index, case, args):
     device = torch.device(args.device)
     sync = device_sync(device)
-    rows = []
-    for index, case in enumerate(CASES):
-        if args.only is not None and index not in args.only:
-            continue
-        built = [build(side, index, args.quick, device) for side in ("reference", "fused")]
-        fns = [fn for fn, _ in built]
-        start = time.perf_counter()
-        t_ref, t_fused = median_times(fns, args.reps, sync=sync)
-        shares = [op_shares(fn, timed, sync) for fn, timed in built]
-        print(f"case {index}: timed in {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
-        m_ref, m_fused = peak_memory(index, fns, args.quick, device)
-        row = dict(case, reference_s=t_ref, fused_s=t_fused, speedup=t_ref / t_fused,
-                   reference_peak_extra_mb=m_ref / 2**20, fused_peak_extra_mb=m_fused / 2**20,
-                   memory_ratio=m_fused / m_ref if m_ref > 0 else None,
-                   reference_op_share=shares[0], fused_op_share=shares[1], reps=args.reps)
-        rows.append(row)
-        print(json.dumps(row), flush=True)
-        del built, fns
-    return rows
-
+    built = [build(side, index, args.quick, device) for side in SIDES]
+    fns = [fn for fn, _ in built]
+    start = time.perf_counter()
+    t_ref, t_fused = median_times(fns, args.reps, sync=sync)
+    shares = [op_shares(fn, timed, sync) for fn, timed in built]
+    print(f"case {index}: timed in {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
+    m_ref, m_fused = peak_memory(fns, device, [__file__] + (["--quick"] if args.quick else []) +
+                                 ["--memory", str(index)])
+    return paired_row(case, (t_ref, t_fused), (m_ref, m_fused), shares, args.reps)
 
 def verdict(r):
     target = TARGETS.get((r["shots"], r["mode"]))
@@ -201,44 +130,28 @@ def report(rows, info, args):
     size = "MobileNetV2, 129 x 129 (quick)" if args.quick else "ResNet-50 (deep stem, OS 8), 473 x 473"
     lines = [f"# UMTFSS: training step, inference and the prototype step, ops=fused vs ops=reference ({size}, "
              "batch 2, K_fg / K_bg 50 / 100)", "",
-             f"Machine: {info['cpu']} ({info['logical_cpus']} logical CPUs, {info['torch_threads']} torch threads)"
-             f"{', GPU ' + info['gpu'] if info.get('gpu') else ''}; torch {info['torch']}.",
-             f"Command: `python benchmarks/models/umtfss.py {' '.join(sys.argv[1:])}`; median of {args.reps} "
-             "interleaved samples after a warm-up; memory = peak extra "
-             f"{'device memory (allocator)' if info.get('gpu') else 'resident memory, one fresh process per side'}.",
+             *header("umtfss", info, args.reps),
              "Targets (issue 15, at the paper's size): train step >= 1.1x (1-shot), >= 1.2x (5-shot), memory <= 0.7x; "
              "prototype step alone >= 50x.", "",
              "| shots | call | reference s | fused s | speedup | reference MB | fused MB | memory ratio "
              "| prototypes ref / fused | proto attention ref / fused | prior ref / fused | target |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        share = lambda op: f"{r['reference_op_share'][op]:.1%} / {r['fused_op_share'][op]:.1%}"  # noqa: E731
         ratio = f"{r['memory_ratio']:.2f}" if r["memory_ratio"] is not None else "-"
         lines.append(f"| {r['shots']} | {r['mode']} | {r['reference_s']:.3f} | {r['fused_s']:.4f} | "
                      f"{r['speedup']:.2f}x | {r['reference_peak_extra_mb']:.0f} | {r['fused_peak_extra_mb']:.0f} | "
-                     f"{ratio} | {share('support_prototypes')} | {share('prototype_attention')} | "
-                     f"{share('prior_mask')} | {verdict(r) if not args.quick else '- (quick)'} |")
+                     f"{ratio} | {share_cell(r, 'support_prototypes')} | {share_cell(r, 'prototype_attention')} | "
+                     f"{share_cell(r, 'prior_mask')} | {verdict(r) if not args.quick else '- (quick)'} |")
     return "\n".join(lines) + "\n"
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--reps", type=int, default=3)
-    parser.add_argument("--only", type=int, nargs="*", help="case indices to run (default: all)")
-    parser.add_argument("--memory", nargs=2, metavar=("CASE", "SIDE"), help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    p = parser(__doc__)
+    p.add_argument("--only", type=int, nargs="*", help="case indices to run (default: all)")
+    args = p.parse_args()
     if args.memory:
         return memory_child(int(args.memory[0]), args.memory[1], args.quick)
-    info = machine_info(args.device)
-    rows = run(args)
-    stem = "umtfss" + ("-quick" if args.quick else "") + ("-cuda" if args.device.startswith("cuda") else "")
-    out = HERE.parent / "results" / "models"
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"{stem}.json").write_text(json.dumps({"machine": info, "command": sys.argv[1:], "rows": rows}, indent=1))
-    (out / f"{stem}.md").write_text(report(rows, info, args))
-    print((out / f"{stem}.md").read_text())
+    run("umtfss", args, CASES, measure, report)
 
 
 if __name__ == "__main__":
