@@ -35,3 +35,28 @@ def msrc_episodes(episodes=COW_SHEEP, size: int = 97) -> dict:
             "support_imgs": torch.stack([i for i, _ in s])[:, None],
             "support_masks": torch.stack([m for _, m in s])[:, None],
             "classes": torch.tensor([[c] for *_, c in episodes]), "index": torch.arange(len(episodes))}
+
+
+def pooled_foreground_iou(logits: torch.Tensor, mask: torch.Tensor) -> float:
+    """Query foreground IoU pooled over the batch (void pixels count only where they are foreground: never)."""
+    pred, fg = logits.argmax(1) == 1, mask == 1
+    return float((pred & fg).sum() / ((pred & (mask != 255)) | fg).sum())
+
+
+def fit_until(model, batch, lr: float, steps: int, every: int, target: float = 0.9, score=pooled_foreground_iou,
+              loss=lambda losses: sum(losses.values())):
+    """Adam on one batch until ``score(eval logits, query_mask) >= target``, checked every ``every`` steps.
+    Returns (score, steps taken) for the test's assertion and message."""
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr)
+    for step in range(steps):
+        model.train()
+        value = loss(model(batch)["losses"])
+        optimizer.zero_grad()
+        value.backward()
+        optimizer.step()
+        if step % every == every - 1:
+            with torch.no_grad():
+                reached = score(model.eval()(batch)["logits"], batch["query_mask"])
+            if reached >= target:
+                break
+    return reached, step + 1

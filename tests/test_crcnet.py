@@ -11,7 +11,7 @@ from fsskern.engine.config import ModelConfig
 from fsskern.models import create_model
 
 sys.path.insert(0, str(Path(__file__).parent))
-from method_support import MSRC, msrc_episodes  # noqa: E402
+from method_support import MSRC, fit_until, msrc_episodes  # noqa: E402
 
 
 
@@ -153,22 +153,8 @@ def test_overfits_real_msrc_episodes():
     """Two real episodes (MobileNetV2 ImageNet weights, frozen; 64-wide modules to keep it cheap) are fitted to
     query foreground IoU >= 0.9 (pooled over both episodes) at test time (10 refinement steps); ~140 steps."""
     model = build(weights="imagenet", dim=64)
-    batch = msrc_episodes()
-    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=3e-3)
-    for step in range(180):
-        model.train()
-        loss = sum(model(batch)["losses"].values())
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        if step % 20 == 19:
-            with torch.no_grad():
-                pred, mask = model.eval()(batch)["logits"].argmax(1), batch["query_mask"]
-            fg = mask == 1
-            iou = ((pred == 1) & fg).sum() / (((pred == 1) & (mask != 255)) | fg).sum()
-            if iou >= 0.9:
-                break
-    assert iou >= 0.9, f"query foreground IoU {iou:.3f} after {step + 1} steps"
+    iou, steps = fit_until(model, msrc_episodes(), lr=3e-3, steps=180, every=20)
+    assert iou >= 0.9, f"query foreground IoU {iou:.3f} after {steps} steps"
 
 
 @pytest.mark.slow

