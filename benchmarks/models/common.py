@@ -127,6 +127,7 @@ def parser(doc):
     p.add_argument("--quick", action="store_true")
     p.add_argument("--device", default="cpu")
     p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--only", type=int, nargs="*", help="case indices to run (default: all)")
     p.add_argument("--memory", nargs=2, metavar=("CASE", "SIDE"), help=argparse.SUPPRESS)
     return p
 

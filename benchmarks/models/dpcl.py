@@ -171,7 +171,6 @@ def report(rows, info, args):
 
 def main():
     p = parser(__doc__)
-    p.add_argument("--only", type=int, nargs="*", help="case indices to run (default: all)")
     args = p.parse_args()
     if args.memory:
         return memory_child(int(args.memory[0]), args.memory[1], args.quick)

@@ -103,7 +103,6 @@ def report(rows, info, args):
 def main():
     p = parser(__doc__)
     p.add_argument("--bf16-5shot", action="store_true")
-    p.add_argument("--only", type=int, nargs="*", help="case indices to run (default: all)")
     args = p.parse_args()
     if args.memory:
         return memory_child(int(args.memory[0]), args.memory[1], args.quick, args.bf16_5shot)
