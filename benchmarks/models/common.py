@@ -165,13 +165,13 @@ def share_cell(row, op):
 
 
 def run(method, args, cases, measure, report):
-    """``measure(index, case, args)`` -> the row of every case (those in ``args.only`` where the script has that
-    flag), each printed as JSON when done; then benchmarks/results/models/<method>{,-quick}{,-cuda}.{json,md},
+    """``measure(index, case, args)`` -> the row of every case (only those in ``args.only`` when it is given),
+    each printed as JSON when done; then benchmarks/results/models/<method>{,-quick}{,-cuda}.{json,md},
     the Markdown being ``report(rows, info, args)``, which is printed too."""
     info = machine_info(args.device)
     rows = []
     for index, case in enumerate(cases):
-        if getattr(args, "only", None) is not None and index not in args.only:
+        if args.only is not None and index not in args.only:
             continue
         rows.append(measure(index, case, args))  # the case's models are freed on return, before the next
         print(json.dumps(rows[-1]), flush=True)
