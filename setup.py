@@ -83,6 +83,7 @@ setup(
     python_requires=">=3.10",
     install_requires=["torch==2.14.1", "torchvision==0.29.1", "numpy", "pillow", "opencv-python-headless",
                       "pyyaml", "tqdm", "tensorboard", "pycocotools"],
+    extras_require={"umtfss": ["faiss-cpu", "scikit-image"]},  # stage A only (fsskern/pseudo_tasks.py)
     entry_points={"console_scripts": ["fsskern-train=fsskern.engine.cli:train_main",
                                       "fsskern-evaluate=fsskern.engine.cli:evaluate_main"]},
     ext_modules=[ext],
