@@ -143,6 +143,9 @@ def test_bad_inputs():
         model(dict(batch, classes=torch.ones(2, 2, dtype=torch.long)))
     with pytest.raises(ValueError, match="expected query_img"):
         model(dict(batch, query_img=batch["query_img"][0]))
+    with pytest.raises(ValueError, match="share one size"):
+        model(dict(batch, support_imgs=batch["support_imgs"][..., :-2, :-2],
+                   support_masks=batch["support_masks"][..., :-2, :-2]))
     # A support without foreground is defined (multiply: a uniform local average; the global vector is 0).
     empty = dict(batch, support_masks=torch.zeros_like(batch["support_masks"]))
     assert torch.isfinite(model.eval()(empty)["logits"]).all()

@@ -16,6 +16,29 @@ def cosine_logits(features: torch.Tensor, prototypes: torch.Tensor, scale: float
     return scale * torch.einsum("bpc,bchw->bphw", p, f)
 
 
+def check_one_way_batch(name: str, batch: dict, training: bool, same_size: str = ""):
+    """The 1-way episode batch (docs/architecture.md) a method reads, checked once for all methods; returns
+    (query_img, support_imgs, support_masks). ``same_size``: why the method needs query and supports at one
+    size (empty: it does not)."""
+    query, supports, masks = batch["query_img"], batch["support_imgs"], batch["support_masks"]
+    if query.dim() != 4 or supports.dim() != 5 or masks.dim() != 4:
+        raise ValueError(f"{name}: expected query_img (B, 3, H, W), support_imgs (B, K, 3, H, W), support_masks "
+                         f"(B, K, H, W); got {tuple(query.shape)}, {tuple(supports.shape)}, {tuple(masks.shape)}")
+    if masks.shape != supports.shape[:2] + supports.shape[-2:] or supports.shape[0] != query.shape[0]:
+        raise ValueError(f"{name}: support_masks {tuple(masks.shape)} do not match support_imgs "
+                         f"{tuple(supports.shape)} and query_img {tuple(query.shape)} (one mask per shot)")
+    if same_size and supports.shape[-2:] != query.shape[-2:]:
+        raise ValueError(f"{name}: query and support images must share one size ({same_size}); got "
+                         f"{tuple(query.shape[-2:])} and {tuple(supports.shape[-2:])}")
+    if "classes" in batch and batch["classes"].shape[-1] != 1:
+        raise ValueError(f"{name}: 1-way episodes only, the batch has {batch['classes'].shape[-1]} ways")
+    expected = (query.shape[0],) + tuple(query.shape[-2:])
+    got = tuple(batch["query_mask"].shape) if "query_mask" in batch else None
+    if training and got != expected:
+        raise ValueError(f"{name}: training needs query_mask; query_mask must be (B, H, W) = {expected}, got {got}")
+    return query, supports, masks
+
+
 def _conv_norm_relu(in_channels: int, out_channels: int, kernel_size: int, dilation: int, norm):
     """Conv -> [norm] -> ReLU. Without a norm the conv has a bias (BAM's ASPP); with one it has none."""
     padding = dilation * (kernel_size - 1) // 2

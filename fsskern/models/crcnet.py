@@ -46,7 +46,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..backbones import create_backbone, freeze
-from .blocks import ASPP
+from .blocks import ASPP, check_one_way_batch
 from .params import parse_params
 from .registry import register_model
 
@@ -246,7 +246,8 @@ class CRCNet(nn.Module):
 
     # ----------------------------------------------------------------------------------------- forward
     def forward(self, batch: Dict) -> Dict:
-        query, supports, labels = self._check_batch(batch)
+        query, supports, labels = check_one_way_batch("crcnet", batch, self.training,
+                                                       same_size="the cross-reference compares one grid")
         B, K = labels.shape[:2]
         if self.training:
             qlabel = batch["query_mask"].repeat_interleave(K, 0)
@@ -340,21 +341,4 @@ class CRCNet(nn.Module):
     @staticmethod
     def _up(size):
         return lambda t: F.interpolate(t, size, mode="bilinear", align_corners=True)
-
-    def _check_batch(self, batch):
-        query, supports, labels = batch["query_img"], batch["support_imgs"], batch["support_masks"]
-        if query.dim() != 4 or supports.dim() != 5 or labels.dim() != 4:
-            raise ValueError(f"crcnet: expected query_img (B, 3, H, W), support_imgs (B, K, 3, H, W), support_masks "
-                             f"(B, K, H, W); got {tuple(query.shape)}, {tuple(supports.shape)}, {tuple(labels.shape)}")
-        if (labels.shape != supports.shape[:2] + supports.shape[-2:] or supports.shape[0] != query.shape[0]
-                or supports.shape[-2:] != query.shape[-2:]):
-            raise ValueError(f"crcnet: support_masks {tuple(labels.shape)} do not match support_imgs "
-                             f"{tuple(supports.shape)} and query_img {tuple(query.shape)}")
-        if "classes" in batch and batch["classes"].shape[-1] != 1:
-            raise ValueError(f"crcnet: 1-way episodes only, the batch has {batch['classes'].shape[-1]} ways")
-        expected = (query.shape[0],) + tuple(query.shape[-2:])
-        if self.training and ("query_mask" not in batch or tuple(batch["query_mask"].shape) != expected):
-            raise ValueError(f"crcnet: training needs query_mask (B, H, W) = {expected} (the support branch and "
-                             f"the losses), got {tuple(batch['query_mask'].shape) if 'query_mask' in batch else None}")
-        return query, supports, labels
 

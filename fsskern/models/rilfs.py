@@ -54,7 +54,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..backbones import create_backbone, freeze
-from .blocks import ASPP, PPM
+from .blocks import ASPP, PPM, check_one_way_batch
 from .params import parse_params
 from .registry import register_model
 
@@ -290,22 +290,10 @@ class RILFS(nn.Module):
         return out
 
     def _check_batch(self, batch):
-        query, supports, smasks = batch["query_img"], batch["support_imgs"], batch["support_masks"]
-        if query.dim() != 4 or supports.dim() != 5 or smasks.dim() != 4:
-            raise ValueError(f"rilfs/bam: expected query_img (B, 3, H, W), support_imgs (B, K, 3, H, W), support_masks "
-                             f"(B, K, H, W); got {tuple(query.shape)}, {tuple(supports.shape)}, {tuple(smasks.shape)}")
+        query, supports, smasks = check_one_way_batch("rilfs/bam", batch, self.training)
         if supports.shape[1] != self.shots:
             raise ValueError(f"rilfs/bam: the model is built for {self.shots} shot(s) (model.params.shots; BAM's "
                              f"K-shot weighting has K inputs), the batch has {supports.shape[1]} supports")
-        if smasks.shape != supports.shape[:2] + supports.shape[-2:] or supports.shape[0] != query.shape[0]:
-            raise ValueError(f"rilfs/bam: support_masks {tuple(smasks.shape)} do not match support_imgs "
-                             f"{tuple(supports.shape)} and query_img {tuple(query.shape)}")
-        if "classes" in batch and batch["classes"].shape[-1] != 1:
-            raise ValueError(f"rilfs/bam: 1-way episodes only, the batch has {batch['classes'].shape[-1]} ways")
-        expected = (query.shape[0],) + tuple(query.shape[-2:])
-        if self.training and tuple(batch["query_mask"].shape) != expected:
-            raise ValueError(f"rilfs/bam: query_mask must be (B, H, W) = {expected}, got "
-                             f"{tuple(batch['query_mask'].shape)}")
         return query, supports, (smasks == 1).to(query.dtype)
 
     def _features(self, images, masks=None):

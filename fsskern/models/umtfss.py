@@ -75,6 +75,7 @@ from torch import nn
 
 from ..backbones import create_backbone, freeze
 from ..nn import PrototypeCrossAttention
+from .blocks import check_one_way_batch
 from .params import parse_params
 from .registry import register_model
 
@@ -290,7 +291,8 @@ class UMTFSS(nn.Module):
 
     # ----------------------------------------------------------------------------------------- forward
     def forward(self, batch: Dict) -> Dict:
-        query, supports, smasks = self._check_batch(batch)
+        query, supports, smasks = check_one_way_batch(
+            "umtfss", batch, self.training, same_size="the positional encoding and the prior read one grid")
         B, K = supports.shape[:2]
         fg = (smasks == 1).to(query.dtype)
         valid = smasks != 255
@@ -345,22 +347,3 @@ class UMTFSS(nn.Module):
             if l2.shape[-2:] != f["layer3"].shape[-2:]:
                 l2 = F.interpolate(l2, f["layer3"].shape[-2:], mode="bilinear", align_corners=True)
             return {"mid": torch.cat([l2, f["layer3"]], 1), "layer4": f["layer4"]}
-
-    def _check_batch(self, batch):
-        query, supports, smasks = batch["query_img"], batch["support_imgs"], batch["support_masks"]
-        if query.dim() != 4 or supports.dim() != 5 or smasks.dim() != 4:
-            raise ValueError(f"umtfss: expected query_img (B, 3, H, W), support_imgs (B, K, 3, H, W), support_masks "
-                             f"(B, K, H, W); got {tuple(query.shape)}, {tuple(supports.shape)}, {tuple(smasks.shape)}")
-        if smasks.shape != supports.shape[:2] + supports.shape[-2:] or supports.shape[0] != query.shape[0]:
-            raise ValueError(f"umtfss: support_masks {tuple(smasks.shape)} do not match support_imgs "
-                             f"{tuple(supports.shape)} and query_img {tuple(query.shape)} (one mask per shot)")
-        if supports.shape[-2:] != query.shape[-2:]:
-            raise ValueError(f"umtfss: query and support images must share one size (the positional encoding and the "
-                             f"prior read one grid); got {tuple(query.shape[-2:])} and {tuple(supports.shape[-2:])}")
-        if "classes" in batch and batch["classes"].shape[-1] != 1:
-            raise ValueError(f"umtfss: 1-way episodes only, the batch has {batch['classes'].shape[-1]} ways")
-        expected = (query.shape[0],) + tuple(query.shape[-2:])
-        if self.training and tuple(batch["query_mask"].shape) != expected:
-            raise ValueError(f"umtfss: query_mask must be (B, H, W) = {expected}, "
-                             f"got {tuple(batch['query_mask'].shape)}")
-        return query, supports, smasks
