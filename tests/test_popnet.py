@@ -187,7 +187,7 @@ def test_engine_trains_on_kway_parsing_episodes():
 
 
 def test_learns_real_ccp_kway_episodes():
-    """40 steps on 2 real CCP k-way episodes (10 ways) at 65 px: the NCM loss falls and the parts appear."""
+    """60 steps on 2 real CCP k-way episodes (10 ways) at 65 px: the NCM loss falls and the parts appear."""
     if not (DATA / "ccp").is_dir():
         pytest.skip(f"real data {DATA / 'ccp'} absent")
     from fsskern.data import build_source, transforms
@@ -205,24 +205,32 @@ def test_learns_real_ccp_kway_episodes():
     m = create_model(ModelConfig(name="popnet", backbone="deeplabv3plus_mobilenet_v2", weights="imagenet",
                                  freeze_backbone=True, params={"kim": False, "head": "ncm", "dynamic": False}),
                      "fused").train()
-    # lr 3e-3 made the loss jump to 2x its start before falling, and on one CI run end at 0.41x of it
+    # On CI's machine (not this one) 40 steps without warm-up started from a loss of 0.79 instead of 0.47-0.65
+    # and ended at mIoU 0.59. If the fused ops disagree with the reference on these real inputs there, say so.
+    ref = copy.deepcopy(m)
+    ref.backend = get_backend("reference")
+    with torch.no_grad():
+        torch.testing.assert_close(m(batch)["logits"], ref(batch)["logits"], rtol=1e-5, atol=1e-5)
+    # lr 3e-3 made the loss jump to 2x its start; a 10-step warm-up keeps the first steps from overshooting
     opt = torch.optim.Adam([p for p in m.parameters() if p.requires_grad], lr=1e-3)
+    warmup = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: min(1.0, (i + 1) / 10))
     losses = []
-    for _ in range(40):
+    for _ in range(60):
         out = m(batch)
         loss = out["losses"]["ncm"]
         opt.zero_grad()
         loss.backward()
         opt.step()
+        warmup.step()
         losses.append(float(loss.detach()))
     ways = batch["classes"].shape[1]
     cm = ConfusionMatrix(ways + 1)
     cm.update(out["logits"].argmax(1), batch["query_mask"])
     present = (torch.bincount(batch["query_mask"][batch["query_mask"] != 255].flatten(), minlength=ways + 1) > 0)
     miou = float(cm.iou()[present.numpy()].mean())
-    # measured (AMD EPYC, 2 threads, init seeds 0-4): loss 0.52-0.59 -> 0.086-0.094, mIoU over the present
-    # classes (bg + small garments, 16 x 16 feature grid) 0.77-0.79. The contract's >= 0.9 is NOT reached here.
-    assert losses[-1] < 0.3 * losses[0] and miou >= 0.6, (losses, cm.iou())
+    # measured (AMD EPYC, AVX2, 2 threads, init seeds 0-5): loss 0.52-0.59 -> 0.042, mIoU over the present classes
+    # (bg + small garments, 16 x 16 feature grid) 0.880-0.888 (40 steps without warm-up: 0.75-0.80).
+    assert losses[-1] < 0.3 * losses[0] and miou >= 0.6, (torch.backends.cpu.get_cpu_capability(), losses, cm.iou())
 
 
 def test_parsing_eval_maps_ways_to_dataset_ids_and_runs_one_way(tmp_path):
