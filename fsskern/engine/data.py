@@ -52,7 +52,9 @@ def eval_dataset(cfg: Config, seed: int):
         stats = scan_labels(source)
         manifest = build_test_manifest(source, stats, d.fold, d.shots, d.ways, e.protocol, seed, e.episodes)
         _, classes = source.fold_classes(d.fold)
-        protocol = {**get_protocol(e.protocol).describe(d.dataset), "size": d.test_size, "episodes": e.episodes}
+        # the run's episodes and seeds, not the protocol's defaults, which eval.* may override
+        protocol = {**get_protocol(e.protocol).describe(d.dataset), "size": d.test_size, "episodes": e.episodes,
+                    "seeds": list(e.seeds)}
         transform = TestTransform(d.test_size, protocol["resize"])
     else:
         source = build_source(d, "train")
