@@ -10,7 +10,7 @@ import torch
 from fsskern import ops
 
 from fsskern.engine.config import ModelConfig, TrainConfig
-from fsskern.engine.optim import build_optimizers
+from fsskern.engine.optim import build_optimizers, build_schedulers, lr_factor
 from fsskern.models import create_model
 from fsskern.models.umtfss import dice_loss, sine_encoding
 
@@ -64,6 +64,22 @@ def test_params_profiles_and_groups():
     assert not any(p.requires_grad for p in model.backbone.parameters())
     transformer = {id(p) for p in model.transformer.parameters()}
     assert {id(p) for g in adamw.param_groups for p in g["params"]} == transformer
+    # the code's schedules: SGD warms up then decays (poly), AdamW keeps its LR
+    cfg = TrainConfig(lr=0.01, iters=10, warmup_iters=2, poly_power=0.9)
+    sgd, adamw = sorted(build_optimizers(model, cfg), key=lambda o: type(o).__name__, reverse=True)
+    schedulers = build_schedulers([sgd, adamw], cfg)
+    lrs = []
+    for it in range(10):
+        lrs.append((sgd.param_groups[0]["lr"], [g["lr"] for g in adamw.param_groups]))
+        for o, s in zip((sgd, adamw), schedulers):
+            o.step()
+            s.step()
+    assert [a for a, _ in lrs] == pytest.approx([0.15 * lr_factor(it, cfg) for it in range(10)])
+    assert lrs[0][0] == pytest.approx(0.075) and lrs[9][0] < 0.02
+    assert all(b == [1e-4, 1e-4] for _, b in lrs)
+    bad = torch.optim.SGD([{"params": [torch.zeros(1, requires_grad=True)], "schedule": "cosine"}], lr=0.1)
+    with pytest.raises(ValueError, match="unknown schedule 'cosine'"):
+        build_schedulers([bad], cfg)
 
 
 def test_sine_encoding_and_dice_loss():

@@ -1,10 +1,11 @@
 """Optimizers and the warm-up + poly schedule.
 
 A model may define ``param_groups(train_cfg) -> [{"params": [...], "lr_mult": 10.0,
-"optimizer": "adamw", "lr": ..., "weight_decay": ...}, ...]``; groups are split by their
-``optimizer`` (default ``train.optimizer``) into one optimizer each, so a recipe such as UMTFSS's
-(SGD for the convolutions, AdamW for the Transformer) is one model method, and every optimizer is
-in the checkpoint (CyCTR-style code forgets the second one).
+"optimizer": "adamw", "lr": ..., "weight_decay": ..., "schedule": "constant"}, ...]``; groups are
+split by their ``optimizer`` (default ``train.optimizer``) into one optimizer each, so a recipe such as
+UMTFSS's (SGD for the convolutions, AdamW for the Transformer) is one model method, and every optimizer
+is in the checkpoint (CyCTR-style code forgets the second one). A group's ``schedule`` is ``poly`` (the
+default: warm-up, then poly decay) or ``constant`` (its LR throughout, as UMTFSS's code keeps AdamW's).
 """
 import torch
 
@@ -46,5 +47,14 @@ def lr_factor(iteration: int, cfg: TrainConfig) -> float:
     return max(0.0, 1.0 - iteration / max(1, cfg.iters)) ** cfg.poly_power
 
 
+SCHEDULES = ("poly", "constant")
+
+
 def build_schedulers(optimizers, cfg: TrainConfig):
-    return [torch.optim.lr_scheduler.LambdaLR(o, lambda it: lr_factor(it, cfg)) for o in optimizers]
+    """One LambdaLR per optimizer, with one factor per parameter group (its ``schedule``)."""
+    def factor(group):
+        schedule = group.get("schedule", "poly")
+        if schedule not in SCHEDULES:
+            raise ValueError(f"unknown schedule {schedule!r} in a parameter group; use one of {SCHEDULES}")
+        return (lambda it: 1.0) if schedule == "constant" else (lambda it: lr_factor(it, cfg))
+    return [torch.optim.lr_scheduler.LambdaLR(o, [factor(g) for g in o.param_groups]) for o in optimizers]

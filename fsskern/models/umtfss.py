@@ -49,9 +49,8 @@ Resolutions (source: P paper, C public code, N the notes' recommendation, R ours
 - Loss: the code's Dice loss (P states none). [#12]
 - Optimisers: SGD (momentum, weight decay and poly from ``train``) for every non-Transformer layer at
   ``sgd_lr_mult`` x train.lr (C x15; P "base 1e-2"); AdamW at ``transformer_lr`` 1e-4, weight decay 1e-2,
-  none on biases / LayerNorm (P + C). [#13, #14] The code keeps AdamW's LR constant and warms SGD up for one
-  epoch; the engine applies its warm-up (``train.warmup_iters``) and poly to both optimisers (R, a known
-  deviation until the engine schedules groups apart).
+  none on biases / LayerNorm (P + C). [#13, #14] As the code: AdamW's LR constant (the group's
+  ``schedule: constant``), SGD warmed up (``train.warmup_iters``) then poly.
 - Head Dropout2d(0.1) (C). FFN 3d, bias-free, residual inside (C). Linear layers Xavier-uniform (C 4.4).
 - Positional encoding of the full grid for both stacks (R): the batch has no padding-only mask, and the
   query mask's 255 (void labels) must not reach the model at test time; C uses the padding masks.
@@ -279,12 +278,13 @@ class UMTFSS(nn.Module):
                              f"{str(e).splitlines()[0]}") from None
 
     def param_groups(self, train_cfg=None):
-        """SGD for the convolutions at ``sgd_lr_mult`` x train.lr; AdamW for the Transformer at ``transformer_lr``
-        with ``transformer_weight_decay`` on weight matrices and none on LayerNorm (the layers have no biases)."""
+        """SGD for the convolutions at ``sgd_lr_mult`` x train.lr (warm-up + poly); AdamW for the Transformer at a
+        constant ``transformer_lr``, ``transformer_weight_decay`` on weight matrices and none on LayerNorm (the
+        layers have no biases)."""
         p = self.p
         rest = [q for n, q in self.named_parameters() if q.requires_grad and not n.startswith("transformer.")]
         tr = [q for q in self.transformer.parameters() if q.requires_grad]
-        adamw = dict(optimizer="adamw", lr=p["transformer_lr"])
+        adamw = dict(optimizer="adamw", lr=p["transformer_lr"], schedule="constant")  # the code's constant LR
         return [{"params": rest, "optimizer": "sgd", "lr_mult": p["sgd_lr_mult"]},
                 {"params": [q for q in tr if q.dim() > 1], "weight_decay": p["transformer_weight_decay"], **adamw},
                 {"params": [q for q in tr if q.dim() <= 1], "weight_decay": 0.0, **adamw}]
