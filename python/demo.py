@@ -36,7 +36,7 @@ def main(argv=None) -> int:
     p.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "msrc_v2"))
     p.add_argument("--out", default=str(ROOT / "runs" / "demo"))
     # DPCL: of the MSRC-v2 CPU recipes it gains most within the demo's 10 minutes (3 minutes of training;
-    # fold 0, 300 episodes: DPCL 57.4, CRCNet 47.4, RILFS 36.4), though it is still below the baseline
+    # fold 0, 1-shot: DPCL 57.4, CRCNet 47.4 on 100 episodes, RILFS 36.4), though still below the baseline
     p.add_argument("--method", default=str(ROOT / "configs" / "dpcl" / "msrc_v2_mobilenet_v2.yaml"))
     p.add_argument("--iters", type=int, default=None, help="training iterations (default: the recipe's)")
     p.add_argument("--val-episodes", type=int, default=None, help="model-selection episodes (default: the recipe's)")
