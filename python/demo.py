@@ -35,8 +35,9 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "msrc_v2"))
     p.add_argument("--out", default=str(ROOT / "runs" / "demo"))
-    # DPCL: of the MSRC-v2 CPU recipes it gains most within the demo's 10 minutes (3 minutes of training;
-    # fold 0, 1-shot: DPCL 57.4, CRCNet 47.4 on 100 episodes, RILFS 36.4), though still below the baseline
+    # DPCL: of the MSRC-v2 CPU recipes it gains most within the demo's 10 minutes (benchmarks/results/methods,
+    # fold 0, 1-shot, 100 episodes: DPCL 57.0 after 3.2 min of training, CRCNet 56.8 after 9.3, RILFS 28.2),
+    # though still below the baseline (63.7)
     p.add_argument("--method", default=str(ROOT / "configs" / "dpcl" / "msrc_v2_mobilenet_v2.yaml"))
     p.add_argument("--iters", type=int, default=None, help="training iterations (default: the recipe's)")
     p.add_argument("--val-episodes", type=int, default=None, help="model-selection episodes (default: the recipe's)")
