@@ -35,6 +35,9 @@ class PrototypeCrossAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, prototypes: torch.Tensor,
                 valid: Optional[torch.Tensor] = None) -> torch.Tensor:
+        if x.dim() != 3 or prototypes.dim() != 3 or x.shape[0] != prototypes.shape[0]:
+            raise ValueError(f"PrototypeCrossAttention: expected x (B, N, dim) and prototypes (B, P, dim), got "
+                             f"{tuple(x.shape)} and {tuple(prototypes.shape)}")
         q = self._split_heads(self.to_q(x))
         k = self._split_heads(self.to_k(prototypes))
         v = self._split_heads(self.to_v(prototypes))

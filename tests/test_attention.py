@@ -172,6 +172,13 @@ def test_prototype_attention_bad_inputs():
         ops.prototype_attention(q, k, v, dropout_p=1.0)
     with pytest.raises(RuntimeError, match="scale must be finite"):
         ops.prototype_attention(q, k, v, scale=float("inf"))
+    # these used to raise ZeroDivisionError / the dispatcher's "Expected a value of type 'int'"
+    with pytest.raises(ValueError, match="prototype_attention: the default scale .* needs D >= 1"):
+        ops.prototype_attention(q[..., :0], k[..., :0], v)
+    with pytest.raises(ValueError, match="prototype_attention: seed must fit in int64"):
+        ops.prototype_attention(q, k, v, dropout_p=0.1, seed=2 ** 63)
+    with pytest.raises(ValueError, match=r"PrototypeCrossAttention: expected x \(B, N, dim\)"):
+        fnn.PrototypeCrossAttention(8, heads=2)(torch.randn(4, 8), torch.randn(1, 3, 8))
 
 
 def test_prototype_attention_opcheck():

@@ -200,7 +200,15 @@ def test_kmeans_bad_inputs():
     with pytest.raises(RuntimeError, match="codes must be an int64"):
         ops.hamming_kmeans(codes.int(), 3)
     with pytest.raises(RuntimeError, match="k must be >= 1"):
-        ops.hamming_kmeans(codes, 0, init=torch.zeros(1, 0, dtype=torch.long))
+        torch.ops.fsskern.hamming_kmeans(codes, torch.ones_like(codes, dtype=torch.bool),
+                                         torch.zeros(1, 0, dtype=torch.long), 0, 2)
+    for k in (0, -1):  # used to reach topk ("selected index k out of range")
+        with pytest.raises(ValueError, match="hamming_kmeans: k must be >= 1"):
+            ops.hamming_kmeans(codes, k)
+        with pytest.raises(ValueError, match="draw_init: k must be >= 1"):
+            ops.draw_init(torch.ones(1, 30, dtype=torch.bool), k)
+        with pytest.raises(ValueError, match="support_prototypes: k_fg and k_bg must be >= 1"):
+            ops.support_prototypes(torch.randn(1, 1, 4, 3, 3), torch.ones(1, 1, 3, 3), k_bg=k)
     with pytest.raises(RuntimeError, match="iters must be >= 0"):
         ops.hamming_kmeans(codes, 3, iters=-1)
     with pytest.raises(RuntimeError, match="init must be int64"):
@@ -295,6 +303,28 @@ def test_cluster_means_bad_inputs():
         ops.cluster_means(torch.randn(1, 2, 4, 6), torch.zeros(1, 10, dtype=torch.long), 3)
     with pytest.raises(RuntimeError, match="eps must be finite"):
         ops.cluster_means(f, torch.zeros(1, 10, dtype=torch.long), 3, eps=-1.0)
+
+
+def test_lsh_hash_of_many_dims_with_zero_points():
+    # (..., 0, E): reshape(-1, 0, E) used to fail ("the unspecified dimension size -1 can be any value")
+    assert ops.lsh_hash(torch.randn(2, 3, 0, 4), ops.lsh_planes(8, 4)).shape == (2, 3, 0)
+    assert ops.lsh_hash(torch.randn(2, 0, 5, 4), ops.lsh_planes(8, 4)).shape == (2, 0, 5)
+
+
+def test_fakes_check_devices_like_the_kernels():
+    # A meta tensor beside a CPU one dispatches to the fake: it used to return a CPU tensor (lsh_hash) or pass.
+    meta = torch.device("meta")
+    with pytest.raises(RuntimeError, match="lsh_hash: x and planes must be on one device"):
+        torch.ops.fsskern.lsh_hash(torch.randn(5, 8), torch.randn(4, 9, device=meta))
+    codes = clustered_codes(1, 30, 16, seed=0)
+    with pytest.raises(RuntimeError, match="hamming_kmeans: codes, valid and init must be on one device"):
+        torch.ops.fsskern.hamming_kmeans(codes, torch.ones(1, 30, dtype=torch.bool, device=meta),
+                                         torch.tensor([[1, 2, 3]]), 3, 2)
+    with pytest.raises(RuntimeError, match="cluster_means: features and assign must be on one device"):
+        torch.ops.fsskern.cluster_means(torch.randn(1, 10, 4), torch.zeros(1, 10, dtype=torch.long, device=meta),
+                                        3, 1e-3)
+    # all-meta inputs still give meta outputs of the kernels' shapes (torch.compile's tracing)
+    assert torch.ops.fsskern.lsh_hash(torch.randn(5, 8, device=meta), torch.randn(4, 9, device=meta)).device == meta
 
 
 # ---- support_prototypes -------------------------------------------------------------------------

@@ -7,6 +7,7 @@ from torch.testing import assert_close
 
 from conftest import FP32, tol
 from fsskern import ops, reference
+from fsskern.reference import composed
 
 MODES = ["mask", "features"]
 
@@ -229,11 +230,32 @@ def test_class_prototypes_equal_per_class_masked_average_pool(mode):
         assert_close(counts, masks.sum((2, 3)), **FP32)
 
 
+@pytest.mark.parametrize("resize", ["mask", "features", "nearest"])
+@pytest.mark.parametrize("impl", [ops.class_prototypes, composed.class_prototypes], ids=["op", "reference"])
+@pytest.mark.parametrize("ignore_index", [0, 2])
+def test_class_prototypes_ignore_index_inside_the_class_range_pools_nothing(impl, resize, ignore_index):
+    # ignore_index = 0 (or 255 with more than 255 classes) is a class id too: its pixels used to pool into it.
+    features = torch.randn(2, 8, 6, 7)
+    labels = random_labels(2, 12, 14, 4, ignore=ignore_index)
+    got, counts = impl(features, labels, 4, ignore_index=ignore_index, resize=resize)
+    renamed = torch.where(labels == ignore_index, 255, labels)  # the same map with the default ignore_index
+    want, want_counts = impl(features, renamed, 4, resize=resize)
+    assert_close(got, want, **FP32)
+    assert_close(counts, want_counts, **FP32)
+    assert (counts[:, ignore_index] == 0).all() and (got[:, ignore_index] == 0).all()
+
+
 def test_class_prototypes_rejects_out_of_range_labels():
     with pytest.raises(ValueError, match=r"labels must lie in \[0, 3\)"):
         ops.class_prototypes(torch.randn(1, 2, 4, 4), torch.tensor([[[0, 1], [2, 7]]]), 3)
     with pytest.raises(ValueError, match="integer"):
         ops.class_prototypes(torch.randn(1, 2, 4, 4), torch.zeros(1, 4, 4), 3)
+    # empty grids used to reach F.interpolate ("Input and output sizes should be greater than 0")
+    for resize in ("nearest", "mask", "features"):
+        with pytest.raises(ValueError, match=r"class_prototypes: features must have a non-empty spatial size"):
+            ops.class_prototypes(torch.randn(1, 2, 0, 4), torch.zeros(1, 4, 4, dtype=torch.long), 3, resize=resize)
+        with pytest.raises(ValueError, match=r"class_prototypes: labels must have a non-empty spatial size"):
+            ops.class_prototypes(torch.randn(1, 2, 4, 4), torch.zeros(1, 4, 0, dtype=torch.long), 3, resize=resize)
 
 
 def test_modes_agree_on_8k_plus_1_sizes():

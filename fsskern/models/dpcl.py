@@ -88,8 +88,10 @@ class MultiLevelEncoder(nn.Module):
     own channels (no heads: PANet's plain VGG feature when levels = ["layer4"]).
     """
 
-    def __init__(self, backbone: nn.Module, levels: List[str], dim: int):
+    def __init__(self, backbone: nn.Module, levels: List[str], dim: int, init: str = "default"):
         super().__init__()
+        if init not in ("default", "orthogonal"):
+            raise ValueError(f"head_init must be 'default' or 'orthogonal', got {init!r}")
         unknown = [lv for lv in levels if lv not in backbone.channels]
         if not levels or unknown:
             raise ValueError(f"levels must name backbone layers from {sorted(backbone.channels)}, got {levels}")
@@ -97,6 +99,12 @@ class MultiLevelEncoder(nn.Module):
         self.heads = nn.ModuleDict({lv: nn.Conv2d(backbone.channels[lv], dim, 1) if dim else nn.Identity()
                                     for lv in levels})
         self.out_channels = sum(dim or backbone.channels[lv] for lv in levels)
+        if init == "orthogonal" and dim:
+            # Semi-orthogonal weights (W^T W = I when dim >= channels) and zero bias make each head an isometry:
+            # cosine similarities, and so the untrained model's predictions, start as the backbone's own.
+            for head in self.heads.values():
+                nn.init.orthogonal_(head.weight.flatten(1))
+                nn.init.zeros_(head.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         feats = self.backbone(x)
@@ -175,13 +183,14 @@ class DPCL(nn.Module):
     heads), scale (20, alpha of Eq. 2), align (True, PANet's PAR), frozen_bn (False), momentum (0.999),
     dict_size (8192), cs_negatives (7000), ca_negatives (1000), ca_pixels (5), ca_min_pixels (5),
     tau (0.05), cs_weight (0.02, lambda1), ca_weight (0.015, lambda2), crop_scale ([0.2, 1.0]), output_stride
-    (None: the backbone's default, 8 for ResNet-50 as the paper).
+    (None: the backbone's default, 8 for ResNet-50 as the paper), head_init ("default": PyTorch's conv init as
+    the public code; "orthogonal": isometric heads, zero bias, so training starts from the backbone's cosines).
     """
 
     DEFAULTS = {"contrastive": True, "levels": ["layer2", "layer3", "layer4"], "head_dim": 512, "scale": 20.0,
                 "align": True, "frozen_bn": False, "momentum": 0.999, "dict_size": 8192, "cs_negatives": 7000,
                 "ca_negatives": 1000, "ca_pixels": 5, "ca_min_pixels": 5, "tau": 0.05, "cs_weight": 0.02,
-                "ca_weight": 0.015, "crop_scale": [0.2, 1.0], "output_stride": None}
+                "ca_weight": 0.015, "crop_scale": [0.2, 1.0], "output_stride": None, "head_init": "default"}
 
     def __init__(self, cfg, backend):
         super().__init__()
@@ -196,7 +205,7 @@ class DPCL(nn.Module):
                                    output_stride=self.p["output_stride"], **options)
         if cfg.freeze_backbone:
             freeze(backbone)
-        self.encoder = MultiLevelEncoder(backbone, self.p["levels"], self.p["head_dim"])
+        self.encoder = MultiLevelEncoder(backbone, self.p["levels"], self.p["head_dim"], self.p["head_init"])
         self.contrastive = bool(self.p["contrastive"])
         if self.contrastive:
             self.key_encoder = copy.deepcopy(self.encoder).requires_grad_(False)

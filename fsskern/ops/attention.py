@@ -36,11 +36,16 @@ def prototype_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
         (B, H, N, Dv) in the dtype of q. Differentiable w.r.t. q, k and v.
     """
     if scale is None:
+        if q.dim() == 4 and q.shape[-1] == 0:
+            raise ValueError("prototype_attention: the default scale D ** -0.5 needs D >= 1, q has D = 0; "
+                             "pass scale explicitly (every score is 0 then, whatever the scale)")
         scale = q.shape[-1] ** -0.5
     if dropout_p == 0:
         seed = 0
     elif seed is None:
         seed = int(torch.randint(_SEED_RANGE, (1,)).item())
+    elif not -2 ** 63 <= seed < 2 ** 63:
+        raise ValueError(f"prototype_attention: seed must fit in int64 ([-2**63, 2**63)), got {seed}")
     out, _ = torch.ops.fsskern.prototype_attention(q, k, v, key_valid, float(scale), float(dropout_p), int(seed))
     return out
 

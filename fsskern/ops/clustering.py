@@ -5,6 +5,8 @@ seeded through a ``torch.Generator`` and the integer parts are identical on CPU 
 """
 from typing import Optional, Tuple
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -34,14 +36,17 @@ def lsh_hash(x: torch.Tensor, planes: torch.Tensor) -> torch.Tensor:
         raise ValueError("lsh_hash: x must have a feature dimension")
     if x.dim() == 1:
         return torch.ops.fsskern.lsh_hash(x.unsqueeze(0), planes)[0]
-    # (M, N, E) is what the kernels read; merging the leading dims copies only if they do not merge
-    rows = x.reshape(-1, *x.shape[-2:]) if x.dim() > 3 else x
+    # (M, N, E) is what the kernels read; merging the leading dims copies only if they do not merge. M is
+    # spelled out: reshape cannot infer a -1 beside a zero-size dimension.
+    rows = x.reshape(math.prod(x.shape[:-2]), *x.shape[-2:]) if x.dim() > 3 else x
     return torch.ops.fsskern.lsh_hash(rows, planes).view(x.shape[:-1])
 
 
 def draw_init(valid: torch.Tensor, k: int, generator: Optional[torch.Generator] = None) -> torch.Tensor:
     """k distinct valid points per batch item, uniformly (rows with <= k valid points get
     zeros: hamming_kmeans does not use their init)."""
+    if k < 1:
+        raise ValueError(f"draw_init: k must be >= 1, got {k}")
     scores = torch.rand(valid.shape, generator=generator).to(valid.device)
     scores = torch.where(valid, scores, torch.full_like(scores, -1.0))
     init = scores.topk(min(k, valid.shape[1]), dim=1).indices
@@ -70,6 +75,8 @@ def hamming_kmeans(codes: torch.Tensor, k: int, *, iters: int = 10, valid: Optio
         no more than k valid points, each is its own cluster (the rest empty). The returned
         assignment is recomputed against the returned centroids.
     """
+    if k < 1:
+        raise ValueError(f"hamming_kmeans: k must be >= 1, got {k}")
     if valid is None:
         valid = torch.ones_like(codes, dtype=torch.bool)
     if valid.dtype != torch.bool or valid.shape != codes.shape:
@@ -126,6 +133,8 @@ def support_prototypes(features: torch.Tensor, masks: torch.Tensor, *, valid: Op
     if features.dim() != 5 or masks.dim() != 4 or masks.shape[:2] != features.shape[:2]:
         raise ValueError(f"support_prototypes: expected features (B, K, C, h, w) and masks (B, K, H, W), got "
                          f"{tuple(features.shape)} and {tuple(masks.shape)}")
+    if k_fg < 1 or k_bg < 1:
+        raise ValueError(f"support_prototypes: k_fg and k_bg must be >= 1, got {k_fg} and {k_bg}")
     B, K, C, h, w = features.shape
     fg, bg = _token_sets(masks, valid, (h, w), features.dtype)
     # Tokens are read where they lie: maps (B, K, C, hw) for the means, the same memory seen as
@@ -206,11 +215,16 @@ def _with_fallbacks(fg: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
 @torch.library.register_fake("fsskern::lsh_hash")
 def _(x, planes):
     torch._check(x.dim() in (2, 3) and planes.dim() == 2, lambda: "lsh_hash: x (N, E) or (M, N, E), planes (bits, E + 1)")
+    # Fakes mirror the kernels' device checks: a meta tensor beside a real one dispatches here, not to a kernel.
+    torch._check(planes.device == x.device, lambda: f"lsh_hash: x and planes must be on one device, got {x.device} "
+                 f"and {planes.device}")
     return x.new_empty(x.shape[:-1], dtype=torch.int64)
 
 
 @torch.library.register_fake("fsskern::hamming_kmeans")
 def _(codes, valid, init, k, iters):
+    torch._check(valid.device == codes.device and init.device == codes.device,
+                 lambda: "hamming_kmeans: codes, valid and init must be on one device")
     B = codes.shape[0]
     return codes.new_empty(codes.shape), codes.new_empty(B, k), codes.new_empty(B, k)
 
@@ -218,6 +232,7 @@ def _(codes, valid, init, k, iters):
 @torch.library.register_fake("fsskern::cluster_means")
 def _(features, assign, k, eps):
     torch._check(features.dim() in (3, 4), lambda: "cluster_means: features must be (B, N, C) or (B, S, C, M)")
+    torch._check(assign.device == features.device, lambda: "cluster_means: features and assign must be on one device")
     B, C = features.shape[0], features.shape[2]
     return features.new_empty(B, k, C), assign.new_empty(B, k)
 

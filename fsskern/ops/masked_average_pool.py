@@ -64,6 +64,9 @@ def class_prototypes(features: torch.Tensor, labels: torch.Tensor, num_classes: 
                          f"{labels.dtype} of shape {tuple(labels.shape)}")
     if num_classes < 1:
         raise ValueError(f"class_prototypes: num_classes must be >= 1, got {num_classes}")
+    for name, size in (("features", features.shape[-2:]), ("labels", labels.shape[-2:])):
+        if 0 in size:
+            raise ValueError(f"class_prototypes: {name} must have a non-empty spatial size, got {tuple(size)}")
     bad = (labels != ignore_index) & ((labels < 0) | (labels >= num_classes))
     if bad.any():
         raise ValueError(f"class_prototypes: labels must lie in [0, {num_classes}) or equal ignore_index="
@@ -72,7 +75,8 @@ def class_prototypes(features: torch.Tensor, labels: torch.Tensor, num_classes: 
         labels = F.interpolate(labels[:, None].double(), size=features.shape[-2:], mode="nearest")[:, 0].long()
         resize, eps = "mask", 0.0 if eps is None else eps
     classes = torch.arange(num_classes, device=labels.device).view(1, -1, 1, 1)
-    masks = labels.unsqueeze(1) == classes  # ignore_index matches no class
+    # An ignore_index inside [0, num_classes) (0, or 255 with more classes) must not pool into that class.
+    masks = (labels.unsqueeze(1) == classes) & (labels != ignore_index).unsqueeze(1)
     if eps is None:
         eps = DEFAULT_EPS[resize]
     return torch.ops.fsskern.masked_average_pool(features, masks, resize, float(eps))

@@ -67,6 +67,10 @@ def prior_mask(query: torch.Tensor, support: torch.Tensor, support_masks: torch.
                          f"got {tuple(support_masks.shape)}")
     B, K, C, hs, ws = support.shape
     hq, wq = query.shape[-2:]
+    for name, size in (("query", (hq, wq)), ("support", (hs, ws)), ("support_masks", support_masks.shape[-2:]),
+                       ("out_size", (1, 1) if out_size is None else tuple(out_size))):
+        if len(size) != 2 or min(size) < 1:
+            raise ValueError(f"prior_mask: {name} must have a non-empty (h, w) grid, got {tuple(size)}")
     masks = support_masks.to(query.dtype)
     if masks.shape[-2:] != (hs, ws):
         masks = F.interpolate(masks, size=(hs, ws), mode="bilinear", align_corners=True)

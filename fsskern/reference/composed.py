@@ -27,7 +27,7 @@ def class_prototypes(features: torch.Tensor, labels: torch.Tensor, num_classes: 
     if resize == "nearest":
         labels = F.interpolate(labels[:, None].double(), size=features.shape[-2:], mode="nearest")[:, 0].long()
         resize = "mask"
-    masks = torch.stack([labels == c for c in range(num_classes)], 1).to(features.dtype)
+    masks = torch.stack([(labels == c) & (labels != ignore_index) for c in range(num_classes)], 1).to(features.dtype)
     prototypes = masked_average_pool(features, masks, resize, eps)
     if resize == "mask" and masks.shape[-2:] != features.shape[-2:]:
         masks = F.interpolate(masks, size=features.shape[-2:], mode="bilinear", align_corners=True)
