@@ -128,6 +128,10 @@ def test_prototype_attention_non_contiguous_and_nan():
     out = ops.prototype_attention(q, k, v)
     assert_close(out, ref.prototype_attention(q, k, v), equal_nan=True, **FP32)
     assert out[0, 1, 4].isnan().all() and not out[0, 1, 3].isnan().any()
+    # scale 0: BLAS skips a product scaled by 0, which used to turn the NaN row into the uniform average
+    out = ops.prototype_attention(q, k, v, scale=0.0)
+    assert_close(out, ref.prototype_attention(q, k, v, scale=0.0), equal_nan=True, **FP32)
+    assert out[0, 1, 4].isnan().all() and not out[0, 1, 3].isnan().any()
 
 
 def test_prototype_attention_deterministic_across_threads():
@@ -143,11 +147,65 @@ def test_prototype_attention_deterministic_across_threads():
     assert all(torch.equal(o, outs[0]) for o in outs)
 
 
+def _with_threads(n, fn):
+    previous = torch.get_num_threads()
+    try:
+        torch.set_num_threads(n)
+        return fn()
+    finally:
+        torch.set_num_threads(previous)
+
+
+# One task (B * H = 1, one row tile): the kernels ran their GEMMs outside a parallel region, where MKL may
+# thread them and sum in another order (results differed by ~1e-5 between 1 and 2 threads on some CPUs).
+@pytest.mark.parametrize("shape", [(1, 1, 300, 256, 70), (1, 1, 64, 2048, 70), (2, 4, 900, 16, 70)],
+                         ids=lambda s: "x".join(map(str, s)))
+def test_forward_and_backward_do_not_depend_on_thread_count(shape):
+    B, H, N, D, P = shape
+    q, k, v = (torch.randn(B, H, n, D, requires_grad=True) for n in (N, P, P))
+    query, support = torch.randn(B, D, N, requires_grad=True), torch.randn(B, D, 4 * P, requires_grad=True)
+    mask = torch.rand(B, 4 * P) < 0.4
+
+    def run():
+        outs = [ops.prototype_attention(q, k, v, dropout_p=0.1, seed=3),
+                ops.local_conditional_attention(query, support, mask, mode="multiply")]
+        weights = [torch.linspace(-1, 1, o.numel()).view_as(o) for o in outs]
+        grads = torch.autograd.grad(sum((o * w).sum() for o, w in zip(outs, weights)), (q, k, v, query, support))
+        return [o.detach() for o in outs] + list(grads)
+
+    one = _with_threads(1, run)
+    for n in (2, 4):
+        assert all(torch.equal(a, b) for a, b in zip(one, _with_threads(n, run)))
+
+
 def test_prototype_attention_zero_size():
     assert ops.prototype_attention(torch.randn(2, 3, 0, 4), torch.randn(2, 3, 5, 4),
                                    torch.randn(2, 3, 5, 2)).shape == (2, 3, 0, 2)
     assert ops.prototype_attention(torch.randn(0, 3, 7, 4), torch.randn(0, 3, 5, 4),
                                    torch.randn(0, 3, 5, 2)).shape == (0, 3, 7, 2)
+
+
+def test_zero_channel_gradients():
+    # D = 0 (C = 0 for CRCNet's op): every score is 0, so the weights are uniform over the valid keys and the
+    # values still get a gradient; the backward used to be skipped (q.numel() == 0) and return zeros.
+    f64 = dict(dtype=torch.float64, requires_grad=True)
+    q, k, v = torch.randn(2, 2, 5, 0, **f64), torch.randn(2, 2, 4, 0, **f64), torch.randn(2, 2, 4, 3, **f64)
+    valid = torch.tensor([[True, False, True, True], [True, True, True, True]])
+    op = lambda q, k, v: ops.prototype_attention(q, k, v, key_valid=valid, scale=1.0)  # noqa: E731
+    assert torch.autograd.gradcheck(op, (q, k, v))
+    grad_v = torch.autograd.grad(op(q, k, v).sum(), v)[0]
+    assert_close(grad_v, torch.autograd.grad(ref.prototype_attention(q, k, v, valid, scale=1.0).sum(), v)[0])
+    assert grad_v.abs().sum() > 0
+    assert ops.prototype_attention(q, k, v[..., :0], scale=1.0).shape == (2, 2, 5, 0)  # D = Dv = 0
+    for mode in ("exclude", "multiply"):
+        query, support, value = torch.randn(2, 0, 6, **f64), torch.randn(2, 0, 5, **f64), torch.randn(2, 3, 5, **f64)
+        mask = torch.tensor([[1, 0, 1, 1, 0], [0, 1, 1, 1, 1]], dtype=torch.bool)
+        local = lambda a, b, c: ops.local_conditional_attention(a, b, mask, value=c, mode=mode)  # noqa: E731
+        assert torch.autograd.gradcheck(local, (query, support, value))
+        grad_value = torch.autograd.grad(local(query, support, value).sum(), value)[0]
+        want = torch.autograd.grad(ref.local_conditional_attention(query, support, mask, value, mode).sum(), value)[0]
+        assert_close(grad_value, want)
+        assert grad_value.abs().sum() > 0
 
 
 def test_prototype_attention_bad_inputs():

@@ -123,6 +123,20 @@ def test_nan_and_inf_propagate_like_the_reference():
     assert torch.isnan(got[0, 0, 1]) and torch.isinf(got[0, 1, 2])
 
 
+def test_features_mode_nan_in_a_pixel_the_upsampling_skips_is_documented_behaviour():
+    # 9x9 features pooled under a 4x4 mask: bilinear resizing (the reference) never reads feature row/column 4,
+    # the op reads every feature pixel (weight 0 there). Documented: a NaN/Inf anywhere in a channel makes
+    # that channel's prototypes NaN here, while the reference can stay finite; elsewhere the two agree.
+    features = torch.randn(1, 3, 9, 9)
+    features[0, 1, 4, 4] = float("nan")
+    masks = torch.zeros(1, 1, 4, 4)
+    masks[0, 0, :2, :2] = 1
+    got = ops.masked_average_pool(features, masks, resize="features")
+    want = reference.masked_average_pool(features, masks, "features")
+    assert torch.isnan(got[0, 0, 1]) and torch.isfinite(want[0, 0, 1])
+    assert_close(got[0, 0, [0, 2]], want[0, 0, [0, 2]], **FP32)
+
+
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("sizes", [((6, 5), (13, 11)), ((7, 9), (4, 3)), ((5, 5), (5, 5))], ids=str)
 def test_gradcheck_float64(mode, sizes):

@@ -247,6 +247,31 @@ def test_attention_wide_rows_use_fewer_warps(simt, schedule):
                                  v.repeat(1, 1, 1, 3), None, 0.01, 0.0, 0)
 
 
+def test_attention_zero_channels(simt, schedule):
+    # D = 0 (and D = Dv = 0): no shared memory per warp to size the blocks by, every score 0, v's gradient kept
+    q, k = torch.randn(2, 2, 5, 0), torch.randn(2, 2, 4, 0)
+    for v in (torch.randn(2, 2, 4, 3), torch.randn(2, 2, 4, 0)):
+        out, lse = simt.prototype_attention(q, k, v, None, 1.0, 0.0, 0)
+        cpu_out, cpu_lse = torch.ops.fsskern.prototype_attention(q, k, v, None, 1.0, 0.0, 0)
+        assert_close(out, cpu_out, **FP32)
+        assert_close(lse, cpu_lse, **FP32)
+        grad = torch.randn_like(out)
+        got = simt._prototype_attention_backward(grad, q, k, v, None, out, lse, 1.0, 0.0, 0)
+        want = torch.ops.fsskern._prototype_attention_backward(grad, q, k, v, None, cpu_out, cpu_lse, 1.0, 0.0, 0)
+        for g, w in zip(got, want):
+            assert_close(g, w, **FP32)
+    query, support, value, mask = torch.randn(2, 0, 6), torch.randn(2, 0, 5), torch.randn(2, 3, 5), torch.rand(2, 5) < 0.5
+    for mode in ("exclude", "multiply"):
+        out, lse = simt.local_conditional_attention(query, support, mask, value, mode)
+        assert_close(out, reference.attention.local_conditional_attention(query, support, mask, value, mode), **FP32)
+        grad = torch.randn_like(out)
+        got = simt._local_conditional_attention_backward(grad, query, support, mask, value, out, lse, mode)
+        want = torch.ops.fsskern._local_conditional_attention_backward(grad, query, support, mask, value, out, lse,
+                                                                        mode)
+        for g, w in zip(got, want):
+            assert_close(g, w, **FP32)
+
+
 @pytest.mark.parametrize("mode", ["exclude", "multiply"])
 def test_local_conditional_attention(simt, schedule, mode):
     query, support, value = torch.randn(3, 36, 23), torch.randn(3, 36, 19), torch.randn(3, 33, 19)

@@ -180,7 +180,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> prototype_attention_backward_impl
   at::Tensor grad_k = at::zeros(in.k.sizes(), q.options());
   at::Tensor grad_v = at::zeros(in.v.sizes(), q.options());
   at::Tensor grad_const = at::zeros({q.size(0), q.size(1), v.size(3)}, q.options());
-  if (q.numel() > 0 && k.size(2) > 0)
+  // Rows and keys, not q.numel(): with D = 0 every score is 0 and v still gets its gradient.
+  if (q.size(0) * q.size(1) * q.size(2) > 0 && k.size(2) > 0)
     kernels.backward(in, out.contiguous(), lse.contiguous(), grad_out.contiguous(), grad_q, grad_k, grad_v,
                      grad_const);
   return {grad_q, unpack_keys(grad_k, in.key_index), unpack_keys(grad_v, in.key_index)};
@@ -212,7 +213,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> local_conditional_attention_backw
   at::Tensor grad_v = at::zeros({B, 1, in.k.size(2), value.size(1)}, query.options());
   at::Tensor grad_const = at::zeros({B, 1, value.size(1)}, query.options());
   const auto tokens = [](const at::Tensor& x) { return x.transpose(1, 2).unsqueeze(1).contiguous(); };
-  if (query.numel() > 0 && support.size(2) > 0)
+  // Rows and keys, not query.numel(): with C = 0 every logit is 0 and value still gets its gradient.
+  if (B * query.size(2) > 0 && support.size(2) > 0)
     kernels.backward(in, tokens(out), lse.unsqueeze(1).contiguous(), tokens(grad_out), grad_q, grad_k, grad_v,
                      grad_const);
   const auto channels_first = [](const at::Tensor& x) { return x.squeeze(1).transpose(1, 2).contiguous(); };

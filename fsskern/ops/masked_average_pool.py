@@ -33,7 +33,11 @@ def masked_average_pool(features: torch.Tensor, masks: torch.Tensor, *, resize: 
 
     Returns:
         (B, N, C) prototypes in the dtype of ``features``. Differentiable w.r.t. features and
-        float masks. NaN/Inf in the inputs propagate as in the reference.
+        float masks. NaN/Inf: ``"mask"`` propagates them as the reference does (every pixel is
+        read). ``"features"`` reads every feature pixel too, with weight 0 where the mask does not
+        reach, so a NaN/Inf anywhere in a channel makes that channel's prototypes NaN; the
+        reference reads only the pixels its bilinear upsampling touches, and stays finite when
+        the mask is smaller than the features and skips the bad pixel.
     """
     check_choice("masked_average_pool", "resize", resize, DEFAULT_EPS)
     if eps is None:

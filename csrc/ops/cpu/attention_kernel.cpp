@@ -146,7 +146,10 @@ void forward_typed(const AttentionInputs& in, at::Tensor& out, at::Tensor& lse) 
         const int64_t n = std::min(tiles.keys, count - j0);
         // transposed: keys x rows, each key's row ld apart
         at::Tensor s_tile = scores.narrow(0, 0, n * ld).view({n, ld}).narrow(1, 0, rows);
-        at::addmm_out(s_tile, s_tile, in.k[b][h].narrow(0, j0, n), q_tile.t(), /*beta=*/0, /*alpha=*/in.scale);
+        // BLAS skips the product when alpha is 0: scale 0 is applied after it, so NaN/Inf still propagate.
+        at::addmm_out(s_tile, s_tile, in.k[b][h].narrow(0, j0, n), q_tile.t(), /*beta=*/0,
+                      /*alpha=*/in.scale == 0 ? 1.0 : in.scale);
+        if (in.scale == 0) s_tile.mul_(0);
         T* s = s_tile.mutable_data_ptr<T>();
         for (int64_t j = 0; j < n; ++j) std::fill(s + j * ld + rows, s + (j + 1) * ld, T(0));
         online_softmax_tile(s, n, rows, ld, m.data(), l.data(), alpha.data());
@@ -203,6 +206,7 @@ void backward_typed(const AttentionInputs& in, const at::Tensor& out, const at::
 
   at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
     const at::AutoDispatchBelowADInplaceOrView below_autograd;
+    const SingleThreadedBlas one_thread;  // the result must not depend on the thread count
     at::Tensor probs = at::empty({tiles.rows * tiles.keys}, in.q.options());
     at::Tensor dropped = at::empty({tiles.rows * tiles.keys}, in.q.options());
     at::Tensor score_grad = at::empty({tiles.rows * tiles.keys}, in.q.options());

@@ -38,8 +38,10 @@ LaunchConfig warp_per_item_config(int64_t items, int64_t H, int64_t B, int64_t s
   TORCH_CHECK(bytes_per_warp <= kAttentionSharedBytes, "attention (CUDA): a row of ", shared_per_warp,
               " values (query/key and value channels) does not fit in shared memory; at most ",
               kAttentionSharedBytes / sizeof(T), " in this dtype");
-  const int64_t warps =
-      std::min<int64_t>(kAttentionWarps, static_cast<int64_t>(kAttentionSharedBytes / bytes_per_warp));
+  // Zero channels (D = 0 and Dv = 0, or D = 0 in the query backward): nothing to stage, full blocks.
+  const int64_t warps = bytes_per_warp == 0 ? kAttentionWarps
+                                            : std::min<int64_t>(kAttentionWarps,
+                                                                static_cast<int64_t>(kAttentionSharedBytes / bytes_per_warp));
   return {dim3(static_cast<unsigned>(ceil_div(items, warps)), static_cast<unsigned>(H), static_cast<unsigned>(B)),
           dim3(static_cast<unsigned>(32 * warps)), static_cast<size_t>(warps) * bytes_per_warp};
 }
