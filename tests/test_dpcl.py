@@ -159,6 +159,34 @@ def test_panet_is_dpcl_without_the_contrastive_branch():
     torch.testing.assert_close(out_p["losses"]["align"], out_d["losses"]["align"])
 
 
+def test_orthogonal_heads_keep_the_backbone_cosines():
+    # head_init="orthogonal" (the MSRC-v2 CPU recipe): each 1x1 head is an isometry, so the untrained model's
+    # cosine logits are those of the backbone's own concatenated levels
+    model = build("panet", head_init="orthogonal", head_dim=128, levels=["layer2", "layer3"]).eval()
+    x = synthetic_batch()["query_img"]
+    with torch.no_grad():
+        feats = model.encoder.backbone(x)
+        raw = torch.cat([feats["layer2"], torch.nn.functional.interpolate(
+            feats["layer3"], size=feats["layer2"].shape[-2:], mode="bilinear", align_corners=False)], 1).flatten(2)
+        projected = model.encoder(x).flatten(2)
+    torch.testing.assert_close(projected.transpose(1, 2) @ projected, raw.transpose(1, 2) @ raw, rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="head_init must be 'default' or 'orthogonal'"):
+        build(head_init="xavier")
+
+
+def test_void_background_switch():
+    # PANet counts 255 (void) as support background; void_background=False leaves it out of both prototypes
+    batch = synthetic_batch(B=1)
+    masks = batch["support_masks"][:, 0]  # (1, H, W), row 0 is 255
+    f = torch.randn(1, 8, 9, 9)
+    pool = lambda bg: torch.ops.fsskern.masked_average_pool(  # noqa: E731
+        f, torch.stack([bg, masks == 1], 1), "features", 1e-5)[0]
+    for void, background in ((True, masks != 1), (False, masks == 0)):
+        got = build("panet", void_background=void).support_prototypes(f, masks, 1, 1, 1)
+        torch.testing.assert_close(got, pool(background))
+    assert not torch.allclose(pool(masks != 1)[:, 0], pool(masks == 0)[:, 0])
+
+
 def test_clear_errors_for_bad_inputs():
     model = build().train()
     batch = synthetic_batch(ways=2, shots=2)

@@ -9,7 +9,9 @@ cosine segmentation (alpha = 20). Ignore pixels (255) belong to neither prototyp
 params: ``layers`` (backbone outputs concatenated after resizing to the first one's grid; default
 ``[layer2, layer3]``, chosen on held-out base-class images of MSRC-v2 fold 0 with MobileNetV2: val mIoU
 61.5 for layer2+3, 60.7 layer3, 59.5 layer3+4, 48.8 layer4, 300 episodes each; never on test classes), ``scale`` (alpha, 20), ``cache_mb`` (features of recently seen images kept,
-in MB; 0 turns the cache off).
+in MB; 0 turns the cache off), ``output_stride`` (None: the backbone's default, 8 for MobileNetV2) and
+``align_corners`` (True) of the resizing: on the same held-out images output stride 32 gives 61.8 and
+align_corners=False 61.4, within the noise of 300 episodes, so the defaults (and every figure made with them) stay.
 
 Evaluation reads the same few hundred images in thousands of episodes, and a frozen backbone is a
 pure function of its input, so the features of each input image are kept (keyed by a hash of its
@@ -30,13 +32,14 @@ from .params import parse_params
 
 @register_model("baseline")
 class PrototypeBaseline(nn.Module):
-    DEFAULTS = {"layers": ["layer2", "layer3"], "scale": 20.0, "cache_mb": 1024}
+    DEFAULTS = {"layers": ["layer2", "layer3"], "scale": 20.0, "cache_mb": 1024, "align_corners": True,
+                "output_stride": None}
 
     def __init__(self, cfg, backend):
         super().__init__()
         self.params = parse_params("baseline", cfg.params, self.DEFAULTS)
         self.backend = backend
-        self.backbone = create_backbone(cfg.backbone, weights=cfg.weights)
+        self.backbone = create_backbone(cfg.backbone, weights=cfg.weights, output_stride=self.params["output_stride"])
         freeze(self.backbone)  # training-free: nothing here learns, whatever the config says
         self.cache: "OrderedDict[bytes, torch.Tensor]" = OrderedDict()
         self.cache_bytes = 0
@@ -66,7 +69,8 @@ class PrototypeBaseline(nn.Module):
         layers = [outs[name] for name in self.params["layers"]]
         size = layers[0].shape[-2:]
         return torch.cat([x if x.shape[-2:] == size else
-                          F.interpolate(x, size=size, mode="bilinear", align_corners=True) for x in layers], 1)
+                          F.interpolate(x, size=size, mode="bilinear", align_corners=self.params["align_corners"])
+                          for x in layers], 1)
 
     def forward(self, batch: dict) -> dict:
         query, supports, masks = batch["query_img"], batch["support_imgs"], batch["support_masks"]
@@ -80,5 +84,5 @@ class PrototypeBaseline(nn.Module):
         protos = self.backend.masked_average_pool(s, fg_bg, resize="features")  # (B*S, 2, C)
         protos = protos.view(B, S, 2, -1).mean(1).flip(1)  # (B, [bg, fg], C), the mean over shots
         logits = cosine_logits(q, protos, scale=self.params["scale"])
-        logits = F.interpolate(logits, size=query.shape[-2:], mode="bilinear", align_corners=True)
+        logits = F.interpolate(logits, size=query.shape[-2:], mode="bilinear", align_corners=self.params["align_corners"])
         return {"logits": logits, "losses": {}}

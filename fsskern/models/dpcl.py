@@ -190,7 +190,8 @@ class DPCL(nn.Module):
     DEFAULTS = {"contrastive": True, "levels": ["layer2", "layer3", "layer4"], "head_dim": 512, "scale": 20.0,
                 "align": True, "frozen_bn": False, "momentum": 0.999, "dict_size": 8192, "cs_negatives": 7000,
                 "ca_negatives": 1000, "ca_pixels": 5, "ca_min_pixels": 5, "tau": 0.05, "cs_weight": 0.02,
-                "ca_weight": 0.015, "crop_scale": [0.2, 1.0], "output_stride": None, "head_init": "default"}
+                "ca_weight": 0.015, "crop_scale": [0.2, 1.0], "output_stride": None, "head_init": "default",
+                "void_background": True}
 
     def __init__(self, cfg, backend):
         super().__init__()
@@ -238,7 +239,9 @@ class DPCL(nn.Module):
 
     def support_prototypes(self, f_s, masks, B, ways, shots):
         """Eq. 1 (R2): f_s (B*S, d, h, w), masks (B*S, H, W) -> (B, 1 + ways, d) = [bg, way 1..ways]."""
-        fg_bg = torch.stack([masks != 1, masks == 1], 1)  # 255 counts as support background (PANet)
+        # 255 counts as support background in PANet; void_background=False leaves it out of both (the baseline's)
+        background = masks != 1 if self.p["void_background"] else masks == 0
+        fg_bg = torch.stack([background, masks == 1], 1)
         pooled = self.backend.masked_average_pool(f_s, fg_bg, resize="features")  # (B*S, 2, d)
         pooled = pooled.view(B, ways, shots, 2, -1)
         return torch.cat([pooled[..., 0, :].mean((1, 2))[:, None], pooled[..., 1, :].mean(2)], 1)
