@@ -31,7 +31,8 @@ def masked_average_pool(features: torch.Tensor, masks: torch.Tensor, *, resize: 
 
 def prior_mask(query: torch.Tensor, support: torch.Tensor, support_masks: torch.Tensor, *, eps: float = 1e-7,
                normalize: bool = True, reduce: Optional[str] = "mean",
-               out_size: Optional[Sequence[int]] = None) -> torch.Tensor:
+               out_size: Optional[Sequence[int]] = None, search_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """``search_dtype`` is accepted for the fused signature: the reference's dense search is exact already."""
     return ref_prior_mask(query, support, support_masks, eps, normalize, reduce, out_size)
 
 

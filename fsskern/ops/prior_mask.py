@@ -10,12 +10,13 @@ import torch
 import torch.nn.functional as F
 
 from ._checks import check_choice
+from .certified_search import max_cosine_bf16_search, uses_bf16_search
 
 _OP = "fsskern::max_cosine"
 
 
 def max_cosine(query: torch.Tensor, support: torch.Tensor, support_weights: torch.Tensor, *,
-               eps: float = 1e-7) -> Tuple[torch.Tensor, torch.Tensor]:
+               eps: float = 1e-7, search_dtype: Optional[torch.dtype] = None) -> Tuple[torch.Tensor, torch.Tensor]:
     """Per query pixel and shot, the max over support pixels of the cosine with the masked support.
 
     Args:
@@ -24,17 +25,25 @@ def max_cosine(query: torch.Tensor, support: torch.Tensor, support_weights: torc
         support_weights: (B, K, Ns) mask on the support feature grid; pixels with weight 0 are
             skipped, and count as the reference's zero vectors (cosine exactly 0).
         eps: added to the product of the norms, as PFENet's ``cosine_eps``.
+        search_dtype: ``torch.bfloat16`` scores the pairs with bf16 products and rescores in fp32 every
+            pixel within a proven bound of its row's maximum (:mod:`fsskern.ops.certified_search`): the same
+            values and indices as the fp32 kernel. Taken only for fp32 inputs on bf16 hardware (AMX-BF16,
+            AVX512-BF16, CUDA tensor cores); elsewhere the fp32 kernel runs (``build_info()["bf16_search"]``).
 
     Returns:
         values (B, K, Nq) and indices (B, K, Nq) int64: the maximising support pixel, or -1
         when the maximum is a masked-out pixel. Differentiable w.r.t. query and support.
     """
+    if search_dtype not in (None, torch.float32, torch.bfloat16):
+        raise ValueError(f"max_cosine: search_dtype must be None, torch.float32 or torch.bfloat16, got {search_dtype}")
+    if search_dtype == torch.bfloat16 and uses_bf16_search(query):
+        return max_cosine_bf16_search(query, support, support_weights, float(eps))
     return torch.ops.fsskern.max_cosine(query, support, support_weights, float(eps))
 
 
 def prior_mask(query: torch.Tensor, support: torch.Tensor, support_masks: torch.Tensor, *, eps: float = 1e-7,
                normalize: bool = True, reduce: Optional[str] = "mean",
-               out_size: Optional[Sequence[int]] = None) -> torch.Tensor:
+               out_size: Optional[Sequence[int]] = None, search_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
     """The PFENet/BAM training-free prior, fused: the (HWs x HWq) similarity never exists.
 
     Args:
@@ -49,6 +58,7 @@ def prior_mask(query: torch.Tensor, support: torch.Tensor, support_masks: torch.
             (B, K, ...), for BAM/RILFS to weight or fuse).
         out_size: resize the prior bilinear, align_corners=True, to this (h, w); None keeps
             (hq, wq). Non-square features are fine.
+        search_dtype: ``torch.bfloat16``: the certified bf16 search of :func:`max_cosine` (exact results).
 
     Returns:
         (B, 1 or K, h, w) prior in the dtype of ``query``. Where every support pixel of a shot is
@@ -74,7 +84,7 @@ def prior_mask(query: torch.Tensor, support: torch.Tensor, support_masks: torch.
     masks = support_masks.to(query.dtype)
     if masks.shape[-2:] != (hs, ws):
         masks = F.interpolate(masks, size=(hs, ws), mode="bilinear", align_corners=True)
-    values, _ = max_cosine(query.flatten(2), support.flatten(3), masks.flatten(2), eps=eps)
+    values, _ = max_cosine(query.flatten(2), support.flatten(3), masks.flatten(2), eps=eps, search_dtype=search_dtype)
     if normalize:
         lo = values.min(-1, keepdim=True)[0]
         hi = values.max(-1, keepdim=True)[0]

@@ -67,9 +67,10 @@ def support_prototypes(features: torch.Tensor, masks: torch.Tensor, *, valid: Op
 
 
 def max_cosine(query: torch.Tensor, support: torch.Tensor, support_weights: torch.Tensor, *,
-               eps: float = 1e-7) -> Tuple[torch.Tensor, torch.Tensor]:
+               eps: float = 1e-7, search_dtype: Optional[torch.dtype] = None) -> Tuple[torch.Tensor, torch.Tensor]:
     """Reference of :func:`fsskern.ops.max_cosine`: PFENet's dense cosine of the query with the masked support
-    (B, K, Ns, Nq), max over support pixels. Indices are -1 where the maximum falls on a zero-weight pixel."""
+    (B, K, Ns, Nq), max over support pixels. Indices are -1 where the maximum falls on a zero-weight pixel.
+    ``search_dtype`` is accepted for the fused signature: this dense search is exact already."""
     masked = support * support_weights.unsqueeze(2)  # (B, K, C, Ns)
     cos = torch.einsum("bkcs,bcq->bksq", masked, query) / (
         masked.norm(dim=2).unsqueeze(-1) * query.norm(dim=1)[:, None, None] + eps)

@@ -1,0 +1,118 @@
+"""The certified bf16 search of max_cosine / prior_mask: the fp32 kernel's max and argmax, on random data, on
+adversarial near-ties below bf16's resolution, with the fp32 fallback where bf16 hardware is absent."""
+import pytest
+import torch
+from torch.testing import assert_close
+
+from conftest import FP32
+from fsskern import build_info, ops
+from fsskern.reference import composed
+from fsskern.ops.certified_search import bf16_hardware, bf16_search, certified_max_cosine, error_bound
+
+BF16 = torch.bfloat16
+
+
+def inputs(B, K, C, Ns, Nq, fg=0.5, soft=False, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q, s = torch.randn(B, C, Nq, generator=g), torch.randn(B, K, C, Ns, generator=g)
+    w = torch.rand(B, K, Ns, generator=g)
+    w = torch.where(w < fg, w if soft else torch.ones_like(w), torch.zeros_like(w))
+    return q, s, w
+
+
+def fp32_and_certified(q, s, w, eps=1e-7):
+    with bf16_search("always"):
+        return ops.max_cosine(q, s, w, eps=eps), ops.max_cosine(q, s, w, eps=eps, search_dtype=BF16)
+
+
+@pytest.mark.parametrize("shape,fg,soft", [((2, 1, 64, 50, 70), 0.5, False), ((1, 3, 256, 400, 300), 0.3, True),
+                                           ((2, 2, 33, 17, 9), 1.0, False), ((1, 2, 8, 5, 6), 0.0, False),
+                                           ((1, 1, 2048, 120, 90), 0.5, False)], ids=str)
+def test_equals_the_fp32_kernel_on_random_data(shape, fg, soft):
+    (values, indices), (got, got_idx) = fp32_and_certified(*inputs(*shape, fg=fg, soft=soft))
+    assert torch.equal(got_idx, indices)
+    assert_close(got, values, **FP32)
+
+
+def test_adversarial_near_ties_below_bf16_resolution():
+    # 64 support pixels at relative distances 0.003..0.05 from query pixel 0: cosines 1 - 4.5e-6 .. 1 - 1.3e-3,
+    # ~2e-5 apart. bf16 (3.9e-3 steps) sees one value, the fp32 kernel (6e-8) a strict order: every pixel is a
+    # candidate and the rescoring must find the fp32 argmax.
+    g = torch.Generator().manual_seed(1)
+    C, Ns, Nq = 256, 64, 40
+    q = torch.randn(1, C, Nq, generator=g)
+    base = q[0, :, :1].expand(C, Ns).clone()  # every pixel parallel to query pixel 0...
+    base += torch.randn(C, Ns, generator=g) * torch.linspace(0.003, 0.05, Ns)  # ...off by a little, each
+    s = base.view(1, 1, C, Ns)
+    w = torch.ones(1, 1, Ns)
+    stats = {}
+    certified_max_cosine(q, s, w, 1e-7, stats)
+    (values, indices), (got, got_idx) = fp32_and_certified(q, s, w)
+    assert torch.equal(got_idx, indices) and got_idx[0, 0, 0] == 0  # the least perturbed pixel
+    assert_close(got, values, **FP32)
+    assert stats["multi"] > 0  # the rows really needed several rescorings
+    exact = composed.max_cosine(q.double(), s.double(), w.double())  # the fp32 kernel ranks as fp64 does here
+    assert torch.equal(indices[0, 0, :1], exact[1][0, 0, :1])
+
+
+def test_background_ties_and_signed_features():
+    # shots where every foreground cosine is negative: the masked-out pixels' 0 (index -1) wins, as in the kernel
+    q, s, w = inputs(2, 2, 16, 30, 20, fg=0.3)
+    s = -q[:, :, :1].unsqueeze(1).abs().expand(2, 2, 16, 30) - 0.1
+    q = q.abs()
+    (values, indices), (got, got_idx) = fp32_and_certified(q, s, w)
+    assert (indices == -1).all() and torch.equal(got_idx, indices) and torch.equal(got, values)
+
+
+def test_gradients_and_prior_equal_the_fp32_path():
+    q, s, w = inputs(2, 2, 48, 36, 25)
+    q.requires_grad_()
+    s.requires_grad_()
+    grads = []
+    for dtype in (None, BF16):
+        with bf16_search("always"):
+            values, _ = ops.max_cosine(q, s, w, search_dtype=dtype)
+        grads.append(torch.autograd.grad((values * torch.linspace(-1, 1, values.numel()).view_as(values)).sum(),
+                                         (q, s)))
+    for a, b in zip(*grads):
+        assert_close(a, b, **FP32)
+    qm, sm, mm = torch.randn(2, 48, 6, 6), torch.randn(2, 3, 48, 5, 5), (torch.rand(2, 3, 20, 20) < 0.5).float()
+    with bf16_search("always"):
+        assert_close(ops.prior_mask(qm, sm, mm, search_dtype=BF16), ops.prior_mask(qm, sm, mm), **FP32)
+
+
+def test_opcheck():
+    q, s, w = inputs(1, 2, 12, 10, 7)
+    torch.library.opcheck(torch.ops.fsskern.max_cosine_bf16_search.default, (q, s, w, 1e-7))
+    torch.library.opcheck(torch.ops.fsskern.max_cosine_bf16_search.default,
+                          (q.requires_grad_(), s.requires_grad_(), w, 1e-7))
+
+
+def test_falls_back_to_the_fp32_kernel():
+    q, s, w = inputs(1, 1, 32, 20, 15)
+    want = ops.max_cosine(q, s, w)
+    hardware = bf16_hardware(q.device)
+    assert build_info()["bf16_search"].startswith(f"bf16 ({hardware})" if hardware else "fp32")
+    with bf16_search("never"):  # what runs on a CPU without AMX-BF16 / AVX512-BF16 ("auto" there)
+        got = ops.max_cosine(q, s, w, search_dtype=BF16)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    with bf16_search("always"):
+        # float64 inputs, non-finite inputs and eps = 0 keep the kernel's own arithmetic and NaN rules
+        exact = ops.max_cosine(q.double(), s.double(), w.double(), search_dtype=BF16)
+        assert exact[0].dtype == torch.float64 and torch.equal(exact[1], want[1])
+        q_nan = q.clone()
+        q_nan[0, 3, 4] = float("nan")
+        got, idx = ops.max_cosine(q_nan, s, w, search_dtype=BF16)
+        kernel = ops.max_cosine(q_nan, s, w)
+        assert_close(got, kernel[0], equal_nan=True) and torch.equal(idx, kernel[1])
+    with pytest.raises(ValueError, match="search_dtype must be None, torch.float32 or torch.bfloat16"):
+        ops.max_cosine(q, s, w, search_dtype=torch.float16)
+    with pytest.raises(ValueError, match="bf16_search: mode must be one of"):
+        with bf16_search("sometimes"):
+            pass
+    with bf16_search("always"), pytest.raises(RuntimeError, match="batch sizes differ"):
+        ops.max_cosine(q, s.expand(2, -1, -1, -1), w.expand(2, -1, -1), search_dtype=BF16)
+
+
+def test_error_bound_is_a_few_bf16_ulps():
+    assert 3 * 2 ** -8 < error_bound(2048) < 3.1 * 2 ** -8
