@@ -27,10 +27,13 @@ Resolutions (source: paper = DPCL text, PANet / PPNet / MoCo = public code, note
   "one-layer MLP" is a 1x1 conv with bias, no activation (notes A3); concat order l2, l3, l4, d = 1536.
   Levels with a coarser stride are upsampled bilinear to the finest one after their head (ours, notes A2:
   MobileNetV2 and VGG; a 1x1 conv commutes with the interpolation, so projecting first is the same map).
+  Heads start at PyTorch's conv init (public code); ``head_init="orthogonal"`` makes each an isometry so that
+  training starts from the backbone's cosines (ours; the MSRC-v2 CPU recipe).
 - R2 prototypes (Eq. 1): features upsampled to the mask size, eps 1e-5, fg = mean over shots, one bg =
   mean over ways and shots; the support bg mask is "not this shot's class", 255 included (PANet
   ``getFeatures`` / ``getPrototype``; notes A16). N-way supports carry only their own class (batch
-  contract), so another way's object in a support counts as its bg (ours).
+  contract), so another way's object in a support counts as its bg (ours). ``void_background=False`` leaves 255
+  out of both prototypes, as the baseline does (ours; the MSRC-v2 CPU recipe, where void outlines every object).
 - R3 Eq. 2: logits = +20 x cosine similarity, alpha fixed (PANet ``calDist``; notes A5); bilinear
   upsampling (align_corners=False) to the input before the loss and the output.
 - R4 Eq. 4: CE on the scaled logits with 255 ignored; PAR = PANet ``alignLoss`` on the predicted query
@@ -101,7 +104,8 @@ class MultiLevelEncoder(nn.Module):
         self.out_channels = sum(dim or backbone.channels[lv] for lv in levels)
         if init == "orthogonal" and dim:
             # Semi-orthogonal weights (W^T W = I when dim >= channels) and zero bias make each head an isometry:
-            # cosine similarities, and so the untrained model's predictions, start as the backbone's own.
+            # cosine similarities, and so the untrained model's predictions, start as the backbone's own. (With
+            # dim < channels the rows are orthonormal instead: a projection, no longer an isometry.)
             for head in self.heads.values():
                 nn.init.orthogonal_(head.weight.flatten(1))
                 nn.init.zeros_(head.bias)
