@@ -79,6 +79,14 @@ def _candidates(q_lo, s_lo, nq, ns, fg, eps, r, i0, i1):
     return (scores >= scores.amax(2, keepdim=True) - window) & fg[..., None]
 
 
+def _pair_dots(s_rows, query, b, k, j, i, block=1 << 16):
+    """fp32 dot products of support rows s_rows[b, k, j] with query columns query[b, :, i], a block of pairs at a
+    time (the gathered (pairs, C) operands stay a few hundred MB at most)."""
+    return torch.cat([(s_rows[b[p:p + block], k[p:p + block], j[p:p + block]] *
+                       query[b[p:p + block], :, i[p:p + block]]).sum(-1) for p in range(0, len(b), block)]
+                     or [query.new_zeros(0)])
+
+
 def certified_max_cosine(query: torch.Tensor, support: torch.Tensor, support_weights: torch.Tensor, eps: float,
                          stats: dict = None) -> Tuple[torch.Tensor, torch.Tensor]:
     """``max_cosine`` (fp32 query (B, C, Nq), support (B, K, C, Ns), weights (B, K, Ns)) by the certified
@@ -107,10 +115,7 @@ def certified_max_cosine(query: torch.Tensor, support: torch.Tensor, support_wei
         b, k, j, i = cand.nonzero(as_tuple=True)
         i = i + i0
         # fp32 rescoring of the candidates: the dot of w_j s_j with q_i, divided as the kernel divides
-        dots = torch.cat([(s_rows[b[p:p + 65536], k[p:p + 65536], j[p:p + 65536]] *
-                           query[b[p:p + 65536], :, i[p:p + 65536]]).sum(-1) for p in range(0, len(b), 65536)]) \
-            if len(b) else query.new_zeros(0)
-        values = dots / (ns[b, k, j] * nq[b, i] + eps)
+        values = _pair_dots(s_rows, query, b, k, j, i) / (ns[b, k, j] * nq[b, i] + eps)
         row = (b * K + k) * Nq + i
         flat_best = best.view(-1).scatter_reduce(0, row, values, "amax")
         winner = values == flat_best[row]  # the first maximum: the lowest index among equal values
@@ -132,33 +137,8 @@ def certified_max_cosine(query: torch.Tensor, support: torch.Tensor, support_wei
 @torch.library.custom_op("fsskern::max_cosine_bf16_search", mutates_args=())
 def max_cosine_bf16_search(query: torch.Tensor, support: torch.Tensor, support_weights: torch.Tensor,
                            eps: float) -> Tuple[torch.Tensor, torch.Tensor]:
-    """``fsskern::max_cosine`` by the certified bf16 search (same outputs, same backward)."""
+    """``fsskern::max_cosine`` by the certified bf16 search (same outputs; fake and autograd are max_cosine's,
+    registered beside it in prior_mask.py)."""
     torch.ops.fsskern.max_cosine(query[:, :, :0], support, support_weights, eps)  # the kernel's input checks
     values, indices = certified_max_cosine(query.detach(), support.detach(), support_weights.detach(), eps)
     return values.contiguous(), indices.contiguous()
-
-
-@max_cosine_bf16_search.register_fake
-def _(query, support, support_weights, eps):
-    B, K, Nq = support.shape[0], support.shape[1], query.shape[2]
-    return query.new_empty((B, K, Nq)), query.new_empty((B, K, Nq), dtype=torch.int64)
-
-
-def _setup_context(ctx, inputs, output):
-    query, support, support_weights, eps = inputs
-    ctx.eps = eps
-    ctx.mark_non_differentiable(output[1])
-    ctx.save_for_backward(query, support, support_weights, output[1])
-
-
-def _backward(ctx, grad_values, grad_indices):
-    query, support, support_weights, indices = ctx.saved_tensors
-    if ctx.needs_input_grad[2]:
-        raise RuntimeError("max_cosine: gradients w.r.t. support_weights are not supported")
-    grad_query, grad_support = torch.ops.fsskern._max_cosine_backward(grad_values, query, support, support_weights,
-                                                                      indices, ctx.eps)
-    return (grad_query if ctx.needs_input_grad[0] else None,
-            grad_support if ctx.needs_input_grad[1] else None, None, None)
-
-
-max_cosine_bf16_search.register_autograd(_backward, setup_context=_setup_context)

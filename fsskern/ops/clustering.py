@@ -3,9 +3,8 @@
 Kernels: ``csrc/ops/{lsh_hash,hamming_kmeans,cluster_means}.*`` (CPU and CUDA). Everything is
 seeded through a ``torch.Generator`` and the integer parts are identical on CPU and CUDA.
 """
-from typing import Optional, Tuple
-
 import math
+from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F

@@ -98,6 +98,7 @@ def prior_mask(query: torch.Tensor, support: torch.Tensor, support_masks: torch.
 
 
 @torch.library.register_fake(_OP)
+@torch.library.register_fake("fsskern::max_cosine_bf16_search")  # the same outputs, by another search
 def _(query, support, support_weights, eps):
     torch._check(query.dim() == 3 and support.dim() == 4 and support_weights.dim() == 3,
                  lambda: "max_cosine: expected query (B, C, Nq), support (B, K, C, Ns), weights (B, K, Ns)")
@@ -131,3 +132,4 @@ def _backward(ctx, grad_values, grad_indices):
 
 
 torch.library.register_autograd(_OP, _backward, setup_context=_setup_context)
+torch.library.register_autograd("fsskern::max_cosine_bf16_search", _backward, setup_context=_setup_context)
