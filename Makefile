@@ -35,7 +35,7 @@ demo: build
 smoke: build
 	$(PY) python/demo.py --data $(DATA) --out runs/smoke/demo --iters 2 --episodes 4 --val-episodes 2 \
 	  --method configs/panet/msrc_v2_mobilenet_v2.yaml
-	$(PY) benchmarks/methods.py --quick --out runs/smoke/methods --methods baseline panet
+	$(PY) benchmarks/methods.py --quick --jobs 2 --out runs/smoke/methods --methods baseline panet
 	$(PY) benchmarks/check_smoke.py runs/smoke
 
 test: build

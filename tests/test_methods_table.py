@@ -1,0 +1,47 @@
+"""benchmarks/methods.py's bookkeeping: per-fold recipes, runs.json written by concurrent tasks, the report."""
+import importlib.util
+import json
+import multiprocessing
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _load():
+    spec = importlib.util.spec_from_file_location("methods_table", ROOT / "benchmarks" / "methods.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+methods = _load()
+
+
+def test_a_fold_with_its_own_image_lists_gets_its_own_recipe():
+    assert methods.recipe("umtfss", 1).name == "msrc_v2_mobilenet_v2_fold1.yaml"
+    assert methods.recipe("umtfss", 0).name == "msrc_v2_mobilenet_v2.yaml"
+    assert methods.recipe("panet", 1).name == "msrc_v2_mobilenet_v2.yaml"
+
+
+def _save(path, key):
+    methods.save_row(Path(path), key, {"method": key, "fold": 0})
+
+
+def test_concurrent_tasks_keep_every_row(tmp_path):
+    done = tmp_path / "runs.json"
+    done.write_text(json.dumps({"old/fold0": {"method": "old"}}))
+    keys = [f"m{i}/fold0" for i in range(8)]
+    with multiprocessing.get_context("fork").Pool(4) as pool:
+        pool.starmap(_save, [(str(done), k) for k in keys])
+    assert set(json.loads(done.read_text())) == {"old/fold0", *keys}
+
+
+def test_report_names_losers_and_methods_without_a_recipe():
+    def row(method, miou):
+        shot = {"miou": miou, "miou_std": 0.1, "fb_iou": miou, "fb_iou_std": 0.1}
+        return {"method": method, "fold": 0, "1shot": shot, "steps": {"fused": {}, "reference": {}}}
+    info = {"cpu": "cpu", "threads": 1, "jobs": 2, "torch": "t", "argv": [], "folds": [0], "episodes": 10,
+            "seeds": [0], "iters": None}
+    text = methods.report([row("baseline", 60.0), row("panet", 55.0), row("dpcl", 61.0)], info)
+    assert "Below the training-free baseline (1-shot): panet." in text
+    assert "not in this table: popnet" in text
