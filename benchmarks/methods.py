@@ -33,6 +33,7 @@ from fsskern.engine.cli import last_phase, run_checkpoint  # noqa: E402
 from fsskern.engine.config import load_config  # noqa: E402
 from fsskern.engine.evaluator import evaluate  # noqa: E402
 from fsskern.engine.trainer import train  # noqa: E402
+from fsskern.pseudo_tasks import ensure_for_run  # noqa: E402
 
 DEFAULT_METHODS = ["baseline", "panet", "dpcl", "bam", "rilfs", "crcnet", "popnet", "umtfss"]
 
@@ -108,6 +109,7 @@ def run_one(method: str, fold: int, args, out: Path) -> dict:
     checkpoint, eval_cfg_path = None, cfg_path
     if train_cfg.train.iters > 0:
         tic = time.time()
+        ensure_for_run(train_cfg)  # UMTFSS's stage A (its pseudo tasks), as python/train.py does
         train(train_cfg)
         row["train_s"] = time.time() - tic
         phase = last_phase(run_dir)
