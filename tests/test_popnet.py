@@ -1,5 +1,6 @@
 """POPNet (fsskern/models/popnet.py): ops parity, the paper-size step, over-fitting real CCP k-way episodes,
-k-way / one-way paths, the dynamic-prototype bank, determinism and input errors. CPU, small sizes."""
+k-way / one-way paths, the dynamic-prototype bank, determinism, input errors and python/evaluate.py's parsing path on
+real CCP. CPU, small sizes."""
 import copy
 from pathlib import Path
 
@@ -255,3 +256,35 @@ def test_parsing_eval_maps_ways_to_dataset_ids_and_runs_one_way(tmp_path):
     summary = evaluate_parsing(cfg, Oracle(), len(build_source(cfg.data, "test").class_names))["per_seed"][0]
     # the oracle is exact at 65 px; scoring at the original resolution loses only thin borders
     assert summary["background_iou"] > 90 and 40 < summary["novel_miou"] <= 100 and summary["bi_iou"] > 70
+
+
+def test_evaluate_scores_real_ccp_kway_episodes_with_parsing_metrics(tmp_path):
+    """python/evaluate.py's path (engine.evaluator.evaluate) on 2 real CCP k-way episodes at 65 px, untrained: the
+    model's metric='parsing' routes it to parsing_eval, metrics.json holds the parsing metrics. CCP's 1,004 images
+    cannot give 13 classes x 10 queries 15 fresh supports each: the frozen pairs fall back to 3 for every class."""
+    if not (DATA / "ccp").is_dir():
+        pytest.skip(f"real data {DATA / 'ccp'} absent")
+    import json
+
+    from fsskern.data import build_source
+    from fsskern.data.index import scan_labels
+    from fsskern.data.protocols import popnet_pairs
+    from fsskern.engine.config import load_config
+    from fsskern.engine.evaluator import evaluate
+    cfg = load_config(REPO / "configs/popnet/ccp_mobilenet_v2.yaml",
+                      [f"out={tmp_path}", f"data.root={DATA / 'ccp'}", "data.test_size=65", "data.num_workers=0",
+                       "eval.episodes=2", "eval.seeds=[0]", "eval.min_class_episodes=0"])
+    src = build_source(cfg.data, "test")
+    with pytest.warns(UserWarning, match="3 supports per query, not 15"):
+        pairs = popnet_pairs(src, scan_labels(src), 0, 1, cfg.data.ways, {"k": 1})
+    assert len(pairs) == 13 * 10 * 3 and len({s for e in pairs for s in e.supports} | {e.query for e in pairs}) == 520
+    with pytest.warns(UserWarning, match="supports per query"):
+        evaluate(cfg)
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["metric"] == "parsing" and metrics["protocol"]["protocol"] == "popnet"
+    manifest = json.loads((tmp_path / "manifests" / "test-fold0-1shot-10way-seed0.json").read_text())
+    assert len(manifest["episodes"]) == 2  # eval.episodes keeps the first pairs
+    seed = metrics["per_seed"][0]
+    assert len(seed["per_class"]) == len(src.class_names) and metrics["miou"] == seed["human_miou"]  # dataset ids
+    for key in ("human_miou", "novel_miou", "base_miou", "pixel_accuracy"):
+        assert 0 <= metrics[key] <= 100, key

@@ -13,7 +13,9 @@ Query orders:
 - ``balanced``: classes in turn, each class's queries in a per-class random order without repeats
   until its images run out, so every class gets N / n_classes episodes.
 - ``frozen``: POPNet's test pairs: for each class in the dataset's order, the first 10 unused
-  query-pool images holding it, each paired with 15 of the first 150 unused support-pool images.
+  query-pool images holding it, each paired with 15 of the first 150 unused support-pool images (fewer,
+  the same for every class, where the pools cannot hold that: CCP's 1,004 images for 13 classes give 3).
+  A positive episode count keeps the first N pairs (a smoke check); 0 keeps all.
 
 Episode counts are exact (PFENet's loop runs 5001/20001: ``range(N)`` here gives N)."""
 import warnings
@@ -88,7 +90,8 @@ def build_test_manifest(source, stats: LabelStats, fold: int, shots: int, ways: 
     n = episodes if episodes is not None else proto.get(proto.episodes, source.name)
     meta = manifest_meta(source, fold, shots, ways, protocol, seed, stats.key, query_order=order)
     if order == "frozen":
-        return Manifest(meta, popnet_pairs(source, stats, fold, shots, ways, meta))
+        pairs = popnet_pairs(source, stats, fold, shots, ways, meta)
+        return Manifest(meta, pairs[:n] if n > 0 else pairs)
     novel, pools = test_pool(source, stats, fold, proto.min_pixels)
     if ways > len(novel):
         raise DataError(f"{ways}-way episodes need {ways} novel classes; fold {fold} has {len(novel)}")
@@ -128,7 +131,24 @@ def build_test_manifest(source, stats: LabelStats, fold: int, shots: int, ways: 
 def popnet_pairs(source, stats: LabelStats, fold: int, shots: int, ways: int, meta: dict,
                  queries_per_class: int = 10, supports_per_query: int = 15) -> List[EpisodeSpec]:
     """POPNet's frozen test pairs (code, ``oshp_loader.py``): k-way episodes carry every foreground
-    class of the dataset (base and novel: all are evaluated); one-way episodes the listed class."""
+    class of the dataset (base and novel: all are evaluated); one-way episodes the listed class.
+    Every image is used once, so a small dataset runs out of fresh supports for the later classes: then
+    the largest count under ``supports_per_query`` that every class can have is used, with a warning."""
+    for per in range(supports_per_query, 0, -1):
+        try:
+            pairs = _frozen_pairs(source, stats, shots, ways, meta, queries_per_class, per)
+        except DataError:
+            if per == 1:
+                raise
+            continue
+        if per < supports_per_query:
+            warnings.warn(f"POPNet pairs: {per} supports per query, not {supports_per_query} "
+                          f"(the support pool cannot hold {supports_per_query} fresh images per query for every class)")
+        return pairs
+
+
+def _frozen_pairs(source, stats: LabelStats, shots: int, ways: int, meta: dict, queries_per_class: int,
+                  supports_per_query: int) -> List[EpisodeSpec]:
     query_pool = getattr(source, "query_pool", range(len(source)))
     support_pool = getattr(source, "support_pool", range(len(source)))
     order = getattr(source, "test_class_order", source.foreground_classes())
