@@ -5,12 +5,14 @@ same way (same folds, backbone, crop, training budget, episodes and seeds).
                                  [--seeds 0 1 2] [--episodes 1000] [--iters N] [--jobs 2] [--quick]
 
 For each method and fold: train its recipe (``configs/<method>/msrc_v2_mobilenet_v2.yaml``, or the fold's own
-``..._fold<k>.yaml`` where a recipe has one; the baseline trains nothing) with ``train.iters`` set to the shared budget, evaluate 1-shot and 5-shot on the fold's novel
-classes (the 1-shot-trained model; a model built for one K only is marked "not run" at the other), and time
-one training step and one inference on a real batch with ``ops=fused`` and ``ops=reference``. Every finished
-(method, fold) is written to ``OUT/runs.json`` at once, so an interrupted run resumes where it stopped.
+``..._fold<k>.yaml`` where a recipe has one; the baseline trains nothing) with ``train.iters`` set to the shared
+budget, evaluate 1-shot and 5-shot on the fold's novel classes (the 1-shot-trained model; a model built for one
+K only is marked "not run" at the other), and time one training step and one inference on a real batch with
+``ops=fused`` and ``ops=reference``. Every finished (method, fold) is written to ``OUT/runs.json`` at once, so
+an interrupted run resumes where it stopped.
 ``--jobs N`` runs N (method, fold) tasks at a time, each in its own process with cores / N threads (one
 process per core is faster on a small CPU than one process with every thread: most of a step is small ops).
+A task that fails is named in the report, which holds the finished ones, and the exit status is 1.
 Writes OUT/results.json, OUT/report.md and OUT/miou.png (mean +- std over seeds, averaged over folds).
 """
 import argparse
@@ -134,7 +136,8 @@ def report(rows, info) -> str:
     for r in rows:
         by_method.setdefault(r["method"], []).append(r)
     lines = [f"# Methods on MSRC-v2 (CPU recipes, MobileNetV2 ImageNet, 241 x 241)", "",
-             f"Machine: {info['cpu']}, {info.get('jobs', 1)} task(s) at a time with {info['threads']} thread(s) each, torch {info['torch']}. Command: "
+             f"Machine: {info['cpu']}, {info.get('jobs', 1)} task(s) at a time with {info['threads']} thread(s) each, "
+             f"torch {info['torch']}. Command: "
              f"`python benchmarks/methods.py {' '.join(info['argv'])}`. mIoU / FB-IoU: mean ± std over seeds "
              f"(population std), averaged over folds {info['folds']}; episodes {info['episodes']} x seeds "
              f"{info['seeds']} per fold; training budget {info['iters'] or 'each recipe'} iterations.", "",
@@ -165,6 +168,8 @@ def report(rows, info) -> str:
                   all("miou" in r.get("1shot", {}) for r in rs) and
                   statistics.mean(r["1shot"]["miou"] for r in rs) < b]
         lines += ["", "Below the training-free baseline (1-shot): " + (", ".join(losers) if losers else "none") + "."]
+    if info.get("failed"):
+        lines += ["", f"**Failed, not in this table** (their logs are above the report): {', '.join(info['failed'])}."]
     absent = [m for m in DEFAULT_METHODS if m not in by_method and not recipe(m).is_file()]
     if absent:
         lines += ["", f"No MSRC-v2 recipe, so not in this table: {', '.join(absent)}" +
@@ -222,30 +227,32 @@ def main(argv=None) -> int:
         return 0
     done = json.loads(done_path.read_text()) if done_path.is_file() else {}
     todo = [f"{m}/fold{f}" for m in methods for f in args.folds if f"{m}/fold{f}" not in done]
+    threads = max(1, (os.cpu_count() or 1) // args.jobs) if args.jobs > 1 else torch.get_num_threads()
     if args.jobs > 1:
-        env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // args.jobs))}
+        env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
         argv_rest = argv if argv is not None else sys.argv[1:]
 
         def work(key):
             print(f"== {key}", flush=True)
-            subprocess.run([sys.executable, __file__, *argv_rest, "--task", key], env=env, check=True)
+            return subprocess.run([sys.executable, __file__, *argv_rest, "--task", key], env=env).returncode
         with ThreadPoolExecutor(args.jobs) as pool:
-            list(pool.map(work, todo))
-        done = json.loads(done_path.read_text())
+            failed = [key for key, code in zip(todo, pool.map(work, todo)) if code]
+        done = json.loads(done_path.read_text()) if done_path.is_file() else {}
     else:
+        failed = []
         for key in todo:
             print(f"== {key}", flush=True)
             m, fold = key.split("/fold")
             done = save_row(done_path, key, run_one(m, int(fold), args, out))
-    rows = [done[f"{m}/fold{f}"] for m in methods for f in args.folds]
-    threads = max(1, (os.cpu_count() or 1) // args.jobs) if args.jobs > 1 else torch.get_num_threads()
+    rows = [done[f"{m}/fold{f}"] for m in methods for f in args.folds if f"{m}/fold{f}" in done]
     info = {"cpu": cpu_name(), "threads": threads, "jobs": args.jobs, "torch": torch.__version__, "argv": argv or
-            sys.argv[1:], "folds": args.folds, "episodes": args.episodes, "seeds": args.seeds, "iters": args.iters}
+            sys.argv[1:], "folds": args.folds, "episodes": args.episodes, "seeds": args.seeds, "iters": args.iters,
+            "failed": failed}
     (out / "results.json").write_text(json.dumps({"info": info, "rows": rows}, indent=1))
     (out / "report.md").write_text(report(rows, info))
     plot(rows, out / "miou.png")
     print((out / "report.md").read_text())
-    return 0
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

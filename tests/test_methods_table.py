@@ -45,3 +45,6 @@ def test_report_names_losers_and_methods_without_a_recipe():
     text = methods.report([row("baseline", 60.0), row("panet", 55.0), row("dpcl", 61.0)], info)
     assert "Below the training-free baseline (1-shot): panet." in text
     assert "not in this table: popnet" in text
+    assert "Failed" not in text
+    failed = methods.report([row("baseline", 60.0)], {**info, "failed": ["umtfss/fold0"]})
+    assert "**Failed, not in this table**" in failed and "umtfss/fold0" in failed

@@ -50,6 +50,57 @@ class TimedBackend(SimpleNamespace):
         return {op: s / total for op, s in self.seconds.items()}
 
 
+class _Stamp(torch.autograd.Function):
+    """Identity whose backward calls ``clock()``: marks when a gradient passes a point of the graph."""
+
+    @staticmethod
+    def forward(ctx, x, clock):
+        ctx.clock = clock
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        ctx.clock()
+        return grad, None
+
+
+class ForwardBackwardTimedBackend(TimedBackend):
+    """TimedBackend (forward seconds where the model calls an op) plus backward seconds: from the gradient reaching
+    the op's output to its gradient leaving the features input (synchronised on a GPU)."""
+
+    def __init__(self, backend, ops, sync):
+        self.backward = dict.fromkeys(ops, 0.0)
+        super().__init__(backend, ops, sync)
+
+    def _timed(self, op, fn, sync):
+        forward = super()._timed(op, fn, sync)
+
+        def call(features, *args, **kwargs):
+            if not (features.requires_grad and torch.is_grad_enabled()):
+                return forward(features, *args, **kwargs)
+            started = []
+
+            def begin():
+                sync()
+                started.append(time.perf_counter())
+
+            def end():
+                sync()
+                self.backward[op] += time.perf_counter() - started.pop()
+            out = forward(_Stamp.apply(features, end), *args, **kwargs)
+            return (_Stamp.apply(out[0], begin),) + tuple(out[1:]) if isinstance(out, tuple) else \
+                _Stamp.apply(out, begin)
+        return call
+
+    def reset(self):
+        super().reset()
+        self.backward.update(dict.fromkeys(self.backward, 0.0))
+
+    def shares(self, total):
+        return {op: {"forward": self.seconds[op] / total, "backward": self.backward[op] / total}
+                for op in self.seconds}
+
+
 def op_shares(fn, timed, sync):
     """One instrumented call: the fraction of its wall time spent in each op of ``timed`` (a TimedBackend)."""
     timed.reset()

@@ -16,7 +16,6 @@ them); support masks hold a 30 % foreground box. A reference side that would not
 report says so with the estimate. Writes benchmarks/results/models/dpcl{,-quick}{,-cuda}.{json,md}.
 """
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -25,8 +24,8 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 
-from common import (SIDES, TimedBackend, box_episode, header, op_shares, paired_cells, parser,  # noqa: E402
-                    peak_memory, print_peak_memory, run, step_fn, verdict)
+from common import (SIDES, ForwardBackwardTimedBackend, box_episode, header, op_shares, paired_cells,  # noqa: E402
+                    parser, peak_memory, print_peak_memory, run, step_fn, verdict)
 from harness import device_sync, median_times  # noqa: E402
 
 from fsskern.backend import get_backend  # noqa: E402
@@ -37,57 +36,6 @@ TIMED_OPS = ("masked_average_pool", "class_prototypes")
 TARGETS = {"speedup": 1.3, "memory_ratio": 0.4}  # training step, 1- and 5-shot (issue 14)
 CASES = [dict(shots=k, mode=m) for k in (1, 5) for m in ("train", "infer")]
 WEIGHT_DECAY = 5e-4
-
-
-class _Stamp(torch.autograd.Function):
-    """Identity whose backward calls ``clock()``: marks when a gradient passes a point of the graph."""
-
-    @staticmethod
-    def forward(ctx, x, clock):
-        ctx.clock = clock
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, grad):
-        ctx.clock()
-        return grad, None
-
-
-class ForwardBackwardTimedBackend(TimedBackend):
-    """TimedBackend (forward seconds where the model calls an op) plus backward seconds: from the gradient reaching
-    the op's output to its gradient leaving the features input (synchronised on a GPU)."""
-
-    def __init__(self, backend, ops, sync):
-        self.backward = dict.fromkeys(ops, 0.0)
-        super().__init__(backend, ops, sync)
-
-    def _timed(self, op, fn, sync):
-        forward = super()._timed(op, fn, sync)
-
-        def call(features, *args, **kwargs):
-            if not (features.requires_grad and torch.is_grad_enabled()):
-                return forward(features, *args, **kwargs)
-            started = []
-
-            def begin():
-                sync()
-                started.append(time.perf_counter())
-
-            def end():
-                sync()
-                self.backward[op] += time.perf_counter() - started.pop()
-            out = forward(_Stamp.apply(features, end), *args, **kwargs)
-            return (_Stamp.apply(out[0], begin),) + tuple(out[1:]) if isinstance(out, tuple) else \
-                _Stamp.apply(out, begin)
-        return call
-
-    def reset(self):
-        super().reset()
-        self.backward.update(dict.fromkeys(self.backward, 0.0))
-
-    def shares(self, total):
-        return {op: {"forward": self.seconds[op] / total, "backward": self.backward[op] / total}
-                for op in self.seconds}
 
 
 def build(side, quick, device):

@@ -8,7 +8,7 @@ Cases: {stage-3 train step, inference}, fp32, k-way one-shot episodes as the loa
 image annotated with every way, encoded once). Per case: the median time of each side (runs interleaved,
 benchmarks/harness.py), the peak extra memory of one call (CPU: resident memory in a fresh process per side; GPU:
 the caching allocator's peak), their ratios from this one run, and the share of the call the model's one backend
-op (``class_prototypes``, Eq. 1) takes, forward and backward (dpcl.py's ForwardBackwardTimedBackend). The
+op (``class_prototypes``, Eq. 1) takes, forward and backward (common.py's ForwardBackwardTimedBackend). The
 training step (zero_grad + forward + backward + SGD step, common.py's ``step_fn``) runs all three encoders
 (stages 1-2 frozen, no grad) and is taken at epoch 15 of 30 (beta 0.5, dynamic prototypes): both heads' losses,
 the bank read and written. Inference is an eval-mode forward without autograd: the NCM head predicts and the AGM
@@ -27,9 +27,8 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 
-from common import (SIDES, header, op_shares, paired_cells, paired_row, parser, peak_memory,  # noqa: E402
-                    print_peak_memory, run, step_fn, verdict)
-from dpcl import ForwardBackwardTimedBackend  # noqa: E402
+from common import (SIDES, ForwardBackwardTimedBackend, header, op_shares, paired_cells, paired_row,  # noqa: E402
+                    parser, peak_memory, print_peak_memory, run, step_fn, verdict)
 from harness import device_sync, median_times  # noqa: E402
 
 from fsskern.backend import get_backend  # noqa: E402
