@@ -60,3 +60,25 @@ def fit_until(model, batch, lr: float, steps: int, every: int, target: float = 0
             if reached >= target:
                 break
     return reached, step + 1
+
+
+class OpInputDtypes(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records the floating dtypes of the tensors each public fsskern op reads (after autocast's casts)."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.namespace == "fsskern" and not func.name().split("::")[1].startswith("_"):
+            floats = {a.dtype for a in args if isinstance(a, torch.Tensor) and a.is_floating_point()}
+            self.calls.append((func.name().split("::")[1], floats))
+        return func(*args, **(kwargs or {}))
+
+    def assert_read_in(self, dtype, op_names, keep_float32=("lsh_hash",)):
+        """Every call of op_names read dtype (lsh_hash's planes stay float32): no float32 copy of a feature map."""
+        reads = [(op, floats) for op, floats in self.calls if op in op_names]
+        assert {op for op, _ in reads} == set(op_names), self.calls
+        for op, floats in reads:
+            allowed = {dtype, torch.float32} if op in keep_float32 else {dtype}
+            assert dtype in floats and floats <= allowed, (op, floats)

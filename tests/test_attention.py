@@ -212,8 +212,10 @@ def test_prototype_attention_bad_inputs():
     q, k, v = torch.randn(2, 3, 10, 4), torch.randn(2, 3, 5, 4), torch.randn(2, 3, 5, 6)
     with pytest.raises(RuntimeError, match="must be 4-d"):
         ops.prototype_attention(q[0], k, v)
-    with pytest.raises(RuntimeError, match="float32 or float64"):
-        ops.prototype_attention(q.half(), k.half(), v.half())
+    with pytest.raises(RuntimeError, match="float32, float64, float16 or bfloat16"):
+        ops.prototype_attention(q.int(), k.int(), v.int())
+    with pytest.raises(RuntimeError, match="must have the dtype of q"):
+        ops.prototype_attention(q.bfloat16(), k, v)
     with pytest.raises(RuntimeError, match="must have the dtype of q"):
         ops.prototype_attention(q, k.double(), v)
     with pytest.raises(RuntimeError, match="must share D"):
@@ -354,7 +356,7 @@ def test_local_attention_bad_inputs():
         ops.local_conditional_attention(query, support, mask, value=torch.randn(2, 3, 11))
     with pytest.raises(RuntimeError, match="must have the dtype of query"):
         ops.local_conditional_attention(query, support.double(), mask)
-    with pytest.raises(RuntimeError, match="float32 or float64"):
+    with pytest.raises(RuntimeError, match="float32, float64, float16 or bfloat16"):
         ops.local_conditional_attention(query.long(), support.long(), mask)
 
 

@@ -72,10 +72,12 @@ def test_lsh_hash_shapes_and_errors():
     assert ops.lsh_hash(torch.randn(3, 0, 2, 8), ops.lsh_planes(4, 8)).shape == (3, 0, 2)
     with pytest.raises(RuntimeError, match="1 <= bits <= 64"):
         ops.lsh_hash(x, torch.randn(65, 9))
-    with pytest.raises(RuntimeError, match="float32 or float64"):
-        ops.lsh_hash(x.half(), torch.randn(4, 9).half())
-    with pytest.raises(RuntimeError, match="dtype of x"):
+    with pytest.raises(RuntimeError, match="float32, float64, float16 or bfloat16"):
+        ops.lsh_hash(x.int(), torch.randn(4, 9))
+    with pytest.raises(RuntimeError, match="planes must be Float for x of dtype Float, got Double"):
         ops.lsh_hash(x, torch.randn(4, 9, dtype=torch.float64))
+    with pytest.raises(RuntimeError, match="planes must be Float for x of dtype BFloat16"):
+        ops.lsh_hash(x.bfloat16(), torch.randn(4, 9).bfloat16())
     with pytest.raises(ValueError, match="1 <= bits <= 64"):
         ops.lsh_planes(0, 8)
 

@@ -385,8 +385,8 @@ def test_cpu_tensor_among_cuda_tensors(call, message):
 
 def test_attention_bad_inputs():
     q, k, v = (torch.randn(2, 3, n, d, device="cuda") for n, d in ((10, 4), (5, 4), (5, 6)))
-    with pytest.raises(RuntimeError, match="float32 or float64"):
-        ops.prototype_attention(q.half(), k.half(), v.half())
+    with pytest.raises(RuntimeError, match="float32, float64, float16 or bfloat16"):
+        ops.prototype_attention(q.int(), k.int(), v.int())
     with pytest.raises(RuntimeError, match="must share D"):
         ops.prototype_attention(q, k[..., :3], v)
     with pytest.raises(RuntimeError, match=r"key_valid must be \(B, P\) = \(2, 5\)"):
@@ -441,3 +441,31 @@ def test_compile_prototype_cross_attention():
     train_out = torch.compile(layer, backend="aot_eager")(x, prototypes, valid)
     train_out.sum().backward()
     assert layer.to_q.weight.grad is not None and not torch.equal(train_out, out)
+
+
+# ---- float16 / bfloat16: the CUDA kernels read them as they are, float32 inside ---------------------
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_reduced_precision_matches_cpu(dtype):
+    unit = 2 ** -8 if dtype == torch.bfloat16 else 2 ** -11
+    q, k, v = (torch.randn(2, 4, n, 32).to(dtype) for n in (500, 70, 70))
+    out = ops.prototype_attention(*cuda(q, k, v))
+    assert out.dtype == dtype
+    assert_close(out.cpu().float(), ops.prototype_attention(q, k, v).float(), rtol=2 * unit, atol=1e-5)
+    query, support = torch.randn(2, 64, 300).to(dtype), torch.randn(2, 64, 400).to(dtype)
+    mask = (torch.rand(2, 400) < 0.3).float()
+    for mode in ("exclude", "multiply"):
+        got = ops.local_conditional_attention(*cuda(query, support, mask), mode=mode)
+        assert_close(got.cpu().float(), ops.local_conditional_attention(query, support, mask, mode=mode).float(),
+                     rtol=4 * unit, atol=unit)
+    qc, sc = torch.randn(2, 64, 300).to(dtype), torch.randn(2, 2, 64, 250).to(dtype)
+    w = (torch.rand(2, 2, 250) < 0.5).to(dtype)
+    values, idx = ops.max_cosine(*cuda(qc, sc, w))
+    want, want_idx = ops.max_cosine(qc, sc, w)
+    assert values.dtype == torch.float32
+    assert_close(values.cpu(), want, **FP32)
+    assert (idx.cpu() == want_idx).float().mean() > 0.999  # near-ties may flip on another summation order
+    x, planes = torch.randn(3, 500, 32).to(dtype), ops.lsh_planes(32, 32)
+    assert torch.equal(ops.lsh_hash(*cuda(x, planes)).cpu(), ops.lsh_hash(x, planes))
+    with torch.autocast("cuda", dtype=dtype):
+        assert ops.prototype_attention(*cuda(q.float(), k.float(), v.float())).dtype == dtype

@@ -144,6 +144,19 @@ def test_kshot_paths(name, terms, shots):
     assert all(p.grad is None for p in model.base_learner.parameters())
 
 
+def test_bf16_autocast_reads_bf16_features():
+    """Under the engine's amp=bf16 the prior op reads the bf16 features as they are (float32 inside, float32
+    priors back): no float32 copy of the layer-4 maps."""
+    from method_support import OpInputDtypes
+    model = build(shots=2).train()
+    spy = OpInputDtypes()
+    with spy, torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(episode(K=2))
+    sum(out["losses"].values()).backward()
+    spy.assert_read_in(torch.bfloat16, ("max_cosine",))
+    assert torch.isfinite(out["logits"]).all()
+
+
 def test_same_seed_same_result():
     runs = []
     for _ in range(2):

@@ -125,6 +125,24 @@ def test_max_cosine_nan_poisoning(simt, schedule):
     assert torch.isnan(values[0, 0]).all() and torch.isnan(values[0, 1, 7])
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_max_cosine_reduced_precision(simt, schedule, dtype):
+    # read as they are, float32 inside and float32 values: the CPU kernel's values and argmax
+    q, s = torch.randn(2, 40, 150).to(dtype), torch.randn(2, 2, 40, 170).to(dtype)
+    w = (torch.rand(2, 2, 170) < 0.6).to(dtype)
+    values, idx = simt.max_cosine(q, s, w, 1e-7)
+    cpu_values, cpu_idx = torch.ops.fsskern.max_cosine(q, s, w, 1e-7)
+    assert values.dtype == torch.float32
+    assert_close(values, cpu_values, **FP32)
+    assert torch.equal(idx, cpu_idx)
+    grad = torch.randn(values.shape)
+    got = simt._max_cosine_backward(grad, q, s, w, idx, 1e-7)
+    want = torch.ops.fsskern._max_cosine_backward(grad, q, s, w, idx, 1e-7)
+    for g, r in zip(got, want):
+        assert g.dtype == dtype
+        assert_close(g.float(), r.float(), rtol=2 ** -7, atol=1e-5)
+
+
 @pytest.mark.parametrize("C", [7, 300], ids=["C7", "C300"])  # below and above one pass of 128 threads
 def test_max_cosine_backward(simt, schedule, C):
     q, s = torch.randn(2, C, 21, dtype=torch.float64), torch.randn(2, 2, C, 17, dtype=torch.float64)
@@ -148,6 +166,14 @@ def test_lsh_hash_bit_identical(simt, schedule, bits, E):
     assert torch.equal(simt.lsh_hash(x, planes), torch.ops.fsskern.lsh_hash(x, planes))
     xd, pd = x.double(), planes.double()
     assert torch.equal(simt.lsh_hash(xd, pd), torch.ops.fsskern.lsh_hash(xd, pd))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_lsh_hash_reduced_precision_bit_identical(simt, schedule, dtype):
+    x, planes = torch.randn(700, 37).to(dtype), torch.randn(30, 38)  # float32 planes
+    got = simt.lsh_hash(x, planes)
+    assert torch.equal(got, torch.ops.fsskern.lsh_hash(x, planes))
+    assert torch.equal(got, torch.ops.fsskern.lsh_hash(x.float(), planes))
 
 
 def test_lsh_hash_channel_first_maps_bit_identical(simt, schedule):
@@ -229,6 +255,46 @@ def test_prototype_attention(simt, schedule, shape, dtype, dropout_p):
     want = torch.ops.fsskern._prototype_attention_backward(grad, q, k, v, *args[:1], cpu_out, cpu_lse, *args[1:])
     for g, w in zip(got, want):
         assert_close(g, w, **tol(dtype))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("dropout_p", [0.0, 0.3])
+def test_prototype_attention_reduced_precision(simt, schedule, dtype, dropout_p):
+    # bf16/fp16 read as they are, float32 inside: out in the inputs' dtype, lse and the sums in float32. The
+    # CPU kernel sums in another order, so the outputs may differ by one rounding of the output dtype.
+    q, k, v = torch.randn(2, 3, 37, 40).to(dtype), torch.randn(2, 3, 9, 40).to(dtype), torch.randn(2, 3, 9, 35).to(dtype)
+    valid = torch.rand(2, 9) < 0.6
+    valid[:, 0] = True
+    args = (valid, 0.3, dropout_p, 17)
+    out, lse = simt.prototype_attention(q, k, v, *args)
+    cpu_out, cpu_lse = torch.ops.fsskern.prototype_attention(q, k, v, *args)
+    assert out.dtype == dtype and lse.dtype == torch.float32
+    unit = 2 ** -8 if dtype == torch.bfloat16 else 2 ** -11
+    assert_close(out.float(), cpu_out.float(), rtol=2 * unit, atol=1e-5)
+    assert_close(lse, cpu_lse, **FP32)
+    grad = torch.randn(out.shape).to(dtype)
+    got = simt._prototype_attention_backward(grad, q, k, v, *args[:1], cpu_out, cpu_lse, *args[1:])
+    want = torch.ops.fsskern._prototype_attention_backward(grad, q, k, v, *args[:1], cpu_out, cpu_lse, *args[1:])
+    for g, w in zip(got, want):
+        assert g.dtype == dtype
+        assert_close(g.float(), w.float(), rtol=2 * unit, atol=unit * float(w.float().abs().max()))
+
+
+def test_local_attention_reduced_precision(simt, schedule):
+    query, support, value = torch.randn(2, 6, 40).bfloat16(), torch.randn(2, 6, 33).bfloat16(), \
+        torch.randn(2, 4, 33).bfloat16()
+    mask = torch.rand(2, 33) < 0.4
+    for mode in ("exclude", "multiply"):
+        out, lse = simt.local_conditional_attention(query, support, mask, value, mode)
+        cpu_out, cpu_lse = torch.ops.fsskern.local_conditional_attention(query, support, mask, value, mode)
+        assert out.dtype == torch.bfloat16
+        assert_close(out.float(), cpu_out.float(), rtol=2 ** -7, atol=1e-5)
+        grad = torch.randn(out.shape).bfloat16()
+        got = simt._local_conditional_attention_backward(grad, query, support, mask, value, cpu_out, cpu_lse, mode)
+        want = torch.ops.fsskern._local_conditional_attention_backward(grad, query, support, mask, value, cpu_out,
+                                                                        cpu_lse, mode)
+        for g, w in zip(got, want):
+            assert_close(g.float(), w.float(), rtol=2 ** -7, atol=2 ** -8 * float(w.float().abs().max()))
 
 
 def test_attention_wide_rows_use_fewer_warps(simt, schedule):

@@ -15,7 +15,7 @@ from fsskern.models import create_model
 from fsskern.models.umtfss import dice_loss, sine_encoding
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from method_support import MSRC, fit_until, msrc_episodes  # noqa: E402
+from method_support import MSRC, OpInputDtypes, fit_until, msrc_episodes  # noqa: E402
 
 SMALL = dict(reduce_dim=32, heads=4, k_fg=5, k_bg=10)
 
@@ -133,11 +133,13 @@ def test_kshot_paths(shots, profile):
 
 
 def test_bf16_autocast():
-    """The engine's amp=bf16: the clustering and the attention ops run in float32 inside (they take float32 /
-    float64), the rest in bf16."""
+    """The engine's amp=bf16: the prior, the hash and the attention ops read the bf16 features as they are
+    (computing in float32 inside); nothing is copied to float32 for them."""
     model = build().train()
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    spy = OpInputDtypes()
+    with spy, torch.autocast("cpu", dtype=torch.bfloat16):
         out = model(episode(K=2))
+    spy.assert_read_in(torch.bfloat16, ("max_cosine", "lsh_hash", "prototype_attention"))
     out["losses"]["dice"].backward()
     assert out["logits"].dtype == torch.bfloat16 and torch.isfinite(out["losses"]["dice"])
     assert torch.isfinite(model.transformer["query"][0].cross.to_v.weight.grad).all()

@@ -14,8 +14,8 @@ constexpr double kNegInf = -std::numeric_limits<double>::infinity();
 void check_float_inputs(const char* op, std::initializer_list<std::pair<const char*, const at::Tensor*>> tensors) {
   const auto& first = *tensors.begin()->second;
   const auto dt = first.scalar_type();
-  TORCH_CHECK(dt == at::kFloat || dt == at::kDouble, op, ": ", tensors.begin()->first,
-              " must be float32 or float64, got ", dt);
+  TORCH_CHECK(dt == at::kFloat || dt == at::kDouble || dt == at::kHalf || dt == at::kBFloat16, op, ": ",
+              tensors.begin()->first, " must be float32, float64, float16 or bfloat16, got ", dt);
   for (const auto& [name, t] : tensors) {
     TORCH_CHECK(t->scalar_type() == dt, op, ": ", name, " must have the dtype of ", tensors.begin()->first, " (",
                 dt, "), got ", t->scalar_type());
@@ -89,8 +89,8 @@ AttentionInputs prototype_inputs(const at::Tensor& q, const at::Tensor& k, const
           pack_keys(v, key_index, width),
           key_index,
           key_count,
-          at::full({B}, kNegInf, q.options()),
-          at::zeros({B, v.size(3)}, q.options()),
+          at::full({B}, kNegInf, q.options().dtype(attention_opmath(q.scalar_type()))),
+          at::zeros({B, v.size(3)}, q.options().dtype(attention_opmath(q.scalar_type()))),
           scale,
           dropout_threshold(dropout_p),
           1.0 / (1.0 - dropout_p),
@@ -132,13 +132,16 @@ AttentionInputs local_inputs(const at::Tensor& query, const at::Tensor& support,
   const auto foreground = mask.to(at::kBool);
   auto [key_index, key_count] = selected_first(foreground);
   const int64_t Ns = support.size(2);
-  auto const_logit = at::full({query.size(0)}, kNegInf, query.options());
-  auto const_value = at::zeros({query.size(0), value.size(1)}, query.options());
+  const auto opmath = query.options().dtype(attention_opmath(query.scalar_type()));
+  auto const_logit = at::full({query.size(0)}, kNegInf, opmath);
+  auto const_value = at::zeros({query.size(0), value.size(1)}, opmath);
   if (mode == "multiply") {
-    const auto background_count = (Ns - key_count).to(query.scalar_type());
+    const auto background_count = (Ns - key_count).to(opmath.dtype());
     const_logit = at::where(background_count > 0, background_count.log(), const_logit);
+    // The background sum is a GEMM in the values' dtype (fp32 accumulation, one rounding).
     const auto background = foreground.logical_not().to(value.scalar_type()).unsqueeze(2);  // (B, Ns, 1)
-    const_value = at::bmm(value, background).squeeze(2) / background_count.clamp_min(1).unsqueeze(1);
+    const_value = at::bmm(value, background).squeeze(2).to(opmath.dtype()) /
+                  background_count.clamp_min(1).unsqueeze(1);
   }
   const auto tokens = [](const at::Tensor& x) { return x.transpose(1, 2).unsqueeze(1); };  // (B, 1, N, C)
   const int64_t width = packed_width(key_count);
@@ -165,7 +168,7 @@ std::tuple<at::Tensor, at::Tensor> prototype_attention_impl(const AttentionKerne
   check_prototype_inputs(q, k, v, key_valid, scale, dropout_p);
   const auto in = prototype_inputs(q, k, v, key_valid, scale, dropout_p, seed);
   at::Tensor out = at::empty({q.size(0), q.size(1), q.size(2), v.size(3)}, q.options());
-  at::Tensor lse = at::empty({q.size(0), q.size(1), q.size(2)}, q.options());
+  at::Tensor lse = at::empty({q.size(0), q.size(1), q.size(2)}, q.options().dtype(attention_opmath(q.scalar_type())));
   if (out.numel() > 0 || lse.numel() > 0) kernels.forward(in, out, lse);
   return {out, lse};
 }
@@ -176,15 +179,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> prototype_attention_backward_impl
     double scale, double dropout_p, int64_t seed) {
   check_prototype_inputs(q, k, v, key_valid, scale, dropout_p);
   const auto in = prototype_inputs(q, k, v, key_valid, scale, dropout_p, seed);
-  at::Tensor grad_q = at::zeros(q.sizes(), q.options());
-  at::Tensor grad_k = at::zeros(in.k.sizes(), q.options());
-  at::Tensor grad_v = at::zeros(in.v.sizes(), q.options());
-  at::Tensor grad_const = at::zeros({q.size(0), q.size(1), v.size(3)}, q.options());
+  // Gradients accumulate in opmath (fp32 for reduced-precision inputs) and are rounded once at the end.
+  const auto opmath = q.options().dtype(attention_opmath(q.scalar_type()));
+  at::Tensor grad_q = at::zeros(q.sizes(), opmath);
+  at::Tensor grad_k = at::zeros(in.k.sizes(), opmath);
+  at::Tensor grad_v = at::zeros(in.v.sizes(), opmath);
+  at::Tensor grad_const = at::zeros({q.size(0), q.size(1), v.size(3)}, opmath);
   // Rows and keys, not q.numel(): with D = 0 every score is 0 and v still gets its gradient.
   if (q.size(0) * q.size(1) * q.size(2) > 0 && k.size(2) > 0)
     kernels.backward(in, out.contiguous(), lse.contiguous(), grad_out.contiguous(), grad_q, grad_k, grad_v,
                      grad_const);
-  return {grad_q, unpack_keys(grad_k, in.key_index), unpack_keys(grad_v, in.key_index)};
+  const auto dt = q.scalar_type();
+  return {grad_q.to(dt), unpack_keys(grad_k, in.key_index).to(dt), unpack_keys(grad_v, in.key_index).to(dt)};
 }
 
 std::tuple<at::Tensor, at::Tensor> local_conditional_attention_impl(const AttentionKernels& kernels,
@@ -195,7 +201,7 @@ std::tuple<at::Tensor, at::Tensor> local_conditional_attention_impl(const Attent
   const auto in = local_inputs(query, support, support_mask, value, mode);
   const int64_t B = query.size(0), Nq = query.size(2), Cv = value.size(1);
   at::Tensor out = at::empty({B, Cv, Nq}, query.options());
-  at::Tensor lse = at::empty({B, 1, Nq}, query.options());
+  at::Tensor lse = at::empty({B, 1, Nq}, query.options().dtype(attention_opmath(query.scalar_type())));
   at::Tensor out_tokens = out.transpose(1, 2).unsqueeze(1);  // written in place, channels first
   if (out.numel() > 0 || lse.numel() > 0) kernels.forward(in, out_tokens, lse);
   return {out, lse.squeeze(1)};
@@ -208,10 +214,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> local_conditional_attention_backw
   check_local_inputs(query, support, support_mask, value, mode);
   const auto in = local_inputs(query, support, support_mask, value, mode);
   const int64_t B = query.size(0);
-  at::Tensor grad_q = at::zeros({B, 1, query.size(2), query.size(1)}, query.options());
-  at::Tensor grad_k = at::zeros(in.k.sizes(), query.options());
-  at::Tensor grad_v = at::zeros({B, 1, in.k.size(2), value.size(1)}, query.options());
-  at::Tensor grad_const = at::zeros({B, 1, value.size(1)}, query.options());
+  const auto opmath = query.options().dtype(attention_opmath(query.scalar_type()));
+  at::Tensor grad_q = at::zeros({B, 1, query.size(2), query.size(1)}, opmath);
+  at::Tensor grad_k = at::zeros(in.k.sizes(), opmath);
+  at::Tensor grad_v = at::zeros({B, 1, in.k.size(2), value.size(1)}, opmath);
+  at::Tensor grad_const = at::zeros({B, 1, value.size(1)}, opmath);
   const auto tokens = [](const at::Tensor& x) { return x.transpose(1, 2).unsqueeze(1).contiguous(); };
   // Rows and keys, not query.numel(): with C = 0 every logit is 0 and value still gets its gradient.
   if (B * query.size(2) > 0 && support.size(2) > 0)
@@ -222,10 +229,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> local_conditional_attention_backw
   if (mode == "multiply") {
     // The constant key's value is the mean of the background values.
     const auto background = support_mask.to(at::kBool).logical_not();
-    const auto count = background.sum(-1, /*keepdim=*/true).clamp_min(1).to(query.scalar_type());
-    grad_value += grad_const.squeeze(1).unsqueeze(2) * (background.to(query.scalar_type()) / count).unsqueeze(1);
+    const auto count = background.sum(-1, /*keepdim=*/true).clamp_min(1).to(opmath.dtype());
+    grad_value += grad_const.squeeze(1).unsqueeze(2) * (background.to(opmath.dtype()) / count).unsqueeze(1);
   }
-  return {channels_first(grad_q), channels_first(unpack_keys(grad_k, in.key_index)), grad_value};
+  const auto dt = query.scalar_type();
+  return {channels_first(grad_q).to(dt), channels_first(unpack_keys(grad_k, in.key_index)).to(dt), grad_value.to(dt)};
 }
 
 TORCH_LIBRARY_FRAGMENT(FSSKERN_NAMESPACE, m) {

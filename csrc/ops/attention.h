@@ -14,6 +14,11 @@
 // that recomputes the probabilities from it. A row with no key at all gets out = 0 and
 // lse = -inf; its gradients are 0. This header also holds the math both backends share:
 // the dropout RNG and the exponential.
+//
+// Reduced precision: q, k, v (and out, grad_out) may be float16 or bfloat16. The kernels read
+// them as they are and compute in opmath (float32): scores, softmax, logsumexp and every
+// accumulator; out is rounded once to the inputs' dtype, lse stays float32, and the gradients
+// accumulate in float32 buffers that the orchestration rounds once at the end.
 #include <ATen/ATen.h>
 #include <c10/util/string_view.h>
 
@@ -35,19 +40,23 @@ struct AttentionInputs {
   at::Tensor v;            // (B, H, W, Dv), packed like k (may be the same tensor)
   at::Tensor key_index;    // (B, P) int64: original index of packed key j (the dropout counter)
   at::Tensor key_count;    // (B,) int64: number of selected keys, <= W
-  at::Tensor const_logit;  // (B,) dtype of q: logit of the constant key, -inf when there is none
-  at::Tensor const_value;  // (B, Dv): its value
+  at::Tensor const_logit;  // (B,) opmath of q's dtype: logit of the constant key, -inf when there is none
+  at::Tensor const_value;  // (B, Dv) opmath: its value
   double scale;
   uint32_t drop_threshold;  // dropout_threshold(p); 0 = no dropout
   double keep_scale;        // 1 / (1 - p)
   uint64_t seed;
 };
 
+// float32 for float16/bfloat16/float32 inputs, float64 for float64.
+inline at::ScalarType attention_opmath(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
+
 struct AttentionKernels {
-  // out (B, H, N, Dv), any strides, and lse (B, H, N) contiguous; both uninitialised.
+  // out (B, H, N, Dv) in q's dtype, any strides, and lse (B, H, N) in opmath, contiguous; both
+  // uninitialised.
   void (*forward)(const AttentionInputs& in, at::Tensor& out, at::Tensor& lse);
   // grad_q (B, H, N, D), grad_k (B, H, W, D), grad_v (B, H, W, Dv) (packed) and grad_const
-  // (B, H, Dv): contiguous and zero-filled; packed keys past key_count stay zero.
+  // (B, H, Dv): opmath, contiguous and zero-filled; packed keys past key_count stay zero.
   void (*backward)(const AttentionInputs& in, const at::Tensor& out, const at::Tensor& lse,
                    const at::Tensor& grad_out, at::Tensor& grad_q, at::Tensor& grad_k, at::Tensor& grad_v,
                    at::Tensor& grad_const);

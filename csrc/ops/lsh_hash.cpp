@@ -10,9 +10,10 @@ void check_lsh_hash_inputs(const at::Tensor& x, const at::Tensor& planes) {
               x.sizes());
   TORCH_CHECK(planes.dim() == 2, "lsh_hash: planes must be 2-d (bits, E + 1), got shape ", planes.sizes());
   const auto dt = x.scalar_type();
-  TORCH_CHECK(dt == at::kFloat || dt == at::kDouble, "lsh_hash: x must be float32 or float64, got ", dt);
-  TORCH_CHECK(planes.scalar_type() == dt, "lsh_hash: planes must have the dtype of x (", dt, "), got ",
-              planes.scalar_type());
+  TORCH_CHECK(dt == at::kFloat || dt == at::kDouble || dt == at::kHalf || dt == at::kBFloat16,
+              "lsh_hash: x must be float32, float64, float16 or bfloat16, got ", dt);
+  TORCH_CHECK(planes.scalar_type() == lsh_planes_dtype(dt), "lsh_hash: planes must be ",
+              lsh_planes_dtype(dt), " for x of dtype ", dt, ", got ", planes.scalar_type());
   TORCH_CHECK(planes.device() == x.device(), "lsh_hash: x and planes must be on one device, got ", x.device(),
               " and ", planes.device());
   TORCH_CHECK(planes.size(1) == x.size(-1) + 1, "lsh_hash: planes must be (bits, E + 1) = (bits, ", x.size(-1) + 1,

@@ -12,7 +12,8 @@ void check_max_cosine_inputs(const at::Tensor& query, const at::Tensor& support,
   TORCH_CHECK(weights.dim() == 3, "max_cosine: support_weights must be 3-d (B, K, Ns), got shape ",
               weights.sizes());
   const auto dt = query.scalar_type();
-  TORCH_CHECK(dt == at::kFloat || dt == at::kDouble, "max_cosine: query must be float32 or float64, got ", dt);
+  TORCH_CHECK(dt == at::kFloat || dt == at::kDouble || dt == at::kHalf || dt == at::kBFloat16,
+              "max_cosine: query must be float32, float64, float16 or bfloat16, got ", dt);
   TORCH_CHECK(support.scalar_type() == dt && weights.scalar_type() == dt,
               "max_cosine: query, support and support_weights must share a dtype, got ", dt, ", ",
               support.scalar_type(), ", ", weights.scalar_type());

@@ -12,6 +12,9 @@
 // NaNs: a non-finite |q_i| makes the background cosine NaN, and a non-finite masked-out support
 // pixel makes that shot's whole row NaN (0 * Inf).
 //
+// float16/bfloat16 inputs are read as they are and computed in float32; the values come back
+// in float32 (as autocast returns cosine_similarity), the gradients in the inputs' dtype.
+//
 // This header holds the math both backends share; checks and schema: max_cosine.cpp.
 #include <ATen/ATen.h>
 
@@ -22,6 +25,9 @@
 #include "common/host_device.h"
 
 namespace fsskern {
+
+// The dtype of the values and of every computation: float64 for float64 inputs, else float32.
+inline at::ScalarType max_cosine_opmath(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
 
 // Index recorded when the maximum is a masked-out (background) pixel.
 constexpr int64_t kBackgroundIndex = -1;

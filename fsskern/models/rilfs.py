@@ -358,14 +358,15 @@ class RILFS(nn.Module):
 
         Per query view one ``prior_mask(reduce=None)`` call on the U * K supports stacked along the shot
         axis; shots weighted with that view's K-shot weights; the two support views fused by F (Eq. 8,
-        input order (reflected, original)). float32: the prior's min-max and eps are BAM's fp32 ones.
+        input order (reflected, original)). bf16 / fp16 features (autocast) go to the op as they are: it computes
+        in float32 and returns float32 priors, so the min-max and eps are BAM's fp32 ones.
         """
         B, K, U = masks[0].shape[0], self.shots, self.views
-        support = torch.cat([x.float().view(B, K, *x.shape[1:]) for x in s4], 1)  # (B, U * K, C, h, w)
-        support_masks = torch.cat(masks, 1).detach().float()
+        support = torch.cat([x.view(B, K, *x.shape[1:]) for x in s4], 1)  # (B, U * K, C, h, w)
+        support_masks = torch.cat(masks, 1).detach()
         out = []
         for v, query in enumerate(q4):
-            pri = self.backend.prior_mask(query.float(), support, support_masks, reduce=None, out_size=tuple(out_size))
+            pri = self.backend.prior_mask(query, support, support_masks, reduce=None, out_size=tuple(out_size))
             pri = (weights[:, v, :, :, None, None] * pri.view(B, U, K, *pri.shape[-2:])).sum(2)  # (B, U, h, w)
             out.append(self.prior_fuse(pri.flip(1)) if self.reflection else pri)
         return out

@@ -193,10 +193,9 @@ class CrossAttention(PrototypeCrossAttention):
     def forward(self, x, prototypes, valid, attention):
         q = self._split_heads(self.to_q(x))
         k, v = self._split_heads(self.to_k(prototypes)), self._split_heads(self.to_v(prototypes))
-        # the attention ops take float32 / float64: under autocast the projections come in bf16 / fp16
-        out = attention(q.float(), k.float(), v.float(), key_valid=valid,
-                        dropout_p=self.dropout if self.training else 0.0)
-        return self.out_dropout(self.to_out(out.to(q.dtype).transpose(1, 2).reshape(x.shape)))
+        # under autocast the projections come in bf16 / fp16, which the op reads as they are
+        out = attention(q, k, v, key_valid=valid, dropout_p=self.dropout if self.training else 0.0)
+        return self.out_dropout(self.to_out(out.transpose(1, 2).reshape(x.shape)))
 
 
 class SupportLayer(nn.Module):
@@ -301,8 +300,9 @@ class UMTFSS(nn.Module):
         d, (h, w) = xq.shape[1], xq.shape[-2:]
         g_k = self.backend.masked_average_pool(xs, fg.flatten(0, 1)[:, None], resize="mask")[:, 0]  # (B * K, d)
         g = g_k.view(B, K, d).mean(1)
-        prior = self.backend.prior_mask(q["layer4"].float(), s["layer4"].float().view(B, K, *s["layer4"].shape[1:]),
-                                        fg.float(), reduce="mean", out_size=(h, w)).to(xq.dtype)
+        # bf16 / fp16 features under autocast are read as they are; the prior comes back in float32
+        prior = self.backend.prior_mask(q["layer4"], s["layer4"].view(B, K, *s["layer4"].shape[1:]),
+                                        fg, reduce="mean", out_size=(h, w)).to(xq.dtype)
         xq = self.query_merge(torch.cat([xq, g[..., None, None].expand(-1, -1, h, w), prior], 1))
         xs = self.supp_merge(torch.cat([xs, g_k[..., None, None].expand(-1, -1, h, w)], 1))
 
@@ -312,8 +312,8 @@ class UMTFSS(nn.Module):
             token_valid = F.interpolate(valid.float(), size=(h, w), mode="nearest").flatten(0, 1).flatten(1) > 0
             for layer in self.transformer["support"]:
                 ts = layer(ts, pos, token_valid)
-        # float32: the hash takes float32 / float64 (tokens are bf16 / fp16 under autocast)
-        maps = ts.float().transpose(1, 2).reshape(B, K, d, h, w)
+        # bf16 / fp16 under autocast: the hash and the cluster means read them as they are
+        maps = ts.transpose(1, 2).reshape(B, K, d, h, w)
         protos, proto_valid = self.prototypes(maps, fg.float(), valid, batch)
         for layer in self.transformer["query"]:
             tq = layer(tq, pos, protos, proto_valid, self.backend.prototype_attention)

@@ -10,6 +10,7 @@ from typing import Optional
 
 import torch
 
+from ._autocast import cast_inputs_under_autocast
 from ._checks import check_choice
 
 _SEED_RANGE = 2 ** 62
@@ -21,7 +22,9 @@ def prototype_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
     """softmax(scale q k^T, invalid keys excluded) v, with dropout on the attention weights.
 
     Args:
-        q: (B, H, N, D) float32/float64 query tokens.
+        q: (B, H, N, D) query tokens: float32/float64, or float16/bfloat16 read as they are with every
+            score, softmax step and sum in float32 (under ``torch.autocast`` float32 inputs are cast to the
+            autocast dtype first).
         k, v: (B, H, P, D) and (B, H, P, Dv), same dtype: the prototypes (UMTFSS: P = 70).
         key_valid: (B, P) bool; invalid keys get no weight. UMTFSS adds -10000 instead, which is
             the same unless every key of an image is invalid: then the output is 0 here (and
@@ -55,7 +58,8 @@ def local_conditional_attention(query: torch.Tensor, support: torch.Tensor, supp
     """CRCNet's local conditional module: ``value . softmax_rows(query^T support, masked)^T``.
 
     Args:
-        query: (B, C, Nq) query features (CRCNet: after its 1x1 conv + ReLU, theta).
+        query: (B, C, Nq) query features (CRCNet: after its 1x1 conv + ReLU, theta): float32/float64, or
+            float16/bfloat16 computed in float32 as in :func:`prototype_attention`.
         support: (B, C, Ns) support features (delta).
         support_mask: (B, Ns) bool or float holding only 0 and 1.
         value: (B, Cv, Ns) the features that are averaged; default ``support``.
@@ -65,7 +69,7 @@ def local_conditional_attention(query: torch.Tensor, support: torch.Tensor, supp
             background still gets weight (computed as one constant key, never pixel by pixel).
 
     Returns:
-        (B, Cv, Nq), differentiable w.r.t. query, support and value. No scaling of the logits
+        (B, Cv, Nq) in query's dtype, differentiable w.r.t. query, support and value. No scaling of the logits
         (CRCNet has none).
     """
     check_choice("local_conditional_attention", "mode", mode, {"exclude", "multiply"})
@@ -76,13 +80,18 @@ def local_conditional_attention(query: torch.Tensor, support: torch.Tensor, supp
 
 # ---- fake kernels --------------------------------------------------------------------------------
 
+def _lse_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The row logsumexp is kept in float32 for float16/bfloat16 inputs."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 @torch.library.register_fake("fsskern::prototype_attention")
 def _(q, k, v, key_valid, scale, dropout_p, seed):
     torch._check(q.dim() == 4 and k.dim() == 4 and v.dim() == 4,
                  lambda: "prototype_attention: q, k and v must be 4-d")
     torch._check(q.device == k.device == v.device, lambda: "prototype_attention: all inputs must be on one device")
     B, H, N = q.shape[:3]
-    return q.new_empty((B, H, N, v.shape[3])), q.new_empty((B, H, N))
+    return q.new_empty((B, H, N, v.shape[3])), q.new_empty((B, H, N), dtype=_lse_dtype(q.dtype))
 
 
 @torch.library.register_fake("fsskern::_prototype_attention_backward")
@@ -97,7 +106,7 @@ def _(query, support, support_mask, value, mode):
     torch._check(query.device == support.device == value.device == support_mask.device,
                  lambda: "local_conditional_attention: all inputs must be on one device")
     B, _, Nq = query.shape
-    return query.new_empty((B, value.shape[1], Nq)), query.new_empty((B, Nq))
+    return query.new_empty((B, value.shape[1], Nq)), query.new_empty((B, Nq), dtype=_lse_dtype(query.dtype))
 
 
 @torch.library.register_fake("fsskern::_local_conditional_attention_backward")
@@ -143,3 +152,5 @@ def _local_backward(ctx, grad_out, grad_lse):
 
 
 torch.library.register_autograd("fsskern::local_conditional_attention", _local_backward, setup_context=_local_setup)
+cast_inputs_under_autocast("prototype_attention")
+cast_inputs_under_autocast("local_conditional_attention")

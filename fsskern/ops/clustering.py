@@ -9,6 +9,8 @@ from typing import Optional, Tuple
 import torch
 import torch.nn.functional as F
 
+from ._autocast import cast_inputs_under_autocast
+
 
 def lsh_planes(bits: int, dim: int, *, generator: Optional[torch.Generator] = None, dtype=torch.float32,
                device=None) -> torch.Tensor:
@@ -25,8 +27,10 @@ def lsh_hash(x: torch.Tensor, planes: torch.Tensor) -> torch.Tensor:
 
     Args:
         x: (..., E) float32/float64 points (not normalised, as in UMTFSS), any strides: e.g.
-            channel-first maps ``f.flatten(-2).transpose(-1, -2)`` are hashed in place.
-        planes: (bits, E + 1), 1 <= bits <= 64; bit i is ``x . planes[i, :E] > planes[i, E]``.
+            channel-first maps ``f.flatten(-2).transpose(-1, -2)`` are hashed in place. float16/bfloat16
+            points are widened exactly as they are read: their codes are those of ``x.float()``.
+        planes: (bits, E + 1), 1 <= bits <= 64; bit i is ``x . planes[i, :E] > planes[i, E]``. float64
+            for float64 x, else float32 (kept float32 under autocast).
 
     Returns:
         int64 codes of shape (...), least-significant bit first (bit 63 is the sign bit).
@@ -135,11 +139,13 @@ def support_prototypes(features: torch.Tensor, masks: torch.Tensor, *, valid: Op
     if k_fg < 1 or k_bg < 1:
         raise ValueError(f"support_prototypes: k_fg and k_bg must be >= 1, got {k_fg} and {k_bg}")
     B, K, C, h, w = features.shape
-    fg, bg = _token_sets(masks, valid, (h, w), features.dtype)
+    # float16/bfloat16 features (autocast) are hashed against float32 planes, masks resized in float32
+    wide = torch.float64 if features.dtype == torch.float64 else torch.float32
+    fg, bg = _token_sets(masks, valid, (h, w), wide)
     # Tokens are read where they lie: maps (B, K, C, hw) for the means, the same memory seen as
     # (B*K, hw, C) for the hash. Token t of image b is pixel t % hw of shot t // hw.
     maps = features.flatten(3)
-    planes = lsh_planes(bits, C, generator=generator, dtype=features.dtype, device=features.device)
+    planes = lsh_planes(bits, C, generator=generator, dtype=wide, device=features.device)
     codes = lsh_hash(maps.detach().transpose(2, 3), planes).view(B, K * h * w)
     # Both clusterings first, then the means of all k_fg + k_bg clusters in one pass over the
     # tokens (background clusters numbered after the foreground ones).
@@ -258,3 +264,4 @@ def _backward(ctx, grad_means, grad_counts):
 
 
 torch.library.register_autograd("fsskern::cluster_means", _backward, setup_context=_setup_context)
+cast_inputs_under_autocast("lsh_hash", keep=(1,))  # the planes stay float32

@@ -9,6 +9,7 @@ from typing import Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
+from ._autocast import cast_inputs_under_autocast
 from ._checks import check_choice
 from .certified_search import max_cosine_bf16_search, uses_bf16_search
 
@@ -20,7 +21,8 @@ def max_cosine(query: torch.Tensor, support: torch.Tensor, support_weights: torc
     """Per query pixel and shot, the max over support pixels of the cosine with the masked support.
 
     Args:
-        query: (B, C, Nq) float32/float64.
+        query: (B, C, Nq) float32/float64, or float16/bfloat16 read as they are and computed in float32
+            (under ``torch.autocast`` float32 inputs are cast to the autocast dtype first).
         support: (B, K, C, Ns), same dtype.
         support_weights: (B, K, Ns) mask on the support feature grid; pixels with weight 0 are
             skipped, and count as the reference's zero vectors (cosine exactly 0).
@@ -31,7 +33,8 @@ def max_cosine(query: torch.Tensor, support: torch.Tensor, support_weights: torc
             AVX512-BF16, CUDA tensor cores); elsewhere the fp32 kernel runs (``build_info()["bf16_search"]``).
 
     Returns:
-        values (B, K, Nq) and indices (B, K, Nq) int64: the maximising support pixel, or -1
+        values (B, K, Nq), float32 for float16/bfloat16 inputs (as autocast's ``cosine_similarity``), and
+        indices (B, K, Nq) int64: the maximising support pixel, or -1
         when the maximum is a masked-out pixel. Differentiable w.r.t. query and support.
     """
     if search_dtype not in (None, torch.float32, torch.bfloat16):
@@ -61,7 +64,7 @@ def prior_mask(query: torch.Tensor, support: torch.Tensor, support_masks: torch.
         search_dtype: ``torch.bfloat16``: the certified bf16 search of :func:`max_cosine` (exact results).
 
     Returns:
-        (B, 1 or K, h, w) prior in the dtype of ``query``. Where every support pixel of a shot is
+        (B, 1 or K, h, w) prior in the dtype of ``query`` (float32 for float16/bfloat16). Where every support pixel of a shot is
         masked out the prior is 0; NaN/Inf in the features give NaN as in the reference.
     """
     check_choice("prior_mask", "reduce", reduce, {"mean", None})
@@ -105,7 +108,8 @@ def _(query, support, support_weights, eps):
     torch._check(query.device == support.device == support_weights.device,
                  lambda: "max_cosine: all inputs must be on one device")
     B, K, Nq = support.shape[0], support.shape[1], query.shape[2]
-    return query.new_empty((B, K, Nq)), query.new_empty((B, K, Nq), dtype=torch.int64)
+    values_dtype = torch.float64 if query.dtype == torch.float64 else torch.float32
+    return query.new_empty((B, K, Nq), dtype=values_dtype), query.new_empty((B, K, Nq), dtype=torch.int64)
 
 
 @torch.library.register_fake("fsskern::_max_cosine_backward")
@@ -133,3 +137,4 @@ def _backward(ctx, grad_values, grad_indices):
 
 torch.library.register_autograd(_OP, _backward, setup_context=_setup_context)
 torch.library.register_autograd("fsskern::max_cosine_bf16_search", _backward, setup_context=_setup_context)
+cast_inputs_under_autocast("max_cosine")

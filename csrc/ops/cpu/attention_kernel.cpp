@@ -11,6 +11,11 @@
 // Backward, per (batch, head): recompute the probabilities of each tile from the saved
 // logsumexp, then dV += A^T dO, dS = A * (dO V^T - rowsum(dO * O)), dQ += dS K, dK += dS^T Q,
 // four GEMMs per tile; one thread owns a (batch, head), so dK and dV need no reduction.
+//
+// float16/bfloat16 inputs are widened to float32 a slice at a time (a query tile, the keys and
+// values of one (batch, head)) into per-thread tensors, and every GEMM and softmax step runs
+// in float32 as for float32 inputs: no input is copied whole.
+#include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 
 #include <algorithm>
@@ -95,23 +100,32 @@ FSSKERN_CPU_CLONES void apply_dropout_tile(T* p, int64_t n, int64_t rows, int64_
   }
 }
 
-// out_tile (rows x Dv, any strides) = acc * inv per row, walking the output contiguously: CRCNet's
-// output is channels-first, so its rows are the inner dimension.
-template <typename T>
+// x itself when it is already in opmath, else its float32 copy.
+at::Tensor widened(const at::Tensor& x, at::ScalarType opmath) {
+  return x.scalar_type() == opmath ? x : x.to(opmath);
+}
+
+// out_tile (rows x Dv, any strides, dtype Out) = acc * inv per row, walking the output
+// contiguously: CRCNet's output is channels-first, so its rows are the inner dimension.
+template <typename T, typename Out>
 void write_normalised(const T* acc, const T* inv, int64_t rows, int64_t Dv, at::Tensor out_tile) {
-  T* out = out_tile.mutable_data_ptr<T>();
+  Out* out = out_tile.mutable_data_ptr<Out>();
   const int64_t row_stride = out_tile.stride(0), channel_stride = out_tile.stride(1);
   if (row_stride == 1) {
     for (int64_t e = 0; e < Dv; ++e)
-      for (int64_t r = 0; r < rows; ++r) out[e * channel_stride + r] = acc[r * Dv + e] * inv[r];
+      for (int64_t r = 0; r < rows; ++r) out[e * channel_stride + r] = static_cast<Out>(acc[r * Dv + e] * inv[r]);
   } else {
     for (int64_t r = 0; r < rows; ++r)
-      for (int64_t e = 0; e < Dv; ++e) out[r * row_stride + e * channel_stride] = acc[r * Dv + e] * inv[r];
+      for (int64_t e = 0; e < Dv; ++e)
+        out[r * row_stride + e * channel_stride] = static_cast<Out>(acc[r * Dv + e] * inv[r]);
   }
 }
 
-template <typename T>
+// In: the inputs' dtype; T: the one everything is computed in.
+template <typename In>
 void forward_typed(const AttentionInputs& in, at::Tensor& out, at::Tensor& lse) {
+  using T = at::opmath_type<In>;
+  const auto opmath = c10::CppTypeToScalarType<T>::value;
   const int64_t B = in.q.size(0), H = in.q.size(1), N = in.q.size(2), P = in.key_index.size(1), Dv = in.v.size(3);
   const int64_t* key_count = in.key_count.const_data_ptr<int64_t>();
   const int64_t* key_index = in.key_index.const_data_ptr<int64_t>();
@@ -126,13 +140,20 @@ void forward_typed(const AttentionInputs& in, at::Tensor& out, at::Tensor& lse) 
     const at::AutoDispatchBelowADInplaceOrView below_autograd;  // the GEMMs are internal, not traced
     // Score rows are padded to whole strips; the padding's values are computed and never used.
     const int64_t ld = at::divup(tiles.rows, kStrip) * kStrip;
-    at::Tensor scores = at::empty({tiles.keys * ld}, in.q.options());
-    at::Tensor acc = at::empty({tiles.rows, Dv}, in.q.options());
+    at::Tensor scores = at::empty({tiles.keys * ld}, in.q.options().dtype(opmath));
+    at::Tensor acc = at::empty({tiles.rows, Dv}, in.q.options().dtype(opmath));
     std::vector<T> m(ld), l(ld), alpha(ld), sum(ld);
+    int64_t keys_of = -1;  // the (batch, head) whose keys and values k_bh and v_bh hold
+    at::Tensor k_bh, v_bh;
     for (int64_t task = claim(); task < tasks; task = claim()) {
       const int64_t bh = task / row_tiles, b = bh / H, h = bh % H, i0 = (task % row_tiles) * tiles.rows;
       const int64_t rows = std::min(tiles.rows, N - i0), count = key_count[b];
-      const at::Tensor q_tile = in.q[b][h].narrow(0, i0, rows);
+      const at::Tensor q_tile = widened(in.q[b][h].narrow(0, i0, rows), opmath);
+      if (keys_of != bh) {  // consecutive tasks mostly share a (batch, head)
+        k_bh = widened(in.k[b][h].narrow(0, 0, count), opmath);
+        v_bh = widened(in.v[b][h].narrow(0, 0, count), opmath);
+        keys_of = bh;
+      }
       at::Tensor acc_tile = acc.narrow(0, 0, rows);
       T* acc_data = acc_tile.mutable_data_ptr<T>();
       // The constant key first: exp(c - c) = 1 times its value.
@@ -147,7 +168,7 @@ void forward_typed(const AttentionInputs& in, at::Tensor& out, at::Tensor& lse) 
         // transposed: keys x rows, each key's row ld apart
         at::Tensor s_tile = scores.narrow(0, 0, n * ld).view({n, ld}).narrow(1, 0, rows);
         // BLAS skips the product when alpha is 0: scale 0 is applied after it, so NaN/Inf still propagate.
-        at::addmm_out(s_tile, s_tile, in.k[b][h].narrow(0, j0, n), q_tile.t(), /*beta=*/0,
+        at::addmm_out(s_tile, s_tile, k_bh.narrow(0, j0, n), q_tile.t(), /*beta=*/0,
                       /*alpha=*/in.scale == 0 ? 1.0 : in.scale);
         if (in.scale == 0) s_tile.mul_(0);
         T* s = s_tile.mutable_data_ptr<T>();
@@ -156,7 +177,7 @@ void forward_typed(const AttentionInputs& in, at::Tensor& out, at::Tensor& lse) 
         if (in.drop_threshold > 0)
           apply_dropout_tile(s, n, rows, ld, key_index + b * P + j0, bh, i0, N, P, in.seed, in.drop_threshold,
                              static_cast<T>(in.keep_scale));
-        const at::Tensor v_tile = in.v[b][h].narrow(0, j0, n);
+        const at::Tensor v_tile = v_bh.narrow(0, j0, n);
         if (j0 == 0 && !has_const) {  // nothing accumulated yet
           at::mm_out(acc_tile, s_tile.t(), v_tile);
         } else {
@@ -170,7 +191,7 @@ void forward_typed(const AttentionInputs& in, at::Tensor& out, at::Tensor& lse) 
         sum[r] = output_normaliser(l[r]);  // reused as the normaliser
         lse_data[bh * N + i0 + r] = row_logsumexp(m[r], l[r]);
       }
-      write_normalised(acc_data, sum.data(), rows, Dv, out[b][h].narrow(0, i0, rows));
+      write_normalised<T, In>(acc_data, sum.data(), rows, Dv, out[b][h].narrow(0, i0, rows));
     }
   });
 }
@@ -189,9 +210,11 @@ FSSKERN_CPU_CLONES void logit_grad_row(const T* a, T* dp, int64_t n, T delta) {
   for (int64_t j = 0; j < n; ++j) dp[j] = logit_grad(a[j], dp[j], delta);
 }
 
-template <typename T>
+template <typename In>
 void backward_typed(const AttentionInputs& in, const at::Tensor& out, const at::Tensor& lse, const at::Tensor& grad_out,
                     at::Tensor& grad_q, at::Tensor& grad_k, at::Tensor& grad_v, at::Tensor& grad_const) {
+  using T = at::opmath_type<In>;
+  const auto opmath = c10::CppTypeToScalarType<T>::value;
   const int64_t B = in.q.size(0), H = in.q.size(1), N = in.q.size(2), P = in.key_index.size(1);
   const int64_t* key_count = in.key_count.const_data_ptr<int64_t>();
   const int64_t* key_index = in.key_index.const_data_ptr<int64_t>();
@@ -199,26 +222,27 @@ void backward_typed(const AttentionInputs& in, const at::Tensor& out, const at::
   const T* lse_data = lse.const_data_ptr<T>();
   const Tiles tiles = choose_tiles(in.k.size(2), N);
   const T scale = static_cast<T>(in.scale), keep_scale = static_cast<T>(in.keep_scale);
-  // delta_i = dO_i . O_i = sum_j a_ij dP_ij, the softmax backward's row term.
-  const at::AutoDispatchBelowADInplaceOrView below_autograd;
-  const at::Tensor delta = (grad_out * out).sum(-1);
-  const T* delta_data = delta.const_data_ptr<T>();
-
   at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
     const at::AutoDispatchBelowADInplaceOrView below_autograd;
     const SingleThreadedBlas one_thread;  // the result must not depend on the thread count
-    at::Tensor probs = at::empty({tiles.rows * tiles.keys}, in.q.options());
-    at::Tensor dropped = at::empty({tiles.rows * tiles.keys}, in.q.options());
-    at::Tensor score_grad = at::empty({tiles.rows * tiles.keys}, in.q.options());
+    const auto buffer = in.q.options().dtype(opmath);
+    at::Tensor probs = at::empty({tiles.rows * tiles.keys}, buffer);
+    at::Tensor dropped = at::empty({tiles.rows * tiles.keys}, buffer);
+    at::Tensor score_grad = at::empty({tiles.rows * tiles.keys}, buffer);
     for (int64_t bh = begin; bh < end; ++bh) {
       const int64_t b = bh / H, h = bh % H, count = key_count[b];
-      const at::Tensor q = in.q[b][h], k = in.k[b][h], v = in.v[b][h], d_out = grad_out[b][h];
+      const at::Tensor q = widened(in.q[b][h], opmath), d_out = widened(grad_out[b][h], opmath);
+      const at::Tensor k = widened(in.k[b][h].narrow(0, 0, count), opmath);
+      const at::Tensor v = widened(in.v[b][h].narrow(0, 0, count), opmath);
       at::Tensor dq = grad_q[b][h], dk = grad_k[b][h], dv = grad_v[b][h];
+      // delta_i = dO_i . O_i = sum_j a_ij dP_ij, the softmax backward's row term.
+      const at::Tensor delta = (d_out * widened(out[b][h], opmath)).sum(-1);
+      const T* delta_data = delta.const_data_ptr<T>();
       for (int64_t i0 = 0; i0 < N; i0 += tiles.rows) {
         const int64_t rows = std::min(tiles.rows, N - i0);
         const at::Tensor q_tile = q.narrow(0, i0, rows), d_out_tile = d_out.narrow(0, i0, rows);
         const T* row_lse = lse_data + bh * N + i0;
-        const T* row_delta = delta_data + bh * N + i0;
+        const T* row_delta = delta_data + i0;
         for (int64_t j0 = 0; j0 < count; j0 += tiles.keys) {
           const int64_t n = std::min(tiles.keys, count - j0);
           const at::Tensor k_tile = k.narrow(0, j0, n), v_tile = v.narrow(0, j0, n);
@@ -249,7 +273,7 @@ void backward_typed(const AttentionInputs& in, const at::Tensor& out, const at::
         // The constant key (no dropout, key vector 0): only its value receives a gradient.
         const T c = const_logit[b];
         if (c > -std::numeric_limits<T>::infinity()) {
-          at::Tensor a_const = at::empty({rows}, in.q.options());
+          at::Tensor a_const = at::empty({rows}, buffer);
           T* ac = a_const.mutable_data_ptr<T>();
           for (int64_t r = 0; r < rows; ++r) ac[r] = probability_from_lse(c, row_lse[r]);
           grad_const[b][h].addmv_(d_out_tile.t(), a_const);
@@ -260,14 +284,14 @@ void backward_typed(const AttentionInputs& in, const at::Tensor& out, const at::
 }
 
 void attention_forward_cpu(const AttentionInputs& in, at::Tensor& out, at::Tensor& lse) {
-  AT_DISPATCH_FLOATING_TYPES(in.q.scalar_type(), "fsskern_attention_forward_cpu",
-                             [&] { forward_typed<scalar_t>(in, out, lse); });
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.q.scalar_type(), "fsskern_attention_forward_cpu",
+                                  [&] { forward_typed<scalar_t>(in, out, lse); });
 }
 
 void attention_backward_cpu(const AttentionInputs& in, const at::Tensor& out, const at::Tensor& lse,
                             const at::Tensor& grad_out, at::Tensor& grad_q, at::Tensor& grad_k, at::Tensor& grad_v,
                             at::Tensor& grad_const) {
-  AT_DISPATCH_FLOATING_TYPES(in.q.scalar_type(), "fsskern_attention_backward_cpu", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.q.scalar_type(), "fsskern_attention_backward_cpu", [&] {
     backward_typed<scalar_t>(in, out, lse, grad_out, grad_q, grad_k, grad_v, grad_const);
   });
 }

@@ -5,7 +5,9 @@
 // time so that their accumulators stay in registers (with AVX-512, 16 of the 32).
 // Points adjacent in memory (channel-first maps) are read in place. Row-major points are first
 // turned into vectors of channels, 16 x 16 tiles at a time in registers; anything else (other
-// strides, a last partial block) is copied channel by channel into the same small buffer.
+// strides, a last partial block) is copied channel by channel into the same small buffer, and
+// so is a float16/bfloat16 x, widened to float32 on the way.
+#include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 
 #include <cstring>
@@ -72,12 +74,50 @@ FSSKERN_CPU_CLONES void transpose_points(const T* points, int64_t point_stride, 
   }
 }
 
+// Codes of x3 (M, N, E, any strides) against weights (E, padded) and thresholds (bits,), in T.
+template <typename In>
+void hash_points(const at::Tensor& x3, const at::Tensor& weights, const at::Tensor& thresholds, int64_t bits,
+                 at::Tensor& codes) {
+  using T = at::opmath_type<In>;
+  const int64_t M = x3.size(0), N = x3.size(1), E = x3.size(2), padded = weights.size(1);
+  const int64_t row_stride = x3.stride(0), point_stride = x3.stride(1), channel_stride = x3.stride(2);
+  const int64_t blocks = at::divup(N, kPointsPerBlock);
+  const In* xp = x3.const_data_ptr<In>();
+  const T* wp = weights.const_data_ptr<T>();
+  const T* tp = thresholds.const_data_ptr<T>();
+  int64_t* out = codes.mutable_data_ptr<int64_t>();
+  at::parallel_for(0, M * blocks, 8, [&](int64_t begin, int64_t end) {
+    std::vector<T> buffer(E * kPointsPerBlock);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t m = task / blocks, n0 = task % blocks * kPointsPerBlock;
+      const int points = static_cast<int>(std::min<int64_t>(kPointsPerBlock, N - n0));
+      const In* first = xp + m * row_stride + n0 * point_stride;
+      int64_t* block_codes = out + m * N + n0;
+      if constexpr (std::is_same_v<In, T>) {  // read in place where the layout allows
+        if (point_stride == 1 && points == kPointsPerBlock) {
+          hash_block(first, channel_stride, wp, padded, tp, E, bits, points, block_codes);
+          continue;
+        }
+        if (channel_stride == 1 && points == kPointsPerBlock && E % kTile == 0) {
+          transpose_points(first, point_stride, E, buffer.data());
+          hash_block(buffer.data(), kPointsPerBlock, wp, padded, tp, E, bits, points, block_codes);
+          continue;
+        }
+      }
+      for (int64_t c = 0; c < E; ++c)
+        for (int l = 0; l < kPointsPerBlock; ++l)
+          buffer[c * kPointsPerBlock + l] =
+              l < points ? static_cast<T>(first[l * point_stride + c * channel_stride]) : T(0);
+      hash_block(buffer.data(), kPointsPerBlock, wp, padded, tp, E, bits, points, block_codes);
+    }
+  });
+}
+
 at::Tensor lsh_hash_cpu(const at::Tensor& x, const at::Tensor& planes) {
   check_lsh_hash_inputs(x, planes);
   const auto x3 = lsh_hash_as_3d(x);
   const auto pc = planes.contiguous();
-  const int64_t M = x3.size(0), N = x3.size(1), E = x3.size(2), bits = pc.size(0);
-  const int64_t row_stride = x3.stride(0), point_stride = x3.stride(1), channel_stride = x3.stride(2);
+  const int64_t E = x3.size(2), bits = pc.size(0);
   at::Tensor codes = at::empty(x.sizes().slice(0, x.dim() - 1), x.options().dtype(at::kLong));
   if (codes.numel() == 0) return codes;
   // (E, bits padded to 16) weights, channel-major, and the thresholds.
@@ -85,33 +125,8 @@ at::Tensor lsh_hash_cpu(const at::Tensor& x, const at::Tensor& planes) {
   const auto weights = at::zeros({E, padded}, pc.options());
   weights.narrow(1, 0, bits).copy_(pc.narrow(1, 0, E).t());
   const auto thresholds = pc.select(1, E).contiguous();
-  const int64_t blocks = at::divup(N, kPointsPerBlock);
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "fsskern_lsh_hash_cpu", [&] {
-    const scalar_t* xp = x3.const_data_ptr<scalar_t>();
-    const scalar_t* wp = weights.const_data_ptr<scalar_t>();
-    const scalar_t* tp = thresholds.const_data_ptr<scalar_t>();
-    int64_t* out = codes.mutable_data_ptr<int64_t>();
-    at::parallel_for(0, M * blocks, 8, [&](int64_t begin, int64_t end) {
-      std::vector<scalar_t> buffer(E * kPointsPerBlock);
-      for (int64_t task = begin; task < end; ++task) {
-        const int64_t m = task / blocks, n0 = task % blocks * kPointsPerBlock;
-        const int points = static_cast<int>(std::min<int64_t>(kPointsPerBlock, N - n0));
-        const scalar_t* first = xp + m * row_stride + n0 * point_stride;
-        int64_t* block_codes = out + m * N + n0;
-        if (point_stride == 1 && points == kPointsPerBlock) {
-          hash_block(first, channel_stride, wp, padded, tp, E, bits, points, block_codes);
-          continue;
-        }
-        if (channel_stride == 1 && points == kPointsPerBlock && E % kTile == 0)
-          transpose_points(first, point_stride, E, buffer.data());
-        else
-          for (int64_t c = 0; c < E; ++c)
-            for (int l = 0; l < kPointsPerBlock; ++l)
-              buffer[c * kPointsPerBlock + l] = l < points ? first[l * point_stride + c * channel_stride] : scalar_t(0);
-        hash_block(buffer.data(), kPointsPerBlock, wp, padded, tp, E, bits, points, block_codes);
-      }
-    });
-  });
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "fsskern_lsh_hash_cpu",
+                                  [&] { hash_points<scalar_t>(x3, weights, thresholds, bits, codes); });
   return codes;
 }
 

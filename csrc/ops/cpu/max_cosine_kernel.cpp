@@ -9,6 +9,11 @@
 //      columns). The (Ns x Nq) matrix of the reference never exists: the extra memory is one
 //      panel and one score buffer, a few MB whatever the image size.
 // Backward walks the saved argmax: O(Nq) saved state, O(B K Nq C) work.
+//
+// float16/bfloat16 inputs: the packing widens the foreground pixels into the float32 panel, the
+// query is widened one image at a time, and everything after runs in float32 (values too); the
+// backward's channel-last copies are float32, and its gradients are rounded once at the end.
+#include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 
 #include <atomic>
@@ -28,28 +33,28 @@ namespace {
 constexpr int64_t kSupportTile = 512;
 constexpr int64_t kQueryChunk = 2048;
 
-// Packs w_j * s_j for the foreground pixels fg[0..n) into panel (C x n).
-template <typename T>
-void pack_foreground(const T* support, const T* weights, const int64_t* fg, int64_t n, int64_t C, int64_t Ns,
+// Packs w_j * s_j for the foreground pixels fg[0..n) into panel (C x n), in T.
+template <typename T, typename In>
+void pack_foreground(const In* support, const In* weights, const int64_t* fg, int64_t n, int64_t C, int64_t Ns,
                      T* panel) {
   at::parallel_for(0, C, 16, [&](int64_t begin, int64_t end) {
     for (int64_t c = begin; c < end; ++c) {
-      const T* row = support + c * Ns;
+      const In* row = support + c * Ns;
       T* out = panel + c * n;
-      for (int64_t r = 0; r < n; ++r) out[r] = weights[fg[r]] * row[fg[r]];
+      for (int64_t r = 0; r < n; ++r) out[r] = static_cast<T>(weights[fg[r]]) * static_cast<T>(row[fg[r]]);
     }
   });
 }
 
 // Whether a masked-out pixel holds a non-finite value: the reference's 0 * Inf = NaN then
 // poisons every cosine of the shot.
-template <typename T>
-bool background_poisoned(const T* support, const std::vector<int64_t>& bg, int64_t C, int64_t Ns) {
+template <typename In>
+bool background_poisoned(const In* support, const std::vector<int64_t>& bg, int64_t C, int64_t Ns) {
   std::atomic<bool> poisoned{false};
   at::parallel_for(0, C, 16, [&](int64_t begin, int64_t end) {
     bool bad = false;
     for (int64_t c = begin; c < end && !bad; ++c)
-      for (const int64_t j : bg) bad |= !std::isfinite(support[c * Ns + j]);
+      for (const int64_t j : bg) bad |= !std::isfinite(static_cast<float>(support[c * Ns + j]));
     if (bad) poisoned = true;
   });
   return poisoned;
@@ -85,24 +90,27 @@ FSSKERN_CPU_CLONES void fold_scores(const T* scores, T norm_s, const T* norm_q, 
   }
 }
 
-template <typename T>
-void max_cosine_forward_typed(const at::Tensor& query, const at::Tensor& support, const at::Tensor& weights, T eps,
-                              at::Tensor& values, at::Tensor& indices) {
+template <typename In>
+void max_cosine_forward_typed(const at::Tensor& query, const at::Tensor& support, const at::Tensor& weights,
+                              double eps_, at::Tensor& values, at::Tensor& indices) {
+  using T = at::opmath_type<In>;
+  const T eps = static_cast<T>(eps_);
   const int64_t B = support.size(0), K = support.size(1), C = support.size(2), Ns = support.size(3);
   const int64_t Nq = query.size(2);
-  const auto opts = query.options();
-  const at::Tensor query_norms = at::linalg_vector_norm(query, 2, {1});  // (B, Nq), as torch.norm
+  const auto opts = query.options().dtype(c10::CppTypeToScalarType<T>::value);
+  // (B, Nq) in T, as torch.norm
+  const at::Tensor query_norms = at::linalg_vector_norm(query, 2, {1}, false, opts.dtype().toScalarType());
   at::Tensor panel = at::empty({C * std::min(kSupportTile, Ns)}, opts);
   at::Tensor scores = at::empty({std::min(kSupportTile, Ns) * std::min(kQueryChunk, Nq)}, opts);
 
   for (int64_t b = 0; b < B; ++b) {
-    const at::Tensor query_b = query[b];  // (C, Nq)
+    const at::Tensor query_b = query[b].to(opts.dtype().toScalarType());  // (C, Nq); no copy when In is T
     const T* qn = query_norms.const_data_ptr<T>() + b * Nq;
     for (int64_t k = 0; k < K; ++k) {
-      const T* s = support.const_data_ptr<T>() + (b * K + k) * C * Ns;
-      const T* w = weights.const_data_ptr<T>() + (b * K + k) * Ns;
+      const In* s = support.const_data_ptr<In>() + (b * K + k) * C * Ns;
+      const In* w = weights.const_data_ptr<In>() + (b * K + k) * Ns;
       std::vector<int64_t> fg, bg;
-      for (int64_t j = 0; j < Ns; ++j) (w[j] != T(0) ? fg : bg).push_back(j);
+      for (int64_t j = 0; j < Ns; ++j) (static_cast<T>(w[j]) != T(0) ? fg : bg).push_back(j);
       const int64_t nfg = static_cast<int64_t>(fg.size());
       T* best = values.mutable_data_ptr<T>() + (b * K + k) * Nq;
       int64_t* best_j = indices.mutable_data_ptr<int64_t>() + (b * K + k) * Nq;
@@ -145,11 +153,10 @@ std::tuple<at::Tensor, at::Tensor> max_cosine_cpu(const at::Tensor& query, const
   const auto s = support.contiguous();
   const auto w = support_weights.contiguous();
   const int64_t B = s.size(0), K = s.size(1), Nq = q.size(2);
-  at::Tensor values = at::empty({B, K, Nq}, q.options());
+  at::Tensor values = at::empty({B, K, Nq}, q.options().dtype(max_cosine_opmath(q.scalar_type())));
   at::Tensor indices = at::empty({B, K, Nq}, q.options().dtype(at::kLong));
-  AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "fsskern_max_cosine_cpu", [&] {
-    max_cosine_forward_typed<scalar_t>(q, s, w, static_cast<scalar_t>(eps), values, indices);
-  });
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "fsskern_max_cosine_cpu",
+                                  [&] { max_cosine_forward_typed<scalar_t>(q, s, w, eps, values, indices); });
   return {values, indices};
 }
 
@@ -168,6 +175,11 @@ FSSKERN_CPU_CLONES void dot3(const T* s, const T* q, T w, int64_t n, T* sq, T* s
   *qq = c;
 }
 
+// A contiguous copy of x in dtype, converted on the way (one pass; x.to(dtype) would keep x's strides).
+at::Tensor contiguous_as(const at::Tensor& x, at::ScalarType dtype) {
+  return at::empty(x.sizes(), x.options().dtype(dtype)).copy_(x);
+}
+
 // out += alpha * w * s + beta * q  (w scales s as in the forward)
 template <typename T>
 FSSKERN_CPU_CLONES void axpy2(T* out, T alpha, const T* s, T w, T beta, const T* q, int64_t n) {
@@ -178,17 +190,22 @@ FSSKERN_CPU_CLONES void axpy2(T* out, T alpha, const T* s, T w, T beta, const T*
 // Walks the saved argmax. Rows are channel-last copies of query and support so every dot and
 // update is contiguous. grad_query is split by query pixel and grad_support by (image, shot),
 // each written by one thread in a fixed order: deterministic, no atomics.
-template <typename T>
+template <typename In>
 void max_cosine_backward_typed(const at::Tensor& grad, const at::Tensor& query, const at::Tensor& support,
-                               const at::Tensor& weights, const at::Tensor& indices, T eps, at::Tensor& grad_query,
-                               at::Tensor& grad_support) {
+                               const at::Tensor& weights_in, const at::Tensor& indices, double eps_,
+                               at::Tensor& grad_query, at::Tensor& grad_support) {
+  using T = at::opmath_type<In>;
+  const auto opmath = c10::CppTypeToScalarType<T>::value;
+  const T eps = static_cast<T>(eps_);
   const int64_t B = support.size(0), K = support.size(1), C = support.size(2), Ns = support.size(3);
   const int64_t Nq = query.size(2);
-  const at::Tensor qt = query.transpose(1, 2).contiguous();    // (B, Nq, C)
-  const at::Tensor st = support.transpose(2, 3).contiguous();  // (B, K, Ns, C)
+  const at::Tensor qt = contiguous_as(query.transpose(1, 2), opmath);    // (B, Nq, C)
+  const at::Tensor st = contiguous_as(support.transpose(2, 3), opmath);  // (B, K, Ns, C)
+  const at::Tensor weights = weights_in.to(opmath);
+  const at::Tensor grad_t = grad.to(opmath);
   const T* q_rows = qt.const_data_ptr<T>();
   const T* s_rows = st.const_data_ptr<T>();
-  const T* g = grad.const_data_ptr<T>();
+  const T* g = grad_t.const_data_ptr<T>();
   const T* w = weights.const_data_ptr<T>();
   const int64_t* idx = indices.const_data_ptr<int64_t>();
   T* gq = grad_query.mutable_data_ptr<T>();    // (B, Nq, C)
@@ -247,13 +264,16 @@ std::tuple<at::Tensor, at::Tensor> max_cosine_backward_cpu(const at::Tensor& gra
   const auto q = query.contiguous();
   const auto s = support.contiguous();
   const int64_t B = s.size(0), K = s.size(1), C = s.size(2), Ns = s.size(3), Nq = q.size(2);
-  at::Tensor grad_query = at::zeros({B, Nq, C}, q.options());
-  at::Tensor grad_support = at::zeros({B, K, Ns, C}, s.options());
-  AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "fsskern_max_cosine_backward_cpu", [&] {
+  const auto opmath = q.options().dtype(max_cosine_opmath(q.scalar_type()));
+  at::Tensor grad_query = at::zeros({B, Nq, C}, opmath);
+  at::Tensor grad_support = at::zeros({B, K, Ns, C}, opmath);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "fsskern_max_cosine_backward_cpu", [&] {
     max_cosine_backward_typed<scalar_t>(grad_values.contiguous(), q, s, support_weights.contiguous(),
-                                        indices.contiguous(), static_cast<scalar_t>(eps), grad_query, grad_support);
+                                        indices.contiguous(), eps, grad_query, grad_support);
   });
-  return {grad_query.transpose(1, 2).contiguous(), grad_support.transpose(2, 3).contiguous()};
+  // Rounded once to the inputs' dtype (a no-op for float32/float64).
+  return {contiguous_as(grad_query.transpose(1, 2), q.scalar_type()),
+          contiguous_as(grad_support.transpose(2, 3), q.scalar_type())};
 }
 
 }  // namespace

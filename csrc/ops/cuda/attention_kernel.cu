@@ -1,6 +1,7 @@
 // CUDA launchers of the attention core and registration of prototype_attention and
 // local_conditional_attention (kernels in the .cuh beside this; orchestration: attention.cpp).
 #include <ATen/ATen.h>
+#include <ATen/OpMathType.h>
 
 #include "common/launch.cuh"
 #include "ops/attention.h"
@@ -10,11 +11,11 @@ namespace fsskern {
 namespace {
 
 // q must be contiguous (the launchers pass in.q.contiguous()).
-template <typename T>
-AttentionParams<T> make_params(const AttentionInputs& in, const at::Tensor& q) {
-  return {q.const_data_ptr<T>(),
-          in.k.const_data_ptr<T>(),
-          in.v.const_data_ptr<T>(),
+template <typename T, typename In>
+AttentionParams<T, In> make_params(const AttentionInputs& in, const at::Tensor& q) {
+  return {q.const_data_ptr<In>(),
+          in.k.const_data_ptr<In>(),
+          in.v.const_data_ptr<In>(),
           in.key_index.const_data_ptr<int64_t>(),
           in.key_count.const_data_ptr<int64_t>(),
           in.const_logit.const_data_ptr<T>(),
@@ -50,10 +51,11 @@ void attention_forward_cuda(const AttentionInputs& in, at::Tensor& out, at::Tens
   const DeviceGuard guard(in.q.device());
   const auto q = in.q.contiguous();
   at::Tensor out_rows = out.is_contiguous() ? out : at::empty(out.sizes(), out.options());
-  AT_DISPATCH_FLOATING_TYPES(in.q.scalar_type(), "fsskern_attention_forward_cuda", [&] {
-    const auto p = make_params<scalar_t>(in, q);
-    launch(attention_forward_kernel<scalar_t>, warp_per_item_config<scalar_t>(p.N, p.H, in.q.size(0), p.D + p.Dv),
-           p, out_rows.mutable_data_ptr<scalar_t>(), lse.mutable_data_ptr<scalar_t>());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.q.scalar_type(), "fsskern_attention_forward_cuda", [&] {
+    using T = at::opmath_type<scalar_t>;
+    const auto p = make_params<T, scalar_t>(in, q);
+    launch(attention_forward_kernel<T, scalar_t>, warp_per_item_config<T>(p.N, p.H, in.q.size(0), p.D + p.Dv), p,
+           out_rows.mutable_data_ptr<scalar_t>(), lse.mutable_data_ptr<T>());
   });
   if (!out_rows.is_same(out)) out.copy_(out_rows);
 }
@@ -64,17 +66,17 @@ void attention_backward_cuda(const AttentionInputs& in, const at::Tensor& out, c
   const DeviceGuard guard(in.q.device());
   at::Tensor delta = at::empty(lse.sizes(), lse.options());
   const auto q = in.q.contiguous();
-  AT_DISPATCH_FLOATING_TYPES(in.q.scalar_type(), "fsskern_attention_backward_cuda", [&] {
-    const auto p = make_params<scalar_t>(in, q);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.q.scalar_type(), "fsskern_attention_backward_cuda", [&] {
+    using T = at::opmath_type<scalar_t>;
+    const auto p = make_params<T, scalar_t>(in, q);
     const int64_t B = in.q.size(0);
-    launch(attention_backward_query_kernel<scalar_t>, warp_per_item_config<scalar_t>(p.N, p.H, B, 2 * p.D), p,
-           out.const_data_ptr<scalar_t>(), lse.const_data_ptr<scalar_t>(), grad_out.const_data_ptr<scalar_t>(),
-           delta.mutable_data_ptr<scalar_t>(), grad_q.mutable_data_ptr<scalar_t>());
+    launch(attention_backward_query_kernel<T, scalar_t>, warp_per_item_config<T>(p.N, p.H, B, 2 * p.D), p,
+           out.const_data_ptr<scalar_t>(), lse.const_data_ptr<T>(), grad_out.const_data_ptr<scalar_t>(),
+           delta.mutable_data_ptr<T>(), grad_q.mutable_data_ptr<T>());
     // W + 1 warps: the packed keys and the constant key.
-    launch(attention_backward_key_kernel<scalar_t>,
-           warp_per_item_config<scalar_t>(p.W + 1, p.H, B, 2 * p.D + p.Dv), p, lse.const_data_ptr<scalar_t>(),
-           grad_out.const_data_ptr<scalar_t>(), delta.const_data_ptr<scalar_t>(), grad_k.mutable_data_ptr<scalar_t>(),
-           grad_v.mutable_data_ptr<scalar_t>(), grad_const.mutable_data_ptr<scalar_t>());
+    launch(attention_backward_key_kernel<T, scalar_t>, warp_per_item_config<T>(p.W + 1, p.H, B, 2 * p.D + p.Dv), p,
+           lse.const_data_ptr<T>(), grad_out.const_data_ptr<scalar_t>(), delta.const_data_ptr<T>(),
+           grad_k.mutable_data_ptr<T>(), grad_v.mutable_data_ptr<T>(), grad_const.mutable_data_ptr<T>());
   });
 }
 

@@ -1,5 +1,6 @@
 // CUDA launcher and registration of lsh_hash (kernel in the .cuh beside this).
 #include <ATen/ATen.h>
+#include <ATen/OpMathType.h>
 
 #include "common/launch.cuh"
 #include "common/library.h"
@@ -16,10 +17,11 @@ at::Tensor lsh_hash_cuda(const at::Tensor& x, const at::Tensor& planes) {
   const int64_t M = x3.size(0), N = x3.size(1), E = x3.size(2), bits = pc.size(0);
   at::Tensor codes = at::empty(x.sizes().slice(0, x.dim() - 1), x.options().dtype(at::kLong));
   if (codes.numel() == 0) return codes;
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "fsskern_lsh_hash_cuda", [&] {
-    launch(lsh_hash_kernel<scalar_t>,
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "fsskern_lsh_hash_cuda", [&] {
+    using T = at::opmath_type<scalar_t>;
+    launch(lsh_hash_kernel<T, scalar_t>,
            {dim3(static_cast<unsigned>(std::min<int64_t>(ceil_div(M * N, 128), 65535))), dim3(128)},
-           x3.const_data_ptr<scalar_t>(), pc.const_data_ptr<scalar_t>(), codes.mutable_data_ptr<int64_t>(), M, N, E,
+           x3.const_data_ptr<scalar_t>(), pc.const_data_ptr<T>(), codes.mutable_data_ptr<int64_t>(), M, N, E,
            x3.stride(0), x3.stride(1), x3.stride(2), bits);
   });
   return codes;

@@ -1,5 +1,6 @@
 // CUDA launchers and registration of max_cosine (kernels in the .cuh beside this).
 #include <ATen/ATen.h>
+#include <ATen/OpMathType.h>
 
 #include "common/launch.cuh"
 #include "common/library.h"
@@ -16,7 +17,8 @@ std::tuple<at::Tensor, at::Tensor> max_cosine_cuda(const at::Tensor& query, cons
   const auto s = support.contiguous();
   const auto w = support_weights.contiguous();
   const int64_t B = s.size(0), K = s.size(1), C = s.size(2), Ns = s.size(3), Nq = q.size(2);
-  at::Tensor values = at::empty({B, K, Nq}, q.options());
+  const auto opmath = q.options().dtype(max_cosine_opmath(q.scalar_type()));
+  at::Tensor values = at::empty({B, K, Nq}, opmath);
   at::Tensor indices = at::empty({B, K, Nq}, q.options().dtype(at::kLong));
   if (values.numel() == 0) return {values, indices};
 
@@ -25,24 +27,26 @@ std::tuple<at::Tensor, at::Tensor> max_cosine_cuda(const at::Tensor& query, cons
   const auto background = (w == 0).to(at::kByte);
   const auto fg_index = std::get<1>(background.sort(/*stable=*/true, /*dim=*/-1, /*descending=*/false));
   const auto fg_count = (w != 0).sum(-1);
-  const auto query_norms = at::linalg_vector_norm(q, 2, {1});  // (B, Nq), as torch.norm
-  at::Tensor support_norms = at::empty({B, K, Ns}, q.options());
+  // (B, Nq) in opmath, as torch.norm
+  const auto query_norms = at::linalg_vector_norm(q, 2, {1}, false, opmath.dtype().toScalarType());
+  at::Tensor support_norms = at::empty({B, K, Ns}, opmath);
   at::Tensor bad_background = at::empty({B, K, Ns}, q.options().dtype(at::kByte));
-  AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "fsskern_max_cosine_cuda", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "fsskern_max_cosine_cuda", [&] {
+    using T = at::opmath_type<scalar_t>;
     const int64_t total = B * K * Ns;
-    launch(support_norms_kernel<scalar_t>,
+    launch(support_norms_kernel<T, scalar_t>,
            {dim3(static_cast<unsigned>(std::min<int64_t>(ceil_div(total, 256), 65535))), dim3(256)},
-           s.const_data_ptr<scalar_t>(), w.const_data_ptr<scalar_t>(), support_norms.mutable_data_ptr<scalar_t>(),
+           s.const_data_ptr<scalar_t>(), w.const_data_ptr<scalar_t>(), support_norms.mutable_data_ptr<T>(),
            bad_background.mutable_data_ptr<uint8_t>(), B * K, C, Ns);
     const auto poisoned = bad_background.any(-1);
     const MaxCosineParams params{K, C, Nq, Ns, eps};
-    launch(max_cosine_forward_kernel<scalar_t>,
+    launch(max_cosine_forward_kernel<T, scalar_t>,
            {dim3(static_cast<unsigned>(ceil_div(Nq, kTileQ)), static_cast<unsigned>(K), static_cast<unsigned>(B)),
             dim3(kMaxCosineThreads)},
            q.const_data_ptr<scalar_t>(), s.const_data_ptr<scalar_t>(), w.const_data_ptr<scalar_t>(),
-           query_norms.const_data_ptr<scalar_t>(), support_norms.const_data_ptr<scalar_t>(),
-           fg_index.const_data_ptr<int64_t>(), fg_count.const_data_ptr<int64_t>(), poisoned.const_data_ptr<uint8_t>(),
-           values.mutable_data_ptr<scalar_t>(), indices.mutable_data_ptr<int64_t>(), params);
+           query_norms.const_data_ptr<T>(), support_norms.const_data_ptr<T>(), fg_index.const_data_ptr<int64_t>(),
+           fg_count.const_data_ptr<int64_t>(), poisoned.const_data_ptr<uint8_t>(), values.mutable_data_ptr<T>(),
+           indices.mutable_data_ptr<int64_t>(), params);
   });
   return {values, indices};
 }
@@ -56,18 +60,21 @@ std::tuple<at::Tensor, at::Tensor> max_cosine_backward_cuda(const at::Tensor& gr
   const auto q = query.contiguous();
   const auto s = support.contiguous();
   const int64_t B = s.size(0), K = s.size(1), C = s.size(2), Ns = s.size(3), Nq = q.size(2);
-  at::Tensor grad_query = at::zeros_like(q);
-  at::Tensor grad_support = at::zeros_like(s);
-  AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "fsskern_max_cosine_backward_cuda", [&] {
+  // Accumulated in opmath (atomics included), rounded once to the inputs' dtype.
+  const auto opmath = q.options().dtype(max_cosine_opmath(q.scalar_type()));
+  at::Tensor grad_query = at::zeros(q.sizes(), opmath);
+  at::Tensor grad_support = at::zeros(s.sizes(), opmath);
+  const auto grad = grad_values.to(opmath.dtype().toScalarType()).contiguous();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "fsskern_max_cosine_backward_cuda", [&] {
+    using T = at::opmath_type<scalar_t>;
     const MaxCosineParams params{K, C, Nq, Ns, eps};
-    launch(max_cosine_backward_kernel<scalar_t>,
+    launch(max_cosine_backward_kernel<T, scalar_t>,
            {dim3(static_cast<unsigned>(Nq), static_cast<unsigned>(B)), dim3(kBackwardThreads)},
-           grad_values.contiguous().const_data_ptr<scalar_t>(), q.const_data_ptr<scalar_t>(),
-           s.const_data_ptr<scalar_t>(), support_weights.contiguous().const_data_ptr<scalar_t>(),
-           indices.contiguous().const_data_ptr<int64_t>(), grad_query.mutable_data_ptr<scalar_t>(),
-           grad_support.mutable_data_ptr<scalar_t>(), params);
+           grad.const_data_ptr<T>(), q.const_data_ptr<scalar_t>(), s.const_data_ptr<scalar_t>(),
+           support_weights.contiguous().const_data_ptr<scalar_t>(), indices.contiguous().const_data_ptr<int64_t>(),
+           grad_query.mutable_data_ptr<T>(), grad_support.mutable_data_ptr<T>(), params);
   });
-  return {grad_query, grad_support};
+  return {grad_query.to(q.scalar_type()), grad_support.to(q.scalar_type())};
 }
 
 }  // namespace

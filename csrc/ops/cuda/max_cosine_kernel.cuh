@@ -1,5 +1,7 @@
 #pragma once
 // CUDA kernels of max_cosine (the fused PFENet/BAM prior). Launchers: max_cosine_kernel.cu.
+// In: the inputs' dtype (float16/bfloat16 read as they are); T: opmath, that of the shared
+// tiles, norms, values and gradient buffers.
 #include <cstdint>
 
 #include "common/cuda_reduce.cuh"
@@ -11,20 +13,20 @@ namespace fsskern {
 // |w_j s_j| for every support pixel, and whether a masked-out pixel holds a non-finite value.
 // One thread per (b, k, j); the channel loop strides by Ns, so neighbouring threads read
 // neighbouring addresses.
-template <typename T>
-__global__ void support_norms_kernel(const T* __restrict__ support, const T* __restrict__ weights,
+template <typename T, typename In>
+__global__ void support_norms_kernel(const In* __restrict__ support, const In* __restrict__ weights,
                                      T* __restrict__ norms, uint8_t* __restrict__ bad_background, int64_t BK,
                                      int64_t C, int64_t Ns) {
   const int64_t total = BK * Ns;
   for (int64_t idx = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; idx < total;
        idx += int64_t(gridDim.x) * blockDim.x) {
     const int64_t bk = idx / Ns, j = idx % Ns;
-    const T w = weights[idx];
-    const T* s = support + bk * C * Ns + j;
+    const T w = static_cast<T>(weights[idx]);
+    const In* s = support + bk * C * Ns + j;
     T sum = T(0);
     bool finite = true;
     for (int64_t c = 0; c < C; ++c) {
-      const T v = s[c * Ns];
+      const T v = static_cast<T>(s[c * Ns]);
       sum += (w * v) * (w * v);
       finite = finite && (v - v == T(0));
     }
@@ -48,10 +50,10 @@ struct MaxCosineParams {
 
 // grid = (ceil(Nq / kTileQ), K, B), block = kMaxCosineThreads.
 // fg_index (B, K, Ns): foreground pixel indices first, in increasing order; fg_count (B, K).
-template <typename T>
+template <typename T, typename In>
 __global__ void __launch_bounds__(kMaxCosineThreads)
-    max_cosine_forward_kernel(const T* __restrict__ query, const T* __restrict__ support,
-                              const T* __restrict__ weights, const T* __restrict__ query_norms,
+    max_cosine_forward_kernel(const In* __restrict__ query, const In* __restrict__ support,
+                              const In* __restrict__ weights, const T* __restrict__ query_norms,
                               const T* __restrict__ support_norms, const int64_t* __restrict__ fg_index,
                               const int64_t* __restrict__ fg_count, const uint8_t* __restrict__ poisoned,
                               T* __restrict__ values, int64_t* __restrict__ indices, MaxCosineParams p) {
@@ -64,8 +66,8 @@ __global__ void __launch_bounds__(kMaxCosineThreads)
   const int64_t q0 = int64_t(blockIdx.x) * kTileQ;
   const int tid = threadIdx.x, tx = tid % 16, ty = tid / 16;  // tx: query column, ty: support row
   const T eps = static_cast<T>(p.eps);
-  const T* q_img = query + b * p.C * p.Nq;
-  const T* s_img = support + bk * p.C * p.Ns;
+  const In* q_img = query + b * p.C * p.Nq;
+  const In* s_img = support + bk * p.C * p.Ns;
   const int64_t* fg = fg_index + bk * p.Ns;
   const int64_t nfg = fg_count[bk];
 
@@ -84,14 +86,14 @@ __global__ void __launch_bounds__(kMaxCosineThreads)
       for (int e = tid; e < kTileC * kTileQ; e += kMaxCosineThreads) {
         const int c = e / kTileQ, i = e % kTileQ;
         const bool in = c0 + c < p.C && q0 + i < p.Nq;
-        q_tile[c][i] = in ? q_img[(c0 + c) * p.Nq + q0 + i] : T(0);
+        q_tile[c][i] = in ? static_cast<T>(q_img[(c0 + c) * p.Nq + q0 + i]) : T(0);
       }
       for (int e = tid; e < kTileC * kTileS; e += kMaxCosineThreads) {
         const int c = e / kTileS, r = e % kTileS;
         T v = T(0);
         if (c0 + c < p.C && s0 + r < nfg) {
           const int64_t j = fg[s0 + r];
-          v = weights[bk * p.Ns + j] * s_img[(c0 + c) * p.Ns + j];
+          v = static_cast<T>(weights[bk * p.Ns + j]) * static_cast<T>(s_img[(c0 + c) * p.Ns + j]);
         }
         s_tile[c][r] = v;
       }
@@ -153,26 +155,26 @@ __global__ void __launch_bounds__(kMaxCosineThreads)
 // grad_support columns are shared by every query pixel with the same argmax, hence atomicAdd.
 constexpr int kBackwardThreads = 128;
 
-template <typename T>
+template <typename T, typename In>
 __global__ void __launch_bounds__(kBackwardThreads)
-    max_cosine_backward_kernel(const T* __restrict__ grad, const T* __restrict__ query, const T* __restrict__ support,
-                               const T* __restrict__ weights, const int64_t* __restrict__ indices,
+    max_cosine_backward_kernel(const T* __restrict__ grad, const In* __restrict__ query, const In* __restrict__ support,
+                               const In* __restrict__ weights, const int64_t* __restrict__ indices,
                                T* __restrict__ grad_query, T* __restrict__ grad_support, MaxCosineParams p) {
   FSSKERN_SHARED_ARRAY(T, scratch, 32);
   const int64_t i = blockIdx.x, b = blockIdx.y;
   const T eps = static_cast<T>(p.eps);
-  const T* q = query + b * p.C * p.Nq + i;  // channel c at q[c * Nq]
+  const In* q = query + b * p.C * p.Nq + i;  // channel c at q[c * Nq]
   T* gq = grad_query + b * p.C * p.Nq + i;
   for (int64_t k = 0; k < p.K; ++k) {
     const int64_t bk = b * p.K + k;
     const int64_t j = indices[bk * p.Nq + i];
     const T g = grad[bk * p.Nq + i];
     if (j < 0 || g == T(0)) continue;  // uniform over the block: no divergent barrier
-    const T w = weights[bk * p.Ns + j];
-    const T* s = support + bk * p.C * p.Ns + j;  // channel c at s[c * Ns]
+    const T w = static_cast<T>(weights[bk * p.Ns + j]);
+    const In* s = support + bk * p.C * p.Ns + j;  // channel c at s[c * Ns]
     T sq = T(0), ss = T(0), qq = T(0);
     for (int64_t c = threadIdx.x; c < p.C; c += blockDim.x) {
-      const T sv = w * s[c * p.Ns], qv = q[c * p.Nq];
+      const T sv = w * static_cast<T>(s[c * p.Ns]), qv = static_cast<T>(q[c * p.Nq]);
       sq += sv * qv;
       ss += sv * sv;
       qq += qv * qv;
@@ -183,7 +185,7 @@ __global__ void __launch_bounds__(kBackwardThreads)
     const CosineGrad<T> cg = cosine_grad<T>(g, sq, sqrt(ss), sqrt(qq), eps);
     T* gs = grad_support + bk * p.C * p.Ns + j;
     for (int64_t c = threadIdx.x; c < p.C; c += blockDim.x) {
-      const T sv = w * s[c * p.Ns], qv = q[c * p.Nq];
+      const T sv = w * static_cast<T>(s[c * p.Ns]), qv = static_cast<T>(q[c * p.Nq]);
       gq[c * p.Nq] += cg.a * sv - cg.bq * qv;
       atomicAdd(gs + c * p.Ns, w * (cg.a * qv - cg.bs * sv));
     }

@@ -1,0 +1,150 @@
+"""float16/bfloat16 inputs and torch.autocast: every op reads them as they are and computes in float32.
+
+The tolerance: a kernel fed rounded inputs x16 is held to the float32 reference evaluated on x16.float(),
+so the only error left is the output's one rounding to the inputs' dtype (unit roundoff u: 2^-8 for
+bfloat16, 2^-11 for float16) on top of the float32 tolerance. Gradients go through the rounded output
+(softmax backward's dO . O) before their own rounding, so they are held to 2u relative to their largest entry. max_cosine returns
+float32 values, equal to the float32 kernel on the widened inputs within the float32 tolerance; lsh_hash
+codes are those of x.float(), bit for bit.
+"""
+import pytest
+import torch
+from torch.testing import assert_close
+
+from conftest import FP32
+from fsskern import ops, reference
+
+ROUNDOFF = {torch.bfloat16: 2 ** -8, torch.float16: 2 ** -11}
+REDUCED = list(ROUNDOFF)
+
+
+def out_tol(dtype):
+    return dict(rtol=ROUNDOFF[dtype] + FP32["rtol"], atol=FP32["atol"])
+
+
+def assert_grads_close(got, want, dtype):
+    for g, w in zip(got, want):
+        assert g.dtype == dtype
+        assert_close(g.float(), w, rtol=ROUNDOFF[dtype], atol=2 * ROUNDOFF[dtype] * float(w.abs().max()) + 1e-6)
+
+
+def rounded(*shapes, dtype):
+    return [torch.randn(*s).to(dtype).requires_grad_() for s in shapes]
+
+
+def widened(tensors):
+    return [t.detach().float().requires_grad_() for t in tensors]
+
+
+# ---- attention -----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", REDUCED)
+@pytest.mark.parametrize("shape", [(2, 3, 50, 8, 8, 7), (1, 1, 700, 16, 5, 600)], ids=str)
+def test_prototype_attention_reduced(dtype, shape):
+    B, H, N, D, Dv, P = shape
+    q, k, v = rounded((B, H, N, D), (B, H, P, D), (B, H, P, Dv), dtype=dtype)
+    valid = torch.rand(B, P) < 0.8
+    valid[:, 0] = True
+    out, lse = torch.ops.fsskern.prototype_attention(q, k, v, valid, 0.3, 0.0, 0)
+    assert out.dtype == dtype and lse.dtype == torch.float32
+    wq, wk, wv = widened((q, k, v))
+    want = reference.attention.prototype_attention(wq, wk, wv, valid, scale=0.3)
+    assert_close(out.float(), want, **out_tol(dtype))
+    grad = torch.randn_like(want)
+    got = torch.autograd.grad(out, (q, k, v), grad.to(dtype))
+    assert_grads_close(got, torch.autograd.grad(want, (wq, wk, wv), grad.to(dtype).float()), dtype)
+
+
+@pytest.mark.parametrize("dtype", REDUCED)
+@pytest.mark.parametrize("mode", ["exclude", "multiply"])
+def test_local_attention_reduced(dtype, mode):
+    query, support, value = rounded((2, 16, 300), (2, 16, 700), (2, 8, 700), dtype=dtype)
+    mask = (torch.rand(2, 700) < 0.3).float()
+    out = ops.local_conditional_attention(query, support, mask, value=value, mode=mode)
+    assert out.dtype == dtype
+    wq, ws, wv = widened((query, support, value))
+    want = reference.attention.local_conditional_attention(wq, ws, mask, wv, mode)
+    # "multiply" sums the background values in the inputs' dtype (one more rounding)
+    assert_close(out.float(), want, rtol=2 * ROUNDOFF[dtype], atol=ROUNDOFF[dtype] if mode == "multiply" else 1e-5)
+    grad = torch.randn_like(want)
+    got = torch.autograd.grad(out, (query, support, value), grad.to(dtype))
+    assert_grads_close(got, torch.autograd.grad(want, (wq, ws, wv), grad.to(dtype).float()), dtype)
+
+
+def test_attention_float32_accumulation_beats_computing_in_bfloat16():
+    q, k, v = (torch.randn(1, 2, 400, 64).bfloat16() for _ in range(3))
+    truth = reference.attention.prototype_attention(q.double(), k.double(), v.double(), None, scale=0.125)
+    ours = ops.prototype_attention(q, k, v, scale=0.125).double()
+    in_bf16 = reference.attention.prototype_attention(q, k, v, None, scale=0.125).double()
+    assert (ours - truth).abs().max() < 0.5 * (in_bf16 - truth).abs().max()
+
+
+@pytest.mark.parametrize("dtype", REDUCED)
+def test_attention_under_autocast(dtype):
+    q, k, v = torch.randn(2, 2, 30, 8), torch.randn(2, 2, 9, 8), torch.randn(2, 2, 9, 4)
+    with torch.autocast("cpu", dtype=dtype):
+        out = ops.prototype_attention(q, k, v)
+        local = ops.local_conditional_attention(q[:, 0].transpose(1, 2), k[:, 0].transpose(1, 2),
+                                                torch.ones(2, 9), mode="multiply")
+    assert out.dtype == dtype and local.dtype == dtype
+    assert torch.equal(out, ops.prototype_attention(q.to(dtype), k.to(dtype), v.to(dtype)))
+    float64 = q.double()
+    with torch.autocast("cpu", dtype=dtype):  # autocast leaves float64 alone
+        assert ops.prototype_attention(float64, k.double(), v.double()).dtype == torch.float64
+
+
+def test_attention_reduced_opcheck():
+    q, k, v = (t.detach() for t in rounded((1, 2, 20, 8), (1, 2, 5, 8), (1, 2, 5, 4), dtype=torch.bfloat16))
+    torch.library.opcheck(torch.ops.fsskern.prototype_attention.default, (q, k, v, None, 0.5, 0.0, 0))
+    query, support = torch.randn(1, 8, 20).half(), torch.randn(1, 8, 12).half()
+    torch.library.opcheck(torch.ops.fsskern.local_conditional_attention.default,
+                          (query, support, torch.ones(1, 12), support, "exclude"))
+
+
+# ---- max_cosine / prior_mask ---------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", REDUCED)
+def test_max_cosine_reduced(dtype):
+    q, s = rounded((2, 64, 300), (2, 3, 64, 200), dtype=dtype)
+    w = (torch.rand(2, 3, 200) < 0.5).to(dtype)
+    values, idx = ops.max_cosine(q, s, w)
+    assert values.dtype == torch.float32
+    wq, ws = widened((q, s))
+    want, want_idx = ops.max_cosine(wq, ws, w.float())
+    assert_close(values, want, **FP32)
+    assert torch.equal(idx, want_idx)
+    grad = torch.randn_like(want)
+    got = torch.autograd.grad(values, (q, s), grad)
+    assert_grads_close(got, torch.autograd.grad(want, (wq, ws), grad), dtype)
+
+
+def test_prior_mask_reduced_and_autocast():
+    q, s = torch.randn(2, 32, 13, 11).relu(), torch.randn(2, 2, 32, 9, 9).relu()
+    m = (torch.rand(2, 2, 40, 40) < 0.4).float()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        prior = ops.prior_mask(q, s, m, out_size=(20, 20))
+    assert prior.dtype == torch.float32  # as autocast's cosine_similarity
+    want = ops.prior_mask(q.bfloat16().float(), s.bfloat16().float(), m, out_size=(20, 20))
+    assert_close(prior, want, **FP32)
+    got = ops.prior_mask(q.bfloat16(), s.bfloat16(), m, out_size=(20, 20))
+    assert got.dtype == torch.float32 and torch.equal(got, prior)
+
+
+def test_max_cosine_reduced_opcheck():
+    q, s, w = torch.randn(1, 8, 20).bfloat16(), torch.randn(1, 2, 8, 10).bfloat16(), torch.ones(1, 2, 10).bfloat16()
+    torch.library.opcheck(torch.ops.fsskern.max_cosine.default, (q, s, w, 1e-7))
+
+
+# ---- lsh_hash ------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", REDUCED)
+def test_lsh_hash_reduced_equals_widened(dtype):
+    planes = ops.lsh_planes(40, 32)
+    x = torch.randn(3, 257, 32).to(dtype)
+    assert torch.equal(ops.lsh_hash(x, planes), ops.lsh_hash(x.float(), planes))
+    maps = torch.randn(2, 32, 9, 13).to(dtype)  # channel-first maps, read in place
+    tokens = maps.flatten(-2).transpose(-1, -2)
+    assert torch.equal(ops.lsh_hash(tokens, planes), ops.lsh_hash(tokens.float(), planes))
+    with torch.autocast("cpu", dtype=dtype):  # the planes stay float32
+        assert torch.equal(ops.lsh_hash(x.float(), planes), ops.lsh_hash(x, planes))
+    torch.library.opcheck(torch.ops.fsskern.lsh_hash.default, (x, planes))
