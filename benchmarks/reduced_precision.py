@@ -3,19 +3,18 @@
     python benchmarks/reduced_precision.py [--reps 3] [--out benchmarks/results]
 
 Cases at the benchmark sizes: prototype attention B4 H8 N3600 D32 P70 (UMTFSS at 473) and local attention
-B4 C256 60x60 with 30% foreground (CRCNet). Per case: the median time of the forward and of forward + backward
-with float32 inputs, and with the same inputs under ``torch.autocast("cpu", dtype=torch.bfloat16)`` (the
-kernels read bf16 and compute in float32); their ratio (target >= 1.5x); and the largest difference of the
-bf16 output from the float32 one, which is mostly the inputs' own rounding to bf16 (CRCNet's logits are
-unscaled sums over 256 channels, so rounding q and k moves them by ~0.5). The CPU's bf16 capability is in the header: without AMX-BF16 / AVX512-BF16
-the bf16 inputs are widened to float32 before the float32 GEMMs, so only the halved input traffic can help.
+B4 C256 60x60 with 30% foreground (CRCNet). Per case, the median time of the forward and of forward + backward
+with float32 inputs, and with the same inputs in bf16 inside ``torch.autocast("cpu", dtype=torch.bfloat16)``
+(as a model's layers hand them over; the kernels read bf16 and compute in float32), the two sides interleaved;
+their ratio (target >= 1.5x); and the largest difference of the bf16 output from the float32 one, which is
+mostly the inputs' own rounding to bf16 (CRCNet's logits are unscaled sums over 256 channels, so rounding q and
+k moves them by ~0.5). The header names the CPU's bf16 capability: without AMX-BF16 / AVX512-BF16 the bf16
+inputs are widened to float32 before the float32 GEMMs, so only the halved input traffic can help.
 Writes OUT/reduced_precision.{json,md}.
 """
 import argparse
 import json
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -24,16 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from fsskern import build_info, ops  # noqa: E402
 from fsskern.ops.certified_search import bf16_hardware  # noqa: E402
-
-
-def median_time(fn, reps):
-    fn()
-    samples = []
-    for _ in range(reps):
-        tic = time.perf_counter()
-        fn()
-        samples.append(time.perf_counter() - tic)
-    return statistics.median(samples)
+from harness import median_times  # noqa: E402
 
 
 def prototype_case():
@@ -51,20 +41,25 @@ def local_case():
 
 
 def measure(name, inputs, op, reps):
+    # Under autocast a model's layers hand the ops bf16 tensors: the bf16 side starts from those, so the
+    # casts of the inputs are not timed.
+    bf16_inputs = [x.bfloat16() for x in inputs]
+
     def forward(amp):
         with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
-            return op(*inputs)
+            return op(*(bf16_inputs if amp else inputs))
 
     def train_step(amp):
-        leaves = [x.detach().requires_grad_() for x in inputs]
+        leaves = [x.detach().requires_grad_() for x in (bf16_inputs if amp else inputs)]
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
             out = op(*leaves)
-        out.float().sum().backward()
+        out.sum().backward()
 
     row = {"case": name, "max_abs_diff": float((forward(True).float() - forward(False)).abs().max())}
-    for amp, tag in ((False, "fp32"), (True, "bf16")):
-        row[f"forward_{tag}_s"] = median_time(lambda: forward(amp), reps)
-        row[f"train_{tag}_s"] = median_time(lambda: train_step(amp), reps)
+    # fp32 and bf16 interleaved, so drift of the machine hits both
+    row["forward_fp32_s"], row["forward_bf16_s"] = median_times([lambda: forward(False), lambda: forward(True)], reps)
+    row["train_fp32_s"], row["train_bf16_s"] = median_times([lambda: train_step(False), lambda: train_step(True)],
+                                                            reps)
     row["forward_speedup"] = row["forward_fp32_s"] / row["forward_bf16_s"]
     row["train_speedup"] = row["train_fp32_s"] / row["train_bf16_s"]
     return row
