@@ -210,6 +210,19 @@ def test_popnet_frozen_pairs():
     assert [e.query for e in m.episodes[:16]] == [0] * 15 + [1]
     one_way = popnet_pairs(src, stats, 0, 1, 1, {"k": 1})
     assert one_way[0].classes == (2,) and one_way[150].classes == (1,)
+    # a class of the list that no image holds (LIP's hat on VITON) gets no pairs of its own, with a warning
+    src.test_class_order = [2, 3, 1]
+    src.foreground_classes = lambda: [1, 2, 3]
+    with pytest.warns(UserWarning, match=r"no image holds 3 \("):
+        pairs = popnet_pairs(src, stats, 0, 1, 2, {"k": 1})
+    assert len(pairs) == 300 and pairs[0].classes == (1, 2, 3)
+    # a class whose few images earlier classes already took has no fresh image even at 1 support per query
+    # (VITON's shoes): it keeps no pair, the others one support per query, and the warning names it
+    for i in (0, 1, 2):
+        stats.pixels[i] = {**stats.pixels[i], 3: 5}
+    with pytest.warns(UserWarning, match=r"too few fresh images for 3 \(3\): 0 queries"):
+        pairs = popnet_pairs(src, stats, 0, 1, 2, {"k": 1})
+    assert len(pairs) == 20 and {e.query for e in pairs} == set(range(20))
     assert set(PROTOCOLS) >= {"pfenet", "bam", "hsnet", "panet", "popnet", "cyctr", "hdmnet", "balanced"}
 
 

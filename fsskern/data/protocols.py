@@ -133,34 +133,58 @@ def popnet_pairs(source, stats: LabelStats, fold: int, shots: int, ways: int, me
     """POPNet's frozen test pairs (code, ``oshp_loader.py``): k-way episodes carry every foreground
     class of the dataset (base and novel: all are evaluated); one-way episodes the listed class.
     Every image is used once, so a small dataset runs out of fresh supports for the later classes: then
-    the largest count under ``supports_per_query`` that every class can have is used, with a warning."""
+    the largest count under ``supports_per_query`` that every class can have is used, with a warning.
+    Where not even one support per query fits (rare classes late in the order, e.g. VITON's shoes), one
+    support per query is kept and such a class gets as many queries as its fresh supports allow, none if
+    it has no fresh support left; the warning names those classes. A class that no image of the pools
+    holds (LIP's hat on VITON) gets no pairs of its own either. k-way episodes still list every class, as
+    each can be predicted."""
+    query_pool = getattr(source, "query_pool", range(len(source)))
+    support_pool = getattr(source, "support_pool", range(len(source)))
+    held = {c for i in (*query_pool, *support_pool) for c in stats.pixels[i]}
+    order = getattr(source, "test_class_order", source.foreground_classes())
+    absent = [c for c in order if c not in held]
+    if absent:
+        warnings.warn("POPNet pairs: no image holds " + ", ".join(f"{c} ({source.class_names[c]})" for c in absent)
+                      + "; those classes get no pairs of their own")
+    order = [c for c in order if c in held]
     for per in range(supports_per_query, 0, -1):
         try:
-            pairs = _frozen_pairs(source, stats, shots, ways, meta, queries_per_class, per)
+            pairs = _frozen_pairs(source, stats, order, shots, ways, meta, queries_per_class, per)
         except DataError:
-            if per == 1:
-                raise
             continue
         if per < supports_per_query:
             warnings.warn(f"POPNet pairs: {per} supports per query, not {supports_per_query} "
                           f"(the support pool cannot hold {supports_per_query} fresh images per query for every class)")
         return pairs
+    short: Dict[int, int] = {}
+    pairs = _frozen_pairs(source, stats, order, shots, ways, meta, queries_per_class, 1, short)
+    warnings.warn("POPNet pairs: 1 support per query, and too few fresh images for " + ", ".join(
+        f"{c} ({source.class_names[c]}): {k} queries" for c, k in short.items()))
+    return pairs
 
 
-def _frozen_pairs(source, stats: LabelStats, shots: int, ways: int, meta: dict, queries_per_class: int,
-                  supports_per_query: int) -> List[EpisodeSpec]:
+def _frozen_pairs(source, stats: LabelStats, order: List[int], shots: int, ways: int, meta: dict,
+                  queries_per_class: int, supports_per_query: int,
+                  short: Optional[Dict[int, int]] = None) -> List[EpisodeSpec]:
+    """Raises DataError when a class cannot have its pairs; with ``short`` (a dict to fill) such a class keeps
+    the queries its fresh supports cover instead (maybe none), recorded as short[class] = queries."""
     query_pool = getattr(source, "query_pool", range(len(source)))
     support_pool = getattr(source, "support_pool", range(len(source)))
-    order = getattr(source, "test_class_order", source.foreground_classes())
     all_classes = tuple(source.foreground_classes())
     used, out = set(), []
     for c in order:
         qs = [i for i in query_pool if c in stats.pixels[i] and i not in used][:queries_per_class]
-        used.update(qs)
         need = len(qs) * supports_per_query * shots
-        ss = [i for i in support_pool if c in stats.pixels[i] and i not in used][:need]
+        ss = [i for i in support_pool if c in stats.pixels[i] and i not in used and i not in qs][:need]
+        if short is not None and (not qs or len(ss) < need):
+            qs = qs[:len(ss) // (supports_per_query * shots)]
+            need = len(qs) * supports_per_query * shots
+            ss = ss[:need]
+            short[c] = len(qs)
+        used.update(qs)
         used.update(ss)
-        if not qs or len(ss) < need:
+        if short is None and (not qs or len(ss) < need):
             raise DataError(f"POPNet pairs: class {c} ({source.class_names[c]}) has {len(qs)} query and {len(ss)} "
                             f"support images; needs {queries_per_class} and {need}")
         for k, q in enumerate(qs):
