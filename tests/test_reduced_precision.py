@@ -3,9 +3,9 @@
 The tolerance: a kernel fed rounded inputs x16 is held to the float32 reference evaluated on x16.float(),
 so the only error left is the output's one rounding to the inputs' dtype (unit roundoff u: 2^-8 for
 bfloat16, 2^-11 for float16) on top of the float32 tolerance. Gradients go through the rounded output
-(softmax backward's dO . O) before their own rounding, so they are held to 2u relative to their largest entry. max_cosine returns
-float32 values, equal to the float32 kernel on the widened inputs within the float32 tolerance; lsh_hash
-codes are those of x.float(), bit for bit.
+(softmax backward's dO . O) before their own rounding, so they are held to 2u relative to their largest
+entry. max_cosine returns float32 values, equal to the float32 kernel on the widened inputs within the
+float32 tolerance; lsh_hash codes are those of x.float(), bit for bit.
 """
 import pytest
 import torch

@@ -262,7 +262,7 @@ def test_prototype_attention(simt, schedule, shape, dtype, dropout_p):
 def test_prototype_attention_reduced_precision(simt, schedule, dtype, dropout_p):
     # bf16/fp16 read as they are, float32 inside: out in the inputs' dtype, lse and the sums in float32. The
     # CPU kernel sums in another order, so the outputs may differ by one rounding of the output dtype.
-    q, k, v = torch.randn(2, 3, 37, 40).to(dtype), torch.randn(2, 3, 9, 40).to(dtype), torch.randn(2, 3, 9, 35).to(dtype)
+    q, k, v = (torch.randn(2, 3, n, d).to(dtype) for n, d in ((37, 40), (9, 40), (9, 35)))
     valid = torch.rand(2, 9) < 0.6
     valid[:, 0] = True
     args = (valid, 0.3, dropout_p, 17)

@@ -64,8 +64,8 @@ def prior_mask(query: torch.Tensor, support: torch.Tensor, support_masks: torch.
         search_dtype: ``torch.bfloat16``: the certified bf16 search of :func:`max_cosine` (exact results).
 
     Returns:
-        (B, 1 or K, h, w) prior in the dtype of ``query`` (float32 for float16/bfloat16). Where every support pixel of a shot is
-        masked out the prior is 0; NaN/Inf in the features give NaN as in the reference.
+        (B, 1 or K, h, w) prior in the dtype of ``query`` (float32 for float16/bfloat16). Where every support
+        pixel of a shot is masked out the prior is 0; NaN/Inf in the features give NaN as in the reference.
     """
     check_choice("prior_mask", "reduce", reduce, {"mean", None})
     if query.dim() != 4 or support.dim() != 5 or support_masks.dim() != 4:
