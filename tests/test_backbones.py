@@ -97,6 +97,11 @@ def test_deeplabv3plus_outputs(small_input):
         backbone_bns = [m for m in model.backbone.modules() if isinstance(m, torch.nn.BatchNorm2d)]
         assert not any(m.training for m in backbone_bns)
         assert model.aspp.project[1].training  # the head's BatchNorms are trained
+    narrow = create_backbone("deeplabv3plus_mobilenet_v2", width=64).eval()  # the CPU recipes' width
+    with torch.no_grad():
+        out = narrow(small_input)
+    assert narrow.channels["decoder"] == 64 and out["decoder"].shape == (1, 64, 17, 17)
+    assert out["encoder"].shape == (1, 64, 5, 5)
 
 
 # ---- weights -----------------------------------------------------------------------------------------

@@ -250,6 +250,15 @@ def test_parsing_kway_and_one_way_training_episodes(tmp_path):
     for i in range(len(one)):
         e = one.episode(1, i)
         assert e.query < 20 and e.supports[0] >= 20
+    # stage 1's person (notes A2): every labelled pixel, novel classes included, where the areas drop them.
+    # At scale 0.1 the whole image fits the 65 px crop, so a query showing legs keeps them.
+    whole = EpisodeDataset(src, kway, TrainTransform(65, scale=(0.1, 0.1)), True, base=base, novel=novel)
+    t = next(t for t in range(len(kway)) if np.isin(src.load(kway.episode(0, t).query)[1], [6, 9, 12]).any())
+    b = whole[t]
+    areas, human = b["query_areas"], b["query_human"]
+    assert torch.equal(human == 255, areas == 255) and ((areas > 0) & (areas != 255) <= (human == 1)).all()
+    assert ((human == 1) & (areas == 0)).any()  # the novel leg area: background for stage 2, person for stage 1
+    assert b["support_human"].shape == b["support_areas"].shape
 
 
 def test_training_classes_without_enough_supports_are_reported():

@@ -75,6 +75,7 @@ def test_config_overrides_types_and_bases(tmp_path):
     ("data.fold=one", r"data.fold must be int, got 'one'"),
     ("ops=fast", r"ops must be one of fused, reference, got 'fast'"),
     ("eval.seeds=3", r"eval.seeds must be a list"),
+    ("eval.resize=crop", r"eval.resize must be one of pfenet, square, original, got 'crop'"),
     ("data.fold", r"not of the form key=value"),
 ])
 def test_config_refuses_bad_keys(tmp_path, override, message):

@@ -90,6 +90,36 @@ def test_stages_train_only_their_own_modules():
         assert frozen_bn and not any(mod.training for mod in frozen_bn)
 
 
+def test_stage1_person_includes_novel_classes_unless_strict():
+    """R3: stage 1 learns the person from every labelled pixel (query_human, novel classes included; notes A2);
+    fg_excludes_novel=True learns it from the base-class areas; without either, from the way masks."""
+    b = kway_batch()
+    human = torch.where(b["query_mask"] == 255, 255, torch.ones_like(b["query_mask"]))
+    b = dict(b, query_human=human, support_human=torch.ones_like(b["support_areas"]))
+    assert model(stage=1)._stage1_labels(b)[0] is human
+    assert model(stage=1, fg_excludes_novel=True)._stage1_labels(b)[0] is b["query_areas"]
+    bare = {k: v for k, v in b.items() if "human" not in k and "areas" not in k}
+    assert model(stage=1)._stage1_labels(bare)[0] is b["query_mask"]
+    m = model(stage=1).train()
+    assert torch.isfinite(sum(m(b)["losses"].values()))
+
+
+def test_baseline_encodes_a_kway_support_image_once():
+    """The baseline's feature cache computes each distinct image once, also within one batch: a k-way episode
+    repeats its support image once per way (it once ran the backbone 13 times per CCP pair)."""
+    torch.manual_seed(0)
+    m = create_model(ModelConfig(name="baseline", backbone="mobilenet_v2"), "fused").eval()
+    sizes = []
+    run = m._features
+    m._features = lambda images: sizes.append(len(images)) or run(images)
+    batch = kway_batch(B=1, ways=4)
+    with torch.no_grad():
+        first = m(batch)["logits"]
+        assert sizes == [1, 1]  # the query, then the one support image for its 4 slots
+        torch.testing.assert_close(m(batch)["logits"], first)  # all from the cache now
+    assert sizes == [1, 1]
+
+
 def test_absent_ways_are_excluded_and_one_way_runs():
     m = model().eval()
     batch = kway_batch(ways=3)
@@ -268,7 +298,7 @@ def test_evaluate_scores_real_ccp_kway_episodes_with_parsing_metrics(tmp_path):
 
     from fsskern.data import build_source
     from fsskern.data.index import scan_labels
-    from fsskern.data.protocols import popnet_pairs
+    from fsskern.data.protocols import get_protocol, popnet_pairs
     from fsskern.engine.config import load_config
     from fsskern.engine.evaluator import evaluate
     cfg = load_config(REPO / "configs/popnet/ccp_mobilenet_v2.yaml",
@@ -288,3 +318,35 @@ def test_evaluate_scores_real_ccp_kway_episodes_with_parsing_metrics(tmp_path):
     assert len(seed["per_class"]) == len(src.class_names) and metrics["miou"] == seed["human_miou"]  # dataset ids
     for key in ("human_miou", "novel_miou", "base_miou", "pixel_accuracy"):
         assert 0 <= metrics[key] <= 100, key
+    # the popnet protocol resizes to the paper's square 512 (notes A6); the CPU recipe keeps the aspect instead
+    assert get_protocol("popnet").resize == "square" and metrics["protocol"]["resize"] == "pfenet"
+    # the training-free baseline on the same pairs: no parsing model, the popnet protocol routes it to parsing_eval
+    base = load_config(REPO / "configs/baseline/ccp_mobilenet_v2.yaml",
+                       [f"out={tmp_path / 'baseline'}", f"data.root={DATA / 'ccp'}", "data.test_size=65",
+                        "data.num_workers=0", "eval.episodes=2", "eval.min_class_episodes=0", "model.weights=null"])
+    with pytest.warns(UserWarning, match="supports per query"):
+        evaluate(base)
+    baseline = json.loads((tmp_path / "baseline" / "metrics.json").read_text())
+    assert baseline["metric"] == "parsing" and baseline["manifest_sha256"] == metrics["manifest_sha256"]
+    assert 0 <= baseline["novel_miou"] <= 100
+
+
+def test_baseline_kway_one_prototype_per_way_and_a_shared_background():
+    """The training-free baseline on k-way parsing pairs. With the pixels' colours as features (one direction
+    per class) and the query equal to the support, every pixel is found; background is what no way annotates
+    (cosine 1 to its colour: a way's 0 pixels would mix in the other ways); a way absent from the support is
+    never predicted."""
+    torch.manual_seed(0)
+    m = create_model(ModelConfig(name="baseline", backbone="mobilenet_v2", params={"cache_mb": 0}), "fused")
+    m.features = lambda x: x  # colours as features: prototypes are exact class colours
+    colours = torch.tensor([[1.0, 0, 0], [0, 1, 0], [0, 0, 1], [1, 1, 1], [0, 1, 1]])  # bg, ways 1-4
+    labels = torch.randint(0, 4, (2, 12, 12), generator=torch.Generator().manual_seed(0))  # way 4 absent
+    image = colours[labels].permute(0, 3, 1, 2)
+    ways = 4
+    masks = torch.stack([(labels == w + 1).long() for w in range(ways)], 1)
+    batch = {"query_img": image, "support_imgs": image[:, None].expand(-1, ways, -1, -1, -1),
+             "support_masks": masks, "classes": torch.arange(1, ways + 1).expand(2, ways)}
+    logits = m(batch)["logits"]
+    assert logits.shape == (2, ways + 1, 12, 12) and torch.equal(logits.argmax(1), labels)
+    torch.testing.assert_close(logits[:, 0][labels == 0], torch.full_like(logits[:, 0][labels == 0], 20.0))
+    assert (logits[:, 4] == ABSENT).all()

@@ -5,7 +5,8 @@ had offline (see ../shared/notes/methods/popnet.md, D4), so the encoder here tak
 low-level map: ResNet-50 (torchvision stem, low level = layer1, 256 ch) or MobileNetV2 (layer1, 24 ch); high
 level = layer4. ASPP (1x1, three 3x3 atrous, image pooling; 256 channels each, rates 6/12/18 at output stride 16,
 doubled at 8), then the decoder: low level -> 1x1 conv 48, concat with the upsampled ASPP output
-(bilinear, align_corners=True as POPNet's code), two 3x3 convs of 256.
+(bilinear, align_corners=True as POPNet's code), two 3x3 convs of 256. ``width`` (default 256, the paper's)
+sets the ASPP and decoder channels: CPU recipes narrow it, since every later conv scales with it squared.
 """
 from typing import Dict
 
@@ -36,20 +37,20 @@ class ASPP(nn.Module):
 
 
 class DeepLabV3Plus(nn.Module):
-    """forward(x (B, 3, H, W)) -> {"decoder": (B, 256, h4, w4) at the backbone's layer1 grid (stride 4),
-    "encoder": (B, 256, h, w) the ASPP output at the output stride}. ``self.backbone`` is the registered
+    """forward(x (B, 3, H, W)) -> {"decoder": (B, width, h4, w4) at the backbone's layer1 grid (stride 4),
+    "encoder": (B, width, h, w) the ASPP output at the output stride}. ``self.backbone`` is the registered
     backbone (frozen BN as asked); ASPP and decoder BatchNorms are ordinary (trainable)."""
 
-    def __init__(self, backbone: str, output_stride=16, frozen_bn=True, **kw):
+    def __init__(self, backbone: str, output_stride=16, frozen_bn=True, width: int = 256, **kw):
         super().__init__()
         if output_stride not in RATES:
             raise ValueError(f"DeepLabV3+: output_stride must be 8 or 16, got {output_stride}")
         self.backbone_name = backbone
         self.backbone = create_backbone(backbone, frozen_bn=frozen_bn, output_stride=output_stride, **kw)
-        self.aspp = ASPP(self.backbone.channels["layer4"], RATES[output_stride])
+        self.aspp = ASPP(self.backbone.channels["layer4"], RATES[output_stride], width)
         self.low_level = _conv_bn_relu(self.backbone.channels["layer1"], 48)
-        self.decoder = nn.Sequential(_conv_bn_relu(256 + 48, 256, 3), _conv_bn_relu(256, 256, 3))
-        self.channels = {"decoder": 256, "encoder": 256}
+        self.decoder = nn.Sequential(_conv_bn_relu(width + 48, width, 3), _conv_bn_relu(width, width, 3))
+        self.channels = {"decoder": width, "encoder": width}
         self.strides = {"decoder": self.backbone.strides["layer1"], "encoder": output_stride}
 
     def forward(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
@@ -61,8 +62,8 @@ class DeepLabV3Plus(nn.Module):
 
 
 def _builder(backbone):
-    def build(output_stride=None, frozen_bn=True, **kw):
-        return DeepLabV3Plus(backbone, 16 if output_stride is None else output_stride, frozen_bn, **kw)
+    def build(output_stride=None, frozen_bn=True, width=256, **kw):
+        return DeepLabV3Plus(backbone, 16 if output_stride is None else output_stride, frozen_bn, width, **kw)
     return build
 
 

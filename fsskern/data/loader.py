@@ -9,7 +9,9 @@ pixels are background (PFENet policy; the bam policy has no such image) and ``ba
 query label in the base-learner space. A way whose supports hold no pixel of its class is background
 in the query (POPNet: the query is parsed into the classes the support annotates). A parsing source
 with ``data.hierarchy`` adds ``query_areas`` (B, H, W) and ``support_areas`` (B, S, H, W) int64: the
-labels in area ids (0 bg, 1..n areas, 255 ignore) for POPNet's stage 2."""
+labels in area ids (0 bg, 1..n areas, 255 ignore) for POPNet's stage 2, and ``query_human`` /
+``support_human`` (0 bg, 1 person, 255 ignore) from the raw labels, novel classes included, for its stage 1
+(POPNet notes A2: the person is every labelled pixel, as the public code builds it)."""
 from typing import Dict, List, Optional, Sequence
 
 import numpy as np
@@ -54,6 +56,8 @@ class EpisodeDataset(Dataset):
             self.areas = np.zeros(self.size, dtype=np.int64)
             self.areas[:len(areas)] = areas
             self.areas = self.areas[self.pre]
+            self.human = (np.arange(self.size) != 0).astype(np.int64)  # not through self.pre: novel kept
+            self.human[IGNORE] = IGNORE
 
     def __len__(self) -> int:
         return len(self.manifest)
@@ -83,7 +87,7 @@ class EpisodeDataset(Dataset):
         if self.base_lut is not None:
             q_extra.append(self.base_lut[q_label])
         if self.areas is not None:
-            q_extra.append(self.areas[q_label])
+            q_extra += [self.human[q_label], self.areas[q_label]]
         out = {"classes": torch.tensor(e.classes, dtype=torch.int64), "index": torch.tensor(t, dtype=torch.int64)}
         if self.train:
             img, labels = self.transform(q_image, [q_mask] + q_extra, gen)
@@ -95,13 +99,14 @@ class EpisodeDataset(Dataset):
         if self.base_lut is not None:
             out["base_label"] = labels[1]
         if self.areas is not None:
-            out["query_areas"] = labels[-1]
+            out["query_human"], out["query_areas"] = labels[-2], labels[-1]
         s_imgs: List[Optional[torch.Tensor]] = [None] * len(masks)
         s_masks: List[Optional[torch.Tensor]] = [None] * len(masks)
         s_areas: List[Optional[torch.Tensor]] = [None] * len(masks)
+        s_human: List[Optional[torch.Tensor]] = [None] * len(masks)
         for s, (image, label) in supports.items():
             slots = [j for j, sj in enumerate(e.supports) if sj == s]  # one transform per image, all its ways
-            extra = [self.areas[label]] if self.areas is not None else []
+            extra = [self.human[label], self.areas[label]] if self.areas is not None else []
             if self.train:
                 img, labels = self.transform(image, [masks[j] for j in slots] + extra, gen)
             else:
@@ -109,10 +114,10 @@ class EpisodeDataset(Dataset):
             for n, j in enumerate(slots):
                 s_imgs[j], s_masks[j] = img, labels[n]
                 if extra:
-                    s_areas[j] = labels[-1]
+                    s_human[j], s_areas[j] = labels[-2], labels[-1]
         out["support_imgs"], out["support_masks"] = _stack(s_imgs, 0.0), _stack(s_masks, IGNORE)
         if self.areas is not None:
-            out["support_areas"] = _stack(s_areas, IGNORE)
+            out["support_human"], out["support_areas"] = _stack(s_human, IGNORE), _stack(s_areas, IGNORE)
         return out
 
 

@@ -68,8 +68,9 @@ PROTOCOLS: Dict[str, Protocol] = {p.name: p for p in [
              "square", {"default": 400}, score_at="input"),
     Protocol("panet", {"default": 1000}, (1234, 1235, 1236, 1237, 1238), {"default": "class_uniform"}, "square",
              {"default": 417}, min_pixels=1, score_at="input", notes="mean +- std over 5 runs; no size filter"),
-    Protocol("popnet", {"default": 0}, (0,), {"default": "frozen"}, "original", {"default": 0}, min_pixels=1,
-             notes="frozen pairs: 10 queries x 15 supports per class; no size filter"),
+    Protocol("popnet", {"default": 0}, (0,), {"default": "frozen"}, "square", {"default": 512}, min_pixels=1,
+             notes="frozen pairs: 10 queries x 15 supports per class; no size filter; resized to 512 (paper; "
+                   "the code tests at native size: eval.resize=original), scored at the original size"),
     Protocol("balanced", {"coco": 4000, "default": 1000}, (0, 1, 2, 3, 4), {"default": "balanced"}, "pfenet",
              {"coco": 641, "default": 473}, notes="class-balanced queries; mean +- std over 5 seeds"),
 ]}

@@ -76,6 +76,7 @@ class EvalConfig:
     episodes: int = 1000
     seeds: List[int] = field(default_factory=lambda: [0])
     split: str = "test"                # test: the fold's novel classes; val: held-out base images
+    resize: Optional[str] = None       # test resize rule (pfenet | square | original); None: the protocol's
     batch_size: int = 1
     min_class_episodes: int = 10       # warn when a class gets fewer episodes
     visualize: bool = False            # overlays of the best, median and worst episodes (PNG + TensorBoard)
@@ -98,7 +99,8 @@ class Config:
 
 CHOICES = {"ops": ("fused", "reference"), "amp": ("none", "bf16", "fp16"),
            "data.train_policy": ("pfenet", "bam"), "data.fold_convention": ("interleaved", "contiguous"),
-           "train.optimizer": ("sgd", "adamw"), "eval.split": ("test", "val")}
+           "train.optimizer": ("sgd", "adamw"), "eval.split": ("test", "val"),
+           "eval.resize": ("pfenet", "square", "original")}
 
 
 class ConfigError(ValueError):
@@ -196,7 +198,7 @@ def _build(cls, tree: dict, prefix: str = ""):
         else:
             kwargs[key] = _check_type(prefix + key, value, hint)
         choices = CHOICES.get(prefix + key)
-        if choices and kwargs[key] not in choices:
+        if choices and kwargs[key] is not None and kwargs[key] not in choices:  # None: an Optional's default
             raise ConfigError(f"{prefix}{key} must be one of {', '.join(choices)}, got {kwargs[key]!r}")
     return cls(**kwargs)
 

@@ -45,7 +45,8 @@ def train_dataset(cfg: Config) -> EpisodeDataset:
 def eval_dataset(cfg: Config, seed: int):
     """(EpisodeDataset, info) for ``cfg.eval.split``: ``test`` = the fold's novel classes under
     ``cfg.eval.protocol``; ``val`` = held-out images of the base classes (model selection).
-    The protocol fixes the query order and the resize rule; ``data.test_size`` the size."""
+    The protocol fixes the query order and the resize rule (``eval.resize`` replaces the rule when set);
+    ``data.test_size`` the size."""
     d, e = cfg.data, cfg.eval
     if e.split == "test":
         source = build_source(d, "test")
@@ -55,6 +56,8 @@ def eval_dataset(cfg: Config, seed: int):
         # the run's episodes and seeds, not the protocol's defaults, which eval.* may override
         protocol = {**get_protocol(e.protocol).describe(d.dataset), "size": d.test_size, "episodes": e.episodes,
                     "seeds": list(e.seeds)}
+        if e.resize is not None:
+            protocol["resize"] = e.resize
         transform = TestTransform(d.test_size, protocol["resize"])
     else:
         source = build_source(d, "train")

@@ -22,7 +22,7 @@ from .data import episode_loader, eval_dataset
 def evaluate_model(cfg: Config, model, progress: bool = True, visualizer=None) -> dict:
     """Evaluate ``model`` on ``cfg.eval`` (split, protocol, episodes, seeds). Every rank calls it."""
     from .trainer import device_of, to_device  # the trainer imports this module
-    if getattr(model, "metric", "few_shot") == "parsing":
+    if getattr(model, "metric", "few_shot") == "parsing" or cfg.eval.protocol == "popnet":  # parsing pairs
         return _parsing(cfg, model, progress)
     device = device_of(cfg)
     was_training = model.training

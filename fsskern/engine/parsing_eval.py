@@ -41,7 +41,7 @@ def evaluate_parsing(cfg: Config, model, num_classes: int, progress: bool = Fals
         kway = cfg.data.ways > 1
         total = ConfusionMatrix(num_classes)
         per_class = {}
-        for batch, b, logits, label in scored_episodes(cfg, model, dataset, seed, device):
+        for batch, b, logits, label in scored_episodes(cfg, model, dataset, seed, device, progress):
             pred = logits.argmax(0)
             if kway:
                 classes = batch["classes"][b]

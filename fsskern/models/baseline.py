@@ -4,7 +4,9 @@ PANet without training (Wang et al., ICCV 2019, §3.2-3.3): a frozen ImageNet ba
 foreground and one background prototype per support by masked average pooling (PANet's
 convention: features at their own resolution, the mask pushed through the transposed
 interpolation, ``resize="features"``), prototypes averaged over the shots, and a non-parametric
-cosine segmentation (alpha = 20). Ignore pixels (255) belong to neither prototype.
+cosine segmentation (alpha = 20). Ignore pixels (255) belong to neither prototype. k-way episodes
+(POPNet's parsing pairs, ``batch["classes"]`` with more than one way) get one prototype per way and one
+background prototype (``_k_way``): the training-free baseline of POPNet's CCP recipe.
 
 params: ``layers`` (backbone outputs concatenated after resizing to the first one's grid; default
 ``[layer2, layer3]``, chosen on held-out base-class images of MSRC-v2 fold 0 with MobileNetV2: val mIoU
@@ -29,6 +31,8 @@ from .blocks import cosine_logits
 from .registry import register_model
 from .params import parse_params
 
+ABSENT = -1e4  # logit of a way no support annotates (finite: bilinear resizing of -inf gives NaN)
+
 
 @register_model("baseline")
 class PrototypeBaseline(nn.Module):
@@ -49,7 +53,8 @@ class PrototypeBaseline(nn.Module):
         if self.params["cache_mb"] <= 0:
             return self._features(images)
         keys = [hashlib.blake2b(img.detach().cpu().numpy().tobytes(), digest_size=16).digest() for img in images]
-        missing = [i for i, k in enumerate(keys) if k not in self.cache]
+        # the first of each image not cached yet: a k-way episode repeats its one support image once per way
+        missing = list({k: i for i, k in reversed(list(enumerate(keys))) if k not in self.cache}.values())
         if missing:
             for i, f in zip(missing, self._features(images[missing])):
                 self._remember(keys[i], f)
@@ -80,9 +85,35 @@ class PrototypeBaseline(nn.Module):
                              f"do not match (expected (B, S, 3, H, W) and (B, S, H, W))")
         q = self.features(query)
         s = self.features(supports.flatten(0, 1))  # (B*S, C, h, w)
+        ways = batch["classes"].shape[1] if "classes" in batch else 1
+        if ways > 1:
+            return self._k_way(q, s, supports, masks, ways, query.shape[-2:])
         fg_bg = torch.stack([masks == 1, masks == 0], 2).flatten(0, 1)  # (B*S, 2, H, W); 255 in neither
         protos = self.backend.masked_average_pool(s, fg_bg, resize="features")  # (B*S, 2, C)
         protos = protos.view(B, S, 2, -1).mean(1).flip(1)  # (B, [bg, fg], C), the mean over shots
         logits = cosine_logits(q, protos, scale=self.params["scale"])
         logits = F.interpolate(logits, size=query.shape[-2:], mode="bilinear", align_corners=self.params["align_corners"])
+        return {"logits": logits, "losses": {}}
+
+    def _k_way(self, q, s, supports, masks, ways: int, size) -> dict:
+        """k-way episodes (POPNet's parsing pairs; slots way-major): one foreground prototype per way, the mean
+        over its shots that hold it, and one background prototype. When every way reads the same support
+        image (one-shot k-way parsing), background is what no way annotates there; otherwise each slot's
+        0 pixels, as in the 1-way case. A way with no pixel in its supports cannot be predicted (logit
+        ABSENT, as POPNet's classes absent from the support)."""
+        B, S = masks.shape[:2]
+        shots = S // ways
+        if shots * ways != S:
+            raise ValueError(f"baseline: {S} support slots is not a multiple of {ways} ways (slots are way-major)")
+        shared = bool((supports == supports[:, :1]).all())
+        bg = (masks == 0).all(1, keepdim=True).expand_as(masks) if shared else masks == 0
+        fg_bg = torch.stack([masks == 1, bg], 2).flatten(0, 1)
+        protos = self.backend.masked_average_pool(s, fg_bg, resize="features").view(B, ways, shots, 2, -1)
+        held = (masks == 1).flatten(2).any(2).view(B, ways, shots, 1).to(protos.dtype)
+        count = held.sum(2)  # (B, ways, 1)
+        fg = (protos[..., 0, :] * held).sum(2) / count.clamp(min=1)
+        logits = cosine_logits(q, torch.cat([protos[..., 1, :].mean((1, 2))[:, None], fg], 1), self.params["scale"])
+        absent = F.pad(count[..., 0] == 0, (1, 0))  # background (channel 0) is always there
+        logits = logits.masked_fill(absent[:, :, None, None], ABSENT)
+        logits = F.interpolate(logits, size=size, mode="bilinear", align_corners=self.params["align_corners"])
         return {"logits": logits, "losses": {}}

@@ -30,13 +30,15 @@ count (the mean over all the way's pixels).
 Resolutions (source: paper, notes = ../shared/notes/methods/popnet.md, code = public code, ours):
 - R1 encoder: DeepLabV3+ ``decoder`` output of the registered ResNet-50 / MobileNetV2 backbones (the paper's
   COCO Xception-65 cannot be built or loaded offline; notes D4); g1 is the feature before stage 1's 1x1
-  classifier (paper "features before the classification layer").
+  classifier (paper "features before the classification layer"). ``width``: the ASPP / decoder channels K
+  (paper and code 256; the CPU recipes 128, which makes the AGM decoder, the step's largest cost, 4x cheaper: ours).
 - R2 KIM: two separable 3x3 blocks (depthwise + BN + ReLU, pointwise + BN + ReLU), 512 -> 256 -> 256; the
   previous stage's features bilinearly resized (align_corners=True) when grids differ (code; notes 2.3).
   ``kim=False`` (ablation "without KIM") is one encoder and DML on g3 directly (notes 4, ablations).
-- R3 stage-1 labels: fg = any area > 0 when the batch has ``query_areas``, else query/support mask > 0; novel
-  pixels are background there because the loader makes them so in training (ours: the strict protocol of
-  notes A2 ``fg_excludes_novel``; the code uses raw labels).
+- R3 stage-1 labels: fg = every labelled pixel of the raw labels, novel classes included (``query_human`` /
+  ``support_human`` from the loader; notes A2, code; the paper: "cause no harm to the potential novel
+  classes"). ``fg_excludes_novel=True`` is A2's strict protocol: fg = any base-class area > 0. Batches with
+  neither (no hierarchy) use the way masks > 0. The CPU recipe first ran the strict one (novel mIoU 3.6).
 - R4 stage-2 labels: the support's areas restricted to the pixels the support annotates; the query target
   the areas of the pixels the episode parses (query_mask > 0); areas absent from the support grid -> 0
   (paper "merge these classes into background"; ours for the restriction).
@@ -170,7 +172,8 @@ class POPNet(nn.Module):
     metric = "parsing"  # the evaluator scores it with POPNet's confusion-matrix metrics (engine/parsing_eval.py)
     DEFAULTS = {"stage": 3, "kim": True, "head": "dml", "weight_shift": True, "dynamic": True, "rate": 0.001,
                 "epochs": 30, "static_epochs": 15, "iters": 120000, "areas": 4, "bank_size": 256,
-                "ncm_affine": True, "ncm_scale_init": 10.0, "frozen_bn": True, "output_stride": 16}
+                "ncm_affine": True, "ncm_scale_init": 10.0, "frozen_bn": True, "output_stride": 16, "width": 256,
+                "fg_excludes_novel": False}
 
     def __init__(self, cfg, backend):
         super().__init__()
@@ -184,7 +187,7 @@ class POPNet(nn.Module):
 
         def encoder():
             enc = create_backbone(cfg.backbone, weights=cfg.weights, frozen_bn=p["frozen_bn"],
-                                  output_stride=p["output_stride"])
+                                  output_stride=p["output_stride"], width=p["width"])
             if cfg.freeze_backbone:
                 freeze(enc.backbone)
             return enc
@@ -331,8 +334,7 @@ class POPNet(nn.Module):
         logits = F.interpolate(self.fg_classifier(g_q), size=size, mode="bilinear", align_corners=True)
         losses = {}
         if self.training:
-            q = batch.get("query_areas", batch["query_mask"])
-            s = batch.get("support_areas", batch["support_masks"])
+            q, s = self._stage1_labels(batch)
             s = s[:, 0] if shared else s.flatten(0, 1)
             fg = lambda y: torch.where(y == IGNORE, IGNORE, (y > 0).long())  # noqa: E731
             s_logits = F.interpolate(self.fg_classifier(g_s), size=s.shape[-2:], mode="bilinear", align_corners=True)
@@ -340,6 +342,13 @@ class POPNet(nn.Module):
                                   F.cross_entropy(s_logits, fg(s), ignore_index=IGNORE))
             self.steps[1] += 1
         return {"logits": logits, "losses": losses}
+
+    def _stage1_labels(self, batch: dict) -> Tuple[torch.Tensor, torch.Tensor]:
+        """The query and support labels whose non-zero pixels are the person (R3)."""
+        for kind in ("areas",) if self.p["fg_excludes_novel"] else ("human", "areas"):
+            if batch.get(f"query_{kind}") is not None:
+                return batch[f"query_{kind}"], batch[f"support_{kind}"]
+        return batch["query_mask"], batch["support_masks"]
 
     @staticmethod
     def _check(batch: dict, B: int, S: int, ways: int) -> None:
