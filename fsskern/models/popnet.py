@@ -48,9 +48,10 @@ Resolutions (source: paper, notes = ../shared/notes/methods/popnet.md, code = pu
 - R6 dynamic prototypes: one bank slot per class id (stage 3: dataset class id from ``batch["classes"]``;
   stage 2: area id), buffers ``bank_s{2,3}`` and ``seen_s{2,3}`` (in the checkpoint). Training: image by image
   p^ = (1 - rate) bank + rate p (bank detached), then bank <- p^ detached; the first write of a slot is an
-  overwrite; rate 0.001 (code form of Eq. 2, notes B1). The EMA runs from the first iteration while the maps
-  use static prototypes for the first ``static_epochs`` of ``epochs`` (paper 15 of 30; notes B2 default).
-  Evaluation: seen (base) slots use (1 - rate) bank + rate p, unseen (novel) slots the static p, no update
+  overwrite; rate 0.001 (code form of Eq. 2, notes B1); the CPU recipes set 0.05 (ours: at 0.001 over 300
+  iterations the bank keeps its first write, made by the untrained encoder). The EMA runs from the first
+  iteration while the maps use static prototypes for the first ``static_epochs`` of ``epochs`` (paper 15 of 30;
+  notes B2 default). Evaluation: seen (base) slots use (1 - rate) bank + rate p, unseen (novel) slots the static p, no update
   (paper "static prototypes for the novel classes"; code).
 - R7 epochs: the engine counts iterations, so each stage keeps its own training-step counter (buffer
   ``steps``, one per stage, in the checkpoint) and epoch = floor(step * epochs / iters): ``iters`` is the
