@@ -51,8 +51,8 @@ Resolutions (source: paper, notes = ../shared/notes/methods/popnet.md, code = pu
   overwrite; rate 0.001 (code form of Eq. 2, notes B1); the CPU recipes set 0.05 (ours: at 0.001 over 300
   iterations the bank keeps its first write, made by the untrained encoder). The EMA runs from the first
   iteration while the maps use static prototypes for the first ``static_epochs`` of ``epochs`` (paper 15 of 30;
-  notes B2 default). Evaluation: seen (base) slots use (1 - rate) bank + rate p, unseen (novel) slots the static p, no update
-  (paper "static prototypes for the novel classes"; code).
+  notes B2 default). Evaluation: seen (base) slots use (1 - rate) bank + rate p, unseen (novel) slots the
+  static p, no update (paper "static prototypes for the novel classes"; code).
 - R7 epochs: the engine counts iterations, so each stage keeps its own training-step counter (buffer
   ``steps``, one per stage, in the checkpoint) and epoch = floor(step * epochs / iters): ``iters`` is the
   stage's ``train.iters`` (paper: 30 epochs x 4000 iterations). beta = 1 - epoch / epochs (paper; notes 3.1).
