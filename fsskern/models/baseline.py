@@ -27,11 +27,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..backbones import create_backbone, freeze
-from .blocks import cosine_logits
+from .blocks import ABSENT, cosine_logits
 from .registry import register_model
 from .params import parse_params
-
-ABSENT = -1e4  # logit of a way no support annotates (finite: bilinear resizing of -inf gives NaN)
 
 
 @register_model("baseline")

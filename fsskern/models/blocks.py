@@ -3,6 +3,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+# The logit of a class the support does not annotate (POPNet R8, the baseline's k-way pairs): exp underflows to 0
+# in fp32/bf16/fp16, and it stays finite, since bilinear resizing of -inf gives NaN.
+ABSENT = -1e4
+
 
 def cosine_logits(features: torch.Tensor, prototypes: torch.Tensor, scale: float = 20.0, eps: float = 1e-8):
     """Non-parametric cosine segmentation (PANet ``calDist``, the training-free baseline, POPNet's NCM).

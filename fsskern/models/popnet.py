@@ -78,12 +78,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..backbones import create_backbone, freeze
-from .blocks import cosine_logits
+from .blocks import ABSENT, cosine_logits
 from .params import parse_params
 from .registry import register_model
 
 IGNORE = 255
-ABSENT = -1e4  # logit of a class the support does not annotate (R8)
 
 
 def separable_block(cin: int, cout: int) -> nn.Sequential:
