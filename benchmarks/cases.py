@@ -70,18 +70,21 @@ def map_case(mode, B, C, h, H):
                 work=lambda x: Work("byte", x["features"].numel() * 4 + x["masks"].numel() * 4))
 
 
-def prior_case(B, K, C, hw, fraction):
+def prior_case(B, K, C, hw, fraction, search_dtype=None):
+    """search_dtype=torch.bfloat16: the certified bf16 search (issue 21), which runs where the device has bf16
+    hardware (AMX-BF16 / AVX512-BF16, tensor cores) and is the fp32 kernel elsewhere; same outputs either way."""
     def build():
         g = torch.Generator().manual_seed(0)
         return {"query": torch.randn(B, C, hw, hw, generator=g).relu_(),  # post-ReLU layer4 features
                 "support": torch.randn(B, K, C, hw, hw, generator=g).relu_(),
                 "masks": exact_fraction_masks((B, K, hw, hw), fraction, g)}
 
-    return Case(name=f"prior {K}-shot {round(fraction * 100)}% fg", op="prior_mask",
+    bf16 = search_dtype == torch.bfloat16
+    return Case(name=f"prior {K}-shot {round(fraction * 100)}% fg" + (" bf16 search" if bf16 else ""), op="prior_mask",
                 size=f"B{B} C{C} {hw}x{hw} K{K}", build=build,
                 reference=lambda x: reference.prior_mask(x["query"], x["support"], x["masks"]),
-                fsskern=lambda x: ops.prior_mask(x["query"], x["support"], x["masks"]),
-                speedup_target=2.5, memory_target=0.05, work=lambda x: prior_work(x["masks"], C, hw))
+                fsskern=lambda x: ops.prior_mask(x["query"], x["support"], x["masks"], search_dtype=search_dtype),
+                speedup_target=5.0 if bf16 else 2.5, memory_target=0.05, work=lambda x: prior_work(x["masks"], C, hw))
 
 
 def prior_work(masks, C, hw):
@@ -218,6 +221,25 @@ def support_prototypes_case(K, C, hw, fraction):
                 work=lambda x: Work("flop", 2.0 * K * hw * hw * C * 32, gemm=(K * hw * hw, C, 32)))
 
 
+def bf16_autocast(case: Case, tensors) -> Case:
+    """``case`` with the fsskern side under CPU bf16 autocast on bf16 copies of ``tensors`` (as a model's layers
+    hand them over) and the float32 kernel as a peer: issue 21's target is bf16 >= 1.5x the float32 kernel."""
+    build, fp32 = case.build, case.fsskern
+
+    def build_bf16():
+        x = build()
+        return {**x, **{f"{n}_bf16": x[n].bfloat16() for n in tensors}}
+
+    def bf16(x):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return fp32({**x, **{n: x[f"{n}_bf16"] for n in tensors}})
+
+    case.name, case.build, case.fsskern = case.name + " bf16 autocast", build_bf16, bf16
+    case.speedup_target = case.memory_target = None
+    case.peers, case.peer_targets = {"fsskern float32 kernel": fp32}, {"fsskern float32 kernel": 1.5}
+    return case
+
+
 def prototype_attention_case(B, H, N, D, P, dropout_p=0.0):
     def build():
         g = torch.Generator().manual_seed(0)
@@ -277,7 +299,8 @@ def _cases(quick):
                  prior_case(1, 1, 256, 30, 0.3), prior_case(1, 2, 256, 30, 0.5), kmeans_case(2000, 20, 32, 3),
                  support_prototypes_case(2, 64, 20, 0.3), prototype_attention_case(1, 2, 400, 32, 20),
                  local_attention_case(1, 32, 20, 0.3, "exclude"), local_attention_case(1, 32, 20, 0.3, "multiply"),
-                 max_cosine_case(1, 1, 64, 20, 0.3)]
+                 max_cosine_case(1, 1, 64, 20, 0.3), prior_case(1, 1, 256, 30, 0.5, search_dtype=torch.bfloat16),
+                 bf16_autocast(local_attention_case(1, 32, 20, 0.3, "exclude"), ["query", "support"])]
         for case in cases:
             case.speedup_target = case.memory_target = case.time_target_ms = None
             case.peer_targets = {}
@@ -288,6 +311,7 @@ def _cases(quick):
         prior_case(4, 1, 2048, 60, 0.3),
         prior_case(4, 1, 2048, 60, 0.5),
         prior_case(4, 5, 2048, 60, 0.5),
+        prior_case(4, 1, 2048, 60, 0.5, search_dtype=torch.bfloat16),
         max_cosine_case(1, 1, 256, 60, 0.3),
         kmeans_case(18000, 50, 32, 10),
         support_prototypes_case(5, 256, 60, 0.3),
@@ -295,4 +319,6 @@ def _cases(quick):
         prototype_attention_case(4, 8, 3600, 32, 70, dropout_p=0.1),
         local_attention_case(4, 256, 60, 0.3, "exclude"),
         local_attention_case(4, 256, 60, 0.3, "multiply"),
+        bf16_autocast(prototype_attention_case(4, 8, 3600, 32, 70), ["q", "k", "v"]),
+        bf16_autocast(local_attention_case(4, 256, 60, 0.3, "exclude"), ["query", "support"]),
     ]

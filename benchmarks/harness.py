@@ -109,6 +109,7 @@ def machine_info(device="cpu"):
         "fsskern_cpu_dispatch": ",".join(info["cpu_dispatch"]),
         "compiler": info["compiler"],
         "cxx_flags": info["cxx_flags"],
+        "bf16_search": info["bf16_search"],
         "python": platform.python_version(),
         **(cuda_info() if torch.device(device).type == "cuda" else {}),
     }

@@ -162,7 +162,10 @@ def markdown(rows, info, quick, sweeps=(), threads=(), plots_dir="plots", limits
     lines = [f"Machine: {info['cpu']}, {info['logical_cpus']} logical CPUs, torch {info['torch']} "
              f"({info['torch_threads']} threads, {info['cpu_capability']}), fsskern CPU dispatch "
              f"{info['fsskern_cpu_dispatch']}, gcc {info['compiler']} `{info['cxx_flags']}`. {where}"
-             + (" Quick sizes." if quick else ""),
+             + (" Quick sizes." if quick else "")
+             + (f" Certified max-cosine search (`search_dtype=torch.bfloat16`): {info['bf16_search']}; the bf16 "
+                "autocast rows time the kernels on bf16 inputs, with the float32 kernel as their peer."
+                if info.get("bf16_search") else ""),
              "",
              "| case | size | reference | fsskern | speed-up (target) | peak extra memory ref -> fsskern | "
              "memory ratio (target) |",
