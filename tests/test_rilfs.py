@@ -1,16 +1,16 @@
 """RILFS / BAM (fsskern.models.rilfs): the method contract on CPU at small sizes, plus the notes' section 2.6
 checks (identity settings reduce RILFS to BAM exactly; flip bookkeeping of every reflected piece)."""
+import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
 from fsskern.engine.config import ModelConfig
 from fsskern.models import create_model
 
-MSRC = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "msrc_v2"
-MEAN, STD = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1), torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
+sys.path.insert(0, str(Path(__file__).parent))
+from method_support import MSRC, fit_until, msrc_episodes  # noqa: E402
 
 
 def build(name="rilfs", ops="fused", backbone="mobilenet_v2", weights=None, seed=0, **params):
@@ -213,40 +213,20 @@ def test_base_phase_and_handover(tmp_path):
         build(base_classes=6, base_weights=str(path))
 
 
-def _msrc_episodes(cls=4, names=("1_12_s", "1_14_s"), size=81):
-    """Two MSRC-v2 images of one class (cow) resized to size x size: each the other's support."""
-    from PIL import Image
-    imgs, labels = [], []
-    for name in names:
-        img = Image.open(MSRC / "images" / f"{name}.png").convert("RGB").resize((size, size), Image.BILINEAR)
-        lab = np.array(Image.open(MSRC / "labels" / f"{name}.png").resize((size, size), Image.NEAREST))
-        imgs.append((torch.from_numpy(np.array(img)).permute(2, 0, 1).float() / 255 - MEAN) / STD)
-        labels.append(torch.from_numpy(np.where(lab == 0, 255, lab == cls).astype(np.int64)))
-    order = [(i, (i + 1) % len(names)) for i in range(len(names))]
-    return dict(query_img=torch.stack([imgs[q] for q, _ in order]),
-                support_imgs=torch.stack([imgs[s] for _, s in order])[:, None],
-                support_masks=torch.stack([labels[s] for _, s in order])[:, None],
-                query_mask=torch.stack([labels[q] for q, _ in order]),
-                classes=torch.ones(len(order), 1, dtype=torch.long))
+# Dog and flower: BAM (and so RILFS) predicts on the stride-8 grid without a decoder, which bounds the IoU a
+# fitted model reaches at test size. The ground truth itself, average-pooled to the 13 x 13 grid of a 97 x 97
+# input and upsampled, scores 0.946 / 0.956 on these queries but 0.86 on the cow/sheep pair the other methods
+# use (thin legs), where this test once plateaued at 0.86 whatever the steps or the learning rate.
+DOG_FLOWER = (("16_5_s", "16_29_s", 21), ("8_19_s", "8_2_s", 13))
 
 
 @pytest.mark.skipif(not MSRC.is_dir(), reason=f"MSRC-v2 not found at {MSRC}")
 def test_overfits_real_msrc_episodes():
-    """Two real episodes (MobileNetV2 ImageNet weights, frozen) are fitted. The contract asks foreground IoU
-    >= 0.9; measured so far: 0.80 after 100 steps at 81 x 81 (an 11 x 11 feature grid, upsampled), so this
-    guards the 0.75 level until a setting that reaches 0.9 within the test budget is found."""
-    batch = _msrc_episodes()
-    model = build(weights="imagenet").train()
-    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-3)
-    for _ in range(100):
-        opt.zero_grad()
-        sum(model(batch)["losses"].values()).backward()
-        opt.step()
-    with torch.no_grad():
-        pred = model.eval()(batch)["logits"].argmax(1)
-    valid, fg = batch["query_mask"] != 255, batch["query_mask"] == 1
-    iou = ((pred == 1) & fg).sum() / (((pred == 1) & valid) | fg).sum()
-    assert iou >= 0.75, f"IoU {iou:.3f} after 100 steps"
+    """Two real episodes (MobileNetV2 ImageNet weights, frozen backbone, untrained base learner) fitted to
+    foreground IoU >= 0.9; measured 0.96 after 30 steps (lr 1e-3, AMD EPYC); predicting all foreground scores 0.55."""
+    model = build(weights="imagenet")
+    iou, steps = fit_until(model, msrc_episodes(DOG_FLOWER), lr=1e-3, steps=80, every=10)
+    assert iou >= 0.9, f"IoU {iou:.3f} after {steps} steps"
 
 
 @pytest.mark.slow
