@@ -57,7 +57,7 @@ cuda-check: venv
 	@for f in $(CUDA_SOURCES); do \
 	  echo "nvcc $$f"; \
 	  /usr/local/cuda/bin/nvcc -std=c++20 -O3 --expt-relaxed-constexpr -Xcompiler -fPIC -Icsrc $(TORCH_INCLUDE) \
-	    -DFSSKERN_WITH_CUDA=1 -gencode arch=compute_80,code=sm_80 -gencode arch=compute_90,code=sm_90 \
+	    -DFSSKERN_WITH_CUDA=1 -DAT_PER_OPERATOR_HEADERS -gencode arch=compute_80,code=sm_80 -gencode arch=compute_90,code=sm_90 \
 	    -c $$f -o /dev/null || exit 1; \
 	done
 

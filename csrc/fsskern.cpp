@@ -1,5 +1,6 @@
 // The fsskern operator library. Each op declares its schema in its own ops/<op>.cpp with
 // TORCH_LIBRARY_FRAGMENT; this file opens the namespace and answers what the build contains.
+#define TORCH_ASSERT_ONLY_METHOD_OPERATORS  // per-operator ATen headers only (setup.py)
 #include "common/library.h"
 
 #include <algorithm>

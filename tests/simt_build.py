@@ -33,5 +33,6 @@ def load_simt():
     sources.append(wrap_as_cpp(ROOT / "tests" / "simt" / "planted_kernels.cu"))
     load(name="fsskern_simt", sources=[str(s) for s in sources], build_directory=str(BUILD),
          extra_include_paths=[str(CSRC)], is_python_module=False, verbose=False,
-         extra_cflags=["-O2", "-DFSSKERN_SIMT", "-ffp-contract=off", "-std=c++20"])
+         extra_cflags=["-O2", "-DFSSKERN_SIMT", "-ffp-contract=off", "-std=c++20",
+                       "-DAT_PER_OPERATOR_HEADERS"])  # lean ATen headers (see setup.py)
     return torch.ops.fsskern_simt

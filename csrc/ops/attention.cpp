@@ -2,7 +2,16 @@
 // orchestration both backends share (the core they call: attention.h; kernels: cpu/, cuda/).
 // Everything here is tensor ops on the inputs' device: the backends see contiguous, packed
 // tensors and never the masks.
+#define TORCH_ASSERT_ONLY_METHOD_OPERATORS  // per-operator ATen headers only (setup.py)
 #include "ops/attention.h"
+
+#include <ATen/TensorOperators.h>
+#include <ATen/ops/bmm.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/full.h>
+#include <ATen/ops/ones.h>
+#include <ATen/ops/where.h>
+#include <ATen/ops/zeros.h>
 
 #include <limits>
 

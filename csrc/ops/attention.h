@@ -19,7 +19,7 @@
 // them as they are and compute in opmath (float32): scores, softmax, logsumexp and every
 // accumulator; out is rounded once to the inputs' dtype, lse stays float32, and the gradients
 // accumulate in float32 buffers that the orchestration rounds once at the end.
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
 #include <c10/util/string_view.h>
 
 #include <algorithm>

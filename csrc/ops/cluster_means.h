@@ -9,7 +9,7 @@
 //   (B, N, C)     points by channels, any strides;
 //   (B, S, C, M)  channel-first maps of S shots (FSS support features, pixels flattened), whose
 //                 N = S * M points are numbered shot by shot, pixel by pixel.
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
 
 #include <cstdint>
 

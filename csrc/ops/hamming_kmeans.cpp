@@ -1,6 +1,14 @@
 // hamming_kmeans: schema, input checks, and the orchestration both backends share (math:
 // hamming_kmeans.h; kernels: cpu/, cuda/).
+#define TORCH_ASSERT_ONLY_METHOD_OPERATORS  // per-operator ATen headers only (setup.py)
 #include "ops/hamming_kmeans.h"
+
+#include <ATen/TensorOperators.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/full_like.h>
+#include <ATen/ops/ones_like.h>
+#include <ATen/ops/where.h>
+#include <ATen/ops/zeros.h>
 
 namespace fsskern {
 namespace {

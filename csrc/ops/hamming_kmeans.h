@@ -9,7 +9,7 @@
 //     previous bit, an empty cluster keeps its code). A final assignment pairs the returned
 //     centroids with the returned assignment, and counts come from it.
 // Invalid points are assigned -1. All integer arithmetic: CPU and CUDA give identical results.
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
 
 #include <cstdint>
 

@@ -1,4 +1,5 @@
 // lsh_hash: schema and input checks (math: lsh_hash.h; kernels: cpu/, cuda/).
+#define TORCH_ASSERT_ONLY_METHOD_OPERATORS  // per-operator ATen headers only (setup.py)
 #include "ops/lsh_hash.h"
 
 #include "common/library.h"

@@ -9,7 +9,7 @@
 // x may be any strided (M, N, E) view, e.g. channel-first feature maps seen as (maps, pixels,
 // channels): the kernels read it in place. A float16/bfloat16 x is widened (exactly) to float32
 // as it is read, against float32 planes: its codes are those of x.float().
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
 
 #include <cstdint>
 

@@ -10,9 +10,15 @@
 //   the transposed interpolation onto the feature grid and the upsampled features never exist.
 //   area = sum(mask) (== sum(weight): the rows of U sum to one).
 // A zero denominator (all-zero mask and eps = 0) gives a zero prototype, never NaN.
+#define TORCH_ASSERT_ONLY_METHOD_OPERATORS  // per-operator ATen headers only (setup.py)
 #include "ops/masked_average_pool.h"
 
-#include <ATen/OpMathType.h>
+#include <ATen/TensorOperators.h>
+#include <ATen/ops/baddbmm.h>
+#include <ATen/ops/bmm.h>
+#include <ATen/ops/where.h>
+#include <ATen/ops/zeros.h>
+#include <ATen/ops/zeros_like.h>
 #include <torch/library.h>
 
 #include <cmath>

@@ -2,7 +2,7 @@
 // Masked average pooling, shared by the CPU and CUDA registrations: the input checks and the
 // device-independent orchestration (dtype handling, denominators, the GEMM-shaped backward
 // pieces) live once in masked_average_pool.cpp; a backend supplies only its two kernels.
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
 #include "common/library.h"
 
 #include <string>

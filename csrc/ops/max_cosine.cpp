@@ -1,4 +1,5 @@
 // max_cosine: schema and input checks (math: max_cosine.h; kernels: cpu/, cuda/).
+#define TORCH_ASSERT_ONLY_METHOD_OPERATORS  // per-operator ATen headers only (setup.py)
 #include "ops/max_cosine.h"
 
 #include "common/library.h"

@@ -16,7 +16,7 @@
 // in float32 (as autocast returns cosine_similarity), the gradients in the inputs' dtype.
 //
 // This header holds the math both backends share; checks and schema: max_cosine.cpp.
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
 
 #include <cmath>
 #include <cstdint>

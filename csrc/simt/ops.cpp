@@ -1,4 +1,5 @@
 // Test-only ops of the SIMT emulation build: choose the thread schedule, list the kernels run.
+#define TORCH_ASSERT_ONLY_METHOD_OPERATORS  // per-operator ATen headers only (setup.py)
 #include <torch/library.h>
 
 #include "simt/runtime.h"

@@ -1,4 +1,5 @@
 // SIMT emulation runtime (see runtime.h for what it does and checks).
+#define TORCH_ASSERT_ONLY_METHOD_OPERATORS  // per-operator ATen headers only (setup.py)
 #include "simt/runtime.h"
 
 #include <ATen/Parallel.h>

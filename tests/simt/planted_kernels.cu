@@ -1,7 +1,8 @@
 // Deliberately broken tiny kernels (and their correct twins) that the SIMT harness must catch.
 // Compiled only into the test-only emulation build. fsskern_simt::_planted(name) runs one on a
 // 64-thread block (two warps) and returns what it wrote.
-#include <ATen/ATen.h>
+#define TORCH_ASSERT_ONLY_METHOD_OPERATORS  // per-operator ATen headers only (setup.py)
+#include <ATen/ops/full.h>
 #include <torch/library.h>
 
 #include <string>

@@ -15,8 +15,15 @@
 // float16/bfloat16 inputs are widened to float32 a slice at a time (a query tile, the keys and
 // values of one (batch, head)) into per-thread tensors, and every GEMM and softmax step runs
 // in float32 as for float32 inputs: no input is copied whole.
+#define TORCH_ASSERT_ONLY_METHOD_OPERATORS  // per-operator ATen headers only (setup.py)
+#include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
+#include <ATen/TensorOperators.h>
+#include <ATen/core/LegacyTypeDispatch.h>
+#include <ATen/ops/addmm.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/mm.h>
 
 #include <algorithm>
 #include <limits>

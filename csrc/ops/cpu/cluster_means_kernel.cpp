@@ -5,8 +5,11 @@
 // - Otherwise (channel-first maps): threads split the channels into groups of 16; tiles of 16
 //   channels x 16 pixels are transposed in registers, so each pixel adds its 16 values to its
 //   cluster's sums in one vector addition.
+#define TORCH_ASSERT_ONLY_METHOD_OPERATORS  // per-operator ATen headers only (setup.py)
+#include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
+#include <ATen/ops/zeros.h>
 
 #include <cstring>
 #include <vector>

@@ -8,6 +8,7 @@
 // which the CUDA kernel uses. When no code has a bit in its upper half (UMTFSS hashes 32
 // bits), the upper halves are skipped.
 // Update: per point, its bits are added to its cluster's 64 counters in one vector loop.
+#define TORCH_ASSERT_ONLY_METHOD_OPERATORS  // per-operator ATen headers only (setup.py)
 #include <ATen/Parallel.h>
 
 #include <algorithm>

@@ -7,8 +7,12 @@
 // turned into vectors of channels, 16 x 16 tiles at a time in registers; anything else (other
 // strides, a last partial block) is copied channel by channel into the same small buffer, and
 // so is a float16/bfloat16 x, widened to float32 on the way.
+#define TORCH_ASSERT_ONLY_METHOD_OPERATORS  // per-operator ATen headers only (setup.py)
+#include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
 
 #include <cstring>
 #include <vector>

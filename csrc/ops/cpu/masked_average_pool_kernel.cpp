@@ -1,8 +1,11 @@
 // CPU kernels of masked_average_pool: bilinear resampling of mask planes (and its adjoint) and
 // the weighted channel reduction. Threads split planes / (batch, channel) rows; the inner dot
 // products are vectorised by the compiler, one clone per instruction set (cpu_dispatch.h).
+#define TORCH_ASSERT_ONLY_METHOD_OPERATORS  // per-operator ATen headers only (setup.py)
+#include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
+#include <ATen/ops/zeros.h>
 
 #include <vector>
 

@@ -13,8 +13,15 @@
 // float16/bfloat16 inputs: the packing widens the foreground pixels into the float32 panel, the
 // query is widened one image at a time, and everything after runs in float32 (values too); the
 // backward's channel-last copies are float32, and its gradients are rounded once at the end.
+#define TORCH_ASSERT_ONLY_METHOD_OPERATORS  // per-operator ATen headers only (setup.py)
+#include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/from_blob.h>
+#include <ATen/ops/linalg_vector_norm.h>
+#include <ATen/ops/mm.h>
+#include <ATen/ops/zeros.h>
 
 #include <atomic>
 #include <cmath>

@@ -1,7 +1,9 @@
 // CUDA launchers of the attention core and registration of prototype_attention and
 // local_conditional_attention (kernels in the .cuh beside this; orchestration: attention.cpp).
-#include <ATen/ATen.h>
+#define TORCH_ASSERT_ONLY_METHOD_OPERATORS  // per-operator ATen headers only (setup.py)
+#include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
+#include <ATen/ops/empty.h>
 
 #include "common/launch.cuh"
 #include "ops/attention.h"

@@ -1,6 +1,7 @@
 // CUDA launchers of hamming_kmeans (kernels in the .cuh beside this; orchestration:
 // ../hamming_kmeans.cpp). The iterations run on the device with no host synchronisation.
-#include <ATen/ATen.h>
+#define TORCH_ASSERT_ONLY_METHOD_OPERATORS  // per-operator ATen headers only (setup.py)
+#include <ATen/ops/zeros.h>
 
 #include "common/launch.cuh"
 #include "ops/cuda/hamming_kmeans_kernel.cuh"

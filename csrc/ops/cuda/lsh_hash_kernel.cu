@@ -1,6 +1,8 @@
 // CUDA launcher and registration of lsh_hash (kernel in the .cuh beside this).
-#include <ATen/ATen.h>
+#define TORCH_ASSERT_ONLY_METHOD_OPERATORS  // per-operator ATen headers only (setup.py)
+#include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
+#include <ATen/ops/empty.h>
 
 #include "common/launch.cuh"
 #include "common/library.h"

@@ -1,6 +1,8 @@
 // CUDA launchers and registration of masked_average_pool (kernels in the .cuh beside this).
-#include <ATen/ATen.h>
+#define TORCH_ASSERT_ONLY_METHOD_OPERATORS  // per-operator ATen headers only (setup.py)
+#include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
+#include <ATen/ops/empty.h>
 
 #include "common/launch.cuh"
 #include "ops/cuda/masked_average_pool_kernel.cuh"
