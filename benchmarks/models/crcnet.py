@@ -4,6 +4,7 @@
     python benchmarks/models/crcnet.py --quick      # MobileNetV2 at 97 x 97: a smoke run
     python benchmarks/models/crcnet.py --device cuda --shots 1 5
     python benchmarks/models/crcnet.py --sizes 321 --reps 1   # one size, one sample per side (slow CPUs)
+    python benchmarks/models/crcnet.py --finetune --sizes 473 --reps 1   # the 5-shot test-time fine-tuning
 
 Cases: {321, 473} x {train step, inference} x shots (1 by default). Per case: the median time of each side
 (interleaved samples, benchmarks/harness.py), the peak extra memory of one call (CPU: resident memory in a
@@ -13,7 +14,11 @@ call taken by the local conditional module's attention (``local_conditional_atte
 step: benchmarks/models/common.py's ``step_fn``) runs the refinement loop with T fixed at 4, the largest draw of
 the training schedule, so both sides do the same work; inference is 10 refinement steps, single scale. Random
 weights; the support masks hold a 30 % foreground box.
-Writes benchmarks/results/models/crcnet{,-quick}{,-cuda}.{json,md}.
+``--finetune``: instead, one 5-shot evaluation episode (batch 1) with ``kshot="finetune"``, the paper's test-time
+k-shot fine-tuning (4.6): the encoder runs once per image and its features are cached, then ``ft_steps`` (100)
+SGD steps train only the modules after it, then the query is predicted and the weights restored. Its time is the
+cost per episode.
+Writes benchmarks/results/models/crcnet{,-finetune}{,-quick}{,-cuda}.{json,md}.
 """
 import sys
 from pathlib import Path
@@ -38,46 +43,58 @@ TARGETS = {473: {"speedup": 1.05, "memory_ratio": 0.8}}
 
 def cases(args):
     sizes = [97] if args.quick else args.sizes
+    if args.finetune:
+        return [dict(size=s, shots=5, mode="finetune") for s in sizes]
     return [dict(size=s, shots=k, mode=m) for s in sizes for k in args.shots for m in ("train", "infer")]
 
 
-def build(side, quick, device):
+def build(side, quick, device, mode):
     torch.manual_seed(0)
-    model = CRCNet(ModelConfig(name="crcnet", backbone="mobilenet_v2" if quick else "resnet50"), get_backend(side))
+    params = {"kshot": "finetune"} if mode == "finetune" else {}
+    model = CRCNet(ModelConfig(name="crcnet", backbone="mobilenet_v2" if quick else "resnet50", params=params),
+                   get_backend(side))
     model._train_steps = lambda: 4  # the same refinement work on both sides (see the module docstring)
     model.backend = TimedBackend(model.backend, TIMED_OPS, device_sync(device))
     return model.to(device)
 
 
-def episode(size, shots, device):
-    return box_episode(2, shots, size, device, classes=torch.ones(2, 1).long())
+def episode(size, shots, device, mode):
+    batch = 1 if mode == "finetune" else 2  # fine-tuning is per episode
+    return box_episode(batch, shots, size, device, classes=torch.ones(batch, 1).long())
+
+
+def call(model, batch, mode):
+    return step_fn(model, batch, "infer" if mode == "finetune" else mode)  # the model fine-tunes inside
 
 
 def memory_child(index, side, args):
     """Child process (CPU): warm the libraries up at a small size, then the peak extra RSS of one call."""
     case, device = cases(args)[index], torch.device("cpu")
-    model = build(side, args.quick, device)
-    step_fn(model, episode(65, case["shots"], device), case["mode"])()
-    print_peak_memory(step_fn(model, episode(case["size"], case["shots"], device), case["mode"]))
+    model = build(side, args.quick, device, case["mode"])
+    call(model, episode(65, case["shots"], device, case["mode"]), case["mode"])()
+    print_peak_memory(call(model, episode(case["size"], case["shots"], device, case["mode"]), case["mode"]))
 
 
 def measure(index, case, args):
     device = torch.device(args.device)
     sync = device_sync(device)
-    models = [build(side, args.quick, device) for side in SIDES]
-    batch = episode(case["size"], case["shots"], device)
-    fns = [step_fn(m, batch, case["mode"]) for m in models]
+    models = [build(side, args.quick, device, case["mode"]) for side in SIDES]
+    batch = episode(case["size"], case["shots"], device, case["mode"])
+    fns = [call(m, batch, case["mode"]) for m in models]
     times = median_times(fns, args.reps, sync=sync)
     shares = [op_shares(fn, m.backend, sync) for fn, m in zip(fns, models)]
     child = [__file__, "--shots", *map(str, args.shots), "--sizes", *map(str, args.sizes)] + \
-        (["--quick"] if args.quick else []) + ["--memory", str(index)]
+        (["--quick"] if args.quick else []) + (["--finetune"] if args.finetune else []) + ["--memory", str(index)]
     return paired_row(case, times, peak_memory(fns, device, child), shares, args.reps)
 
 
 def report(rows, info, args):
     net = "MobileNetV2 (quick)" if args.quick else "ResNet-50 (torchvision stem, OS 8)"
-    lines = [f"# CRCNet: training step and 10-step inference, ops=fused vs ops=reference ({net}, batch 2)", "",
+    title = ("one 5-shot episode with test-time fine-tuning (100 steps), batch 1" if args.finetune else
+             "training step and 10-step inference, batch 2")
+    lines = [f"# CRCNet: {title}, ops=fused vs ops=reference ({net})", "",
              *header("crcnet", info, args.reps),
+             "Targets: none (the issue asks for the cost per episode)." if args.finetune else
              "Targets (473, 1-shot): speedup >= 1.05x, memory ratio <= 0.8.", "",
              "| size | shots | call | reference s | fused s | speedup | reference MB | fused MB | memory ratio "
              "| local share ref / fused | MAP share ref / fused | target |",
@@ -95,10 +112,11 @@ def main():
     p = parser(__doc__)
     p.add_argument("--shots", type=int, nargs="+", default=[1])
     p.add_argument("--sizes", type=int, nargs="+", default=[321, 473], help="input sides (not with --quick)")
+    p.add_argument("--finetune", action="store_true", help="the 5-shot test-time fine-tuning episode instead")
     args = p.parse_args()
     if args.memory:
         return memory_child(int(args.memory[0]), args.memory[1], args)
-    run("crcnet", args, cases(args), measure, report)
+    run("crcnet-finetune" if args.finetune else "crcnet", args, cases(args), measure, report)
 
 
 if __name__ == "__main__":
