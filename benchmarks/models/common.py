@@ -179,6 +179,7 @@ def parser(doc):
     p.add_argument("--device", default="cpu")
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--only", type=int, nargs="*", help="case indices to run (default: all)")
+    p.add_argument("--tag", help="results as <method>-TAG.*, so a partial run keeps the full run's files")
     p.add_argument("--memory", nargs=2, metavar=("CASE", "SIDE"), help=argparse.SUPPRESS)
     return p
 
@@ -217,7 +218,7 @@ def share_cell(row, op):
 
 def run(method, args, cases, measure, report):
     """``measure(index, case, args)`` -> the row of every case (only those in ``args.only`` when it is given),
-    each printed as JSON when done; then benchmarks/results/models/<method>{,-quick}{,-cuda}.{json,md},
+    each printed as JSON when done; then benchmarks/results/models/<method>{,-quick}{,-cuda}{,-TAG}.{json,md},
     the Markdown being ``report(rows, info, args)``, which is printed too."""
     info = machine_info(args.device)
     rows = []
@@ -226,7 +227,8 @@ def run(method, args, cases, measure, report):
             continue
         rows.append(measure(index, case, args))  # the case's models are freed on return, before the next
         print(json.dumps(rows[-1]), flush=True)
-    stem = method + ("-quick" if args.quick else "") + ("-cuda" if args.device.startswith("cuda") else "")
+    stem = method + ("-quick" if args.quick else "") + ("-cuda" if args.device.startswith("cuda") else "") + \
+        (f"-{args.tag}" if args.tag else "")
     out = HERE.parent / "results" / "models"
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{stem}.json").write_text(json.dumps({"machine": info, "command": sys.argv[1:], "rows": rows}, indent=1))
