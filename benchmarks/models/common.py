@@ -71,6 +71,13 @@ class ForwardBackwardTimedBackend(TimedBackend):
     def __init__(self, backend, ops, sync):
         self.backward = dict.fromkeys(ops, 0.0)
         super().__init__(backend, ops, sync)
+        self.sync = sync
+
+    def also(self, name, fn):
+        """``fn`` (features first, like the ops) timed as ``name`` beside them: a model part whose share of the
+        call is reported with the ops' (its backward ends when the gradient leaves its first input)."""
+        self.seconds[name] = self.backward[name] = 0.0
+        return self._timed(name, fn, self.sync)
 
     def _timed(self, op, fn, sync):
         forward = super()._timed(op, fn, sync)

@@ -4,18 +4,18 @@
     python benchmarks/models/popnet.py --quick     # DeepLabV3+ MobileNetV2 at 97 x 97: a smoke run
     python benchmarks/models/popnet.py --device cuda
 
-Cases: {stage-3 train step, inference}, fp32, k-way one-shot episodes as the loader builds them (one support
-image annotated with every way, encoded once). Per case: the median time of each side (runs interleaved,
+Cases: {stage-3 train step, inference}, fp32, k-way one-shot episodes as the loader builds them (one support image
+annotated with every way, encoded once). Per case: the median time of each side (runs interleaved,
 benchmarks/harness.py), the peak extra memory of one call (CPU: resident memory in a fresh process per side; GPU:
-the caching allocator's peak), their ratios from this one run, and the share of the call the model's one backend
-op (``class_prototypes``, Eq. 1) takes, forward and backward (common.py's ForwardBackwardTimedBackend). The
-training step (zero_grad + forward + backward + SGD step, common.py's ``step_fn``) runs all three encoders
-(stages 1-2 frozen, no grad) and is taken at epoch 15 of 30 (beta 0.5, dynamic prototypes): both heads' losses,
-the bank read and written. Inference is an eval-mode forward without autograd: the NCM head predicts and the AGM
-is not computed (R11); the inference row also times the forward with the AGM computed and says whether the
-output differs. The report says whether the time gap between the sides exceeds the op's whole time (then it is
-not the op's: the rest of the model is the same code on both sides). Weights are random; the labels are a 4 x 3
-grid of part blocks, the query's shifted by a tenth.
+the caching allocator's peak), their ratios from this one run, and the share of the call the model's one backend op
+(``class_prototypes``, Eq. 1) and stage 3's AGM take, forward and backward (common.py's
+ForwardBackwardTimedBackend). The training step (zero_grad + forward + backward + SGD step, common.py's ``step_fn``)
+runs all three encoders (stages 1-2 frozen, no grad) and is taken at epoch 15 of 30 (beta 0.5, dynamic prototypes):
+both heads' losses, the bank read and written. Inference is an eval-mode forward without autograd: the NCM head
+predicts and the AGM is not computed (R11); the inference row also times the forward with the AGM computed and says
+whether the output differs. The report says whether the time gap between the sides exceeds the op's whole time (then
+it is not the op's: the rest of the model is the same code on both sides). Weights are random; the labels are a 4 x
+3 grid of part blocks, the query's shifted by a tenth.
 Writes benchmarks/results/models/popnet{,-quick}{,-cuda}.{json,md}.
 """
 import sys
@@ -48,6 +48,8 @@ def build(side, quick, device):
     model = POPNet(cfg, get_backend(side)).to(device)
     model.steps[3] = ITERS // 2  # epoch 15 of 30: beta 0.5, past the static phase
     model.backend = ForwardBackwardTimedBackend(model.backend, TIMED_OPS, device_sync(device))
+    head = model.heads["3"]
+    head.agm = model.backend.also("agm", head.agm)  # its share of the training step (inference skips it)
     return model
 
 
@@ -109,8 +111,8 @@ def measure(index, case, args):
     return dict(paired_row(case, times, peak_memory(fns, device, child), shares, args.reps), **extra)
 
 
-def _share(row, side):
-    s = row[f"{side}_op_share"]["class_prototypes"]
+def _share(row, side, part="class_prototypes"):
+    s = row[f"{side}_op_share"][part]
     return f"{s['forward']:.2%}/{s['backward']:.2%}"
 
 
@@ -119,13 +121,16 @@ def report(rows, info, args):
     lines = [f"# POPNet: stage-3 training step and inference, ops=fused vs ops=reference ({net}, batch 2, "
              f"{WAYS} ways)", "", *header("popnet", info, args.reps),
              f"Target (training step): speedup >= {TARGETS['speedup']}x, memory ratio <= {TARGETS['memory_ratio']}. "
-             "Op share: forward/backward of class_prototypes.", "",
+             "Op share: forward/backward of class_prototypes; AGM share: forward/backward of stage 3's "
+             "Attention Guidance Module.", "",
              "| call | reference s | fused s | speedup | reference MB | fused MB | memory ratio | op share reference "
-             "| op share fused | target |", "|---|---|---|---|---|---|---|---|---|---|"]
+             "| op share fused | AGM share reference | AGM share fused | target |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         target = verdict(r, TARGETS) if r["mode"] == "train" else "-"
+        agm = [_share(r, side, "agm") if "agm" in r[f"{side}_op_share"] else "-" for side in SIDES]
         lines.append(f"| {r['mode']} | {paired_cells(r)} | {_share(r, 'reference')} | {_share(r, 'fused')} | "
-                     f"{target} |")
+                     f"{agm[0]} | {agm[1]} | {target} |")
     for r in rows:  # the sides differ only in the op: a gap larger than the op's whole time is not the op's
         gap = abs(r["reference_s"] - r["fused_s"])
         op_s = max(sum(r[f"{side}_op_share"]["class_prototypes"].values()) * r[f"{side}_s"] for side in SIDES)

@@ -4,6 +4,7 @@ prototype step (``support_prototypes``) alone.
     python benchmarks/models/umtfss.py              # ResNet-50 (deep stem, OS 8), 473 x 473, batch 2
     python benchmarks/models/umtfss.py --quick      # MobileNetV2 at 129 x 129 (17 x 17 tokens): a smoke run
     python benchmarks/models/umtfss.py --only 4 5   # the prototype step alone (cheap at any size)
+    python benchmarks/models/umtfss.py --only 0 --dropout 0   # CPU: dense attention on the flash kernel
     python benchmarks/models/umtfss.py --device cuda
 
 Cases: {1-shot, 5-shot} x {train step, inference} of the whole model (paper profile: K_fg / K_bg 50 / 100, d 256),
@@ -47,6 +48,9 @@ def size_of(quick):
     return 129 if quick else 473
 
 
+PARAMS = {"profile": "paper"}  # main() adds --dropout
+
+
 def episode(shots, quick, device, batch=2):
     return box_episode(batch, shots, size_of(quick), device, classes=torch.ones(batch, 1, dtype=torch.long),
                        index=torch.arange(batch))
@@ -55,7 +59,7 @@ def episode(shots, quick, device, batch=2):
 def model_fn(side, case, quick, device, batch=None):
     """(the call to time, its TimedBackend) for a model case."""
     torch.manual_seed(0)
-    cfg = ModelConfig(name="umtfss", backbone="mobilenet_v2" if quick else "resnet50_v2", params={"profile": "paper"})
+    cfg = ModelConfig(name="umtfss", backbone="mobilenet_v2" if quick else "resnet50_v2", params=dict(PARAMS))
     model = UMTFSS(cfg, get_backend(side)).to(device)
     timed = model.backend = TimedBackend(model.backend, TIMED_OPS, device_sync(device))
     batch = batch or episode(case["shots"], quick, device)
@@ -112,6 +116,7 @@ def measure(index, case, args):
     shares = [op_shares(fn, timed, sync) for fn, timed in built]
     print(f"case {index}: timed in {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
     m_ref, m_fused = peak_memory(fns, device, [__file__] + (["--quick"] if args.quick else []) +
+                                 (["--dropout", str(args.dropout)] if args.dropout is not None else []) +
                                  ["--memory", str(index)])
     return paired_row(case, (t_ref, t_fused), (m_ref, m_fused), shares, args.reps)
 
@@ -129,7 +134,8 @@ def verdict(r):
 def report(rows, info, args):
     size = "MobileNetV2, 129 x 129 (quick)" if args.quick else "ResNet-50 (deep stem, OS 8), 473 x 473"
     lines = [f"# UMTFSS: training step, inference and the prototype step, ops=fused vs ops=reference ({size}, "
-             "batch 2, K_fg / K_bg 50 / 100)", "",
+             "batch 2, K_fg / K_bg 50 / 100" + (f", Transformer dropout {args.dropout:g}" if args.dropout is not None
+                                                 else "") + ")", "",
              *header("umtfss", info, args.reps),
              "Targets (issue 15, at the paper's size): train step >= 1.1x (1-shot), >= 1.2x (5-shot), memory <= 0.7x; "
              "prototype step alone >= 50x.", "",
@@ -147,7 +153,12 @@ def report(rows, info, args):
 
 def main():
     p = parser(__doc__)
+    p.add_argument("--dropout", type=float, help="the Transformer's dropout (paper 0.1). On a CPU, dropout sends the "
+                   "dense self-attention to SDPA's math path, which keeps the 8-head attention maps for backward; "
+                   "with 0 it takes the flash kernel, as a GPU does with dropout")
     args = p.parse_args()
+    if args.dropout is not None:
+        PARAMS["dropout"] = args.dropout
     if args.memory:
         return memory_child(int(args.memory[0]), args.memory[1], args.quick)
     run("umtfss", args, CASES, measure, report)
