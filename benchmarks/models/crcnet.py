@@ -21,7 +21,7 @@ SGD steps train only the modules after it, then the query is predicted and the w
 cost per episode. ``--ft-steps A B`` runs the episode with A and with B steps instead of 100: the difference is the
 cost of B - A steps, so the report states the cost per step and an episode of 100 steps (fixed part + 100 steps)
 where 100 steps per side would take too long (CPU, paper size).
-Writes benchmarks/results/models/crcnet{,-finetune}{,-quick}{,-cuda}.{json,md}.
+Writes benchmarks/results/models/crcnet{,-finetune}{,-quick}{,-cuda}{,-TAG}.{json,md}.
 """
 import sys
 from pathlib import Path

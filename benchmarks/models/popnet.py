@@ -16,7 +16,7 @@ predicts and the AGM is not computed (R11); the inference row also times the for
 whether the output differs. The report says whether the time gap between the sides exceeds the op's whole time (then
 it is not the op's: the rest of the model is the same code on both sides). Weights are random; the labels are a 4 x
 3 grid of part blocks, the query's shifted by a tenth.
-Writes benchmarks/results/models/popnet{,-quick}{,-cuda}.{json,md}.
+Writes benchmarks/results/models/popnet{,-quick}{,-cuda}{,-TAG}.{json,md}.
 """
 import sys
 from pathlib import Path
