@@ -2,6 +2,7 @@
 raises DataError with a message naming the file or value."""
 import json
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -242,6 +243,26 @@ def test_index_cache_is_keyed_by_list_and_mapping(tmp_path):
     (root / "short.txt").write_text(ids[0] + "\n")
     other = build_source(DataConfig(dataset="pascal", root=str(root), train_list="short.txt"), "train")
     assert scan_labels(other, cache_dir=cache).key != first.key and len(list(cache.iterdir())) == 2
+
+
+def test_episodes_do_not_depend_on_where_the_data_is(tmp_path):
+    """The episode key (and so every manifest) is the same for a copy of the data elsewhere and for any
+    spelling of its root; the cache keeps the copies apart; other labels give another key."""
+    root, _ = pascal_layout(tmp_path / "a")
+    copy = tmp_path / "b" / "voc"
+    shutil.copytree(root, copy)
+    cache = tmp_path / "c"
+
+    def stats(r):
+        return scan_labels(build_source(DataConfig(dataset="pascal", root=str(r)), "train"), cache_dir=cache)
+
+    first = stats(root)
+    assert stats(copy).key == first.key == stats(os.path.relpath(root)).key
+    assert len(list(cache.iterdir())) == 2  # one entry per copy, one for both spellings of the first
+    labels = sorted((copy / "SegmentationClassAug").iterdir())
+    shutil.copy(labels[1], labels[0])  # another image's classes under the same name
+    shutil.rmtree(cache)
+    assert stats(copy).key != first.key
 
 
 def test_unknown_names_are_refused(tmp_path):

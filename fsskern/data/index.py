@@ -2,6 +2,12 @@
 JSON keyed by the sha256 of (index version, source, sample list, label mapping, filter parameters),
 so a changed list or filter never reads a stale cache (HDMNet#15).
 
+Two keys: the cache file's (``index_key``: where the labels are, as absolute paths) and the one that
+seeds every episode (``LabelStats.key``, from ``episode_key``: what the labels hold, never where they
+are), so the same data gives the same manifests on every machine and under any spelling of
+``data.root``. Before session 15 the episodes were seeded from the cache key, whose paths were spelled
+as given: ``../shared/data/msrc_v2`` and ``/work/shared/data/msrc_v2`` drew different episodes.
+
 A class counts for an image when it covers >= ``min_pixels`` (2 * 32 * 32 = 2048, the OSLSM rule
 that PFENet applies to its lists) after the source's own region filter (pseudo labels). The scan
 keeps every class's pixel count, so any ``min_pixels`` and both training policies derive from it:
@@ -32,7 +38,8 @@ def default_cache_dir() -> Path:
 @dataclass
 class LabelStats:
     """Per sample: {foreground class id: pixels}; samples that failed to load (skip mode) are in
-    ``skipped`` ({sample index: message}) and hold no class."""
+    ``skipped`` ({sample index: message}) and hold no class. ``key`` seeds the episodes drawn from it
+    (``episode_key``)."""
     pixels: List[Dict[int, int]]
     skipped: Dict[int, str] = field(default_factory=dict)
     key: str = ""
@@ -52,10 +59,23 @@ class LabelStats:
 
 
 def index_key(source, check_images: str = "none") -> str:
+    """The cache key: the label files by absolute path (two copies of a dataset never share a cache
+    entry; two spellings of one folder do) and how they are read."""
     h = hashlib.sha256()
     h.update(json.dumps({"version": INDEX_VERSION, "source": type(source).__name__, "describe": source.describe(),
                          "check_images": check_images,
-                         "samples": [(s[0], s[2]) for s in source.samples]}, sort_keys=True).encode())
+                         "samples": [(s[0], os.path.abspath(s[2])) for s in source.samples]}, sort_keys=True).encode())
+    h.update(np.ascontiguousarray(source.lut).tobytes())
+    return h.hexdigest()
+
+
+def episode_key(source, pixels: List[Dict[int, int]], skipped: Dict[int, str]) -> str:
+    """The key episodes are seeded from: the source's kind and description, its sample ids, label
+    mapping and every sample's class pixels, with no path in it (see the module docstring)."""
+    h = hashlib.sha256()
+    h.update(json.dumps({"version": INDEX_VERSION, "source": type(source).__name__, "describe": source.describe(),
+                         "ids": [s[0] for s in source.samples], "pixels": pixels, "skipped": sorted(skipped)},
+                        sort_keys=True).encode())
     h.update(np.ascontiguousarray(source.lut).tobytes())
     return h.hexdigest()
 
@@ -113,8 +133,9 @@ def scan_labels(source, cache_dir=None, on_error: str = "raise", check_images: s
     if path.is_file():
         cached = json.loads(path.read_text())
         if cached.get("key") == key and (on_error == "skip" or not cached["skipped"]):
-            return LabelStats([{int(c): n for c, n in p.items()} for p in cached["pixels"]],
-                              {int(i): m for i, m in cached["skipped"].items()}, key)
+            pixels = [{int(c): n for c, n in p.items()} for p in cached["pixels"]]
+            skipped = {int(i): m for i, m in cached["skipped"].items()}
+            return LabelStats(pixels, skipped, episode_key(source, pixels, skipped))
     pixels, skipped = [], {}
     jobs = [(i, check_images) for i in range(len(source))]
     if workers > 0:
@@ -132,7 +153,7 @@ def scan_labels(source, cache_dir=None, on_error: str = "raise", check_images: s
     if skipped:
         warnings.warn(f"{source.name} {source.split}: skipped {len(skipped)} of {len(source)} samples with bad "
                       f"files (first: {next(iter(skipped.values()))})")
-    stats = LabelStats(pixels, skipped, key)
+    stats = LabelStats(pixels, skipped, episode_key(source, pixels, skipped))
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(f".tmp{os.getpid()}")
