@@ -2,6 +2,7 @@
 k-way / one-way paths, the dynamic-prototype bank, determinism, input errors and python/evaluate.py's parsing path on
 real CCP. CPU, small sizes."""
 import copy
+import itertools
 import sys
 from pathlib import Path
 
@@ -261,12 +262,13 @@ def test_learns_real_ccp_kway_episodes():
     episodes, _ = build_train_episodes(cfg.data, src, 0, 0, cache_dir=None)
     base, novel = src.fold_classes(0)
     ds = EpisodeDataset(src, episodes, transforms.from_config(cfg.data, train=True), True, base=base, novel=novel)
+
     def parts_visible(e, min_pixels=40):
         # at 65 px a garment of 9 query pixels cannot reach a fair IoU from the 16 x 16 grid
         counts = torch.bincount(e["query_mask"][e["query_mask"] != 255].flatten(), minlength=cfg.data.ways + 1)[1:]
         return bool((counts > 0).any()) and int(counts[counts > 0].min()) >= min_pixels
 
-    batch = collate_episodes([ds[i] for i in range(40) if parts_visible(ds[i])][:2])
+    batch = collate_episodes(list(itertools.islice((e for e in map(ds.__getitem__, range(40)) if parts_visible(e)), 2)))
     torch.manual_seed(0)  # unseeded, the heads started from whatever RNG state earlier tests left (a CI failure)
     m = create_model(ModelConfig(name="popnet", backbone="deeplabv3plus_mobilenet_v2", weights="imagenet",
                                  freeze_backbone=True, params={"kim": False, "head": "ncm", "dynamic": False}),

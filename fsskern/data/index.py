@@ -5,8 +5,7 @@ so a changed list or filter never reads a stale cache (HDMNet#15).
 Two keys: the cache file's (``index_key``: where the labels are, as absolute paths) and the one that
 seeds every episode (``LabelStats.key``, from ``episode_key``: what the labels hold, never where they
 are), so the same data gives the same manifests on every machine and under any spelling of
-``data.root``. Before session 15 the episodes were seeded from the cache key, whose paths were spelled
-as given: ``../shared/data/msrc_v2`` and ``/work/shared/data/msrc_v2`` drew different episodes.
+``data.root`` (docs/data.md says what the earlier, path-seeded manifests mean for old figures).
 
 A class counts for an image when it covers >= ``min_pixels`` (2 * 32 * 32 = 2048, the OSLSM rule
 that PFENet applies to its lists) after the source's own region filter (pseudo labels). The scan
@@ -58,26 +57,25 @@ class LabelStats:
         return sorted(self.pixels[i])
 
 
+def _source_digest(source, **fields) -> str:
+    """sha256 of the index version, the source's kind, description and label mapping, and ``fields``."""
+    h = hashlib.sha256()
+    h.update(json.dumps({"version": INDEX_VERSION, "source": type(source).__name__, "describe": source.describe(),
+                         **fields}, sort_keys=True).encode())
+    h.update(np.ascontiguousarray(source.lut).tobytes())
+    return h.hexdigest()
+
+
 def index_key(source, check_images: str = "none") -> str:
     """The cache key: the label files by absolute path (two copies of a dataset never share a cache
     entry; two spellings of one folder do) and how they are read."""
-    h = hashlib.sha256()
-    h.update(json.dumps({"version": INDEX_VERSION, "source": type(source).__name__, "describe": source.describe(),
-                         "check_images": check_images,
-                         "samples": [(s[0], os.path.abspath(s[2])) for s in source.samples]}, sort_keys=True).encode())
-    h.update(np.ascontiguousarray(source.lut).tobytes())
-    return h.hexdigest()
+    return _source_digest(source, check_images=check_images,
+                          samples=[(s[0], os.path.abspath(s[2])) for s in source.samples])
 
 
 def episode_key(source, pixels: List[Dict[int, int]], skipped: Dict[int, str]) -> str:
-    """The key episodes are seeded from: the source's kind and description, its sample ids, label
-    mapping and every sample's class pixels, with no path in it (see the module docstring)."""
-    h = hashlib.sha256()
-    h.update(json.dumps({"version": INDEX_VERSION, "source": type(source).__name__, "describe": source.describe(),
-                         "ids": [s[0] for s in source.samples], "pixels": pixels, "skipped": sorted(skipped)},
-                        sort_keys=True).encode())
-    h.update(np.ascontiguousarray(source.lut).tobytes())
-    return h.hexdigest()
+    """The key episodes are seeded from: sample ids and every sample's class pixels, no path."""
+    return _source_digest(source, ids=[s[0] for s in source.samples], pixels=pixels, skipped=sorted(skipped))
 
 
 def check_image(source, i: int, label: np.ndarray, mode: str) -> None:
