@@ -6,13 +6,14 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from fsskern import ops
 
 from fsskern.engine.config import ModelConfig, TrainConfig
 from fsskern.engine.optim import build_optimizers, build_schedulers, lr_factor
 from fsskern.models import create_model
-from fsskern.models.umtfss import dice_loss, sine_encoding
+from fsskern.models.umtfss import dense_attention, dice_loss, sine_encoding
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from method_support import MSRC, OpInputDtypes, fit_until, msrc_episodes  # noqa: E402
@@ -90,6 +91,30 @@ def test_sine_encoding_and_dice_loss():
     perfect = torch.stack([torch.where(target == 0, 30.0, -30.0), torch.where(target == 1, 30.0, -30.0)], 1)
     assert dice_loss(perfect, target) < 1e-6
     assert dice_loss(-perfect, target) == pytest.approx(2.0, abs=1e-6)
+
+
+def test_lean_dropout_attention_keeps_the_mask_for_backward():
+    """The chunked, checkpointed CPU path must give the outputs and gradients of SDPA run chunk by chunk with
+    the same dropout masks: if backward's recomputation drew new masks, the gradients would differ."""
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 4, 300, 16, generator=g, requires_grad=True) for _ in range(3))
+    mask = torch.rand(2, 1, 1, 300, generator=g) > 0.2
+
+    def by_chunks(q, k, v):
+        return torch.cat([F.scaled_dot_product_attention(rows, k, v, attn_mask=mask, dropout_p=0.3)
+                          for rows in q.split(64, -2)], -2)
+
+    results = []
+    for attend in (lambda q, k, v: dense_attention(q, k, v, mask, dropout_p=0.3, budget=64 * 2 * 4 * 300), by_chunks):
+        torch.manual_seed(5)
+        out = attend(q, k, v)
+        results.append((out, *torch.autograd.grad(out.square().sum(), (q, k, v))))
+    for lean, plain in zip(*results):
+        torch.testing.assert_close(lean, plain, rtol=0, atol=0)
+    with torch.no_grad():
+        plain = F.scaled_dot_product_attention(q, k, v, mask)
+        assert not torch.allclose(results[0][0], plain)                    # dropout was on
+        torch.testing.assert_close(dense_attention(q, k, v, mask), plain)  # and off without it
 
 
 @pytest.mark.parametrize("shots", [1, 3])

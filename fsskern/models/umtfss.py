@@ -37,7 +37,8 @@ Resolutions (source: P paper, C public code, N the notes' recommendation, R ours
   (its output is discarded): ``profile: code`` skips it (``support_self_attention: false``). [#4, #6]
 - Self-attention: dense multi-head attention through ``F.scaled_dot_product_attention`` (P Eq. 1-2), not the
   code's deformable attention (not offered); bias-free q/k/v/out projections as in the cross-attention (R);
-  dropout 0.1 on the attention weights and after the block (C). [#5]
+  dropout 0.1 on the attention weights and after the block (C); on the CPU in training, query-row chunks
+  under checkpointing (``dense_attention``), because the CPU's SDPA keeps every N x N map with dropout (R). [#5]
 - Layer order: query [SA, FFN, Cross, FFN] x 2 post-LN, support [SA, FFN] x 2, prototypes built once (C). [#7]
 - Attention scale (d / heads) ** -0.5 per head (C). [#8]
 - Prototypes L2-normalised; padding rows and empty clusters masked (C + fsskern). [#9]
@@ -71,6 +72,7 @@ from typing import Dict
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from ..backbones import create_backbone, freeze
 from ..nn import PrototypeCrossAttention
@@ -166,8 +168,28 @@ class FFN(nn.Module):
         return x + self.layers(x)
 
 
+def dense_attention(q, k, v, mask=None, dropout_p=0.0, budget=2 ** 24):
+    """``F.scaled_dot_product_attention`` that stays lean when it trains with dropout on the CPU; ``mask`` masks
+    keys only ((B, 1, 1, N), broadcast over the query rows).
+
+    PyTorch's CPU kernels run attention dropout only on the math path, which keeps the (B, heads, N, N)
+    weights and the dropout mask for backward: at 473 x 473 (3,600 tokens) that is 10.6 of the 11.6 GB of a
+    1-shot training step, and the 5-shot step does not fit in 24 GB. There, query rows go through in chunks
+    under activation checkpointing, as many rows as keep one (B, heads, rows, N) map within ``budget`` elements
+    (64 MB in fp32: 291 rows at 1-shot, 58 at 5-shot, where B counts every shot), and backward recomputes each
+    chunk with the same dropout mask (checkpoint restores the RNG state). Same maths and gradients; elsewhere
+    (no dropout, no autograd, or CUDA, whose fused kernels do dropout) it is the plain call."""
+    rows = max(1, budget // (q.shape[:-2].numel() * k.shape[-2]))
+    lean = dropout_p > 0 and q.device.type == "cpu" and torch.is_grad_enabled() and q.shape[-2] > rows
+    if not lean:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
+    parts = [checkpoint(F.scaled_dot_product_attention, part, k, v, attn_mask=mask, dropout_p=dropout_p,
+                        use_reentrant=False) for part in q.split(rows, dim=-2)]
+    return torch.cat(parts, -2)
+
+
 class SelfAttention(nn.Module):
-    """Multi-head self-attention (Eq. 1) on ``F.scaled_dot_product_attention``: queries and keys from x + pos,
+    """Multi-head self-attention (Eq. 1) on ``dense_attention`` (SDPA): queries and keys from x + pos,
     values from x; ``key_valid`` (B, N) bool excludes keys (a row without any valid key attends to all)."""
 
     def __init__(self, dim: int, heads: int, dropout: float):
@@ -181,8 +203,8 @@ class SelfAttention(nn.Module):
         mask = None
         if key_valid is not None:
             mask = (key_valid | ~key_valid.any(1, keepdim=True))[:, None, None]
-        out = F.scaled_dot_product_attention(split(self.to_q(x + pos)), split(self.to_k(x + pos)), split(self.to_v(x)),
-                                             attn_mask=mask, dropout_p=self.dropout if self.training else 0.0)
+        out = dense_attention(split(self.to_q(x + pos)), split(self.to_k(x + pos)), split(self.to_v(x)),
+                              mask, dropout_p=self.dropout if self.training else 0.0)
         return self.to_out(out.transpose(1, 2).reshape(B, N, dim))
 
 
