@@ -94,7 +94,7 @@ def main(argv=None) -> int:
     lines = ["# Certified bf16 search of max_cosine", "",
              f"torch {info['torch']}, {info['threads']} threads, CPU capability {info['cpu_capability']}; "
              f"bf16 search: {info['bf16_search']}. Command: `python benchmarks/certified_search.py "
-             f"{' '.join(sys.argv[1:] if argv is None else argv)}`; another job ran beside it.", "",
+             f"{' '.join(sys.argv[1:] if argv is None else argv)}`.", "",
              "| case | rows > 1 rescore | candidates / row | = fp32 kernel (indices, max value diff) | fp32 kernel "
              "| certified (forced) | reference |", "|---|---|---|---|---|---|---|"]
     for r in rows:

@@ -27,11 +27,29 @@ def fp32_and_certified(q, s, w, eps=1e-7):
 
 @pytest.mark.parametrize("shape,fg,soft", [((2, 1, 64, 50, 70), 0.5, False), ((1, 3, 256, 400, 300), 0.3, True),
                                            ((2, 2, 33, 17, 9), 1.0, False), ((1, 2, 8, 5, 6), 0.0, False),
-                                           ((1, 1, 2048, 120, 90), 0.5, False)], ids=str)
+                                           ((1, 1, 2048, 120, 90), 0.5, False),
+                                           ((1, 2, 64, 5000, 600), 0.5, False)], ids=str)  # CPU: 2 tiles, 3 chunks
 def test_equals_the_fp32_kernel_on_random_data(shape, fg, soft):
-    (values, indices), (got, got_idx) = fp32_and_certified(*inputs(*shape, fg=fg, soft=soft))
+    q, s, w = inputs(*shape, fg=fg, soft=soft)
+    (values, indices), (got, got_idx) = fp32_and_certified(q, s, w)
     assert torch.equal(got_idx, indices)
     assert_close(got, values, **FP32)
+    composite, composite_idx = certified_max_cosine(q, s, w, 1e-7)  # what runs on GPUs
+    assert torch.equal(composite_idx, indices)
+    assert_close(composite, values, **FP32)
+
+
+def test_cpu_kernel_repeats_exactly_across_thread_counts():
+    q, s, w = inputs(2, 2, 96, 2600, 300, fg=0.9)
+    threads = torch.get_num_threads()
+    outs = []
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            outs.append(torch.ops.fsskern.max_cosine_bf16_search(q, s, w, 1e-7))
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
 
 
 def test_adversarial_near_ties_below_bf16_resolution():

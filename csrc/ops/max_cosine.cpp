@@ -35,6 +35,11 @@ void check_max_cosine_inputs(const at::Tensor& query, const at::Tensor& support,
 
 TORCH_LIBRARY_FRAGMENT(FSSKERN_NAMESPACE, m) {
   m.def("max_cosine(Tensor query, Tensor support, Tensor support_weights, float eps) -> (Tensor, Tensor)");
+  // The same outputs by the certified bf16 search (cpu/max_cosine_bf16_search_kernel.cpp; other devices run
+  // fsskern/ops/certified_search.py's composite).
+  m.def(
+      "max_cosine_bf16_search(Tensor query, Tensor support, Tensor support_weights, float eps) -> (Tensor, "
+      "Tensor)");
   m.def(
       "_max_cosine_backward(Tensor grad_values, Tensor query, Tensor support, Tensor support_weights, "
       "Tensor indices, float eps) -> (Tensor, Tensor)");

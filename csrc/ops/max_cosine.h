@@ -21,6 +21,7 @@
 #include <cmath>
 #include <cstdint>
 #include <limits>
+#include <tuple>
 
 #include "common/host_device.h"
 
@@ -80,5 +81,10 @@ HOST_DEVICE CosineGrad<T> cosine_grad(T g, T dot, T norm_s, T norm_q, T eps) {
 // Shared input checks (both backends call them first).
 void check_max_cosine_inputs(const at::Tensor& query, const at::Tensor& support, const at::Tensor& weights,
                              double eps);
+
+// The float32 CPU kernel, which the certified bf16 search (cpu/max_cosine_bf16_search_kernel.cpp)
+// falls back to where its bound does not apply.
+std::tuple<at::Tensor, at::Tensor> max_cosine_cpu(const at::Tensor& query, const at::Tensor& support,
+                                                  const at::Tensor& support_weights, double eps);
 
 }  // namespace fsskern

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from ._autocast import cast_inputs_under_autocast
 from ._checks import check_choice
-from .certified_search import max_cosine_bf16_search, uses_bf16_search
+from .certified_search import uses_bf16_search
 
 _OP = "fsskern::max_cosine"
 
@@ -40,7 +40,7 @@ def max_cosine(query: torch.Tensor, support: torch.Tensor, support_weights: torc
     if search_dtype not in (None, torch.float32, torch.bfloat16):
         raise ValueError(f"max_cosine: search_dtype must be None, torch.float32 or torch.bfloat16, got {search_dtype}")
     if search_dtype == torch.bfloat16 and uses_bf16_search(query):
-        return max_cosine_bf16_search(query, support, support_weights, float(eps))
+        return torch.ops.fsskern.max_cosine_bf16_search(query, support, support_weights, float(eps))
     return torch.ops.fsskern.max_cosine(query, support, support_weights, float(eps))
 
 

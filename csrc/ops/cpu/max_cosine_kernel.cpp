@@ -153,6 +153,8 @@ void max_cosine_forward_typed(const at::Tensor& query, const at::Tensor& support
   }
 }
 
+}  // namespace
+
 std::tuple<at::Tensor, at::Tensor> max_cosine_cpu(const at::Tensor& query, const at::Tensor& support,
                                                   const at::Tensor& support_weights, double eps) {
   check_max_cosine_inputs(query, support, support_weights, eps);
@@ -166,6 +168,8 @@ std::tuple<at::Tensor, at::Tensor> max_cosine_cpu(const at::Tensor& query, const
                                   [&] { max_cosine_forward_typed<scalar_t>(q, s, w, eps, values, indices); });
   return {values, indices};
 }
+
+namespace {
 
 template <typename T>
 FSSKERN_CPU_CLONES void dot3(const T* s, const T* q, T w, int64_t n, T* sq, T* ss, T* qq) {

@@ -1,0 +1,341 @@
+// CPU kernel of max_cosine_bf16_search: max_cosine by a certified bf16 search. Why bf16 scores
+// can certify the float32 answer: fsskern/ops/certified_search.py (the device-generic version,
+// which runs on GPUs, with a worst-case bound r per pair); this kernel bounds each pair's error
+// from the actual rounding errors of its two rows (cosine_bounds), a third of r on real features.
+//
+// Per (image, shot), one tile of up to kSupportTile foreground support pixels at a time:
+//   1. gather w_j s_j of the tile's pixels as float32 rows (tile x C), with their norms in the
+//      float32 kernel's order (so the norms are its norms), the rows rounded to bf16, and the
+//      norms of the rounded rows and of their rounding errors;
+//   2. per chunk of kQueryChunk query pixels: the same for the chunk's rows; one bf16 GEMM
+//      (oneDNN: AVX512-BF16 / AMX-BF16 where the CPU has them) gives the chunk's bf16 dot products
+//      with the tile;
+//   3. per query pixel (threads split the chunk): each pair's interval [c - e, c + e] around its
+//      bf16 cosine c; the pixel's floor L = max (c - e) over the pairs seen so far rises, and every
+//      pair whose c + e reaches L is rescored in float32 (the dot of two float32 rows) and folded
+//      into the max/argmax as the float32 kernel folds.
+// L only grows, and the float32 argmax j* has c_j* + e_j* >= its float32 cosine >= every pair's
+// c - e, so j* (and any pair tied with it) is always rescored: the values and indices are the
+// float32 kernel's, up to the summation order of a rescored dot. Extra memory: a tile and a chunk
+// in float32 and bf16 and one score block, about 28 MB at C = 2048, whatever the image size.
+//
+// Inputs the bound does not cover go to the float32 kernel, which keeps its dtype and NaN rules:
+// other dtypes than float32, eps = 0 (0 / 0 cosines) and non-finite values.
+#define TORCH_ASSERT_ONLY_METHOD_OPERATORS  // per-operator ATen headers only (setup.py)
+#include <ATen/Parallel.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/mm.h>
+#include <c10/util/BFloat16.h>
+
+#include <atomic>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <numeric>
+#include <vector>
+
+#include "common/cpu_dispatch.h"
+#include "common/library.h"
+#include "common/transpose_tile.h"
+#include "ops/max_cosine.h"
+
+namespace fsskern {
+namespace {
+
+// 2048 x 2048 float32 rows are 16 MB, their bf16 copy 8 MB; 256 query rows another 3 MB. One
+// tile holds a 60 x 60 support's foreground up to 57 %, so the query is gathered once per shot
+// there (1,024-pixel tiles: 10 % slower at 50 % foreground, 12 MB less). The GEMM (256 x C x 2048)
+// runs near oneDNN's bf16 peak.
+constexpr int64_t kSupportTile = 2048;
+constexpr int64_t kQueryChunk = 256;
+
+bool all_finite(const at::Tensor& x) {
+  const float* p = x.const_data_ptr<float>();
+  std::atomic<bool> finite{true};
+  at::parallel_for(0, x.numel(), 1 << 16, [&](int64_t begin, int64_t end) {
+    bool ok = true;
+    for (int64_t i = begin; i < end; ++i) ok &= std::isfinite(p[i]);
+    if (!ok) finite = false;
+  });
+  return finite;
+}
+
+typedef uint16_t Half16 __attribute__((vector_size(kTile * sizeof(uint16_t))));
+typedef uint32_t Bits16 __attribute__((vector_size(kTile * sizeof(uint32_t))));
+
+// 16 floats rounded to bf16 to nearest even, as c10::BFloat16 rounds finite values (a non-finite
+// row is never used: the caller falls back to the float32 kernel): the float32 bit patterns (by
+// reference: 64-byte vectors by value would change the ABI between clones).
+inline void bf16_bits(const TileRow<float>::type& x, Bits16& u) {
+  std::memcpy(&u, &x, sizeof(u));
+  u = (u + 0x7FFFu + ((u >> 16) & 1u)) & 0xFFFF0000u;
+}
+
+inline void round_to_bf16(const TileRow<float>::type& x, TileRow<float>::type& out) {
+  Bits16 u;
+  bf16_bits(x, u);
+  std::memcpy(&out, &u, sizeof(out));
+}
+
+// Per row: its norm (as the float32 kernel takes it), the norm of its bf16 rounding and the norm of
+// the rounding error, which bound the bf16 dot products' error (fold_query_pixel).
+struct RowNorms {
+  float *norm, *rounded, *error;
+};
+
+// Rows (n x C) in float32 and bf16 of the pixels cols[0..n) of a channel-first (C x N) map, each
+// times scale[col] (none: 1), and their RowNorms. 16 pixels x 16 channels at a time, transposed in
+// registers; a thread sweeps its pixels one block of 16 channels at a time, so the map is read
+// along its rows. Each norm sums the squares over c in order, as the float32 kernel's
+// column_norms (so the norms are its norms). False when a norm is not finite (a non-finite
+// value, or an overflow): the caller then runs the float32 kernel.
+// One thread's groups g0..g1 of 16 pixels (a separate function: the parallel_for lambda is not cloned
+// for AVX-512, this is).
+FSSKERN_CPU_CLONES bool gather_groups(const float* map, int64_t C, int64_t N, const int64_t* cols, const float* scale,
+                                      int64_t n, float* rows, c10::BFloat16* rows16, RowNorms norms, int64_t g0,
+                                      int64_t g1) {
+  using Row = TileRow<float>::type;
+  // on the stack: std::vector does not align vector types to 64 bytes here
+  constexpr int64_t kMaxGroups = kSupportTile / kTile;
+  TORCH_CHECK(g1 - g0 <= kMaxGroups, "gather_rows: at most ", kSupportTile, " rows at a time");
+  Row scale_rows[kMaxGroups], acc[3 * kMaxGroups] = {};
+  bool adjacent[kMaxGroups];
+  for (int64_t g = g0; g < g1; ++g) {
+    const int64_t r0 = g * kTile, pixels = std::min<int64_t>(kTile, n - r0);
+    for (int l = 0; l < kTile; ++l) scale_rows[g - g0][l] = l < pixels ? (scale ? scale[cols[r0 + l]] : 1.f) : 0.f;
+    // 16 adjacent pixels (query chunks; solid foreground): one vector load per channel
+    adjacent[g - g0] = pixels == kTile && cols[r0 + kTile - 1] - cols[r0] == kTile - 1;
+  }
+  for (int64_t c0 = 0; c0 < C; c0 += kTile) {
+    const int64_t width = std::min<int64_t>(kTile, C - c0);
+    for (int64_t g = g0; g < g1; ++g) {
+      const int64_t r0 = g * kTile, pixels = std::min<int64_t>(kTile, n - r0);
+      const Row factor = scale_rows[g - g0];
+      Row* sums = acc + 3 * (g - g0);
+      Row tile[kTile];
+      for (int cc = 0; cc < kTile; ++cc) {
+        const float* channel = map + (c0 + std::min<int64_t>(cc, width - 1)) * N;
+        if (adjacent[g - g0]) {
+          std::memcpy(&tile[cc], channel + cols[r0], sizeof(Row));
+        } else {
+          for (int l = 0; l < kTile; ++l) tile[cc][l] = channel[cols[r0 + std::min<int64_t>(l, pixels - 1)]];
+        }
+        tile[cc] = factor * tile[cc];
+        if (cc < width) {
+          Row hat;
+          round_to_bf16(tile[cc], hat);
+          const Row err = hat - tile[cc];
+          sums[0] += tile[cc] * tile[cc];
+          sums[1] += hat * hat;
+          sums[2] += err * err;
+        }
+      }
+      transpose_tile<float>(tile);
+      for (int64_t l = 0; l < pixels; ++l) {
+        Bits16 hat;
+        bf16_bits(tile[l], hat);
+        const Half16 rounded = __builtin_convertvector(hat >> 16, Half16);
+        if (width == kTile) {  // a fixed size: inlined vector stores
+          std::memcpy(rows + (r0 + l) * C + c0, &tile[l], sizeof(Row));
+          std::memcpy(rows16 + (r0 + l) * C + c0, &rounded, sizeof(Half16));
+        } else {
+          std::memcpy(rows + (r0 + l) * C + c0, &tile[l], width * sizeof(float));
+          std::memcpy(rows16 + (r0 + l) * C + c0, &rounded, width * sizeof(c10::BFloat16));
+        }
+      }
+    }
+  }
+  bool ok = true;
+  for (int64_t g = g0; g < g1; ++g) {
+    const int64_t r0 = g * kTile, pixels = std::min<int64_t>(kTile, n - r0);
+    const Row* sums = acc + 3 * (g - g0);
+    for (int64_t l = 0; l < pixels; ++l) {
+      norms.norm[r0 + l] = std::sqrt(sums[0][l]);
+      norms.rounded[r0 + l] = std::sqrt(sums[1][l]);
+      norms.error[r0 + l] = std::sqrt(sums[2][l]);
+      ok &= std::isfinite(norms.norm[r0 + l]) && std::isfinite(norms.rounded[r0 + l]);
+    }
+  }
+  return ok;
+}
+
+bool gather_rows(const float* map, int64_t C, int64_t N, const int64_t* cols, const float* scale, int64_t n,
+                 float* rows, c10::BFloat16* rows16, RowNorms norms) {
+  std::atomic<bool> finite{true};
+  at::parallel_for(0, (n + kTile - 1) / kTile, 1, [&](int64_t g0, int64_t g1) {
+    if (!gather_groups(map, C, N, cols, scale, n, rows, rows16, norms, g0, g1)) finite = false;
+  });
+  return finite;
+}
+
+// Four independent partial sums, so the adds pipeline (one sum would wait on each add's latency).
+FSSKERN_CPU_CLONES float dot(const float* a, const float* b, int64_t n) {
+  using Row = TileRow<float>::type;
+  Row acc[4] = {};
+  int64_t c = 0;
+  for (; c + 4 * kTile <= n; c += 4 * kTile) {
+    for (int u = 0; u < 4; ++u) {
+      Row x, y;
+      std::memcpy(&x, a + c + u * kTile, sizeof(Row));
+      std::memcpy(&y, b + c + u * kTile, sizeof(Row));
+      acc[u] += x * y;
+    }
+  }
+  const Row sum = (acc[0] + acc[1]) + (acc[2] + acc[3]);
+  float out = 0.f;
+  for (int l = 0; l < kTile; ++l) out += sum[l];
+  for (; c < n; ++c) out += a[c] * b[c];
+  return out;
+}
+
+struct Tile {
+  const float* rows;  // (n x C) float32
+  RowNorms norms;
+  const int64_t* fg;  // the pixels' indices in the support grid
+  int64_t n, C;
+};
+
+struct QueryPixel {
+  const float* row;  // C float32 values
+  float norm, rounded, error;
+};
+
+// The interval [c - e, c + e] around each bf16 cosine c = D / den that holds the float32 cosine
+// of the pair as the rescoring computes it. With s^, q^ the bf16 roundings, D the bf16 GEMM's
+// output (fp32 accumulation, then rounded to bf16), d the exact dot of the float32 rows, and
+// g = C 2^-24 / (1 - C 2^-24):
+//   |D - d| <= u/(1-u) |D|                      (the output's rounding, u = 2^-8)
+//            + g |s^| |q^|                        (fp32 accumulation of the exact bf16 products)
+//            + |s^ - s| |q^| + |s| |q^ - q|       (the inputs' rounding, Cauchy-Schwarz)
+//            + (C + sqrt(C) (|s^| + |q^|)) 2^-126 (denormals flushed by the bf16 units)
+// and the rescored float32 dot is within g |s| |q| of d. The norms' own rounding (relative C 2^-24)
+// and the divisions' are covered by the 2^-10 and 2^-20 margins. For real features this is a third of
+// certified_search.py's worst case r (which assumes every element rounds by a full u).
+FSSKERN_CPU_CLONES void cosine_bounds(const c10::BFloat16* scores, const RowNorms& s, const QueryPixel& q, float eps,
+                                      float g, float sqrt_c, float C, int64_t n, float* lo, float* hi) {
+  const float uo = 0x1p-8f / (1.f - 0x1p-8f);
+  const float k_rounded = g * q.rounded, k_norm = g * q.norm + q.error, k_error = q.rounded;
+  const uint16_t* bits = reinterpret_cast<const uint16_t*>(scores);
+  // local copies: the vectoriser does not hoist loads of the struct's members past the stores to lo, hi
+  const float *s_norm = s.norm, *s_rounded = s.rounded, *s_error = s.error;
+  const float q_norm = q.norm, q_rounded = q.rounded;
+#pragma omp simd
+  for (int64_t r = 0; r < n; ++r) {
+    const uint32_t widened = static_cast<uint32_t>(bits[r]) << 16;  // the bf16 value, exactly
+    float D;
+    std::memcpy(&D, &widened, sizeof(D));
+    const float den = s_norm[r] * q_norm + eps;
+    const float c = D / den;
+    const float flushed = (C + sqrt_c * (s_rounded[r] + q_rounded)) * 0x1p-126f;
+    const float a = (s_rounded[r] * k_rounded + s_norm[r] * k_norm + s_error[r] * k_error) * (1.f + 0x1p-10f);
+    const float e = (a + flushed + uo * __builtin_fabsf(D)) / den * (1.f + 0x1p-20f) + 0x1p-20f * __builtin_fabsf(c);
+    lo[r] = c - e;
+    hi[r] = c + e;
+  }
+}
+
+FSSKERN_CPU_CLONES float max_of(const float* x, int64_t n, float m) {
+#pragma omp simd reduction(max : m)
+  for (int64_t r = 0; r < n; ++r) m = x[r] > m ? x[r] : m;
+  return m;
+}
+
+// One query pixel against one tile: raise the running floor L = max (c - e) with the tile's pairs,
+// then rescore in float32 every pixel whose c + e reaches L and fold it in. L only grows, and the
+// float32 argmax j* has c_j* + e_j* >= its float32 cosine >= every pair's c - e, so it is never skipped.
+void fold_query_pixel(const Tile& tile, const c10::BFloat16* scores, const QueryPixel& q, float eps, float g,
+                      float* lo, float* hi, float& floor, float& best, int64_t& best_j) {
+  const float C = static_cast<float>(tile.C);
+  cosine_bounds(scores, tile.norms, q, eps, g, std::sqrt(C), C, tile.n, lo, hi);
+  floor = max_of(lo, tile.n, floor);
+  for (int64_t r = 0; r < tile.n; ++r) {
+    if (hi[r] < floor) continue;
+    const float v = cosine_from_dot(dot(tile.rows + r * tile.C, q.row, tile.C), tile.norms.norm[r], q.norm, eps);
+    if (max_cosine_better(v, tile.fg[r], best, best_j)) {
+      best = v;
+      best_j = tile.fg[r];
+    }
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor> max_cosine_bf16_search_cpu(const at::Tensor& query, const at::Tensor& support,
+                                                              const at::Tensor& support_weights, double eps_) {
+  check_max_cosine_inputs(query, support, support_weights, eps_);
+  const int64_t C = support.size(2);
+  const auto fallback = [&] { return max_cosine_cpu(query, support, support_weights, eps_); };
+  if (query.scalar_type() != at::kFloat || eps_ == 0 || C > (int64_t(1) << 20)) return fallback();
+  const auto q = query.contiguous();
+  const auto s = support.contiguous();
+  const auto w = support_weights.contiguous();
+  // the query is checked by its norms, the foreground by the rows' norms; a masked-out pixel poisons its shot
+  if (!all_finite(s) || !all_finite(w)) return fallback();
+  const int64_t B = s.size(0), K = s.size(1), Ns = s.size(3), Nq = q.size(2);
+  const float eps = static_cast<float>(eps_);
+  const double c_u = std::ldexp(static_cast<double>(C), -24);
+  const float g = static_cast<float>(c_u / (1 - c_u));  // fp32 summation of C terms
+  at::Tensor values = at::empty({B, K, Nq}, q.options());
+  at::Tensor indices = at::empty({B, K, Nq}, q.options().dtype(at::kLong));
+
+  const int64_t tile_cap = std::min(kSupportTile, Ns), chunk_cap = std::min(kQueryChunk, Nq);
+  at::Tensor rows = at::empty({tile_cap, C}, q.options());
+  at::Tensor rows16 = at::empty({tile_cap, C}, q.options().dtype(at::kBFloat16));
+  at::Tensor chunk = at::empty({chunk_cap, C}, q.options());
+  at::Tensor chunk16 = at::empty({chunk_cap, C}, q.options().dtype(at::kBFloat16));
+  at::Tensor scores = at::empty({chunk_cap * tile_cap}, q.options().dtype(at::kBFloat16));
+  std::vector<float> tile_norms(3 * tile_cap), chunk_norms(3 * chunk_cap), floors(Nq);
+  const RowNorms norms{tile_norms.data(), tile_norms.data() + tile_cap, tile_norms.data() + 2 * tile_cap};
+  const RowNorms qnorms{chunk_norms.data(), chunk_norms.data() + chunk_cap, chunk_norms.data() + 2 * chunk_cap};
+  std::vector<int64_t> query_cols(Nq);
+  std::iota(query_cols.begin(), query_cols.end(), int64_t(0));
+
+  for (int64_t b = 0; b < B; ++b) {
+    const float* qb = q.const_data_ptr<float>() + b * C * Nq;
+    for (int64_t k = 0; k < K; ++k) {
+      const float* sk = s.const_data_ptr<float>() + (b * K + k) * C * Ns;
+      const float* wk = w.const_data_ptr<float>() + (b * K + k) * Ns;
+      std::vector<int64_t> fg;
+      for (int64_t j = 0; j < Ns; ++j)
+        if (wk[j] != 0.f) fg.push_back(j);
+      if (fg.empty() && !all_finite(q[b])) return fallback();  // no tile below reads this query
+      // the background candidate, 0 for a finite query pixel, comes first in the scan
+      float* best = values.mutable_data_ptr<float>() + (b * K + k) * Nq;
+      int64_t* best_j = indices.mutable_data_ptr<int64_t>() + (b * K + k) * Nq;
+      const bool has_bg = static_cast<int64_t>(fg.size()) < Ns;
+      std::fill_n(best, Nq, has_bg ? 0.f : -std::numeric_limits<float>::infinity());
+      std::fill_n(best_j, Nq, has_bg ? kBackgroundIndex : kNoIndex);
+      std::fill(floors.begin(), floors.end(), -std::numeric_limits<float>::infinity());
+      for (int64_t r0 = 0; r0 < static_cast<int64_t>(fg.size()); r0 += kSupportTile) {
+        const int64_t n = std::min<int64_t>(kSupportTile, fg.size() - r0);
+        if (!gather_rows(sk, C, Ns, fg.data() + r0, wk, n, rows.mutable_data_ptr<float>(),
+                         rows16.mutable_data_ptr<c10::BFloat16>(), norms))
+          return fallback();
+        const Tile tile{rows.const_data_ptr<float>(), norms, fg.data() + r0, n, C};
+        for (int64_t i0 = 0; i0 < Nq; i0 += kQueryChunk) {
+          const int64_t nq = std::min(kQueryChunk, Nq - i0);
+          if (!gather_rows(qb, C, Nq, query_cols.data() + i0, nullptr, nq, chunk.mutable_data_ptr<float>(),
+                           chunk16.mutable_data_ptr<c10::BFloat16>(), qnorms))
+            return fallback();
+          at::Tensor block = scores.narrow(0, 0, nq * n).view({nq, n});
+          at::mm_out(block, chunk16.narrow(0, 0, nq), rows16.narrow(0, 0, n).t());
+          const c10::BFloat16* sc = block.const_data_ptr<c10::BFloat16>();
+          const float* cq = chunk.const_data_ptr<float>();
+          at::parallel_for(0, nq, 8, [&](int64_t begin, int64_t end) {
+            std::vector<float> bounds(2 * n);
+            for (int64_t i = begin; i < end; ++i) {
+              const QueryPixel qp{cq + i * C, qnorms.norm[i], qnorms.rounded[i], qnorms.error[i]};
+              fold_query_pixel(tile, sc + i * n, qp, eps, g, bounds.data(), bounds.data() + n, floors[i0 + i],
+                               best[i0 + i], best_j[i0 + i]);
+            }
+          });
+        }
+      }
+    }
+  }
+  return {values, indices};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(FSSKERN_NAMESPACE, CPU, m) { m.impl("max_cosine_bf16_search", &max_cosine_bf16_search_cpu); }
+
+}  // namespace fsskern
