@@ -16,9 +16,10 @@ within 2 max(e) of the row's bf16 maximum, and rescoring all of them in fp32 fin
 
 Here rows are processed a chunk of query pixels at a time, so the extra memory is one (B, K, Ns, chunk) score
 block whatever the image size; this version runs on GPUs. On the CPU the op runs a C++ kernel
-(csrc/ops/cpu/max_cosine_bf16_search_kernel.cpp): the same bound in one pass over tiles of support pixels, each
-candidate rescored against a running bf16 maximum, with no gather of (pairs, C) operands. Non-finite inputs go
-to the fp32 kernel (its NaN rules stay exact).
+(csrc/ops/cpu/max_cosine_bf16_search_kernel.cpp): one pass over tiles of support pixels, with a per-pair bound
+built the same way from each row's actual rounding error instead of the worst case (a third of r on real
+features), each candidate rescored as it appears, and no gather of (pairs, C) operands. Non-finite inputs go to
+the fp32 kernel (its NaN rules stay exact).
 """
 from contextlib import contextmanager
 from typing import Tuple
@@ -141,7 +142,7 @@ def certified_max_cosine(query: torch.Tensor, support: torch.Tensor, support_wei
 def _max_cosine_bf16_search(query: torch.Tensor, support: torch.Tensor, support_weights: torch.Tensor,
                             eps: float) -> Tuple[torch.Tensor, torch.Tensor]:
     """``fsskern::max_cosine_bf16_search`` where no device kernel is registered (GPUs): the search above. The CPU
-    kernel (csrc/ops/cpu/max_cosine_bf16_search_kernel.cpp) runs the same search tile by tile in one pass.
+    kernel (csrc/ops/cpu/max_cosine_bf16_search_kernel.cpp) runs it tile by tile in one pass.
     Fake and autograd are max_cosine's, registered beside it in prior_mask.py."""
     torch.ops.fsskern.max_cosine(query[:, :, :0], support, support_weights, eps)  # the kernel's input checks
     values, indices = certified_max_cosine(query.detach(), support.detach(), support_weights.detach(), eps)
