@@ -52,6 +52,27 @@ def test_cpu_kernel_repeats_exactly_across_thread_counts():
     assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
 
 
+def test_cpu_kernel_falls_back_where_its_bound_does_not_hold():
+    # each case must give the fp32 kernel's answer, NaN rules included: eps = 0, a non-finite masked-out support
+    # pixel (poisons its shot), a non-finite foreground pixel, a non-finite query in a shot with no foreground
+    # (no tile ever reads that query), and float16 inputs
+    q, s, w = inputs(2, 2, 24, 40, 30, fg=0.5)
+    w[1, 1] = 0
+    cases = [(q, s, w, 0.0)]
+    for where in ((0, 0, 3, int((w[0, 0] == 0).nonzero()[0])), (0, 1, 5, int((w[0, 1] != 0).nonzero()[0]))):
+        bad = s.clone()
+        bad[where] = float("inf")
+        cases.append((q, bad, w, 1e-7))
+    q_bad = q.clone()
+    q_bad[1, 2, 7] = float("nan")
+    cases += [(q_bad, s, w, 1e-7), (q.half(), s.half(), w.half(), 1e-7)]
+    for args in cases:
+        want = torch.ops.fsskern.max_cosine(*args)
+        got = torch.ops.fsskern.max_cosine_bf16_search(*args)
+        assert got[0].dtype == want[0].dtype and torch.equal(got[1], want[1])
+        assert_close(got[0], want[0], equal_nan=True, rtol=0, atol=0)
+
+
 def test_adversarial_near_ties_below_bf16_resolution():
     # 64 support pixels at relative distances 0.003..0.05 from query pixel 0: cosines 1 - 4.5e-6 .. 1 - 1.3e-3,
     # ~2e-5 apart. bf16 (3.9e-3 steps) sees one value, the fp32 kernel (6e-8) a strict order: every pixel is a

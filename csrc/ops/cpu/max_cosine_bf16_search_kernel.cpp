@@ -83,14 +83,10 @@ struct RowNorms {
   float *norm, *rounded, *error;
 };
 
-// Rows (n x C) in float32 and bf16 of the pixels cols[0..n) of a channel-first (C x N) map, each
-// times scale[col] (none: 1), and their RowNorms. 16 pixels x 16 channels at a time, transposed in
-// registers; a thread sweeps its pixels one block of 16 channels at a time, so the map is read
-// along its rows. Each norm sums the squares over c in order, as the float32 kernel's
-// column_norms (so the norms are its norms). False when a norm is not finite (a non-finite
-// value, or an overflow): the caller then runs the float32 kernel.
-// One thread's groups g0..g1 of 16 pixels (a separate function: the parallel_for lambda is not cloned
-// for AVX-512, this is).
+// gather_rows for one thread's groups g0..g1 of 16 pixels (a function of its own: the parallel_for
+// lambda is not cloned for AVX-512, this is). 16 pixels x 16 channels at a time, transposed in
+// registers; the thread sweeps its pixels one block of 16 channels at a time, so the map is read
+// along its rows.
 FSSKERN_CPU_CLONES bool gather_groups(const float* map, int64_t C, int64_t N, const int64_t* cols, const float* scale,
                                       int64_t n, float* rows, c10::BFloat16* rows16, RowNorms norms, int64_t g0,
                                       int64_t g1) {
@@ -159,6 +155,10 @@ FSSKERN_CPU_CLONES bool gather_groups(const float* map, int64_t C, int64_t N, co
   return ok;
 }
 
+// Rows (n x C) in float32 and bf16 of the pixels cols[0..n) of a channel-first (C x N) map, each
+// times scale[col] (none: 1), and their RowNorms. Each norm sums the squares over c in order, as
+// the float32 kernel's column_norms (so the norms are its norms). False when a norm is not finite
+// (a non-finite value, or an overflow): the caller then runs the float32 kernel.
 bool gather_rows(const float* map, int64_t C, int64_t N, const int64_t* cols, const float* scale, int64_t n,
                  float* rows, c10::BFloat16* rows16, RowNorms norms) {
   std::atomic<bool> finite{true};
