@@ -9,6 +9,9 @@ def build_info() -> dict:
     hardware = bf16_hardware(torch.device("cpu"))
     return {
         "bf16_search": f"bf16 ({hardware})" if hardware else "fp32 (no AMX-BF16 / AVX512-BF16 on this CPU)",
+        # how the CPU attention kernels multiply bfloat16 inputs (FSSKERN_BF16_DOT=0 turns the first off)
+        "bf16_attention": "bf16 products (AVX512-BF16)" if info.get("bf16_dot") == "1"
+        else "float32 (bf16 inputs widened)",
         "cuda": info["cuda"] == "1",
         "cpu_dispatch": info["cpu_dispatch"].split(","),
         "compiler": info["compiler"],

@@ -15,7 +15,7 @@ OPS = ["masked_average_pool", "_masked_average_pool_backward_features", "_masked
 
 def test_build_info():
     info = fsskern.build_info()
-    assert set(info) == {"bf16_search", "cuda", "cpu_dispatch", "compiler", "cxx_flags"}
+    assert set(info) == {"bf16_search", "bf16_attention", "cuda", "cpu_dispatch", "compiler", "cxx_flags"}
     assert "default" in info["cpu_dispatch"]
     assert "-ffp-contract=off" in info["cxx_flags"].split()
 

@@ -6,13 +6,17 @@ bfloat16, 2^-11 for float16) on top of the float32 tolerance. Gradients go throu
 (softmax backward's dO . O) before their own rounding, so they are held to 2u relative to their largest
 entry. max_cosine returns float32 values, equal to the float32 kernel on the widened inputs within the
 float32 tolerance; lsh_hash codes are those of x.float(), bit for bit.
+
+The attention kernels' bf16 products (CPUs with AVX512-BF16; ``FSSKERN_BF16_DOT=0`` selects the widened
+path) round the probabilities to bf16 once before multiplying the values: out_i may move by u * sum_j
+a_ij |v_j| more, which is the attention of |v|. Both paths are tested where the CPU has both.
 """
 import pytest
 import torch
 from torch.testing import assert_close
 
 from conftest import FP32
-from fsskern import ops, reference
+from fsskern import build_info, ops, reference
 
 ROUNDOFF = {torch.bfloat16: 2 ** -8, torch.float16: 2 ** -11}
 REDUCED = list(ROUNDOFF)
@@ -38,9 +42,38 @@ def widened(tensors):
 
 # ---- attention -----------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("dtype", REDUCED)
-@pytest.mark.parametrize("shape", [(2, 3, 50, 8, 8, 7), (1, 1, 700, 16, 5, 600)], ids=str)
-def test_prototype_attention_reduced(dtype, shape):
+BF16_PRODUCTS = build_info()["bf16_attention"].startswith("bf16")
+
+
+def attention_paths(dtype):
+    """(dtype, products) pairs: every dtype on the widened path, bf16 also on the bf16 products."""
+    return [(dtype, "widened")] + ([(dtype, "bf16")] if dtype == torch.bfloat16 else [])
+
+
+PATHS = [p for dtype in REDUCED for p in attention_paths(dtype)]
+
+
+@pytest.fixture
+def products(request, monkeypatch):
+    if request.param == "bf16" and not BF16_PRODUCTS:
+        pytest.skip("no AVX512-BF16 on this CPU: the bf16 products do not run")
+    if request.param == "widened":
+        monkeypatch.setenv("FSSKERN_BF16_DOT", "0")
+    return request.param
+
+
+def assert_attention_close(out, want, want_of_abs_values, rtol, atol, products):
+    """want_of_abs_values: the attention of |v| (sum_j a_ij |v_j|), the scale of the probabilities' rounding."""
+    bound = rtol * want.abs() + atol
+    if products == "bf16":
+        bound = bound + ROUNDOFF[torch.bfloat16] * want_of_abs_values
+    excess = (out.float() - want).abs() - bound
+    assert excess.max() <= 0, f"beyond the bound by {excess.max():.3g}"
+
+
+@pytest.mark.parametrize("dtype,products", PATHS, indirect=["products"], ids=str)
+@pytest.mark.parametrize("shape", [(2, 3, 50, 8, 8, 7), (1, 1, 700, 16, 5, 600), (2, 2, 900, 33, 17, 1030)], ids=str)
+def test_prototype_attention_reduced(dtype, products, shape):
     B, H, N, D, Dv, P = shape
     q, k, v = rounded((B, H, N, D), (B, H, P, D), (B, H, P, Dv), dtype=dtype)
     valid = torch.rand(B, P) < 0.8
@@ -49,26 +82,56 @@ def test_prototype_attention_reduced(dtype, shape):
     assert out.dtype == dtype and lse.dtype == torch.float32
     wq, wk, wv = widened((q, k, v))
     want = reference.attention.prototype_attention(wq, wk, wv, valid, scale=0.3)
-    assert_close(out.float(), want, **out_tol(dtype))
+    of_abs = reference.attention.prototype_attention(wq, wk, wv.abs(), valid, scale=0.3).detach()
+    assert_attention_close(out, want.detach(), of_abs, ROUNDOFF[dtype] + FP32["rtol"], FP32["atol"], products)
     grad = torch.randn_like(want)
     got = torch.autograd.grad(out, (q, k, v), grad.to(dtype))
     assert_grads_close(got, torch.autograd.grad(want, (wq, wk, wv), grad.to(dtype).float()), dtype)
 
 
-@pytest.mark.parametrize("dtype", REDUCED)
+@pytest.mark.parametrize("dtype,products", PATHS, indirect=["products"], ids=str)
 @pytest.mark.parametrize("mode", ["exclude", "multiply"])
-def test_local_attention_reduced(dtype, mode):
+def test_local_attention_reduced(dtype, products, mode):
     query, support, value = rounded((2, 16, 300), (2, 16, 700), (2, 8, 700), dtype=dtype)
     mask = (torch.rand(2, 700) < 0.3).float()
     out = ops.local_conditional_attention(query, support, mask, value=value, mode=mode)
     assert out.dtype == dtype
     wq, ws, wv = widened((query, support, value))
     want = reference.attention.local_conditional_attention(wq, ws, mask, wv, mode)
+    of_abs = reference.attention.local_conditional_attention(wq, ws, mask, wv.abs(), mode).detach()
     # "multiply" sums the background values in the inputs' dtype (one more rounding)
-    assert_close(out.float(), want, rtol=2 * ROUNDOFF[dtype], atol=ROUNDOFF[dtype] if mode == "multiply" else 1e-5)
+    atol = ROUNDOFF[dtype] if mode == "multiply" else 1e-5
+    assert_attention_close(out, want.detach(), of_abs, 2 * ROUNDOFF[dtype], atol, products)
     grad = torch.randn_like(want)
     got = torch.autograd.grad(out, (query, support, value), grad.to(dtype))
     assert_grads_close(got, torch.autograd.grad(want, (wq, ws, wv), grad.to(dtype).float()), dtype)
+
+
+@pytest.mark.parametrize("products", ["bf16"], indirect=True)
+def test_bf16_products_tiles_and_odd_sizes(products):
+    """Several key tiles (> 512 keys, so the running max rescales), odd D, Dv and key counts, channels-first
+    queries, dropout and the constant key, against the widened path on the same inputs."""
+    q, k, v = rounded((1, 2, 333, 7), (1, 2, 1201, 7), (1, 2, 1201, 5), dtype=torch.bfloat16)
+    valid = torch.rand(1, 1201) < 0.9
+    args = (q, k, v, valid, 0.7, 0.2, 5)
+    out, _ = torch.ops.fsskern.prototype_attention(*args)
+    grad = torch.randn_like(out)
+    got = torch.autograd.grad(out, (q, k, v), grad)
+    with pytest.MonkeyPatch.context() as m:
+        m.setenv("FSSKERN_BF16_DOT", "0")
+        want, _ = torch.ops.fsskern.prototype_attention(*args)
+        want_grads = torch.autograd.grad(want, (q, k, v), grad)
+    of_abs = torch.ops.fsskern.prototype_attention(q, k, v.abs(), valid, 0.7, 0.2, 5)[0].float()
+    assert_attention_close(out, want.float(), of_abs, 2 * ROUNDOFF[torch.bfloat16], 1e-5, "bf16")
+    assert_grads_close(got, [g.float() for g in want_grads], torch.bfloat16)
+    query, support = rounded((2, 9, 1100), (2, 9, 1300), dtype=torch.bfloat16)
+    mask = (torch.rand(2, 1300) < 0.6).float()
+    out = ops.local_conditional_attention(query, support, mask, mode="multiply")
+    with pytest.MonkeyPatch.context() as m:
+        m.setenv("FSSKERN_BF16_DOT", "0")
+        want = ops.local_conditional_attention(query, support, mask, mode="multiply")
+    of_abs = ops.local_conditional_attention(query, support, mask, value=support.abs(), mode="multiply")
+    assert_attention_close(out, want.float(), of_abs.float(), 2 * ROUNDOFF[torch.bfloat16], 1e-5, "bf16")
 
 
 def test_attention_float32_accumulation_beats_computing_in_bfloat16():

@@ -14,7 +14,8 @@
 //
 // float16/bfloat16 inputs are widened to float32 a slice at a time (a query tile, the keys and
 // values of one (batch, head)) into per-thread tensors, and every GEMM and softmax step runs
-// in float32 as for float32 inputs: no input is copied whole.
+// in float32 as for float32 inputs: no input is copied whole. On CPUs with AVX512-BF16 the
+// forward's two GEMMs read bfloat16 inputs as they are instead (Bf16Products, bf16_gemm.h).
 #define TORCH_ASSERT_ONLY_METHOD_OPERATORS  // per-operator ATen headers only (setup.py)
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -26,11 +27,14 @@
 #include <ATen/ops/mm.h>
 
 #include <algorithm>
+#include <cstring>
 #include <limits>
+#include <vector>
 
 #include "common/cpu_dispatch.h"
 #include "common/parallel.h"
 #include "ops/attention.h"
+#include "ops/cpu/bf16_gemm.h"
 
 namespace fsskern {
 namespace {
@@ -112,24 +116,110 @@ at::Tensor widened(const at::Tensor& x, at::ScalarType opmath) {
   return x.scalar_type() == opmath ? x : x.to(opmath);
 }
 
-// out_tile (rows x Dv, any strides, dtype Out) = acc * inv per row, walking the output
+// x rounded to Out; bfloat16 by the branch-free rounding (c10's, bit for bit) so that loops vectorise.
+template <typename Out, typename T>
+Out narrowed(T x) {
+  if constexpr (std::is_same_v<Out, c10::BFloat16> && std::is_same_v<T, float>)
+    return c10::BFloat16(bf16::round_to_bf16(x), c10::BFloat16::from_bits());
+  else
+    return static_cast<Out>(x);
+}
+
+// out (rows x Dv, strides row_stride and channel_stride) = acc * inv per row, walking the output
 // contiguously: CRCNet's output is channels-first, so its rows are the inner dimension.
 template <typename T, typename Out>
-void write_normalised(const T* acc, const T* inv, int64_t rows, int64_t Dv, at::Tensor out_tile) {
-  Out* out = out_tile.mutable_data_ptr<Out>();
-  const int64_t row_stride = out_tile.stride(0), channel_stride = out_tile.stride(1);
+FSSKERN_CPU_CLONES void write_normalised_strided(const T* acc, const T* inv, int64_t rows, int64_t Dv, Out* out,
+                                                 int64_t row_stride, int64_t channel_stride) {
   if (row_stride == 1) {
     for (int64_t e = 0; e < Dv; ++e)
-      for (int64_t r = 0; r < rows; ++r) out[e * channel_stride + r] = static_cast<Out>(acc[r * Dv + e] * inv[r]);
+#pragma omp simd
+      for (int64_t r = 0; r < rows; ++r) out[e * channel_stride + r] = narrowed<Out>(acc[r * Dv + e] * inv[r]);
   } else {
     for (int64_t r = 0; r < rows; ++r)
-      for (int64_t e = 0; e < Dv; ++e)
-        out[r * row_stride + e * channel_stride] = static_cast<Out>(acc[r * Dv + e] * inv[r]);
+#pragma omp simd
+      for (int64_t e = 0; e < Dv; ++e) out[r * row_stride + e * channel_stride] = narrowed<Out>(acc[r * Dv + e] * inv[r]);
   }
 }
 
-// In: the inputs' dtype; T: the one everything is computed in.
+template <typename T, typename Out>
+void write_normalised(const T* acc, const T* inv, int64_t rows, int64_t Dv, at::Tensor out_tile) {
+  write_normalised_strided(acc, inv, rows, Dv, out_tile.mutable_data_ptr<Out>(), out_tile.stride(0),
+                           out_tile.stride(1));
+}
+
+// The two products of a forward tile, with the inputs widened to float32 (or float64) a slice at a
+// time: the scores s (n keys x rows, transposed) = scale * K Q^T, and acc (rows x Dv) += A^T V.
 template <typename In>
+struct WidenedProducts {
+  using T = at::opmath_type<In>;
+  const AttentionInputs& in;
+  const at::ScalarType opmath = c10::CppTypeToScalarType<T>::value;
+  at::Tensor q_tile, k_bh, v_bh;
+
+  void load_keys(int64_t b, int64_t h, int64_t count) {
+    k_bh = widened(in.k[b][h].narrow(0, 0, count), opmath);
+    v_bh = widened(in.v[b][h].narrow(0, 0, count), opmath);
+  }
+  void load_queries(int64_t b, int64_t h, int64_t i0, int64_t rows) {
+    q_tile = widened(in.q[b][h].narrow(0, i0, rows), opmath);
+  }
+  void scores(at::Tensor& s_tile, int64_t j0, int64_t n) {
+    // BLAS skips the product when alpha is 0: scale 0 is applied after it, so NaN/Inf still propagate.
+    at::addmm_out(s_tile, s_tile, k_bh.narrow(0, j0, n), q_tile.t(), /*beta=*/0,
+                  /*alpha=*/in.scale == 0 ? 1.0 : in.scale);
+    if (in.scale == 0) s_tile.mul_(0);
+  }
+  void add_values(at::Tensor& acc_tile, const at::Tensor& s_tile, int64_t j0, int64_t n, bool first) {
+    if (first)
+      at::mm_out(acc_tile, s_tile.t(), v_bh.narrow(0, j0, n));
+    else
+      acc_tile.addmm_(s_tile.t(), v_bh.narrow(0, j0, n));
+  }
+};
+
+// The same products for bfloat16 inputs on AVX512-BF16 (bf16_gemm.h): q, k and v are read as they
+// are, every product is exact and summed in float32, so the scores are those of the widened
+// path up to summation order; the probabilities are rounded to bf16 once, for the second product
+// (as PyTorch's own CPU flash attention does): out moves by at most u * sum_j a_ij |v_j| more.
+struct Bf16Products {
+  const AttentionInputs& in;
+  int64_t ldk = 0, ldv = 0, ldq = 0;
+  std::vector<uint32_t> k_packed, v_packed, q_packed, a_packed;
+
+  void load_keys(int64_t b, int64_t h, int64_t count) {
+    const at::Tensor k = in.k[b][h], v = in.v[b][h];
+    const int64_t D = k.size(1), Dv = v.size(1);
+    ldk = bf16::padded(count);
+    ldv = bf16::padded(Dv);
+    k_packed.resize((D + 1) / 2 * ldk);  // pairs along the channels, keys across
+    v_packed.resize((count + 1) / 2 * ldv);  // pairs of keys, channels across
+    bf16::pack_pairs(k.const_data_ptr<c10::BFloat16>(), D, count, k.stride(1), k.stride(0), k_packed.data(), ldk);
+    bf16::pack_pairs(v.const_data_ptr<c10::BFloat16>(), count, Dv, v.stride(0), v.stride(1), v_packed.data(), ldv);
+  }
+  void load_queries(int64_t b, int64_t h, int64_t i0, int64_t rows) {
+    const at::Tensor q = in.q[b][h].narrow(0, i0, rows);
+    ldq = bf16::padded(rows);
+    q_packed.resize((q.size(1) + 1) / 2 * ldq);
+    bf16::pack_pairs(q.const_data_ptr<c10::BFloat16>(), q.size(1), rows, q.stride(1), q.stride(0), q_packed.data(),
+                     ldq);
+  }
+  void scores(at::Tensor& s_tile, int64_t j0, int64_t n) {
+    const int64_t D = in.k.size(3);
+    bf16::gemm(k_packed.data() + j0, ldk, q_packed.data(), ldq, (D + 1) / 2, n, s_tile.size(1),
+               static_cast<float>(in.scale), s_tile.mutable_data_ptr<float>(), s_tile.stride(0), false);
+  }
+  void add_values(at::Tensor& acc_tile, const at::Tensor& s_tile, int64_t j0, int64_t n, bool first) {
+    // key tiles start at even keys (kKeyTile is even), so pair j0 / 2 starts this tile's keys
+    const int64_t rows = s_tile.size(1), pairs = (n + 1) / 2;
+    a_packed.resize(pairs * ldq);
+    bf16::pack_pairs(s_tile.const_data_ptr<float>(), n, rows, s_tile.stride(0), 1, a_packed.data(), ldq);
+    bf16::gemm(a_packed.data(), ldq, v_packed.data() + j0 / 2 * ldv, ldv, pairs, rows, acc_tile.size(1), 1.f,
+               acc_tile.mutable_data_ptr<float>(), acc_tile.size(1), !first);
+  }
+};
+
+// In: the inputs' dtype; T: the one everything is computed in; Products: how the two GEMMs run.
+template <typename In, typename Products>
 void forward_typed(const AttentionInputs& in, at::Tensor& out, at::Tensor& lse) {
   using T = at::opmath_type<In>;
   const auto opmath = c10::CppTypeToScalarType<T>::value;
@@ -150,15 +240,14 @@ void forward_typed(const AttentionInputs& in, at::Tensor& out, at::Tensor& lse) 
     at::Tensor scores = at::empty({tiles.keys * ld}, in.q.options().dtype(opmath));
     at::Tensor acc = at::empty({tiles.rows, Dv}, in.q.options().dtype(opmath));
     std::vector<T> m(ld), l(ld), alpha(ld), sum(ld);
-    int64_t keys_of = -1;  // the (batch, head) whose keys and values k_bh and v_bh hold
-    at::Tensor k_bh, v_bh;
+    Products products{in};
+    int64_t keys_of = -1;  // the (batch, head) whose keys and values products holds
     for (int64_t task = claim(); task < tasks; task = claim()) {
       const int64_t bh = task / row_tiles, b = bh / H, h = bh % H, i0 = (task % row_tiles) * tiles.rows;
       const int64_t rows = std::min(tiles.rows, N - i0), count = key_count[b];
-      const at::Tensor q_tile = widened(in.q[b][h].narrow(0, i0, rows), opmath);
+      products.load_queries(b, h, i0, rows);
       if (keys_of != bh) {  // consecutive tasks mostly share a (batch, head)
-        k_bh = widened(in.k[b][h].narrow(0, 0, count), opmath);
-        v_bh = widened(in.v[b][h].narrow(0, 0, count), opmath);
+        products.load_keys(b, h, count);
         keys_of = bh;
       }
       at::Tensor acc_tile = acc.narrow(0, 0, rows);
@@ -174,24 +263,18 @@ void forward_typed(const AttentionInputs& in, at::Tensor& out, at::Tensor& lse) 
         const int64_t n = std::min(tiles.keys, count - j0);
         // transposed: keys x rows, each key's row ld apart
         at::Tensor s_tile = scores.narrow(0, 0, n * ld).view({n, ld}).narrow(1, 0, rows);
-        // BLAS skips the product when alpha is 0: scale 0 is applied after it, so NaN/Inf still propagate.
-        at::addmm_out(s_tile, s_tile, k_bh.narrow(0, j0, n), q_tile.t(), /*beta=*/0,
-                      /*alpha=*/in.scale == 0 ? 1.0 : in.scale);
-        if (in.scale == 0) s_tile.mul_(0);
+        products.scores(s_tile, j0, n);
         T* s = s_tile.mutable_data_ptr<T>();
         for (int64_t j = 0; j < n; ++j) std::fill(s + j * ld + rows, s + (j + 1) * ld, T(0));
         online_softmax_tile(s, n, rows, ld, m.data(), l.data(), alpha.data());
         if (in.drop_threshold > 0)
           apply_dropout_tile(s, n, rows, ld, key_index + b * P + j0, bh, i0, N, P, in.seed, in.drop_threshold,
                              static_cast<T>(in.keep_scale));
-        const at::Tensor v_tile = v_bh.narrow(0, j0, n);
-        if (j0 == 0 && !has_const) {  // nothing accumulated yet
-          at::mm_out(acc_tile, s_tile.t(), v_tile);
-        } else {
+        const bool first = j0 == 0 && !has_const;  // nothing accumulated yet
+        if (!first)
           for (int64_t r = 0; r < rows; ++r)
             for (int64_t e = 0; e < Dv; ++e) acc_data[r * Dv + e] *= alpha[r];
-          acc_tile.addmm_(s_tile.t(), v_tile);
-        }
+        products.add_values(acc_tile, s_tile, j0, n, first);
       }
       if (count == 0 && !has_const) acc_tile.zero_();
       for (int64_t r = 0; r < rows; ++r) {
@@ -217,7 +300,164 @@ FSSKERN_CPU_CLONES void logit_grad_row(const T* a, T* dp, int64_t n, T delta) {
   for (int64_t j = 0; j < n; ++j) dp[j] = logit_grad(a[j], dp[j], delta);
 }
 
+// The five products of a backward tile (rows x n keys), with the inputs widened to float32 (or
+// float64) per (batch, head): a = Q K^T and dP = dO V^T, then dV += A^T dO, dQ += scale dS K,
+// dK += scale dS^T Q; also delta = rowsum(dO * O) and the constant key's dO^T a.
 template <typename In>
+struct WidenedBackward {
+  using T = at::opmath_type<In>;
+  const AttentionInputs& in;
+  const at::Tensor& out;
+  const at::Tensor& grad_out;
+  const at::ScalarType opmath = c10::CppTypeToScalarType<T>::value;
+  at::Tensor q, d_out, k, v, delta, q_tile, d_out_tile;
+
+  void load(int64_t b, int64_t h, int64_t count) {
+    q = widened(in.q[b][h], opmath);
+    d_out = widened(grad_out[b][h], opmath);
+    k = widened(in.k[b][h].narrow(0, 0, count), opmath);
+    v = widened(in.v[b][h].narrow(0, 0, count), opmath);
+    delta = (d_out * widened(out[b][h], opmath)).sum(-1);
+  }
+  const T* row_delta(int64_t i0) const { return delta.const_data_ptr<T>() + i0; }
+  void load_rows(int64_t i0, int64_t rows) {
+    q_tile = q.narrow(0, i0, rows);
+    d_out_tile = d_out.narrow(0, i0, rows);
+  }
+  void logits(at::Tensor& a, int64_t j0, int64_t n) { at::mm_out(a, q_tile, k.narrow(0, j0, n).t()); }
+  void probability_grads(at::Tensor& dp, int64_t j0, int64_t n) { at::mm_out(dp, d_out_tile, v.narrow(0, j0, n).t()); }
+  void add_grads(const at::Tensor& a_dropped, const at::Tensor& ds, int64_t i0, int64_t j0, at::Tensor& dq,
+                 at::Tensor& dk, at::Tensor& dv) {
+    const int64_t rows = ds.size(0), n = ds.size(1);
+    dv.narrow(0, j0, n).addmm_(a_dropped.t(), d_out_tile);
+    dq.narrow(0, i0, rows).addmm_(ds, k.narrow(0, j0, n), 1, in.scale);
+    dk.narrow(0, j0, n).addmm_(ds.t(), q_tile, 1, in.scale);
+  }
+  void add_const_grad(at::Tensor grad_const, const at::Tensor& a_const) { grad_const.addmv_(d_out_tile.t(), a_const); }
+};
+
+inline float widen(c10::BFloat16 x) { return std::bit_cast<float>(static_cast<uint32_t>(x.x) << 16); }
+
+// out_i = sum_e x_ie y_ie over two (rows x cols) bf16 matrices, in float32. Contiguous rows go 16
+// elements at a time into 16 partial sums, added pairwise at the end (an omp simd reduction ends
+// in a serial chain of 16 dependent adds through memory, which cost more than the products).
+FSSKERN_CPU_CLONES void row_dots(const c10::BFloat16* x, int64_t x_rs, int64_t x_cs, const c10::BFloat16* y,
+                                 int64_t y_rs, int64_t y_cs, int64_t rows, int64_t cols, float* out) {
+  using Floats = float __attribute__((vector_size(64)));
+  using Words = uint32_t __attribute__((vector_size(64)));
+  using Halves = uint16_t __attribute__((vector_size(32)));
+  const auto widen16 = [](const c10::BFloat16* p) {
+    Halves h;
+    std::memcpy(&h, p, sizeof(h));
+    return reinterpret_cast<Floats>(__builtin_convertvector(h, Words) << 16);
+  };
+  for (int64_t i = 0; i < rows; ++i) {
+    const c10::BFloat16* xi = x + i * x_rs;
+    const c10::BFloat16* yi = y + i * y_rs;
+    float sum = 0.f;
+    int64_t e = 0;
+    if (x_cs == 1 && y_cs == 1 && cols >= 16) {
+      Floats partial = {};
+      for (; e + 16 <= cols; e += 16) partial += widen16(xi + e) * widen16(yi + e);
+      float lanes[16];
+      std::memcpy(lanes, &partial, sizeof(lanes));
+      for (int width = 8; width > 0; width /= 2)
+        for (int l = 0; l < width; ++l) lanes[l] += lanes[l + width];
+      sum = lanes[0];
+    }
+    for (; e < cols; ++e) sum += widen(xi[e * x_cs]) * widen(yi[e * y_cs]);
+    out[i] = sum;
+  }
+}
+
+// The same for bfloat16 inputs on AVX512-BF16: q, k, v and dO are read as they are (exact
+// products, float32 sums), the probabilities a and logit gradients dS are rounded to bf16 for the
+// three gradient products. Each operand is pair-packed along its product's reduction dimension.
+struct Bf16Backward {
+  const AttentionInputs& in;
+  const at::Tensor& out;
+  const at::Tensor& grad_out;
+  at::Tensor q, d_out, d_out_tile;
+  int64_t D = 0, Dv = 0, ld_keys = 0, ld_rows = 0;
+  std::vector<float> delta;
+  std::vector<uint32_t> k_by_channel, v_by_channel, k_by_key;  // pairs along D, Dv; along the keys
+  std::vector<uint32_t> q_by_channel, d_out_by_channel, q_by_row, d_out_by_row, packed_a, packed_ds;
+
+  void load(int64_t b, int64_t h, int64_t count) {
+    const at::Tensor k = in.k[b][h], v = in.v[b][h], o = out[b][h];
+    q = in.q[b][h];
+    d_out = grad_out[b][h];
+    D = k.size(1);
+    Dv = v.size(1);
+    ld_keys = bf16::padded(count);
+    k_by_channel.resize((D + 1) / 2 * ld_keys);
+    v_by_channel.resize((Dv + 1) / 2 * ld_keys);
+    k_by_key.resize((count + 1) / 2 * bf16::padded(D));
+    const auto* kd = k.const_data_ptr<c10::BFloat16>();
+    const auto* vd = v.const_data_ptr<c10::BFloat16>();
+    bf16::pack_pairs(kd, D, count, k.stride(1), k.stride(0), k_by_channel.data(), ld_keys);
+    bf16::pack_pairs(vd, Dv, count, v.stride(1), v.stride(0), v_by_channel.data(), ld_keys);
+    bf16::pack_pairs(kd, count, D, k.stride(0), k.stride(1), k_by_key.data(), bf16::padded(D));
+    delta.resize(q.size(0));  // delta_i = dO_i . O_i in float32
+    row_dots(d_out.const_data_ptr<c10::BFloat16>(), d_out.stride(0), d_out.stride(1), o.const_data_ptr<c10::BFloat16>(),
+             o.stride(0), o.stride(1), q.size(0), Dv, delta.data());
+  }
+  const float* row_delta(int64_t i0) const { return delta.data() + i0; }
+  void load_rows(int64_t i0, int64_t rows) {
+    const at::Tensor qt = q.narrow(0, i0, rows), gt = d_out.narrow(0, i0, rows);
+    d_out_tile = gt;
+    const auto* qd = qt.const_data_ptr<c10::BFloat16>();
+    const auto* gd = gt.const_data_ptr<c10::BFloat16>();
+    ld_rows = bf16::padded(rows);
+    q_by_channel.resize((D + 1) / 2 * ld_rows);
+    d_out_by_channel.resize((Dv + 1) / 2 * ld_rows);
+    q_by_row.resize((rows + 1) / 2 * bf16::padded(D));
+    d_out_by_row.resize((rows + 1) / 2 * bf16::padded(Dv));
+    bf16::pack_pairs(qd, D, rows, qt.stride(1), qt.stride(0), q_by_channel.data(), ld_rows);
+    bf16::pack_pairs(gd, Dv, rows, gt.stride(1), gt.stride(0), d_out_by_channel.data(), ld_rows);
+    bf16::pack_pairs(qd, rows, D, qt.stride(0), qt.stride(1), q_by_row.data(), bf16::padded(D));
+    bf16::pack_pairs(gd, rows, Dv, gt.stride(0), gt.stride(1), d_out_by_row.data(), bf16::padded(Dv));
+  }
+  void logits(at::Tensor& a, int64_t j0, int64_t n) {
+    bf16::gemm(q_by_channel.data(), ld_rows, k_by_channel.data() + j0, ld_keys, (D + 1) / 2, a.size(0), n, 1.f,
+               a.mutable_data_ptr<float>(), a.stride(0), false);
+  }
+  void probability_grads(at::Tensor& dp, int64_t j0, int64_t n) {
+    bf16::gemm(d_out_by_channel.data(), ld_rows, v_by_channel.data() + j0, ld_keys, (Dv + 1) / 2, dp.size(0), n, 1.f,
+               dp.mutable_data_ptr<float>(), dp.stride(0), false);
+  }
+  void add_grads(const at::Tensor& a_dropped, const at::Tensor& ds, int64_t i0, int64_t j0, at::Tensor& dq,
+                 at::Tensor& dk, at::Tensor& dv) {
+    const int64_t rows = ds.size(0), n = ds.size(1), ld_n = bf16::padded(n), row_pairs = (rows + 1) / 2;
+    const auto scale = static_cast<float>(in.scale);
+    // The tiles' rows run on to ld_n (their stride) with zeros: packed whole, they need no scalar tail.
+    TORCH_INTERNAL_ASSERT(a_dropped.stride(0) == ld_n && ds.stride(0) == ld_n);
+    // dV (n x Dv) += A^T dO and dK (n x D) += scale dS^T Q: sums over the rows
+    packed_a.resize(row_pairs * ld_n);
+    bf16::pack_pairs(a_dropped.const_data_ptr<float>(), rows, ld_n, ld_n, 1, packed_a.data(), ld_n);
+    bf16::gemm(packed_a.data(), ld_n, d_out_by_row.data(), bf16::padded(Dv), row_pairs, n, Dv, 1.f,
+               dv.mutable_data_ptr<float>() + j0 * Dv, Dv, true);
+    packed_ds.resize(row_pairs * ld_n);
+    bf16::pack_pairs(ds.const_data_ptr<float>(), rows, ld_n, ld_n, 1, packed_ds.data(), ld_n);
+    bf16::gemm(packed_ds.data(), ld_n, q_by_row.data(), bf16::padded(D), row_pairs, n, D, scale,
+               dk.mutable_data_ptr<float>() + j0 * D, D, true);
+    // dQ (rows x D) += scale dS K: a sum over the keys (key tiles start at even keys)
+    packed_ds.resize(ld_n / 2 * ld_rows);
+    bf16::pack_pairs(ds.const_data_ptr<float>(), ld_n, rows, 1, ld_n, packed_ds.data(), ld_rows);
+    bf16::gemm(packed_ds.data(), ld_rows, k_by_key.data() + j0 / 2 * bf16::padded(D), bf16::padded(D), (n + 1) / 2,
+               rows, D, scale, dq.mutable_data_ptr<float>() + i0 * D, D, true);
+  }
+  void add_const_grad(at::Tensor grad_const, const at::Tensor& a_const) {
+    float* gc = grad_const.mutable_data_ptr<float>();
+    const float* ac = a_const.const_data_ptr<float>();
+    const auto* g = d_out_tile.const_data_ptr<c10::BFloat16>();
+    for (int64_t r = 0; r < a_const.size(0); ++r)
+      for (int64_t e = 0; e < Dv; ++e)
+        gc[e] += ac[r] * static_cast<float>(g[r * d_out_tile.stride(0) + e * d_out_tile.stride(1)]);
+  }
+};
+
+template <typename In, typename Products>
 void backward_typed(const AttentionInputs& in, const at::Tensor& out, const at::Tensor& lse, const at::Tensor& grad_out,
                     at::Tensor& grad_q, at::Tensor& grad_k, at::Tensor& grad_v, at::Tensor& grad_const) {
   using T = at::opmath_type<In>;
@@ -233,49 +473,56 @@ void backward_typed(const AttentionInputs& in, const at::Tensor& out, const at::
     const at::AutoDispatchBelowADInplaceOrView below_autograd;
     const SingleThreadedBlas one_thread;  // the result must not depend on the thread count
     const auto buffer = in.q.options().dtype(opmath);
-    at::Tensor probs = at::empty({tiles.rows * tiles.keys}, buffer);
-    at::Tensor dropped = at::empty({tiles.rows * tiles.keys}, buffer);
-    at::Tensor score_grad = at::empty({tiles.rows * tiles.keys}, buffer);
+    // Tile rows are padded to whole strips (the padding zeroed, then computed and never used) so that
+    // the row loops run on whole vectors.
+    const int64_t tile_elements = tiles.rows * at::divup(tiles.keys, kStrip) * kStrip;
+    at::Tensor probs = at::empty({tile_elements}, buffer);
+    at::Tensor dropped = at::empty({tile_elements}, buffer);
+    at::Tensor score_grad = at::empty({tile_elements}, buffer);
+    Products products{in, out, grad_out};
     for (int64_t bh = begin; bh < end; ++bh) {
       const int64_t b = bh / H, h = bh % H, count = key_count[b];
-      const at::Tensor q = widened(in.q[b][h], opmath), d_out = widened(grad_out[b][h], opmath);
-      const at::Tensor k = widened(in.k[b][h].narrow(0, 0, count), opmath);
-      const at::Tensor v = widened(in.v[b][h].narrow(0, 0, count), opmath);
       at::Tensor dq = grad_q[b][h], dk = grad_k[b][h], dv = grad_v[b][h];
-      // delta_i = dO_i . O_i = sum_j a_ij dP_ij, the softmax backward's row term.
-      const at::Tensor delta = (d_out * widened(out[b][h], opmath)).sum(-1);
-      const T* delta_data = delta.const_data_ptr<T>();
+      products.load(b, h, count);
       for (int64_t i0 = 0; i0 < N; i0 += tiles.rows) {
         const int64_t rows = std::min(tiles.rows, N - i0);
-        const at::Tensor q_tile = q.narrow(0, i0, rows), d_out_tile = d_out.narrow(0, i0, rows);
+        products.load_rows(i0, rows);
         const T* row_lse = lse_data + bh * N + i0;
-        const T* row_delta = delta_data + i0;
+        const T* row_delta = products.row_delta(i0);
         for (int64_t j0 = 0; j0 < count; j0 += tiles.keys) {
-          const int64_t n = std::min(tiles.keys, count - j0);
-          const at::Tensor k_tile = k.narrow(0, j0, n), v_tile = v.narrow(0, j0, n);
-          at::Tensor a = probs.narrow(0, 0, rows * n).view({rows, n});
+          const int64_t n = std::min(tiles.keys, count - j0), ld = at::divup(n, kStrip) * kStrip;
+          const auto tile = [&](at::Tensor& buffer) { return buffer.narrow(0, 0, rows * ld).view({rows, ld}); };
+          at::Tensor a = tile(probs).narrow(1, 0, n);
           at::Tensor a_dropped = a;
-          at::Tensor ds = score_grad.narrow(0, 0, rows * n).view({rows, n});
-          at::mm_out(a, q_tile, k_tile.t());
-          at::mm_out(ds, d_out_tile, v_tile.t());  // dP' = dO V^T (gradient of the dropped probabilities)
+          at::Tensor ds = tile(score_grad).narrow(1, 0, n);
+          products.logits(a, j0, n);
+          products.probability_grads(ds, j0, n);  // dP' = dO V^T (gradient of the dropped probabilities)
           T* a_data = a.mutable_data_ptr<T>();
           T* ds_data = ds.mutable_data_ptr<T>();
-          for (int64_t r = 0; r < rows; ++r) probabilities_row(a_data + r * n, n, scale, row_lse[r]);
+          for (int64_t r = 0; r < rows; ++r) {
+            std::fill(a_data + r * ld + n, a_data + (r + 1) * ld, T(0));
+            std::fill(ds_data + r * ld + n, ds_data + (r + 1) * ld, T(0));
+            probabilities_row(a_data + r * ld, ld, scale, row_lse[r]);
+          }
           if (in.drop_threshold > 0) {
-            a_dropped = dropped.narrow(0, 0, rows * n).view({rows, n});
+            a_dropped = tile(dropped).narrow(1, 0, n);
             T* ad = a_dropped.mutable_data_ptr<T>();
             for (int64_t r = 0; r < rows; ++r)
               for (int64_t j = 0; j < n; ++j) {
                 const uint64_t element = dropout_element(bh, i0 + r, key_index[b * P + j0 + j], N, P);
                 const T factor = dropout_factor(in.seed, element, in.drop_threshold, keep_scale);
-                ad[r * n + j] = a_data[r * n + j] * factor;
-                ds_data[r * n + j] *= factor;
+                ad[r * ld + j] = a_data[r * ld + j] * factor;
+                ds_data[r * ld + j] *= factor;
               }
           }
-          for (int64_t r = 0; r < rows; ++r) logit_grad_row(a_data + r * n, ds_data + r * n, n, row_delta[r]);
-          dv.narrow(0, j0, n).addmm_(a_dropped.t(), d_out_tile);
-          dq.narrow(0, i0, rows).addmm_(ds, k_tile, 1, scale);
-          dk.narrow(0, j0, n).addmm_(ds.t(), q_tile, 1, scale);
+          T* a_dropped_data = a_dropped.mutable_data_ptr<T>();
+          for (int64_t r = 0; r < rows; ++r) {
+            logit_grad_row(a_data + r * ld, ds_data + r * ld, ld, row_delta[r]);
+            // padding back to 0: the bf16 packs read whole strips
+            std::fill(a_dropped_data + r * ld + n, a_dropped_data + (r + 1) * ld, T(0));
+            std::fill(ds_data + r * ld + n, ds_data + (r + 1) * ld, T(0));
+          }
+          products.add_grads(a_dropped, ds, i0, j0, dq, dk, dv);
         }
         // The constant key (no dropout, key vector 0): only its value receives a gradient.
         const T c = const_logit[b];
@@ -283,7 +530,7 @@ void backward_typed(const AttentionInputs& in, const at::Tensor& out, const at::
           at::Tensor a_const = at::empty({rows}, buffer);
           T* ac = a_const.mutable_data_ptr<T>();
           for (int64_t r = 0; r < rows; ++r) ac[r] = probability_from_lse(c, row_lse[r]);
-          grad_const[b][h].addmv_(d_out_tile.t(), a_const);
+          products.add_const_grad(grad_const[b][h], a_const);
         }
       }
     }
@@ -291,15 +538,18 @@ void backward_typed(const AttentionInputs& in, const at::Tensor& out, const at::
 }
 
 void attention_forward_cpu(const AttentionInputs& in, at::Tensor& out, at::Tensor& lse) {
+  if (in.q.scalar_type() == at::kBFloat16 && bf16::available()) return forward_typed<c10::BFloat16, Bf16Products>(in, out, lse);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.q.scalar_type(), "fsskern_attention_forward_cpu",
-                                  [&] { forward_typed<scalar_t>(in, out, lse); });
+                                  [&] { forward_typed<scalar_t, WidenedProducts<scalar_t>>(in, out, lse); });
 }
 
 void attention_backward_cpu(const AttentionInputs& in, const at::Tensor& out, const at::Tensor& lse,
                             const at::Tensor& grad_out, at::Tensor& grad_q, at::Tensor& grad_k, at::Tensor& grad_v,
                             at::Tensor& grad_const) {
+  if (in.q.scalar_type() == at::kBFloat16 && bf16::available())
+    return backward_typed<c10::BFloat16, Bf16Backward>(in, out, lse, grad_out, grad_q, grad_k, grad_v, grad_const);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.q.scalar_type(), "fsskern_attention_backward_cpu", [&] {
-    backward_typed<scalar_t>(in, out, lse, grad_out, grad_q, grad_k, grad_v, grad_const);
+    backward_typed<scalar_t, WidenedBackward<scalar_t>>(in, out, lse, grad_out, grad_q, grad_k, grad_v, grad_const);
   });
 }
 

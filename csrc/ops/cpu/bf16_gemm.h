@@ -1,0 +1,53 @@
+#pragma once
+// bf16 x bf16 -> float32 matrix products on AVX512-BF16 (vdpbf16ps: two bf16 products, exact in
+// float32, added to a float32 accumulator per lane), for the attention kernels' bf16 inputs.
+//
+// Why not torch.mm: on bf16 tensors it returns bf16, rounding every score before the softmax, and
+// the only bf16 -> float32 GEMM torch exports (MKL's cblas_gemm_bf16bf16f32) runs no faster than
+// the float32 GEMM on CPUs MKL does not tune for (AMD EPYC: 1.0x, where these run 2.2-2.6x).
+//
+// Operands are "pair-packed": element pairs along the reduction dimension k are stored as one
+// 32-bit word (low half: k = 2p, high half: k = 2p + 1), one row of words per pair p:
+//   packed[p * ld + c] = bits(x[2p][c]) | bits(x[2p + 1][c]) << 16,
+// zero past the rows (an odd k gets a zero partner) and in the padding columns [cols, ld), ld a
+// multiple of 16. Then C[m][n] = sum_p dot2(A[p][m], B[p][n]) runs on 16 columns per vector.
+#include <c10/util/BFloat16.h>
+
+#include <cstdint>
+#include <cstring>
+
+namespace fsskern::bf16 {
+
+// Whether this build has the kernel and this CPU AVX512-BF16.
+bool hardware();
+
+// hardware(), unless FSSKERN_BF16_DOT is "0" in the environment (read on every call: the tests
+// set it to run the widened float32 path on such CPUs too). The attention kernels ask once per op.
+bool available();
+
+// float32 -> bf16 bits, to nearest even, NaN to the quiet NaN 0x7FC0: c10::BFloat16's rounding, as
+// a branch-free expression that `omp simd` loops vectorise.
+inline uint16_t round_to_bf16(float x) {
+  uint32_t u;
+  std::memcpy(&u, &x, 4);
+  const uint32_t rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+  return static_cast<uint16_t>((u & 0x7FFFFFFFu) > 0x7F800000u ? 0x7FC0u : rounded);
+}
+
+// A multiple of 16 >= n: the ld of a packed operand with n columns.
+inline int64_t padded(int64_t n) { return (n + 15) / 16 * 16; }
+
+// Pack the rows x cols matrix x(r, c) = x[r * row_stride + c * col_stride], pairing rows; out has
+// (rows + 1) / 2 rows of ld words. Float32 sources are rounded to bf16 (to nearest even).
+void pack_pairs(const c10::BFloat16* x, int64_t rows, int64_t cols, int64_t row_stride, int64_t col_stride,
+                uint32_t* out, int64_t ld);
+void pack_pairs(const float* x, int64_t rows, int64_t cols, int64_t row_stride, int64_t col_stride, uint32_t* out,
+                int64_t ld);
+
+// C (m x n, row stride ldc) = alpha * A^T B (+ C when accumulate), A and B pair-packed with `pairs`
+// rows (a: m columns, ld lda; b: n columns, ld ldb). Requires hardware(). Single-threaded; the
+// sum over p runs in order, so the result does not depend on the thread count.
+void gemm(const uint32_t* a, int64_t lda, const uint32_t* b, int64_t ldb, int64_t pairs, int64_t m, int64_t n,
+          float alpha, float* c, int64_t ldc, bool accumulate);
+
+}  // namespace fsskern::bf16
