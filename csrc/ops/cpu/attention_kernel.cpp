@@ -183,18 +183,18 @@ struct WidenedProducts {
 // (as PyTorch's own CPU flash attention does): out moves by at most u * sum_j a_ij |v_j| more.
 struct Bf16Products {
   const AttentionInputs& in;
-  int64_t ldk = 0, ldv = 0, ldq = 0;
-  std::vector<uint32_t> k_packed, v_packed, q_packed, a_packed;
+  int64_t ldv = 0, ldq = 0;
+  bf16::Operand k_pairs{};  // pairs along the channels, keys across
+  std::vector<uint32_t> k_scratch, v_packed, q_packed, a_packed;
 
   void load_keys(int64_t b, int64_t h, int64_t count) {
     const at::Tensor k = in.k[b][h], v = in.v[b][h];
-    const int64_t D = k.size(1), Dv = v.size(1);
-    ldk = bf16::padded(count);
-    ldv = bf16::padded(Dv);
-    k_packed.resize((D + 1) / 2 * ldk);  // pairs along the channels, keys across
+    k_pairs = bf16::column_pairs(k.const_data_ptr<c10::BFloat16>(), count, k.size(1), k.stride(0), k.stride(1),
+                                 k_scratch);
+    ldv = bf16::padded(v.size(1));
     v_packed.resize((count + 1) / 2 * ldv);  // pairs of keys, channels across
-    bf16::pack_pairs(k.const_data_ptr<c10::BFloat16>(), D, count, k.stride(1), k.stride(0), k_packed.data(), ldk);
-    bf16::pack_pairs(v.const_data_ptr<c10::BFloat16>(), count, Dv, v.stride(0), v.stride(1), v_packed.data(), ldv);
+    bf16::pack_pairs(v.const_data_ptr<c10::BFloat16>(), count, v.size(1), v.stride(0), v.stride(1), v_packed.data(),
+                     ldv);
   }
   void load_queries(int64_t b, int64_t h, int64_t i0, int64_t rows) {
     const at::Tensor q = in.q[b][h].narrow(0, i0, rows);
@@ -205,15 +205,15 @@ struct Bf16Products {
   }
   void scores(at::Tensor& s_tile, int64_t j0, int64_t n) {
     const int64_t D = in.k.size(3);
-    bf16::gemm(k_packed.data() + j0, ldk, q_packed.data(), ldq, (D + 1) / 2, n, s_tile.size(1),
-               static_cast<float>(in.scale), s_tile.mutable_data_ptr<float>(), s_tile.stride(0), false);
+    bf16::gemm(k_pairs.from(j0), q_packed.data(), ldq, (D + 1) / 2, n, s_tile.size(1), static_cast<float>(in.scale),
+               s_tile.mutable_data_ptr<float>(), s_tile.stride(0), false);
   }
   void add_values(at::Tensor& acc_tile, const at::Tensor& s_tile, int64_t j0, int64_t n, bool first) {
     // key tiles start at even keys (kKeyTile is even), so pair j0 / 2 starts this tile's keys
     const int64_t rows = s_tile.size(1), pairs = (n + 1) / 2;
     a_packed.resize(pairs * ldq);
     bf16::pack_pairs(s_tile.const_data_ptr<float>(), n, rows, s_tile.stride(0), 1, a_packed.data(), ldq);
-    bf16::gemm(a_packed.data(), ldq, v_packed.data() + j0 / 2 * ldv, ldv, pairs, rows, acc_tile.size(1), 1.f,
+    bf16::gemm(bf16::packed(a_packed, ldq), v_packed.data() + j0 / 2 * ldv, ldv, pairs, rows, acc_tile.size(1), 1.f,
                acc_tile.mutable_data_ptr<float>(), acc_tile.size(1), !first);
   }
 };
@@ -372,16 +372,19 @@ FSSKERN_CPU_CLONES void row_dots(const c10::BFloat16* x, int64_t x_rs, int64_t x
 
 // The same for bfloat16 inputs on AVX512-BF16: q, k, v and dO are read as they are (exact
 // products, float32 sums), the probabilities a and logit gradients dS are rounded to bf16 for the
-// three gradient products. Each operand is pair-packed along its product's reduction dimension.
+// three gradient products. Each product reads its operands paired along its reduction dimension:
+// row-major q, dO and dS (rounded) as they lie, the others packed.
 struct Bf16Backward {
   const AttentionInputs& in;
   const at::Tensor& out;
   const at::Tensor& grad_out;
   at::Tensor q, d_out, d_out_tile;
-  int64_t D = 0, Dv = 0, ld_keys = 0, ld_rows = 0;
+  int64_t D = 0, Dv = 0, ld_keys = 0;
   std::vector<float> delta;
   std::vector<uint32_t> k_by_channel, v_by_channel, k_by_key;  // pairs along D, Dv; along the keys
-  std::vector<uint32_t> q_by_channel, d_out_by_channel, q_by_row, d_out_by_row, packed_a, packed_ds;
+  bf16::Operand q_rows{}, d_out_rows{};                         // pairs along D, Dv; rows across
+  std::vector<uint32_t> q_scratch, d_out_scratch, q_by_row, d_out_by_row, packed_a, packed_ds, ds_scratch;
+  std::vector<c10::BFloat16> ds_rounded;
 
   void load(int64_t b, int64_t h, int64_t count) {
     const at::Tensor k = in.k[b][h], v = in.v[b][h], o = out[b][h];
@@ -408,22 +411,19 @@ struct Bf16Backward {
     d_out_tile = gt;
     const auto* qd = qt.const_data_ptr<c10::BFloat16>();
     const auto* gd = gt.const_data_ptr<c10::BFloat16>();
-    ld_rows = bf16::padded(rows);
-    q_by_channel.resize((D + 1) / 2 * ld_rows);
-    d_out_by_channel.resize((Dv + 1) / 2 * ld_rows);
+    q_rows = bf16::column_pairs(qd, rows, D, qt.stride(0), qt.stride(1), q_scratch);
+    d_out_rows = bf16::column_pairs(gd, rows, Dv, gt.stride(0), gt.stride(1), d_out_scratch);
     q_by_row.resize((rows + 1) / 2 * bf16::padded(D));
     d_out_by_row.resize((rows + 1) / 2 * bf16::padded(Dv));
-    bf16::pack_pairs(qd, D, rows, qt.stride(1), qt.stride(0), q_by_channel.data(), ld_rows);
-    bf16::pack_pairs(gd, Dv, rows, gt.stride(1), gt.stride(0), d_out_by_channel.data(), ld_rows);
     bf16::pack_pairs(qd, rows, D, qt.stride(0), qt.stride(1), q_by_row.data(), bf16::padded(D));
     bf16::pack_pairs(gd, rows, Dv, gt.stride(0), gt.stride(1), d_out_by_row.data(), bf16::padded(Dv));
   }
   void logits(at::Tensor& a, int64_t j0, int64_t n) {
-    bf16::gemm(q_by_channel.data(), ld_rows, k_by_channel.data() + j0, ld_keys, (D + 1) / 2, a.size(0), n, 1.f,
-               a.mutable_data_ptr<float>(), a.stride(0), false);
+    bf16::gemm(q_rows, k_by_channel.data() + j0, ld_keys, (D + 1) / 2, a.size(0), n, 1.f, a.mutable_data_ptr<float>(),
+               a.stride(0), false);
   }
   void probability_grads(at::Tensor& dp, int64_t j0, int64_t n) {
-    bf16::gemm(d_out_by_channel.data(), ld_rows, v_by_channel.data() + j0, ld_keys, (Dv + 1) / 2, dp.size(0), n, 1.f,
+    bf16::gemm(d_out_rows, v_by_channel.data() + j0, ld_keys, (Dv + 1) / 2, dp.size(0), n, 1.f,
                dp.mutable_data_ptr<float>(), dp.stride(0), false);
   }
   void add_grads(const at::Tensor& a_dropped, const at::Tensor& ds, int64_t i0, int64_t j0, at::Tensor& dq,
@@ -435,17 +435,18 @@ struct Bf16Backward {
     // dV (n x Dv) += A^T dO and dK (n x D) += scale dS^T Q: sums over the rows
     packed_a.resize(row_pairs * ld_n);
     bf16::pack_pairs(a_dropped.const_data_ptr<float>(), rows, ld_n, ld_n, 1, packed_a.data(), ld_n);
-    bf16::gemm(packed_a.data(), ld_n, d_out_by_row.data(), bf16::padded(Dv), row_pairs, n, Dv, 1.f,
+    bf16::gemm(bf16::packed(packed_a, ld_n), d_out_by_row.data(), bf16::padded(Dv), row_pairs, n, Dv, 1.f,
                dv.mutable_data_ptr<float>() + j0 * Dv, Dv, true);
     packed_ds.resize(row_pairs * ld_n);
     bf16::pack_pairs(ds.const_data_ptr<float>(), rows, ld_n, ld_n, 1, packed_ds.data(), ld_n);
-    bf16::gemm(packed_ds.data(), ld_n, q_by_row.data(), bf16::padded(D), row_pairs, n, D, scale,
+    bf16::gemm(bf16::packed(packed_ds, ld_n), q_by_row.data(), bf16::padded(D), row_pairs, n, D, scale,
                dk.mutable_data_ptr<float>() + j0 * D, D, true);
-    // dQ (rows x D) += scale dS K: a sum over the keys (key tiles start at even keys)
-    packed_ds.resize(ld_n / 2 * ld_rows);
-    bf16::pack_pairs(ds.const_data_ptr<float>(), ld_n, rows, 1, ld_n, packed_ds.data(), ld_rows);
-    bf16::gemm(packed_ds.data(), ld_rows, k_by_key.data() + j0 / 2 * bf16::padded(D), bf16::padded(D), (n + 1) / 2,
-               rows, D, scale, dq.mutable_data_ptr<float>() + i0 * D, D, true);
+    // dQ (rows x D) += scale dS K: a sum over the keys (key tiles start at even keys), dS rounded in place
+    ds_rounded.resize(rows * ld_n);
+    bf16::round_to_bf16(ds.const_data_ptr<float>(), rows * ld_n, ds_rounded.data());
+    const auto ds_rows = bf16::column_pairs(ds_rounded.data(), rows, ld_n, ld_n, 1, ds_scratch);
+    bf16::gemm(ds_rows, k_by_key.data() + j0 / 2 * bf16::padded(D), bf16::padded(D), (n + 1) / 2, rows, D, scale,
+               dq.mutable_data_ptr<float>() + i0 * D, D, true);
   }
   void add_const_grad(at::Tensor grad_const, const at::Tensor& a_const) {
     float* gc = grad_const.mutable_data_ptr<float>();

@@ -53,19 +53,6 @@ FSSKERN_BF16_TARGET void pack_pairs_impl(const T* x, int64_t rows, int64_t cols,
     return;
   }
   // Pairs adjacent in memory (a row-major matrix paired along its rows' elements): a transpose.
-  if constexpr (std::is_same_v<T, float>) {
-    if (row_stride == 1) {  // round to bf16 first (vectorised), then transpose the bf16 words
-      thread_local std::vector<c10::BFloat16> narrowed;
-      const int64_t stride = rows + rows % 2;
-      narrowed.resize(cols * stride);
-      uint16_t* n = reinterpret_cast<uint16_t*>(narrowed.data());
-      for (int64_t c = 0; c < cols; ++c) {
-#pragma omp simd
-        for (int64_t r = 0; r < rows; ++r) n[c * stride + r] = round_to_bf16(x[c * col_stride + r]);
-      }
-      return pack_pairs_impl(narrowed.data(), rows, cols, 1, stride, out, ld);
-    }
-  }
   int64_t c0 = 0;
   if constexpr (std::is_same_v<T, c10::BFloat16>) {
     // 16 x 16 words at a time, transposed in registers
@@ -103,8 +90,8 @@ constexpr int kRows = 6;
 
 // C[r][16 v + l] (r < MR, v < NV) over all pairs; `cols` (<= 16 NV) columns are stored.
 template <int MR, int NV>
-FSSKERN_BF16_TARGET void micro_kernel(const uint32_t* a, int64_t lda, const uint32_t* b, int64_t ldb, int64_t pairs,
-                                      float alpha, float* c, int64_t ldc, int64_t cols, bool accumulate) {
+FSSKERN_BF16_TARGET void micro_kernel(Operand a, const uint32_t* b, int64_t ldb, int64_t pairs, float alpha, float* c,
+                                      int64_t ldc, int64_t cols, bool accumulate) {
   __m512 acc[MR][NV];
 #pragma GCC unroll 8
   for (int r = 0; r < MR; ++r)
@@ -116,7 +103,7 @@ FSSKERN_BF16_TARGET void micro_kernel(const uint32_t* a, int64_t lda, const uint
     for (int v = 0; v < NV; ++v) bv[v] = (__m512bh)_mm512_loadu_si512(b + p * ldb + 16 * v);
 #pragma GCC unroll 8
     for (int r = 0; r < MR; ++r) {
-      const __m512bh av = (__m512bh)_mm512_set1_epi32(static_cast<int>(a[p * lda + r]));
+      const __m512bh av = (__m512bh)_mm512_set1_epi32(static_cast<int>(a.data[p * a.pair_stride + r * a.stride]));
 #pragma GCC unroll 4
       for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_dpbf16_ps(acc[r][v], av, bv[v]);
     }
@@ -136,19 +123,18 @@ FSSKERN_BF16_TARGET void micro_kernel(const uint32_t* a, int64_t lda, const uint
 }
 
 template <int MR>
-void run_block(int nv, const uint32_t* a, int64_t lda, const uint32_t* b, int64_t ldb, int64_t pairs, float alpha,
-               float* c, int64_t ldc, int64_t cols, bool accumulate) {
+void run_block(int nv, Operand a, const uint32_t* b, int64_t ldb, int64_t pairs, float alpha, float* c, int64_t ldc,
+               int64_t cols, bool accumulate) {
   switch (nv) {
-    case 1: return micro_kernel<MR, 1>(a, lda, b, ldb, pairs, alpha, c, ldc, cols, accumulate);
-    case 2: return micro_kernel<MR, 2>(a, lda, b, ldb, pairs, alpha, c, ldc, cols, accumulate);
-    case 3: return micro_kernel<MR, 3>(a, lda, b, ldb, pairs, alpha, c, ldc, cols, accumulate);
-    default: return micro_kernel<MR, 4>(a, lda, b, ldb, pairs, alpha, c, ldc, cols, accumulate);
+    case 1: return micro_kernel<MR, 1>(a, b, ldb, pairs, alpha, c, ldc, cols, accumulate);
+    case 2: return micro_kernel<MR, 2>(a, b, ldb, pairs, alpha, c, ldc, cols, accumulate);
+    case 3: return micro_kernel<MR, 3>(a, b, ldb, pairs, alpha, c, ldc, cols, accumulate);
+    default: return micro_kernel<MR, 4>(a, b, ldb, pairs, alpha, c, ldc, cols, accumulate);
   }
 }
 
 // Taller blocks for narrow C (12 x 2 vectors) measured slower on Zen 4 than 6 x 2.
-using BlockFn = void (*)(int, const uint32_t*, int64_t, const uint32_t*, int64_t, int64_t, float, float*, int64_t,
-                         int64_t, bool);
+using BlockFn = void (*)(int, Operand, const uint32_t*, int64_t, int64_t, float, float*, int64_t, int64_t, bool);
 constexpr BlockFn kBlocks[kRows + 1] = {nullptr,        &run_block<1>, &run_block<2>, &run_block<3>,
                                         &run_block<4>, &run_block<5>, &run_block<6>};
 #endif
@@ -179,8 +165,24 @@ void pack_pairs(const float* x, int64_t rows, int64_t cols, int64_t row_stride, 
   pack_pairs_impl(x, rows, cols, row_stride, col_stride, out, ld);
 }
 
-void gemm(const uint32_t* a, int64_t lda, const uint32_t* b, int64_t ldb, int64_t pairs, int64_t m, int64_t n,
-          float alpha, float* c, int64_t ldc, bool accumulate) {
+FSSKERN_BF16_TARGET void round_to_bf16(const float* x, int64_t count, c10::BFloat16* out) {
+  auto* o = reinterpret_cast<uint16_t*>(out);
+#pragma omp simd
+  for (int64_t i = 0; i < count; ++i) o[i] = round_to_bf16(x[i]);
+}
+
+Operand column_pairs(const c10::BFloat16* x, int64_t rows, int64_t cols, int64_t row_stride, int64_t col_stride,
+                     std::vector<uint32_t>& scratch) {
+  if (col_stride == 1 && cols % 2 == 0 && row_stride % 2 == 0 && reinterpret_cast<uintptr_t>(x) % 4 == 0)
+    return {reinterpret_cast<const uint32_t*>(x), 1, row_stride / 2};
+  const int64_t ld = padded(rows);
+  scratch.resize((cols + 1) / 2 * ld);
+  pack_pairs(x, cols, rows, col_stride, row_stride, scratch.data(), ld);
+  return packed(scratch, ld);
+}
+
+void gemm(Operand a, const uint32_t* b, int64_t ldb, int64_t pairs, int64_t m, int64_t n, float alpha, float* c,
+          int64_t ldc, bool accumulate) {
 #if FSSKERN_HAS_BF16_KERNEL
   TORCH_INTERNAL_ASSERT(hardware());
   for (int64_t n0 = 0; n0 < n; n0 += 64) {
@@ -188,7 +190,7 @@ void gemm(const uint32_t* a, int64_t lda, const uint32_t* b, int64_t ldb, int64_
     const int nv = static_cast<int>((cols + 15) / 16);
     for (int64_t m0 = 0; m0 < m; m0 += kRows) {
       const int64_t rows = std::min<int64_t>(kRows, m - m0);
-      kBlocks[rows](nv, a + m0, lda, b + n0, ldb, pairs, alpha, c + m0 * ldc + n0, ldc, cols, accumulate);
+      kBlocks[rows](nv, a.from(m0), b + n0, ldb, pairs, alpha, c + m0 * ldc + n0, ldc, cols, accumulate);
     }
   }
 #else

@@ -15,6 +15,7 @@
 
 #include <cstdint>
 #include <cstring>
+#include <vector>
 
 namespace fsskern::bf16 {
 
@@ -44,10 +45,29 @@ void pack_pairs(const c10::BFloat16* x, int64_t rows, int64_t cols, int64_t row_
 void pack_pairs(const float* x, int64_t rows, int64_t cols, int64_t row_stride, int64_t col_stride, uint32_t* out,
                 int64_t ld);
 
-// C (m x n, row stride ldc) = alpha * A^T B (+ C when accumulate), A and B pair-packed with `pairs`
-// rows (a: m columns, ld lda; b: n columns, ld ldb). Requires hardware(). Single-threaded; the
+// out[i] = x[i] rounded to bf16, i < count.
+void round_to_bf16(const float* x, int64_t count, c10::BFloat16* out);
+
+// The A operand of gemm: a(p, i) = data[p * pair_stride + i * stride], pair p of column i. Packed
+// operands have (ld, 1); a row-major bf16 matrix whose rows hold the pairs is its own operand,
+// (1, row stride / 2), with no copy.
+struct Operand {
+  const uint32_t* data;
+  int64_t pair_stride, stride;
+  Operand from(int64_t i0) const { return {data + i0 * stride, pair_stride, stride}; }
+};
+inline Operand packed(const std::vector<uint32_t>& words, int64_t ld) { return {words.data(), ld, 1}; }
+
+// x (rows x cols, as for pack_pairs) as an A operand paired along its columns, rows across: x
+// itself where each pair is an aligned word in memory (col_stride 1, cols and row_stride even),
+// else pack_pairs of its transpose into scratch.
+Operand column_pairs(const c10::BFloat16* x, int64_t rows, int64_t cols, int64_t row_stride, int64_t col_stride,
+                     std::vector<uint32_t>& scratch);
+
+// C (m x n, row stride ldc) = alpha * A^T B (+ C when accumulate) over `pairs` pairs: A an operand
+// with m columns, B pair-packed with n columns (ld ldb). Requires hardware(). Single-threaded; the
 // sum over p runs in order, so the result does not depend on the thread count.
-void gemm(const uint32_t* a, int64_t lda, const uint32_t* b, int64_t ldb, int64_t pairs, int64_t m, int64_t n,
-          float alpha, float* c, int64_t ldc, bool accumulate);
+void gemm(Operand a, const uint32_t* b, int64_t ldb, int64_t pairs, int64_t m, int64_t n, float alpha, float* c,
+          int64_t ldc, bool accumulate);
 
 }  // namespace fsskern::bf16
