@@ -137,7 +137,8 @@ FSSKERN_CPU_CLONES void write_normalised_strided(const T* acc, const T* inv, int
   } else {
     for (int64_t r = 0; r < rows; ++r)
 #pragma omp simd
-      for (int64_t e = 0; e < Dv; ++e) out[r * row_stride + e * channel_stride] = narrowed<Out>(acc[r * Dv + e] * inv[r]);
+      for (int64_t e = 0; e < Dv; ++e)
+        out[r * row_stride + e * channel_stride] = narrowed<Out>(acc[r * Dv + e] * inv[r]);
   }
 }
 
@@ -177,6 +178,14 @@ struct WidenedProducts {
   }
 };
 
+// Per-thread buffers of the bf16 products, kept from call to call: fresh ones would cost a round of
+// page faults per call (the OS zeroes every new page), which also serialise the threads.
+template <typename Buffers>
+Buffers& thread_buffers() {
+  thread_local Buffers buffers;
+  return buffers;
+}
+
 // The same products for bfloat16 inputs on AVX512-BF16 (bf16_gemm.h): q, k and v are read as they
 // are, every product is exact and summed in float32, so the scores are those of the widened
 // path up to summation order; the probabilities are rounded to bf16 once, for the second product
@@ -185,36 +194,40 @@ struct Bf16Products {
   const AttentionInputs& in;
   int64_t ldv = 0, ldq = 0;
   bf16::Operand k_pairs{};  // pairs along the channels, keys across
-  std::vector<uint32_t> k_scratch, v_packed, q_packed, a_packed;
+  struct Buffers {
+    std::vector<uint32_t> k_scratch, v_packed, q_packed, a_packed;
+  };
+  Buffers& buf = thread_buffers<Buffers>();
 
   void load_keys(int64_t b, int64_t h, int64_t count) {
     const at::Tensor k = in.k[b][h], v = in.v[b][h];
     k_pairs = bf16::column_pairs(k.const_data_ptr<c10::BFloat16>(), count, k.size(1), k.stride(0), k.stride(1),
-                                 k_scratch);
+                                 buf.k_scratch);
     ldv = bf16::padded(v.size(1));
-    v_packed.resize((count + 1) / 2 * ldv);  // pairs of keys, channels across
-    bf16::pack_pairs(v.const_data_ptr<c10::BFloat16>(), count, v.size(1), v.stride(0), v.stride(1), v_packed.data(),
+    buf.v_packed.resize((count + 1) / 2 * ldv);  // pairs of keys, channels across
+    bf16::pack_pairs(v.const_data_ptr<c10::BFloat16>(), count, v.size(1), v.stride(0), v.stride(1), buf.v_packed.data(),
                      ldv);
   }
   void load_queries(int64_t b, int64_t h, int64_t i0, int64_t rows) {
     const at::Tensor q = in.q[b][h].narrow(0, i0, rows);
     ldq = bf16::padded(rows);
-    q_packed.resize((q.size(1) + 1) / 2 * ldq);
-    bf16::pack_pairs(q.const_data_ptr<c10::BFloat16>(), q.size(1), rows, q.stride(1), q.stride(0), q_packed.data(),
+    buf.q_packed.resize((q.size(1) + 1) / 2 * ldq);
+    bf16::pack_pairs(q.const_data_ptr<c10::BFloat16>(), q.size(1), rows, q.stride(1), q.stride(0), buf.q_packed.data(),
                      ldq);
   }
   void scores(at::Tensor& s_tile, int64_t j0, int64_t n) {
     const int64_t D = in.k.size(3);
-    bf16::gemm(k_pairs.from(j0), q_packed.data(), ldq, (D + 1) / 2, n, s_tile.size(1), static_cast<float>(in.scale),
+    bf16::gemm(k_pairs.from(j0), buf.q_packed.data(), ldq, (D + 1) / 2, n, s_tile.size(1), static_cast<float>(in.scale),
                s_tile.mutable_data_ptr<float>(), s_tile.stride(0), false);
   }
   void add_values(at::Tensor& acc_tile, const at::Tensor& s_tile, int64_t j0, int64_t n, bool first) {
     // key tiles start at even keys (kKeyTile is even), so pair j0 / 2 starts this tile's keys
     const int64_t rows = s_tile.size(1), pairs = (n + 1) / 2;
-    a_packed.resize(pairs * ldq);
-    bf16::pack_pairs(s_tile.const_data_ptr<float>(), n, rows, s_tile.stride(0), 1, a_packed.data(), ldq);
-    bf16::gemm(bf16::packed(a_packed, ldq), v_packed.data() + j0 / 2 * ldv, ldv, pairs, rows, acc_tile.size(1), 1.f,
-               acc_tile.mutable_data_ptr<float>(), acc_tile.size(1), !first);
+    buf.a_packed.resize(pairs * ldq);
+    bf16::pack_pairs(s_tile.const_data_ptr<float>(), n, rows, s_tile.stride(0), 1, buf.a_packed.data(), ldq);
+    const int64_t Dv = acc_tile.size(1);
+    bf16::gemm(bf16::packed(buf.a_packed, ldq), buf.v_packed.data() + j0 / 2 * ldv, ldv, pairs, rows, Dv, 1.f,
+               acc_tile.mutable_data_ptr<float>(), Dv, !first);
   }
 };
 
@@ -258,7 +271,8 @@ void forward_typed(const AttentionInputs& in, at::Tensor& out, at::Tensor& lse) 
       std::fill(m.begin(), m.end(), c);
       std::fill(l.begin(), l.end(), has_const ? T(1) : T(0));
       if (has_const)
-        for (int64_t r = 0; r < rows; ++r) std::copy(const_value + b * Dv, const_value + (b + 1) * Dv, acc_data + r * Dv);
+        for (int64_t r = 0; r < rows; ++r)
+          std::copy(const_value + b * Dv, const_value + (b + 1) * Dv, acc_data + r * Dv);
       for (int64_t j0 = 0; j0 < count; j0 += tiles.keys) {
         const int64_t n = std::min(tiles.keys, count - j0);
         // transposed: keys x rows, each key's row ld apart
@@ -380,11 +394,14 @@ struct Bf16Backward {
   const at::Tensor& grad_out;
   at::Tensor q, d_out, d_out_tile;
   int64_t D = 0, Dv = 0, ld_keys = 0;
-  std::vector<float> delta;
-  std::vector<uint32_t> k_by_channel, v_by_channel, k_by_key;  // pairs along D, Dv; along the keys
+  struct Buffers {
+    std::vector<float> delta;
+    std::vector<uint32_t> k_by_channel, v_by_channel, k_by_key;  // pairs along D, Dv; along the keys
+    std::vector<uint32_t> q_scratch, d_out_scratch, q_by_row, d_out_by_row, packed_a, packed_ds, ds_scratch;
+    std::vector<c10::BFloat16> ds_rounded;
+  };
+  Buffers& buf = thread_buffers<Buffers>();
   bf16::Operand q_rows{}, d_out_rows{};                         // pairs along D, Dv; rows across
-  std::vector<uint32_t> q_scratch, d_out_scratch, q_by_row, d_out_by_row, packed_a, packed_ds, ds_scratch;
-  std::vector<c10::BFloat16> ds_rounded;
 
   void load(int64_t b, int64_t h, int64_t count) {
     const at::Tensor k = in.k[b][h], v = in.v[b][h], o = out[b][h];
@@ -393,37 +410,37 @@ struct Bf16Backward {
     D = k.size(1);
     Dv = v.size(1);
     ld_keys = bf16::padded(count);
-    k_by_channel.resize((D + 1) / 2 * ld_keys);
-    v_by_channel.resize((Dv + 1) / 2 * ld_keys);
-    k_by_key.resize((count + 1) / 2 * bf16::padded(D));
+    buf.k_by_channel.resize((D + 1) / 2 * ld_keys);
+    buf.v_by_channel.resize((Dv + 1) / 2 * ld_keys);
+    buf.k_by_key.resize((count + 1) / 2 * bf16::padded(D));
     const auto* kd = k.const_data_ptr<c10::BFloat16>();
     const auto* vd = v.const_data_ptr<c10::BFloat16>();
-    bf16::pack_pairs(kd, D, count, k.stride(1), k.stride(0), k_by_channel.data(), ld_keys);
-    bf16::pack_pairs(vd, Dv, count, v.stride(1), v.stride(0), v_by_channel.data(), ld_keys);
-    bf16::pack_pairs(kd, count, D, k.stride(0), k.stride(1), k_by_key.data(), bf16::padded(D));
-    delta.resize(q.size(0));  // delta_i = dO_i . O_i in float32
+    bf16::pack_pairs(kd, D, count, k.stride(1), k.stride(0), buf.k_by_channel.data(), ld_keys);
+    bf16::pack_pairs(vd, Dv, count, v.stride(1), v.stride(0), buf.v_by_channel.data(), ld_keys);
+    bf16::pack_pairs(kd, count, D, k.stride(0), k.stride(1), buf.k_by_key.data(), bf16::padded(D));
+    buf.delta.resize(q.size(0));  // delta_i = dO_i . O_i in float32
     row_dots(d_out.const_data_ptr<c10::BFloat16>(), d_out.stride(0), d_out.stride(1), o.const_data_ptr<c10::BFloat16>(),
-             o.stride(0), o.stride(1), q.size(0), Dv, delta.data());
+             o.stride(0), o.stride(1), q.size(0), Dv, buf.delta.data());
   }
-  const float* row_delta(int64_t i0) const { return delta.data() + i0; }
+  const float* row_delta(int64_t i0) const { return buf.delta.data() + i0; }
   void load_rows(int64_t i0, int64_t rows) {
     const at::Tensor qt = q.narrow(0, i0, rows), gt = d_out.narrow(0, i0, rows);
     d_out_tile = gt;
     const auto* qd = qt.const_data_ptr<c10::BFloat16>();
     const auto* gd = gt.const_data_ptr<c10::BFloat16>();
-    q_rows = bf16::column_pairs(qd, rows, D, qt.stride(0), qt.stride(1), q_scratch);
-    d_out_rows = bf16::column_pairs(gd, rows, Dv, gt.stride(0), gt.stride(1), d_out_scratch);
-    q_by_row.resize((rows + 1) / 2 * bf16::padded(D));
-    d_out_by_row.resize((rows + 1) / 2 * bf16::padded(Dv));
-    bf16::pack_pairs(qd, rows, D, qt.stride(0), qt.stride(1), q_by_row.data(), bf16::padded(D));
-    bf16::pack_pairs(gd, rows, Dv, gt.stride(0), gt.stride(1), d_out_by_row.data(), bf16::padded(Dv));
+    q_rows = bf16::column_pairs(qd, rows, D, qt.stride(0), qt.stride(1), buf.q_scratch);
+    d_out_rows = bf16::column_pairs(gd, rows, Dv, gt.stride(0), gt.stride(1), buf.d_out_scratch);
+    buf.q_by_row.resize((rows + 1) / 2 * bf16::padded(D));
+    buf.d_out_by_row.resize((rows + 1) / 2 * bf16::padded(Dv));
+    bf16::pack_pairs(qd, rows, D, qt.stride(0), qt.stride(1), buf.q_by_row.data(), bf16::padded(D));
+    bf16::pack_pairs(gd, rows, Dv, gt.stride(0), gt.stride(1), buf.d_out_by_row.data(), bf16::padded(Dv));
   }
   void logits(at::Tensor& a, int64_t j0, int64_t n) {
-    bf16::gemm(q_rows, k_by_channel.data() + j0, ld_keys, (D + 1) / 2, a.size(0), n, 1.f, a.mutable_data_ptr<float>(),
-               a.stride(0), false);
+    bf16::gemm(q_rows, buf.k_by_channel.data() + j0, ld_keys, (D + 1) / 2, a.size(0), n, 1.f,
+               a.mutable_data_ptr<float>(), a.stride(0), false);
   }
   void probability_grads(at::Tensor& dp, int64_t j0, int64_t n) {
-    bf16::gemm(d_out_rows, v_by_channel.data() + j0, ld_keys, (Dv + 1) / 2, dp.size(0), n, 1.f,
+    bf16::gemm(d_out_rows, buf.v_by_channel.data() + j0, ld_keys, (Dv + 1) / 2, dp.size(0), n, 1.f,
                dp.mutable_data_ptr<float>(), dp.stride(0), false);
   }
   void add_grads(const at::Tensor& a_dropped, const at::Tensor& ds, int64_t i0, int64_t j0, at::Tensor& dq,
@@ -433,19 +450,19 @@ struct Bf16Backward {
     // The tiles' rows run on to ld_n (their stride) with zeros: packed whole, they need no scalar tail.
     TORCH_INTERNAL_ASSERT(a_dropped.stride(0) == ld_n && ds.stride(0) == ld_n);
     // dV (n x Dv) += A^T dO and dK (n x D) += scale dS^T Q: sums over the rows
-    packed_a.resize(row_pairs * ld_n);
-    bf16::pack_pairs(a_dropped.const_data_ptr<float>(), rows, ld_n, ld_n, 1, packed_a.data(), ld_n);
-    bf16::gemm(bf16::packed(packed_a, ld_n), d_out_by_row.data(), bf16::padded(Dv), row_pairs, n, Dv, 1.f,
+    buf.packed_a.resize(row_pairs * ld_n);
+    bf16::pack_pairs(a_dropped.const_data_ptr<float>(), rows, ld_n, ld_n, 1, buf.packed_a.data(), ld_n);
+    bf16::gemm(bf16::packed(buf.packed_a, ld_n), buf.d_out_by_row.data(), bf16::padded(Dv), row_pairs, n, Dv, 1.f,
                dv.mutable_data_ptr<float>() + j0 * Dv, Dv, true);
-    packed_ds.resize(row_pairs * ld_n);
-    bf16::pack_pairs(ds.const_data_ptr<float>(), rows, ld_n, ld_n, 1, packed_ds.data(), ld_n);
-    bf16::gemm(bf16::packed(packed_ds, ld_n), q_by_row.data(), bf16::padded(D), row_pairs, n, D, scale,
+    buf.packed_ds.resize(row_pairs * ld_n);
+    bf16::pack_pairs(ds.const_data_ptr<float>(), rows, ld_n, ld_n, 1, buf.packed_ds.data(), ld_n);
+    bf16::gemm(bf16::packed(buf.packed_ds, ld_n), buf.q_by_row.data(), bf16::padded(D), row_pairs, n, D, scale,
                dk.mutable_data_ptr<float>() + j0 * D, D, true);
     // dQ (rows x D) += scale dS K: a sum over the keys (key tiles start at even keys), dS rounded in place
-    ds_rounded.resize(rows * ld_n);
-    bf16::round_to_bf16(ds.const_data_ptr<float>(), rows * ld_n, ds_rounded.data());
-    const auto ds_rows = bf16::column_pairs(ds_rounded.data(), rows, ld_n, ld_n, 1, ds_scratch);
-    bf16::gemm(ds_rows, k_by_key.data() + j0 / 2 * bf16::padded(D), bf16::padded(D), (n + 1) / 2, rows, D, scale,
+    buf.ds_rounded.resize(rows * ld_n);
+    bf16::round_to_bf16(ds.const_data_ptr<float>(), rows * ld_n, buf.ds_rounded.data());
+    const auto ds_rows = bf16::column_pairs(buf.ds_rounded.data(), rows, ld_n, ld_n, 1, buf.ds_scratch);
+    bf16::gemm(ds_rows, buf.k_by_key.data() + j0 / 2 * bf16::padded(D), bf16::padded(D), (n + 1) / 2, rows, D, scale,
                dq.mutable_data_ptr<float>() + i0 * D, D, true);
   }
   void add_const_grad(at::Tensor grad_const, const at::Tensor& a_const) {
@@ -539,7 +556,8 @@ void backward_typed(const AttentionInputs& in, const at::Tensor& out, const at::
 }
 
 void attention_forward_cpu(const AttentionInputs& in, at::Tensor& out, at::Tensor& lse) {
-  if (in.q.scalar_type() == at::kBFloat16 && bf16::available()) return forward_typed<c10::BFloat16, Bf16Products>(in, out, lse);
+  if (in.q.scalar_type() == at::kBFloat16 && bf16::available())
+    return forward_typed<c10::BFloat16, Bf16Products>(in, out, lse);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.q.scalar_type(), "fsskern_attention_forward_cpu",
                                   [&] { forward_typed<scalar_t, WidenedProducts<scalar_t>>(in, out, lse); });
 }
