@@ -110,6 +110,7 @@ def machine_info(device="cpu"):
         "compiler": info["compiler"],
         "cxx_flags": info["cxx_flags"],
         "bf16_search": info["bf16_search"],
+        "bf16_attention": info["bf16_attention"],
         "python": platform.python_version(),
         **(cuda_info() if torch.device(device).type == "cuda" else {}),
     }

@@ -5,11 +5,12 @@
 Cases at the benchmark sizes: prototype attention B4 H8 N3600 D32 P70 (UMTFSS at 473) and local attention
 B4 C256 60x60 with 30% foreground (CRCNet). Per case, the median time of the forward and of forward + backward
 with float32 inputs, and with the same inputs in bf16 inside ``torch.autocast("cpu", dtype=torch.bfloat16)``
-(as a model's layers hand them over; the kernels read bf16 and compute in float32), the two sides interleaved;
-their ratio (target >= 1.5x); and the largest difference of the bf16 output from the float32 one, which is
-mostly the inputs' own rounding to bf16 (CRCNet's logits are unscaled sums over 256 channels, so rounding q and
-k moves them by ~0.5). The header names the CPU's bf16 capability: without AMX-BF16 / AVX512-BF16 the bf16
-inputs are widened to float32 before the float32 GEMMs, so only the halved input traffic can help.
+(as a model's layers hand them over), the two sides interleaved; their ratio (target >= 1.5x); and the largest
+difference of the bf16 output from the float32 one, which is mostly the inputs' own rounding to bf16 (CRCNet's
+logits are unscaled sums over 256 channels, so rounding q and k moves them by ~0.5). The header names the CPU's
+bf16 capability and the kernels' path (``build_info()["bf16_attention"]``): with AVX512-BF16 they multiply bf16 in
+bf16 (float32 sums); without it the bf16 inputs are widened to float32 before the float32 GEMMs, so only the
+halved input traffic can help.
 Writes OUT/reduced_precision.{json,md}.
 """
 import argparse
@@ -73,14 +74,16 @@ def main(argv=None) -> int:
     rows = [measure(*case(), args.reps) for case in (prototype_case, local_case)]
     hardware = bf16_hardware(torch.device("cpu")) or "none (no AMX-BF16 / AVX512-BF16)"
     info = {"cpu_capability": torch.backends.cpu.get_cpu_capability(), "bf16_hardware": hardware,
-            "bf16_search": build_info()["bf16_search"], "threads": torch.get_num_threads(),
+            "bf16_search": build_info()["bf16_search"], "bf16_attention": build_info()["bf16_attention"],
+            "threads": torch.get_num_threads(),
             "torch": torch.__version__}
     out = Path(args.out)
     (out / "reduced_precision.json").write_text(json.dumps({"info": info, "rows": rows}, indent=1))
     lines = ["# Attention under bf16 autocast vs the float32 kernels", "",
              f"torch {info['torch']}, {info['threads']} threads, CPU capability {info['cpu_capability']}, bf16 "
-             f"matrix hardware: {hardware}. Command: `python benchmarks/reduced_precision.py "
-             f"{' '.join(sys.argv[1:] if argv is None else argv)}`. Target: bf16 >= 1.5x the float32 kernel.", "",
+             f"matrix hardware: {hardware}, attention products: {info['bf16_attention']}. Command: "
+             f"`python benchmarks/reduced_precision.py {' '.join(sys.argv[1:] if argv is None else argv)}`. "
+             "Target: bf16 >= 1.5x the float32 kernel.", "",
              "| case | forward fp32 | forward bf16 | speedup | fwd+bwd fp32 | fwd+bwd bf16 | speedup "
              "| max abs diff of the outputs (inputs' rounding included) |",
              "|---|---|---|---|---|---|---|---|"]

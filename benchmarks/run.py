@@ -164,7 +164,8 @@ def markdown(rows, info, quick, sweeps=(), threads=(), plots_dir="plots", limits
              f"{info['fsskern_cpu_dispatch']}, gcc {info['compiler']} `{info['cxx_flags']}`. {where}"
              + (" Quick sizes." if quick else "")
              + (f" Certified max-cosine search (`search_dtype=torch.bfloat16`): {info['bf16_search']}; the bf16 "
-                "autocast rows time the kernels on bf16 inputs, with the float32 kernel as their peer."
+                "autocast rows time the kernels on bf16 inputs, with the float32 kernel as their peer"
+                + (f" (attention products: {info['bf16_attention']})" if info.get("bf16_attention") else "") + "."
                 if info.get("bf16_search") else ""),
              "",
              "| case | size | reference | fsskern | speed-up (target) | peak extra memory ref -> fsskern | "

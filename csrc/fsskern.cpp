@@ -2,7 +2,6 @@
 // TORCH_LIBRARY_FRAGMENT; this file opens the namespace and answers what the build contains.
 #define TORCH_ASSERT_ONLY_METHOD_OPERATORS  // per-operator ATen headers only (setup.py)
 #include "common/library.h"
-#include "ops/cpu/bf16_gemm.h"
 
 #include <algorithm>
 #include <string>
@@ -31,7 +30,6 @@ std::string build_info() {
   std::string flags = FSSKERN_STRINGIFY(FSSKERN_CXX_FLAGS);
   std::replace(flags.begin(), flags.end(), '_', ' ');
   info += ";cxx_flags=" + flags;
-  info += ";bf16_dot=" + std::to_string(bf16::available());  // the attention kernels' bf16 products
   return info;
 }
 

@@ -259,9 +259,12 @@ def test_prototype_attention(simt, schedule, shape, dtype, dropout_p):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("dropout_p", [0.0, 0.3])
-def test_prototype_attention_reduced_precision(simt, schedule, dtype, dropout_p):
+def test_prototype_attention_reduced_precision(simt, schedule, dtype, dropout_p, monkeypatch):
     # bf16/fp16 read as they are, float32 inside: out in the inputs' dtype, lse and the sums in float32. The
-    # CPU kernel sums in another order, so the outputs may differ by one rounding of the output dtype.
+    # CPU kernel sums in another order, so the outputs may differ by one rounding of the output dtype. Its
+    # peer is the CPU kernel's widened path, which computes as the CUDA kernel does (its bf16 products round
+    # the probabilities: tests/test_reduced_precision.py holds them to their own bound).
+    monkeypatch.setenv("FSSKERN_BF16_DOT", "0")
     q, k, v = (torch.randn(2, 3, n, d).to(dtype) for n, d in ((37, 40), (9, 40), (9, 35)))
     valid = torch.rand(2, 9) < 0.6
     valid[:, 0] = True
@@ -280,7 +283,8 @@ def test_prototype_attention_reduced_precision(simt, schedule, dtype, dropout_p)
         assert_close(g.float(), w.float(), rtol=2 * unit, atol=unit * float(w.float().abs().max()))
 
 
-def test_local_attention_reduced_precision(simt, schedule):
+def test_local_attention_reduced_precision(simt, schedule, monkeypatch):
+    monkeypatch.setenv("FSSKERN_BF16_DOT", "0")  # the widened CPU path, as above
     query, support, value = torch.randn(2, 6, 40).bfloat16(), torch.randn(2, 6, 33).bfloat16(), \
         torch.randn(2, 4, 33).bfloat16()
     mask = torch.rand(2, 33) < 0.4

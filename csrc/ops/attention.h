@@ -18,7 +18,10 @@
 // Reduced precision: q, k, v (and out, grad_out) may be float16 or bfloat16. The kernels read
 // them as they are and compute in opmath (float32): scores, softmax, logsumexp and every
 // accumulator; out is rounded once to the inputs' dtype, lse stays float32, and the gradients
-// accumulate in float32 buffers that the orchestration rounds once at the end.
+// accumulate in float32 buffers that the orchestration rounds once at the end. On CPUs with
+// AVX512-BF16 the CPU kernel multiplies bfloat16 inputs in bf16 (exact products, float32 sums),
+// and rounds the probabilities (and, backward, the logit gradients) to bf16 once for the products
+// they enter: cpu/attention_kernel.cpp, Bf16Products.
 #include <ATen/core/Tensor.h>
 #include <c10/util/string_view.h>
 

@@ -195,7 +195,7 @@ struct Bf16Products {
   int64_t ldv = 0, ldq = 0;
   bf16::Operand k_pairs{};  // pairs along the channels, keys across
   struct Buffers {
-    std::vector<uint32_t> k_scratch, v_packed, q_packed, a_packed;
+    bf16::Words k_scratch, v_packed, q_packed, a_packed;
   };
   Buffers& buf = thread_buffers<Buffers>();
 
@@ -396,8 +396,8 @@ struct Bf16Backward {
   int64_t D = 0, Dv = 0, ld_keys = 0;
   struct Buffers {
     std::vector<float> delta;
-    std::vector<uint32_t> k_by_channel, v_by_channel, k_by_key;  // pairs along D, Dv; along the keys
-    std::vector<uint32_t> q_scratch, d_out_scratch, q_by_row, d_out_by_row, packed_a, packed_ds, ds_scratch;
+    bf16::Words k_by_channel, v_by_channel, k_by_key;  // pairs along D, Dv; along the keys
+    bf16::Words q_scratch, d_out_scratch, q_by_row, d_out_by_row, packed_a, packed_ds, ds_scratch;
     std::vector<c10::BFloat16> ds_rounded;
   };
   Buffers& buf = thread_buffers<Buffers>();

@@ -10,10 +10,11 @@
 
 #include <c10/util/Exception.h>
 
+#include <algorithm>
 #include <cstdlib>
 #include <cstring>
-#include <vector>
 
+#include "common/library.h"
 #include "common/transpose_tile.h"
 
 #if defined(__x86_64__) && defined(__GNUC__)
@@ -172,7 +173,7 @@ FSSKERN_BF16_TARGET void round_to_bf16(const float* x, int64_t count, c10::BFloa
 }
 
 Operand column_pairs(const c10::BFloat16* x, int64_t rows, int64_t cols, int64_t row_stride, int64_t col_stride,
-                     std::vector<uint32_t>& scratch) {
+                     Words& scratch) {
   if (col_stride == 1 && cols % 2 == 0 && row_stride % 2 == 0 && reinterpret_cast<uintptr_t>(x) % 4 == 0)
     return {reinterpret_cast<const uint32_t*>(x), 1, row_stride / 2};
   const int64_t ld = padded(rows);
@@ -197,5 +198,8 @@ void gemm(Operand a, const uint32_t* b, int64_t ldb, int64_t pairs, int64_t m, i
   TORCH_INTERNAL_ASSERT(false, "fsskern: the bf16 GEMM needs an x86-64 build");
 #endif
 }
+
+// What build_info()["bf16_attention"] reports: whether the CPU attention kernels run the bf16 products here.
+TORCH_LIBRARY_FRAGMENT(FSSKERN_NAMESPACE, m) { m.def("_bf16_products() -> bool", [] { return available(); }); }
 
 }  // namespace fsskern::bf16

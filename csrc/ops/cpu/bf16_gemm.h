@@ -14,7 +14,9 @@
 #include <c10/util/BFloat16.h>
 
 #include <cstdint>
+#include <cstddef>
 #include <cstring>
+#include <new>
 #include <vector>
 
 namespace fsskern::bf16 {
@@ -34,6 +36,22 @@ inline uint16_t round_to_bf16(float x) {
   const uint32_t rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
   return static_cast<uint16_t>((u & 0x7FFFFFFFu) > 0x7F800000u ? 0x7FC0u : rounded);
 }
+
+// Buffers of packed words start on a cache line (as rows of ld words do, ld a multiple of 16): an
+// unaligned 64-byte load straddles two lines, and malloc aligns large blocks to 16 bytes only,
+// which made the products' speed vary from process to process.
+template <typename T>
+struct CacheLineAllocator {
+  using value_type = T;
+  CacheLineAllocator() = default;
+  template <typename U>
+  CacheLineAllocator(const CacheLineAllocator<U>&) {}
+  T* allocate(size_t n) { return static_cast<T*>(::operator new(n * sizeof(T), std::align_val_t(64))); }
+  void deallocate(T* p, size_t) { ::operator delete(p, std::align_val_t(64)); }
+  template <typename U>
+  bool operator==(const CacheLineAllocator<U>&) const { return true; }
+};
+using Words = std::vector<uint32_t, CacheLineAllocator<uint32_t>>;
 
 // A multiple of 16 >= n: the ld of a packed operand with n columns.
 inline int64_t padded(int64_t n) { return (n + 15) / 16 * 16; }
@@ -56,13 +74,13 @@ struct Operand {
   int64_t pair_stride, stride;
   Operand from(int64_t i0) const { return {data + i0 * stride, pair_stride, stride}; }
 };
-inline Operand packed(const std::vector<uint32_t>& words, int64_t ld) { return {words.data(), ld, 1}; }
+inline Operand packed(const Words& words, int64_t ld) { return {words.data(), ld, 1}; }
 
 // x (rows x cols, as for pack_pairs) as an A operand paired along its columns, rows across: x
 // itself where each pair is an aligned word in memory (col_stride 1, cols and row_stride even),
 // else pack_pairs of its transpose into scratch.
 Operand column_pairs(const c10::BFloat16* x, int64_t rows, int64_t cols, int64_t row_stride, int64_t col_stride,
-                     std::vector<uint32_t>& scratch);
+                     Words& scratch);
 
 // C (m x n, row stride ldc) = alpha * A^T B (+ C when accumulate) over `pairs` pairs: A an operand
 // with m columns, B pair-packed with n columns (ld ldb). Requires hardware(). Single-threaded; the
