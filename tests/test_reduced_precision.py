@@ -134,6 +134,23 @@ def test_bf16_products_tiles_and_odd_sizes(products):
     assert_attention_close(out, want.float(), of_abs.float(), 2 * ROUNDOFF[torch.bfloat16], 1e-5, "bf16")
 
 
+@pytest.mark.parametrize("products", ["bf16"], indirect=True)
+def test_bf16_products_repeat_exactly_across_threads(products):
+    """The bf16 products sum in an order set by the tiles alone: outputs and gradients equal bit for bit."""
+    q, k, v = rounded((2, 2, 700, 12), (2, 2, 70, 12), (2, 2, 70, 6), dtype=torch.bfloat16)
+    grad = torch.randn(2, 2, 700, 6).bfloat16()
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            out = ops.prototype_attention(q, k, v, dropout_p=0.1, seed=3)
+            results.append((out, *torch.autograd.grad(out, (q, k, v), grad)))
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(a, b) for a, b in zip(*results))
+
+
 def test_attention_float32_accumulation_beats_computing_in_bfloat16():
     q, k, v = (torch.randn(1, 2, 400, 64).bfloat16() for _ in range(3))
     truth = reference.attention.prototype_attention(q.double(), k.double(), v.double(), None, scale=0.125)

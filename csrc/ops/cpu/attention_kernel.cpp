@@ -15,7 +15,8 @@
 // float16/bfloat16 inputs are widened to float32 a slice at a time (a query tile, the keys and
 // values of one (batch, head)) into per-thread tensors, and every GEMM and softmax step runs
 // in float32 as for float32 inputs: no input is copied whole. On CPUs with AVX512-BF16 the
-// forward's two GEMMs read bfloat16 inputs as they are instead (Bf16Products, bf16_gemm.h).
+// GEMMs of both directions read bfloat16 inputs as they are instead (Bf16Products and
+// Bf16Backward, bf16_gemm.h).
 #define TORCH_ASSERT_ONLY_METHOD_OPERATORS  // per-operator ATen headers only (setup.py)
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -350,8 +351,6 @@ struct WidenedBackward {
   void add_const_grad(at::Tensor grad_const, const at::Tensor& a_const) { grad_const.addmv_(d_out_tile.t(), a_const); }
 };
 
-inline float widen(c10::BFloat16 x) { return std::bit_cast<float>(static_cast<uint32_t>(x.x) << 16); }
-
 // out_i = sum_e x_ie y_ie over two (rows x cols) bf16 matrices, in float32. Contiguous rows go 16
 // elements at a time into 16 partial sums, added pairwise at the end (an omp simd reduction ends
 // in a serial chain of 16 dependent adds through memory, which cost more than the products).
@@ -379,7 +378,7 @@ FSSKERN_CPU_CLONES void row_dots(const c10::BFloat16* x, int64_t x_rs, int64_t x
         for (int l = 0; l < width; ++l) lanes[l] += lanes[l + width];
       sum = lanes[0];
     }
-    for (; e < cols; ++e) sum += widen(xi[e * x_cs]) * widen(yi[e * y_cs]);
+    for (; e < cols; ++e) sum += static_cast<float>(xi[e * x_cs]) * static_cast<float>(yi[e * y_cs]);
     out[i] = sum;
   }
 }

@@ -28,13 +28,19 @@ bool hardware();
 // set it to run the widened float32 path on such CPUs too). The attention kernels ask once per op.
 bool available();
 
-// float32 -> bf16 bits, to nearest even, NaN to the quiet NaN 0x7FC0: c10::BFloat16's rounding, as
-// a branch-free expression that `omp simd` loops vectorise.
+// float32 bit patterns u (a scalar or a GCC vector of them) rounded to bf16, to nearest even, still
+// as float32 bit patterns (the low halves zero): c10::BFloat16's rounding of finite values.
+template <typename U>
+inline U round_bits_to_bf16(U u) {
+  return (u + 0x7FFFu + ((u >> 16) & 1u)) & 0xFFFF0000u;
+}
+
+// float32 -> bf16 bits, NaN to the quiet NaN 0x7FC0: c10::BFloat16's rounding, as a branch-free
+// expression that `omp simd` loops vectorise.
 inline uint16_t round_to_bf16(float x) {
   uint32_t u;
   std::memcpy(&u, &x, 4);
-  const uint32_t rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
-  return static_cast<uint16_t>((u & 0x7FFFFFFFu) > 0x7F800000u ? 0x7FC0u : rounded);
+  return static_cast<uint16_t>((u & 0x7FFFFFFFu) > 0x7F800000u ? 0x7FC0u : round_bits_to_bf16(u) >> 16);
 }
 
 // Buffers of packed words start on a cache line (as rows of ld words do, ld a multiple of 16): an

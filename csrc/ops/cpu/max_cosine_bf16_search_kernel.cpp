@@ -37,6 +37,7 @@
 #include "common/cpu_dispatch.h"
 #include "common/library.h"
 #include "common/transpose_tile.h"
+#include "ops/cpu/bf16_gemm.h"
 #include "ops/max_cosine.h"
 
 namespace fsskern {
@@ -68,7 +69,7 @@ typedef uint32_t Bits16 __attribute__((vector_size(kTile * sizeof(uint32_t))));
 // reference: 64-byte vectors by value would change the ABI between clones).
 inline void bf16_bits(const TileRow<float>::type& x, Bits16& u) {
   std::memcpy(&u, &x, sizeof(u));
-  u = (u + 0x7FFFu + ((u >> 16) & 1u)) & 0xFFFF0000u;
+  u = bf16::round_bits_to_bf16(u);
 }
 
 inline void round_to_bf16(const TileRow<float>::type& x, TileRow<float>::type& out) {
