@@ -1,5 +1,6 @@
 """The certified bf16 search of max_cosine / prior_mask: the fp32 kernel's max and argmax, on random data, on
-adversarial near-ties below bf16's resolution, with the fp32 fallback where bf16 hardware is absent."""
+adversarial near-ties below bf16's resolution, with the fp32 fallback where bf16 hardware is absent; with both of
+the CPU kernel's bf16 GEMMs."""
 import pytest
 import torch
 from torch.testing import assert_close
@@ -10,6 +11,19 @@ from fsskern.reference import composed
 from fsskern.ops.certified_search import bf16_hardware, bf16_search, certified_max_cosine, error_bound
 
 BF16 = torch.bfloat16
+OWN_GEMM = bf16_hardware(torch.device("cpu")) == "AVX512-BF16"
+
+
+@pytest.fixture(params=["fsskern", "onednn"], autouse=True)
+def gemm(request, monkeypatch):
+    """The CPU kernel's bf16 products: fsskern's vdpbf16ps GEMM (float32 scores) on AVX512-BF16 without AMX,
+    oneDNN's (bf16 scores, one more rounding in the bound) elsewhere and under FSSKERN_BF16_DOT=0. Every test
+    runs on both where the CPU has both."""
+    if request.param == "fsskern" and not OWN_GEMM:
+        pytest.skip("fsskern's bf16 GEMM runs on AVX512-BF16 CPUs without AMX-BF16 only")
+    if request.param == "onednn":
+        monkeypatch.setenv("FSSKERN_BF16_DOT", "0")
+    return request.param
 
 
 def inputs(B, K, C, Ns, Nq, fg=0.5, soft=False, seed=0):
@@ -94,6 +108,17 @@ def test_adversarial_near_ties_below_bf16_resolution():
     assert torch.equal(indices[0, 0, :1], exact[1][0, 0, :1])
 
 
+def test_duplicate_support_pixels_tie_to_the_first():
+    # each support pixel repeated at three places, so every maximum is a three-way exact tie: the rescoring order
+    # (the highest bound first) must still return the first index, as the fp32 kernel's scan does
+    q, s, w = inputs(2, 1, 64, 40, 90, fg=1.0, seed=3)
+    s = s.repeat(1, 1, 1, 3)[..., torch.randperm(120, generator=torch.Generator().manual_seed(0))]
+    w = torch.ones(2, 1, 120)
+    (values, indices), (got, got_idx) = fp32_and_certified(q, s, w)
+    assert torch.equal(got_idx, indices)
+    assert_close(got, values, **FP32)  # a rescored dot sums in its own order
+
+
 def test_background_ties_and_signed_features():
     # shots where every foreground cosine is negative: the masked-out pixels' 0 (index -1) wins, as in the kernel
     q, s, w = inputs(2, 2, 16, 30, 20, fg=0.3)
@@ -131,7 +156,7 @@ def test_falls_back_to_the_fp32_kernel():
     q, s, w = inputs(1, 1, 32, 20, 15)
     want = ops.max_cosine(q, s, w)
     hardware = bf16_hardware(q.device)
-    assert build_info()["bf16_search"].startswith(f"bf16 ({hardware})" if hardware else "fp32")
+    assert build_info()["bf16_search"].startswith(f"bf16 ({hardware}, " if hardware else "fp32")
     with bf16_search("never"):  # what runs on a CPU without AMX-BF16 / AVX512-BF16 ("auto" there)
         got = ops.max_cosine(q, s, w, search_dtype=BF16)
     assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])

@@ -87,7 +87,7 @@ FSSKERN_BF16_TARGET void pack_pairs_impl(const T* x, int64_t rows, int64_t cols,
 }
 
 #if FSSKERN_HAS_BF16_KERNEL
-constexpr int kRows = 6;
+constexpr int kRows = kBlockRows;
 
 // C[r][16 v + l] (r < MR, v < NV) over all pairs; `cols` (<= 16 NV) columns are stored.
 template <int MR, int NV>
@@ -145,6 +145,15 @@ constexpr BlockFn kBlocks[kRows + 1] = {nullptr,        &run_block<1>, &run_bloc
 bool hardware() {
 #if FSSKERN_HAS_BF16_KERNEL
   static const bool has = __builtin_cpu_supports("avx512bf16");
+  return has;
+#else
+  return false;
+#endif
+}
+
+bool amx() {
+#if FSSKERN_HAS_BF16_KERNEL
+  static const bool has = __builtin_cpu_supports("amx-bf16");
   return has;
 #else
   return false;

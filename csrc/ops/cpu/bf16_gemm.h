@@ -24,6 +24,9 @@ namespace fsskern::bf16 {
 // Whether this build has the kernel and this CPU AVX512-BF16.
 bool hardware();
 
+// Whether this CPU has AMX-BF16, whose tiles (through oneDNN) outrun this kernel.
+bool amx();
+
 // hardware(), unless FSSKERN_BF16_DOT is "0" in the environment (read on every call: the tests
 // set it to run the widened float32 path on such CPUs too). The attention kernels ask once per op.
 bool available();
@@ -87,6 +90,9 @@ inline Operand packed(const Words& words, int64_t ld) { return {words.data(), ld
 // else pack_pairs of its transpose into scratch.
 Operand column_pairs(const c10::BFloat16* x, int64_t rows, int64_t cols, int64_t row_stride, int64_t col_stride,
                      Words& scratch);
+
+// Rows of C per register block: m a multiple of it runs no partial block.
+constexpr int kBlockRows = 6;
 
 // C (m x n, row stride ldc) = alpha * A^T B (+ C when accumulate) over `pairs` pairs: A an operand
 // with m columns, B pair-packed with n columns (ld ldb). Requires hardware(). Single-threaded; the
