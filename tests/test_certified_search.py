@@ -100,7 +100,10 @@ def test_adversarial_near_ties_below_bf16_resolution():
     w = torch.ones(1, 1, Ns)
     stats = {}
     certified_max_cosine(q, s, w, 1e-7, stats)
+    torch.ops.fsskern._bf16_search_counts()  # read and reset
     (values, indices), (got, got_idx) = fp32_and_certified(q, s, w)
+    rows, multi, rescored = torch.ops.fsskern._bf16_search_counts()  # the CPU kernel's own
+    assert rows == Nq and multi >= 1 and rescored >= Nq + multi
     assert torch.equal(got_idx, indices) and got_idx[0, 0, 0] == 0  # the least perturbed pixel
     assert_close(got, values, **FP32)
     assert stats["multi"] > 0  # the rows really needed several rescorings

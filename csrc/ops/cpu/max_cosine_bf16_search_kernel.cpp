@@ -28,6 +28,7 @@
 #include <ATen/ops/mm.h>
 #include <c10/util/BFloat16.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cmath>
 #include <cstring>
@@ -270,28 +271,36 @@ FSSKERN_CPU_CLONES int64_t first_at_least(const float* x, int64_t begin, int64_t
 // float32 argmax j* has c_j* + e_j* >= its float32 cosine >= every pair's c - e, so it is never skipped.
 // The pair with the highest c + e is rescored first: its float32 cosine, usually the maximum, is then
 // a second floor (a pair whose c + e lies below a value already folded can neither beat nor tie it):
-// 2.1 rescorings per row instead of 4.1 at the prior's benchmark size (random features, C = 2048).
+// 2.1 rescorings per row instead of 4.1 on the prior benchmark's post-ReLU random features (C = 2048).
+// Returns how many pairs it rescored.
 template <typename Score>
-void fold_query_pixel(const Tile& tile, const Score* scores, const QueryPixel& q, float eps, float g, float* lo,
-                      float* hi, float& floor, float& best, int64_t& best_j) {
+int64_t fold_query_pixel(const Tile& tile, const Score* scores, const QueryPixel& q, float eps, float g, float* lo,
+                         float* hi, float& floor, float& best, int64_t& best_j) {
   const float C = static_cast<float>(tile.C);
   cosine_bounds(scores, tile.norms, q, eps, g, std::sqrt(C), C, tile.n, lo, hi);
   floor = max_of(lo, tile.n, floor);
   const float top = max_of(hi, tile.n, -std::numeric_limits<float>::infinity());
+  int64_t rescored = 0;
   const auto rescore = [&](int64_t r) {
+    ++rescored;
     const float v = cosine_from_dot(dot(tile.rows + r * tile.C, q.row, tile.C), tile.norms.norm[r], q.norm, eps);
     if (max_cosine_better(v, tile.fg[r], best, best_j)) {
       best = v;
       best_j = tile.fg[r];
     }
   };
-  if (top < floor || top < best) return;
+  if (top < floor || top < best) return 0;
   const int64_t first = first_at_least(hi, 0, tile.n, top);
   rescore(first);
   for (int64_t r = first_at_least(hi, 0, tile.n, std::max(floor, best)); r < tile.n;
        r = first_at_least(hi, r + 1, tile.n, std::max(floor, best)))
     if (r != first) rescore(r);
+  return rescored;
 }
+
+// What the searches since the last read rescored, for benchmarks/certified_search.py: (query pixel, shot)
+// rows, rows with more than one rescoring, rescorings. Read and reset by the op _bf16_search_counts().
+std::atomic<int64_t> counted_rows{0}, multi_rows{0}, rescorings{0};
 
 std::tuple<at::Tensor, at::Tensor> max_cosine_bf16_search_cpu(const at::Tensor& query, const at::Tensor& support,
                                                               const at::Tensor& support_weights, double eps_) {
@@ -326,6 +335,7 @@ std::tuple<at::Tensor, at::Tensor> max_cosine_bf16_search_cpu(const at::Tensor& 
   bf16::Words panels(own_gemm ? (tile_cap + kPanel - 1) / kPanel * panel_words : 0), chunk_scratch;
   at::Tensor scores = at::empty({chunk_cap * tile_cap}, q.options().dtype(own_gemm ? at::kFloat : at::kBFloat16));
   std::vector<float> tile_norms(3 * tile_cap), chunk_norms(3 * chunk_cap), floors(Nq);
+  std::vector<int64_t> rescored(Nq);
   const RowNorms norms{tile_norms.data(), tile_norms.data() + tile_cap, tile_norms.data() + 2 * tile_cap};
   const RowNorms qnorms{chunk_norms.data(), chunk_norms.data() + chunk_cap, chunk_norms.data() + 2 * chunk_cap};
   std::vector<int64_t> query_cols(Nq);
@@ -347,6 +357,7 @@ std::tuple<at::Tensor, at::Tensor> max_cosine_bf16_search_cpu(const at::Tensor& 
       std::fill_n(best, Nq, has_bg ? 0.f : -std::numeric_limits<float>::infinity());
       std::fill_n(best_j, Nq, has_bg ? kBackgroundIndex : kNoIndex);
       std::fill(floors.begin(), floors.end(), -std::numeric_limits<float>::infinity());
+      std::fill(rescored.begin(), rescored.end(), 0);
       for (int64_t r0 = 0; r0 < static_cast<int64_t>(fg.size()); r0 += kSupportTile) {
         const int64_t n = std::min<int64_t>(kSupportTile, fg.size() - r0);
         if (!gather_rows(sk, C, Ns, fg.data() + r0, wk, n, rows.mutable_data_ptr<float>(),
@@ -369,8 +380,8 @@ std::tuple<at::Tensor, at::Tensor> max_cosine_bf16_search_cpu(const at::Tensor& 
             std::vector<float> bounds(2 * n);
             for (int64_t i = begin; i < end; ++i) {
               const QueryPixel qp{cq + i * C, qnorms.norm[i], qnorms.rounded[i], qnorms.error[i]};
-              fold_query_pixel(tile, sc + i * n, qp, eps, g, bounds.data(), bounds.data() + n, floors[i0 + i],
-                               best[i0 + i], best_j[i0 + i]);
+              rescored[i0 + i] += fold_query_pixel(tile, sc + i * n, qp, eps, g, bounds.data(), bounds.data() + n,
+                                                   floors[i0 + i], best[i0 + i], best_j[i0 + i]);
             }
           };
           if (own_gemm) {
@@ -394,6 +405,9 @@ std::tuple<at::Tensor, at::Tensor> max_cosine_bf16_search_cpu(const at::Tensor& 
           }
         }
       }
+      counted_rows += Nq;
+      multi_rows += std::count_if(rescored.begin(), rescored.end(), [](int64_t c) { return c > 1; });
+      rescorings += std::accumulate(rescored.begin(), rescored.end(), int64_t(0));
     }
   }
   return {values, indices};
@@ -402,5 +416,11 @@ std::tuple<at::Tensor, at::Tensor> max_cosine_bf16_search_cpu(const at::Tensor& 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(FSSKERN_NAMESPACE, CPU, m) { m.impl("max_cosine_bf16_search", &max_cosine_bf16_search_cpu); }
+
+TORCH_LIBRARY_FRAGMENT(FSSKERN_NAMESPACE, m) {
+  m.def("_bf16_search_counts() -> int[]", [] {
+    return std::vector<int64_t>{counted_rows.exchange(0), multi_rows.exchange(0), rescorings.exchange(0)};
+  });
+}
 
 }  // namespace fsskern
