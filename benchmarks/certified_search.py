@@ -5,9 +5,10 @@ benchmark size on random features and on real MobileNetV2 features of MSRC-v2 ph
 
 Reports, per case: how many rows (query pixel, shot) had more than one candidate to rescore in fp32, and the mean
 candidates per row, for the torch version (worst-case bound; what runs on GPUs) and for the CPU kernel (bounds
-from each row's own rounding, the highest-bound pair first), whether values and indices equal the fp32 kernel's, and the median time of the fp32
-kernel, the certified search (forced: on a CPU without AMX-BF16 / AVX512-BF16 its bf16 products are emulated,
-so its time there says nothing of the target) and the reference. Writes OUT/certified_search.{json,md}.
+from each row's own rounding, the highest-bound pair first); whether values and indices equal the fp32 kernel's;
+and the median time of the fp32 kernel, the certified search (forced: on a CPU without AMX-BF16 / AVX512-BF16
+its bf16 products are emulated, so its time there says nothing of the target) and the reference. Writes
+OUT/certified_search.{json,md}.
 """
 import argparse
 import json

@@ -8,7 +8,7 @@ def build_info() -> dict:
     from .ops.certified_search import bf16_hardware
     hardware = bf16_hardware(torch.device("cpu"))
     # fsskern's vdpbf16ps products (FSSKERN_BF16_DOT=0 turns them off): the attention kernels' on AVX512-BF16,
-    # the search's there too unless the CPU has AMX-BF16 (oneDNN's tiles are faster)
+    # the search's there too unless the CPU has AMX-BF16 (oneDNN's GEMM runs on its tile units)
     own = torch.ops.fsskern._bf16_products()
     gemm = "fsskern's vdpbf16ps GEMM" if own and hardware == "AVX512-BF16" else "oneDNN's GEMM"
     return {

@@ -24,7 +24,7 @@ namespace fsskern::bf16 {
 // Whether this build has the kernel and this CPU AVX512-BF16.
 bool hardware();
 
-// Whether this CPU has AMX-BF16, whose tiles (through oneDNN) outrun this kernel.
+// Whether this CPU has AMX-BF16, whose tile units (through oneDNN) do many times vdpbf16ps's work per cycle.
 bool amx();
 
 // hardware(), unless FSSKERN_BF16_DOT is "0" in the environment (read on every call: the tests

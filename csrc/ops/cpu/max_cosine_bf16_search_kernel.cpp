@@ -326,8 +326,8 @@ std::tuple<at::Tensor, at::Tensor> max_cosine_bf16_search_cpu(const at::Tensor& 
   at::Tensor chunk = at::empty({chunk_cap, C}, q.options());
   at::Tensor chunk16 = at::empty({chunk_cap, C}, q.options().dtype(at::kBFloat16));
   // The bf16 products: fsskern's vdpbf16ps GEMM (float32 scores, the tile packed once) where the CPU has
-  // AVX512-BF16 and no AMX; oneDNN's (bf16 scores) elsewhere: AMX-BF16 tiles outrun vdpbf16ps, and on a CPU
-  // with neither (bf16_search("always") in the tests) oneDNN emulates.
+  // AVX512-BF16 and no AMX; oneDNN's (bf16 scores) elsewhere: AMX-BF16 tile units do many times vdpbf16ps's
+  // work per cycle, and on a CPU with neither (bf16_search("always") in the tests) oneDNN emulates.
   const bool own_gemm = bf16::available() && !bf16::amx();
   // The tile packed in panels of kPanel pixels, each its own contiguous pair-packed matrix (the threads
   // pack them side by side; the GEMM reads each panel's words in order).
