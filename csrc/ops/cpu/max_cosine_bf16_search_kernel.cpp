@@ -116,6 +116,9 @@ FSSKERN_CPU_CLONES bool gather_groups(const float* map, int64_t C, int64_t N, co
       Row tile[kTile];
       for (int cc = 0; cc < kTile; ++cc) {
         const float* channel = map + (c0 + std::min<int64_t>(cc, width - 1)) * N;
+        // the same pixels of the next block's channel: the map is read 64 bytes of a row at a time, too little
+        // of each row for the hardware prefetcher (with this, a fifth fewer samples in this function under perf)
+        if (c0 + kTile + cc < C) __builtin_prefetch(channel + kTile * N + cols[r0]);
         if (adjacent[g - g0]) {
           std::memcpy(&tile[cc], channel + cols[r0], sizeof(Row));
         } else {
