@@ -24,6 +24,7 @@ sys.path.insert(0, str(ROOT))
 from fsskern import build_info, ops  # noqa: E402
 from fsskern.ops.certified_search import bf16_search, certified_max_cosine  # noqa: E402
 from fsskern.reference import composed  # noqa: E402
+from harness import machine_info  # noqa: E402
 
 
 def median_time(fn, reps):
@@ -93,12 +94,13 @@ def main(argv=None) -> int:
     if (Path(args.data) / "images").is_dir():
         cases.append(real_case(args.data))
     rows = [measure(*case, args.reps) for case in cases]
-    info = {"cpu_capability": torch.backends.cpu.get_cpu_capability(), "bf16_search": build_info()["bf16_search"],
-            "threads": torch.get_num_threads(), "torch": torch.__version__}
+    info = {"cpu": machine_info()["cpu"], "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "bf16_search": build_info()["bf16_search"], "threads": torch.get_num_threads(), "torch": torch.__version__}
     out = Path(args.out)
     (out / "certified_search.json").write_text(json.dumps({"info": info, "rows": rows}, indent=1))
     lines = ["# Certified bf16 search of max_cosine", "",
-             f"torch {info['torch']}, {info['threads']} threads, CPU capability {info['cpu_capability']}; "
+             f"{info['cpu']}, torch {info['torch']}, {info['threads']} threads, CPU capability "
+             f"{info['cpu_capability']}; "
              f"bf16 search: {info['bf16_search']}. Command: `python benchmarks/certified_search.py "
              f"{' '.join(sys.argv[1:] if argv is None else argv)}`.", "",
              "Rows > 1 rescore and candidates / row: the torch version's (worst-case bound) / the CPU kernel's.", "",
