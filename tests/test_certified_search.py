@@ -41,6 +41,7 @@ def fp32_and_certified(q, s, w, eps=1e-7):
 
 @pytest.mark.parametrize("shape,fg,soft", [((2, 1, 64, 50, 70), 0.5, False), ((1, 3, 256, 400, 300), 0.3, True),
                                            ((2, 2, 33, 17, 9), 1.0, False), ((1, 2, 8, 5, 6), 0.0, False),
+                                           ((1, 2, 37, 150, 40), 0.5, True),  # odd C: the last pair half empty
                                            ((1, 1, 2048, 120, 90), 0.5, False),
                                            ((1, 2, 64, 5000, 600), 0.5, False)], ids=str)  # CPU: 2 tiles, 3 chunks
 def test_equals_the_fp32_kernel_on_random_data(shape, fg, soft):

@@ -5,8 +5,9 @@
 //
 // Per (image, shot), one tile of up to kSupportTile foreground support pixels at a time:
 //   1. gather w_j s_j of the tile's pixels as float32 rows (tile x C), with their norms in the
-//      float32 kernel's order (so the norms are its norms), the rows rounded to bf16, and the
-//      norms of the rounded rows and of their rounding errors;
+//      float32 kernel's order (so the norms are its norms), the rows rounded to bf16 (packed for
+//      the GEMM as they are gathered, on fsskern's), and the norms of the rounded rows and of
+//      their rounding errors;
 //   2. per chunk of kQueryChunk query pixels: the same for the chunk's rows; a bf16 GEMM gives the
 //      chunk's bf16 dot products with the tile: fsskern's vdpbf16ps GEMM (bf16_gemm.h, float32
 //      output) on AVX512-BF16, oneDNN's (bf16 output) on AMX-BF16 and on CPUs with neither;
@@ -17,8 +18,8 @@
 // L only grows, and the float32 argmax j* has c_j* + e_j* >= its float32 cosine >= every pair's
 // c - e and >= every folded value, so j* (and any pair tied with it) is always rescored: the values
 // and indices are the float32 kernel's, up to the summation order of a rescored dot. Extra memory:
-// a tile and a chunk in float32 and bf16, the packed tile and one score block, about 37 MB at
-// C = 2048, whatever the image size.
+// a tile in float32 and packed bf16, a chunk in float32 and bf16 and one score block, about 29 MB
+// at C = 2048, whatever the image size.
 //
 // Inputs the bound does not cover go to the float32 kernel, which keeps its dtype and NaN rules:
 // other dtypes than float32, eps = 0 (0 / 0 cosines) and non-finite values.
@@ -46,21 +47,31 @@
 namespace fsskern {
 namespace {
 
-// 2048 x 2048 float32 rows are 16 MB, their bf16 copy 8 MB and its packing 8 MB; 252 query rows
-// another 3 MB. One tile holds a 60 x 60 support's foreground up to 57 %, so the query is gathered
-// once per shot there (1,024-pixel tiles: 10 % slower at 50 % foreground, 12 MB less). The GEMM
-// (252 x C x 2048) runs at the bf16 units' peak on Zen 4 (one vdpbf16ps a cycle per core).
+// 2048 x 2048 float32 rows are 16 MB and their packing 8 MB; 252 query rows another 3 MB. One tile
+// holds a 60 x 60 support's foreground up to 57 %, so the query is gathered once per shot there
+// (1,024-pixel tiles: 10 % slower at 50 % foreground, 12 MB less). The GEMM (252 x C x 2048) runs at
+// the bf16 units' peak on Zen 4 (one vdpbf16ps a cycle per core); 504-row chunks were no faster.
 constexpr int64_t kSupportTile = 2048;
 constexpr int64_t kQueryChunk = 42 * bf16::kBlockRows;  // threads take whole blocks of the GEMM
 constexpr int64_t kPanel = 64;                           // pixels: the GEMM's widest block
+
+// The words of one packed panel: (C + 1) / 2 pairs of channels x kPanel pixels.
+constexpr int64_t panel_size(int64_t C) { return (C + 1) / 2 * kPanel; }
+
+// x - x is 0 for a finite x and NaN otherwise: a compare the loop vectorises (std::isfinite's
+// classification did not, and the lambda of parallel_for is not cloned for AVX-512, this is).
+FSSKERN_CPU_CLONES bool finite_range(const float* p, int64_t n) {
+  int bad = 0;
+#pragma omp simd reduction(| : bad)
+  for (int64_t i = 0; i < n; ++i) bad |= !(p[i] - p[i] == 0.f);
+  return !bad;
+}
 
 bool all_finite(const at::Tensor& x) {
   const float* p = x.const_data_ptr<float>();
   std::atomic<bool> finite{true};
   at::parallel_for(0, x.numel(), 1 << 16, [&](int64_t begin, int64_t end) {
-    bool ok = true;
-    for (int64_t i = begin; i < end; ++i) ok &= std::isfinite(p[i]);
-    if (!ok) finite = false;
+    if (!finite_range(p + begin, end - begin)) finite = false;
   });
   return finite;
 }
@@ -93,8 +104,8 @@ struct RowNorms {
 // registers; the thread sweeps its pixels one block of 16 channels at a time, so the map is read
 // along its rows.
 FSSKERN_CPU_CLONES bool gather_groups(const float* map, int64_t C, int64_t N, const int64_t* cols, const float* scale,
-                                      int64_t n, float* rows, c10::BFloat16* rows16, RowNorms norms, int64_t g0,
-                                      int64_t g1) {
+                                      int64_t n, float* rows, c10::BFloat16* rows16, uint32_t* panels,
+                                      RowNorms norms, int64_t g0, int64_t g1) {
   using Row = TileRow<float>::type;
   // on the stack: std::vector does not align vector types to 64 bytes here
   constexpr int64_t kMaxGroups = kSupportTile / kTile;
@@ -112,39 +123,67 @@ FSSKERN_CPU_CLONES bool gather_groups(const float* map, int64_t C, int64_t N, co
     for (int64_t g = g0; g < g1; ++g) {
       const int64_t r0 = g * kTile, pixels = std::min<int64_t>(kTile, n - r0);
       const Row factor = scale_rows[g - g0];
-      Row* sums = acc + 3 * (g - g0);
       Row tile[kTile];
+      // the sums in registers across the block (through memory, each add waited on the last one's store)
+      Row sum = acc[3 * (g - g0)], sum_rounded = acc[3 * (g - g0) + 1], sum_error = acc[3 * (g - g0) + 2];
+      // the GEMM's packing of the block: pair q of channels is one word per pixel, 2q in its low half
+      uint32_t* packed = panels ? panels + r0 / kPanel * panel_size(C) + c0 / 2 * kPanel + r0 % kPanel : nullptr;
+      Bits16 low = {};
       for (int cc = 0; cc < kTile; ++cc) {
         const float* channel = map + (c0 + std::min<int64_t>(cc, width - 1)) * N;
-        // the same pixels of the next block's channel: the map is read 64 bytes of a row at a time, too little
-        // of each row for the hardware prefetcher (with this, a fifth fewer samples in this function under perf)
-        if (c0 + kTile + cc < C) __builtin_prefetch(channel + kTile * N + cols[r0]);
+        // the lines holding the group's pixels in the next block's channel: the map is read a line or a few of
+        // each row at a time, too little for the hardware prefetcher (a quarter less time in this function)
+        if (c0 + kTile + cc < C) {
+          const float* next = channel + kTile * N;
+          if (adjacent[g - g0]) {
+            __builtin_prefetch(next + cols[r0]);
+            __builtin_prefetch(next + cols[r0] + kTile - 1);
+          } else {
+            uintptr_t line = 0;
+            for (int64_t l = 0; l < pixels; ++l) {
+              const uintptr_t at = reinterpret_cast<uintptr_t>(next + cols[r0 + l]) / 64;
+              if (at != line) __builtin_prefetch(next + cols[r0 + l]);
+              line = at;
+            }
+          }
+        }
         if (adjacent[g - g0]) {
           std::memcpy(&tile[cc], channel + cols[r0], sizeof(Row));
         } else {
           for (int l = 0; l < kTile; ++l) tile[cc][l] = channel[cols[r0 + std::min<int64_t>(l, pixels - 1)]];
         }
         tile[cc] = factor * tile[cc];
+        Bits16 hat_bits = {};
         if (cc < width) {
           Row hat;
-          round_to_bf16(tile[cc], hat);
+          bf16_bits(tile[cc], hat_bits);
+          std::memcpy(&hat, &hat_bits, sizeof(hat));
           const Row err = hat - tile[cc];
-          sums[0] += tile[cc] * tile[cc];
-          sums[1] += hat * hat;
-          sums[2] += err * err;
+          sum += tile[cc] * tile[cc];
+          sum_rounded += hat * hat;
+          sum_error += err * err;
+        }
+        if (packed && cc % 2 == 0) low = hat_bits >> 16;
+        if (packed && cc % 2 == 1 && cc - 1 < width) {
+          const Bits16 words = low | hat_bits;
+          std::memcpy(packed + cc / 2 * kPanel, &words, sizeof(words));
         }
       }
+      acc[3 * (g - g0)] = sum;
+      acc[3 * (g - g0) + 1] = sum_rounded;
+      acc[3 * (g - g0) + 2] = sum_error;
       transpose_tile<float>(tile);
       for (int64_t l = 0; l < pixels; ++l) {
+        float* row = rows + (r0 + l) * C + c0;
         Bits16 hat;
         bf16_bits(tile[l], hat);
         const Half16 rounded = __builtin_convertvector(hat >> 16, Half16);
         if (width == kTile) {  // a fixed size: inlined vector stores
-          std::memcpy(rows + (r0 + l) * C + c0, &tile[l], sizeof(Row));
-          std::memcpy(rows16 + (r0 + l) * C + c0, &rounded, sizeof(Half16));
+          std::memcpy(row, &tile[l], sizeof(Row));
+          if (rows16) std::memcpy(rows16 + (r0 + l) * C + c0, &rounded, sizeof(Half16));
         } else {
-          std::memcpy(rows + (r0 + l) * C + c0, &tile[l], width * sizeof(float));
-          std::memcpy(rows16 + (r0 + l) * C + c0, &rounded, width * sizeof(c10::BFloat16));
+          std::memcpy(row, &tile[l], width * sizeof(float));
+          if (rows16) std::memcpy(rows16 + (r0 + l) * C + c0, &rounded, width * sizeof(c10::BFloat16));
         }
       }
     }
@@ -163,15 +202,16 @@ FSSKERN_CPU_CLONES bool gather_groups(const float* map, int64_t C, int64_t N, co
   return ok;
 }
 
-// Rows (n x C) in float32 and bf16 of the pixels cols[0..n) of a channel-first (C x N) map, each
-// times scale[col] (none: 1), and their RowNorms. Each norm sums the squares over c in order, as
+// Rows (n x C) in float32 of the pixels cols[0..n) of a channel-first (C x N) map, each times
+// scale[col] (none: 1), rounded to bf16 either as rows (rows16) or packed for fsskern's GEMM (panels,
+// see max_cosine_bf16_search_cpu), and their RowNorms. Each norm sums the squares over c in order, as
 // the float32 kernel's column_norms (so the norms are its norms). False when a norm is not finite
 // (a non-finite value, or an overflow): the caller then runs the float32 kernel.
 bool gather_rows(const float* map, int64_t C, int64_t N, const int64_t* cols, const float* scale, int64_t n,
-                 float* rows, c10::BFloat16* rows16, RowNorms norms) {
+                 float* rows, c10::BFloat16* rows16, uint32_t* panels, RowNorms norms) {
   std::atomic<bool> finite{true};
   at::parallel_for(0, (n + kTile - 1) / kTile, 1, [&](int64_t g0, int64_t g1) {
-    if (!gather_groups(map, C, N, cols, scale, n, rows, rows16, norms, g0, g1)) finite = false;
+    if (!gather_groups(map, C, N, cols, scale, n, rows, rows16, panels, norms, g0, g1)) finite = false;
   });
   return finite;
 }
@@ -231,13 +271,14 @@ inline float score_value(const c10::BFloat16* scores, int64_t r) {
 // certified_search.py's worst case r (which assumes every element rounds by a full u).
 template <typename Score>
 FSSKERN_CPU_CLONES void cosine_bounds(const Score* scores, const RowNorms& s, const QueryPixel& q, float eps, float g,
-                                      float sqrt_c, float C, int64_t n, float* lo, float* hi) {
+                                      float sqrt_c, float C, int64_t n, float* hi, float& floor, float& top) {
   const float uo = std::is_same_v<Score, float> ? 0.f : 0x1p-8f / (1.f - 0x1p-8f);
   const float k_rounded = g * q.rounded, k_norm = g * q.norm + q.error, k_error = q.rounded;
-  // local copies: the vectoriser does not hoist loads of the struct's members past the stores to lo, hi
+  // local copies: the vectoriser does not hoist loads of the struct's members past the stores to hi
   const float *s_norm = s.norm, *s_rounded = s.rounded, *s_error = s.error;
   const float q_norm = q.norm, q_rounded = q.rounded;
-#pragma omp simd
+  float lo_max = floor, hi_max = top;
+#pragma omp simd reduction(max : lo_max, hi_max)
   for (int64_t r = 0; r < n; ++r) {
     const float D = score_value(scores, r);
     const float den = s_norm[r] * q_norm + eps;
@@ -245,24 +286,21 @@ FSSKERN_CPU_CLONES void cosine_bounds(const Score* scores, const RowNorms& s, co
     const float flushed = (C + sqrt_c * (s_rounded[r] + q_rounded)) * 0x1p-126f;
     const float a = (s_rounded[r] * k_rounded + s_norm[r] * k_norm + s_error[r] * k_error) * (1.f + 0x1p-10f);
     const float e = (a + flushed + uo * __builtin_fabsf(D)) / den * (1.f + 0x1p-20f) + 0x1p-20f * __builtin_fabsf(c);
-    lo[r] = c - e;
     hi[r] = c + e;
+    lo_max = c - e > lo_max ? c - e : lo_max;
+    hi_max = c + e > hi_max ? c + e : hi_max;
   }
-}
-
-FSSKERN_CPU_CLONES float max_of(const float* x, int64_t n, float m) {
-#pragma omp simd reduction(max : m)
-  for (int64_t r = 0; r < n; ++r) m = x[r] > m ? x[r] : m;
-  return m;
+  floor = lo_max;
+  top = hi_max;
 }
 
 // The first r in [begin, n) with x[r] >= t, else n: 16 at a time, most blocks holding none.
 FSSKERN_CPU_CLONES int64_t first_at_least(const float* x, int64_t begin, int64_t n, float t) {
   int64_t r = begin;
   for (; r + kTile <= n; r += kTile) {
-    bool any = false;
-#pragma omp simd reduction(|| : any)
-    for (int l = 0; l < kTile; ++l) any = any || x[r + l] >= t;
+    int any = 0;  // `|`, not `||`: a short-circuit per element keeps the loop scalar
+#pragma omp simd reduction(| : any)
+    for (int l = 0; l < kTile; ++l) any |= x[r + l] >= t;
     if (any) break;
   }
   while (r < n && x[r] < t) ++r;
@@ -277,12 +315,11 @@ FSSKERN_CPU_CLONES int64_t first_at_least(const float* x, int64_t begin, int64_t
 // 2.1 rescorings per row instead of 4.1 on the prior benchmark's post-ReLU random features (C = 2048).
 // Returns how many pairs it rescored.
 template <typename Score>
-int64_t fold_query_pixel(const Tile& tile, const Score* scores, const QueryPixel& q, float eps, float g, float* lo,
-                         float* hi, float& floor, float& best, int64_t& best_j) {
+int64_t fold_query_pixel(const Tile& tile, const Score* scores, const QueryPixel& q, float eps, float g, float* hi,
+                         float& floor, float& best, int64_t& best_j) {
   const float C = static_cast<float>(tile.C);
-  cosine_bounds(scores, tile.norms, q, eps, g, std::sqrt(C), C, tile.n, lo, hi);
-  floor = max_of(lo, tile.n, floor);
-  const float top = max_of(hi, tile.n, -std::numeric_limits<float>::infinity());
+  float top = -std::numeric_limits<float>::infinity();
+  cosine_bounds(scores, tile.norms, q, eps, g, std::sqrt(C), C, tile.n, hi, floor, top);
   int64_t rescored = 0;
   const auto rescore = [&](int64_t r) {
     ++rescored;
@@ -324,18 +361,22 @@ std::tuple<at::Tensor, at::Tensor> max_cosine_bf16_search_cpu(const at::Tensor& 
   at::Tensor indices = at::empty({B, K, Nq}, q.options().dtype(at::kLong));
 
   const int64_t tile_cap = std::min(kSupportTile, Ns), chunk_cap = std::min(kQueryChunk, Nq);
-  at::Tensor rows = at::empty({tile_cap, C}, q.options());
-  at::Tensor rows16 = at::empty({tile_cap, C}, q.options().dtype(at::kBFloat16));
-  at::Tensor chunk = at::empty({chunk_cap, C}, q.options());
-  at::Tensor chunk16 = at::empty({chunk_cap, C}, q.options().dtype(at::kBFloat16));
   // The bf16 products: fsskern's vdpbf16ps GEMM (float32 scores, the tile packed once) where the CPU has
   // AVX512-BF16 and no AMX; oneDNN's (bf16 scores) elsewhere: AMX-BF16 tile units do many times vdpbf16ps's
   // work per cycle, and on a CPU with neither (bf16_search("always") in the tests) oneDNN emulates.
   const bool own_gemm = bf16::available() && !bf16::amx();
-  // The tile packed in panels of kPanel pixels, each its own contiguous pair-packed matrix (the threads
-  // pack them side by side; the GEMM reads each panel's words in order).
-  const int64_t pairs = (C + 1) / 2, panel_words = pairs * kPanel;
-  bf16::Words panels(own_gemm ? (tile_cap + kPanel - 1) / kPanel * panel_words : 0), chunk_scratch;
+  at::Tensor rows = at::empty({tile_cap, C}, q.options());
+  at::Tensor rows16 = at::empty({own_gemm ? 0 : tile_cap, C}, q.options().dtype(at::kBFloat16));
+  at::Tensor chunk = at::empty({chunk_cap, C}, q.options());
+  at::Tensor chunk16 = at::empty({chunk_cap, C}, q.options().dtype(at::kBFloat16));
+  // For fsskern's GEMM the gather packs the tile itself, in panels of kPanel pixels, each its own
+  // contiguous pair-packed matrix (the GEMM reads each panel's words in order). A tensor: on a cache
+  // line, and not zero-filled as bf16::Words is (8 MB written for nothing).
+  const int64_t pairs = (C + 1) / 2, panel_words = panel_size(C);
+  at::Tensor panel_buffer =
+      at::empty({own_gemm ? (tile_cap + kPanel - 1) / kPanel * panel_words : 0}, q.options().dtype(at::kInt));
+  uint32_t* panels = own_gemm ? reinterpret_cast<uint32_t*>(panel_buffer.mutable_data_ptr<int32_t>()) : nullptr;
+  bf16::Words chunk_scratch;
   at::Tensor scores = at::empty({chunk_cap * tile_cap}, q.options().dtype(own_gemm ? at::kFloat : at::kBFloat16));
   std::vector<float> tile_norms(3 * tile_cap), chunk_norms(3 * chunk_cap), floors(Nq);
   std::vector<int64_t> rescored(Nq);
@@ -364,27 +405,21 @@ std::tuple<at::Tensor, at::Tensor> max_cosine_bf16_search_cpu(const at::Tensor& 
       for (int64_t r0 = 0; r0 < static_cast<int64_t>(fg.size()); r0 += kSupportTile) {
         const int64_t n = std::min<int64_t>(kSupportTile, fg.size() - r0);
         if (!gather_rows(sk, C, Ns, fg.data() + r0, wk, n, rows.mutable_data_ptr<float>(),
-                         rows16.mutable_data_ptr<c10::BFloat16>(), norms))
+                         own_gemm ? nullptr : rows16.mutable_data_ptr<c10::BFloat16>(), panels, norms))
           return fallback();
         const Tile tile{rows.const_data_ptr<float>(), norms, fg.data() + r0, n, C};
-        if (own_gemm)
-          at::parallel_for(0, (n + kPanel - 1) / kPanel, 1, [&](int64_t p0, int64_t p1) {
-            for (int64_t p = p0; p < p1; ++p)
-              bf16::pack_pairs(rows16.const_data_ptr<c10::BFloat16>() + p * kPanel * C, C,
-                               std::min(kPanel, n - p * kPanel), 1, C, panels.data() + p * panel_words, kPanel);
-          });
         for (int64_t i0 = 0; i0 < Nq; i0 += kQueryChunk) {
           const int64_t nq = std::min(kQueryChunk, Nq - i0);
           if (!gather_rows(qb, C, Nq, query_cols.data() + i0, nullptr, nq, chunk.mutable_data_ptr<float>(),
-                           chunk16.mutable_data_ptr<c10::BFloat16>(), qnorms))
+                           chunk16.mutable_data_ptr<c10::BFloat16>(), nullptr, qnorms))
             return fallback();
           const float* cq = chunk.const_data_ptr<float>();
           const auto fold_rows = [&](const auto* sc, int64_t begin, int64_t end) {
-            std::vector<float> bounds(2 * n);
+            std::vector<float> hi(n);
             for (int64_t i = begin; i < end; ++i) {
               const QueryPixel qp{cq + i * C, qnorms.norm[i], qnorms.rounded[i], qnorms.error[i]};
-              rescored[i0 + i] += fold_query_pixel(tile, sc + i * n, qp, eps, g, bounds.data(), bounds.data() + n,
-                                                   floors[i0 + i], best[i0 + i], best_j[i0 + i]);
+              rescored[i0 + i] += fold_query_pixel(tile, sc + i * n, qp, eps, g, hi.data(), floors[i0 + i],
+                                                   best[i0 + i], best_j[i0 + i]);
             }
           };
           if (own_gemm) {
@@ -396,7 +431,7 @@ std::tuple<at::Tensor, at::Tensor> max_cosine_bf16_search_cpu(const at::Tensor& 
             at::parallel_for(0, (nq + rows - 1) / rows, 1, [&](int64_t b0, int64_t b1) {
               const int64_t begin = rows * b0, end = std::min(nq, rows * b1);
               for (int64_t j0 = 0; j0 < n; j0 += kPanel)
-                bf16::gemm(a.from(begin), panels.data() + j0 / kPanel * panel_words, kPanel, pairs, end - begin,
+                bf16::gemm(a.from(begin), panels + j0 / kPanel * panel_words, kPanel, pairs, end - begin,
                            std::min(kPanel, n - j0), 1.f, sc + begin * n + j0, n, false);
               fold_rows(sc, begin, end);
             });
