@@ -108,11 +108,12 @@ def test_local_attention_reduced(dtype, products, mode):
 
 
 @pytest.mark.parametrize("products", ["bf16"], indirect=True)
-def test_bf16_products_tiles_and_odd_sizes(products):
-    """Several key tiles (> 512 keys, so the running max rescales), odd D, Dv and key counts, channels-first
-    queries, dropout and the constant key, against the widened path on the same inputs."""
-    q, k, v = rounded((1, 2, 333, 7), (1, 2, 1201, 7), (1, 2, 1201, 5), dtype=torch.bfloat16)
-    valid = torch.rand(1, 1201) < 0.9
+@pytest.mark.parametrize("keys", [1201, 301], ids=["key_tiles", "one_tile"])
+def test_bf16_products_tiles_and_odd_sizes(products, keys):
+    """Several key tiles (> 512 keys, so the running max rescales) or one, odd D, Dv and key counts,
+    channels-first queries, dropout and the constant key, against the widened path on the same inputs."""
+    q, k, v = rounded((1, 2, 333, 7), (1, 2, keys, 7), (1, 2, keys, 5), dtype=torch.bfloat16)
+    valid = torch.rand(1, keys) < 0.9
     args = (q, k, v, valid, 0.7, 0.2, 5)
     out, _ = torch.ops.fsskern.prototype_attention(*args)
     grad = torch.randn_like(out)
@@ -124,8 +125,8 @@ def test_bf16_products_tiles_and_odd_sizes(products):
     of_abs = torch.ops.fsskern.prototype_attention(q, k, v.abs(), valid, 0.7, 0.2, 5)[0].float()
     assert_attention_close(out, want.float(), of_abs, 2 * ROUNDOFF[torch.bfloat16], 1e-5, "bf16")
     assert_grads_close(got, [g.float() for g in want_grads], torch.bfloat16)
-    query, support = rounded((2, 9, 1100), (2, 9, 1300), dtype=torch.bfloat16)
-    mask = (torch.rand(2, 1300) < 0.6).float()
+    query, support = rounded((2, 9, 1100), (2, 9, keys + 99), dtype=torch.bfloat16)
+    mask = (torch.rand(2, keys + 99) < 0.6).float()
     out = ops.local_conditional_attention(query, support, mask, mode="multiply")
     with pytest.MonkeyPatch.context() as m:
         m.setenv("FSSKERN_BF16_DOT", "0")
