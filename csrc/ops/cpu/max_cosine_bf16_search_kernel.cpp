@@ -174,17 +174,21 @@ FSSKERN_CPU_CLONES bool gather_groups(const float* map, int64_t C, int64_t N, co
       acc[3 * (g - g0) + 2] = sum_error;
       transpose_tile<float>(tile);
       for (int64_t l = 0; l < pixels; ++l) {
+        // fixed sizes where the block is whole: inlined vector stores
         float* row = rows + (r0 + l) * C + c0;
+        if (width == kTile)
+          std::memcpy(row, &tile[l], sizeof(Row));
+        else
+          std::memcpy(row, &tile[l], width * sizeof(float));
+        if (!rows16) continue;  // packed above
         Bits16 hat;
         bf16_bits(tile[l], hat);
         const Half16 rounded = __builtin_convertvector(hat >> 16, Half16);
-        if (width == kTile) {  // a fixed size: inlined vector stores
-          std::memcpy(row, &tile[l], sizeof(Row));
-          if (rows16) std::memcpy(rows16 + (r0 + l) * C + c0, &rounded, sizeof(Half16));
-        } else {
-          std::memcpy(row, &tile[l], width * sizeof(float));
-          if (rows16) std::memcpy(rows16 + (r0 + l) * C + c0, &rounded, width * sizeof(c10::BFloat16));
-        }
+        c10::BFloat16* row16 = rows16 + (r0 + l) * C + c0;
+        if (width == kTile)
+          std::memcpy(row16, &rounded, sizeof(Half16));
+        else
+          std::memcpy(row16, &rounded, width * sizeof(c10::BFloat16));
       }
     }
   }
