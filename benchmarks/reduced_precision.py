@@ -78,6 +78,7 @@ def main(argv=None) -> int:
             "threads": torch.get_num_threads(),
             "torch": torch.__version__}
     out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
     (out / "reduced_precision.json").write_text(json.dumps({"info": info, "rows": rows}, indent=1))
     lines = ["# Attention under bf16 autocast vs the float32 kernels", "",
              f"torch {info['torch']}, {info['threads']} threads, CPU capability {info['cpu_capability']}, bf16 "

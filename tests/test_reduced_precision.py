@@ -109,21 +109,25 @@ def test_local_attention_reduced(dtype, products, mode):
 
 @pytest.mark.parametrize("products", ["bf16"], indirect=True)
 @pytest.mark.parametrize("keys", [1201, 301], ids=["key_tiles", "one_tile"])
-def test_bf16_products_tiles_and_odd_sizes(products, keys):
+@pytest.mark.parametrize("dropout", [0.2, 0.0], ids=["dropout", "no_dropout"])
+def test_bf16_products_tiles_and_odd_sizes(products, keys, dropout):
     """Several key tiles (> 512 keys, so the running max rescales) or one, odd D, Dv and key counts,
-    channels-first queries, dropout and the constant key, against the widened path on the same inputs."""
+    channels-first queries, the constant key, with dropout (the softmax in place, then packed) or without
+    (bf16::exp_pairs packs the probabilities as it makes them), against the widened path on the same
+    inputs. The logsumexp: float32 sums of exp within 3 ulp, so within float32 rounding of the widened one."""
     q, k, v = rounded((1, 2, 333, 7), (1, 2, keys, 7), (1, 2, keys, 5), dtype=torch.bfloat16)
     valid = torch.rand(1, keys) < 0.9
-    args = (q, k, v, valid, 0.7, 0.2, 5)
-    out, _ = torch.ops.fsskern.prototype_attention(*args)
+    args = (q, k, v, valid, 0.7, dropout, 5)
+    out, lse = torch.ops.fsskern.prototype_attention(*args)
     grad = torch.randn_like(out)
     got = torch.autograd.grad(out, (q, k, v), grad)
     with pytest.MonkeyPatch.context() as m:
         m.setenv("FSSKERN_BF16_DOT", "0")
-        want, _ = torch.ops.fsskern.prototype_attention(*args)
+        want, want_lse = torch.ops.fsskern.prototype_attention(*args)
         want_grads = torch.autograd.grad(want, (q, k, v), grad)
-    of_abs = torch.ops.fsskern.prototype_attention(q, k, v.abs(), valid, 0.7, 0.2, 5)[0].float()
+    of_abs = torch.ops.fsskern.prototype_attention(q, k, v.abs(), valid, 0.7, dropout, 5)[0].float()
     assert_attention_close(out, want.float(), of_abs, 2 * ROUNDOFF[torch.bfloat16], 1e-5, "bf16")
+    assert_close(lse, want_lse, rtol=1e-6, atol=1e-6)
     assert_grads_close(got, [g.float() for g in want_grads], torch.bfloat16)
     query, support = rounded((2, 9, 1100), (2, 9, keys + 99), dtype=torch.bfloat16)
     mask = (torch.rand(2, keys + 99) < 0.6).float()
@@ -133,6 +137,28 @@ def test_bf16_products_tiles_and_odd_sizes(products, keys):
         want = ops.local_conditional_attention(query, support, mask, mode="multiply")
     of_abs = ops.local_conditional_attention(query, support, mask, value=support.abs(), mode="multiply")
     assert_attention_close(out, want.float(), of_abs.float(), 2 * ROUNDOFF[torch.bfloat16], 1e-5, "bf16")
+
+
+@pytest.mark.parametrize("products", ["bf16"], indirect=True)
+def test_bf16_products_nan_and_inf_rows(products):
+    """A NaN query gives a NaN row and logsumexp; a key whose scores are -inf gets weight 0 (exp below -87
+    is 0): the same as the widened path, the other rows finite and close."""
+    q, k, v = (torch.randn(1, 1, 40, 6).bfloat16(), torch.randn(1, 1, 9, 6).bfloat16(),
+               torch.randn(1, 1, 9, 4).bfloat16())
+    q[..., 0] = q[..., 0].abs() + 0.1
+    q[0, 0, 3, 1] = float("nan")
+    k[0, 0, 2, 0] = -float("inf")  # every score of key 2 is -inf
+    args = (q, k, v, None, 0.5, 0.0, 0)
+    out, lse = torch.ops.fsskern.prototype_attention(*args)
+    with pytest.MonkeyPatch.context() as m:
+        m.setenv("FSSKERN_BF16_DOT", "0")
+        want, want_lse = torch.ops.fsskern.prototype_attention(*args)
+        of_abs = torch.ops.fsskern.prototype_attention(q, k, v.abs(), None, 0.5, 0.0, 0)[0].float()
+    assert torch.equal(out.isnan(), want.isnan()) and torch.equal(lse.isnan(), want_lse.isnan())
+    assert out[0, 0, 3].isnan().all() and out.isnan().sum() == out.shape[-1]
+    rows = ~want.isnan()
+    assert_attention_close(out[rows], want[rows].float(), of_abs[rows], 2 * ROUNDOFF[torch.bfloat16], 1e-5, "bf16")
+    assert_close(lse, want_lse, equal_nan=True, rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize("products", ["bf16"], indirect=True)

@@ -16,7 +16,8 @@
 // values of one (batch, head)) into per-thread tensors, and every GEMM and softmax step runs
 // in float32 as for float32 inputs: no input is copied whole. On CPUs with AVX512-BF16 the
 // GEMMs of both directions read bfloat16 inputs as they are instead (Bf16Products and
-// Bf16Backward, bf16_gemm.h).
+// Bf16Backward, bf16_gemm.h), and without dropout the forward's softmax writes its probabilities
+// straight into the second GEMM's bf16 operand (bf16::exp_pairs).
 #define TORCH_ASSERT_ONLY_METHOD_OPERATORS  // per-operator ATen headers only (setup.py)
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -62,9 +63,9 @@ Tiles choose_tiles(int64_t count, int64_t N) {
 // row's accumulator must be rescaled by.
 constexpr int64_t kStrip = 16;
 
+// The strip's new running maxima over its n keys.
 template <typename T>
-FSSKERN_CPU_CLONES void online_softmax_strip(T* s, int64_t n, int64_t ld, T* m, T* l, T* alpha) {
-  T new_max[kStrip], sum[kStrip] = {};
+inline void strip_max(const T* s, int64_t n, int64_t ld, const T* m, T* new_max) {
 #pragma omp simd
   for (int64_t i = 0; i < kStrip; ++i) new_max[i] = m[i];
   for (int64_t j = 0; j < n; ++j) {
@@ -72,6 +73,23 @@ FSSKERN_CPU_CLONES void online_softmax_strip(T* s, int64_t n, int64_t ld, T* m, 
 #pragma omp simd
     for (int64_t i = 0; i < kStrip; ++i) new_max[i] = row[i] > new_max[i] ? row[i] : new_max[i];
   }
+}
+
+// A NaN score does not raise the max but poisons the sum, and with it the row (as softmax).
+template <typename T>
+inline void strip_update(const T* new_max, const T* sum, T* m, T* l, T* alpha) {
+#pragma omp simd
+  for (int64_t i = 0; i < kStrip; ++i) {
+    alpha[i] = rescale_factor(m[i], new_max[i]);
+    m[i] = new_max[i];
+    l[i] = l[i] * alpha[i] + sum[i];
+  }
+}
+
+template <typename T>
+FSSKERN_CPU_CLONES void online_softmax_strip(T* s, int64_t n, int64_t ld, T* m, T* l, T* alpha) {
+  T new_max[kStrip], sum[kStrip] = {};
+  strip_max(s, n, ld, m, new_max);
   for (int64_t j = 0; j < n; ++j) {
     T* row = s + j * ld;
 #pragma omp simd
@@ -80,13 +98,18 @@ FSSKERN_CPU_CLONES void online_softmax_strip(T* s, int64_t n, int64_t ld, T* m, 
       sum[i] += row[i];
     }
   }
-  // A NaN score does not raise the max but poisons the sum, and with it the row (as softmax).
-#pragma omp simd
-  for (int64_t i = 0; i < kStrip; ++i) {
-    alpha[i] = rescale_factor(m[i], new_max[i]);
-    m[i] = new_max[i];
-    l[i] = l[i] * alpha[i] + sum[i];
-  }
+  strip_update(new_max, sum, m, l, alpha);
+}
+
+// online_softmax_strip for the bf16 products without dropout: the probabilities leave as the
+// second GEMM's operand (bf16::exp_pairs: pair p of row i at pairs[p * ldp + i]) instead of going
+// back into s to be packed.
+FSSKERN_CPU_CLONES void online_softmax_strip_pairs(const float* s, int64_t n, int64_t ld, float* m, float* l,
+                                                   float* alpha, uint32_t* pairs, int64_t ldp) {
+  float new_max[kStrip], sum[kStrip];
+  strip_max(s, n, ld, m, new_max);
+  bf16::exp_pairs(s, n, ld, new_max, sum, pairs, ldp);
+  strip_update(new_max, sum, m, l, alpha);
 }
 
 // s: n keys' rows, ld >= rows rounded up to 16 apart; m, l and alpha have ld entries. The last
@@ -171,7 +194,13 @@ struct WidenedProducts {
                   /*alpha=*/in.scale == 0 ? 1.0 : in.scale);
     if (in.scale == 0) s_tile.mul_(0);
   }
-  void add_values(at::Tensor& acc_tile, const at::Tensor& s_tile, int64_t j0, int64_t n, bool first) {
+  // The softmax step of a tile (online_softmax_tile); false: the probabilities stay in s.
+  bool probabilities(T* s, int64_t n, int64_t rows, int64_t ld, T* m, T* l, T* alpha, bool /*dropout*/) {
+    online_softmax_tile(s, n, rows, ld, m, l, alpha);
+    return false;
+  }
+  void add_values(at::Tensor& acc_tile, const at::Tensor& s_tile, int64_t j0, int64_t n, bool first,
+                  bool /*packed*/) {
     if (first)
       at::mm_out(acc_tile, s_tile.t(), v_bh.narrow(0, j0, n));
     else
@@ -221,11 +250,27 @@ struct Bf16Products {
     bf16::gemm(k_pairs.from(j0), buf.q_packed.data(), ldq, (D + 1) / 2, n, s_tile.size(1), static_cast<float>(in.scale),
                s_tile.mutable_data_ptr<float>(), s_tile.stride(0), false);
   }
-  void add_values(at::Tensor& acc_tile, const at::Tensor& s_tile, int64_t j0, int64_t n, bool first) {
+  // The softmax step of a tile. Without dropout (which acts on the float probabilities in s) its
+  // probabilities go straight into a_packed, and true says so.
+  bool probabilities(float* s, int64_t n, int64_t rows, int64_t ld, float* m, float* l, float* alpha,
+                     bool dropout) {
+    if (dropout) {
+      online_softmax_tile(s, n, rows, ld, m, l, alpha);
+      return false;
+    }
+    buf.a_packed.resize((n + 1) / 2 * ldq);
+    for (int64_t i0 = 0; i0 < rows; i0 += kStrip)  // ldq: rows rounded up to whole strips
+      online_softmax_strip_pairs(s + i0, n, ld, m + i0, l + i0, alpha + i0, buf.a_packed.data() + i0, ldq);
+    return true;
+  }
+  // packed: probabilities() left the tile's probabilities in a_packed.
+  void add_values(at::Tensor& acc_tile, const at::Tensor& s_tile, int64_t j0, int64_t n, bool first, bool packed) {
     // key tiles start at even keys (kKeyTile is even), so pair j0 / 2 starts this tile's keys
     const int64_t rows = s_tile.size(1), pairs = (n + 1) / 2;
-    buf.a_packed.resize(pairs * ldq);
-    bf16::pack_pairs(s_tile.const_data_ptr<float>(), n, rows, s_tile.stride(0), 1, buf.a_packed.data(), ldq);
+    if (!packed) {
+      buf.a_packed.resize(pairs * ldq);
+      bf16::pack_pairs(s_tile.const_data_ptr<float>(), n, rows, s_tile.stride(0), 1, buf.a_packed.data(), ldq);
+    }
     const int64_t Dv = acc_tile.size(1);
     bf16::gemm(bf16::packed(buf.a_packed, ldq), buf.v_packed.data() + j0 / 2 * ldv, ldv, pairs, rows, Dv, 1.f,
                acc_tile.mutable_data_ptr<float>(), Dv, !first);
@@ -281,15 +326,16 @@ void forward_typed(const AttentionInputs& in, at::Tensor& out, at::Tensor& lse) 
         products.scores(s_tile, j0, n);
         T* s = s_tile.mutable_data_ptr<T>();
         for (int64_t j = 0; j < n; ++j) std::fill(s + j * ld + rows, s + (j + 1) * ld, T(0));
-        online_softmax_tile(s, n, rows, ld, m.data(), l.data(), alpha.data());
-        if (in.drop_threshold > 0)
+        const bool dropout = in.drop_threshold > 0;
+        const bool packed = products.probabilities(s, n, rows, ld, m.data(), l.data(), alpha.data(), dropout);
+        if (dropout)
           apply_dropout_tile(s, n, rows, ld, key_index + b * P + j0, bh, i0, N, P, in.seed, in.drop_threshold,
                              static_cast<T>(in.keep_scale));
         const bool first = j0 == 0 && !has_const;  // nothing accumulated yet
         if (!first)
           for (int64_t r = 0; r < rows; ++r)
             for (int64_t e = 0; e < Dv; ++e) acc_data[r * Dv + e] *= alpha[r];
-        products.add_values(acc_tile, s_tile, j0, n, first);
+        products.add_values(acc_tile, s_tile, j0, n, first, packed);
       }
       if (count == 0 && !has_const) acc_tile.zero_();
       for (int64_t r = 0; r < rows; ++r) {

@@ -91,6 +91,14 @@ inline Operand packed(const Words& words, int64_t ld) { return {words.data(), ld
 Operand column_pairs(const c10::BFloat16* x, int64_t rows, int64_t cols, int64_t row_stride, int64_t col_stride,
                      Words& scratch);
 
+// The numerators of a softmax strip as a pair-packed A operand: for 16 rows of a transposed score
+// tile (key j's scores at s + j * ld), out[p * ldo + i] = the bf16 pair of exp(s - max[i]) over keys
+// 2p and 2p + 1 (the last key with zero when n is odd), rounded as pack_pairs rounds, and sum[i] =
+// their float32 sum in key order, NaN where a score minus the max is NaN. exp is accurate to about
+// 3 ulp (softmax_exp, attention.h: 2), ample for bf16 probabilities, and 0 below -87 as there.
+// Requires hardware().
+void exp_pairs(const float* s, int64_t n, int64_t ld, const float* max, float* sum, uint32_t* out, int64_t ldo);
+
 // Rows of C per register block: m a multiple of it runs no partial block.
 constexpr int kBlockRows = 6;
 
