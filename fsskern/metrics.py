@@ -259,11 +259,13 @@ class ConfusionMatrix:
 
     def parsing_summary(self, novel: Sequence[int]) -> dict:
         """POPNet k-way report (popnet.md 5.2): human mIoU over every class incl. background, novel mIoU
-        over `novel`, base mIoU over the rest (incl. background), overall pixel accuracy, per-class IoU."""
+        over `novel`, base mIoU over the rest (incl. background), overall pixel accuracy, per-class IoU, and
+        the matrix itself (rows truth, columns prediction): where a class's pixels go, background included."""
         novel = [int(c) for c in novel]
         base = [c for c in range(self.num_classes) if c not in novel]
         return {"human_miou": self.miou(), "novel_miou": self.miou(novel), "base_miou": self.miou(base),
-                "pixel_accuracy": self.pixel_accuracy(), "per_class": (self.iou() * 100).tolist()}
+                "pixel_accuracy": self.pixel_accuracy(), "per_class": (self.iou() * 100).tolist(),
+                "confusion": self.matrix.tolist()}
 
 
 def one_way_parsing_summary(per_class: dict[int, ConfusionMatrix], novel: Sequence[int]) -> dict:

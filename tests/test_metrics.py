@@ -191,6 +191,7 @@ def test_confusion_matrix_matches_loops_and_popnet_identities():
     # popnet.md section 9 item 7: base = (12 human - 3 novel) / 9
     assert s["base_miou"] == pytest.approx((12 * s["human_miou"] - 3 * s["novel_miou"]) / 9)
     assert s["pixel_accuracy"] == pytest.approx(100 * np.trace(brute) / brute.sum())
+    assert s["confusion"] == brute.tolist()
 
 
 def test_confusion_matrix_absent_class_is_nan_and_skipped():

@@ -6,6 +6,7 @@ import itertools
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -353,6 +354,9 @@ def test_evaluate_scores_real_ccp_kway_episodes_with_parsing_metrics(tmp_path):
     assert len(manifest["episodes"]) == 2  # eval.episodes keeps the first pairs
     seed = metrics["per_seed"][0]
     assert len(seed["per_class"]) == len(src.class_names) and metrics["miou"] == seed["human_miou"]  # dataset ids
+    confusion = np.array(seed["confusion"])  # rows truth, columns prediction, in dataset ids
+    assert confusion.shape == (len(src.class_names),) * 2
+    assert 100 * np.trace(confusion) / confusion.sum() == pytest.approx(seed["pixel_accuracy"])
     for key in ("human_miou", "novel_miou", "base_miou", "pixel_accuracy"):
         assert 0 <= metrics[key] <= 100, key
     # the popnet protocol resizes to the paper's square 512 (notes A6); the CPU recipe keeps the aspect instead

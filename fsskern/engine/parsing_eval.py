@@ -28,8 +28,9 @@ def evaluate_parsing(cfg: Config, model, num_classes: int, progress: bool = Fals
     """Evaluate ``model`` on ``cfg.eval`` (every seed of ``eval.seeds``) with POPNet's metrics.
 
     ``num_classes``: the dataset's label space (``len(source.class_names)``). Returns {"per_seed": [summary
-    per seed]}, each summary holding human_miou, novel_miou, base_miou, pixel_accuracy, per_class (k-way)
-    or human_miou, novel_miou, bi_iou, per_class, background_iou (one-way), all in percent."""
+    per seed]}, each summary holding human_miou, novel_miou, base_miou, pixel_accuracy, per_class and the
+    pixel counts of the confusion matrix (k-way), or human_miou, novel_miou, bi_iou, per_class, background_iou
+    (one-way); the scores in percent."""
     from .trainer import device_of  # the trainer imports the evaluator
     device = device_of(cfg)
     was_training = model.training
