@@ -140,7 +140,7 @@ def test_bf16_products_tiles_and_odd_sizes(products, keys, dropout):
 
 
 @pytest.mark.parametrize("products", ["bf16"], indirect=True)
-def test_bf16_products_nan_and_inf_rows(products):
+def test_bf16_products_nan_rows_and_minus_inf_keys(products):
     """A NaN query gives a NaN row and logsumexp; a key whose scores are -inf gets weight 0 (exp below -87
     is 0): the same as the widened path, the other rows finite and close."""
     q, k, v = (torch.randn(1, 1, 40, 6).bfloat16(), torch.randn(1, 1, 9, 6).bfloat16(),

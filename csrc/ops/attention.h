@@ -101,6 +101,14 @@ HOST_DEVICE uint64_t dropout_element(int64_t bh, int64_t i, int64_t j, int64_t N
   return static_cast<uint64_t>((bh * N + i) * P + j);
 }
 
+// The CPU exponentials' range reduction, x = n ln2 + r with n nearest to x log2(e): ln2 in two
+// parts (the high one has 9 significant bits, so n * kLn2High is exact for |n| < 2^15), and the
+// argument below which the result is 0. Shared by softmax_exp and bf16::exp_pairs.
+struct ExpReduction {
+  static constexpr float kLog2e = 1.44269504088896341f, kLn2High = 0.693359375f, kLn2Low = -2.12194440e-4f;
+  static constexpr float kFloor = -87.0f;
+};
+
 // exp for the softmax (arguments <= 0 except for NaN). The CPU float version is a branch-free
 // polynomial (Cephes expf: 2^n times a degree-7 polynomial on [-ln2/2, ln2/2], within 2 ulp)
 // so that `#pragma omp simd` loops vectorise it (std::exp is a scalar library call); n is
@@ -114,11 +122,11 @@ HOST_DEVICE T softmax_exp(T x) {
 #else
   if constexpr (std::is_same_v<T, float>) {
     constexpr float kRound = 12582912.0f;  // 1.5 * 2^23
-    const float clamped = std::min(std::max(x, -87.0f), 88.0f);
-    const float shifted = clamped * 1.44269504088896341f + kRound;
+    const float clamped = std::min(std::max(x, ExpReduction::kFloor), 88.0f);
+    const float shifted = clamped * ExpReduction::kLog2e + kRound;
     const float n = shifted - kRound;
-    float r = clamped - n * 0.693359375f;
-    r = r - n * -2.12194440e-4f;
+    float r = clamped - n * ExpReduction::kLn2High;
+    r = r - n * ExpReduction::kLn2Low;
     float poly = 1.9875691500e-4f;
     poly = poly * r + 1.3981999507e-3f;
     poly = poly * r + 8.3334519073e-3f;
@@ -128,7 +136,7 @@ HOST_DEVICE T softmax_exp(T x) {
     const float y = poly * r * r + r + 1.0f;
     const int32_t two_n = (std::bit_cast<int32_t>(shifted) - std::bit_cast<int32_t>(kRound) + 127) << 23;
     const float e = y * std::bit_cast<float>(two_n);
-    return x != x ? x : (x < -87.0f ? 0.0f : e);
+    return x != x ? x : (x < ExpReduction::kFloor ? 0.0f : e);
   } else {
     return std::exp(x);
   }

@@ -17,6 +17,7 @@
 
 #include "common/library.h"
 #include "common/transpose_tile.h"
+#include "ops/attention.h"
 
 #if defined(__x86_64__) && defined(__GNUC__)
 #include <immintrin.h>
@@ -124,20 +125,21 @@ FSSKERN_BF16_TARGET void micro_kernel(Operand a, const uint32_t* b, int64_t ldb,
     }
 }
 
-// exp(x) on 16 lanes (x <= 0 in a softmax): x = n ln2 + r with n nearest to x log2(e) and ln2 in
-// two parts (softmax_exp's), e^r = 1 + r + r^2 P(r) with P cubic, fitted for the least relative
-// error on [-ln2/2, ln2/2] (1.05e-7), times 2^n by vscalefps: 12 instructions against about 30 for
-// softmax_exp (a quintic, without fused multiply-adds). Lanes below -87 and NaN lanes give 0.
+// exp(x) on 16 lanes (x <= 0 in a softmax): softmax_exp's range reduction (ExpReduction,
+// attention.h), e^r = 1 + r + r^2 P(r) with P cubic, fitted for the least relative error on
+// [-ln2/2, ln2/2] (1.05e-7), times 2^n by vscalefps: 12 instructions against about 30 for
+// softmax_exp (a quintic, without fused multiply-adds). Lanes below kFloor and NaN lanes give 0.
 FSSKERN_BF16_TARGET inline __m512 exp_lanes(__m512 x) {
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+  using R = ExpReduction;
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(R::kLog2e)),
                                         _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(R::kLn2High), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(R::kLn2Low), r);
   __m512 p = _mm512_fmadd_ps(_mm512_set1_ps(8.312524027e-3f), r, _mm512_set1_ps(4.189011375e-2f));
   p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.666711448e-1f));
   p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.999923179e-1f));
   const __m512 y = _mm512_add_ps(_mm512_fmadd_ps(_mm512_mul_ps(p, r), r, r), _mm512_set1_ps(1.0f));
-  const __mmask16 live = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-87.0f), _CMP_GE_OQ);
+  const __mmask16 live = _mm512_cmp_ps_mask(x, _mm512_set1_ps(R::kFloor), _CMP_GE_OQ);
   return _mm512_maskz_scalef_ps(live, y, n);
 }
 
