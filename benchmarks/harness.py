@@ -2,10 +2,14 @@
 
 Time: both sides run alternately (reference, fsskern, reference, ...) after a warm-up, so drift
 of the machine hits both; the median of the timed samples is reported.
+Allocator: by default glibc's, as a CPU training loop has it: a reference that frees large temporaries hands them
+back to the OS and maps them again at its next call (its page faults are part of its time). ``keep_freed_memory``
+(run.py ``--keep-freed-memory``) times instead as under a caching allocator (PyTorch's on CUDA, jemalloc, tcmalloc).
 Memory: each side runs once in a fresh process; the peak resident set size during the call
 (Linux VmHWM, reset just before the call) minus the resident size just before it is the side's
 peak extra memory. Inputs are built before the reset, so they are not counted.
 """
+import ctypes
 import gc
 import json
 import math
@@ -20,6 +24,25 @@ from pathlib import Path
 import torch
 
 HERE = Path(__file__).resolve().parent
+
+
+def keep_freed_memory():
+    """Tell glibc malloc to keep freed memory in the process (no trimming of the heap top, no mmap for large
+    blocks), so timed calls neither map fresh pages nor pay for the pages another call released.
+
+    What it changes (session 23, AMD EPYC, prototype attention B4 H8 N3600 D32 P70): the reference maps and unmaps
+    ~60 MB a call (15,700 minor faults) and runs in 24-26 ms instead of 48; the bf16 kernel measured right after it
+    takes 7.0 ms instead of a median 11.3 ms (it does not fault itself: the side after the reference is slowed), so its
+    ratio over the float32 kernel no longer depends on the order of the sides.
+    A no-op where the C library has no ``mallopt`` (not glibc); returns whether it applied.
+    """
+    try:
+        libc = ctypes.CDLL(None)
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    m_trim_threshold, m_mmap_max = -1, -4  # <malloc.h>
+    return bool(mallopt(m_trim_threshold, 2**31 - 1)) and bool(mallopt(m_mmap_max, 0))
 
 
 def median_times(fns, reps, settle=0.1, min_sample=0.02, sync=lambda: None):

@@ -24,7 +24,8 @@ sys.path.insert(0, str(HERE))
 
 from cases import all_cases  # noqa: E402
 from harness import (copy_bandwidth_gbs, cuda_peak_extra_bytes, device_sync, gemm_gflops,  # noqa: E402
-                     machine_info, machine_slug, measure_memory_in_subprocess, median_times, peak_extra_bytes)
+                     keep_freed_memory, machine_info, machine_slug, measure_memory_in_subprocess, median_times,
+                     peak_extra_bytes)
 from plots import plot_roofline, plot_sweep, plot_threads  # noqa: E402
 from sweeps import all_sweeps, thread_cases  # noqa: E402
 
@@ -193,8 +194,10 @@ def markdown(rows, info, quick, sweeps=(), threads=(), plots_dir="plots", limits
             lines.append(f"| {r['case']} ({r['size']}) | {name} | {p['ms']:.1f} ms | {r['fsskern_ms']:.1f} ms | "
                          f"**{p['speedup_vs_peer']:.2f}x**{verdict_text} |")
     lines.append("")
-    lines.append("Median of the timed samples (interleaved, after a warm-up and a 0.1 s settle before each sample); peak extra memory of each side "
-                 "measured once in its own process.")
+    kept = ", the timing process keeping the memory it frees (glibc mallopt)" if info.get("freed_memory_kept") else ""
+    lines.append("Median of the timed samples (interleaved, after a warm-up and a 0.1 s settle before each "
+                 f"sample{kept}); peak extra memory of each side measured once in its own process with the "
+                 "allocator's defaults.")
     roof = [r for r in rows if r.get("roofline")]
     if roof:
         lines += ["", "### Roofline", ""]
@@ -245,6 +248,9 @@ def main():
     parser.add_argument("--no-sweeps", action="store_true", help="main cases and roofline only")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
                         help="where the inputs live and every side runs (cuda: the current GPU)")
+    parser.add_argument("--keep-freed-memory", action="store_true",
+                        help="time with glibc keeping the memory it frees, as a caching allocator does: the "
+                             "references no longer page-fault their temporaries back in at every call")
     parser.add_argument("--memory", nargs=2, metavar=("CASE_INDEX", "SIDE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.memory:
@@ -253,7 +259,8 @@ def main():
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: torch sees no CUDA device")
-    info = machine_info(device)
+    # timing only: the memory children run with the allocator's defaults either way
+    info = {**machine_info(device), "freed_memory_kept": args.keep_freed_memory and keep_freed_memory()}
     out = args.out or HERE / "results" / machine_slug(info)
     out.mkdir(parents=True, exist_ok=True)
     reps = args.reps or (3 if args.quick else 5)
