@@ -20,6 +20,17 @@ def test_build_info():
     assert "-ffp-contract=off" in info["cxx_flags"].split()
 
 
+def test_build_info_names_the_bf16_products_path():
+    # AMX-BF16 CPUs run the attention kernels' bf16 products on the tile units, other AVX512-BF16 ones on vdpbf16ps
+    info = fsskern.build_info()
+    if not torch.ops.fsskern._bf16_products():
+        assert info["bf16_attention"] == "float32 (bf16 inputs widened)"
+    elif torch.cpu._is_amx_tile_supported():
+        assert info["bf16_attention"] == "bf16 products (AMX-BF16, oneDNN's brgemm)"
+    else:
+        assert info["bf16_attention"] == "bf16 products (AVX512-BF16, fsskern's vdpbf16ps GEMM)"
+
+
 @pytest.mark.parametrize("name", OPS)
 def test_ops_registered_with_cpu_kernels(name):
     name = getattr(torch.ops.fsskern, name).default.name()

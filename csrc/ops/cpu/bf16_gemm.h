@@ -27,6 +27,9 @@ bool hardware();
 // Whether this CPU has AMX-BF16, whose tile units (through oneDNN) do many times vdpbf16ps's work per cycle.
 bool amx();
 
+// Whether gemm runs on the AMX tile units here (oneDNN's brgemm ukernel, bf16_gemm.cpp).
+bool amx_products();
+
 // hardware(), unless FSSKERN_BF16_DOT is "0" in the environment (read on every call: the tests
 // set it to run the widened float32 path on such CPUs too). The attention kernels ask once per op.
 bool available();
@@ -104,7 +107,8 @@ constexpr int kBlockRows = 6;
 
 // C (m x n, row stride ldc) = alpha * A^T B (+ C when accumulate) over `pairs` pairs: A an operand
 // with m columns, B pair-packed with n columns (ld ldb). Requires hardware(). Single-threaded; the
-// sum over p runs in order, so the result does not depend on the thread count.
+// sum over p runs in one order for a given shape (on AMX, oneDNN's), so the result does not depend
+// on the thread count.
 void gemm(Operand a, const uint32_t* b, int64_t ldb, int64_t pairs, int64_t m, int64_t n, float alpha, float* c,
           int64_t ldc, bool accumulate);
 
