@@ -45,27 +45,36 @@ def keep_freed_memory():
     return bool(mallopt(m_trim_threshold, 2**31 - 1)) and bool(mallopt(m_mmap_max, 0))
 
 
-def median_times(fns, reps, settle=0.1, min_sample=0.02, sync=lambda: None):
+def median_times(fns, reps, settle=0.1, min_sample=0.02, rewarm_below=0.5, sync=lambda: None):
     """Median wall time (seconds) per call of each function, runs interleaved.
 
     Before each timed sample the machine settles (garbage collected, `settle` seconds idle), so
     one side does not pay for the memory the other just released; a sample times enough calls
     back to back to last `min_sample` seconds, so fast ops are not measured at timer noise.
+    Functions whose call takes less than `rewarm_below` seconds make one untimed call after the
+    settle: on the shared virtual machines this project runs on, the first call after an idle
+    pause pays for touching its memory again (an Intel Xeon VM, one thread busy the whole pause:
+    +8 to +35 ms for a 12 ms op after 0.02 to 0.3 s, no page fault the guest sees), which back-to-
+    back calls in a model never do, and which swamped ops of a few milliseconds.
     `sync` waits for queued work (torch.cuda.synchronize on a GPU, whose launches return at
     once); it is called before the clock starts and before it stops, not between calls.
     """
-    calls = []
+    calls, rewarm = [], []
     for fn in fns:  # warm-up, and how many calls make one sample
         sync()
         start = time.perf_counter()
         fn()
         sync()
-        calls.append(max(1, math.ceil(min_sample / max(time.perf_counter() - start, 1e-9))))
+        elapsed = time.perf_counter() - start
+        calls.append(max(1, math.ceil(min_sample / max(elapsed, 1e-9))))
+        rewarm.append(elapsed < rewarm_below)
     samples = [[] for _ in fns]
     for _ in range(reps):
-        for fn, n, out in zip(fns, calls, samples):
+        for fn, n, warm, out in zip(fns, calls, rewarm, samples):
             gc.collect()
             time.sleep(settle)
+            if warm:
+                fn()
             sync()
             start = time.perf_counter()
             for _ in range(n):

@@ -1,15 +1,18 @@
-"""benchmarks/harness.py's keep_freed_memory: after it, memory a process frees stays mapped (no page faults to map
-it again), which is what run.py --keep-freed-memory relies on. Each check runs in a fresh interpreter, since the
-setting lasts for the process."""
+"""benchmarks/harness.py: keep_freed_memory (after it, memory a process frees stays mapped, no page faults to map
+it again, which is what run.py --keep-freed-memory relies on; each check runs in a fresh interpreter, since the
+setting lasts for the process) and median_times's untimed call after each settle."""
 import json
 import platform
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from harness import median_times  # noqa: E402
 
 # Allocate and touch 96 MB twice, freeing in between; report the minor page faults of the second round.
 PROBE = """
@@ -41,3 +44,31 @@ def test_keep_freed_memory_stops_the_page_faults_of_reused_memory():
     assert default["second_round_faults"] > pages // 2   # glibc hands a 96 MB block back and faults it in again
     assert kept["kept"] is True
     assert kept["second_round_faults"] < pages // 20     # kept in the heap: reused without faulting
+
+
+def test_median_times_does_not_time_the_first_call_after_a_settle():
+    # a 1 ms op that pays 60 ms when called after a 50 ms pause, like the VM's first call after idling
+    last = [0.0]
+
+    def op():
+        idle = time.perf_counter() - last[0]
+        time.sleep(0.06 if idle > 0.05 else 0.001)
+        last[0] = time.perf_counter()
+
+    last[0] = time.perf_counter()
+    (rewarmed,) = median_times([op], reps=3, settle=0.06)
+    last[0] = time.perf_counter()
+    (first_timed,) = median_times([op], reps=3, settle=0.06, rewarm_below=0.0)
+    assert rewarmed < 0.002                     # the steady call
+    assert first_timed > 0.003                  # 60 ms spread over the sample's 20 calls: about 4 ms
+
+
+def test_median_times_does_not_rewarm_slow_calls():
+    calls = [0]
+
+    def slow():
+        calls[0] += 1
+        time.sleep(0.03)
+
+    median_times([slow], reps=3, settle=0.0, rewarm_below=0.01)
+    assert calls[0] == 1 + 3                    # the warm-up, then one timed call per sample
