@@ -119,17 +119,19 @@ def test_failed_save_keeps_previous(tmp_path, monkeypatch):
 
 @pytest.mark.slow
 def test_sigkill_then_resume_is_bit_identical(dataset, tmp_path):
-    full = run_train(tiny(dataset, tmp_path / "full"))
+    iters = 16  # checkpoints every 2: seven chances to land the kill between them
+    full = run_train(tiny(dataset, tmp_path / "full", f"train.iters={iters}"))
     assert full.returncode == 0, full.stderr[-3000:]
 
     out = tmp_path / "killed"
-    args = tiny(dataset, out, "train.iters=8")
-    proc = subprocess.Popen(TRAIN + args, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(TRAIN + tiny(dataset, out, f"train.iters={iters}"), env=ENV, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 240
-    while time.time() < deadline:  # kill once a checkpoint past the start exists, mid-run
+    while time.time() < deadline:  # kill once a checkpoint past the start, and before the last, exists
         if (out / "last.pt").is_file() and proc.poll() is None:
             try:
-                if ckpt.load(out / "last.pt")["iteration"] >= 2:
+                # the final checkpoint is written while the process still runs: killing then is no mid-run kill
+                if 2 <= ckpt.load(out / "last.pt")["iteration"] < iters:
                     break
             except ckpt.CheckpointError:
                 pass  # never expected (atomic writes); retried rather than asserted to keep the kill timely
@@ -138,8 +140,8 @@ def test_sigkill_then_resume_is_bit_identical(dataset, tmp_path):
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     killed_at = ckpt.load(out / "last.pt")["iteration"]
-    assert 2 <= killed_at < 8
-    again = run_train(tiny(dataset, out, "resume=true"))
+    assert 2 <= killed_at < iters
+    again = run_train(tiny(dataset, out, f"train.iters={iters}", "resume=true"))
     assert again.returncode == 0, again.stderr[-3000:]
     assert same_weights(weights(tmp_path / "full"), weights(out))
 
