@@ -255,3 +255,27 @@ def test_lsh_hash_reduced_equals_widened(dtype):
     with torch.autocast("cpu", dtype=dtype):  # the planes stay float32
         assert torch.equal(ops.lsh_hash(x.float(), planes), ops.lsh_hash(x, planes))
     torch.library.opcheck(torch.ops.fsskern.lsh_hash.default, (x, planes))
+
+
+@pytest.mark.skipif(not build_info()["bf16_attention"].startswith("bf16 products (AMX"),
+                    reason="the tile units' path (AMX-BF16 CPUs)")
+def test_bf16_products_on_amx_keep_few_compiled_shapes():
+    # oneDNN keeps a compiled kernel (~0.5 MB) per brgemm shape; key counts that change from call to call must not
+    # make new ones (as brgemm called with the kernels' own shapes did: +652 MB over 600 counts)
+    import resource
+    g = torch.Generator().manual_seed(0)
+    B, H, N, D, P = 2, 2, 300, 32, 700
+    q, k, v = (torch.randn(B, H, n, D, generator=g).bfloat16().requires_grad_() for n in (N, P, P))
+
+    def call(count):
+        valid = torch.zeros(B, P, dtype=torch.bool)
+        valid[:, :count] = True
+        ops.prototype_attention(q, k, v, key_valid=valid).float().sum().backward()
+
+    for count in range(100, 110):
+        call(count)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    for count in range(110, 700, 3):
+        call(count)
+    grown_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
+    assert grown_mb < 64, f"{grown_mb:.0f} MB over 197 key counts"

@@ -10,10 +10,11 @@
 // On AMX-BF16 CPUs the products go to oneDNN's brgemm ukernel instead (ATen's cpublas::brgemm,
 // bf16 in, float32 out, as PyTorch's CPU flash attention calls it), which runs them on the tile
 // units: on one core of an Intel Xeon with AMX, 850 GFLOP/s at 3600 x 256 x 1080 and 370 at
-// 3600 x 32 x 70, against 70 for vdpbf16ps there (whose Intel cores issue it at half the rate of
-// Zen 4's) and 100 for the float32 GEMM. Its B operand is our pair-packed layout as it is (oneDNN's
+// 3600 x 32 x 70 (one call each), against 70 for vdpbf16ps there (whose Intel cores issue it at half
+// the rate of Zen 4's) and 100 for the float32 GEMM. Its B operand is our pair-packed layout (oneDNN's
 // "VNNI" bf16 layout, ld in words); its A must hold the pairs along its rows, so a packed A (pairs
-// down its columns) is transposed first, 16 x 16 words in registers.
+// down its columns) is transposed, 16 x 16 words in registers. Both are copied into blocks of a few
+// fixed shapes (amx_gemm says why).
 #include "ops/cpu/bf16_gemm.h"
 
 #include <ATen/native/CPUBlas.h>
@@ -192,8 +193,21 @@ using BlockFn = void (*)(int, Operand, const uint32_t*, int64_t, int64_t, float,
 constexpr BlockFn kBlocks[kRows + 1] = {nullptr,        &run_block<1>, &run_block<2>, &run_block<3>,
                                         &run_block<4>, &run_block<5>, &run_block<6>};
 
-// rows[i * pairs + p] = a(p, i) for a packed operand (pair_stride ld, stride 1): m rows of words.
-FSSKERN_BF16_TARGET void rows_of(Operand a, int64_t pairs, int64_t m, uint32_t* rows) {
+// gemm on vdpbf16ps.
+void vdp_gemm(Operand a, const uint32_t* b, int64_t ldb, int64_t pairs, int64_t m, int64_t n, float alpha, float* c,
+              int64_t ldc, bool accumulate) {
+  for (int64_t n0 = 0; n0 < n; n0 += 64) {
+    const int64_t cols = std::min<int64_t>(64, n - n0);
+    const int nv = static_cast<int>((cols + 15) / 16);
+    for (int64_t m0 = 0; m0 < m; m0 += kRows) {
+      const int64_t rows = std::min<int64_t>(kRows, m - m0);
+      kBlocks[rows](nv, a.from(m0), b + n0, ldb, pairs, alpha, c + m0 * ldc + n0, ldc, cols, accumulate);
+    }
+  }
+}
+
+// rows[i * ld + p] = a(p, i) for a packed operand (pair_stride ld, stride 1): m rows of `pairs` words.
+FSSKERN_BF16_TARGET void rows_of(Operand a, int64_t pairs, int64_t m, int64_t ld, uint32_t* rows) {
   using Row = TileRow<int32_t>::type;
   int64_t i0 = 0;
   for (; i0 + kTile <= m; i0 += kTile) {
@@ -202,49 +216,66 @@ FSSKERN_BF16_TARGET void rows_of(Operand a, int64_t pairs, int64_t m, uint32_t* 
       Row tile[kTile];
       for (int j = 0; j < kTile; ++j) std::memcpy(&tile[j], a.data + (p0 + j) * a.pair_stride + i0, sizeof(Row));
       transpose_tile<int32_t>(tile);
-      for (int j = 0; j < kTile; ++j) std::memcpy(rows + (i0 + j) * pairs + p0, &tile[j], sizeof(Row));
+      for (int j = 0; j < kTile; ++j) std::memcpy(rows + (i0 + j) * ld + p0, &tile[j], sizeof(Row));
     }
     for (int64_t i = i0; i < i0 + kTile; ++i)
-      for (int64_t p = p0; p < pairs; ++p) rows[i * pairs + p] = a.data[p * a.pair_stride + i];
+      for (int64_t p = p0; p < pairs; ++p) rows[i * ld + p] = a.data[p * a.pair_stride + i];
   }
   for (int64_t i = i0; i < m; ++i)
-    for (int64_t p = 0; p < pairs; ++p) rows[i * pairs + p] = a.data[p * a.pair_stride + i];
+    for (int64_t p = 0; p < pairs; ++p) rows[i * ld + p] = a.data[p * a.pair_stride + i];
 }
 
-// gemm on the AMX tile units (see the top of this file).
+// gemm on the AMX tile units (see the top of this file). oneDNN compiles a kernel for every shape and leading
+// dimension it meets and keeps it, about 0.5 MB each, and the attention kernels' shapes follow the key count of
+// each image: called as they come, 600 counts grew the process by 652 MB and compiling cost 2 ms a call. So every
+// brgemm here has one shape but its depth: a kBlock x kBlock block of C (into a scratch block) over the pairs
+// rounded down to a multiple of kBlockPairs, A's rows and B's columns copied into blocks with those leading
+// dimensions; a call site then meets a few dozen shapes at most (600 counts: 14 MB). The rows, columns and pairs
+// left over go to vdp_gemm (the pairs added to the blocks' sums). Zero-padding them onto the tile units instead
+// measured no faster.
+constexpr int64_t kBlock = 32, kBlockPairs = 16;
+
 void amx_gemm(Operand a, const uint32_t* b, int64_t ldb, int64_t pairs, int64_t m, int64_t n, float alpha, float* c,
               int64_t ldc, bool accumulate) {
-  thread_local Words a_rows;
-  thread_local std::vector<float> product;
-  const uint32_t* rows = a.data;
-  int64_t row_words = a.stride;
-  if (a.pair_stride != 1) {
-    a_rows.resize(m * pairs);
-    rows_of(a, pairs, m, a_rows.data());
-    rows = a_rows.data();
-    row_words = pairs;
+  const int64_t m1 = m / kBlock * kBlock, n1 = n / kBlock * kBlock, p1 = pairs / kBlockPairs * kBlockPairs;
+  if (m1 == 0 || n1 == 0 || p1 == 0) return vdp_gemm(a, b, ldb, pairs, m, n, alpha, c, ldc, accumulate);
+  thread_local Words a_rows, b_panels;
+  thread_local std::vector<float> block;
+  // A: m1 rows of p1 words; B: per block of columns, a panel of p1 rows of kBlock words
+  a_rows.resize(m1 * p1);
+  if (a.pair_stride == 1) {
+    for (int64_t i = 0; i < m1; ++i) std::memcpy(a_rows.data() + i * p1, a.data + i * a.stride, p1 * 4);
+  } else {
+    rows_of(a, p1, m1, p1, a_rows.data());
   }
-  // brgemm has no alpha: C + alpha A^T B needs the product apart
-  const bool apart = accumulate && alpha != 1.f;
-  if (apart) product.resize(m * n);
-  float* out = apart ? product.data() : c;
-  const int64_t ld_out = apart ? n : ldc;
-  at::native::cpublas::brgemm(m, n, 2 * pairs, 2 * row_words, ldb, ld_out, accumulate && !apart,
-                              reinterpret_cast<const at::BFloat16*>(rows), reinterpret_cast<const at::BFloat16*>(b),
-                              out, /*is_vnni=*/true);
-  at::native::cpublas::brgemm_release(/*is_vnni=*/true);
-  if (alpha == 1.f) return;
-  for (int64_t i = 0; i < m; ++i) {
-    float* ci = c + i * ldc;
-    if (apart) {
-      const float* pi = product.data() + i * n;
+  b_panels.resize(n1 * p1);
+  for (int64_t j0 = 0; j0 < n1; j0 += kBlock)
+    for (int64_t p = 0; p < p1; ++p) std::memcpy(b_panels.data() + (j0 * p1 + p * kBlock), b + p * ldb + j0, kBlock * 4);
+  block.resize(kBlock * kBlock);
+  for (int64_t i0 = 0; i0 < m1; i0 += kBlock)
+    for (int64_t j0 = 0; j0 < n1; j0 += kBlock) {
+      at::native::cpublas::brgemm(kBlock, kBlock, 2 * p1, 2 * p1, kBlock, kBlock, false,
+                                  reinterpret_cast<const at::BFloat16*>(a_rows.data() + i0 * p1),
+                                  reinterpret_cast<const at::BFloat16*>(b_panels.data() + j0 * p1), block.data(),
+                                  /*is_vnni=*/true);
+      for (int64_t i = 0; i < kBlock; ++i) {
+        float* ci = c + (i0 + i) * ldc + j0;
+        const float* bi = block.data() + i * kBlock;
+        if (accumulate) {
 #pragma omp simd
-      for (int64_t j = 0; j < n; ++j) ci[j] += alpha * pi[j];
-    } else {
+          for (int64_t j = 0; j < kBlock; ++j) ci[j] += alpha * bi[j];
+        } else {
 #pragma omp simd
-      for (int64_t j = 0; j < n; ++j) ci[j] *= alpha;
+          for (int64_t j = 0; j < kBlock; ++j) ci[j] = alpha * bi[j];
+        }
+      }
     }
-  }
+  at::native::cpublas::brgemm_release(/*is_vnni=*/true);
+  if (p1 < pairs)
+    vdp_gemm({a.data + p1 * a.pair_stride, a.pair_stride, a.stride}, b + p1 * ldb, ldb, pairs - p1, m1, n1, alpha, c,
+             ldc, true);
+  if (n1 < n) vdp_gemm(a, b + n1, ldb, pairs, m1, n - n1, alpha, c + n1, ldc, accumulate);
+  if (m1 < m) vdp_gemm(a.from(m1), b, ldb, pairs, m - m1, n, alpha, c + m1 * ldc, ldc, accumulate);
 }
 #endif
 
@@ -321,15 +352,10 @@ void gemm(Operand a, const uint32_t* b, int64_t ldb, int64_t pairs, int64_t m, i
           int64_t ldc, bool accumulate) {
 #if FSSKERN_HAS_BF16_KERNEL
   TORCH_INTERNAL_ASSERT(hardware());
-  if (amx_products()) return amx_gemm(a, b, ldb, pairs, m, n, alpha, c, ldc, accumulate);
-  for (int64_t n0 = 0; n0 < n; n0 += 64) {
-    const int64_t cols = std::min<int64_t>(64, n - n0);
-    const int nv = static_cast<int>((cols + 15) / 16);
-    for (int64_t m0 = 0; m0 < m; m0 += kRows) {
-      const int64_t rows = std::min<int64_t>(kRows, m - m0);
-      kBlocks[rows](nv, a.from(m0), b + n0, ldb, pairs, alpha, c + m0 * ldc + n0, ldc, cols, accumulate);
-    }
-  }
+  if (amx_products())
+    amx_gemm(a, b, ldb, pairs, m, n, alpha, c, ldc, accumulate);
+  else
+    vdp_gemm(a, b, ldb, pairs, m, n, alpha, c, ldc, accumulate);
 #else
   TORCH_INTERNAL_ASSERT(false, "fsskern: the bf16 GEMM needs an x86-64 build");
 #endif
