@@ -196,8 +196,8 @@ def markdown(rows, info, quick, sweeps=(), threads=(), plots_dir="plots", limits
     lines.append("")
     kept = ", the timing process keeping the memory it frees (glibc mallopt)" if info.get("freed_memory_kept") else ""
     lines.append("Median of the timed samples (interleaved, after a warm-up; before each sample a 0.1 s settle "
-                 f"and, for calls under 0.5 s, one untimed call{kept}); peak extra memory of each side measured once in its own process with the "
-                 "allocator's defaults.")
+                 f"and, for calls under 0.5 s, one untimed call{kept}); peak extra memory of each side measured "
+                 "once in its own process with the allocator's defaults.")
     roof = [r for r in rows if r.get("roofline")]
     if roof:
         lines += ["", "### Roofline", ""]

@@ -250,7 +250,8 @@ void amx_gemm(Operand a, const uint32_t* b, int64_t ldb, int64_t pairs, int64_t 
   }
   b_panels.resize(n1 * p1);
   for (int64_t j0 = 0; j0 < n1; j0 += kBlock)
-    for (int64_t p = 0; p < p1; ++p) std::memcpy(b_panels.data() + (j0 * p1 + p * kBlock), b + p * ldb + j0, kBlock * 4);
+    for (int64_t p = 0; p < p1; ++p)
+      std::memcpy(b_panels.data() + (j0 * p1 + p * kBlock), b + p * ldb + j0, kBlock * 4);
   block.resize(kBlock * kBlock);
   for (int64_t i0 = 0; i0 < m1; i0 += kBlock)
     for (int64_t j0 = 0; j0 < n1; j0 += kBlock) {
