@@ -45,6 +45,28 @@ uint32_t bits(c10::BFloat16 x) { return x.x; }
 uint32_t bits(float x) { return round_to_bf16(x); }
 
 // Only the bf16 path calls these: they may use AVX-512 throughout.
+
+// dst[j * dst_stride + i] = src[i * src_stride + j] (i < rows, j < cols): 16 x 16 words at a time,
+// transposed in registers.
+FSSKERN_BF16_TARGET void transpose_words(const uint32_t* src, int64_t src_stride, int64_t rows, int64_t cols,
+                                         uint32_t* dst, int64_t dst_stride) {
+  using Row = TileRow<int32_t>::type;
+  int64_t i0 = 0;
+  for (; i0 + kTile <= rows; i0 += kTile) {
+    int64_t j0 = 0;
+    for (; j0 + kTile <= cols; j0 += kTile) {
+      Row tile[kTile];
+      for (int k = 0; k < kTile; ++k) std::memcpy(&tile[k], src + (i0 + k) * src_stride + j0, sizeof(Row));
+      transpose_tile<int32_t>(tile);
+      for (int k = 0; k < kTile; ++k) std::memcpy(dst + (j0 + k) * dst_stride + i0, &tile[k], sizeof(Row));
+    }
+    for (int64_t i = i0; i < i0 + kTile; ++i)
+      for (int64_t j = j0; j < cols; ++j) dst[j * dst_stride + i] = src[i * src_stride + j];
+  }
+  for (int64_t i = i0; i < rows; ++i)
+    for (int64_t j = 0; j < cols; ++j) dst[j * dst_stride + i] = src[i * src_stride + j];
+}
+
 template <typename T>
 FSSKERN_BF16_TARGET void pack_pairs_impl(const T* x, int64_t rows, int64_t cols, int64_t row_stride,
                                          int64_t col_stride, uint32_t* out, int64_t ld) {
@@ -65,34 +87,19 @@ FSSKERN_BF16_TARGET void pack_pairs_impl(const T* x, int64_t rows, int64_t cols,
     }
     return;
   }
-  // Pairs adjacent in memory (a row-major matrix paired along its rows' elements): a transpose.
-  int64_t c0 = 0;
+  // Pairs adjacent in memory (a row-major matrix paired along its rows' elements): a transpose,
+  // of whole words where bf16 pairs are aligned words.
+  int64_t transposed = 0;  // pairs done that way
   if constexpr (std::is_same_v<T, c10::BFloat16>) {
-    // 16 x 16 words at a time, transposed in registers
     if (row_stride == 1 && col_stride % 2 == 0 && reinterpret_cast<uintptr_t>(x) % 4 == 0) {
-      using Row = TileRow<int32_t>::type;
-      const auto* words = reinterpret_cast<const int32_t*>(x);
-      const int64_t word_stride = col_stride / 2, whole_pairs = rows / 2;
-      for (; c0 + kTile <= cols; c0 += kTile) {
-        int64_t p0 = 0;
-        for (; p0 + kTile <= whole_pairs; p0 += kTile) {
-          Row tile[kTile];
-          for (int j = 0; j < kTile; ++j) std::memcpy(&tile[j], words + (c0 + j) * word_stride + p0, sizeof(Row));
-          transpose_tile<int32_t>(tile);
-          for (int j = 0; j < kTile; ++j) std::memcpy(out + (p0 + j) * ld + c0, &tile[j], sizeof(Row));
-        }
-        for (int64_t p = p0; p < pairs; ++p)
-          for (int64_t c = c0; c < c0 + kTile; ++c) {
-            const T* lo = x + c * col_stride + 2 * p;
-            out[p * ld + c] = bits(lo[0]) | (2 * p + 1 < rows ? bits(lo[1]) << 16 : 0u);
-          }
-      }
+      transposed = rows / 2;
+      transpose_words(reinterpret_cast<const uint32_t*>(x), col_stride / 2, cols, transposed, out, ld);
     }
   }
   for (int64_t p = 0; p < pairs; ++p) {
     uint32_t* o = out + p * ld;
     const T* lo = x + 2 * p * row_stride;
-    for (int64_t c = c0; c < cols; ++c)
+    for (int64_t c = p < transposed ? cols : 0; c < cols; ++c)
       o[c] = bits(lo[c * col_stride]) | (2 * p + 1 < rows ? bits(lo[c * col_stride + row_stride]) << 16 : 0u);
     std::fill(o + cols, o + ld, 0u);
   }
@@ -206,25 +213,6 @@ void vdp_gemm(Operand a, const uint32_t* b, int64_t ldb, int64_t pairs, int64_t 
   }
 }
 
-// rows[i * ld + p] = a(p, i) for a packed operand (pair_stride ld, stride 1): m rows of `pairs` words.
-FSSKERN_BF16_TARGET void rows_of(Operand a, int64_t pairs, int64_t m, int64_t ld, uint32_t* rows) {
-  using Row = TileRow<int32_t>::type;
-  int64_t i0 = 0;
-  for (; i0 + kTile <= m; i0 += kTile) {
-    int64_t p0 = 0;
-    for (; p0 + kTile <= pairs; p0 += kTile) {
-      Row tile[kTile];
-      for (int j = 0; j < kTile; ++j) std::memcpy(&tile[j], a.data + (p0 + j) * a.pair_stride + i0, sizeof(Row));
-      transpose_tile<int32_t>(tile);
-      for (int j = 0; j < kTile; ++j) std::memcpy(rows + (i0 + j) * ld + p0, &tile[j], sizeof(Row));
-    }
-    for (int64_t i = i0; i < i0 + kTile; ++i)
-      for (int64_t p = p0; p < pairs; ++p) rows[i * ld + p] = a.data[p * a.pair_stride + i];
-  }
-  for (int64_t i = i0; i < m; ++i)
-    for (int64_t p = 0; p < pairs; ++p) rows[i * ld + p] = a.data[p * a.pair_stride + i];
-}
-
 // gemm on the AMX tile units (see the top of this file). oneDNN compiles a kernel for every shape and leading
 // dimension it meets and keeps it, about 0.5 MB each, and the attention kernels' shapes follow the key count of
 // each image: called as they come, 600 counts grew the process by 652 MB and compiling cost 2 ms a call. So every
@@ -246,7 +234,7 @@ void amx_gemm(Operand a, const uint32_t* b, int64_t ldb, int64_t pairs, int64_t 
   if (a.pair_stride == 1) {
     for (int64_t i = 0; i < m1; ++i) std::memcpy(a_rows.data() + i * p1, a.data + i * a.stride, p1 * 4);
   } else {
-    rows_of(a, p1, m1, p1, a_rows.data());
+    transpose_words(a.data, a.pair_stride, p1, m1, a_rows.data(), p1);  // pairs down the columns
   }
   b_panels.resize(n1 * p1);
   for (int64_t j0 = 0; j0 < n1; j0 += kBlock)
