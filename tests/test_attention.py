@@ -37,17 +37,23 @@ def test_prototype_attention_matches_umtfss(dtype, shape):
                  **tol(dtype))
 
 
-def test_prototype_attention_all_keys_invalid_gives_zero():
-    q, k, v = torch.randn(2, 2, 9, 4, requires_grad=True), torch.randn(2, 2, 5, 4), torch.randn(2, 2, 5, 3)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_prototype_attention_all_keys_invalid_gives_zero(dtype):
+    q = torch.randn(2, 2, 9, 4, dtype=dtype, requires_grad=True)
+    k, v = torch.randn(2, 2, 5, 4, dtype=dtype), torch.randn(2, 2, 5, 3, dtype=dtype)
     valid = random_valid(2, 5)
     valid[1] = False
     out = ops.prototype_attention(q, k, v, key_valid=valid)
     assert torch.equal(out[1], torch.zeros_like(out[1]))
-    assert_close(out[0], ref.prototype_attention(q, k, v, valid)[0], **FP32)
+    expected = ref.prototype_attention(q.float(), k.float(), v.float(), valid)[0]
+    assert_close(out[0].float(), expected, **(FP32 if dtype == torch.float32 else dict(rtol=1e-2, atol=1e-2)))
+    # grad_q comes back uninitialised from the allocator and the kernels write every row, those without keys
+    # too: NaNs of its size, freed on the heap just before, make a row left unwritten show.
+    torch.full_like(q, float("nan"), requires_grad=False).sum()
     out.sum().backward()
     assert torch.equal(q.grad[1], torch.zeros_like(q.grad[1]))
     # No keys at all is the same case.
-    assert torch.equal(ops.prototype_attention(q, k[:, :, :0], v[:, :, :0]), torch.zeros(2, 2, 9, 3))
+    assert torch.equal(ops.prototype_attention(q, k[:, :, :0], v[:, :, :0]), torch.zeros(2, 2, 9, 3, dtype=dtype))
 
 
 def test_prototype_attention_gradcheck():

@@ -190,16 +190,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> prototype_attention_backward_impl
   const auto in = prototype_inputs(q, k, v, key_valid, scale, dropout_p, seed);
   // Gradients accumulate in opmath (fp32 for reduced-precision inputs) and are rounded once at the end.
   const auto opmath = q.options().dtype(attention_opmath(q.scalar_type()));
-  at::Tensor grad_q = at::zeros(q.sizes(), opmath);
+  // Rows and keys, not q.numel(): with D = 0 every score is 0 and v still gets its gradient.
+  const bool work = q.size(0) * q.size(1) * q.size(2) > 0 && k.size(2) > 0;
+  at::Tensor grad_q = work ? at::empty(q.sizes(), q.options()) : at::zeros(q.sizes(), q.options());
   at::Tensor grad_k = at::zeros(in.k.sizes(), opmath);
   at::Tensor grad_v = at::zeros(in.v.sizes(), opmath);
   at::Tensor grad_const = at::zeros({q.size(0), q.size(1), v.size(3)}, opmath);
-  // Rows and keys, not q.numel(): with D = 0 every score is 0 and v still gets its gradient.
-  if (q.size(0) * q.size(1) * q.size(2) > 0 && k.size(2) > 0)
+  if (work)
     kernels.backward(in, out.contiguous(), lse.contiguous(), grad_out.contiguous(), grad_q, grad_k, grad_v,
                      grad_const);
   const auto dt = q.scalar_type();
-  return {grad_q.to(dt), unpack_keys(grad_k, in.key_index).to(dt), unpack_keys(grad_v, in.key_index).to(dt)};
+  return {grad_q, unpack_keys(grad_k, in.key_index).to(dt), unpack_keys(grad_v, in.key_index).to(dt)};
 }
 
 std::tuple<at::Tensor, at::Tensor> local_conditional_attention_impl(const AttentionKernels& kernels,
@@ -224,13 +225,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> local_conditional_attention_backw
   const auto in = local_inputs(query, support, support_mask, value, mode);
   const int64_t B = query.size(0);
   const auto opmath = query.options().dtype(attention_opmath(query.scalar_type()));
-  at::Tensor grad_q = at::zeros({B, 1, query.size(2), query.size(1)}, opmath);
+  // Rows and keys, not query.numel(): with C = 0 every logit is 0 and value still gets its gradient.
+  const bool work = B * query.size(2) > 0 && support.size(2) > 0;
+  const std::vector<int64_t> grad_q_size{B, 1, query.size(2), query.size(1)};
+  at::Tensor grad_q = work ? at::empty(grad_q_size, query.options()) : at::zeros(grad_q_size, query.options());
   at::Tensor grad_k = at::zeros(in.k.sizes(), opmath);
   at::Tensor grad_v = at::zeros({B, 1, in.k.size(2), value.size(1)}, opmath);
   at::Tensor grad_const = at::zeros({B, 1, value.size(1)}, opmath);
   const auto tokens = [](const at::Tensor& x) { return x.transpose(1, 2).unsqueeze(1).contiguous(); };
-  // Rows and keys, not query.numel(): with C = 0 every logit is 0 and value still gets its gradient.
-  if (B * query.size(2) > 0 && support.size(2) > 0)
+  if (work)
     kernels.backward(in, tokens(out), lse.unsqueeze(1).contiguous(), tokens(grad_out), grad_q, grad_k, grad_v,
                      grad_const);
   const auto channels_first = [](const at::Tensor& x) { return x.squeeze(1).transpose(1, 2).contiguous(); };
@@ -242,7 +245,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> local_conditional_attention_backw
     grad_value += grad_const.squeeze(1).unsqueeze(2) * (background.to(opmath.dtype()) / count).unsqueeze(1);
   }
   const auto dt = query.scalar_type();
-  return {channels_first(grad_q).to(dt), channels_first(unpack_keys(grad_k, in.key_index)).to(dt), grad_value.to(dt)};
+  return {channels_first(grad_q), channels_first(unpack_keys(grad_k, in.key_index)).to(dt), grad_value.to(dt)};
 }
 
 TORCH_LIBRARY_FRAGMENT(FSSKERN_NAMESPACE, m) {

@@ -58,8 +58,10 @@ struct AttentionKernels {
   // out (B, H, N, Dv) in q's dtype, any strides, and lse (B, H, N) in opmath, contiguous; both
   // uninitialised.
   void (*forward)(const AttentionInputs& in, at::Tensor& out, at::Tensor& lse);
-  // grad_q (B, H, N, D), grad_k (B, H, W, D), grad_v (B, H, W, Dv) (packed) and grad_const
-  // (B, H, Dv): opmath, contiguous and zero-filled; packed keys past key_count stay zero.
+  // grad_q (B, H, N, D) in q's dtype, contiguous and uninitialised: every row is written once, rounded
+  // from its opmath sum (a bf16 model's largest gradient then never exists in float32 whole). grad_k
+  // (B, H, W, D), grad_v (B, H, W, Dv) (packed) and grad_const (B, H, Dv): opmath, contiguous and
+  // zero-filled; packed keys past key_count stay zero.
   void (*backward)(const AttentionInputs& in, const at::Tensor& out, const at::Tensor& lse,
                    const at::Tensor& grad_out, at::Tensor& grad_q, at::Tensor& grad_k, at::Tensor& grad_v,
                    at::Tensor& grad_const);

@@ -387,11 +387,11 @@ struct WidenedBackward {
   }
   void logits(at::Tensor& a, int64_t j0, int64_t n) { at::mm_out(a, q_tile, k.narrow(0, j0, n).t()); }
   void probability_grads(at::Tensor& dp, int64_t j0, int64_t n) { at::mm_out(dp, d_out_tile, v.narrow(0, j0, n).t()); }
-  void add_grads(const at::Tensor& a_dropped, const at::Tensor& ds, int64_t i0, int64_t j0, at::Tensor& dq,
-                 at::Tensor& dk, at::Tensor& dv) {
-    const int64_t rows = ds.size(0), n = ds.size(1);
+  void add_grads(const at::Tensor& a_dropped, const at::Tensor& ds, int64_t j0, at::Tensor& dq_rows, at::Tensor& dk,
+                 at::Tensor& dv) {
+    const int64_t n = ds.size(1);
     dv.narrow(0, j0, n).addmm_(a_dropped.t(), d_out_tile);
-    dq.narrow(0, i0, rows).addmm_(ds, k.narrow(0, j0, n), 1, in.scale);
+    dq_rows.addmm_(ds, k.narrow(0, j0, n), 1, in.scale);
     dk.narrow(0, j0, n).addmm_(ds.t(), q_tile, 1, in.scale);
   }
   void add_const_grad(at::Tensor grad_const, const at::Tensor& a_const) { grad_const.addmv_(d_out_tile.t(), a_const); }
@@ -488,8 +488,8 @@ struct Bf16Backward {
     bf16::gemm(d_out_rows, buf.v_by_channel.data() + j0, ld_keys, (Dv + 1) / 2, dp.size(0), n, 1.f,
                dp.mutable_data_ptr<float>(), dp.stride(0), false);
   }
-  void add_grads(const at::Tensor& a_dropped, const at::Tensor& ds, int64_t i0, int64_t j0, at::Tensor& dq,
-                 at::Tensor& dk, at::Tensor& dv) {
+  void add_grads(const at::Tensor& a_dropped, const at::Tensor& ds, int64_t j0, at::Tensor& dq_rows, at::Tensor& dk,
+                 at::Tensor& dv) {
     const int64_t rows = ds.size(0), n = ds.size(1), ld_n = bf16::padded(n), row_pairs = (rows + 1) / 2;
     const auto scale = static_cast<float>(in.scale);
     // The tiles' rows run on to ld_n (their stride) with zeros: packed whole, they need no scalar tail.
@@ -508,7 +508,7 @@ struct Bf16Backward {
     bf16::round_to_bf16(ds.const_data_ptr<float>(), rows * ld_n, buf.ds_rounded.data());
     const auto ds_rows = bf16::column_pairs(buf.ds_rounded.data(), rows, ld_n, ld_n, 1, buf.ds_scratch);
     bf16::gemm(ds_rows, buf.k_by_key.data() + j0 / 2 * bf16::padded(D), bf16::padded(D), (n + 1) / 2, rows, D, scale,
-               dq.mutable_data_ptr<float>() + i0 * D, D, true);
+               dq_rows.mutable_data_ptr<float>(), D, true);
   }
   void add_const_grad(at::Tensor grad_const, const at::Tensor& a_const) {
     float* gc = grad_const.mutable_data_ptr<float>();
@@ -542,6 +542,9 @@ void backward_typed(const AttentionInputs& in, const at::Tensor& out, const at::
     at::Tensor probs = at::empty({tile_elements}, buffer);
     at::Tensor dropped = at::empty({tile_elements}, buffer);
     at::Tensor score_grad = at::empty({tile_elements}, buffer);
+    // dQ of a row tile sums in opmath: in grad_q itself when that is opmath, else here, rounded once when done
+    constexpr bool rounded = !std::is_same_v<In, T>;
+    at::Tensor dq_sums = at::empty({rounded ? tiles.rows : 0, in.q.size(3)}, buffer);
     Products products{in, out, grad_out};
     for (int64_t bh = begin; bh < end; ++bh) {
       const int64_t b = bh / H, h = bh % H, count = key_count[b];
@@ -550,6 +553,8 @@ void backward_typed(const AttentionInputs& in, const at::Tensor& out, const at::
       for (int64_t i0 = 0; i0 < N; i0 += tiles.rows) {
         const int64_t rows = std::min(tiles.rows, N - i0);
         products.load_rows(i0, rows);
+        at::Tensor dq_rows = rounded ? dq_sums.narrow(0, 0, rows) : dq.narrow(0, i0, rows);
+        dq_rows.zero_();
         const T* row_lse = lse_data + bh * N + i0;
         const T* row_delta = products.row_delta(i0);
         for (int64_t j0 = 0; j0 < count; j0 += tiles.keys) {
@@ -585,7 +590,7 @@ void backward_typed(const AttentionInputs& in, const at::Tensor& out, const at::
             std::fill(a_dropped_data + r * ld + n, a_dropped_data + (r + 1) * ld, T(0));
             std::fill(ds_data + r * ld + n, ds_data + (r + 1) * ld, T(0));
           }
-          products.add_grads(a_dropped, ds, i0, j0, dq, dk, dv);
+          products.add_grads(a_dropped, ds, j0, dq_rows, dk, dv);
         }
         // The constant key (no dropout, key vector 0): only its value receives a gradient.
         const T c = const_logit[b];
@@ -595,6 +600,7 @@ void backward_typed(const AttentionInputs& in, const at::Tensor& out, const at::
           for (int64_t r = 0; r < rows; ++r) ac[r] = probability_from_lse(c, row_lse[r]);
           products.add_const_grad(grad_const[b][h], a_const);
         }
+        if (rounded) dq.narrow(0, i0, rows).copy_(dq_rows);
       }
     }
   });

@@ -74,7 +74,7 @@ void attention_backward_cuda(const AttentionInputs& in, const at::Tensor& out, c
     const int64_t B = in.q.size(0);
     launch(attention_backward_query_kernel<T, scalar_t>, warp_per_item_config<T>(p.N, p.H, B, 2 * p.D), p,
            out.const_data_ptr<scalar_t>(), lse.const_data_ptr<T>(), grad_out.const_data_ptr<scalar_t>(),
-           delta.mutable_data_ptr<T>(), grad_q.mutable_data_ptr<T>());
+           delta.mutable_data_ptr<T>(), grad_q.mutable_data_ptr<scalar_t>());
     // W + 1 warps: the packed keys and the constant key.
     launch(attention_backward_key_kernel<T, scalar_t>, warp_per_item_config<T>(p.W + 1, p.H, B, 2 * p.D + p.Dv), p,
            lse.const_data_ptr<T>(), grad_out.const_data_ptr<scalar_t>(), delta.const_data_ptr<T>(),

@@ -111,7 +111,7 @@ __global__ void attention_forward_kernel(AttentionParams<T, In> p, In* __restric
 template <typename T, typename In>
 __global__ void attention_backward_query_kernel(AttentionParams<T, In> p, const In* __restrict__ out,
                                                 const T* __restrict__ lse, const In* __restrict__ grad_out,
-                                                T* __restrict__ delta, T* __restrict__ grad_q) {
+                                                T* __restrict__ delta, In* __restrict__ grad_q) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int64_t i = int64_t(blockIdx.x) * (blockDim.x >> 5) + warp, h = blockIdx.y, b = blockIdx.z;
   if (i >= p.N) return;
@@ -133,7 +133,7 @@ __global__ void attention_backward_query_kernel(AttentionParams<T, In> p, const 
     const In* key = p.k + (bh * p.W + j) * p.D;
     for (int64_t d = lane; d < p.D; d += 32) dq[d] = dq[d] + ds * static_cast<T>(key[d]);
   }
-  for (int64_t d = lane; d < p.D; d += 32) grad_q[row * p.D + d] = dq[d];
+  for (int64_t d = lane; d < p.D; d += 32) grad_q[row * p.D + d] = static_cast<In>(dq[d]);
 }
 
 // Backward, one warp per packed key j (grid (ceil((W + 1) / warps), H, B)): sums over the
