@@ -140,6 +140,31 @@ def test_bf16_products_tiles_and_odd_sizes(products, keys, dropout):
 
 
 @pytest.mark.parametrize("products", ["bf16"], indirect=True)
+@pytest.mark.parametrize("count", [63, 70, 100], ids=["tail_block", "tail_on_vdp", "several_blocks"])
+def test_bf16_products_blocks_and_their_edges(products, count):
+    """Shapes whose products split into the AMX path's 32 x 32 blocks and their edges: rows, keys and channels
+    past the last whole block either the tail of one more block overlapping the one before (>= 16 of them: 116
+    rows, 63 keys, 100 keys) or left to vdpbf16ps (< 16: 70 keys, 36 value channels), and pairs past a multiple
+    of 16 (D = 40). Forward and gradients against the widened path on the same inputs: a block stored twice, or
+    an edge added twice, is far outside the tolerances. Elsewhere it is the vdpbf16ps GEMM's own shapes."""
+    q, k, v = rounded((2, 2, 116, 40), (2, 2, 100, 40), (2, 2, 100, 36), dtype=torch.bfloat16)
+    valid = torch.zeros(2, 100, dtype=torch.bool)
+    valid[0, :count] = True
+    valid[1, torch.randperm(100)[:count]] = True
+    args = (q, k, v, valid, 0.2, 0.0, 0)
+    out, _ = torch.ops.fsskern.prototype_attention(*args)
+    grad = torch.randn_like(out)
+    got = torch.autograd.grad(out, (q, k, v), grad)
+    with pytest.MonkeyPatch.context() as m:
+        m.setenv("FSSKERN_BF16_DOT", "0")
+        want, _ = torch.ops.fsskern.prototype_attention(*args)
+        want_grads = torch.autograd.grad(want, (q, k, v), grad)
+    of_abs = torch.ops.fsskern.prototype_attention(q, k, v.abs(), valid, 0.2, 0.0, 0)[0].float()
+    assert_attention_close(out, want.float(), of_abs, 2 * ROUNDOFF[torch.bfloat16], 1e-5, "bf16")
+    assert_grads_close(got, [g.float() for g in want_grads], torch.bfloat16)
+
+
+@pytest.mark.parametrize("products", ["bf16"], indirect=True)
 def test_bf16_products_nan_rows_and_minus_inf_keys(products):
     """A NaN query gives a NaN row and logsumexp; a key whose scores are -inf gets weight 0 (exp below -87
     is 0): the same as the widened path, the other rows finite and close."""

@@ -218,14 +218,29 @@ void vdp_gemm(Operand a, const uint32_t* b, int64_t ldb, int64_t pairs, int64_t 
 // each image: called as they come, 600 counts grew the process by 652 MB and compiling cost 2 ms a call. So every
 // brgemm here has one shape but its depth: a kBlock x kBlock block of C (into a scratch block) over the pairs
 // rounded down to a multiple of kBlockPairs, A's rows and B's columns copied into blocks with those leading
-// dimensions; a call site then meets a few dozen shapes at most (600 counts: 14 MB). The rows, columns and pairs
-// left over go to vdp_gemm (the pairs added to the blocks' sums). Zero-padding them onto the tile units instead
-// measured no faster.
+// dimensions; a call site then meets a few dozen shapes at most (600 counts: 14 MB). The pairs left over go to
+// vdp_gemm (added to the blocks' sums), and so do rows and columns past the last whole block when they are
+// fewer than kBlock / 2: a call costs about as much as vdp_gemm's 6 rows (or columns) by 32. More of them are
+// the tail of one more block that ends at the last row (column) and overlaps the one before, storing only the
+// rows (columns) no block stored: UMTFSS's ~63 valid prototypes are then 2 blocks, not one and 31 rows on vdp.
 constexpr int64_t kBlock = 32, kBlockPairs = 16;
+
+// The blocks along one dimension of C of size n: whole ones at 0, kBlock, ..., then one ending at `covered` when
+// that is past them (the last block overlaps the one before); vdp_gemm takes the indices from `covered` on.
+struct Blocks {
+  int64_t covered;
+  int64_t start(int64_t k) const { return std::min(k * kBlock, covered - kBlock); }
+  int64_t count() const { return (covered + kBlock - 1) / kBlock; }
+};
+Blocks blocks_of(int64_t n) {
+  const int64_t whole = n / kBlock * kBlock;
+  return {whole > 0 && n - whole >= kBlock / 2 ? n : whole};
+}
 
 void amx_gemm(Operand a, const uint32_t* b, int64_t ldb, int64_t pairs, int64_t m, int64_t n, float alpha, float* c,
               int64_t ldc, bool accumulate) {
-  const int64_t m1 = m / kBlock * kBlock, n1 = n / kBlock * kBlock, p1 = pairs / kBlockPairs * kBlockPairs;
+  const Blocks rows = blocks_of(m), cols = blocks_of(n);
+  const int64_t m1 = rows.covered, n1 = cols.covered, p1 = pairs / kBlockPairs * kBlockPairs;
   if (m1 == 0 || n1 == 0 || p1 == 0) return vdp_gemm(a, b, ldb, pairs, m, n, alpha, c, ldc, accumulate);
   thread_local Words a_rows, b_panels;
   thread_local std::vector<float> block;
@@ -236,26 +251,28 @@ void amx_gemm(Operand a, const uint32_t* b, int64_t ldb, int64_t pairs, int64_t 
   } else {
     transpose_words(a.data, a.pair_stride, p1, m1, a_rows.data(), p1);  // pairs down the columns
   }
-  b_panels.resize(n1 * p1);
-  for (int64_t j0 = 0; j0 < n1; j0 += kBlock)
+  b_panels.resize(cols.count() * kBlock * p1);
+  for (int64_t jb = 0; jb < cols.count(); ++jb)
     for (int64_t p = 0; p < p1; ++p)
-      std::memcpy(b_panels.data() + (j0 * p1 + p * kBlock), b + p * ldb + j0, kBlock * 4);
+      std::memcpy(b_panels.data() + (jb * kBlock * p1 + p * kBlock), b + p * ldb + cols.start(jb), kBlock * 4);
   block.resize(kBlock * kBlock);
-  for (int64_t i0 = 0; i0 < m1; i0 += kBlock)
-    for (int64_t j0 = 0; j0 < n1; j0 += kBlock) {
+  for (int64_t ib = 0; ib < rows.count(); ++ib)
+    for (int64_t jb = 0; jb < cols.count(); ++jb) {
+      const int64_t i0 = rows.start(ib), j0 = cols.start(jb);
       at::native::cpublas::brgemm(kBlock, kBlock, 2 * p1, 2 * p1, kBlock, kBlock, false,
                                   reinterpret_cast<const at::BFloat16*>(a_rows.data() + i0 * p1),
-                                  reinterpret_cast<const at::BFloat16*>(b_panels.data() + j0 * p1), block.data(),
-                                  /*is_vnni=*/true);
-      for (int64_t i = 0; i < kBlock; ++i) {
+                                  reinterpret_cast<const at::BFloat16*>(b_panels.data() + jb * kBlock * p1),
+                                  block.data(), /*is_vnni=*/true);
+      // an overlapping last block stores only what the block before did not
+      for (int64_t i = ib * kBlock - i0; i < kBlock; ++i) {
         float* ci = c + (i0 + i) * ldc + j0;
         const float* bi = block.data() + i * kBlock;
         if (accumulate) {
 #pragma omp simd
-          for (int64_t j = 0; j < kBlock; ++j) ci[j] += alpha * bi[j];
+          for (int64_t j = jb * kBlock - j0; j < kBlock; ++j) ci[j] += alpha * bi[j];
         } else {
 #pragma omp simd
-          for (int64_t j = 0; j < kBlock; ++j) ci[j] = alpha * bi[j];
+          for (int64_t j = jb * kBlock - j0; j < kBlock; ++j) ci[j] = alpha * bi[j];
         }
       }
     }
