@@ -146,7 +146,7 @@ def test_bf16_products_blocks_and_their_edges(products, count):
     past the last whole block either the tail of one more block overlapping the one before (>= 16 of them: 116
     rows, 63 keys, 100 keys) or left to vdpbf16ps (< 16: 70 keys, 36 value channels), and pairs past a multiple
     of 16 (D = 40). Forward and gradients against the widened path on the same inputs: a block stored twice, or
-    an edge added twice, is far outside the tolerances. Elsewhere it is the vdpbf16ps GEMM's own shapes."""
+    an edge added twice, is far outside the tolerances. Without AMX the same shapes test the vdpbf16ps GEMM alone."""
     q, k, v = rounded((2, 2, 116, 40), (2, 2, 100, 40), (2, 2, 100, 36), dtype=torch.bfloat16)
     valid = torch.zeros(2, 100, dtype=torch.bool)
     valid[0, :count] = True

@@ -59,7 +59,7 @@ struct AttentionKernels {
   // uninitialised.
   void (*forward)(const AttentionInputs& in, at::Tensor& out, at::Tensor& lse);
   // grad_q (B, H, N, D) in q's dtype, contiguous and uninitialised: every row is written once, rounded
-  // from its opmath sum (a bf16 model's largest gradient then never exists in float32 whole). grad_k
+  // from its opmath sum, so a reduced-precision grad_q never exists whole in opmath. grad_k
   // (B, H, W, D), grad_v (B, H, W, Dv) (packed) and grad_const (B, H, Dv): opmath, contiguous and
   // zero-filled; packed keys past key_count stay zero.
   void (*backward)(const AttentionInputs& in, const at::Tensor& out, const at::Tensor& lse,
