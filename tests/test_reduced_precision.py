@@ -107,6 +107,23 @@ def test_local_attention_reduced(dtype, products, mode):
     assert_grads_close(got, torch.autograd.grad(want, (wq, ws, wv), grad.to(dtype).float()), dtype)
 
 
+def assert_products_match_widened(q, k, v, valid, scale, dropout_p):
+    """prototype_attention on bf16 inputs with the bf16 products against the widened path on the same inputs:
+    the output within the attention bound, the gradients within bf16 rounding. Returns both logsumexps."""
+    args = (q, k, v, valid, scale, dropout_p, 5)
+    out, lse = torch.ops.fsskern.prototype_attention(*args)
+    grad = torch.randn_like(out)
+    got = torch.autograd.grad(out, (q, k, v), grad)
+    with pytest.MonkeyPatch.context() as m:
+        m.setenv("FSSKERN_BF16_DOT", "0")
+        want, want_lse = torch.ops.fsskern.prototype_attention(*args)
+        want_grads = torch.autograd.grad(want, (q, k, v), grad)
+    of_abs = torch.ops.fsskern.prototype_attention(q, k, v.abs(), *args[3:])[0].float()
+    assert_attention_close(out, want.float(), of_abs, 2 * ROUNDOFF[torch.bfloat16], 1e-5, "bf16")
+    assert_grads_close(got, [g.float() for g in want_grads], torch.bfloat16)
+    return lse, want_lse
+
+
 @pytest.mark.parametrize("products", ["bf16"], indirect=True)
 @pytest.mark.parametrize("keys", [1201, 301], ids=["key_tiles", "one_tile"])
 @pytest.mark.parametrize("dropout", [0.2, 0.0], ids=["dropout", "no_dropout"])
@@ -116,19 +133,8 @@ def test_bf16_products_tiles_and_odd_sizes(products, keys, dropout):
     (bf16::exp_pairs packs the probabilities as it makes them), against the widened path on the same
     inputs. The logsumexp: float32 sums of exp within 3 ulp, so within float32 rounding of the widened one."""
     q, k, v = rounded((1, 2, 333, 7), (1, 2, keys, 7), (1, 2, keys, 5), dtype=torch.bfloat16)
-    valid = torch.rand(1, keys) < 0.9
-    args = (q, k, v, valid, 0.7, dropout, 5)
-    out, lse = torch.ops.fsskern.prototype_attention(*args)
-    grad = torch.randn_like(out)
-    got = torch.autograd.grad(out, (q, k, v), grad)
-    with pytest.MonkeyPatch.context() as m:
-        m.setenv("FSSKERN_BF16_DOT", "0")
-        want, want_lse = torch.ops.fsskern.prototype_attention(*args)
-        want_grads = torch.autograd.grad(want, (q, k, v), grad)
-    of_abs = torch.ops.fsskern.prototype_attention(q, k, v.abs(), valid, 0.7, dropout, 5)[0].float()
-    assert_attention_close(out, want.float(), of_abs, 2 * ROUNDOFF[torch.bfloat16], 1e-5, "bf16")
+    lse, want_lse = assert_products_match_widened(q, k, v, torch.rand(1, keys) < 0.9, 0.7, dropout)
     assert_close(lse, want_lse, rtol=1e-6, atol=1e-6)
-    assert_grads_close(got, [g.float() for g in want_grads], torch.bfloat16)
     query, support = rounded((2, 9, 1100), (2, 9, keys + 99), dtype=torch.bfloat16)
     mask = (torch.rand(2, keys + 99) < 0.6).float()
     out = ops.local_conditional_attention(query, support, mask, mode="multiply")
@@ -151,17 +157,7 @@ def test_bf16_products_blocks_and_their_edges(products, count):
     valid = torch.zeros(2, 100, dtype=torch.bool)
     valid[0, :count] = True
     valid[1, torch.randperm(100)[:count]] = True
-    args = (q, k, v, valid, 0.2, 0.0, 0)
-    out, _ = torch.ops.fsskern.prototype_attention(*args)
-    grad = torch.randn_like(out)
-    got = torch.autograd.grad(out, (q, k, v), grad)
-    with pytest.MonkeyPatch.context() as m:
-        m.setenv("FSSKERN_BF16_DOT", "0")
-        want, _ = torch.ops.fsskern.prototype_attention(*args)
-        want_grads = torch.autograd.grad(want, (q, k, v), grad)
-    of_abs = torch.ops.fsskern.prototype_attention(q, k, v.abs(), valid, 0.2, 0.0, 0)[0].float()
-    assert_attention_close(out, want.float(), of_abs, 2 * ROUNDOFF[torch.bfloat16], 1e-5, "bf16")
-    assert_grads_close(got, [g.float() for g in want_grads], torch.bfloat16)
+    assert_products_match_widened(q, k, v, valid, 0.2, 0.0)
 
 
 @pytest.mark.parametrize("products", ["bf16"], indirect=True)
