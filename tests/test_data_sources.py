@@ -357,6 +357,28 @@ def test_pseudo_folder_span_filter(tmp_path):
         build_source(DataConfig(dataset="pseudo", root=str(root)), "train")
 
 
+def test_folder_test_fraction_splits_the_images(tmp_path):
+    """params.test_fraction: a hashed, disjoint test / train split of one folder (the parsing sets' protection
+    against test queries that are training images); val is drawn from train with its own, unsalted hash."""
+    from fsskern.data.index import held_out
+    root = tmp_path / "set"
+    ids = [f"img{i:03d}" for i in range(60)]
+    for sid in ids:
+        write_pair(root, sid, blocks(8, 8, (1, 0, 4, 0, 8)))
+    (root / "classes.txt").write_text("background\nthing\n")
+    kw = dict(dataset="folder", root=str(root), classes="classes.txt")
+    split = {s: [src.sample_id(i) for i in range(len(src))]
+             for s in ("train", "val", "test")
+             for src in [build_source(DataConfig(**kw, params={"test_fraction": 0.5}), s)]}
+    assert split["train"] == split["val"] and not set(split["train"]) & set(split["test"])
+    assert sorted(split["train"] + split["test"]) == ids and 15 < len(split["test"]) < 45
+    assert split["test"] == [i for i in ids if held_out(i, 0.5, salt="test:")]  # the same images on every machine
+    assert any(held_out(i, 0.2) for i in split["train"])  # the val hold-out is not emptied by the test split
+    for bad in (0, 1, 1.5):
+        with pytest.raises(DataError, match="test_fraction"):
+            build_source(DataConfig(**kw, params={"test_fraction": bad}), "test")
+
+
 PRESETS = sorted(p.stem for p in (Path(__file__).parents[1] / "configs" / "data").glob("*.yaml"))
 
 

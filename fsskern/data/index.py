@@ -180,9 +180,10 @@ class TrainingPools:
     index_key: str = ""       # the LabelStats key these pools come from
 
 
-def held_out(sample_id: str, fraction: float) -> bool:
-    """Deterministic image-level hold-out: the same images for any fold, seed or machine."""
-    return int(hashlib.sha256(sample_id.encode()).hexdigest()[:8], 16) / 0x100000000 < fraction
+def held_out(sample_id: str, fraction: float, salt: str = "") -> bool:
+    """Deterministic image-level hold-out: the same images for any fold, seed or machine. A different
+    ``salt`` draws a hold-out independent of the unsalted one (a test split beside the validation split)."""
+    return int(hashlib.sha256((salt + sample_id).encode()).hexdigest()[:8], 16) / 0x100000000 < fraction
 
 
 def training_pools(source, stats: LabelStats, fold: int, policy: str = "pfenet", min_pixels: int = 2048,

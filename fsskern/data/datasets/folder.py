@@ -9,7 +9,10 @@ name a line). Any number of classes; folds (``data.folds``: novel class ids per 
 (``{train|val|test: file of ids}``, or ``data.train_list`` / ``data.val_list`` for train / test;
 without them every split holds every image, which is sound with
 the ``bam`` training policy: every test query holds a novel class, so no training image is a test
-query), ``label_channel`` (for RGB-stored labels) and ``stuff`` (class ids that are scene background:
+query), ``test_fraction`` (a deterministic image-level split by hashed id: the test split holds that
+share of the images and train / val the rest; for sets with one pool and the ``pfenet`` policy, e.g. the
+parsing sets, whose test queries would otherwise be training images with their novel pixels labelled
+background), ``label_channel`` (for RGB-stored labels) and ``stuff`` (class ids that are scene background:
 base classes in episodes, but background to BAM's base learner; ``Source.base_learner_classes``).
 
 Used for MSRC-v2 (``configs/data/msrc_v2.yaml``), CCP and VITON parsing maps."""
@@ -18,10 +21,12 @@ from typing import Dict, List, Optional
 
 import numpy as np
 
+from ..index import held_out
 from ..io import DataError, apply_lut, read_class_table, read_label, read_lines
 from .base import IGNORE, Source, check_params, register_source
 
-FOLDER_PARAMS = ["void", "stuff", "image_dir", "label_dir", "image_ext", "split_lists", "label_channel"]
+FOLDER_PARAMS = ["void", "stuff", "image_dir", "label_dir", "image_ext", "split_lists", "test_fraction",
+                 "label_channel"]
 
 
 def merged_lut(names: Dict[int, str], merge: Optional[Dict[str, List[int]]], void=()) -> tuple:
@@ -65,6 +70,8 @@ class FolderSource(Source):
         self.label_channel = int(params.get("label_channel", 0))
         self.samples = self.list_samples(params.get("image_dir", "images"), params.get("label_dir", "labels"),
                                          params.get("image_ext"), self.list_file(cfg_data, params, split))
+        if params.get("test_fraction") is not None:
+            self.samples = self.split_by_hash(self.samples, float(params["test_fraction"]), split)
         self.folds = [sorted(f) for f in (cfg_data.folds or [])]
         self.stuff = sorted(params.get("stuff", ()))
         novel_stuff = sorted(set(self.stuff).intersection(c for f in self.folds for c in f))
@@ -88,6 +95,17 @@ class FolderSource(Source):
         if chosen and not Path(chosen).is_absolute() and not Path(chosen).exists():
             chosen = str(self.root / chosen)
         return chosen
+
+    @staticmethod
+    def split_by_hash(samples: list, fraction: float, split: str) -> list:
+        """The test split: the images whose salted id hash falls under ``fraction``; train and val: the others
+        (the salt keeps the test split independent of the training pools' unsalted val hold-out)."""
+        if not 0 < fraction < 1:
+            raise DataError(f"data.params.test_fraction must be in (0, 1), not {fraction}")
+        kept = [s for s in samples if held_out(s[0], fraction, salt="test:") == (split == "test")]
+        if not kept:
+            raise DataError(f"test_fraction {fraction} leaves the {split} split of {len(samples)} images empty")
+        return kept
 
     def class_table(self, cfg_data) -> Dict[int, str]:
         if not cfg_data.classes:
