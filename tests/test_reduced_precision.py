@@ -147,17 +147,22 @@ def test_bf16_products_tiles_and_odd_sizes(products, keys, dropout):
 
 @pytest.mark.parametrize("products", ["bf16"], indirect=True)
 @pytest.mark.parametrize("count", [63, 70, 100], ids=["tail_block", "tail_on_vdp", "several_blocks"])
-def test_bf16_products_blocks_and_their_edges(products, count):
-    """Shapes whose products split into the AMX path's 32 x 32 blocks and their edges: rows, keys and channels
-    past the last whole block either the tail of one more block overlapping the one before (>= 16 of them: 116
-    rows, 63 keys, 100 keys) or left to vdpbf16ps (< 16: 70 keys, 36 value channels), and pairs past a multiple
-    of 16 (D = 40). Forward and gradients against the widened path on the same inputs: a block stored twice, or
-    an edge added twice, is far outside the tolerances. Without AMX the same shapes test the vdpbf16ps GEMM alone."""
-    q, k, v = rounded((2, 2, 116, 40), (2, 2, 100, 40), (2, 2, 100, 36), dtype=torch.bfloat16)
+@pytest.mark.parametrize("rows,D", [(116, 40), (300, 64)], ids=["short", "whole_row_blocks"])
+@pytest.mark.parametrize("dropout", [0.2, 0.0], ids=["dropout", "no_dropout"])
+def test_bf16_products_blocks_and_their_edges(products, count, rows, D, dropout):
+    """Shapes that split into the blocks of both AMX paths and their edges. With dropout (bf16::gemm's 32 x 32
+    blocks): rows, keys and channels past the last whole block either the tail of one more block overlapping the
+    one before (>= 16 of them: 116 rows, 63 keys, 100 keys) or left to vdpbf16ps (< 16: 70 keys, 36 value
+    channels), and pairs past a multiple of 16 (D = 40). Without (the row-major path's blocks of 128 rows): a last
+    block of 116 or 44 rows, key counts padded to 64, 96 and 128, channels zero-padded to 64 (D = 40, Dv = 36) or
+    q's rows read as they lie (D = 64). Forward and gradients against the widened path on the same inputs: a block
+    stored twice, an edge added twice or a padding that is not zero is far outside the tolerances. Without AMX
+    the same shapes test the vdpbf16ps GEMM alone."""
+    q, k, v = rounded((2, 2, rows, D), (2, 2, 100, D), (2, 2, 100, 36), dtype=torch.bfloat16)
     valid = torch.zeros(2, 100, dtype=torch.bool)
     valid[0, :count] = True
     valid[1, torch.randperm(100)[:count]] = True
-    assert_products_match_widened(q, k, v, valid, 0.2, 0.0)
+    assert_products_match_widened(q, k, v, valid, 0.2, dropout)
 
 
 @pytest.mark.parametrize("products", ["bf16"], indirect=True)
@@ -177,13 +182,23 @@ def test_bf16_products_nan_rows_and_minus_inf_keys(products):
         of_abs = torch.ops.fsskern.prototype_attention(q, k, v.abs(), None, 0.5, 0.0, 0)[0].float()
     assert torch.equal(out.isnan(), want.isnan()) and torch.equal(lse.isnan(), want_lse.isnan())
     assert out[0, 0, 3].isnan().all() and out.isnan().sum() == out.shape[-1]
+    # the NaN row's probabilities are NaN in the backward too: it poisons dK and dV as on the widened path
+    leaves = [x.detach().requires_grad_() for x in (q, k, v)]
+    got = torch.autograd.grad(torch.ops.fsskern.prototype_attention(*leaves, *args[3:])[0].float().sum(), leaves)
+    with pytest.MonkeyPatch.context() as m:
+        m.setenv("FSSKERN_BF16_DOT", "0")
+        want_grads = torch.autograd.grad(torch.ops.fsskern.prototype_attention(*leaves, *args[3:])[0].float().sum(),
+                                         leaves)
+    assert all(torch.equal(g.isnan(), w.isnan()) for g, w in zip(got, want_grads))
+    assert got[1].isnan().all() and got[2].isnan().all()
     rows = ~want.isnan()
     assert_attention_close(out[rows], want[rows].float(), of_abs[rows], 2 * ROUNDOFF[torch.bfloat16], 1e-5, "bf16")
     assert_close(lse, want_lse, equal_nan=True, rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize("products", ["bf16"], indirect=True)
-def test_bf16_products_repeat_exactly_across_threads(products):
+@pytest.mark.parametrize("dropout", [0.1, 0.0], ids=["dropout", "no_dropout"])
+def test_bf16_products_repeat_exactly_across_threads(products, dropout):
     """The bf16 products sum in an order set by the tiles alone: outputs and gradients equal bit for bit."""
     q, k, v = rounded((2, 2, 700, 12), (2, 2, 70, 12), (2, 2, 70, 6), dtype=torch.bfloat16)
     grad = torch.randn(2, 2, 700, 6).bfloat16()
@@ -192,7 +207,7 @@ def test_bf16_products_repeat_exactly_across_threads(products):
     try:
         for n in (1, 2):
             torch.set_num_threads(n)
-            out = ops.prototype_attention(q, k, v, dropout_p=0.1, seed=3)
+            out = ops.prototype_attention(q, k, v, dropout_p=dropout, seed=3)
             results.append((out, *torch.autograd.grad(out, (q, k, v), grad)))
     finally:
         torch.set_num_threads(threads)

@@ -17,7 +17,9 @@
 // in float32 as for float32 inputs: no input is copied whole. On CPUs with AVX512-BF16 the
 // GEMMs of both directions read bfloat16 inputs as they are instead (Bf16Products and
 // Bf16Backward, bf16_gemm.h), and without dropout the forward's softmax writes its probabilities
-// straight into the second GEMM's bf16 operand (bf16::exp_pairs).
+// straight into the second GEMM's bf16 operand (bf16::exp_pairs). On CPUs with AMX-BF16 and without
+// dropout, both directions run row-major instead (forward_amx_rows, backward_amx_rows): every
+// operand lies as the tile units read it, so nothing is transposed per tile.
 #define TORCH_ASSERT_ONLY_METHOD_OPERATORS  // per-operator ATen headers only (setup.py)
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -149,26 +151,26 @@ Out narrowed(T x) {
     return static_cast<Out>(x);
 }
 
-// out (rows x Dv, strides row_stride and channel_stride) = acc * inv per row, walking the output
-// contiguously: CRCNet's output is channels-first, so its rows are the inner dimension.
+// out (rows x Dv, strides row_stride and channel_stride) = acc * inv per row (acc's rows ld apart), walking the
+// output contiguously: CRCNet's output is channels-first, so its rows are the inner dimension.
 template <typename T, typename Out>
-FSSKERN_CPU_CLONES void write_normalised_strided(const T* acc, const T* inv, int64_t rows, int64_t Dv, Out* out,
-                                                 int64_t row_stride, int64_t channel_stride) {
+FSSKERN_CPU_CLONES void write_normalised_strided(const T* acc, int64_t ld, const T* inv, int64_t rows, int64_t Dv,
+                                                 Out* out, int64_t row_stride, int64_t channel_stride) {
   if (row_stride == 1) {
     for (int64_t e = 0; e < Dv; ++e)
 #pragma omp simd
-      for (int64_t r = 0; r < rows; ++r) out[e * channel_stride + r] = narrowed<Out>(acc[r * Dv + e] * inv[r]);
+      for (int64_t r = 0; r < rows; ++r) out[e * channel_stride + r] = narrowed<Out>(acc[r * ld + e] * inv[r]);
   } else {
     for (int64_t r = 0; r < rows; ++r)
 #pragma omp simd
       for (int64_t e = 0; e < Dv; ++e)
-        out[r * row_stride + e * channel_stride] = narrowed<Out>(acc[r * Dv + e] * inv[r]);
+        out[r * row_stride + e * channel_stride] = narrowed<Out>(acc[r * ld + e] * inv[r]);
   }
 }
 
 template <typename T, typename Out>
-void write_normalised(const T* acc, const T* inv, int64_t rows, int64_t Dv, at::Tensor out_tile) {
-  write_normalised_strided(acc, inv, rows, Dv, out_tile.mutable_data_ptr<Out>(), out_tile.stride(0),
+void write_normalised(const T* acc, int64_t ld, const T* inv, int64_t rows, int64_t Dv, at::Tensor out_tile) {
+  write_normalised_strided(acc, ld, inv, rows, Dv, out_tile.mutable_data_ptr<Out>(), out_tile.stride(0),
                            out_tile.stride(1));
 }
 
@@ -342,8 +344,123 @@ void forward_typed(const AttentionInputs& in, at::Tensor& out, at::Tensor& lse) 
         sum[r] = output_normaliser(l[r]);  // reused as the normaliser
         lse_data[bh * N + i0 + r] = row_logsumexp(m[r], l[r]);
       }
-      write_normalised<T, In>(acc_data, sum.data(), rows, Dv, out[b][h].narrow(0, i0, rows));
+      write_normalised<T, In>(acc_data, Dv, sum.data(), rows, Dv, out[b][h].narrow(0, i0, rows));
     }
+  });
+}
+
+// The forward for bfloat16 inputs on AMX without dropout: the tiles turned row-major, as PyTorch's CPU flash
+// attention runs them. Per block of kAmxRows query rows and tile of keys: the scores S = Q K^T from q's rows as
+// they lie (brgemm's A), the softmax along each row writes the bf16 probabilities row-major, which are the
+// second product's A as they lie, and acc += P V. Nothing is transposed (the transposed tiles above cost a
+// transpose of every query tile and of every probability tile, and bf16::gemm's fixed 32 x 32 blocks a copy of
+// every operand and ~170 brgemm calls per 1,800 rows), and every product has one of a few shapes (amx_key_tiles).
+// Blocks of 128 rows: 2.2x the float32 kernel at UMTFSS's shape on an Intel Xeon, where 32 gave 1.8x and 256 no
+// more than 128. The arithmetic is Bf16Products' (exact products summed in float32, the probabilities rounded to
+// bf16 once); the sums may run in another order.
+constexpr int64_t kAmxRows = 128;
+
+int64_t round_up(int64_t n, int64_t multiple) { return (n + multiple - 1) / multiple * multiple; }
+
+// The key tiles of the AMX products: `width` keys each (the last one's past the count zero-padded), `ld` in
+// all. oneDNN keeps a compiled kernel (~0.7 MB) per shape and leading dimension, so the widths are few: whole
+// 32s up to 128 keys (UMTFSS's ~70 prototypes: 96), whole 128s above, and above kKeyTile keys tiles of equal
+// width: a run whose key count changes from call to call meets 7 widths.
+struct AmxKeyTiles {
+  int64_t width, ld;
+};
+AmxKeyTiles amx_key_tiles(int64_t count) {
+  const int64_t tiles = std::max<int64_t>(at::divup(count, kKeyTile), 1), keys = at::divup(count, tiles);
+  const int64_t width = keys <= 128 ? round_up(std::max<int64_t>(keys, 1), 32) : round_up(keys, 128);
+  return {width, tiles * width};
+}
+
+void forward_amx_rows(const AttentionInputs& in, at::Tensor& out, at::Tensor& lse) {
+  const int64_t B = in.q.size(0), H = in.q.size(1), N = in.q.size(2), D = in.q.size(3), Dv = in.v.size(3);
+  const int64_t* key_count = in.key_count.const_data_ptr<int64_t>();
+  const float* const_logit = in.const_logit.const_data_ptr<float>();
+  const float* const_value = in.const_value.const_data_ptr<float>();
+  float* lse_data = lse.mutable_data_ptr<float>();
+  const auto* q_data = in.q.const_data_ptr<c10::BFloat16>();
+  // the scores' depth: q's channels, zero-padded to whole AMX steps
+  const int64_t depth = round_up(D, bf16::kAmxDepth), ldv = bf16::padded(Dv);
+  // the row tiles of choose_tiles, evened out and rounded up to whole blocks
+  const int64_t row_tiles = at::divup(N, choose_tiles(in.k.size(2), N).rows);
+  const int64_t tile_rows = round_up(at::divup(N, row_tiles), kAmxRows);
+  const float scale = static_cast<float>(in.scale);
+
+  struct Buffers {
+    bf16::Words k_packed, v_packed, q_pairs, q_rows;
+    std::vector<float> s, acc, m, l, new_max, sum, alpha;
+    std::vector<c10::BFloat16> p;
+  };
+  const int64_t tasks = B * H * row_tiles;
+  parallel_tasks(tasks, [&](const auto& claim) {
+    Buffers& buf = thread_buffers<Buffers>();
+    buf.s.resize(kAmxRows * kKeyTile);
+    buf.p.resize(kAmxRows * kKeyTile);
+    buf.acc.resize(tile_rows * ldv);
+    for (auto* v : {&buf.m, &buf.l, &buf.new_max, &buf.sum, &buf.alpha}) v->resize(tile_rows);
+    int64_t keys_of = -1;  // the (batch, head) whose keys and values are packed
+    for (int64_t task = claim(); task < tasks; task = claim()) {
+      const int64_t bh = task / row_tiles, b = bh / H, h = bh % H, i0 = (task % row_tiles) * tile_rows;
+      const int64_t rows = std::min(tile_rows, N - i0), count = key_count[b];
+      const AmxKeyTiles keys = amx_key_tiles(count);
+      if (keys_of != bh && count > 0) {
+        // k: pairs along the channels (zero up to depth), keys across; v: pairs of keys (zero past the count: the
+        // probabilities there are 0, and 0 times a stale value could be NaN), channels across
+        const at::Tensor k = in.k[b][h], v = in.v[b][h];
+        buf.k_packed.assign(depth / 2 * keys.ld, 0u);
+        bf16::pack_pairs(k.const_data_ptr<c10::BFloat16>(), D, count, k.stride(1), k.stride(0), buf.k_packed.data(),
+                         keys.ld);
+        buf.v_packed.assign(keys.ld / 2 * ldv, 0u);
+        bf16::pack_pairs(v.const_data_ptr<c10::BFloat16>(), count, Dv, v.stride(0), v.stride(1), buf.v_packed.data(),
+                         ldv);
+        keys_of = bh;
+      }
+      float *acc = buf.acc.data(), *m = buf.m.data(), *l = buf.l.data();
+      // The constant key first: exp(c - c) = 1 times its value.
+      const float c = const_logit[b];
+      const bool has_const = c > -std::numeric_limits<float>::infinity();
+      const int64_t blocks_rows = round_up(rows, kAmxRows);  // the rows the blocks compute
+      std::fill(m, m + blocks_rows, c);
+      std::fill(l, l + blocks_rows, has_const ? 1.f : 0.f);
+      if (has_const)
+        for (int64_t r = 0; r < blocks_rows; ++r)
+          std::copy(const_value + b * Dv, const_value + (b + 1) * Dv, acc + r * ldv);
+      else if (count == 0)
+        std::fill(acc, acc + rows * ldv, 0.f);
+      for (int64_t r0 = 0; r0 < rows && count > 0; r0 += kAmxRows) {
+        const int64_t block = std::min(kAmxRows, rows - r0);
+        const bf16::Rows q_rows =
+            bf16::rows_operand(q_data + b * in.q.stride(0) + h * in.q.stride(1) + (i0 + r0) * in.q.stride(2), block, D,
+                               in.q.stride(2), in.q.stride(3), kAmxRows, depth, buf.q_pairs, buf.q_rows);
+        // rows past `block` (zero queries) are computed and never read
+        float *mb = m + r0, *lb = l + r0, *alpha = buf.alpha.data() + r0, *accb = acc + r0 * ldv;
+        for (int64_t j0 = 0; j0 < count; j0 += keys.width) {
+          const int64_t n = std::min(keys.width, count - j0);
+          bf16::amx_rows_gemm(q_rows.data, q_rows.ld, buf.k_packed.data() + j0, keys.ld, kAmxRows, keys.width, depth,
+                              buf.s.data(), keys.width, false);
+          bf16::exp_rows(buf.s.data(), kAmxRows, n, keys.width, keys.width, scale, mb, buf.new_max.data() + r0,
+                         buf.sum.data() + r0, buf.p.data(), keys.width);
+          for (int64_t i = 0; i < kAmxRows; i += kStrip)
+            strip_update(buf.new_max.data() + r0 + i, buf.sum.data() + r0 + i, mb + i, lb + i, alpha + i);
+          const bool first = j0 == 0 && !has_const;  // nothing accumulated yet
+          if (!first)
+            for (int64_t r = 0; r < kAmxRows; ++r)
+              for (int64_t e = 0; e < Dv; ++e) accb[r * ldv + e] *= alpha[r];
+          bf16::amx_rows_gemm(buf.p.data(), keys.width, buf.v_packed.data() + j0 / 2 * ldv, ldv, kAmxRows, ldv,
+                              keys.width, accb, ldv, !first);
+        }
+      }
+      float* inv = buf.sum.data();  // reused as the normaliser
+      for (int64_t r = 0; r < rows; ++r) {
+        inv[r] = output_normaliser(l[r]);
+        lse_data[bh * N + i0 + r] = row_logsumexp(m[r], l[r]);
+      }
+      write_normalised<float, c10::BFloat16>(acc, ldv, inv, rows, Dv, out[b][h].narrow(0, i0, rows));
+    }
+    bf16::amx_release();
   });
 }
 
@@ -520,6 +637,119 @@ struct Bf16Backward {
   }
 };
 
+// The backward for bfloat16 inputs on AMX without dropout, row-major as forward_amx_rows. Per (batch, head), block
+// of kAmxRows rows and key tile: S = Q K^T and dP = dO V^T from q's and dO's rows as they lie; the elementwise step
+// (bf16::softmax_grad_rows) turns them into A and dS rounded to bf16, dS row-major and both paired along the rows;
+// then dQ += dS K, and dV^T += dO^T A, dK^T += Q^T dS, whose B operands are A and dS paired along the rows as they
+// are, and whose A operands are the block's rows transposed (or q and dO themselves when channels-first). One
+// thread owns a (batch, head), so dK^T and dV^T need no reduction; they are transposed into grad_k and grad_v
+// once. The arithmetic is Bf16Backward's (exact products, float32 sums, A and dS rounded to bf16 once).
+void backward_amx_rows(const AttentionInputs& in, const at::Tensor& out, const at::Tensor& lse,
+                       const at::Tensor& grad_out, at::Tensor& grad_q, at::Tensor& grad_k, at::Tensor& grad_v,
+                       at::Tensor& grad_const) {
+  const int64_t B = in.q.size(0), H = in.q.size(1), N = in.q.size(2), D = in.q.size(3), Dv = in.v.size(3);
+  const int64_t depth = round_up(D, bf16::kAmxDepth), depth_v = round_up(Dv, bf16::kAmxDepth);
+  const int64_t ldd = bf16::padded(D);
+  const int64_t* key_count = in.key_count.const_data_ptr<int64_t>();
+  const float* const_logit = in.const_logit.const_data_ptr<float>();
+  const float* lse_data = lse.const_data_ptr<float>();
+  const float scale = static_cast<float>(in.scale);
+  struct Buffers {
+    bf16::Words k_by_channel, v_by_channel, k_by_key, a_pairs, ds_pairs, pairs, q_rows, d_out_rows, q_t, d_out_t;
+    std::vector<float> delta, s, dp, dq, dk_t, dv_t, block_lse, block_delta, scales;
+    std::vector<c10::BFloat16> ds_rows;
+  };
+  at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
+    Buffers& buf = thread_buffers<Buffers>();
+    buf.s.resize(kAmxRows * kKeyTile);
+    buf.dp.resize(kAmxRows * kKeyTile);
+    buf.ds_rows.resize(kAmxRows * kKeyTile);
+    buf.a_pairs.resize(kAmxRows / 2 * kKeyTile);
+    buf.ds_pairs.resize(kAmxRows / 2 * kKeyTile);
+    buf.dq.resize(kAmxRows * ldd);
+    buf.block_lse.resize(kAmxRows);
+    buf.block_delta.resize(kAmxRows);
+    buf.scales.assign(kAmxRows, scale);
+    buf.delta.resize(N);
+    for (int64_t bh = begin; bh < end; ++bh) {
+      const int64_t b = bh / H, h = bh % H, count = key_count[b];
+      const AmxKeyTiles keys = amx_key_tiles(count);
+      const at::Tensor q = in.q[b][h], d_out = grad_out[b][h], o = out[b][h], dq = grad_q[b][h];
+      const auto* qd = q.const_data_ptr<c10::BFloat16>();
+      const auto* gd = d_out.const_data_ptr<c10::BFloat16>();
+      auto* dqd = dq.mutable_data_ptr<c10::BFloat16>();
+      const int64_t dq_rs = dq.stride(0), dq_cs = dq.stride(1), g_rs = d_out.stride(0), g_cs = d_out.stride(1);
+      row_dots(gd, d_out.stride(0), d_out.stride(1), o.const_data_ptr<c10::BFloat16>(), o.stride(0), o.stride(1), N,
+               Dv, buf.delta.data());  // delta_i = dO_i . O_i
+      if (count > 0) {
+        // k and v paired along their channels (zero up to the depths), keys across; k paired along the keys
+        const at::Tensor k = in.k[b][h], v = in.v[b][h];
+        const auto* kd = k.const_data_ptr<c10::BFloat16>();
+        buf.k_by_channel.assign(depth / 2 * keys.ld, 0u);
+        bf16::pack_pairs(kd, D, count, k.stride(1), k.stride(0), buf.k_by_channel.data(), keys.ld);
+        buf.v_by_channel.assign(depth_v / 2 * keys.ld, 0u);
+        bf16::pack_pairs(v.const_data_ptr<c10::BFloat16>(), Dv, count, v.stride(1), v.stride(0),
+                         buf.v_by_channel.data(), keys.ld);
+        buf.k_by_key.assign(keys.ld / 2 * ldd, 0u);
+        bf16::pack_pairs(kd, count, D, k.stride(0), k.stride(1), buf.k_by_key.data(), ldd);
+        buf.dk_t.assign(D * keys.ld, 0.f);
+        buf.dv_t.assign(Dv * keys.ld, 0.f);
+      }
+      const float c = const_logit[b];
+      float* gc = c > -std::numeric_limits<float>::infinity() ? grad_const[b][h].mutable_data_ptr<float>() : nullptr;
+      for (int64_t r0 = 0; r0 < N; r0 += kAmxRows) {
+        const int64_t block = std::min(kAmxRows, N - r0);
+        const c10::BFloat16 *q0 = qd + r0 * q.stride(0), *g0 = gd + r0 * g_rs;
+        float *block_lse = buf.block_lse.data(), *block_delta = buf.block_delta.data();
+        // rows past the block: logsumexp -inf, so probability 0 (and no gradient)
+        std::fill(block_lse, block_lse + kAmxRows, -std::numeric_limits<float>::infinity());
+        std::fill(block_delta, block_delta + kAmxRows, 0.f);
+        std::copy(lse_data + bh * N + r0, lse_data + bh * N + r0 + block, block_lse);
+        std::copy(buf.delta.data() + r0, buf.delta.data() + r0 + block, block_delta);
+        float* dqb = buf.dq.data();
+        if (count == 0) std::fill(dqb, dqb + kAmxRows * ldd, 0.f);
+        if (count > 0) {
+          const bf16::Rows q_rows = bf16::rows_operand(q0, block, D, q.stride(0), q.stride(1), kAmxRows, depth,
+                                                       buf.pairs, buf.q_rows);
+          const bf16::Rows d_out_rows = bf16::rows_operand(g0, block, Dv, d_out.stride(0), d_out.stride(1), kAmxRows,
+                                                           depth_v, buf.pairs, buf.d_out_rows);
+          const bf16::Rows q_t =
+              bf16::rows_operand(q0, D, block, q.stride(1), q.stride(0), D, kAmxRows, buf.pairs, buf.q_t);
+          const bf16::Rows d_out_t =
+              bf16::rows_operand(g0, Dv, block, d_out.stride(1), d_out.stride(0), Dv, kAmxRows, buf.pairs, buf.d_out_t);
+          for (int64_t j0 = 0; j0 < count; j0 += keys.width) {
+            const int64_t n = std::min(keys.width, count - j0), w = keys.width;
+            bf16::amx_rows_gemm(q_rows.data, q_rows.ld, buf.k_by_channel.data() + j0, keys.ld, kAmxRows, w, depth,
+                                buf.s.data(), w, false);
+            bf16::amx_rows_gemm(d_out_rows.data, d_out_rows.ld, buf.v_by_channel.data() + j0, keys.ld, kAmxRows, w,
+                                depth_v, buf.dp.data(), w, false);
+            bf16::softmax_grad_rows(buf.s.data(), buf.dp.data(), kAmxRows, n, w, scale, block_lse, block_delta,
+                                    buf.ds_rows.data(), buf.a_pairs.data(), buf.ds_pairs.data());
+            bf16::amx_rows_gemm(buf.ds_rows.data(), w, buf.k_by_key.data() + j0 / 2 * ldd, ldd, kAmxRows, ldd, w, dqb,
+                                ldd, j0 > 0);
+            bf16::amx_rows_gemm(d_out_t.data, d_out_t.ld, buf.a_pairs.data(), w, Dv, w, kAmxRows,
+                                buf.dv_t.data() + j0, keys.ld, true);
+            bf16::amx_rows_gemm(q_t.data, q_t.ld, buf.ds_pairs.data(), w, D, w, kAmxRows, buf.dk_t.data() + j0,
+                                keys.ld, true);
+          }
+        }
+        write_normalised_strided(dqb, ldd, buf.scales.data(), block, D, dqd + r0 * dq_rs, dq_rs, dq_cs);  // scale dS K
+        // the constant key (key vector 0): only its value receives a gradient, dO^T a
+        for (int64_t r = 0; gc && r < block; ++r) {
+          const float a = probability_from_lse(c, block_lse[r]);
+          for (int64_t e = 0; e < Dv; ++e) gc[e] += a * static_cast<float>(g0[r * g_rs + e * g_cs]);
+        }
+      }
+      float *dk = grad_k[b][h].mutable_data_ptr<float>(), *dv = grad_v[b][h].mutable_data_ptr<float>();
+      for (int64_t j = 0; j < count; ++j) {
+        for (int64_t d = 0; d < D; ++d) dk[j * D + d] = scale * buf.dk_t[d * keys.ld + j];
+        for (int64_t e = 0; e < Dv; ++e) dv[j * Dv + e] = buf.dv_t[e * keys.ld + j];
+      }
+    }
+    bf16::amx_release();
+  });
+}
+
 template <typename In, typename Products>
 void backward_typed(const AttentionInputs& in, const at::Tensor& out, const at::Tensor& lse, const at::Tensor& grad_out,
                     at::Tensor& grad_q, at::Tensor& grad_k, at::Tensor& grad_v, at::Tensor& grad_const) {
@@ -607,8 +837,10 @@ void backward_typed(const AttentionInputs& in, const at::Tensor& out, const at::
 }
 
 void attention_forward_cpu(const AttentionInputs& in, at::Tensor& out, at::Tensor& lse) {
-  if (in.q.scalar_type() == at::kBFloat16 && bf16::available())
+  if (in.q.scalar_type() == at::kBFloat16 && bf16::available()) {
+    if (bf16::amx_products() && in.drop_threshold == 0) return forward_amx_rows(in, out, lse);
     return forward_typed<c10::BFloat16, Bf16Products>(in, out, lse);
+  }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.q.scalar_type(), "fsskern_attention_forward_cpu",
                                   [&] { forward_typed<scalar_t, WidenedProducts<scalar_t>>(in, out, lse); });
 }
@@ -616,8 +848,11 @@ void attention_forward_cpu(const AttentionInputs& in, at::Tensor& out, at::Tenso
 void attention_backward_cpu(const AttentionInputs& in, const at::Tensor& out, const at::Tensor& lse,
                             const at::Tensor& grad_out, at::Tensor& grad_q, at::Tensor& grad_k, at::Tensor& grad_v,
                             at::Tensor& grad_const) {
-  if (in.q.scalar_type() == at::kBFloat16 && bf16::available())
+  if (in.q.scalar_type() == at::kBFloat16 && bf16::available()) {
+    if (bf16::amx_products() && in.drop_threshold == 0)
+      return backward_amx_rows(in, out, lse, grad_out, grad_q, grad_k, grad_v, grad_const);
     return backward_typed<c10::BFloat16, Bf16Backward>(in, out, lse, grad_out, grad_q, grad_k, grad_v, grad_const);
+  }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.q.scalar_type(), "fsskern_attention_backward_cpu", [&] {
     backward_typed<scalar_t, WidenedBackward<scalar_t>>(in, out, lse, grad_out, grad_q, grad_k, grad_v, grad_const);
   });

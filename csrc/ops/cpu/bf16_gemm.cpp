@@ -14,7 +14,8 @@
 // the rate of Zen 4's) and 100 for the float32 GEMM. Its B operand is our pair-packed layout (oneDNN's
 // "VNNI" bf16 layout, ld in words); its A must hold the pairs along its rows, so a packed A (pairs
 // down its columns) is transposed, 16 x 16 words in registers. Both are copied into blocks of a few
-// fixed shapes (amx_gemm says why).
+// fixed shapes (amx_gemm says why). The attention kernels' row-major paths call brgemm on their own operands
+// through amx_rows_gemm, with the few shapes they choose.
 #include "ops/cpu/bf16_gemm.h"
 
 #include <ATen/native/CPUBlas.h>
@@ -184,6 +185,123 @@ FSSKERN_BF16_TARGET void exp_pairs_impl(const float* s, int64_t n, int64_t ld, c
   _mm512_storeu_ps(sum, _mm512_mask_mov_ps(total, nan, _mm512_set1_ps(NAN)));
 }
 
+// Lane i of the result = the reduction (max or sum) of v[i]'s lanes, for 16 vectors at once: the transpose's
+// four butterfly stages, each combining the two halves it exchanges, so 30 shuffles serve 16 rows where a
+// reduction per row is a serial chain of 8 (which the row loop below stalled on).
+template <bool Max>
+FSSKERN_BF16_TARGET inline __m512 reduce_16(__m512* v) {
+  alignas(64) static constexpr int32_t kLow[4][16] = {{0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23},
+                                                       {0, 1, 2, 3, 16, 17, 18, 19, 8, 9, 10, 11, 24, 25, 26, 27},
+                                                       {0, 1, 16, 17, 4, 5, 20, 21, 8, 9, 24, 25, 12, 13, 28, 29},
+                                                       {0, 16, 2, 18, 4, 20, 6, 22, 8, 24, 10, 26, 12, 28, 14, 30}};
+#pragma GCC unroll 4
+  for (int stage = 0, d = 8; d > 0; ++stage, d /= 2) {
+    const __m512i low = _mm512_load_si512(kLow[stage]), high = _mm512_add_epi32(low, _mm512_set1_epi32(d));
+#pragma GCC unroll 8
+    for (int j = 0; j < d; ++j) {
+      const __m512 a = _mm512_permutex2var_ps(v[j], low, v[j + d]), b = _mm512_permutex2var_ps(v[j], high, v[j + d]);
+      v[j] = Max ? _mm512_max_ps(a, b) : _mm512_add_ps(a, b);
+    }
+  }
+  return v[0];
+}
+
+FSSKERN_BF16_TARGET void exp_rows_impl(float* s, int64_t rows, int64_t n, int64_t width, int64_t lds, float scale,
+                                       const float* m, float* new_max, float* sum, c10::BFloat16* p, int64_t ldp) {
+  const __m512 scale_v = _mm512_set1_ps(scale);
+  const int64_t whole = n / 16, vectors = (n + 15) / 16, pairs = (vectors + 1) / 2;
+  const __mmask16 tail = static_cast<__mmask16>((1u << (n % 16)) - 1);
+  for (int64_t r0 = 0; r0 < rows; r0 += 16) {
+    __m512 part[16];
+    // scale in place, the lanes past the keys to -inf (their numerators are then 0); each row's max
+    for (int i = 0; i < 16; ++i) {
+      float* row = s + (r0 + i) * lds;
+      __m512 high = _mm512_set1_ps(m[r0 + i]);
+      for (int64_t v = 0; v < whole; ++v) {
+        const __m512 x = _mm512_mul_ps(_mm512_loadu_ps(row + 16 * v), scale_v);
+        _mm512_storeu_ps(row + 16 * v, x);
+        high = _mm512_max_ps(x, high);  // a NaN score keeps high
+      }
+      for (int64_t v = whole; v < 2 * pairs; ++v) {
+        const __mmask16 live = v == whole ? tail : __mmask16(0);
+        const __m512 x = _mm512_mask_mul_ps(_mm512_set1_ps(-INFINITY), live,
+                                            _mm512_maskz_loadu_ps(live, row + 16 * v), scale_v);
+        _mm512_storeu_ps(row + 16 * v, x);
+        high = _mm512_max_ps(x, high);
+      }
+      part[i] = high;
+    }
+    _mm512_storeu_ps(new_max + r0, reduce_16<true>(part));
+    __mmask16 nan = 0;
+    for (int i = 0; i < 16; ++i) {
+      const float* row = s + (r0 + i) * lds;
+      const __m512 top = _mm512_set1_ps(new_max[r0 + i]);
+      // x <= 0 or NaN, so the sum of the x is NaN exactly when one is (-inf - -inf included)
+      __m512 total = _mm512_setzero_ps(), probe = _mm512_setzero_ps();
+      uint16_t* out = reinterpret_cast<uint16_t*>(p + (r0 + i) * ldp);
+      for (int64_t w = 0; w < pairs; ++w) {
+        const __m512 x0 = _mm512_sub_ps(_mm512_loadu_ps(row + 32 * w), top);
+        const __m512 x1 = _mm512_sub_ps(_mm512_loadu_ps(row + 32 * w + 16), top);
+        probe = _mm512_add_ps(probe, _mm512_add_ps(x0, x1));
+        const __m512 e0 = exp_lanes(x0), e1 = exp_lanes(x1);
+        total = _mm512_add_ps(total, _mm512_add_ps(e0, e1));
+        _mm512_storeu_si512(out + 32 * w, (__m512i)_mm512_cvtne2ps_pbh(e1, e0));  // keys 32w.. in order
+      }
+      for (int64_t w = pairs; w < width / 32; ++w) _mm512_storeu_si512(out + 32 * w, _mm512_setzero_si512());
+      part[i] = total;
+      nan |= static_cast<__mmask16>(_mm512_cmp_ps_mask(probe, probe, _CMP_UNORD_Q) != 0) << i;
+    }
+    _mm512_storeu_ps(sum + r0, _mm512_mask_mov_ps(reduce_16<false>(part), nan, _mm512_set1_ps(NAN)));
+  }
+}
+
+// The lanes of vector v of a row of n keys that hold keys.
+inline __mmask16 key_lanes(int64_t n, int64_t v) {
+  const int64_t left = n - 16 * v;
+  return left >= 16 ? __mmask16(0xFFFF) : left <= 0 ? __mmask16(0) : __mmask16((1u << left) - 1);
+}
+
+FSSKERN_BF16_TARGET void softmax_grad_rows_impl(const float* s, const float* dp, int64_t rows, int64_t n,
+                                                int64_t width, float scale, const float* lse, const float* delta,
+                                                c10::BFloat16* ds_rows, uint32_t* a_pairs, uint32_t* ds_pairs) {
+  // word i of a pair of rows takes the first row's column i (word i of cvtne2ps's result) and the second's
+  alignas(64) static constexpr uint16_t kInterleave[32] = {0, 16, 1, 17, 2,  18, 3,  19, 4,  20, 5,
+                                                           21, 6, 22, 7, 23, 8,  24, 9,  25, 10, 26,
+                                                           11, 27, 12, 28, 13, 29, 14, 30, 15, 31};
+  const __m512i interleave = _mm512_load_si512(kInterleave);
+  const __m512 scale_v = _mm512_set1_ps(scale);
+  for (int64_t r = 0; r < rows; r += 2) {
+    __m512 row_lse[2], row_delta[2];
+    bool live_row[2];
+    for (int i = 0; i < 2; ++i) {
+      row_lse[i] = _mm512_set1_ps(lse[r + i]);
+      row_delta[i] = _mm512_set1_ps(delta[r + i]);
+      live_row[i] = lse[r + i] != -INFINITY;
+    }
+    for (int64_t j = 0; j < width; j += 32) {
+      __m512 a[2][2], ds[2][2];  // [row][half of the 32 columns]
+      for (int i = 0; i < 2; ++i)
+        for (int half = 0; half < 2; ++half) {
+          const int64_t at = (r + i) * width + j + 16 * half;
+          const __mmask16 live = live_row[i] ? key_lanes(n, (j + 16 * half) / 16) : __mmask16(0);
+          const __m512 x = _mm512_sub_ps(_mm512_mul_ps(_mm512_loadu_ps(s + at), scale_v), row_lse[i]);
+          const __mmask16 nan = _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q);
+          a[i][half] = _mm512_maskz_mov_ps(live, _mm512_mask_mov_ps(exp_lanes(x), nan, x));
+          ds[i][half] = _mm512_mul_ps(a[i][half], _mm512_sub_ps(_mm512_loadu_ps(dp + at), row_delta[i]));
+        }
+      for (int i = 0; i < 2; ++i)
+        _mm512_storeu_si512(ds_rows + (r + i) * width + j, (__m512i)_mm512_cvtne2ps_pbh(ds[i][1], ds[i][0]));
+      for (int half = 0; half < 2; ++half) {
+        const int64_t at = r / 2 * width + j + 16 * half;
+        _mm512_storeu_si512(a_pairs + at, _mm512_permutexvar_epi16(interleave, (__m512i)_mm512_cvtne2ps_pbh(
+                                                                                   a[1][half], a[0][half])));
+        _mm512_storeu_si512(ds_pairs + at, _mm512_permutexvar_epi16(interleave, (__m512i)_mm512_cvtne2ps_pbh(
+                                                                                    ds[1][half], ds[0][half])));
+      }
+    }
+  }
+}
+
 template <int MR>
 void run_block(int nv, Operand a, const uint32_t* b, int64_t ldb, int64_t pairs, float alpha, float* c, int64_t ldc,
                int64_t cols, bool accumulate) {
@@ -287,6 +405,35 @@ void amx_gemm(Operand a, const uint32_t* b, int64_t ldb, int64_t pairs, int64_t 
 
 }  // namespace
 
+void amx_rows_gemm(const c10::BFloat16* a, int64_t lda, const uint32_t* b, int64_t ldb, int64_t m, int64_t n,
+                   int64_t k, float* c, int64_t ldc, bool accumulate) {
+  TORCH_INTERNAL_ASSERT(amx_products() && k % kAmxDepth == 0);
+  at::native::cpublas::brgemm(m, n, k, lda, ldb, ldc, accumulate, reinterpret_cast<const at::BFloat16*>(a),
+                              reinterpret_cast<const at::BFloat16*>(b), c, /*is_vnni=*/true);
+}
+
+void amx_release() { at::native::cpublas::brgemm_release(/*is_vnni=*/true); }
+
+Rows rows_operand(const c10::BFloat16* x, int64_t rows, int64_t cols, int64_t row_stride, int64_t col_stride,
+                  int64_t rows_out, int64_t depth, Words& pairs_scratch, Words& rows_scratch) {
+  if (col_stride == 1 && cols == depth && rows == rows_out) return {x, row_stride};
+  const int64_t words = depth / 2;  // per row
+  rows_scratch.assign(rows_out * words, 0u);
+  auto* out = reinterpret_cast<c10::BFloat16*>(rows_scratch.data());
+  if (col_stride == 1) {
+    for (int64_t r = 0; r < rows; ++r) std::memcpy(out + r * depth, x + r * row_stride, cols * sizeof(*x));
+  } else if (row_stride == 1) {  // channels-first: pairs of channels, rows across, then transposed
+    const int64_t ld = padded(rows);
+    pairs_scratch.assign(words * ld, 0u);
+    pack_pairs(x, cols, rows, col_stride, 1, pairs_scratch.data(), ld);
+    transpose_words(pairs_scratch.data(), ld, words, rows, rows_scratch.data(), words);
+  } else {
+    for (int64_t r = 0; r < rows; ++r)
+      for (int64_t c = 0; c < cols; ++c) out[r * depth + c] = x[r * row_stride + c * col_stride];
+  }
+  return {out, depth};
+}
+
 bool hardware() {
 #if FSSKERN_HAS_BF16_KERNEL
   static const bool has = __builtin_cpu_supports("avx512bf16");
@@ -341,6 +488,27 @@ void exp_pairs(const float* s, int64_t n, int64_t ld, const float* max, float* s
   exp_pairs_impl(s, n, ld, max, sum, out, ldo);
 #else
   TORCH_INTERNAL_ASSERT(false, "fsskern: exp_pairs needs an x86-64 build");
+#endif
+}
+
+void exp_rows(float* s, int64_t rows, int64_t n, int64_t width, int64_t lds, float scale, const float* m,
+              float* new_max, float* sum, c10::BFloat16* p, int64_t ldp) {
+#if FSSKERN_HAS_BF16_KERNEL
+  TORCH_INTERNAL_ASSERT(hardware() && rows % 16 == 0 && width % 32 == 0 && width >= n);
+  exp_rows_impl(s, rows, n, width, lds, scale, m, new_max, sum, p, ldp);
+#else
+  TORCH_INTERNAL_ASSERT(false, "fsskern: exp_rows needs an x86-64 build");
+#endif
+}
+
+void softmax_grad_rows(const float* s, const float* dp, int64_t rows, int64_t n, int64_t width, float scale,
+                       const float* lse, const float* delta, c10::BFloat16* ds_rows, uint32_t* a_pairs,
+                       uint32_t* ds_pairs) {
+#if FSSKERN_HAS_BF16_KERNEL
+  TORCH_INTERNAL_ASSERT(hardware() && rows % 2 == 0 && width % 32 == 0 && width >= n);
+  softmax_grad_rows_impl(s, dp, rows, n, width, scale, lse, delta, ds_rows, a_pairs, ds_pairs);
+#else
+  TORCH_INTERNAL_ASSERT(false, "fsskern: softmax_grad_rows needs an x86-64 build");
 #endif
 }
 

@@ -102,6 +102,46 @@ Operand column_pairs(const c10::BFloat16* x, int64_t rows, int64_t cols, int64_t
 // Requires hardware().
 void exp_pairs(const float* s, int64_t n, int64_t ld, const float* max, float* sum, uint32_t* out, int64_t ldo);
 
+// The softmax step of a block of rows (a multiple of 16) whose scores lie row-major (row r's n keys at s + r * lds,
+// unscaled; scaled in place), for the AMX row-major forward: each row's running max m[r] grows to its max over
+// scale * s (NaN scores do not raise it), new_max[r] receives it, and the bf16 numerators exp(scale * s - new_max)
+// go to p (row r at p + r * ldp, keys along the row, zero from n to `width`, a multiple of 32), rounded as
+// pack_pairs rounds; sum[r] is their float32 sum, NaN where a score minus the max is NaN. m is not updated.
+// Requires hardware().
+void exp_rows(float* s, int64_t rows, int64_t n, int64_t width, int64_t lds, float scale, const float* m,
+              float* new_max, float* sum, c10::BFloat16* p, int64_t ldp);
+
+// The backward's elementwise step on a block of rows (rows even) of row-major scores s and probability gradients
+// dp (unscaled, `width` apart, a multiple of 32; n of them keys): a = exp(scale * s - lse[r]) (0 where lse[r] is
+// -inf, NaN where the logit minus lse is NaN) and ds = a * (dp - delta[r]), rounded to bf16 as pack_pairs rounds,
+// zero past n: ds row-major into ds_rows (ld width), and both a and ds paired along the rows into a_pairs and
+// ds_pairs (pair p of column j at p * width + j). Requires hardware().
+void softmax_grad_rows(const float* s, const float* dp, int64_t rows, int64_t n, int64_t width, float scale,
+                       const float* lse, const float* delta, c10::BFloat16* ds_rows, uint32_t* a_pairs,
+                       uint32_t* ds_pairs);
+
+// The depth the AMX products take in one step: the k of amx_rows_gemm is a multiple of it.
+constexpr int64_t kAmxDepth = 32;
+
+// C (m x n, row stride ldc) = A B, or C += A B when accumulate, on the AMX tile units (oneDNN's brgemm ukernel):
+// A row-major bf16 (m x k, row stride lda elements), whose rows hold the pairs as they lie; B pair-packed (k / 2
+// rows of ldb words); k a multiple of kAmxDepth. oneDNN compiles and keeps a kernel per shape and leading
+// dimensions, so callers keep those to a few. Requires amx_products(); amx_release() when a thread is done.
+void amx_rows_gemm(const c10::BFloat16* a, int64_t lda, const uint32_t* b, int64_t ldb, int64_t m, int64_t n,
+                   int64_t k, float* c, int64_t ldc, bool accumulate);
+void amx_release();
+
+// The A operand of amx_rows_gemm for x (rows x cols, as for pack_pairs), `rows_out` >= rows rows of `depth` >= cols
+// elements (zero past x's): x itself where its rows lie so (col_stride 1, cols == depth, rows == rows_out), else
+// a copy in `rows_scratch` (channels-first x: paired along its channels in `pairs_scratch`, then the words
+// transposed). Returns the rows and their stride in elements.
+struct Rows {
+  const c10::BFloat16* data;
+  int64_t ld;
+};
+Rows rows_operand(const c10::BFloat16* x, int64_t rows, int64_t cols, int64_t row_stride, int64_t col_stride,
+                  int64_t rows_out, int64_t depth, Words& pairs_scratch, Words& rows_scratch);
+
 // Rows of C per register block: m a multiple of it runs no partial block.
 constexpr int kBlockRows = 6;
 
