@@ -166,6 +166,24 @@ def test_bf16_products_blocks_and_their_edges(products, count, rows, D, dropout)
 
 
 @pytest.mark.parametrize("products", ["bf16"], indirect=True)
+@pytest.mark.parametrize("D,Dv", [(0, 3), (6, 0), (0, 0)])
+def test_bf16_products_zero_channels(products, D, Dv):
+    """No channels on one side (D = 0: every score 0, uniform weights over the valid keys; Dv = 0: an empty
+    output): the bf16 products give the widened path's outputs and gradients, as the float kernels do."""
+    q, k, v = rounded((2, 2, 5, D), (2, 2, 4, D), (2, 2, 4, Dv), dtype=torch.bfloat16)
+    valid = torch.tensor([[True, False, True, True], [True] * 4])
+    out = ops.prototype_attention(q, k, v, key_valid=valid, scale=1.0)
+    got = torch.autograd.grad(out.float().sum(), (q, k, v))
+    with pytest.MonkeyPatch.context() as m:
+        m.setenv("FSSKERN_BF16_DOT", "0")
+        want = ops.prototype_attention(q, k, v, key_valid=valid, scale=1.0)
+        want_grads = torch.autograd.grad(want.float().sum(), (q, k, v))
+    assert out.shape == (2, 2, 5, Dv) and torch.equal(out, want)
+    assert [g.shape for g in got] == [w.shape for w in want_grads]
+    assert_grads_close([g for g in got if g.numel()], [w.float() for w in want_grads if w.numel()], torch.bfloat16)
+
+
+@pytest.mark.parametrize("products", ["bf16"], indirect=True)
 def test_bf16_products_nan_rows_and_minus_inf_keys(products):
     """A NaN query gives a NaN row and logsumexp; a key whose scores are -inf gets weight 0 (exp below -87
     is 0): the same as the widened path, the other rows finite and close."""

@@ -385,7 +385,7 @@ void forward_amx_rows(const AttentionInputs& in, at::Tensor& out, at::Tensor& ls
   // the scores' depth: q's channels, zero-padded to whole AMX steps
   const int64_t depth = round_up(D, bf16::kAmxDepth), ldv = bf16::padded(Dv);
   // the row tiles of choose_tiles, evened out and rounded up to whole blocks
-  const int64_t row_tiles = at::divup(N, choose_tiles(in.k.size(2), N).rows);
+  const int64_t row_tiles = std::max<int64_t>(at::divup(N, choose_tiles(in.k.size(2), N).rows), 1);
   const int64_t tile_rows = round_up(at::divup(N, row_tiles), kAmxRows);
   const float scale = static_cast<float>(in.scale);
 
@@ -836,9 +836,15 @@ void backward_typed(const AttentionInputs& in, const at::Tensor& out, const at::
   });
 }
 
+// The row-major AMX path: bf16 products on the tile units, no dropout, channels on both sides (the blocks of
+// Bf16Products / Bf16Backward take the rest).
+bool amx_rows_path(const AttentionInputs& in) {
+  return bf16::amx_products() && in.drop_threshold == 0 && in.q.size(3) > 0 && in.v.size(3) > 0;
+}
+
 void attention_forward_cpu(const AttentionInputs& in, at::Tensor& out, at::Tensor& lse) {
   if (in.q.scalar_type() == at::kBFloat16 && bf16::available()) {
-    if (bf16::amx_products() && in.drop_threshold == 0) return forward_amx_rows(in, out, lse);
+    if (amx_rows_path(in)) return forward_amx_rows(in, out, lse);
     return forward_typed<c10::BFloat16, Bf16Products>(in, out, lse);
   }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.q.scalar_type(), "fsskern_attention_forward_cpu",
@@ -849,7 +855,7 @@ void attention_backward_cpu(const AttentionInputs& in, const at::Tensor& out, co
                             const at::Tensor& grad_out, at::Tensor& grad_q, at::Tensor& grad_k, at::Tensor& grad_v,
                             at::Tensor& grad_const) {
   if (in.q.scalar_type() == at::kBFloat16 && bf16::available()) {
-    if (bf16::amx_products() && in.drop_threshold == 0)
+    if (amx_rows_path(in))
       return backward_amx_rows(in, out, lse, grad_out, grad_q, grad_k, grad_v, grad_const);
     return backward_typed<c10::BFloat16, Bf16Backward>(in, out, lse, grad_out, grad_q, grad_k, grad_v, grad_const);
   }
