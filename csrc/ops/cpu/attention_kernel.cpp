@@ -396,6 +396,7 @@ void forward_amx_rows(const AttentionInputs& in, at::Tensor& out, at::Tensor& ls
   };
   const int64_t tasks = B * H * row_tiles;
   parallel_tasks(tasks, [&](const auto& claim) {
+    const at::AutoDispatchBelowADInplaceOrView below_autograd;  // the slicing is internal, not traced
     Buffers& buf = thread_buffers<Buffers>();
     buf.s.resize(kAmxRows * kKeyTile);
     buf.p.resize(kAmxRows * kKeyTile);
@@ -660,6 +661,7 @@ void backward_amx_rows(const AttentionInputs& in, const at::Tensor& out, const a
     std::vector<c10::BFloat16> ds_rows;
   };
   at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
+    const at::AutoDispatchBelowADInplaceOrView below_autograd;
     Buffers& buf = thread_buffers<Buffers>();
     buf.s.resize(kAmxRows * kKeyTile);
     buf.dp.resize(kAmxRows * kKeyTile);
