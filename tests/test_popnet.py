@@ -181,6 +181,19 @@ def test_weight_shifting_and_ablation_switches():
     assert set(single(kway_batch())["losses"]) == {"agm"}
 
 
+def test_background_weight_weights_the_background_class_of_the_losses():
+    # bg_weight (ours, R12): the heads' cross-entropies weight the background class; 1 is the paper's plain CE
+    batch = kway_batch(seed=5)
+    target = batch["query_mask"]  # every way is in the shared support, so no pixel turns background
+    for bg_weight in (1.0, 0.1):
+        out = model(seed=3, head="ncm", bg_weight=bg_weight).train()(batch)
+        weight = torch.tensor([bg_weight, 1.0, 1.0, 1.0])
+        want = torch.nn.functional.cross_entropy(out["logits"], target, weight=weight, ignore_index=255)
+        assert torch.allclose(out["losses"]["ncm"], want)
+    plain = model(seed=3, head="ncm").train()(batch)["losses"]["ncm"]
+    assert not torch.allclose(plain, out["losses"]["ncm"])
+
+
 def test_same_seed_same_result():
     outs = []
     for _ in range(2):

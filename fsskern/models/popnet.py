@@ -70,6 +70,9 @@ Resolutions (source: paper, notes = ../shared/notes/methods/popnet.md, code = pu
   gives constant beta = 0.5 (paper Table 3). ``dynamic=False``: static prototypes throughout.
 - R12 losses: CE at the input resolution after bilinear upsampling (align_corners=True), 255 ignored, mean
   over pixels (code). One-way uses the k-way heads with one class (ours; the code has separate 1-way heads).
+  ``bg_weight`` weights the background class in the stage-2/3 CEs (1 = the paper's plain CE; ours): the CPU
+  recipes' stage 3 takes 0.1, since in 300 iterations the plain CE fits the labels' ~85 % background and the NCM
+  head then calls most novel (and base) pixels background.
 - R17 BN of the new layers (ASPP, decoder, KIM, AGM): ``batch_stats=True`` trains them on batch statistics with
   query and support in separate forward calls, each its own statistics (code; notes 7). With batch 2 this
   normalises two images by their own mean while evaluation uses the running mean of both calls: two real MSRC-v2
@@ -180,7 +183,7 @@ class POPNet(nn.Module):
     DEFAULTS = {"stage": 3, "kim": True, "head": "dml", "weight_shift": True, "dynamic": True, "rate": 0.001,
                 "epochs": 30, "static_epochs": 15, "iters": 120000, "areas": 4, "bank_size": 256,
                 "ncm_affine": True, "ncm_scale_init": 10.0, "frozen_bn": True, "batch_stats": True,
-                "output_stride": 16, "width": 256, "fg_excludes_novel": False}
+                "output_stride": 16, "width": 256, "fg_excludes_novel": False, "bg_weight": 1.0}
 
     def __init__(self, cfg, backend):
         super().__init__()
@@ -333,11 +336,13 @@ class POPNet(nn.Module):
             absent = F.pad(~present, (1, 0))  # (B, K + 1): a class the support lacks is background (R5)
             target = torch.where(absent.gather(1, q_target.clamp(max=K).flatten(1)).view_as(q_target)
                                  & (q_target != IGNORE), 0, q_target)
+            weight = torch.ones(K + 1, device=target.device)
+            weight[0] = self.p["bg_weight"]
             if beta > 0:
-                losses["agm"] = beta * F.cross_entropy(up(agm), target, ignore_index=IGNORE)
+                losses["agm"] = beta * F.cross_entropy(up(agm), target, weight=weight, ignore_index=IGNORE)
             if beta < 1:
                 losses["ncm"] = (1 - beta) * F.cross_entropy(out_logits if self.p["head"] != "agm" else up(ncm),
-                                                             target, ignore_index=IGNORE)
+                                                             target, weight=weight, ignore_index=IGNORE)
             self.steps[stage] += 1
         return {"logits": out_logits, "losses": losses}
 
