@@ -343,6 +343,28 @@ def test_atr_popnet_layout_pools_and_merge(tmp_path):
                                                                              "fold_protocol": "paper"}), "test")
 
 
+@pytest.mark.parametrize("name, fold1_novel", [("lip_os", [5, 7, 10]), ("cihp_os", [1, 5, 7])])
+def test_lip_and_cihp_os_presets_on_the_popnet_layout(tmp_path, name, fold1_novel):
+    """configs/data/{lip,cihp}_os.yaml on a small tree in the code's layout: the code's merge and folds (notes 1.5,
+    8.3) and a complete area hierarchy."""
+    import yaml
+    section = yaml.safe_load((Path(__file__).parents[1] / "configs" / "data" / f"{name}.yaml").read_text())["data"]
+    root = tmp_path / name.upper()
+    (root / "list").mkdir(parents=True)
+    ids = [f"img{i}" for i in range(6)]
+    for sid in ids:  # 6 dress, 17 right-leg, 19 right-shoe, 4 sunglasses, 11 scarf
+        write_pair(root, sid, blocks(40, 30, (6, 0, 10, 0, 30), (17, 10, 20, 0, 15), (19, 20, 30, 0, 15),
+                                     (4, 30, 35, 0, 5), (11, 35, 40, 0, 5)), "trainval_images", "trainval_classes")
+    (root / "list" / "meta_train_id.txt").write_text("\n".join(ids) + "\n")
+    (root / "list" / "meta_test_id.txt").write_text("\n".join(ids) + "\n")
+    cfg = DataConfig(**{**section, "root": str(root), "params": {**section["params"], "pool_boundary": 2}})
+    src = build_source(cfg, "train")
+    _, label = src.load(0)
+    assert set(np.unique(label)) == {0, 6, 16, 18}  # left/right merged, sunglasses and scarf to background
+    assert src.fold_classes(0)[1] == [6, 9, 12] and src.fold_classes(1)[1] == fold1_novel
+    assert len(src.foreground_classes()) == cfg.ways == 12 and src.area_lut is not None
+
+
 def test_pseudo_folder_span_filter(tmp_path):
     root = tmp_path / "pseudo"
     write_pair(root, "a", blocks(100, 100, (1, 0, 100, 0, 50), (2, 10, 60, 60, 100)), "images", "pseudo")
