@@ -21,7 +21,8 @@ def small_input():
 
 
 def test_registry_lists_every_backbone():
-    assert set(FSS) | {"resnet101", "resnet101_v2", "deeplabv3plus_resnet50", "deeplabv3plus_mobilenet_v2"} <= set(list_backbones())
+    assert set(FSS) | {"resnet101", "resnet101_v2", "xception65", "deeplabv3plus_resnet50", "deeplabv3plus_mobilenet_v2",
+                       "deeplabv3plus_xception65"} <= set(list_backbones())
     with pytest.raises(KeyError, match="available: .*resnet50_v2"):
         create_backbone("resnet18")
 
@@ -186,6 +187,62 @@ def test_deeplab_loads_a_backbone_only_file(tmp_path):
     again = load_weights(create_backbone("deeplabv3plus_mobilenet_v2"), tmp_path / "full.pth",
                          "deeplabv3plus_mobilenet_v2")
     assert torch.equal(again.decoder[1][0].weight, model.decoder[1][0].weight)
+
+
+# The public POPNet code's Xception key names (networks/deeplab_xception_synBN.py), a sample across the flows.
+XCEPTION_KEYS = ["conv1.weight", "bn2.running_var", "block1.rep.0.depthwise.weight", "block1.rep.4.pointwise_bn.bias",
+                 "block1.skip.weight", "block2.rep.3.pointwise.weight", "block2.block2_lastconv.1.depthwise_bn.weight",
+                 "block2.skipbn.running_mean", "block3.rep.5.depthwise.weight", "block19.rep.5.pointwise_bn.weight",
+                 "block20.rep.3.pointwise.weight", "block20.rep.5.depthwise.weight", "block20.skip.weight",
+                 "conv5.pointwise_bn.running_var"]
+
+
+def test_xception65_layout_shapes_and_graphonomy_checkpoint(small_input, tmp_path):
+    """Aligned Xception-65 (POPNet's encoder): the code's key names and shapes, strides at OS 16 and 8, a backward,
+    and the backbone of a whole DeepLabV3+ checkpoint in the code's layout (xception_features.* + its head)."""
+    keys = expected_keys("xception65")
+    assert set(XCEPTION_KEYS) <= set(keys) and not any(k.startswith(("block4.skip", "block21", "bn3")) for k in keys)
+    with torch.device("meta"):
+        shapes = {k: tuple(v.shape) for k, v in create_backbone("xception65").state_dict().items()}
+    assert shapes["block20.rep.3.pointwise.weight"] == (1024, 728, 1, 1)
+    assert shapes["block2.block2_lastconv.1.depthwise.weight"] == (256, 1, 3, 3)
+    assert shapes["conv5.pointwise.weight"] == (2048, 1536, 1, 1)
+    for os_, strides in ((16, [2, 4, 8, 16, 16]), (8, [2, 4, 8, 8, 8])):
+        model = create_backbone("xception65", output_stride=os_, frozen_bn=False).train()
+        out = model(small_input)
+        assert [model.strides[k] for k in LAYERS] == strides
+        for k, v in out.items():
+            assert v.shape == (1, model.channels[k], SIZE[model.strides[k]], SIZE[model.strides[k]]), k
+        out["layer4"].mean().backward()
+        assert model.conv1.weight.grad.abs().sum() > 0 and model.block2.block2_lastconv[1].pointwise.weight.grad is not None
+    with pytest.raises(ValueError, match="output_stride must be 16 or 8"):
+        create_backbone("xception65", output_stride=32)
+
+    src = randomised(create_backbone("xception65"))
+    checkpoint = {f"module.xception_features.{k}": v for k, v in src.state_dict().items()}
+    checkpoint.update({"module.aspp1.atrous_convolution.weight": torch.zeros(256, 2048, 1, 1),
+                       "module.last_conv.0.weight": torch.zeros(256, 304, 3, 3)})  # the code's head: dropped
+    torch.save({"state_dict": checkpoint}, tmp_path / "deeplab_v3plus_v3.pth")
+    model = create_backbone("deeplabv3plus_xception65", weights=str(tmp_path / "deeplab_v3plus_v3.pth")).eval()
+    assert torch.equal(model.backbone.block20.rep[5].depthwise.weight, src.block20.rep[5].depthwise.weight)
+    assert model.low_level[0].in_channels == 256
+    with torch.no_grad():
+        out = model(small_input)
+    assert out["decoder"].shape == (1, 256, 17, 17) and out["encoder"].shape == (1, 256, 5, 5)
+    del checkpoint["module.xception_features.block7.rep.3.pointwise.weight"]
+    torch.save(checkpoint, tmp_path / "short.pth")
+    with pytest.raises(WeightsError, match="1 missing: block7.rep.3.pointwise.weight"):
+        create_backbone("xception65", weights=str(tmp_path / "short.pth"))
+
+
+def test_xception_block_skip_reads_the_relud_input():
+    """The code's in-place ReLU rewrites a block's input before its identity skip reads it; the weights were
+    trained that way, so a middle-flow block adds relu(x), not x."""
+    from fsskern.backbones.xception import Block
+    block = Block(8, 8, 3).eval()
+    x = torch.randn(1, 8, 9, 9, generator=torch.Generator().manual_seed(1))
+    assert_close(block(x), block.rep(x) + x.relu())
+    assert (x < 0).any()  # so the two readings differ
 
 
 def _mobilenet_file():

@@ -63,11 +63,24 @@ def test_fused_and_reference_ops_give_the_same_outputs_and_grads(stage):
         torch.testing.assert_close(ga[n], gb[n], rtol=1e-4, atol=1e-6, msg=n)
 
 
+def test_xception65_encoder_trains_stage_3():
+    """The paper's encoder (DeepLabV3+ Xception-65, random init) under the three stages at a small size."""
+    m = model(backbone="deeplabv3plus_xception65", stage=3).train()
+    out = m(kway_batch(B=2, ways=3, size=65))
+    assert out["logits"].shape == (2, 4, 65, 65)
+    sum(out["losses"].values()).backward()
+    assert m.encoders["3"].low_level[0].in_channels == 256  # block2's low-level map
+    assert m.encoders["3"].aspp.project[0].weight.grad is not None
+    assert m.encoders["2"].aspp.project[0].weight.grad is None  # stage 2 frozen
+
+
 @pytest.mark.slow
-def test_paper_size_forward_backward_resnet50():
-    """512 x 512, ResNet-50 DeepLabV3+ (random init), stage 3 with 11 ways, batch 2 (the paper's; batch 1
-    cannot train: the ASPP image-pooling BatchNorm needs more than one value per channel)."""
-    m = model(backbone="deeplabv3plus_resnet50", stage=3).train()
+@pytest.mark.parametrize("backbone", ["deeplabv3plus_xception65", "deeplabv3plus_resnet50"])
+def test_paper_size_forward_backward(backbone):
+    """512 x 512, DeepLabV3+ on the paper's Xception-65 and on ResNet-50 (random init), stage 3 with 11 ways,
+    batch 2 (the paper's; batch 1 cannot train: the ASPP image-pooling BatchNorm needs more than one value per
+    channel)."""
+    m = model(backbone=backbone, stage=3).train()
     batch = kway_batch(B=2, ways=11, size=512)
     out = m(batch)
     assert out["logits"].shape == (2, 12, 512, 512)

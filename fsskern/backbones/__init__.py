@@ -1,7 +1,7 @@
 """Backbones for the FSS models: ``create_backbone(name, weights, frozen_bn, output_stride)`` returns a module
 whose forward gives {"layer0", ..., "layer4"} (DeepLabV3+: {"decoder", "encoder"}) and whose ``channels`` and
 ``strides`` dicts describe them. See docs/backbones.md."""
-from . import deeplab, mobilenet, resnet, vgg  # noqa: F401  (register the builders)
+from . import deeplab, mobilenet, resnet, vgg, xception  # noqa: F401  (register the builders)
 from .base import LAYERS, Backbone, freeze
 from .registry import create_backbone, list_backbones, register_backbone
 from .weights import LAYOUTS, WeightsError, expected_keys, load_weights, mobilenet_weights_file

