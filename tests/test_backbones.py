@@ -235,6 +235,19 @@ def test_xception65_layout_shapes_and_graphonomy_checkpoint(small_input, tmp_pat
         create_backbone("xception65", weights=str(tmp_path / "short.pth"))
 
 
+def test_xception65_feeds_the_code_its_input_format():
+    """The code's checkpoint was trained on BGR in [-1, 1]; fsskern's loaders give ImageNet-normalised RGB."""
+    from fsskern.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+    torch.manual_seed(0)
+    model = create_backbone("xception65").eval()
+    raw = create_backbone("xception65", code_input=False).eval()
+    raw.load_state_dict(model.state_dict())
+    rgb = torch.rand(1, 3, 33, 33)  # [0, 1]
+    normalised = (rgb - torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)) / torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    with torch.no_grad():
+        assert_close(model(normalised)["layer1"], raw(rgb.flip(1) * 2 - 1)["layer1"], rtol=1e-4, atol=1e-5)
+
+
 def test_xception_block_skip_reads_the_relud_input():
     """The code's in-place ReLU rewrites a block's input before its identity skip reads it; the weights were
     trained that way, so a middle-flow block adds relu(x), not x."""

@@ -13,11 +13,14 @@ the checkpoint's ASPP / decoder). Nothing is downloaded.
 | layer3 | block3 .. block19              | 728      | 16 / 8             |
 | layer4 | block20, conv3 .. conv5        | 2048     | 16 / 8             |
 
-The low-level map is block2's ``rep`` output before its stride-2 conv, as the code's decoder takes it. Two
-behaviours of the code are kept because its weights were trained with them: a block that starts with a ReLU
-adds its skip to the ReLU'd input (the code's in-place ReLU rewrites the input before the skip reads it), and
-conv3-conv5 carry BN + ReLU after both of their convolutions. One is fixed: the code's 1x1 skip of block3 keeps
-stride 2 at output stride 8, where the block's own stride is 1 (a shape error there); here it takes the block's.
+The low-level map is block2's ``rep`` output before its stride-2 conv, as the code's decoder takes it. Kept from
+the code because its weights were trained with them: a block that starts with a ReLU adds its skip to the ReLU'd
+input (the code's in-place ReLU rewrites the input before the skip reads it); conv3-conv5 carry BN + ReLU after
+both of their convolutions; and the input format: the code feeds BGR scaled to [-1, 1], so ``forward`` turns the
+ImageNet-normalised RGB every fsskern backbone takes into that (``code_input=False`` skips it). One is fixed: the
+code's 1x1 skip of block3 keeps stride 2 at output stride 8, where the block's own stride is 1 (a shape error
+there); here it takes the block's. The code's checkpoint was trained at output stride 16: at 8 block3 has no
+stride-2 conv, so the file's ``block3.rep.5.*`` are unexpected and the strict loader names them.
 """
 from typing import Dict
 
@@ -25,6 +28,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from .base import Backbone
 from .registry import register_backbone
 
@@ -87,10 +91,14 @@ class Block(nn.Module):
 
 
 class Xception65(Backbone):
-    """Args: output_stride 16 (default) or 8."""
+    """Args: output_stride 16 (default) or 8; code_input: convert ImageNet-normalised RGB to the code's BGR in
+    [-1, 1] first (its checkpoint's input; default)."""
 
-    def __init__(self, output_stride=16, frozen_bn=True):
+    def __init__(self, output_stride=16, frozen_bn=True, code_input=True):
         super().__init__(frozen_bn)
+        self.code_input = code_input
+        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
         if output_stride not in STRIDES:
             raise ValueError(f"xception65: output_stride must be 16 or 8, got {output_stride}")
         block3_stride, middle, (exit1, exit2) = STRIDES[output_stride]
@@ -112,6 +120,8 @@ class Xception65(Backbone):
         self.finish_init()
 
     def forward(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
+        if self.code_input:
+            x = (x * self.std + self.mean).flip(1) * 2 - 1  # RGB in [0, 1] -> BGR in [-1, 1]
         out = {"layer0": F.relu(self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x))))))}
         x = self.block1(out["layer0"])
         out["layer1"] = self.block2.rep(x)
@@ -125,5 +135,5 @@ class Xception65(Backbone):
 
 
 @register_backbone("xception65")
-def xception65(output_stride=None, frozen_bn=True):
-    return Xception65(16 if output_stride is None else output_stride, frozen_bn)
+def xception65(output_stride=None, frozen_bn=True, code_input=True):
+    return Xception65(16 if output_stride is None else output_stride, frozen_bn, code_input)
