@@ -21,8 +21,8 @@ def small_input():
 
 
 def test_registry_lists_every_backbone():
-    assert set(FSS) | {"resnet101", "resnet101_v2", "xception65", "deeplabv3plus_resnet50", "deeplabv3plus_mobilenet_v2",
-                       "deeplabv3plus_xception65"} <= set(list_backbones())
+    assert set(FSS) | {"resnet101", "resnet101_v2", "xception65", "deeplabv3plus_resnet50",
+                       "deeplabv3plus_mobilenet_v2", "deeplabv3plus_xception65"} <= set(list_backbones())
     with pytest.raises(KeyError, match="available: .*resnet50_v2"):
         create_backbone("resnet18")
 
@@ -214,7 +214,8 @@ def test_xception65_layout_shapes_and_graphonomy_checkpoint(small_input, tmp_pat
         for k, v in out.items():
             assert v.shape == (1, model.channels[k], SIZE[model.strides[k]], SIZE[model.strides[k]]), k
         out["layer4"].mean().backward()
-        assert model.conv1.weight.grad.abs().sum() > 0 and model.block2.block2_lastconv[1].pointwise.weight.grad is not None
+        assert model.conv1.weight.grad.abs().sum() > 0
+        assert model.block2.block2_lastconv[1].pointwise.weight.grad is not None
     with pytest.raises(ValueError, match="output_stride must be 16 or 8"):
         create_backbone("xception65", output_stride=32)
 
@@ -245,7 +246,9 @@ def test_xception65_feeds_the_code_its_input_format():
     rgb = torch.rand(1, 3, 33, 33)  # [0, 1]
     normalised = (rgb - torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)) / torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
     with torch.no_grad():
-        assert_close(model(normalised)["layer1"], raw(rgb.flip(1) * 2 - 1)["layer1"], rtol=1e-4, atol=1e-5)
+        out = model(normalised)
+        assert_close(out["layer1"], raw(rgb.flip(1) * 2 - 1)["layer1"], rtol=1e-4, atol=1e-5)
+        assert_close(model.block2(model.block1(out["layer0"])), out["layer2"])  # block2 whole = its split run
 
 
 def test_xception_block_skip_reads_the_relud_input():

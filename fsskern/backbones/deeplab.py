@@ -4,9 +4,10 @@ POPNet uses DeepLabV3+ with aligned Xception-65 at output stride 16 (``deeplabv3
 backbone loads from the public code's COCO-pretrained checkpoint given as a file; notes D4); the encoder takes any
 backbone with a stride-4 low-level map: Xception-65 (block2's, 256 ch), ResNet-50 (torchvision stem, low level =
 layer1, 256 ch) or MobileNetV2 (layer1, 24 ch); high level = layer4. The ASPP and decoder below are DeepLabV3+'s
-with plain (not separable) atrous convs for every backbone, and train from their init. ASPP (1x1, three 3x3 atrous, image pooling; 256 channels each, rates 6/12/18 at output stride 16,
-doubled at 8), then the decoder: low level -> 1x1 conv 48, concat with the upsampled ASPP output
-(bilinear, align_corners=True as POPNet's code), two 3x3 convs of 256. ``width`` (default 256, the paper's)
+with plain (not separable) atrous convs for every backbone, and train from their init. ASPP (1x1, three 3x3
+atrous, image pooling; 256 channels each, rates 6/12/18 at output stride 16, doubled at 8), then the decoder:
+low level -> 1x1 conv 48, concat with the upsampled ASPP output (bilinear, align_corners=True as POPNet's code),
+two 3x3 convs of 256. ``width`` (default 256, the paper's)
 sets the ASPP and decoder channels: CPU recipes narrow it, since every later conv scales with it squared.
 """
 from typing import Dict

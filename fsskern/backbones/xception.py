@@ -87,7 +87,8 @@ class Block(nn.Module):
         return self.skipbn(self.skip(x)) if self.skip is not None else x
 
     def forward(self, x):
-        return self.rep(x) + self.shortcut(x)
+        y = self.rep(x)
+        return (self.block2_lastconv(y) if hasattr(self, "block2_lastconv") else y) + self.shortcut(x)
 
 
 class Xception65(Backbone):
@@ -125,6 +126,7 @@ class Xception65(Backbone):
         out = {"layer0": F.relu(self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x))))))}
         x = self.block1(out["layer0"])
         out["layer1"] = self.block2.rep(x)
+        # block2(x), split so that the map before its stride-2 conv (the low level) is kept
         out["layer2"] = self.block2.block2_lastconv(out["layer1"]) + self.block2.shortcut(x)
         x = out["layer2"]
         for i in range(3, 20):

@@ -30,9 +30,10 @@ count (the mean over all the way's pixels).
 Resolutions (source: paper, notes = ../shared/notes/methods/popnet.md, code = public code, ours):
 - R1 encoder: DeepLabV3+ ``decoder`` output of a registered backbone: the paper's aligned Xception-65
   (``deeplabv3plus_xception65``; the backbone of the code's COCO-pretrained checkpoint loads from a file, its ASPP /
-  decoder do not: ours use plain atrous convs; notes D4), ResNet-50 or MobileNetV2; g1 is the feature before stage 1's 1x1
-  classifier (paper "features before the classification layer"). ``width``: the ASPP / decoder channels K
-  (paper and code 256; the CPU recipes 128, which makes the AGM decoder, the step's largest cost, 4x cheaper: ours).
+  decoder do not: ours use plain atrous convs; notes D4), ResNet-50 or MobileNetV2; g1 is the feature before
+  stage 1's 1x1 classifier (paper "features before the classification layer"). ``width``: the ASPP / decoder
+  channels K (paper and code 256; the CPU recipes 128, which makes the AGM decoder, the step's largest cost, 4x
+  cheaper: ours).
 - R2 KIM: two separable 3x3 blocks (depthwise + BN + ReLU, pointwise + BN + ReLU), 512 -> 256 -> 256; the
   previous stage's features bilinearly resized (align_corners=True) when grids differ (code; notes 2.3).
   ``kim=False`` (ablation "without KIM") is one encoder and DML on g3 directly (notes 4, ablations).
