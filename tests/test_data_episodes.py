@@ -179,6 +179,30 @@ def test_world_sizes_shard_the_same_episodes(msrc):
         assert torch.equal(b["query_mask"], by_rank[int(b["index"][0])])
 
 
+def test_box_supports_replace_only_the_support_masks(msrc):
+    """Box supports (CRCNet Tab. 14): each support mask becomes the union of its class's component boxes
+    at the original resolution; the query, the images and the episodes stay as they are."""
+    _, src, stats = msrc
+    m = build_test_manifest(src, stats, 1, 2, 1, "balanced", 0, episodes=6)
+    masks = EpisodeDataset(src, m, TestTransform(0, "original"), False)
+    boxes = EpisodeDataset(src, m, TestTransform(0, "original"), False, support_boxes=True)
+    grew = 0
+    for t in range(len(m)):
+        a, b = masks[t], boxes[t]
+        for k in ("query_img", "query_mask", "support_imgs", "query_label_orig"):
+            assert torch.equal(a[k], b[k])
+        for j, s in enumerate(m[t].supports):
+            _, label = src.load(s)
+            fg = label == m[t].classes[0]
+            ys, xs = np.nonzero(fg)
+            box = b["support_masks"][j].numpy()[:label.shape[0], :label.shape[1]]
+            assert set(np.unique(box)) <= {0, 1} and box[fg].all()  # no void; every labelled pixel inside
+            assert not box[:ys.min()].any() and not box[ys.max() + 1:].any()  # tight: nothing beyond the extent
+            assert not box[:, :xs.min()].any() and not box[:, xs.max() + 1:].any()
+            grew += int(box.sum() > fg.sum())
+    assert grew >= len(m)  # boxes take in background around the objects, as the setting means them to
+
+
 def test_eval_batch_labels_and_padding(msrc):
     cfg, src, stats = msrc
     m = build_test_manifest(src, stats, 0, 1, 1, "balanced", 0, episodes=4)

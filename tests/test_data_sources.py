@@ -197,6 +197,33 @@ def test_pascal_bad_list_lines(tmp_path):
         build_source(DataConfig(dataset="pascal", root=str(root), train_list="nope.txt"), "train")
 
 
+def test_box_supports_from_voc_instance_maps_and_components(tmp_path):
+    """PASCAL boxes come from SegmentationObject (one box per instance, even where instances touch),
+    and from the class's connected components where an image has no instance map."""
+    from fsskern.data.datasets.base import box_mask, component_boxes
+    root, ids = pascal_layout(tmp_path)
+    # an L of class 1 made of two touching instances (1 and 2), and an instance (3) of class 6
+    label = blocks(64, 80, (1, 0, 10, 0, 40), (1, 10, 40, 0, 10), (6, 50, 60, 60, 70), (255, 40, 41, 0, 80))
+    write_pair(root, ids[4], label, "JPEGImages", "SegmentationClassAug", palette=True)
+    objects = blocks(64, 80, (1, 0, 10, 0, 40), (2, 10, 40, 0, 10), (3, 50, 60, 60, 70), (255, 40, 41, 0, 80))
+    write_pair(root, ids[4], objects, "JPEGImages", "SegmentationObject", palette=True)
+    src = build_source(DataConfig(dataset="pascal", root=str(root)), "test")
+    i = [src.sample_id(k) for k in range(len(src))].index(ids[4])
+    _, lbl = src.load(i)
+    assert src.instance_boxes(i, lbl, 1) == [(0, 0, 10, 40), (10, 0, 40, 10)]
+    assert np.array_equal(box_mask(lbl.shape, src.instance_boxes(i, lbl, 1)), (lbl == 1).astype(np.int64))
+    assert src.instance_boxes(i, lbl, 6) == [(50, 60, 60, 70)]
+    assert component_boxes(lbl == 1) == [(0, 0, 40, 40)]  # one component: its box would cover the L's gap
+    j = 1 - i  # no instance map: the components of the class's pixels
+    _, other = src.load(j)
+    assert src.instance_boxes(j, other, 2) == [(0, 0, 48, 48)]
+    assert component_boxes(np.zeros((4, 4), bool)) == []
+    objects[0, 0] = 0
+    write_pair(root, ids[4], objects[:, :70], "JPEGImages", "SegmentationObject", palette=True)
+    with pytest.raises(DataError, match="size mismatch"):
+        src.instance_boxes(i, lbl, 1)
+
+
 def test_bad_files_are_named(tmp_path):
     root, ids = pascal_layout(tmp_path)
     src = build_source(DataConfig(dataset="pascal", root=str(root)), "train")

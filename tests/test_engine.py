@@ -76,6 +76,7 @@ def test_config_overrides_types_and_bases(tmp_path):
     ("ops=fast", r"ops must be one of fused, reference, got 'fast'"),
     ("eval.seeds=3", r"eval.seeds must be a list"),
     ("eval.resize=crop", r"eval.resize must be one of pfenet, square, original, got 'crop'"),
+    ("eval.support_annotation=scribble", r"eval.support_annotation must be one of mask, box, got 'scribble'"),
     ("data.fold", r"not of the form key=value"),
 ])
 def test_config_refuses_bad_keys(tmp_path, override, message):
@@ -216,6 +217,16 @@ def test_baseline_metrics_identical_for_0_and_2_workers(dataset, tmp_path):
         assert metrics[0][key] == metrics[1][key], key
     assert set(metrics[0]) >= {"miou", "fb_iou", "miou_std", "per_class", "per_seed", "episodes", "protocol",
                                "manifest_sha256", "config"}
+
+
+def test_box_supports_reach_the_evaluation_dataset(dataset, tmp_path):
+    """``eval.support_annotation=box`` swaps the support masks for boxes on the same episodes and says so."""
+    from fsskern.engine.data import eval_dataset
+    boxes, info = eval_dataset(load_config(None, baseline_args(dataset, tmp_path, "eval.support_annotation=box")), 0)
+    masks, mask_info = eval_dataset(load_config(None, baseline_args(dataset, tmp_path)), 0)
+    assert boxes.support_boxes and not masks.support_boxes
+    assert info["protocol"]["support_annotation"] == "box" and mask_info["protocol"]["support_annotation"] == "mask"
+    assert info["manifest_sha256"] == mask_info["manifest_sha256"]
 
 
 def test_gallery_draws_best_median_worst_with_the_real_pixels(tmp_path):

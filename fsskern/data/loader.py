@@ -11,7 +11,12 @@ in the query (POPNet: the query is parsed into the classes the support annotates
 with ``data.hierarchy`` adds ``query_areas`` (B, H, W) and ``support_areas`` (B, S, H, W) int64: the
 labels in area ids (0 bg, 1..n areas, 255 ignore) for POPNet's stage 2, and ``query_human`` /
 ``support_human`` (0 bg, 1 person, 255 ignore) from the raw labels, novel classes included, for its stage 1
-(POPNet notes A2: the person is every labelled pixel, as the public code builds it)."""
+(POPNet notes A2: the person is every labelled pixel, as the public code builds it).
+
+Box supports (``support_boxes=True``; the weakly supervised setting of CANet and CRCNet Tab. 14): each
+support mask is the union of the tight boxes of its class's instances (``Source.instance_boxes``), drawn
+at the original resolution before the transform; the query's label is untouched, so the score is the
+same as with mask supports."""
 from typing import Dict, List, Optional, Sequence
 
 import numpy as np
@@ -21,6 +26,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from . import transforms as T
 from .datasets import IGNORE, build_source
+from .datasets.base import box_mask
 from .index import base_label_lut
 from .io import DataError
 
@@ -38,10 +44,13 @@ class EpisodeDataset(Dataset):
 
     ``train``: ``transform`` is a ``TrainTransform`` (called with the episode's generator) and
     ``novel`` / ``base`` give the training label rules; otherwise a ``TestTransform`` and the dict
-    also carries ``query_label_orig`` and ``restore``."""
+    also carries ``query_label_orig`` and ``restore``. ``support_boxes``: box annotations in place of
+    the support masks (module docstring)."""
 
-    def __init__(self, source, manifest, transform, train: bool, base: Sequence[int] = (), novel: Sequence[int] = ()):
+    def __init__(self, source, manifest, transform, train: bool, base: Sequence[int] = (), novel: Sequence[int] = (),
+                 support_boxes: bool = False):
         self.source, self.manifest, self.transform, self.train = source, manifest, transform, train
+        self.support_boxes = support_boxes
         self.size = max(256, len(source.class_names))
         # label rules are composed as lookup tables (256+ entries) and applied to each label in one pass
         self.pre = np.arange(self.size, dtype=np.int64)
@@ -76,7 +85,10 @@ class EpisodeDataset(Dataset):
             binary = np.zeros(self.size, dtype=np.int64)
             binary[c], binary[IGNORE] = 1, IGNORE
             binary = binary[self.pre]
-            masks += [binary[supports[e.supports[w * shots + k]][1]] for k in range(shots)]
+            for s in e.supports[w * shots:(w + 1) * shots]:
+                label = supports[s][1]
+                masks.append(box_mask(label.shape, self.source.instance_boxes(s, self.pre[label], c))
+                             if self.support_boxes else binary[label])
         q_image, q_label = self.source.load(e.query)
         lut = way_lut(e.classes, self.size)
         for w in range(ways):  # no support pixel of this way: nothing to segment it from

@@ -81,6 +81,7 @@ class EvalConfig:
     min_class_episodes: int = 10       # warn when a class gets fewer episodes
     visualize: bool = False            # overlays of the best, median and worst episodes (PNG + TensorBoard)
     checkpoint: str = "best"           # evaluating a run: best (on val; else last) | last | a file
+    support_annotation: str = "mask"   # mask | box: supports annotated by their instances' boxes (CANet, CRCNet)
 
 
 @dataclass
@@ -100,7 +101,7 @@ class Config:
 CHOICES = {"ops": ("fused", "reference"), "amp": ("none", "bf16", "fp16"),
            "data.train_policy": ("pfenet", "bam"), "data.fold_convention": ("interleaved", "contiguous"),
            "train.optimizer": ("sgd", "adamw"), "eval.split": ("test", "val"),
-           "eval.resize": ("pfenet", "square", "original")}
+           "eval.resize": ("pfenet", "square", "original"), "eval.support_annotation": ("mask", "box")}
 
 
 class ConfigError(ValueError):

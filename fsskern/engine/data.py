@@ -46,7 +46,8 @@ def eval_dataset(cfg: Config, seed: int):
     """(EpisodeDataset, info) for ``cfg.eval.split``: ``test`` = the fold's novel classes under
     ``cfg.eval.protocol``; ``val`` = held-out images of the base classes (model selection).
     The protocol fixes the query order and the resize rule (``eval.resize`` replaces the rule when set);
-    ``data.test_size`` the size."""
+    ``data.test_size`` the size; ``eval.support_annotation`` whether supports come as masks or boxes
+    (the same episodes either way)."""
     d, e = cfg.data, cfg.eval
     if e.split == "test":
         source = build_source(d, "test")
@@ -67,13 +68,14 @@ def eval_dataset(cfg: Config, seed: int):
         classes = manifest.meta["classes"]
         protocol = {"protocol": "val-balanced", "episodes": e.episodes, "resize": "pfenet", "size": d.test_size}
         transform = TestTransform(d.test_size, "pfenet")
+    protocol["support_annotation"] = e.support_annotation
     sha = manifest.sha256
     if dist.is_main():
         name = f"{e.split}-fold{d.fold}-{d.shots}shot-{d.ways}way-seed{seed}.json"
         manifest.save(Path(cfg.out) / "manifests" / name)
     info = {"protocol": protocol, "manifest_sha256": sha, "classes": list(classes),
             "coverage": coverage(manifest, list(classes), e.min_class_episodes)}
-    return EpisodeDataset(source, manifest, transform, False), info
+    return EpisodeDataset(source, manifest, transform, False, support_boxes=e.support_annotation == "box"), info
 
 
 def episode_loader(dataset, indices, batch_size: int, num_workers: int, seed: int) -> DataLoader:

@@ -33,6 +33,8 @@ ordered support pairs (i != j, each image flipped with p = 0.5, both branches su
 features computed once (encoder fixed), then the query is predicted with the first support (finetune) or
 all of them (finetune+fusion) and the weights are restored. ``scales`` (evaluation): the pair resized to
 ``(H - 1) * s + 1`` per scale and the probabilities averaged at the input size (paper 5.3: 0.75, 1, 1.25).
+Bounding-box supports (paper 5.4, Tab. 14; notes 5.6, #36) are a data setting, not a model one: trained
+with masks, evaluated with ``eval.support_annotation=box`` (``docs/data.md``).
 
 Batch (``docs/architecture.md``): query_img (B, 3, H, W), support_imgs (B, K, 3, H, W), support_masks
 (B, K, H, W) int64 (1 fg, 0 bg, 255 ignore: background for conditioning), query_mask (B, H, W) in training.

@@ -4,6 +4,7 @@ episodes. Subclasses fill ``samples`` (id, image path, label path) and ``lut`` (
 class id, 255 ignore, -1 invalid) and say which classes are novel in a fold."""
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
+import cv2
 import numpy as np
 
 from ..io import DataError, apply_lut, check_same_size, read_image, read_label
@@ -58,6 +59,24 @@ def make_lut(valid: Sequence[int], ignore: Sequence[int] = (IGNORE,), remap: Opt
     return lut
 
 
+Box = Tuple[int, int, int, int]  # (y0, x0, y1, x1), ends exclusive
+
+
+def component_boxes(region: np.ndarray) -> List[Box]:
+    """The tight boxes of the 8-connected components of a boolean map."""
+    _, _, stats, _ = cv2.connectedComponentsWithStats(region.astype(np.uint8), connectivity=8)
+    return [(int(y), int(x), int(y + h), int(x + w)) for x, y, w, h, _ in stats[1:]]  # row 0: the background
+
+
+def box_mask(shape: Tuple[int, int], boxes: Sequence[Box]) -> np.ndarray:
+    """A support mask from box annotations: 1 inside the union of ``boxes``, 0 elsewhere (an annotator
+    who draws boxes marks no void, so nothing is 255)."""
+    mask = np.zeros(shape, dtype=np.int64)
+    for y0, x0, y1, x1 in boxes:
+        mask[y0:y1, x0:x1] = 1
+    return mask
+
+
 class Source:
     name: str = ""
     ignore_index: int = IGNORE
@@ -99,6 +118,12 @@ class Source:
         with a region filter (pseudo labels) override this."""
         counts = np.bincount(label.ravel(), minlength=self.ignore_index + 1)
         return {c: int(n) for c, n in enumerate(counts) if n and c not in (0, self.ignore_index)}
+
+    def instance_boxes(self, i: int, label: np.ndarray, cls: int) -> List[Box]:
+        """The tight boxes of the instances of ``cls`` in sample ``i`` (``label`` is its label): the
+        connected components of its pixels (CRCNet notes 5.6, the rule for sets without instance
+        annotations); a source that has them overrides this (PASCAL's ``SegmentationObject``)."""
+        return component_boxes(label == cls)
 
     def fold_classes(self, fold: int) -> Tuple[List[int], List[int]]:
         """(base, novel) foreground class ids of ``fold``."""

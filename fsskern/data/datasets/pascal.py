@@ -6,12 +6,19 @@ images are base-class images of the training list) and ``ImageSets/Segmentation/
 "test"; ``data.train_list`` / ``data.val_list`` override them. A list line may be an image id, a
 PFENet pair (``JPEGImages/x.jpg SegmentationClassAug/x.png``) or an HSNet split entry
 (``2007_000033__01``, 1-indexed class; the (image, class) pairs are kept in ``listed_pairs``).
-Fold k novel classes: 5k+1..5k+5."""
+Fold k novel classes: 5k+1..5k+5.
+
+Box supports (``eval.support_annotation=box``) take each instance's tight box from VOC's instance maps,
+``SegmentationObject/<id>.png`` (0 background, 1..n instances, 255 boundary), where the image has one:
+the 2,913 VOC 2012 segmentation images, so every image of the test list. Other images (SBD's) fall
+back to the connected components of the class's pixels."""
 from pathlib import Path
 from typing import List, Optional, Tuple
 
-from ..io import DataError, read_lines
-from .base import Source, check_params, make_lut, register_source
+import numpy as np
+
+from ..io import DataError, check_same_size, read_label, read_lines
+from .base import IGNORE, Box, Source, check_params, make_lut, register_source
 
 VOC_CLASSES = ["background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
                "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train",
@@ -51,7 +58,7 @@ class PascalSource(Source):
     def __init__(self, cfg_data, split: str):
         super().__init__(split)
         params = check_params(cfg_data, ["image_dir", "label_dir"])
-        root = Path(cfg_data.root)
+        root = self.root = Path(cfg_data.root)
         default = "ImageSets/Segmentation/" + ("val.txt" if split == "test" else "train_aug.txt")
         chosen = cfg_data.val_list if split == "test" else cfg_data.train_list
         list_path = Path(chosen) if chosen else root / default
@@ -68,3 +75,17 @@ class PascalSource(Source):
 
     def novel_classes(self, fold: int) -> List[int]:
         return list(range(5 * fold + 1, 5 * fold + 6))
+
+    def instance_boxes(self, i: int, label: np.ndarray, cls: int) -> List[Box]:
+        path = self.root / "SegmentationObject" / (self.sample_id(i) + ".png")
+        if not path.is_file():
+            return super().instance_boxes(i, label, cls)
+        objects = read_label(path)
+        check_same_size(label, objects, self.samples[i][2], path)
+        boxes = []
+        for k in np.unique(objects[label == cls]):
+            if k in (0, IGNORE):  # class pixels outside every instance: none in VOC's own maps
+                continue
+            ys, xs = np.nonzero(objects == k)
+            boxes.append((int(ys.min()), int(xs.min()), int(ys.max()) + 1, int(xs.max()) + 1))
+        return boxes
