@@ -310,6 +310,31 @@ def test_coco_fold_conventions():
         assert sorted(c for f in folds for c in f) == list(range(1, 81)) and all(len(f) == 20 for f in folds)
 
 
+def test_coco_canet_class_protocol(tmp_path):
+    """CANet's 40 / 20 / 20 class protocol (CRCNet Tab. 13): our published seeded split, one fold, base = the
+    40 training classes, novel = the test classes on "test", the validation ones on "val", both on "train"."""
+    from fsskern.data.datasets.coco import CANET_SPLIT
+    drawn = np.random.Generator(np.random.PCG64(2019)).permutation(80) + 1
+    assert [sorted(drawn[a:b].tolist()) for a, b in ((0, 40), (40, 60), (60, 80))] == \
+        [CANET_SPLIT[g] for g in ("train", "val", "test")]
+    assert coco_novel_classes(0, "canet") == CANET_SPLIT["test"] and coco_novel_classes(1, "canet") == []
+    root = tmp_path / "coco"
+    for name, sid, c in (("train", "a", CANET_SPLIT["train"][0]), ("val", "b", CANET_SPLIT["test"][0])):
+        write_pair(root, sid, blocks(32, 32, (c, 0, 16, 0, 16)), "images", "annotations")
+        (root / "lists").mkdir(exist_ok=True)
+        (root / "lists" / f"{name}.txt").write_text(f"images/{sid}.jpg annotations/{sid}.png\n")
+    cfg = DataConfig(dataset="coco", root=str(root), fold_convention="canet")
+    test, train = build_source(cfg, "test"), build_source(cfg, "train")
+    assert test.num_folds == 1 and test.fold_classes(0) == (CANET_SPLIT["train"], CANET_SPLIT["test"])
+    assert build_source(cfg, "val").fold_classes(0)[1] == CANET_SPLIT["val"]
+    assert train.fold_classes(0)[1] == sorted(CANET_SPLIT["val"] + CANET_SPLIT["test"])
+    with pytest.raises(DataError, match="fold 1 out of range"):
+        test.fold_classes(1)
+    (root / "classes.txt").write_text("0\tbackground\n1\tcat\n2\tdog\n")
+    with pytest.raises(DataError, match="canet class protocol splits the 80 COCO classes; .* has 2"):
+        build_source(cfg, "test")
+
+
 def test_fss1000_layout(tmp_path):
     root = tmp_path / "fss"
     names = {"trn": ["ant", "bee"], "val": ["cat"], "test": ["dog", "eel"]}

@@ -31,7 +31,7 @@ class DataConfig:
     val_list: Optional[str] = None
     train_policy: str = "pfenet"       # pfenet: keep images, novel pixels -> bg; bam: drop them
     min_pixels: int = 2048             # the 2*32*32 rule
-    fold_convention: str = "interleaved"  # COCO-20i: interleaved (4j+i+1) | contiguous (20i+1..)
+    fold_convention: str = "interleaved"  # COCO: interleaved (4j+i+1) | contiguous (20i+1..) | canet (40/20/20)
     folds: Optional[List[List[int]]] = None       # folder datasets: novel class ids per fold
     classes: Optional[str] = None                 # folder datasets: class-list file
     merge: Optional[Dict[str, List[int]]] = None  # class merges {new name: [old ids]}
@@ -99,7 +99,7 @@ class Config:
 
 
 CHOICES = {"ops": ("fused", "reference"), "amp": ("none", "bf16", "fp16"),
-           "data.train_policy": ("pfenet", "bam"), "data.fold_convention": ("interleaved", "contiguous"),
+           "data.train_policy": ("pfenet", "bam"), "data.fold_convention": ("interleaved", "contiguous", "canet"),
            "train.optimizer": ("sgd", "adamw"), "eval.split": ("test", "val"),
            "eval.resize": ("pfenet", "square", "original"), "eval.support_annotation": ("mask", "box")}
 

@@ -10,6 +10,10 @@ Layout (``data.root``): pair lists ``lists/train.txt`` (splits "train" and "val"
 Fold conventions (``data.fold_convention``; record which one a result used):
 - ``interleaved`` (PFENet ``use_split_coco``, BAM "FWB", HSNet): fold k novel = {4j + k + 1}
 - ``contiguous`` (PANet): fold k novel = {20k + 1, ..., 20k + 20}
+- ``canet`` (CANet's class protocol, CRCNet Tab. 13): one fold of 40 training, 20 validation and 20 test
+  classes (``CANET_SPLIT``); base = the 40; novel = the 20 test classes for "test", the 20 validation
+  classes for "val" (model selection never touches a test class, as with FSS-1000's class groups) and
+  all 40 others for "train" (so both training policies keep every one of them out of training)
 
 Conversion rules (``convert_instances``; version ``CONVERTER_VERSION`` is written next to the PNGs):
 - class id = 1 + rank of the category id among the JSON's sorted category ids;
@@ -40,14 +44,28 @@ COCO_CLASSES = [
     "refrigerator", "book", "clock", "vase", "scissors", "teddy bear", "hair drier", "toothbrush"]
 
 
+# Neither CANet nor CRCNet lists its 40 / 20 / 20 classes (CRCNet notes #34), so this split is ours, fixed and
+# published here: the ids 1..80 permuted by numpy.random.Generator(PCG64(2019)) (CANet's year), the first 40
+# for training, the next 20 for validation, the last 20 for test, each sorted (a test redraws it).
+CANET_SPLIT = {
+    "train": [7, 8, 9, 10, 12, 13, 14, 15, 16, 18, 19, 22, 24, 26, 28, 30, 32, 33, 42, 43, 44, 45, 46, 50, 52, 55, 57,
+              58, 59, 61, 63, 65, 66, 67, 68, 69, 70, 72, 73, 74],
+    "val": [1, 2, 17, 20, 27, 31, 36, 38, 39, 40, 47, 48, 49, 53, 60, 64, 71, 77, 78, 79],
+    "test": [3, 4, 5, 6, 11, 21, 23, 25, 29, 34, 35, 37, 41, 51, 54, 56, 62, 75, 76, 80],
+}
+
+
 def coco_novel_classes(fold: int, convention: str, num_classes: int = 80) -> List[int]:
+    """Fold ``fold``'s novel classes on the test split (``canet``: its test classes, fold 0 only)."""
+    if convention == "canet":
+        return list(CANET_SPLIT["test"]) if fold == 0 else []
     if convention == "interleaved":
         novel = [4 * j + fold + 1 for j in range(num_classes // 4 + 1)]
     elif convention == "contiguous":
         per = num_classes // 4
         novel = list(range(per * fold + 1, per * fold + per + 1))
     else:
-        raise DataError(f"unknown COCO fold convention {convention!r}; expected interleaved or contiguous")
+        raise DataError(f"unknown COCO fold convention {convention!r}; expected interleaved, contiguous or canet")
     return [c for c in novel if c <= num_classes]
 
 
@@ -73,9 +91,23 @@ class CocoSource(Source):
         self.class_names = ["background"] + list(names)
         self.convention = cfg_data.fold_convention
         coco_novel_classes(0, self.convention)  # validates the convention name now
+        if self.convention == "canet":
+            self.num_folds = 1
+            if len(self.class_names) != 81:
+                raise DataError(f"the canet class protocol splits the 80 COCO classes; {root} has "
+                                f"{len(self.class_names) - 1}")
         self.lut = make_lut(range(len(self.class_names)))
 
+    def fold_classes(self, fold: int):
+        if self.convention != "canet":
+            return super().fold_classes(fold)
+        self.check_fold(fold)
+        return list(CANET_SPLIT["train"]), self.novel_classes(fold)
+
     def novel_classes(self, fold: int) -> List[int]:
+        if self.convention == "canet":
+            groups = {"train": ("val", "test"), "val": ("val",), "test": ("test",)}[self.split]
+            return sorted(c for g in groups for c in CANET_SPLIT[g])
         novel = coco_novel_classes(fold, self.convention, len(self.class_names) - 1)
         if not novel:
             raise DataError(f"fold {fold} has no novel class among the {len(self.class_names) - 1} classes")
