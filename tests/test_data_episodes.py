@@ -200,7 +200,10 @@ def test_box_supports_replace_only_the_support_masks(msrc):
             assert not box[:ys.min()].any() and not box[ys.max() + 1:].any()  # tight: nothing beyond the extent
             assert not box[:, :xs.min()].any() and not box[:, xs.max() + 1:].any()
             grew += int(box.sum() > fg.sum())
-    assert grew >= len(m)  # boxes take in background around the objects, as the setting means them to
+    assert grew == 2 * len(m)  # every box takes in background around its object (no MSRC-v2 object is a rectangle)
+    parsing = type("ParsingSource", (), {"class_names": ["background", "hat"], "area_lut": [0, 1]})()
+    with pytest.raises(DataError, match="box supports are not defined for parsing sources"):
+        EpisodeDataset(parsing, m, TestTransform(0, "original"), False, support_boxes=True)
 
 
 def test_eval_batch_labels_and_padding(msrc):

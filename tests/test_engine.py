@@ -227,6 +227,7 @@ def test_box_supports_reach_the_evaluation_dataset(dataset, tmp_path):
     assert boxes.support_boxes and not masks.support_boxes
     assert info["protocol"]["support_annotation"] == "box" and mask_info["protocol"]["support_annotation"] == "mask"
     assert info["manifest_sha256"] == mask_info["manifest_sha256"]
+    assert info["protocol"]["box_rule"] == "connected components" and "box_rule" not in mask_info["protocol"]
 
 
 def test_gallery_draws_best_median_worst_with_the_real_pixels(tmp_path):

@@ -67,6 +67,9 @@ class EpisodeDataset(Dataset):
             self.areas = self.areas[self.pre]
             self.human = (np.arange(self.size) != 0).astype(np.int64)  # not through self.pre: novel kept
             self.human[IGNORE] = IGNORE
+        if support_boxes and self.areas is not None:
+            raise DataError("box supports are not defined for parsing sources (data.hierarchy): their support "
+                            "areas and person maps would still come from the full labels")
 
     def __len__(self) -> int:
         return len(self.manifest)

@@ -69,6 +69,8 @@ def eval_dataset(cfg: Config, seed: int):
         protocol = {"protocol": "val-balanced", "episodes": e.episodes, "resize": "pfenet", "size": d.test_size}
         transform = TestTransform(d.test_size, "pfenet")
     protocol["support_annotation"] = e.support_annotation
+    if e.support_annotation == "box":
+        protocol["box_rule"] = source.box_rule()
     sha = manifest.sha256
     if dist.is_main():
         name = f"{e.split}-fold{d.fold}-{d.shots}shot-{d.ways}way-seed{seed}.json"

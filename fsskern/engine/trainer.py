@@ -195,7 +195,8 @@ def validate(cfg: Config, model, state: dict, logger, save_best) -> None:
     if cfg.train.val_episodes <= 0:
         return
     val_cfg = with_overrides(cfg, {"eval.split": "val", "eval.episodes": cfg.train.val_episodes,
-                                   "eval.seeds": [cfg.seed], "eval.visualize": False})
+                                   "eval.seeds": [cfg.seed], "eval.visualize": False,
+                                   "eval.support_annotation": "mask"})  # selected on masks, as trained
     with torch.random.fork_rng(devices=[]):
         result = evaluate_model(val_cfg, model, progress=False)
     model.train()

@@ -125,6 +125,10 @@ class Source:
         annotations); a source that has them overrides this (PASCAL's ``SegmentationObject``)."""
         return component_boxes(label == cls)
 
+    def box_rule(self) -> str:
+        """Where ``instance_boxes`` finds instances (recorded with box-support results)."""
+        return "connected components"
+
     def fold_classes(self, fold: int) -> Tuple[List[int], List[int]]:
         """(base, novel) foreground class ids of ``fold``."""
         self.check_fold(fold)

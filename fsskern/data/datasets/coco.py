@@ -12,8 +12,9 @@ Fold conventions (``data.fold_convention``; record which one a result used):
 - ``contiguous`` (PANet): fold k novel = {20k + 1, ..., 20k + 20}
 - ``canet`` (CANet's class protocol, CRCNet Tab. 13): one fold of 40 training, 20 validation and 20 test
   classes (``CANET_SPLIT``); base = the 40; novel = the 20 test classes for "test", the 20 validation
-  classes for "val" (model selection never touches a test class, as with FSS-1000's class groups) and
-  all 40 others for "train" (so both training policies keep every one of them out of training)
+  classes for "val" (a source for class-level model selection; the engine's own selection uses held-out
+  base-class images, as for every dataset) and all 40 others for "train", so both training policies keep
+  every one of them out of training
 
 Conversion rules (``convert_instances``; version ``CONVERTER_VERSION`` is written next to the PNGs):
 - class id = 1 + rank of the category id among the JSON's sorted category ids;
@@ -55,17 +56,18 @@ CANET_SPLIT = {
 }
 
 
+CONVENTIONS = ("interleaved", "contiguous", "canet")
+
+
 def coco_novel_classes(fold: int, convention: str, num_classes: int = 80) -> List[int]:
-    """Fold ``fold``'s novel classes on the test split (``canet``: its test classes, fold 0 only)."""
-    if convention == "canet":
-        return list(CANET_SPLIT["test"]) if fold == 0 else []
+    """Fold ``fold``'s novel classes under one of the four-fold conventions."""
     if convention == "interleaved":
         novel = [4 * j + fold + 1 for j in range(num_classes // 4 + 1)]
     elif convention == "contiguous":
         per = num_classes // 4
         novel = list(range(per * fold + 1, per * fold + per + 1))
     else:
-        raise DataError(f"unknown COCO fold convention {convention!r}; expected interleaved, contiguous or canet")
+        raise DataError(f"unknown COCO fold convention {convention!r}; expected interleaved or contiguous")
     return [c for c in novel if c <= num_classes]
 
 
@@ -90,7 +92,9 @@ class CocoSource(Source):
             names = [table[k] for k in sorted(table) if k > 0]  # id 0 is background
         self.class_names = ["background"] + list(names)
         self.convention = cfg_data.fold_convention
-        coco_novel_classes(0, self.convention)  # validates the convention name now
+        if self.convention not in CONVENTIONS:
+            raise DataError(f"unknown COCO fold convention {self.convention!r}; "
+                            f"expected one of {', '.join(CONVENTIONS)}")
         if self.convention == "canet":
             self.num_folds = 1
             if len(self.class_names) != 81:

@@ -11,7 +11,9 @@ Fold k novel classes: 5k+1..5k+5.
 Box supports (``eval.support_annotation=box``) take each instance's tight box from VOC's instance maps,
 ``SegmentationObject/<id>.png`` (0 background, 1..n instances, 255 boundary), where the image has one:
 the 2,913 VOC 2012 segmentation images, so every image of the test list. Other images (SBD's) fall
-back to the connected components of the class's pixels."""
+back to the connected components of the class's pixels, and so does every image of a root without the
+folder (a PFENet-style copy with ``SegmentationClassAug`` only); results record which (``box_rule``).
+A box spans the instance's labelled pixels: VOC's 255 band around each object lies outside it."""
 from pathlib import Path
 from typing import List, Optional, Tuple
 
@@ -75,6 +77,11 @@ class PascalSource(Source):
 
     def novel_classes(self, fold: int) -> List[int]:
         return list(range(5 * fold + 1, 5 * fold + 6))
+
+    def box_rule(self) -> str:
+        if (self.root / "SegmentationObject").is_dir():
+            return "SegmentationObject instance maps (connected components where an image has none)"
+        return "connected components (no SegmentationObject/ under the root)"
 
     def instance_boxes(self, i: int, label: np.ndarray, cls: int) -> List[Box]:
         path = self.root / "SegmentationObject" / (self.sample_id(i) + ".png")
