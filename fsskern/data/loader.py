@@ -15,8 +15,8 @@ labels in area ids (0 bg, 1..n areas, 255 ignore) for POPNet's stage 2, and ``qu
 
 Box supports (``support_boxes=True``; the weakly supervised setting of CANet and CRCNet Tab. 14): each
 support mask is the union of the tight boxes of its class's instances (``Source.instance_boxes``), drawn
-at the original resolution before the transform; the query's label is untouched, so the score is the
-same as with mask supports."""
+at the original resolution before the transform; the query and its label are untouched, so queries
+are scored exactly as in the mask setting."""
 from typing import Dict, List, Optional, Sequence
 
 import numpy as np
