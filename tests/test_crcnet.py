@@ -119,6 +119,22 @@ def test_kshot_finetune_restores_every_weight():
         model(episode(K=1))
 
 
+def test_encoder_groups_change_nothing_but_the_peak():
+    """The encoder runs B images per backbone call: features (and their gradients) match one call on all images,
+    in order, for any group size, including one that does not divide the count."""
+    model = build().train()
+    x = torch.randn(5, 3, 65, 65, generator=torch.Generator().manual_seed(0))
+    grads = []
+    for group in (5, 2, 1):
+        model.zero_grad()
+        feats = model.encode(x, group)
+        feats.square().sum().backward()
+        grads.append((feats.detach(), model.reduce[0].weight.grad.clone()))
+    for feats, grad in grads[1:]:
+        torch.testing.assert_close(feats, grads[0][0], rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(grad, grads[0][1], rtol=1e-5, atol=1e-8)
+
+
 def test_same_seed_same_result():
     runs = []
     for _ in range(2):
@@ -166,7 +182,7 @@ def test_paper_size_forward_backward():
     41 x 41 features, shapes and finite gradients."""
     model = build(backbone="resnet50").train()
     batch = episode(B=1, H=321)
-    assert model.encode(batch["query_img"]).shape == (1, 256, 41, 41)
+    assert model.encode(batch["query_img"], 1).shape == (1, 256, 41, 41)
     out = model(batch)
     assert out["logits"].shape == (1, 2, 321, 321)
     sum(out["losses"].values()).backward()

@@ -7,7 +7,7 @@ lists every resolution with its source (paper / notes / ours).
 Forward for B pairs (support s with mask, query q), both branches batched along the batch axis (2B):
 
 1. Siamese encoder (2.1): the backbone (ResNet-50 dilated with torchvision's ``replace_stride_with_dilation``
-   rule, output stride 8; frozen by default [notes #20]) on the query and the supports in one call;
+   rule, output stride 8; frozen by default [notes #20]) on B images per call (the queries, then the supports);
    ``F = ReLU(Conv3x3(concat(layer3, layer4)))`` -> 256 (``multi_level=False``: layer4 only).
 2. Cross-reference (2.2): ``a = act(FC_s(GAP(F_s))) * act(FC_q(GAP(F_q)))``, ``G = F * a``; in training the
    shared sub-head D_sub (two 3x3 convs, ASPP from ``blocks.py`` + 1x1 projection, 1x1 to 2) predicts
@@ -173,12 +173,19 @@ class CRCNet(nn.Module):
         rest = [q for q in self.parameters() if q.requires_grad and id(q) not in ids]
         return [{"params": rest}, {"params": backbone, "lr_mult": self.p["backbone_lr_mult"]}]
 
-    def encode(self, images: torch.Tensor) -> torch.Tensor:
-        """(N, 3, H, W) -> F (N, dim, h, w): the Siamese encoder (2.1), the backbone without grad when frozen."""
-        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.frozen_backbone):
-            out = self.backbone(images)
-        x = torch.cat([out["layer3"], out["layer4"]], 1) if self.p["multi_level"] else out["layer4"]
-        return self.reduce(x)
+    def encode(self, images: torch.Tensor, group: int) -> torch.Tensor:
+        """(N, 3, H, W) -> F (N, dim, h, w): the Siamese encoder (2.1), the backbone without grad when frozen.
+        It runs on ``group`` images at a time (the queries, then each shot, as PFENet's and BAM's code call it):
+        a frozen backbone keeps nothing for backward, so one call on all N images would only multiply its
+        transient peak (at 473, OS 8, four images: ~730 MB, the whole inference's peak)."""
+        feats = []
+        for chunk in images.split(group):
+            with torch.set_grad_enabled(torch.is_grad_enabled() and not self.frozen_backbone):
+                out = self.backbone(chunk)
+            x = torch.cat([out.pop("layer3"), out.pop("layer4")], 1) if self.p["multi_level"] else out.pop("layer4")
+            del out
+            feats.append(self.reduce(x))
+        return torch.cat(feats)
 
     # ----------------------------------------------------------------------------------------- modules
     def cross_reference(self, fs, fq):
@@ -253,7 +260,7 @@ class CRCNet(nn.Module):
         B, K = labels.shape[:2]
         if self.training:
             qlabel = batch["query_mask"].repeat_interleave(K, 0)
-            feats = self.encode(torch.cat([query, supports.flatten(0, 1)]))
+            feats = self.encode(torch.cat([query, supports.flatten(0, 1)]), B)
             fq, fs = feats[:B].repeat_interleave(K, 0), feats[B:]
             out = self.pair(fs, fq, (labels.flatten(0, 1) == 1).to(fs.dtype), (qlabel == 1).to(fs.dtype),
                             self._train_steps())
@@ -294,7 +301,7 @@ class CRCNet(nn.Module):
                 q = F.interpolate(q, hw, mode="bilinear", align_corners=True)
                 sup = F.interpolate(sup, hw, mode="bilinear", align_corners=True)
                 m = F.interpolate(m[:, None].float(), hw, mode="nearest")[:, 0].long()
-            feats = self.encode(torch.cat([q, sup]))
+            feats = self.encode(torch.cat([q, sup]), B)
             fq, fs = feats[:B].repeat_interleave(K, 0), feats[B:]
             logits = self.pair(fs, fq, (m == 1).to(fs.dtype), steps=self.p["refine_steps_test"])["qm"]
             total = total + self._up(size)(logits).softmax(1).view(B, K, 2, *size).mean(1)
@@ -309,7 +316,7 @@ class CRCNet(nn.Module):
         saved = {n: q.detach().clone() for n, q in tuned}
         imgs, lab = supports[0], labels[0]
         with torch.no_grad():  # the encoder is fixed: its features of each support and its mirror image, once
-            feats = self.encode(torch.cat([imgs, imgs.flip(-1)]))
+            feats = self.encode(torch.cat([imgs, imgs.flip(-1)]), K)
         lab = torch.cat([lab, lab.flip(-1)])
         masks = (lab == 1).to(feats.dtype)
         opt = torch.optim.SGD([q for _, q in tuned], lr=self.p["ft_lr"], momentum=0.9, weight_decay=5e-4)
