@@ -175,9 +175,10 @@ class CRCNet(nn.Module):
 
     def encode(self, images: torch.Tensor, group: int) -> torch.Tensor:
         """(N, 3, H, W) -> F (N, dim, h, w): the Siamese encoder (2.1), the backbone without grad when frozen.
-        It runs on ``group`` images at a time (the queries, then each shot, as PFENet's and BAM's code call it):
-        a frozen backbone keeps nothing for backward, so one call on all N images would only multiply its
-        transient peak (at 473, OS 8, four images: ~730 MB, the whole inference's peak)."""
+        It runs on ``group`` images per backbone call (callers pass B: the queries, then the supports B at a time;
+        PFENet's and BAM's code call it per role): a frozen backbone keeps nothing for backward, so one call on
+        all N images would only multiply its transient peak (at 473, OS 8, four images: ~730 MB, the whole
+        inference's peak)."""
         feats = []
         for chunk in images.split(group):
             with torch.set_grad_enabled(torch.is_grad_enabled() and not self.frozen_backbone):
