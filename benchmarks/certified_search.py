@@ -59,8 +59,8 @@ def real_case(data: str):
     batch = next(iter(episode_loader(train_dataset(cfg), range(8), 8, 0, seed=0)))
     backbone = create_backbone("mobilenet_v2", weights="imagenet").eval()
     with torch.no_grad():
-        q = backbone(batch["query_img"])["layer4"]
-        s = backbone(batch["support_imgs"].flatten(0, 1))["layer4"]
+        q = backbone(batch["query_img"], layers=("layer4",))["layer4"]
+        s = backbone(batch["support_imgs"].flatten(0, 1), layers=("layer4",))["layer4"]
     h, w = s.shape[-2:]
     masks = (batch["support_masks"].flatten(0, 1)[:, None] == 1).float()
     weights = torch.nn.functional.interpolate(masks, size=(h, w), mode="bilinear", align_corners=True)

@@ -159,10 +159,7 @@ class Embedder:
     @torch.inference_mode()
     def _forward(self, x: np.ndarray) -> torch.Tensor:
         x = torch.from_numpy(x).to(self.device).permute(0, 3, 1, 2)
-        for name, stage in self.net.stages():
-            x = stage(x)
-            if name == self.layer:
-                break
+        x = self.net(x, layers=(self.layer,))[self.layer]
         return F.normalize(x.float(), dim=1).cpu()
 
     def canvas(self, images: Sequence[np.ndarray], size: int) -> List[torch.Tensor]:

@@ -39,6 +39,26 @@ def test_layer_shapes_strides_and_channels(name, small_input):
         assert v.shape == (1, model.channels[k], SIZE[model.strides[k]], SIZE[model.strides[k]]), k
 
 
+@pytest.mark.parametrize("name", ["resnet50_v2", "mobilenet_v2", "xception65"])
+def test_layers_argument_returns_only_those_and_stops_early(name, small_input):
+    model = create_backbone(name).eval()
+    ran = []
+    last_block = {"resnet50_v2": lambda: model.layer4, "mobilenet_v2": lambda: model.features[-1],
+                  "xception65": lambda: model.conv5}[name]()
+    last_block.register_forward_hook(lambda *_: ran.append("layer4"))
+    with torch.no_grad():
+        full = model(small_input)
+        ran.clear()
+        some = model(small_input, layers=["layer3", "layer1"])
+    assert list(some) == ["layer1", "layer3"]  # in network order, whatever order was asked
+    for k in some:
+        assert torch.equal(some[k], full[k])
+    assert ran == ([] if name != "xception65" else ["layer4"])  # xception's layer2 needs block1's output: all run
+    for bad in (["layer5"], [], ("layer2", "decoder")):
+        with pytest.raises(ValueError, match="subset of"):
+            model(small_input, layers=bad)
+
+
 @pytest.mark.parametrize("name", ["resnet101", "resnet101_v2"])
 def test_resnet101_layout(name):
     with torch.device("meta"):  # no memory, no init: the layout only

@@ -56,7 +56,7 @@ class DeepLabV3Plus(nn.Module):
         self.strides = {"decoder": self.backbone.strides["layer1"], "encoder": output_stride}
 
     def forward(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
-        feats = self.backbone(x)
+        feats = self.backbone(x, layers=("layer1", "layer4"))
         encoder = self.aspp(feats["layer4"])
         low = self.low_level(feats["layer1"])
         up = F.interpolate(encoder, size=low.shape[-2:], mode="bilinear", align_corners=True)

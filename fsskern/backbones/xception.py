@@ -22,14 +22,14 @@ code's 1x1 skip of block3 keeps stride 2 at output stride 8, where the block's o
 there); here it takes the block's. The code's checkpoint was trained at output stride 16: at 8 block3 has no
 stride-2 conv, so the file's ``block3.rep.5.*`` are unexpected and the strict loader names them.
 """
-from typing import Dict
+from typing import Dict, Optional, Sequence
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from ..data.transforms import IMAGENET_MEAN, IMAGENET_STD
-from .base import Backbone
+from .base import LAYERS, Backbone
 from .registry import register_backbone
 
 # output stride -> (block3's stride, the middle flow's dilation, the exit flow's dilations)
@@ -120,7 +120,9 @@ class Xception65(Backbone):
         self.strides = {"layer0": 2, "layer1": 4, "layer2": 8, "layer3": output_stride, "layer4": output_stride}
         self.finish_init()
 
-    def forward(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
+    def forward(self, x: torch.Tensor, layers: Optional[Sequence[str]] = None) -> Dict[str, torch.Tensor]:
+        """As :meth:`Backbone.forward`, but every stage runs: layer2 is built from layer1 and block1's output."""
+        wanted = self.wanted(layers)
         if self.code_input:
             x = (x * self.std + self.mean).flip(1) * 2 - 1  # RGB in [0, 1] -> BGR in [-1, 1]
         out = {"layer0": F.relu(self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x))))))}
@@ -133,7 +135,7 @@ class Xception65(Backbone):
             x = getattr(self, f"block{i}")(x)
         out["layer3"] = x
         out["layer4"] = self.conv5(self.conv4(self.conv3(self.block20(x))))
-        return out
+        return {name: out[name] for name in LAYERS if name in wanted}
 
 
 @register_backbone("xception65")

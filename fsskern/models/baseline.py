@@ -68,7 +68,7 @@ class PrototypeBaseline(nn.Module):
             self.cache_bytes -= old.numel() * old.element_size()
 
     def _features(self, images: torch.Tensor) -> torch.Tensor:
-        outs = self.backbone(images)
+        outs = self.backbone(images, layers=self.params["layers"])
         layers = [outs[name] for name in self.params["layers"]]
         size = layers[0].shape[-2:]
         return torch.cat([x if x.shape[-2:] == size else

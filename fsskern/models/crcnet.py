@@ -182,10 +182,11 @@ class CRCNet(nn.Module):
         feats = []
         for chunk in images.split(group):
             with torch.set_grad_enabled(torch.is_grad_enabled() and not self.frozen_backbone):
-                out = self.backbone(chunk)
-            x = torch.cat([out.pop("layer3"), out.pop("layer4")], 1) if self.p["multi_level"] else out.pop("layer4")
-            del out
+                out = self.backbone(chunk, layers=("layer3", "layer4") if self.p["multi_level"] else ("layer4",))
+            x = torch.cat([out["layer3"], out["layer4"]], 1) if self.p["multi_level"] else out["layer4"]
+            del out  # the layer3 / layer4 maps go before reduce allocates its output,
             feats.append(self.reduce(x))
+            del x    # and the concat before the next chunk's backbone pass
         return torch.cat(feats)
 
     # ----------------------------------------------------------------------------------------- modules

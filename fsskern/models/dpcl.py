@@ -111,7 +111,7 @@ class MultiLevelEncoder(nn.Module):
                 nn.init.zeros_(head.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        feats = self.backbone(x)
+        feats = self.backbone(x, layers=self.levels)
         size = max((feats[lv].shape[-2:] for lv in self.levels), key=lambda s: s[0] * s[1])
         outs = []
         for lv in self.levels:

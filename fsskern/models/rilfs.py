@@ -271,7 +271,7 @@ class RILFS(nn.Module):
         x = batch["query_img"]
         if x.dim() != 4:
             raise ValueError(f"rilfs/bam: query_img must be (B, 3, H, W), got {tuple(x.shape)}")
-        logits = F.interpolate(self.base_learner(self.backbone(x)["layer4"]), x.shape[-2:], mode="bilinear",
+        logits = F.interpolate(self.base_learner(self.backbone(x, layers=("layer4",))["layer4"]), x.shape[-2:], mode="bilinear",
                                align_corners=True)
         out = {"logits": logits}
         if self.training:
@@ -311,7 +311,9 @@ class RILFS(nn.Module):
             for name, stage in self.backbone.stages():
                 if name == "layer4" and masks is not None:
                     x = x * F.interpolate(masks, x.shape[-2:], mode="bilinear", align_corners=True)
-                x = out[name] = stage(x)
+                x = stage(x)
+                if name in ("layer2", "layer3", "layer4"):  # layer0 / layer1 would only add to layer4's peak
+                    out[name] = x
             if out["layer2"].shape[-2:] != out["layer3"].shape[-2:]:
                 out["layer2"] = F.interpolate(out["layer2"], out["layer3"].shape[-2:], mode="bilinear",
                                               align_corners=True)

@@ -364,7 +364,7 @@ class UMTFSS(nn.Module):
         """Frozen backbone without autograd: {"mid": concat(layer2, layer3), "layer4"}; layer2 is resized to
         layer3's grid when they differ."""
         with torch.no_grad():
-            f = self.backbone(images)
+            f = self.backbone(images, layers=("layer2", "layer3", "layer4"))
             l2 = f["layer2"]
             if l2.shape[-2:] != f["layer3"].shape[-2:]:
                 l2 = F.interpolate(l2, f["layer3"].shape[-2:], mode="bilinear", align_corners=True)
