@@ -28,6 +28,7 @@ ratios are those of the method's head, not of the whole network):
 """
 import argparse
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -41,7 +42,7 @@ sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent / "tests"))
 
 import compat_transcriptions as T  # noqa: E402
-from harness import machine_info, median_times, peak_extra_bytes  # noqa: E402
+from harness import MEMORY_CHILD_ENV, machine_info, median_times, peak_extra_bytes  # noqa: E402
 
 from fsskern import reference  # noqa: E402
 from fsskern.compat import panet, pfenet, popnet, umtfss  # noqa: E402
@@ -205,7 +206,7 @@ def run_side(name, side, quick):
 
 def memory(name, side, quick):
     cmd = [sys.executable, __file__, "--memory", name, side] + (["--quick"] if quick else [])
-    out = subprocess.run(cmd, check=True, capture_output=True, text=True)
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True, env={**os.environ, **MEMORY_CHILD_ENV})
     return json.loads(out.stdout.strip().splitlines()[-1])["peak_extra_bytes"]
 
 
@@ -240,7 +241,7 @@ def main():
              f"torch {info['torch']}. Command: `OMP_NUM_THREADS={torch.get_num_threads()} python "
              f"benchmarks/compat.py{' --quick' if args.quick else ''}`; "
              f"median of {args.reps} interleaved runs; peak extra resident memory of the first call, each side in a "
-             "fresh process. Backbone excluded (see the module docstring).", "",
+             "fresh process (glibc mmap threshold 64 KiB). Backbone excluded (see the module docstring).", "",
              "| case | original ms | compat ms | speed-up | original MiB | compat MiB | memory ratio |",
              "|---|---|---|---|---|---|---|"]
     for r in rows:

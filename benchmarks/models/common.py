@@ -6,6 +6,7 @@ A method's script keeps what is its own: its cases, model build, episode keys, t
 """
 import argparse
 import json
+import os
 import subprocess
 import sys
 import time
@@ -18,7 +19,7 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
-from harness import cuda_peak_extra_bytes, machine_info, peak_extra_bytes  # noqa: E402
+from harness import MEMORY_CHILD_ENV, cuda_peak_extra_bytes, machine_info, peak_extra_bytes  # noqa: E402
 
 SIDES = ("reference", "fused")
 
@@ -169,7 +170,8 @@ def peak_memory(fns, device, child_argv, sides=SIDES):
         return [cuda_peak_extra_bytes(fn) for fn in fns]
     out = []
     for side in sides:
-        res = subprocess.run([sys.executable, *child_argv, side], check=True, capture_output=True, text=True)
+        res = subprocess.run([sys.executable, *child_argv, side], check=True, capture_output=True, text=True,
+                             env={**os.environ, **MEMORY_CHILD_ENV})
         out.append(json.loads(res.stdout.strip().splitlines()[-1])["peak_extra_bytes"])
     return out
 
@@ -197,7 +199,7 @@ def header(method, info, reps):
             f"{', GPU ' + info['gpu'] if info.get('gpu') else ''}; torch {info['torch']}.",
             f"Command: `python benchmarks/models/{method}.py {' '.join(sys.argv[1:])}`; median of {reps} "
             "interleaved samples after a warm-up; memory = peak extra "
-            f"{'device memory (allocator)' if info.get('gpu') else 'resident memory, one fresh process per side'}."]
+            f"{'device memory (allocator)' if info.get('gpu') else 'resident memory, one fresh process per side, glibc mmap threshold 64 KiB'}."]
 
 
 def paired_row(case, times, peaks, shares, reps):
