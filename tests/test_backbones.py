@@ -4,8 +4,8 @@ import torch
 import torchvision
 from torch.testing import assert_close
 
-from fsskern.backbones import (LAYERS, WeightsError, create_backbone, expected_keys, freeze, list_backbones,
-                               load_weights, mobilenet_weights_file)
+from fsskern.backbones import (LAYERS, LeanBatchNorm2d, WeightsError, create_backbone, expected_keys, freeze,
+                               list_backbones, load_weights, mobilenet_weights_file)
 
 # Output sizes at 65x65 for each stride (conv arithmetic of 3x3/7x7 stride-2 convs and pools on 8k+1 inputs).
 SIZE = {2: 33, 4: 17, 8: 9, 16: 5}
@@ -57,6 +57,42 @@ def test_layers_argument_returns_only_those_and_stops_early(name, small_input):
     for bad in (["layer5"], [], ("layer2", "decoder")):
         with pytest.raises(ValueError, match="subset of"):
             model(small_input, layers=bad)
+
+
+@pytest.mark.parametrize("name", ["resnet50", "mobilenet_v2"])
+def test_lean_frozen_bn_is_bn_to_the_bit_and_keeps_no_activation(name, small_input):
+    """Trainable convs under frozen BN: LeanBatchNorm2d gives nn.BatchNorm2d's outputs and gradients exactly, and
+    autograd keeps fewer bytes (the BN inputs); with batch statistics it is nn.BatchNorm2d itself."""
+    def run(lean, frozen_bn=True):
+        torch.manual_seed(0)
+        net = create_backbone(name, frozen_bn=frozen_bn).train()
+        bns = [m for m in net.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+        assert bns and all(type(m) is LeanBatchNorm2d for m in bns)
+        with torch.no_grad():
+            for m in bns:
+                m.running_mean.normal_(0, 0.1), m.running_var.uniform_(0.5, 2), m.weight.normal_(1, 0.1)
+                m.bias.normal_(0, 0.1)
+                if not lean:
+                    m.__class__ = torch.nn.BatchNorm2d
+        saved, params = {}, {q.data_ptr() for q in net.parameters()}
+
+        def pack(t):  # the activations autograd keeps, each storage once, parameters left out
+            if t.data_ptr() not in params:
+                saved[t.data_ptr()] = t.untyped_storage().nbytes()
+            return t
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            out = net(small_input)
+        sum(v.square().mean() for v in out.values()).backward()
+        grads = {n: q.grad for n, q in net.named_parameters() if q.grad is not None}
+        return out, grads, sum(saved.values()), [m.running_mean for m in bns]
+
+    (out, grads, saved, _), (out0, grads0, saved0, _) = run(True), run(False)
+    assert len(grads) > 20 and grads.keys() == grads0.keys()
+    assert all(torch.equal(out[k], out0[k]) for k in out) and all(torch.equal(grads[k], grads0[k]) for k in grads)
+    assert saved < 0.75 * saved0, (saved, saved0)
+    (out, grads, saved, stats), (out0, grads0, saved0, stats0) = run(True, False), run(False, False)
+    assert saved == saved0 and all(torch.equal(a, b) for a, b in zip(stats, stats0))  # training BN: untouched
+    assert all(torch.equal(grads[k], grads0[k]) for k in grads)
 
 
 @pytest.mark.parametrize("name", ["resnet101", "resnet101_v2"])

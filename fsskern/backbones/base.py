@@ -3,9 +3,45 @@ from typing import Dict, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from torch.nn.modules.batchnorm import _BatchNorm
 
 LAYERS = ("layer0", "layer1", "layer2", "layer3", "layer4")
+
+
+class _StatisticsBatchNorm(torch.autograd.Function):
+    """BatchNorm with fixed statistics and affine terms: y = (x - mean) * invstd * w + b. The gradient of x is
+    dy * invstd * w, so nothing of x's size is kept for backward; autograd's batch_norm keeps x itself (the conv
+    output before it, as large as the activation). Forward is F.batch_norm's, backward the CPU kernel's eval-mode
+    formula (invstd in double, then dy * invstd * w in the tensor's dtype): both equal to the bit."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, mean, var, eps):
+        ctx.save_for_backward(weight, var)
+        ctx.eps = eps
+        return F.batch_norm(x, mean, var, weight, bias, False, 0.0, eps)
+
+    @staticmethod
+    def backward(ctx, grad):
+        weight, var = ctx.saved_tensors
+        shape = (1, -1) + (1,) * (grad.dim() - 2)
+        invstd = (1 / torch.sqrt(var.double() + ctx.eps)).to(grad.dtype)
+        return grad * invstd.view(shape) * weight.view(shape), None, None, None, None, None
+
+
+class LeanBatchNorm2d(nn.BatchNorm2d):
+    """A backbone's BatchNorm2d (same parameters, buffers and state-dict keys) that, when it is frozen (eval mode,
+    affine terms without grad) and its input needs a gradient (a trainable conv before it), keeps no activation
+    for backward: a ResNet-50 trained at 473 under frozen BN saves about a third less (each conv output was
+    kept twice, by the BN and by the ReLU after it). Any other case (training statistics, a trainable affine,
+    reduced precision, no grad) is nn.BatchNorm2d's own forward."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if (self.training or not self.affine or self.weight.requires_grad or self.bias.requires_grad
+                or not x.requires_grad or x.dtype not in (torch.float32, torch.float64)
+                or self.running_var.dtype != x.dtype):
+            return super().forward(x)
+        return _StatisticsBatchNorm.apply(x, self.weight, self.bias, self.running_mean, self.running_var, self.eps)
 
 
 class Backbone(nn.Module):
@@ -50,11 +86,13 @@ class Backbone(nn.Module):
         return wanted
 
     def finish_init(self):
-        """Called by subclasses at the end of __init__: applies frozen BN to the built modules."""
-        if self.frozen_bn:
-            for m in self.modules():
-                if isinstance(m, _BatchNorm):
-                    m.requires_grad_(False)
+        """Called by subclasses at the end of __init__: applies frozen BN to the built modules and makes every
+        BatchNorm2d a :class:`LeanBatchNorm2d` (the same module, leaner under autograd once frozen)."""
+        for m in self.modules():
+            if type(m) is nn.BatchNorm2d:
+                m.__class__ = LeanBatchNorm2d
+            if self.frozen_bn and isinstance(m, _BatchNorm):
+                m.requires_grad_(False)
         self.train(self.training)
 
     def train(self, mode: bool = True):
