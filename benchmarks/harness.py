@@ -126,7 +126,8 @@ def cuda_peak_extra_bytes(fn):
 def measure_memory_in_subprocess(case_index, side, quick):
     """Run `run.py --memory CASE_INDEX SIDE` in a fresh interpreter; its peak extra bytes."""
     cmd = [sys.executable, str(HERE / "run.py"), "--memory", str(case_index), side] + (["--quick"] if quick else [])
-    out = subprocess.run(cmd, check=True, capture_output=True, text=True, env={**os.environ, **MEMORY_CHILD_ENV, "PYTHONPATH": str(HERE)})
+    env = {**os.environ, **MEMORY_CHILD_ENV, "PYTHONPATH": str(HERE)}
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env)
     return json.loads(out.stdout.strip().splitlines()[-1])["peak_extra_bytes"]
 
 

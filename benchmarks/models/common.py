@@ -195,11 +195,13 @@ def parser(doc):
 
 def header(method, info, reps):
     """The report's machine and command lines."""
+    memory = ("device memory (allocator)" if info.get("gpu") else
+              "resident memory, one fresh process per side, glibc mmap threshold 64 KiB")
     return [f"Machine: {info['cpu']} ({info['logical_cpus']} logical CPUs, {info['torch_threads']} torch threads)"
             f"{', GPU ' + info['gpu'] if info.get('gpu') else ''}; torch {info['torch']}.",
             f"Command: `python benchmarks/models/{method}.py {' '.join(sys.argv[1:])}`; median of {reps} "
             "interleaved samples after a warm-up; memory = peak extra "
-            f"{'device memory (allocator)' if info.get('gpu') else 'resident memory, one fresh process per side, glibc mmap threshold 64 KiB'}."]
+            f"{memory}."]
 
 
 def paired_row(case, times, peaks, shares, reps):

@@ -6,5 +6,5 @@ from .base import LAYERS, Backbone, LeanBatchNorm2d, freeze
 from .registry import create_backbone, list_backbones, register_backbone
 from .weights import LAYOUTS, WeightsError, expected_keys, load_weights, mobilenet_weights_file
 
-__all__ = ["create_backbone", "list_backbones", "register_backbone", "Backbone", "LeanBatchNorm2d", "freeze", "LAYERS",
-           "load_weights", "expected_keys", "mobilenet_weights_file", "WeightsError", "LAYOUTS"]
+__all__ = ["create_backbone", "list_backbones", "register_backbone", "Backbone", "LeanBatchNorm2d", "freeze",
+           "LAYERS", "load_weights", "expected_keys", "mobilenet_weights_file", "WeightsError", "LAYOUTS"]
