@@ -70,7 +70,7 @@ class Backbone(nn.Module):
         """``layers``: the outputs to return (default all five). The stages after the deepest one are skipped
         and the other outputs are not kept, so a pass without autograd holds only what the caller reads (at
         473, ResNet-50, batch 2: layer0 and layer1 are ~60 MB alive through layer4, the peak)."""
-        wanted = self.wanted(layers)
+        wanted = self.check_layers(layers)
         last = max(LAYERS.index(name) for name in wanted)
         out = {}
         for name, stage in self.stages()[:last + 1]:
@@ -79,7 +79,7 @@ class Backbone(nn.Module):
                 out[name] = x
         return out
 
-    def wanted(self, layers: Optional[Sequence[str]]) -> Tuple[str, ...]:
+    def check_layers(self, layers: Optional[Sequence[str]]) -> Tuple[str, ...]:
         """``forward``'s ``layers`` argument checked: all five when None."""
         wanted = LAYERS if layers is None else tuple(layers)
         if not wanted or any(name not in LAYERS for name in wanted):

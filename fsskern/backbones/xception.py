@@ -122,7 +122,7 @@ class Xception65(Backbone):
 
     def forward(self, x: torch.Tensor, layers: Optional[Sequence[str]] = None) -> Dict[str, torch.Tensor]:
         """As :meth:`Backbone.forward`, but every stage runs: layer2 is built from layer1 and block1's output."""
-        wanted = self.wanted(layers)
+        wanted = self.check_layers(layers)
         if self.code_input:
             x = (x * self.std + self.mean).flip(1) * 2 - 1  # RGB in [0, 1] -> BGR in [-1, 1]
         out = {"layer0": F.relu(self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x))))))}
