@@ -227,6 +227,11 @@ class DPCL(nn.Module):
         ways, shots, support_fg = self.check_batch(batch)
         q_img, s_imgs, s_masks = batch["query_img"], batch["support_imgs"], batch["support_masks"]
         B, S = s_imgs.shape[:2]
+        # The momentum pass runs first: its transient then sits on nothing, where after the main forward it sat on
+        # every activation the trainable encoder keeps for backward (ResNet-50 473, batch 2: the step's peak 3880 ->
+        # 3603 MB). It reads the parameters before this step's update either way, so no value changes (weights
+        # and outputs after three training steps hashed the same before and after the move).
+        keys = self.momentum_keys(batch, ways, shots) if self.training and self.contrastive else None
         feats = self.encoder(torch.cat([s_imgs.flatten(0, 1), q_img]))
         f_s, f_q = feats[:B * S], feats[B * S:]
         prototypes = self.support_prototypes(f_s, s_masks.flatten(0, 1), B, ways, shots)
@@ -238,7 +243,7 @@ class DPCL(nn.Module):
         if self.p["align"]:
             losses["align"] = self.alignment_loss(f_s, f_q, logits_small, s_masks, ways, shots)
         if self.contrastive:
-            losses.update(self.contrastive_losses(batch, prototypes[:, 1:], ways, shots, support_fg))
+            losses.update(self.contrastive_losses(keys, prototypes[:, 1:], support_fg))
         return {"logits": logits, "losses": losses}
 
     def support_prototypes(self, f_s, masks, B, ways, shots):
@@ -273,25 +278,33 @@ class DPCL(nn.Module):
         for p_m, p in zip(self.key_encoder.parameters(), self.encoder.parameters()):
             p_m.mul_(m).add_(p.detach(), alpha=1 - m)
 
-    def contrastive_losses(self, batch, p_c, ways, shots, support_fg):
-        """L_cs-NCE and L_ca-NCE (R7-R9) for the way prototypes p_c (B, ways, d); enqueues the batch's keys.
-        (episode, way) pairs whose supports lost every foreground pixel to the data augmentation
-        (support_fg False) take no part: their p_c is the zero vector."""
+    @torch.no_grad()
+    def momentum_keys(self, batch, ways, shots) -> Dict[str, torch.Tensor]:
+        """The momentum side of R7-R9: update the key encoder, encode the MoCo-augmented episode and draw the
+        negatives. Returns p_bar (B, ways, d), k_pos (B, ways, d), k_neg (B, ways, V, d) with ca_keep (B, ways),
+        the dictionary negatives' indices and validity (B*ways, J), and the episode's class ids (B*ways,)."""
         B, S = batch["support_masks"].shape[:2]
         g = torch.Generator().manual_seed(episode_seed(batch["index"]))
-        with torch.no_grad():
-            self.momentum_update()
-            s_img, s_mask = self.augment(batch["support_imgs"].flatten(0, 1), batch["support_masks"].flatten(0, 1), g)
-            q_img, q_mask = self.augment(batch["query_img"], batch["query_mask"], g)
-            feats = self.key_encoder(torch.cat([s_img, q_img]))
-            fb_s, fb_q = feats[:B * S], feats[B * S:]
-            p_bar = self.backend.masked_average_pool(fb_s, (s_mask == 1)[:, None], resize="features")
-            p_bar = p_bar.view(B, ways, shots, -1).mean(2)  # (B, ways, d)
-            way_ids = torch.arange(1, ways + 1, device=q_mask.device).view(1, -1, 1, 1)
-            k_pos = self.backend.masked_average_pool(fb_q, q_mask[:, None] == way_ids, resize="features")
-            k_neg, ca_keep = self.background_keys(fb_q, q_mask, ways, g)  # (B, ways, V, d), (B, ways)
-            classes = batch["classes"].flatten()
-            queue_sim, queue_keep = self.dictionary_negatives(classes, g)  # (B*ways, J) indices, validity
+        self.momentum_update()
+        s_img, s_mask = self.augment(batch["support_imgs"].flatten(0, 1), batch["support_masks"].flatten(0, 1), g)
+        q_img, q_mask = self.augment(batch["query_img"], batch["query_mask"], g)
+        feats = self.key_encoder(torch.cat([s_img, q_img]))
+        fb_s, fb_q = feats[:B * S], feats[B * S:]
+        p_bar = self.backend.masked_average_pool(fb_s, (s_mask == 1)[:, None], resize="features")
+        way_ids = torch.arange(1, ways + 1, device=q_mask.device).view(1, -1, 1, 1)
+        k_pos = self.backend.masked_average_pool(fb_q, q_mask[:, None] == way_ids, resize="features")
+        k_neg, ca_keep = self.background_keys(fb_q, q_mask, ways, g)
+        classes = batch["classes"].flatten()
+        queue_sim, queue_keep = self.dictionary_negatives(classes, g)
+        return {"p_bar": p_bar.view(B, ways, shots, -1).mean(2), "k_pos": k_pos, "k_neg": k_neg,
+                "ca_keep": ca_keep, "queue_sim": queue_sim, "queue_keep": queue_keep, "classes": classes}
+
+    def contrastive_losses(self, keys, p_c, support_fg):
+        """L_cs-NCE and L_ca-NCE (R7-R9) for the way prototypes p_c (B, ways, d) against ``momentum_keys``;
+        enqueues the batch's keys. (episode, way) pairs whose supports lost every foreground pixel to the data
+        augmentation (support_fg False) take no part: their p_c is the zero vector."""
+        p_bar, k_pos, k_neg, ca_keep = keys["p_bar"], keys["k_pos"], keys["k_neg"], keys["ca_keep"]
+        queue_sim, queue_keep, classes = keys["queue_sim"], keys["queue_keep"], keys["classes"]
         anchor = p_c.flatten(0, 1)  # (B*ways, d), the only term with a gradient (notes A26)
         valid = support_fg.flatten()
         sims = F.normalize(anchor, dim=1) @ self.queue_keys.to(anchor.dtype, copy=True).t()  # enqueue writes in place
