@@ -8,6 +8,7 @@ import torch
 
 from fsskern.engine.config import ModelConfig
 from fsskern.models import create_model
+from fsskern.models.rilfs import gram_matrix
 
 sys.path.insert(0, str(Path(__file__).parent))
 from method_support import MSRC, fit_until, msrc_episodes  # noqa: E402
@@ -77,7 +78,7 @@ def test_flip_bookkeeping():
 
     def supp(x):  # support maps as the model holds them: (B * K, C, h, w) per view
         return [v.flatten(0, 1) for v in views(x)]
-    est, w = model.scene_distances(views(q2), supp(s2))
+    est, w = model.scene_distances([gram_matrix(x) for x in views(q2)], [gram_matrix(x) for x in supp(s2)])
     torch.testing.assert_close(est[:, :, 1], est[:, :, 0], rtol=1e-5, atol=1e-6)   # theta_{v,h} = theta_{v,o}
     torch.testing.assert_close(est[:, 1], est[:, 0], rtol=1e-5, atol=1e-6)         # and per query view
     torch.testing.assert_close(w[:, :, 1], w[:, :, 0])

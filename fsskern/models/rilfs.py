@@ -232,13 +232,21 @@ class RILFS(nn.Module):
             queries.append(query.flip(-1))
             supports.append(supports[0].flip(-1))
             masks.append(masks[0].flip(-1))
-        q = [self._features(x) for x in queries]
+        # Peak memory: the base learner reads only layer4, so it runs right after each query view's backbone pass,
+        # its PPM transient (~310 MB at 473) over one view's maps rather than all four; layer2 lives on as its Gram
+        # matrix only, and layer4 goes once the priors have it (ResNet-50 473 1-shot: step 1092 -> 603 MB, inference
+        # 650 -> 467).
+        q, base_out = [], []
+        for x in queries:
+            q.append(self._features(x))
+            with torch.no_grad():
+                base_out.append(self.base_learner(q[-1]["layer4"]))
         s = [self._features(x, m) for x, m in zip(supports, masks)]
-        est, weights = self.scene_distances([f["layer2"] for f in q], [f["layer2"] for f in s])
+        est, weights = self.scene_distances([f["gram"] for f in q], [f["gram"] for f in s])
         theta = (weights * est).sum(-1)                                   # (B, V, U)
         theta = (self.factor_weights * theta).sum(-1) if self.reflection else theta[..., 0]  # Eq. 11
         proto = self.prototypes([f["meta"] for f in s], masks, weights)   # Eq. 1: (B, C)
-        priors = self.priors([f["layer4"] for f in q], [f["layer4"] for f in s], masks, weights,
+        priors = self.priors([f.pop("layer4") for f in q], [f.pop("layer4") for f in s], masks, weights,
                              q[0]["meta"].shape[-2:])                     # Eq. 2-8: V x (B, 1, h, w)
         target = self._base_target(batch) if self.training else None
         meta_out, pred = [], []
@@ -247,11 +255,10 @@ class RILFS(nn.Module):
             x = self.init_merge(torch.cat([feat, proto[..., None, None].expand_as(feat), priors[v]], 1))
             x = self.res1(self.aspp(x))
             meta_out.append(self.cls_meta(self.res2(x) + x))
-            with torch.no_grad():
-                base_out = self.base_learner(q[v]["layer4"])
-            if base_out.shape[-2:] != feat.shape[-2:]:
-                base_out = F.interpolate(base_out, feat.shape[-2:], mode="bilinear", align_corners=True)
-            pred.append(self.ensemble(meta_out[v], base_out, theta[:, v], target))
+            base = base_out[v]
+            if base.shape[-2:] != feat.shape[-2:]:
+                base = F.interpolate(base, feat.shape[-2:], mode="bilinear", align_corners=True)
+            pred.append(self.ensemble(meta_out[v], base, theta[:, v], target))
         final = self.risp(*pred) if self.reflection else pred[0]          # Eq. 12-13
         up = lambda t: F.interpolate(t, size, mode="bilinear", align_corners=True)  # noqa: E731
         out = {"logits": up(final)}
@@ -317,22 +324,23 @@ class RILFS(nn.Module):
             if out["layer2"].shape[-2:] != out["layer3"].shape[-2:]:
                 out["layer2"] = F.interpolate(out["layer2"], out["layer3"].shape[-2:], mode="bilinear",
                                               align_corners=True)
+            out["gram"] = gram_matrix(out["layer2"])
         reduce = self.down_query if masks is None else self.down_supp
         out["meta"] = reduce(torch.cat([out["layer3"], out["layer2"]], 1))
-        # Only what the later steps read stays alive (layer2: the Gram matrices; layer4: the prior and the base
-        # learner): layer0, layer1 and layer3 of a 1-shot episode's 8 images hold ~290 MB at 473 (ResNet-50, batch 2).
-        return {k: out[k] for k in ("layer2", "layer4", "meta")}
+        # Only what the later steps read stays alive (layer4: the prior and the base learner; layer2 as its Gram
+        # matrix): layer0-layer3 of a 1-shot episode's 8 images hold ~350 MB at 473 (ResNet-50, batch 2).
+        return {k: out[k] for k in ("gram", "layer4", "meta")}
 
-    def scene_distances(self, q2, s2):
+    def scene_distances(self, q_gram, s_gram):
         """BAM's adjustment-factor terms and K-shot weights for every (query view, support view, shot).
 
-        q2: V query layer2 maps (B, C, h, w); s2: U support layer2 maps (B * K, C, h, w). Returns est
-        (B, V, U, K) = ||G(q) - G(s)||_F / C (B2, float32) and weights (B, V, U, K): BAM's K-shot
+        q_gram: V query Gram matrices of layer2 (B, C, C); s_gram: U support ones (B * K, C, C) (``gram_matrix``).
+        Returns est (B, V, U, K) = ||G(q) - G(s)||_F / C (B2, float32) and weights (B, V, U, K): BAM's K-shot
         reweighting (B3) per (query view, support view) pair, all ones for K = 1.
         """
-        B, C = q2[0].shape[:2]
-        gq = torch.stack([gram_matrix(x) for x in q2], 1)[:, :, None, None]                   # (B, V, 1, 1, C, C)
-        gs = torch.stack([gram_matrix(x).view(B, self.shots, C, C) for x in s2], 1)[:, None]  # (B, 1, U, K, C, C)
+        B, C = q_gram[0].shape[:2]
+        gq = torch.stack(q_gram, 1)[:, :, None, None]                                   # (B, V, 1, 1, C, C)
+        gs = torch.stack([g.view(B, self.shots, C, C) for g in s_gram], 1)[:, None]     # (B, 1, U, K, C, C)
         est = (gq - gs).flatten(-2).norm(dim=-1) / C
         if self.shots == 1:
             return est, torch.ones_like(est)
