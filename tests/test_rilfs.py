@@ -9,6 +9,7 @@ import torch
 from fsskern.engine.config import ModelConfig
 from fsskern.models import create_model
 from fsskern.models.rilfs import gram_matrix
+from fsskern.ops.certified_search import bf16_search
 
 sys.path.insert(0, str(Path(__file__).parent))
 from method_support import MSRC, fit_until, msrc_episodes  # noqa: E402
@@ -46,6 +47,8 @@ def test_params_are_validated():
         build(phase="pretrain")
     with pytest.raises(ValueError, match="shots must be int"):
         build(shots="1")
+    with pytest.raises(ValueError, match="prior_search must be 'fp32' or 'bf16'"):
+        build(prior_search="fp16")
     with pytest.raises(ValueError, match="meta phase keeps the backbone frozen"):
         create_model(ModelConfig(name="rilfs", backbone="mobilenet_v2", freeze_backbone=False))
 
@@ -105,15 +108,20 @@ def test_flip_bookkeeping():
         assert not torch.allclose(model.risp(r_o, r_o), r_o)                    # the flip back is what makes it hold
 
 
-@pytest.mark.parametrize("name", ["rilfs", "bam"])
-def test_fused_matches_reference(name):
+@pytest.mark.parametrize("name,search", [("rilfs", "fp32"), ("bam", "fp32"), ("rilfs", "bf16")])
+def test_fused_matches_reference(name, search):
     """Outputs, losses and gradients of the real model with ops=fused vs ops=reference (train mode, same
-    dropout draws): rtol 1e-4, atol 1e-5 (float32; the ops match their references to 1e-5)."""
+    dropout draws): rtol 1e-4, atol 1e-5 (float32; the ops match their references to 1e-5); the same with the
+    prior's certified bf16 search, forced where the CPU has no bf16 unit."""
     batch, results = episode(K=2, H=65), []
     for ops in ("fused", "reference"):
-        model = build(name, ops=ops, shots=2).train()
+        model = build(name, ops=ops, shots=2, prior_search=search).train()
         torch.manual_seed(3)
-        out = model(batch)
+        torch.ops.fsskern._bf16_search_counts()  # read and reset
+        with bf16_search("always"):
+            out = model(batch)
+        searched = torch.ops.fsskern._bf16_search_counts()[0]  # query rows through the certified search
+        assert (searched > 0) == (ops == "fused" and search == "bf16")
         sum(out["losses"].values()).backward()
         grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
         results.append((out, grads))

@@ -3,6 +3,7 @@
     python benchmarks/models/rilfs.py              # ResNet-50 (deep stem, OS 8), 473 x 473, batch 2
     python benchmarks/models/rilfs.py --quick      # MobileNetV2 at 129 x 129: a smoke run
     python benchmarks/models/rilfs.py --device cuda
+    python benchmarks/models/rilfs.py --prior-search bf16   # the fused prior's certified bf16 search
 
 Cases: {1-shot, 5-shot} x {train step, inference} in fp32, and 1-shot under bf16 autocast (--bf16-5shot
 adds 5-shot). Per case: the median time of each side (runs interleaved, benchmarks/harness.py), the peak
@@ -34,6 +35,7 @@ from fsskern.models.rilfs import RILFS  # noqa: E402
 
 TIMED_OPS = ("prior_mask", "masked_average_pool")
 TARGETS = {"speedup": 1.15, "memory_ratio": 0.7}
+PARAMS = {}  # main() adds --prior-search
 
 
 def cases(bf16_5shot=False):
@@ -45,7 +47,7 @@ def cases(bf16_5shot=False):
 def build(side, shots, quick, device):
     torch.manual_seed(0)
     cfg = ModelConfig(name="rilfs", backbone="mobilenet_v2" if quick else "resnet50_v2",
-                      params={"shots": shots})
+                      params={"shots": shots, **PARAMS})
     model = RILFS(cfg, get_backend(side)).to(device)
     model.backend = TimedBackend(model.backend, TIMED_OPS, device_sync(device))
     return model
@@ -81,13 +83,14 @@ def measure(index, case, args):
         shares = [op_shares(fn, m.backend, sync) for fn, m in zip(fns, models)]
     print(f"case {index}: timed in {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
     child = [__file__] + (["--quick"] if args.quick else []) + (["--bf16-5shot"] if args.bf16_5shot else []) + \
-        ["--memory", str(index)]
+        ["--prior-search", args.prior_search, "--memory", str(index)]
     return paired_row(case, times, peak_memory(fns, device, child), shares, args.reps)
 
 
 def report(rows, info, args):
     size = "MobileNetV2, 129 x 129 (quick)" if args.quick else "ResNet-50 (deep stem, OS 8), 473 x 473"
-    lines = [f"# RILFS: training step and inference, ops=fused vs ops=reference ({size}, batch 2)", "",
+    search = f", prior_search {args.prior_search}" if args.prior_search != "fp32" else ""
+    lines = [f"# RILFS: training step and inference, ops=fused vs ops=reference ({size}, batch 2{search})", "",
              *header("rilfs", info, args.reps),
              f"Targets (1-shot, fp32): speedup >= {TARGETS['speedup']}x, memory ratio <= {TARGETS['memory_ratio']}.",
              "", "| shots | call | amp | reference s | fused s | speedup | reference MB | fused MB | memory ratio "
@@ -103,7 +106,10 @@ def report(rows, info, args):
 def main():
     p = parser(__doc__)
     p.add_argument("--bf16-5shot", action="store_true")
+    p.add_argument("--prior-search", choices=("fp32", "bf16"), default="fp32",
+                   help="model.params.prior_search (bf16: the certified search, on bf16 hardware)")
     args = p.parse_args()
+    PARAMS["prior_search"] = args.prior_search
     if args.memory:
         return memory_child(int(args.memory[0]), args.memory[1], args.quick, args.bf16_5shot)
     run("rilfs", args, cases(args.bf16_5shot), measure, report)

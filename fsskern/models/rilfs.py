@@ -74,6 +74,8 @@ PARAMS = {
     "meta_weight": (1.0, float, "weight of the meta loss per view (BAM aux_weight1)"),
     "encoder_lr_mult": (1.0, float, "base phase: backbone LR / head LR (BAM PASCAL 0.1, COCO 1.0)"),
     "train_bn": (True, bool, "base phase: update the backbone's BatchNorm (BAM); False keeps it frozen"),
+    "prior_search": ("fp32", str, "the fused prior's search: 'fp32' (the exact kernel) or 'bf16' (the certified bf16 "
+                     "search: the same argmax, values within fp32 rounding, faster where there is bf16 hardware)"),
 }
 
 
@@ -90,6 +92,8 @@ def _parse_params(name: str, given: Dict, reflection_default: bool) -> Dict:
             raise ValueError(f"{name}: model.params.{key} must be {kind.__name__}, got {value!r}")
     if out["phase"] not in ("base", "meta"):
         raise ValueError(f"{name}: model.params.phase must be 'base' or 'meta', got {out['phase']!r}")
+    if out["prior_search"] not in ("fp32", "bf16"):
+        raise ValueError(f"{name}: model.params.prior_search must be 'fp32' or 'bf16', got {out['prior_search']!r}")
     for key in ("shots", "base_classes", "reduce_dim", "kshot_trans_dim", "base_hidden"):
         if out[key] < 1:
             raise ValueError(f"{name}: model.params.{key} must be >= 1, got {out[key]}")
@@ -142,6 +146,7 @@ class RILFS(nn.Module):
         self.backend, self.p = backend, p
         self.phase, self.reflection, self.shots = p["phase"], p["reflection"], p["shots"]
         self.views = 2 if self.reflection else 1
+        self.search_dtype = torch.bfloat16 if p["prior_search"] == "bf16" else None
         if self.phase == "meta" and not cfg.freeze_backbone:
             raise ValueError("rilfs/bam: the meta phase keeps the backbone frozen (paper 4.2, BAM); "
                              "set model.freeze_backbone: true")
@@ -371,14 +376,17 @@ class RILFS(nn.Module):
         Per query view one ``prior_mask(reduce=None)`` call on the U * K supports stacked along the shot
         axis; shots weighted with that view's K-shot weights; the two support views fused by F (Eq. 8,
         input order (reflected, original)). bf16 / fp16 features (autocast) go to the op as they are: it computes
-        in float32 and returns float32 priors, so the min-max and eps are BAM's fp32 ones.
+        in float32 and returns float32 priors, so the min-max and eps are BAM's fp32 ones. ``prior_search: bf16``
+        takes the certified bf16 search for float32 features on bf16 hardware (``fsskern.ops.certified_search``;
+        the fp32 kernel elsewhere and in the reference backend).
         """
         B, K, U = masks[0].shape[0], self.shots, self.views
         support = torch.cat([x.view(B, K, *x.shape[1:]) for x in s4], 1)  # (B, U * K, C, h, w)
         support_masks = torch.cat(masks, 1).detach()
         out = []
         for v, query in enumerate(q4):
-            pri = self.backend.prior_mask(query, support, support_masks, reduce=None, out_size=tuple(out_size))
+            pri = self.backend.prior_mask(query, support, support_masks, reduce=None, out_size=tuple(out_size),
+                                          search_dtype=self.search_dtype)
             pri = (weights[:, v, :, :, None, None] * pri.view(B, U, K, *pri.shape[-2:])).sum(2)  # (B, U, h, w)
             out.append(self.prior_fuse(pri.flip(1)) if self.reflection else pri)
         return out
