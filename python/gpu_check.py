@@ -13,6 +13,8 @@ runs out of time is recorded and the next one runs, so one broken kernel does no
     cuda-tests   pytest -k "cuda and not simt": every CUDA test (JUnit XML + log)
     op-bench     benchmarks/run.py --device cuda at the papers' sizes (JSON + Markdown)
     model-steps  each registered model: one inference and one training step, ops=fused vs reference
+    method-bench the method benchmarks (benchmarks/models/) at the papers' sizes, on the cases
+                 that issues 13-16 set targets for: one process per method, each under its own cap
     summary      timings.json and summary.md; the short summary is printed last
 
 Everything lands in $GPU_CHECK_OUT (default runs/gpu-check). Exit status: 0 when every phase
@@ -37,10 +39,20 @@ from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
 ROOT = Path(__file__).resolve().parents[1]
-PHASES = ["build", "cuda-tests", "op-bench", "model-steps", "summary"]
-# Seconds per phase: 460 in all, inside the 8 minutes the check is given with the GPU probe and
-# the summary (seconds).
-LIMITS = {"build": 200, "cuda-tests": 110, "op-bench": 90, "model-steps": 60}
+PHASES = ["build", "cuda-tests", "op-bench", "model-steps", "method-bench", "summary"]
+# Seconds per phase: 550 in all, so one device call of 10 minutes holds the check with the GPU
+# probe and the summary.
+LIMITS = {"build": 180, "cuda-tests": 100, "op-bench": 80, "model-steps": 50, "method-bench": 140}
+# The method benchmarks' cases that the open method issues set targets for (ResNet-50, 473 x 473,
+# batch 2 unless named), and each process's share of the phase's time: method, flags, share. Each
+# prints a row as it finishes a case, so a process stopped at its cap still leaves what it measured.
+METHOD_BENCH = [
+    ("rilfs", ["--only", "0", "1", "4", "5"], 0.22),   # 1-shot train + inference, fp32 and amp=bf16 (issue 13)
+    ("dpcl", ["--only", "0", "2"], 0.22),              # train step 1- and 5-shot; the 5-shot reference: ~28 GB (14)
+    ("umtfss", ["--only", "0", "1", "4", "5"], 0.32),  # train step 1- and 5-shot, the prototype step alone (15)
+    ("crcnet", ["--sizes", "321", "473"], 0.24),       # train step and 10-step inference at 321 and 473 (16)
+]
+METHOD_REPS = 3
 NO_GPU_EXIT = 2
 
 # Run by the base interpreter: what torch (if any) sees, and where its packages live.
@@ -194,8 +206,17 @@ def model_phase(args) -> Phase:
                  [Step(shlex.join(argv), argv)], [result])
 
 
+def method_phase(args) -> Phase:
+    result = args.out / "method-bench" / "method-bench.json"
+    argv = [str(args.venv / "bin" / "python"), str(Path(__file__).resolve()), "--run-method-bench",
+            str(result.parent), "--method-limit", str(args.limits["method-bench"])]
+    return Phase("method-bench", args.limits["method-bench"], args.out / "method-bench.log",
+                 [Step(shlex.join(argv), argv)], [result])
+
+
 def plan(args, base: dict, gpu: Optional[dict]) -> List[Phase]:
-    phases = [build_phase(args, base, gpu), test_phase(args), bench_phase(args), model_phase(args)]
+    phases = [build_phase(args, base, gpu), test_phase(args), bench_phase(args), model_phase(args),
+              method_phase(args)]
     for phase in phases:
         if phase.name in args.fake_phase:  # tests: a phase replaced by a shell command
             phase.steps = [Step(args.fake_phase[phase.name], ["bash", "-c", args.fake_phase[phase.name]])]
@@ -394,6 +415,62 @@ def run_model_steps(path: Path, size: int, batch: int, device: str = "cuda") -> 
     return int(any(m["status"] != "ok" for m in result["models"].values()))
 
 
+# ---- the method benchmarks (run under the venv's python) ------------------------------------------
+
+def bench_rows(log: Path) -> List[dict]:
+    """The rows a method benchmark printed (one JSON object a line as each case finishes)."""
+    rows = []
+    for line in log.read_text(errors="replace").splitlines() if log.exists() else []:
+        if line.startswith("{"):
+            try:
+                row = json.loads(line)
+            except ValueError:
+                continue
+            if "fused_s" in row:
+                rows.append(row)
+    return rows
+
+
+def run_method_bench(folder: Path, limit: float, device: str = "cuda", quick: bool = False,
+                     methods=None, reps: int = METHOD_REPS) -> int:
+    """Each method benchmark of ``methods`` (default METHOD_BENCH) in its own process, capped at its
+    share of ``limit`` seconds and at what is left of them; its log and its report
+    (``<method>-cuda.{json,md}``: targets, op shares) in ``folder``, and after each method
+    ``folder/method-bench.json`` with every method's status and rows. 1 if one failed or ran out of time."""
+    folder.mkdir(parents=True, exist_ok=True)
+    budget = limit - 5  # this child's own start and last write
+    deadline = time.monotonic() + budget
+    result = {"device": device, "quick": quick, "reps": reps, "methods": {}}
+    for method, flags, share in methods or METHOD_BENCH:
+        cap = round(share * budget, 1)
+        log = folder / f"{method}.log"
+        argv = [sys.executable, f"benchmarks/models/{method}.py", "--device", device, "--reps", str(reps),
+                "--out", str(folder), *flags] + (["--quick"] if quick else [])
+        seconds = min(cap, deadline - time.monotonic())
+        start = time.monotonic()
+        if seconds <= 0:
+            rc = None
+        else:
+            with open(log, "w") as f:
+                f.write(f"$ {shlex.join(argv)}\n")
+                f.flush()
+                rc = run_command(argv, {}, seconds, f)
+        status = "ok" if rc == 0 else ("timeout" if rc is None else "failed")
+        result["methods"][method] = {"status": status, "rc": rc, "cap_s": cap,
+                                     "seconds": round(time.monotonic() - start, 2), "rows": bench_rows(log)}
+        print(f"method {method}: {status}, {len(result['methods'][method]['rows'])} rows", flush=True)
+        (folder / "method-bench.json").write_text(json.dumps(result, indent=1))
+    return int(any(m["status"] != "ok" for m in result["methods"].values()))
+
+
+def case_label(row: dict) -> str:
+    """'473 1-shot infer bf16' from a benchmark row's case fields."""
+    parts = [str(row["size"])] if "size" in row else []
+    parts += [f"{row['shots']}-shot"] if "shots" in row else []
+    parts += [row.get("mode", "?")] + ([row["amp"]] if row.get("amp", "none") != "none" else [])
+    return " ".join(parts)
+
+
 # ---- summary --------------------------------------------------------------------------------------
 
 def junit_counts(path: Path) -> Optional[dict]:
@@ -456,6 +533,24 @@ def summary_lines(gpu: Optional[dict], records: List[dict], out: Path) -> List[s
             lines.append(f"- {name}: inference {f['inference_ms']:.1f} ms fused / {r['inference_ms']:.1f} ms "
                          f"reference, train step {f['train_step_ms']:.1f} / {r['train_step_ms']:.1f} ms, "
                          f"max |logit diff| {m['max_abs_logit_diff']:.2e}")
+    methods = read_json(out / "method-bench" / "method-bench.json")
+    if methods:
+        lines += ["", f"Method benchmarks (median of {methods['reps']}; memory = the allocator's peak of one call; "
+                  "targets and op shares in method-bench/<method>-cuda.md):", "",
+                  "| method | case | reference s | fused s | speed-up | reference MB | fused MB | memory ratio |",
+                  "|---|---|---:|---:|---:|---:|---:|---:|"]
+        for name, m in methods["methods"].items():
+            for row in m["rows"]:
+                ref = row.get("reference_s")
+                ratio = row.get("memory_ratio")
+                lines.append(f"| {name} | {case_label(row)} | " + (
+                    f"{ref:.4f} | {row['fused_s']:.4f} | {row['speedup']:.2f}x | "
+                    f"{row['reference_peak_extra_mb']:.0f} | " if ref is not None else
+                    f"not run | {row['fused_s']:.4f} | - | - | ") +
+                    f"{row['fused_peak_extra_mb']:.0f} | {f'{ratio:.2f}' if ratio is not None else '-'} |")
+            if m["status"] != "ok":
+                lines.append(f"| {name} | {m['status'].upper()} after {m['seconds']:.0f} s (cap {m['cap_s']} s), "
+                             f"log method-bench/{name}.log | | | | | | |")
     return lines
 
 
@@ -484,8 +579,10 @@ def parse_args(argv=None):
     parser.add_argument("--venv", type=Path, default=Path(".venv"), help="venv to create or reuse")
     parser.add_argument("--model-size", type=int, default=241, help="model-steps image side (pixels)")
     parser.add_argument("--model-batch", type=int, default=2, help="model-steps episodes per batch")
-    # internal: the model-steps child, and the hooks the tests drive the phase logic with
+    # internal: the model-steps and method-bench children, and the hooks the tests drive the phase logic with
     parser.add_argument("--run-model-steps", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--run-method-bench", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--method-limit", type=float, default=LIMITS["method-bench"], help=argparse.SUPPRESS)
     parser.add_argument("--fake-gpu", help=argparse.SUPPRESS)  # "NAME,CAPABILITY"
     parser.add_argument("--fake-phase", action="append", default=[], help=argparse.SUPPRESS)  # PHASE=SHELL COMMAND
     args = parser.parse_args(argv)
@@ -521,6 +618,8 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     if args.run_model_steps:
         return run_model_steps(args.run_model_steps, args.model_size, args.model_batch)
+    if args.run_method_bench:
+        return run_method_bench(args.run_method_bench, args.method_limit)
     # a fake GPU (tests) needs no probe unless the venv is to be made
     need_probe = not args.fake_gpu or not (args.venv / "bin" / "python").exists()
     base = probe_python(args.python) if need_probe else {"python": args.python, "torch": None}

@@ -1,6 +1,6 @@
 """python/gpu_check.py without a GPU: the dry run, the no-GPU refusal, phase isolation and time
 limits (phases replaced by shell commands through its internal --fake-gpu/--fake-phase hooks),
-the venv it makes from a base interpreter, and the model-step helpers on the CPU."""
+the venv it makes from a base interpreter, and the model-step and method-bench helpers on the CPU."""
 import importlib.util
 import json
 import os
@@ -16,7 +16,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "python" / "gpu_check.py"
-PHASES = ["build", "cuda-tests", "op-bench", "model-steps"]
+PHASES = ["build", "cuda-tests", "op-bench", "model-steps", "method-bench"]
 
 
 def load_script():
@@ -52,8 +52,8 @@ def test_dry_run_lists_every_phase_and_runs_nothing(tmp_path):
     assert positions == sorted(positions)
     assert "FSSKERN_CUDA=1 TORCH_CUDA_ARCH_LIST=" in text and f"MAX_JOBS={os.cpu_count()}" in text
     assert "benchmarks/run.py --device cuda" in text and "-k 'cuda and not simt'" in text
-    assert "--run-model-steps" in text
-    assert "limit 200 s" in text and "phase limits add up to 460 s" in text
+    assert "--run-model-steps" in text and "--run-method-bench" in text
+    assert "[build] limit 180 s" in text and "phase limits add up to 550 s" in text
     if not torch.cuda.is_available():
         assert "NO GPU on this machine" in text and "a real run would stop here, exit 2" in text
     assert not out.exists()
@@ -87,12 +87,13 @@ def test_a_failed_or_timed_out_phase_does_not_stop_the_next(tmp_path):
                  "--fake-phase", "cuda-tests=echo one test broke; exit 3",
                  # a child that outlives its shell unless the whole process group is killed
                  "--fake-phase", f"op-bench=sleep 60 & echo $! > {pid_file}; wait", "--limit", "op-bench=2",
-                 "--fake-phase", f"model-steps=touch {ran}")
+                 "--fake-phase", f"model-steps=touch {ran}", "--fake-phase", "method-bench=true")
     assert time.monotonic() - start < 30
     assert result.returncode == 1, result.stdout + result.stderr
     timings = json.loads((tmp_path / "timings.json").read_text())
     status = {r["phase"]: r["status"] for r in timings["phases"]}
-    assert status == {"build": "ok", "cuda-tests": "failed", "op-bench": "timeout", "model-steps": "ok"}
+    assert status == {"build": "ok", "cuda-tests": "failed", "op-bench": "timeout", "model-steps": "ok",
+                      "method-bench": "ok"}
     assert ran.exists()
     assert timings["phases"][1]["steps"][0]["rc"] == 3 and timings["phases"][2]["steps"][0]["rc"] is None
     assert "one test broke" in (tmp_path / "cuda-tests.log").read_text()
@@ -117,6 +118,14 @@ def test_summary_reads_the_phase_outputs(tmp_path):
         {"case": "prior", "size": "B4", "reference_ms": 2.0, "fsskern_ms": 0.5, "speedup": 4.0, "peers": {}}]}))
     (tmp_path / "model-steps.json").write_text(json.dumps({"size": 65, "batch": 1, "models": {},
                                                            "note": "no models registered"}))
+    (tmp_path / "method-bench").mkdir()
+    rows = [{"shots": 1, "mode": "train", "amp": "bf16", "reference_s": 0.5, "fused_s": 0.25, "speedup": 2.0,
+             "reference_peak_extra_mb": 1000.0, "fused_peak_extra_mb": 600.0, "memory_ratio": 0.6},
+            {"shots": 5, "mode": "train", "fused_s": 0.4, "fused_peak_extra_mb": 900.0}]  # a reference not run
+    (tmp_path / "method-bench" / "method-bench.json").write_text(json.dumps({"reps": 3, "methods": {
+        "dpcl": {"status": "ok", "rows": rows},
+        "crcnet": {"status": "timeout", "seconds": 35.2, "cap_s": 35,
+                   "rows": [{**rows[0], "size": 473, "mode": "infer", "amp": "none"}]}}}))
     records = [{"phase": "build", "status": "ok", "seconds": 100.0, "limit_s": 210,
                 "steps": [{"step": "pip install --no-build-isolation", "rc": 0, "seconds": 95.0}]}]
     text = "\n".join(gpu_check.summary_lines({"gpu": "G", "capability": "9.0", "source": "test"}, records, tmp_path))
@@ -124,6 +133,10 @@ def test_summary_reads_the_phase_outputs(tmp_path):
     assert "CUDA tests: 3 run, 1 passed, 1 failed, 0 errors, 1 skipped." in text
     assert "`tests.test_cuda::test_a`" in text
     assert "| prior | B4 | 2.000 | 0.500 | 4.0x |" in text and "- no models registered" in text
+    assert "| dpcl | 1-shot train bf16 | 0.5000 | 0.2500 | 2.00x | 1000 | 600 | 0.60 |" in text
+    assert "| dpcl | 5-shot train | not run | 0.4000 | - | - | 900 | - |" in text
+    assert "| crcnet | 473 1-shot infer | 0.5000 |" in text
+    assert "| crcnet | TIMEOUT after 35 s (cap 35 s), log method-bench/crcnet.log |" in text
 
 
 def test_venv_from_a_base_venv_sees_its_torch(tmp_path):
@@ -195,3 +208,20 @@ def test_model_steps_on_cpu(tmp_path, monkeypatch):
     assert gpu_check.run_model_steps(path, size=65, batch=1, device="cpu") == 0
     assert json.loads(path.read_text()) == {"device": "cpu", "size": 65, "batch": 1, "models": {},
                                             "note": "no models registered"}
+
+
+def test_method_bench_on_cpu(tmp_path):
+    """The method-bench child on the CPU at the quick size: a method that finishes leaves its rows and
+    report in the folder; one that reaches its cap is recorded as a timeout, and the run returns 1."""
+    methods = [("umtfss", ["--only", "4"], 0.99), ("dpcl", ["--only", "0"], 0.01)]  # dpcl: a 1 s cap
+    rc = gpu_check.run_method_bench(tmp_path, limit=105, device="cpu", quick=True, methods=methods, reps=1)
+    assert rc == 1
+    result = json.loads((tmp_path / "method-bench.json").read_text())
+    umtfss, dpcl = result["methods"]["umtfss"], result["methods"]["dpcl"]
+    assert umtfss["status"] == "ok" and umtfss["rc"] == 0
+    (row,) = umtfss["rows"]
+    assert row["mode"] == "proto" and row["shots"] == 1 and row["fused_s"] > 0 and row["speedup"] > 0
+    assert (tmp_path / "umtfss-quick.md").exists() and (tmp_path / "umtfss-quick.json").exists()
+    assert "--out" in (tmp_path / "umtfss.log").read_text().splitlines()[0]
+    assert dpcl["status"] == "timeout" and dpcl["rc"] is None and dpcl["rows"] == [] and dpcl["cap_s"] == 1.0
+    assert not (tmp_path / "dpcl-quick.md").exists()

@@ -189,6 +189,7 @@ def parser(doc):
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--only", type=int, nargs="*", help="case indices to run (default: all)")
     p.add_argument("--tag", help="results as <method>-TAG.*, so a partial run keeps the full run's files")
+    p.add_argument("--out", type=Path, default=HERE.parent / "results" / "models", help="results folder")
     p.add_argument("--memory", nargs=2, metavar=("CASE", "SIDE"), help=argparse.SUPPRESS)
     return p
 
@@ -229,8 +230,8 @@ def share_cell(row, op):
 
 def run(method, args, cases, measure, report):
     """``measure(index, case, args)`` -> the row of every case (only those in ``args.only`` when it is given),
-    each printed as JSON when done; then benchmarks/results/models/<method>{,-quick}{,-cuda}{,-TAG}.{json,md},
-    the Markdown being ``report(rows, info, args)``, which is printed too."""
+    each printed as JSON when done; then <method>{,-quick}{,-cuda}{,-TAG}.{json,md} in ``args.out``
+    (benchmarks/results/models by default), the Markdown being ``report(rows, info, args)``, printed too."""
     info = machine_info(args.device)
     rows = []
     for index, case in enumerate(cases):
@@ -240,7 +241,7 @@ def run(method, args, cases, measure, report):
         print(json.dumps(rows[-1]), flush=True)
     stem = method + ("-quick" if args.quick else "") + ("-cuda" if args.device.startswith("cuda") else "") + \
         (f"-{args.tag}" if args.tag else "")
-    out = HERE.parent / "results" / "models"
+    out = args.out
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{stem}.json").write_text(json.dumps({"machine": info, "command": sys.argv[1:], "rows": rows}, indent=1))
     (out / f"{stem}.md").write_text(report(rows, info, args))
