@@ -25,13 +25,13 @@ def pack_bits(bits: torch.Tensor) -> torch.Tensor:
 def hamming_kmeans(codes, k, iters, valid, init):
     """Per batch item: returns assign (B, N), centroids (B, k), counts (B, k)."""
     B, N = codes.shape
-    assign = torch.full((B, N), -1, dtype=torch.long)
-    centroids = torch.zeros(B, k, dtype=torch.long)
-    counts = torch.zeros(B, k, dtype=torch.long)
+    assign = torch.full((B, N), -1, dtype=torch.long, device=codes.device)
+    centroids = torch.zeros(B, k, dtype=torch.long, device=codes.device)
+    counts = torch.zeros(B, k, dtype=torch.long, device=codes.device)
     for b in range(B):
         points = valid[b].nonzero().flatten()
         if len(points) <= k:
-            assign[b, points] = torch.arange(len(points))
+            assign[b, points] = torch.arange(len(points), device=codes.device)
             centroids[b, :len(points)] = codes[b, points]
             counts[b, :len(points)] = 1
             continue
@@ -44,8 +44,9 @@ def hamming_kmeans(codes, k, iters, valid, init):
 
         for _ in range(iters):
             a = nearest()
-            one_hot = F.one_hot(a, k).T.long()  # (k, n)
-            votes = one_hot @ (2 * x - 1)  # (k, 64): +1 per set bit, -1 per unset bit
+            # float64 counts stay exact integers (n < 2^53), and CUDA has no int64 matmul
+            one_hot = F.one_hot(a, k).T.double()  # (k, n)
+            votes = one_hot @ (2 * x - 1).double()  # (k, 64): +1 per set bit, -1 per unset bit
             members = one_hot.sum(1, keepdim=True)
             new = torch.where(votes > 0, 1, torch.where(votes < 0, 0, cent))
             cent = torch.where(members > 0, new, cent)

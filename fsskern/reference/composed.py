@@ -41,23 +41,23 @@ def support_prototypes(features: torch.Tensor, masks: torch.Tensor, *, valid: Op
     """Reference of :func:`fsskern.ops.support_prototypes`: features (B, K, C, h, w) permuted to tokens
     (B, K*h*w, C) as UMTFSS does, hashed in float64 (the kernels' fp32 hash agrees with exact projections),
     clustered per image with one-hot matmul means; tokens outside ``valid`` dropped from both sets. Returns
-    prototypes (B, k_fg + k_bg, C) and valid."""
+    prototypes (B, k_fg + k_bg, C) and valid. Everything runs on the features' device, as UMTFSS clusters on
+    its GPU; the random draws come from ``generator`` on the CPU, so they are the same on every device."""
     B, K, C, h, w = features.shape
     fg, bg = _token_sets(masks, None, (h, w), features.dtype)
     if valid is not None:  # UMTFSS: the padding mask resized nearest, padded tokens dropped from both sets
         keep = F.interpolate(valid.float(), size=(h, w), mode="nearest") > 0
         fg, bg = fg & keep, bg & keep
     tokens = features.permute(0, 1, 3, 4, 2).reshape(B, -1, C)
-    planes = lsh_planes(bits, C, generator=generator, dtype=features.dtype)
-    codes = clustering.lsh_hash(tokens.detach().double().cpu(), planes.double())
+    planes = lsh_planes(bits, C, generator=generator, dtype=features.dtype, device=features.device)
+    codes = clustering.lsh_hash(tokens.detach().double(), planes.double())
     out, valids = [], []
-    for k, part in ((k_fg, fg.reshape(B, -1).cpu()), (k_bg, bg.reshape(B, -1).cpu())):
+    for k, part in ((k_fg, fg.reshape(B, -1)), (k_bg, bg.reshape(B, -1))):
         assign, _, counts = clustering.hamming_kmeans(codes, k, iters, part, draw_init(part, k, generator))
-        assign, counts = assign.to(features.device), counts.to(features.device)
         means, _ = clustering.cluster_means(tokens, assign, k)
         for b in range(B):
             if part[b].sum() <= k:  # no more tokens than clusters: the tokens are the prototypes
-                idx = part[b].nonzero().flatten().to(features.device)
+                idx = part[b].nonzero().flatten()
                 means[b] = 0
                 means[b, :len(idx)] = tokens[b, idx]
         out.append(means * (counts > 0).unsqueeze(-1))
