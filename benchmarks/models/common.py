@@ -25,16 +25,20 @@ SIDES = ("reference", "fused")
 
 
 class TimedBackend(SimpleNamespace):
-    """The backend with ``ops`` timed where the model calls them (seconds summed per op; synchronised on a GPU).
-    Only ``name`` and the timed ops are exposed, so a model calling any other op fails loudly."""
+    """The backend with ``ops`` timed where the model calls them (seconds summed per op; synchronised on a GPU)
+    while ``active`` (``op_shares`` turns it on for its one call): the timed samples run the ops as they are,
+    since a GPU would idle at each synchronisation. Only ``name`` and the timed ops are exposed, so a model
+    calling any other op fails loudly."""
 
     def __init__(self, backend, ops, sync):
-        super().__init__(name=backend.name, seconds=dict.fromkeys(ops, 0.0))
+        super().__init__(name=backend.name, seconds=dict.fromkeys(ops, 0.0), active=False)
         for op in ops:
             setattr(self, op, self._timed(op, getattr(backend, op), sync))
 
     def _timed(self, op, fn, sync):
         def call(*args, **kwargs):
+            if not self.active:
+                return fn(*args, **kwargs)
             sync()
             start = time.perf_counter()
             out = fn(*args, **kwargs)
@@ -84,7 +88,7 @@ class ForwardBackwardTimedBackend(TimedBackend):
         forward = super()._timed(op, fn, sync)
 
         def call(features, *args, **kwargs):
-            if not (features.requires_grad and torch.is_grad_enabled()):
+            if not (self.active and features.requires_grad and torch.is_grad_enabled()):
                 return forward(features, *args, **kwargs)
             started = []
 
@@ -112,10 +116,12 @@ class ForwardBackwardTimedBackend(TimedBackend):
 def op_shares(fn, timed, sync):
     """One instrumented call: the fraction of its wall time spent in each op of ``timed`` (a TimedBackend)."""
     timed.reset()
+    timed.active = True
     sync()
     start = time.perf_counter()
     fn()
     sync()
+    timed.active = False
     return timed.shares(time.perf_counter() - start)
 
 

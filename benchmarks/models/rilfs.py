@@ -75,6 +75,7 @@ def measure(index, case, args):
     fns = [step_fn(m, batch, case["mode"], case["amp"], device) for m in models]
     for m in models:
         m.backend.reset()
+        m.backend.active = args.reps == 1  # then the shares come from the timed calls themselves
     start = time.perf_counter()
     times = median_times(fns, args.reps, sync=sync)
     if args.reps == 1:  # the one warm-up and the one sample per side: shares from those two calls
