@@ -136,6 +136,12 @@ def test_baseline_encodes_a_kway_support_image_once():
         assert sizes == [1, 1]  # the query, then the one support image for its 4 slots
         torch.testing.assert_close(m(batch)["logits"], first)  # all from the cache now
     assert sizes == [1, 1]
+    # features from another autocast dtype (or device) are not reused, and new weights empty the cache
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        m(batch)
+    assert sizes == [1, 1, 1, 1]
+    m.load_state_dict(m.state_dict())
+    assert not m.cache and m.cache_bytes == 0
 
 
 def test_absent_ways_are_excluded_and_one_way_runs():

@@ -45,12 +45,22 @@ class PrototypeBaseline(nn.Module):
         freeze(self.backbone)  # training-free: nothing here learns, whatever the config says
         self.cache: "OrderedDict[bytes, torch.Tensor]" = OrderedDict()
         self.cache_bytes = 0
+        self.register_load_state_dict_post_hook(lambda module, _: module.clear_cache())  # new weights, new features
+
+    def clear_cache(self) -> None:
+        self.cache.clear()
+        self.cache_bytes = 0
 
     def features(self, images: torch.Tensor) -> torch.Tensor:
         """(N, 3, H, W) -> (N, C, h, w), from the cache where an identical image was seen."""
         if self.params["cache_mb"] <= 0:
             return self._features(images)
-        keys = [hashlib.blake2b(img.detach().cpu().numpy().tobytes(), digest_size=16).digest() for img in images]
+        # the device and the autocast dtype are part of the key: a model moved or run under autocast computes anew
+        autocast = torch.get_autocast_dtype(images.device.type) if torch.is_autocast_enabled(images.device.type) \
+            else None
+        context = f"{images.device}|{autocast}".encode()
+        keys = [hashlib.blake2b(img.detach().cpu().numpy().tobytes() + context, digest_size=16).digest()
+                for img in images]
         # the first of each image not cached yet: a k-way episode repeats its one support image once per way
         missing = list({k: i for i, k in reversed(list(enumerate(keys))) if k not in self.cache}.values())
         if missing:

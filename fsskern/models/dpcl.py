@@ -147,8 +147,8 @@ class MoCoV2Augment:
         for image, mask, seed in zip(images, masks, seeds):
             image = tv_tensors.Image((image * std + mean).clamp(0, 1))
             mask = tv_tensors.Mask(mask)
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(seed)
+            with torch.random.fork_rng(devices=[]):  # transforms.v2 draws from the CPU's default generator
+                torch.default_generator.manual_seed(seed)  # torch.manual_seed would reseed CUDA's too, unrestored
                 for _ in range(self.retries):
                     cropped, cropped_mask = crop(image, mask)
                     if ((cropped_mask > 0) & (cropped_mask != IGNORE)).any():
