@@ -42,7 +42,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PHASES = ["build", "cuda-tests", "op-bench", "model-steps", "method-bench", "summary"]
 # Seconds per phase: 550 in all, so one device call of 10 minutes holds the check with the GPU
 # probe and the summary.
-LIMITS = {"build": 180, "cuda-tests": 100, "op-bench": 80, "model-steps": 50, "method-bench": 140}
+LIMITS = {"build": 150, "cuda-tests": 100, "op-bench": 80, "model-steps": 70, "method-bench": 150}
 # The method benchmarks' cases that the open method issues set targets for (ResNet-50, 473 x 473,
 # batch 2 unless named), and each process's share of the phase's time: method, flags, share. Each
 # prints a row as it finishes a case, so a process stopped at its cap still leaves what it measured.

@@ -53,7 +53,7 @@ def test_dry_run_lists_every_phase_and_runs_nothing(tmp_path):
     assert "FSSKERN_CUDA=1 TORCH_CUDA_ARCH_LIST=" in text and f"MAX_JOBS={os.cpu_count()}" in text
     assert "benchmarks/run.py --device cuda" in text and "-k 'cuda and not simt'" in text
     assert "--run-model-steps" in text and "--run-method-bench" in text
-    assert "[build] limit 180 s" in text and "phase limits add up to 550 s" in text
+    assert "[build] limit 150 s" in text and "phase limits add up to 550 s" in text
     if not torch.cuda.is_available():
         assert "NO GPU on this machine" in text and "a real run would stop here, exit 2" in text
     assert not out.exists()
