@@ -5,6 +5,7 @@ import json
 import sys
 from pathlib import Path
 
+from . import distributed as dist
 from .config import ConfigError, load_config, read_yaml
 
 
@@ -36,7 +37,10 @@ def train_main(argv=None) -> int:
         print(f"fsskern-train: stage A: {e}", file=sys.stderr)
         return 2
     # -- end of stage A
-    out = train(cfg)
+    try:
+        out = train(cfg)
+    finally:
+        dist.cleanup()  # under torchrun: a gloo group left to the interpreter's exit can abort a rank (SIGABRT)
     print(f"done: {out}")
     return 0
 
@@ -75,6 +79,9 @@ def evaluate_main(argv=None) -> int:
     except (ConfigError, FileNotFoundError) as e:
         print(f"fsskern-evaluate: {e}", file=sys.stderr)
         return 2
-    result = evaluate(cfg, checkpoint)
+    try:
+        result = evaluate(cfg, checkpoint)
+    finally:
+        dist.cleanup()  # as in train_main
     print(json.dumps({k: result[k] for k in ("miou", "miou_std", "fb_iou", "fb_iou_std", "protocol")}))
     return 0
