@@ -163,6 +163,25 @@ def test_ddp_two_gloo_processes_equal_one_process(dataset, tmp_path):
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("device, bound", [("cuda", 1), ("cuda:3", "cuda:3"), ("cpu", None)])
+def test_process_group_backends_per_device(monkeypatch, device, bound):
+    """Under torchrun on GPUs each rank binds its own GPU and the group carries gloo beside nccl: the engine also
+    reduces CPU tensors (the non-finite flag, the parsing confusion matrix), which plain nccl rejects. (No GPU
+    here to run nccl itself; this pins the arguments.)"""
+    from fsskern.engine import distributed
+    calls = {}
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setattr(distributed.dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(distributed.dist, "init_process_group", lambda backend: calls.update(backend=backend))
+    monkeypatch.setattr(torch.cuda, "set_device", lambda d: calls.update(device=str(d) if ":" in str(d) else d))
+    distributed.init_from_env(device)
+    if bound is None:
+        assert calls == {"backend": "gloo"}
+    else:
+        assert calls == {"backend": "cpu:gloo,cuda:nccl", "device": bound}
+
+
 def test_refuses_to_overwrite_a_run(dataset, tmp_path):
     out = tmp_path / "run"
     assert run_train(tiny(dataset, out, "train.iters=2")).returncode == 0

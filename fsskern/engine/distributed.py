@@ -7,10 +7,19 @@ import torch.distributed as dist
 
 
 def init_from_env(device: str) -> None:
-    """Join the process group torchrun describes in the environment (gloo on CPU, nccl on CUDA).
-    Without torchrun's variables (or with WORLD_SIZE=1) nothing is initialised."""
+    """Join the process group torchrun describes in the environment. Without torchrun's variables (or with
+    WORLD_SIZE=1) nothing is initialised.
+
+    On CUDA each rank first binds its own GPU, and the group has a gloo backend beside nccl: nccl reduces CUDA
+    tensors only, while the engine also reduces CPU ones (the non-finite-loss flag, the parsing confusion
+    matrix), and object collectives then travel over gloo instead of every rank's ``current_device()``, which
+    without ``set_device`` is GPU 0 for all of them (nccl refuses two ranks on one GPU)."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+        if device.startswith("cuda"):
+            torch.cuda.set_device(torch.device(device) if ":" in device else local_rank())
+            dist.init_process_group("cpu:gloo,cuda:nccl")
+        else:
+            dist.init_process_group("gloo")
 
 
 def is_initialized() -> bool:
