@@ -63,11 +63,13 @@ cuda_sources = sorted(str(p.relative_to(ROOT)) for p in CSRC.rglob("*.cu")) if W
 # -g0 drops the -g that Python's own CFLAGS add: with it csrc/ops/cpu/attention_kernel.cpp took
 # 84 s and a 7.8 MB object here, without it 41 s and 0.37 MB. FSSKERN_DEBUG=1 keeps it for gdb.
 DEBUG = os.environ.get("FSSKERN_DEBUG", "") == "1"
-cxx_flags = ["-O3", "-fopenmp", "-ffp-contract=off", "-g" if DEBUG else "-g0"]
+# -std=c++20 stated, not left to torch: csrc needs it (std::bit_cast), torch 2.14's BuildExtension adds it, but
+# older torch (2.11, the GPU machines' image) defaults to c++17 and adds its own only when no -std is given.
+cxx_flags = ["-std=c++20", "-O3", "-fopenmp", "-ffp-contract=off", "-g" if DEBUG else "-g0"]
 # The flags are recorded in the library (build_info) for the benchmark reports' machine header,
 # joined by "_" so the define needs no quoting in any build tool.
 cxx_flags += ["-DFSSKERN_WITH_CUDA=%d" % int(WITH_CUDA), "-DFSSKERN_CXX_FLAGS=" + "_".join(cxx_flags)]
-nvcc_flags = ["-O3", "--expt-relaxed-constexpr", "-lineinfo", "-DFSSKERN_WITH_CUDA=1"]
+nvcc_flags = ["-std=c++20", "-O3", "--expt-relaxed-constexpr", "-lineinfo", "-DFSSKERN_WITH_CUDA=1"]
 # Per-operator ATen headers, as PyTorch's own kernels use them: each source includes
 # ATen/core/Tensor.h and the ATen/ops/<op>.h it calls, never ATen/ATen.h (~35 s more per file
 # here, with -g). This define keeps ATen/TensorOperators.h lean too, and arms the sources'

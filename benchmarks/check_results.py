@@ -19,6 +19,7 @@ def check(folder: Path, quick: bool):
     for key in ("machine", "limits", "rows", "sweeps", "threads"):
         assert key in data, f"results lack '{key}'"
     assert data["rows"], "no benchmark rows"
+    assert not data.get("partial"), "the run stopped before its last case (the file holds the cases it finished)"
     for row in data["rows"]:
         assert row["reference_ms"] > 0 and row["fsskern_ms"] > 0, row["case"]
         assert "roofline" in row, f"{row['case']}: no roofline entry"

@@ -265,8 +265,19 @@ def main():
     out.mkdir(parents=True, exist_ok=True)
     reps = args.reps or (3 if args.quick else 5)
     start = time.time()
-    rows = [run_case(i, c, args.quick, reps, device) for i, c in enumerate(all_cases(args.quick, device))
-            if args.only in f"{c.name} {c.size}"]
+    stem = "quick" if args.quick else "results"
+
+    def save(rows, limits=None, threads=(), sweeps=()):
+        (out / f"{stem}.json").write_text(json.dumps(
+            {"machine": info, "limits": limits, "rows": rows, "threads": list(threads), "seconds": time.time() - start,
+             "sweeps": [{"name": s.name, "title": s.title, "xlabel": s.xlabel, "points": p} for s, p in sweeps],
+             **({} if limits else {"partial": True})}, indent=2))
+
+    rows = []
+    for i, c in enumerate(all_cases(args.quick, device)):
+        if args.only in f"{c.name} {c.size}":
+            rows.append(run_case(i, c, args.quick, reps, device))
+            save(rows)  # each case on disk as it finishes: a run stopped at a time limit keeps what it measured
     limits = {"gemm_peak_gflops": gemm_gflops(2048, 2048, 2048, reps=3, device=device),
               "copy_gbs": copy_bandwidth_gbs(device=device), "device": device.type}
     add_roofline(rows, limits["copy_gbs"], reps=3, device=device)
@@ -283,11 +294,7 @@ def main():
         plot_sweep(sweep, points, plots / f"{sweep.name}.png")
     if threads:
         plot_threads(threads, plots / "threads.png")
-    stem = "quick" if args.quick else "results"
-    (out / f"{stem}.json").write_text(json.dumps(
-        {"machine": info, "limits": limits, "rows": rows, "threads": threads, "seconds": time.time() - start,
-         "sweeps": [{"name": s.name, "title": s.title, "xlabel": s.xlabel, "points": p} for s, p in sweeps]},
-        indent=2))
+    save(rows, limits, threads, sweeps)
     (out / f"{'quick' if args.quick else 'report'}.md").write_text(
         markdown(rows, info, args.quick, sweeps, threads, plots_name, limits))
     print(f"wrote {out}/ in {time.time() - start:.0f} s")

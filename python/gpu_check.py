@@ -223,16 +223,44 @@ def plan(args, base: dict, gpu: Optional[dict]) -> List[Phase]:
     return [p for p in phases if p.name not in args.skip]
 
 
+class Terminated(BaseException):
+    """SIGTERM reached this process (the device tool's limit, `timeout`, a parent's phase limit). A
+    BaseException, so that no step's ``except Exception`` records it as a failure and goes on."""
+
+
+def on_sigterm(signum, frame):
+    raise Terminated()
+
+
+def stop_group(proc: subprocess.Popen, grace: float = 5.0) -> None:
+    """End proc's process group (its own session: pip's nvcc, pytest's workers, a benchmark): SIGTERM first,
+    so that a gpu_check child stops its own children's sessions in turn (they are outside this group), then
+    SIGKILL for whatever of the group is left after ``grace`` seconds."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:  # nothing of the group is left
+            break
+        if sig == signal.SIGTERM:
+            try:
+                proc.wait(timeout=grace)
+            except subprocess.TimeoutExpired:
+                pass
+    proc.wait()
+
+
 def run_command(argv: List[str], env: Dict[str, str], timeout: float, log) -> Optional[int]:
-    """Exit status of argv, or None when it ran past `timeout` and was killed with its children."""
+    """Exit status of argv, or None when it ran past `timeout` and was stopped with its children."""
     proc = subprocess.Popen(argv, cwd=ROOT, env={**os.environ, "PYTHONUNBUFFERED": "1", **env}, stdout=log,
                             stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
     try:
         return proc.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)  # its own session: pip's nvcc, pytest's compile workers
-        proc.wait()
+        stop_group(proc)
         return None
+    except BaseException:  # Terminated, KeyboardInterrupt: no child may outlive this run on the GPU
+        stop_group(proc, grace=2.0)
+        raise
 
 
 def run_phase(phase: Phase) -> dict:
@@ -321,13 +349,16 @@ def synthetic_episode(batch: int, shots: int, ways: int, size: int, training: bo
 
 def model_config(name: str):
     """The fsskern config of `name` from configs/<name>/ when there is one (the papers' setting
-    first: PASCAL, then ResNet/VGG before MobileNet, then by name; its weights dropped: nothing is
-    downloaded here), else the defaults with model.name set."""
+    first: PASCAL, then ResNet/VGG before MobileNet, then by name; its weights and any checkpoint it starts
+    from dropped: nothing is read or downloaded), else the defaults with model.name set."""
     from fsskern.engine.config import load_config, with_overrides
     files = sorted((ROOT / "configs" / name).glob("*.yaml"),
                    key=lambda f: (not f.name.startswith("pascal"), "mobilenet" in f.name, f.name))
     if files:
-        return with_overrides(load_config(files[0]), {"model.weights": None}), str(files[0].relative_to(ROOT))
+        cfg = with_overrides(load_config(files[0]), {"model.weights": None})
+        if (cfg.model.params or {}).get("init"):  # UMTFSS stage C starts from a stage-B run this machine lacks
+            cfg = with_overrides(cfg, {"model.params.init": None})
+        return cfg, str(files[0].relative_to(ROOT))
     return load_config(tree={"model": {"name": name}}), None
 
 
@@ -441,8 +472,10 @@ def run_method_bench(folder: Path, limit: float, device: str = "cuda", quick: bo
     budget = limit - 5  # this child's own start and last write
     deadline = time.monotonic() + budget
     result = {"device": device, "quick": quick, "reps": reps, "methods": {}}
-    for method, flags, share in methods or METHOD_BENCH:
-        cap = round(share * budget, 1)
+    methods = list(methods or METHOD_BENCH)
+    for i, (method, flags, share) in enumerate(methods):
+        # its share of the time still left, so what an earlier method did not use passes on to the next
+        cap = round(share / sum(m[2] for m in methods[i:]) * (deadline - time.monotonic()), 1)
         log = folder / f"{method}.log"
         argv = [sys.executable, f"benchmarks/models/{method}.py", "--device", device, "--reps", str(reps),
                 "--out", str(folder), *flags] + (["--quick"] if quick else [])
@@ -616,6 +649,7 @@ def dry_run(args, base: dict, gpu: Optional[dict], phases: List[Phase]) -> int:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    signal.signal(signal.SIGTERM, on_sigterm)
     if args.run_model_steps:
         return run_model_steps(args.run_model_steps, args.model_size, args.model_batch)
     if args.run_method_bench:
@@ -636,7 +670,15 @@ def main(argv=None) -> int:
         return NO_GPU_EXIT
     print(f"gpu-check on {gpu['gpu']} (compute capability {gpu['capability']}); results in {args.out}", flush=True)
     start = time.monotonic()
-    records = [run_phase(phase) for phase in phases]
+    records = []
+    try:
+        for phase in phases:
+            phase_start = time.monotonic()
+            records.append(run_phase(phase))
+    except Terminated:  # the summary of what finished still gets written and printed
+        records.append({"phase": phase.name, "status": "terminated", "limit_s": phase.limit_s,
+                        "log": str(phase.log), "steps": [], "seconds": round(time.monotonic() - phase_start, 2)})
+        print(f"   {phase.name} TERMINATED (SIGTERM); writing the summary of what finished", flush=True)
     timings = {"gpu": gpu, "base": base, "total_s": round(time.monotonic() - start, 2), "phases": records}
     (args.out / "timings.json").write_text(json.dumps(timings, indent=2))
     lines = summary_lines(gpu, records, args.out)

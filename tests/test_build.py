@@ -17,7 +17,7 @@ def test_build_info():
     info = fsskern.build_info()
     assert set(info) == {"bf16_search", "bf16_attention", "cuda", "cpu_dispatch", "compiler", "cxx_flags"}
     assert "default" in info["cpu_dispatch"]
-    assert "-ffp-contract=off" in info["cxx_flags"].split()
+    assert {"-ffp-contract=off", "-std=c++20"} <= set(info["cxx_flags"].split())
 
 
 def test_build_info_names_the_bf16_products_path():

@@ -107,6 +107,27 @@ def test_a_failed_or_timed_out_phase_does_not_stop_the_next(tmp_path):
     assert "| model-steps | ok |" in result.stdout.split("# gpu-check")[-1]
 
 
+def test_sigterm_stops_the_running_phase_and_still_writes_the_summary(tmp_path):
+    """The device tool's limit (or `timeout`) sends SIGTERM: the running phase's children go with it, the
+    phases that finished are in the summary, and nothing is left running on the GPU."""
+    pid_file = tmp_path / "sleeper.pid"
+    proc = subprocess.Popen([sys.executable, str(SCRIPT), "--out", str(tmp_path), "--fake-gpu", "Fake GPU,9.0",
+                             "--fake-phase", "build=echo building",
+                             "--fake-phase", f"cuda-tests=sleep 60 & echo $! > {pid_file}; wait"],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while not (pid_file.exists() and pid_file.read_text().strip()) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    start = time.monotonic()
+    proc.terminate()
+    out, err = proc.communicate(timeout=60)
+    assert time.monotonic() - start < 15 and proc.returncode == 1, out + err
+    assert not alive(int(pid_file.read_text()))
+    status = {r["phase"]: r["status"] for r in json.loads((tmp_path / "timings.json").read_text())["phases"]}
+    assert status == {"build": "ok", "cuda-tests": "terminated"}
+    assert "| cuda-tests | terminated |" in (tmp_path / "summary.md").read_text()
+
+
 def test_summary_reads_the_phase_outputs(tmp_path):
     (tmp_path / "cuda-tests.xml").write_text(
         '<testsuites><testsuite tests="3" failures="1" errors="0" skipped="1">'
@@ -171,6 +192,16 @@ def test_synthetic_episode_follows_the_batch_contract():
     assert "base_label" not in gpu_check.synthetic_episode(1, 1, 1, 65, training=False)
 
 
+def test_every_model_builds_from_its_config_without_files(tmp_path, monkeypatch):
+    """The device machine has the tracked tree only: no weights, no runs/. Each model-steps config must build
+    from nothing (UMTFSS's stage-C config starts from a stage-B checkpoint: dropped)."""
+    from fsskern.models import create_model, list_models
+    monkeypatch.chdir(tmp_path)  # relative paths (weights/, runs/) resolve to an empty folder
+    for name in list_models():
+        cfg, _ = gpu_check.model_config(name)
+        create_model(cfg.model, "fused")
+
+
 def test_model_steps_on_cpu(tmp_path, monkeypatch):
     """The model-steps child on the CPU: one registered model fused vs reference, then none."""
     import fsskern.models
@@ -212,8 +243,9 @@ def test_model_steps_on_cpu(tmp_path, monkeypatch):
 
 def test_method_bench_on_cpu(tmp_path):
     """The method-bench child on the CPU at the quick size: a method that finishes leaves its rows and
-    report in the folder; one that reaches its cap is recorded as a timeout, and the run returns 1."""
-    methods = [("umtfss", ["--only", "4"], 0.99), ("dpcl", ["--only", "0"], 0.01)]  # dpcl: a 1 s cap
+    report in the folder; one that reaches its cap is recorded as a timeout, and the run returns 1; the
+    time a method leaves unused passes on to the next."""
+    methods = [("dpcl", ["--only", "0"], 0.01), ("umtfss", ["--only", "4"], 0.99)]  # dpcl: a 1 s cap
     rc = gpu_check.run_method_bench(tmp_path, limit=105, device="cpu", quick=True, methods=methods, reps=1)
     assert rc == 1
     result = json.loads((tmp_path / "method-bench.json").read_text())
@@ -224,4 +256,5 @@ def test_method_bench_on_cpu(tmp_path):
     assert (tmp_path / "umtfss-quick.md").exists() and (tmp_path / "umtfss-quick.json").exists()
     assert "--out" in (tmp_path / "umtfss.log").read_text().splitlines()[0]
     assert dpcl["status"] == "timeout" and dpcl["rc"] is None and dpcl["rows"] == [] and dpcl["cap_s"] == 1.0
+    assert 97 < umtfss["cap_s"] <= 99  # 0.99 / 0.99 of the 100 s minus dpcl's second (and its stop)
     assert not (tmp_path / "dpcl-quick.md").exists()
