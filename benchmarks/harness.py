@@ -60,13 +60,18 @@ def median_times(fns, reps, settle=0.1, min_sample=0.02, rewarm_below=0.5, sync=
     `sync` waits for queued work (torch.cuda.synchronize on a GPU, whose launches return at
     once); it is called before the clock starts and before it stops, not between calls.
     """
-    calls, rewarm = [], []
-    for fn in fns:  # warm-up, and how many calls make one sample
+    def once(fn):
         sync()
         start = time.perf_counter()
         fn()
         sync()
-        elapsed = time.perf_counter() - start
+        return time.perf_counter() - start
+
+    calls, rewarm = [], []
+    for fn in fns:  # warm-up, and how many calls make one sample
+        elapsed = once(fn)
+        if elapsed < rewarm_below:  # sized on a second call: a GPU's first loads kernels and sets up cuBLAS (10-100x)
+            elapsed = once(fn)
         calls.append(max(1, math.ceil(min_sample / max(elapsed, 1e-9))))
         rewarm.append(elapsed < rewarm_below)
     samples = [[] for _ in fns]

@@ -72,3 +72,16 @@ def test_median_times_does_not_rewarm_slow_calls():
 
     median_times([slow], reps=3, settle=0.0, rewarm_below=0.01)
     assert calls[0] == 1 + 3                    # the warm-up, then one timed call per sample
+
+
+def test_median_times_sizes_samples_after_a_cold_first_call():
+    # a GPU's first call loads its kernels (here 100 ms), every later one takes 1 ms: a sample sized on the
+    # first call would time one call, at the timer's and the synchronisation's noise
+    calls = [0]
+
+    def op():
+        calls[0] += 1
+        time.sleep(0.1 if calls[0] == 1 else 0.001)
+
+    median_times([op], reps=2, settle=0.0, rewarm_below=0.5)
+    assert calls[0] >= 2 + 2 * (1 + 10)         # two warm-ups, then per sample a rewarm and >= 10 timed calls
