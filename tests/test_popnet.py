@@ -360,6 +360,54 @@ def test_parsing_eval_maps_ways_to_dataset_ids_and_runs_one_way(tmp_path):
     assert summary["background_iou"] > 90 and 40 < summary["novel_miou"] <= 100 and summary["bi_iou"] > 70
 
 
+ONE_WAY_ORACLE_EVAL = """
+import json, sys, torch
+from fsskern.data import build_source
+from fsskern.engine import distributed as dist
+from fsskern.engine.config import load_config
+from fsskern.engine.parsing_eval import evaluate_parsing
+
+class Oracle(torch.nn.Module):  # the query label as one-hot logits at the input size
+    def forward(self, batch):
+        label = torch.where(batch["query_mask"] == 255, 0, batch["query_mask"])
+        return {"logits": torch.nn.functional.one_hot(label, 2).permute(0, 3, 1, 2).float()}
+
+dist.init_from_env("cpu")
+cfg = load_config(sys.argv[1], sys.argv[3:])
+summary = evaluate_parsing(cfg, Oracle(), len(build_source(cfg.data, "test").class_names))["per_seed"][0]
+if dist.is_main():
+    open(sys.argv[2], "w").write(json.dumps(summary))
+dist.cleanup()
+"""
+
+
+@pytest.mark.slow
+def test_one_way_parsing_eval_under_ddp_equals_one_process(tmp_path):
+    """Two gloo ranks whose shards hold different classes (3 one-way pairs: rank 0 the first and third, rank 1 the
+    second) reduce the same per-class matrices in the same order and give the one-process summary."""
+    if not (DATA / "ccp").is_dir():
+        pytest.skip(f"real data {DATA / 'ccp'} absent")
+    import json
+    import os
+    import subprocess
+    script = tmp_path / "oracle_eval.py"
+    script.write_text(ONE_WAY_ORACLE_EVAL)
+    overrides = [f"out={tmp_path}", f"data.root={DATA / 'ccp'}", "data.test_size=65", "data.ways=1",
+                 "data.num_workers=0", "eval.protocol=balanced", "eval.episodes=3", "eval.seeds=[0]",
+                 "eval.min_class_episodes=0"]
+    config = str(REPO / "configs/popnet/ccp_mobilenet_v2.yaml")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    one = subprocess.run([sys.executable, str(script), config, str(tmp_path / "one.json"), *overrides],
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29537",
+                          str(script), config, str(tmp_path / "two.json"), *overrides],
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert two.returncode == 0, two.stderr[-3000:]
+    a, b = (json.loads((tmp_path / n).read_text()) for n in ("one.json", "two.json"))
+    assert len(a["per_class"]) >= 2 and a == b
+
+
 def test_evaluate_scores_real_ccp_kway_episodes_with_parsing_metrics(tmp_path):
     """python/evaluate.py's path (engine.evaluator.evaluate) on 2 real CCP k-way episodes at 65 px, untrained: the
     model's metric='parsing' routes it to parsing_eval, metrics.json holds the parsing metrics. CCP's test half (511

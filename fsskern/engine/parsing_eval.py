@@ -10,6 +10,7 @@ the original label resolution (``restore_logits``) or the input size, as the pro
 import torch
 
 from ..metrics import ConfusionMatrix, one_way_parsing_summary
+from . import distributed as dist
 from .config import Config
 from .data import eval_dataset
 from .evaluator import scored_episodes
@@ -54,8 +55,9 @@ def evaluate_parsing(cfg: Config, model, num_classes: int, progress: bool = Fals
             total.all_reduce()
             summary = total.parsing_summary(novel)
         else:
-            for c in sorted(per_class):
-                per_class[c].all_reduce()
+            # every rank reduces the same classes in the same order: its shard may lack some of them
+            for c in sorted({c for rank in dist.all_gather_objects(sorted(per_class)) for c in rank}):
+                per_class.setdefault(c, ConfusionMatrix(2)).all_reduce()
             summary = one_way_parsing_summary(per_class, novel)
         per_seed.append({"seed": seed, "protocol": info["protocol"], "manifest_sha256": info["manifest_sha256"],
                          **summary})
