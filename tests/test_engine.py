@@ -182,6 +182,32 @@ def test_process_group_backends_per_device(monkeypatch, device, bound):
         assert calls == {"backend": "cpu:gloo,cuda:nccl", "device": bound}
 
 
+class NonFiniteGradient(torch.nn.Module):
+    """A finite loss whose gradient is NaN for ``b`` (sqrt at 0) and finite for ``a``: what fp16's first steps
+    do to one optimizer's parameters."""
+
+    def __init__(self, cfg, backend):
+        super().__init__()
+        self.a, self.b = torch.nn.Parameter(torch.tensor(3.0)), torch.nn.Parameter(torch.tensor(0.0))
+
+    def forward(self, batch):
+        return {"losses": {"l": (self.a - 1) ** 2 + self.b.abs().sqrt()}}
+
+
+def test_clipping_a_non_finite_gradient_steps_no_optimizer(dataset, tmp_path, monkeypatch):
+    """With clip_grad, a non-finite gradient anywhere makes the joint norm inf and the clipping multiplies every
+    gradient by 0: the step is skipped for every optimizer (the others would decay weights on zero gradients)."""
+    from fsskern.engine.trainer import train
+    from fsskern.models import registry
+    monkeypatch.setitem(registry._MODELS, "nonfinite_grad", NonFiniteGradient)
+    cfg = load_config(None, [*data_overrides(dataset), f"out={tmp_path}", "model.name=nonfinite_grad",
+                             "train.iters=1", "train.clip_grad=1.0", "train.weight_decay=0.1", "train.lr=0.1",
+                             "train.val_episodes=0", "data.batch_size=1", "data.num_workers=0"])
+    train(cfg)
+    after = weights(tmp_path)
+    assert after["a"].item() == 3.0 and after["b"].item() == 0.0
+
+
 def test_refuses_to_overwrite_a_run(dataset, tmp_path):
     out = tmp_path / "run"
     assert run_train(tiny(dataset, out, "train.iters=2")).returncode == 0

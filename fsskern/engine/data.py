@@ -80,9 +80,11 @@ def eval_dataset(cfg: Config, seed: int):
     return EpisodeDataset(source, manifest, transform, False, support_boxes=e.support_annotation == "box"), info
 
 
-def episode_loader(dataset, indices, batch_size: int, num_workers: int, seed: int) -> DataLoader:
-    """Episodes ``indices`` in this order, in batches. The worker seeds come from a generator of
-    their own, never from torch's global RNG (which a resumed run must find as it was saved)."""
+def episode_loader(dataset, indices, batch_size: int, num_workers: int, seed: int,
+                   device: torch.device = torch.device("cpu")) -> DataLoader:
+    """Episodes ``indices`` in this order, in batches, pinned when they go to a GPU (a CPU run on a GPU machine
+    then never creates a CUDA context). The worker seeds come from a generator of their own, never from torch's
+    global RNG (which a resumed run must find as it was saved)."""
     return DataLoader(dataset, batch_size=batch_size, sampler=list(indices), num_workers=num_workers,
                       collate_fn=collate_episodes, generator=torch.Generator().manual_seed(seed),
-                      pin_memory=torch.cuda.is_available())
+                      pin_memory=device.type == "cuda")

@@ -67,7 +67,7 @@ def scored_episodes(cfg: Config, model, dataset, seed: int, device, progress: bo
     original label, or (HSNet's default, score_at=input) the input-size mask. Shared with engine/parsing_eval."""
     from .trainer import autocast, to_device
     shard = list(range(dist.rank(), len(dataset), dist.world_size()))
-    loader = episode_loader(dataset, shard, cfg.eval.batch_size, cfg.data.num_workers, seed=seed)
+    loader = episode_loader(dataset, shard, cfg.eval.batch_size, cfg.data.num_workers, seed=seed, device=device)
     for batch in _progress(loader, f"eval {cfg.eval.split} seed {seed}", progress and dist.is_main()):
         batch = to_device(batch, device)
         with autocast(cfg, device):

@@ -74,7 +74,8 @@ class RunLogger:
         self.jsonl.flush()
         if self.tb is not None:
             for k, v in values.items():
-                self.tb.add_scalar(k, v, iteration)
+                if v is not None:  # a metric the model does not have (a parsing model's FB-IoU)
+                    self.tb.add_scalar(k, v, iteration)
 
     def close(self) -> None:
         if self.enabled:

@@ -11,6 +11,7 @@ global RNG, whose state (with python's, numpy's and CUDA's) is saved per rank in
 import json
 import math
 import time
+import warnings
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Optional
@@ -100,7 +101,12 @@ def train_phase(cfg: Config, init_from: Optional[Path] = None) -> Path:
         for sched, s in zip(schedulers, payload["schedulers"]):
             sched.load_state_dict(s)
         scaler.load_state_dict(payload["scaler"])
-        ckpt.set_rng_state(payload["rng"][dist.rank()])
+        if len(payload["rng"]) == dist.world_size():
+            ckpt.set_rng_state(payload["rng"][dist.rank()], device)
+        elif dist.is_main():  # the episodes do not depend on the world size; dropout and augmentation draws do
+            warnings.warn(f"resume: {last} was saved by {len(payload['rng'])} processes, this run has "
+                          f"{dist.world_size()}: the episodes continue as they were, the random streams start "
+                          f"from the seed", stacklevel=2)
         state = {"iteration": payload["iteration"], "best": payload["best"]}
     if dist.is_main():
         write_run_info(cfg, out)
@@ -111,11 +117,11 @@ def train_phase(cfg: Config, init_from: Optional[Path] = None) -> Path:
                                           find_unused_parameters=cfg.train.find_unused_parameters)
     dataset = train_dataset(cfg)
     loader = episode_loader(dataset, positions(cfg, state["iteration"]), cfg.data.batch_size, cfg.data.num_workers,
-                            seed=cfg.seed + state["iteration"])
+                            seed=cfg.seed + state["iteration"], device=device)
     logger = RunLogger(out, cfg.train.iters, start=state["iteration"], enabled=dist.is_main())
 
     def save(path):
-        rngs = dist.all_gather_objects(ckpt.rng_state())
+        rngs = dist.all_gather_objects(ckpt.rng_state(device))
         if dist.is_main():
             ckpt.save_atomic({"model": model.state_dict(), "optimizers": [o.state_dict() for o in optimizers],
                               "schedulers": [s.state_dict() for s in schedulers], "scaler": scaler.state_dict(),
@@ -144,11 +150,16 @@ def train_phase(cfg: Config, init_from: Optional[Path] = None) -> Path:
                 losses_sum[k] = losses_sum.get(k, 0.0) + float(v.detach()) / cfg.train.accumulate
         for opt in optimizers:
             scaler.unscale_(opt)
+        norm = None
         if cfg.train.clip_grad:
-            torch.nn.utils.clip_grad_norm_([p for o in optimizers for g in o.param_groups for p in g["params"]],
-                                           cfg.train.clip_grad)
-        for opt in optimizers:
-            scaler.step(opt)
+            norm = torch.nn.utils.clip_grad_norm_([p for o in optimizers for g in o.param_groups for p in g["params"]],
+                                                  cfg.train.clip_grad)
+        # GradScaler skips only the optimizers whose own gradients overflowed; an overflow anywhere makes the
+        # joint norm inf and the clipping scale every gradient by 0, so then no optimizer steps (fp16's first
+        # steps overflow by design: another optimizer would apply its weight decay and momentum to zeros)
+        if norm is None or torch.isfinite(norm):
+            for opt in optimizers:
+                scaler.step(opt)
         scaler.update()
         for opt in optimizers:
             opt.zero_grad(set_to_none=True)
