@@ -360,6 +360,24 @@ def test_parsing_eval_maps_ways_to_dataset_ids_and_runs_one_way(tmp_path):
     assert summary["background_iou"] > 90 and 40 < summary["novel_miou"] <= 100 and summary["bi_iou"] > 70
 
 
+@pytest.mark.slow
+def test_ddp_trains_through_the_epoch_whose_ncm_loss_weight_is_zero(tmp_path):
+    """Two gloo ranks train stage 3 across beta = 1 (NCM's parameters without a gradient) into beta < 1: DDP's
+    reducer must not wait for the NCM gradients of the first step (POPNet.ddp_find_unused_parameters and
+    NCM computed without a graph while its loss weight is 0)."""
+    if not (DATA / "ccp").is_dir():
+        pytest.skip(f"real data {DATA / 'ccp'} absent")
+    import os
+    import subprocess
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29538",
+                          str(REPO / "python" / "train.py"), str(REPO / "configs/popnet/ccp_mobilenet_v2.yaml"),
+                          f"out={tmp_path}", f"data.root={DATA / 'ccp'}", "train.phases=[]", "model.weights=null",
+                          "data.train_size=65", "data.num_workers=0", "train.iters=3", "model.params.iters=3"],
+                         env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert (tmp_path / "done.json").is_file()
+
+
 ONE_WAY_ORACLE_EVAL = """
 import json, sys, torch
 from fsskern.data import build_source

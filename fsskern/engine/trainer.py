@@ -114,7 +114,8 @@ def train_phase(cfg: Config, init_from: Optional[Path] = None) -> Path:
     wrapped = model
     if dist.world_size() > 1:
         wrapped = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
-                                          find_unused_parameters=cfg.train.find_unused_parameters)
+                                          find_unused_parameters=cfg.train.find_unused_parameters
+                                          or getattr(model, "ddp_find_unused_parameters", False))
     dataset = train_dataset(cfg)
     loader = episode_loader(dataset, positions(cfg, state["iteration"]), cfg.data.batch_size, cfg.data.num_workers,
                             seed=cfg.seed + state["iteration"], device=device)

@@ -167,8 +167,10 @@ class DualMetricHead(nn.Module):
         bg = bg if self.ncm_bg is None else self.ncm_bg(bg)
         return self.scale * self._with_bg(bg, fg, present)
 
-    def forward(self, h_q, m, present, agm: bool):
-        return (self.agm(h_q, m, present) if agm else None), self.ncm(m, present)
+    def forward(self, h_q, m, present, agm: bool, ncm_grad: bool = True):
+        agm_logits = self.agm(h_q, m, present) if agm else None
+        with torch.set_grad_enabled(torch.is_grad_enabled() and ncm_grad):
+            return agm_logits, self.ncm(m, present)
 
 
 def merge_support_labels(masks: torch.Tensor, ways: int) -> torch.Tensor:
@@ -182,6 +184,9 @@ def merge_support_labels(masks: torch.Tensor, ways: int) -> torch.Tensor:
 @register_model("popnet")
 class POPNet(nn.Module):
     metric = "parsing"  # the evaluator scores it with POPNet's confusion-matrix metrics (engine/parsing_eval.py)
+    # Which parameters a step trains depends on the epoch (NCM's loss weight is 0 in the first, R7) and on
+    # ``head`` (R11): DDP must look for the unused ones (the trainer reads this)
+    ddp_find_unused_parameters = True
     DEFAULTS = {"stage": 3, "kim": True, "head": "dml", "weight_shift": True, "dynamic": True, "rate": 0.001,
                 "epochs": 30, "static_epochs": 15, "iters": 120000, "areas": 4, "bank_size": 256,
                 "ncm_affine": True, "ncm_scale_init": 10.0, "frozen_bn": True, "batch_stats": True,
@@ -330,7 +335,9 @@ class POPNet(nn.Module):
         beta = self.beta()
         head = self.heads[str(stage)]
         want_agm = self.p["head"] == "agm" or (self.training and beta > 0)
-        agm, ncm = head(h_q, m, present, agm=want_agm)
+        # NCM without a graph while its loss weight is 0 (beta = 1): its parameters then take no part in the step
+        # (their gradients were None either way), which DDP's unused-parameter search needs to see
+        agm, ncm = head(h_q, m, present, agm=want_agm, ncm_grad=not self.training or beta < 1)
         up = lambda x: F.interpolate(x, size=size, mode="bilinear", align_corners=True)  # noqa: E731
         out_logits = up(agm if self.p["head"] == "agm" else ncm)
         losses = {}
