@@ -119,6 +119,17 @@ def test_kshot_finetune_restores_every_weight():
         model(episode(K=1))
 
 
+def test_kshot_finetune_tunes_under_autocast():
+    """The evaluator runs a batch under one autocast region (amp=bf16/fp16), which casts each weight once and
+    reuses the copy: the fine-tuning must still change the prediction, as it does in float32."""
+    batch = episode(K=2, B=1)
+    for amp in (False, True):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp), torch.no_grad():
+            plain = build(kshot="fusion", dim=32).eval()(batch)["logits"].float()
+            tuned = build(kshot="finetune+fusion", dim=32, ft_steps=3, ft_lr=0.5).eval()(batch)["logits"].float()
+        assert (tuned - plain).abs().max() > 0.1, amp
+
+
 def test_encoder_groups_change_nothing_but_the_peak():
     """The encoder runs B images per backbone call: features (and their gradients) match one call on all images,
     in order, for any group size, including one that does not divide the count."""

@@ -68,6 +68,17 @@ def test_identity_settings_reduce_rilfs_to_bam(shots):
         assert not torch.allclose(rilfs(batch)["logits"], bam(batch)["logits"])
 
 
+def test_gram_matrix_is_float32_under_autocast():
+    """Under amp the bmm would run in half: a channel with |a|^2 > 65504 is inf in fp16 and its Gram entry NaN."""
+    x = torch.randn(2, 4, 60, 60)
+    x[:, 0] *= 6.0  # an RMS of 6 over 60 x 60: |a|^2 ~ 130,000
+    exact = gram_matrix(x)
+    with torch.autocast("cpu", dtype=torch.float16):
+        g = gram_matrix(x.half())
+    assert g.dtype == torch.float32 and torch.isfinite(g).all()
+    torch.testing.assert_close(g, exact, rtol=2e-3, atol=2e-3)  # only the input's rounding to fp16
+
+
 def test_flip_bookkeeping():
     """Mirrored features in every reflected slot give P_f = P_o, m_{v,h} = m_{v,o}, m_{h,u} = flip(m_{o,u}),
     theta_{v,h} = theta_{v,o}; R_f = flip(R_o) with F_fuse = (0.5, 0.5) gives R_ff = R_o (notes 2.6)."""

@@ -325,7 +325,11 @@ class CRCNet(nn.Module):
         was_training = self.training
         self.train()
         try:
-            with torch.enable_grad():
+            # float32 whatever the caller's autocast: autocast casts each weight once per region and reuses the
+            # copy, so every step inside it would run on the weights before the first (and fp16 would need a
+            # gradient scaler); the features are only read, so casting them up loses nothing
+            feats, masks = feats.float(), masks.float()
+            with torch.enable_grad(), torch.autocast(query.device.type, enabled=False):
                 for _ in range(self.p["ft_steps"]):
                     i, j = torch.randperm(K)[:2].tolist()             # an ordered pair, i != j
                     i, j = [x + K * int(torch.rand(()) < 0.5) for x in (i, j)]  # flipped with p = 0.5
@@ -336,12 +340,14 @@ class CRCNet(nn.Module):
                     opt.step()
             self.train(was_training)
             first = 1 if self.p["kshot"] == "finetune" else K
+            torch.clear_autocast_cache()  # the prediction casts the tuned weights, not copies made before
             return self.predict(query, supports[:, :first], labels[:, :first])
         finally:
             self.train(was_training)
             with torch.no_grad():
                 for n, q in tuned:
                     q.copy_(saved[n])
+            torch.clear_autocast_cache()  # and the next episode the restored ones
 
     # ----------------------------------------------------------------------------------------- helpers
     def _train_steps(self):

@@ -101,10 +101,13 @@ def _parse_params(name: str, given: Dict, reflection_default: bool) -> Dict:
 
 
 def gram_matrix(features: torch.Tensor) -> torch.Tensor:
-    """BAM ``get_gram_matrix``: (N, C, h, w) -> (N, C, C), G_ij = <a_i, a_j> / (|a_i| |a_j| + 1e-7), float32."""
-    a = features.float().flatten(2)
-    norm = a.norm(dim=2, keepdim=True)
-    return torch.bmm(a, a.transpose(1, 2)) / (torch.bmm(norm, norm.transpose(1, 2)) + 1e-7)
+    """BAM ``get_gram_matrix``: (N, C, h, w) -> (N, C, C), G_ij = <a_i, a_j> / (|a_i| |a_j| + 1e-7), float32.
+    Autocast is off inside: it would run the bmm in half, where a channel's |a_i|^2 above 65504 (an RMS of 4.3
+    over 60 x 60) is inf in fp16, and the Gram entries (K-shot ranking, the gram_merge weight) lose bits in bf16."""
+    with torch.autocast(features.device.type, enabled=False):
+        a = features.float().flatten(2)
+        norm = a.norm(dim=2, keepdim=True)
+        return torch.bmm(a, a.transpose(1, 2)) / (torch.bmm(norm, norm.transpose(1, 2)) + 1e-7)
 
 
 def _fusion_conv(init) -> nn.Conv2d:
