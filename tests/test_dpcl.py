@@ -239,3 +239,26 @@ def test_paper_size_forward_backward():
     assert all(torch.isfinite(v) for v in out["losses"].values())
     assert model.encoder.heads["layer2"].weight.grad.abs().sum() > 0
     assert model.encoder.backbone.layer1[0].conv1.weight.grad.abs().sum() > 0
+
+
+@pytest.mark.slow
+def test_ddp_ranks_share_one_dictionary(tmp_path):
+    """Two gloo ranks, one episode each per step: every step enqueues both ranks' keys (R12), so after 3 steps
+    the checkpoint's dictionary holds up to 6 keys (an episode whose augmented supports lost their foreground adds
+    none); DDP's per-step broadcast of rank 0's buffers had kept rank 0's alone, at most 3."""
+    if not MSRC.is_dir():
+        pytest.skip(f"real data {MSRC} absent")
+    import os
+    import subprocess
+
+    from fsskern.engine import checkpoint as ckpt
+    repo = Path(__file__).resolve().parents[1]
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29539",
+                          str(repo / "python" / "train.py"), str(repo / "configs/dpcl/msrc_v2_mobilenet_v2.yaml"),
+                          f"out={tmp_path}", f"data.root={MSRC}", "model.weights=null", "data.train_size=129",
+                          "data.batch_size=1", "data.num_workers=0", "train.iters=3", "train.val_episodes=0"],
+                         env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    state = ckpt.load(tmp_path / "last.pt")["model"]
+    written = int(state["queue_ptr"])
+    assert 3 < written <= 6 and int((state["queue_labels"] >= 0).sum()) == written

@@ -378,6 +378,23 @@ def test_ddp_trains_through_the_epoch_whose_ncm_loss_weight_is_zero(tmp_path):
     assert (tmp_path / "done.json").is_file()
 
 
+def test_bank_writes_of_every_rank_reach_every_rank(monkeypatch):
+    """Under torch.distributed each rank applies all ranks' bank writes of the step in rank order (R6): a slot
+    only the other rank wrote arrives, a slot both wrote keeps the later rank's value. (Two ranks faked: rank 0
+    here, rank 1's writes handed in by the gather.)"""
+    from fsskern.models import popnet
+    bank, seen = torch.zeros(4, 3), torch.zeros(4, dtype=torch.bool)
+    mine, theirs = [(1, torch.full((3,), 1.0)), (2, torch.full((3,), 2.0))], [(2, torch.full((3,), 5.0)),
+                                                                             (3, torch.full((3,), 7.0))]
+    for slot, value in mine:  # what this rank's own loop already wrote
+        bank[slot], seen[slot] = value, True
+    monkeypatch.setattr(popnet.dist, "get_world_size", lambda: 2)
+    monkeypatch.setattr(popnet.dist, "all_gather_object", lambda parts, obj: parts.__setitem__(slice(None),
+                                                                                                 [obj, theirs]))
+    popnet.share_bank_writes(bank, seen, mine)
+    assert bank[:, 0].tolist() == [0.0, 1.0, 5.0, 7.0] and seen.tolist() == [False, True, True, True]
+
+
 ONE_WAY_ORACLE_EVAL = """
 import json, sys, torch
 from fsskern.data import build_source

@@ -63,12 +63,15 @@ Resolutions (source: paper = DPCL text, PANet / PPNet / MoCo = public code, note
   ``torch.Generator`` seeded from the batch's episode ``index``; transforms.v2 draws from the global RNG,
   so each view runs under ``fork_rng`` seeded from that generator (ours). A resumed run repeats exactly.
 - R11 K-shot: one model per K; p_c and p̄_c are shot means (notes 1.1, A20).
-- R12 distributed: each rank keeps its own dictionary (the paper trains on one GPU; MoCo gathers keys).
+- R12 distributed: every rank enqueues the keys of all ranks in rank order, so the dictionary is one (MoCo's
+  ``concat_all_gather``; the paper trains on one GPU). DDP also broadcasts rank 0's buffers at every step,
+  which without the gather dropped the other ranks' keys.
 """
 import copy
 from typing import Dict, List
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from torchvision import tv_tensors
@@ -352,7 +355,13 @@ class DPCL(nn.Module):
 
     @torch.no_grad()
     def enqueue(self, keys: torch.Tensor, labels: torch.Tensor):
-        """FIFO write of (P, d) keys with their class ids at the pointer, wrapping around (R7)."""
+        """FIFO write of (P, d) keys with their class ids at the pointer, wrapping around (R7). Under
+        torch.distributed every rank writes every rank's keys, in rank order (R12)."""
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            parts = [None] * dist.get_world_size()  # counts differ between ranks (support_fg): objects, not tensors
+            dist.all_gather_object(parts, (keys.detach().cpu(), labels.cpu()))
+            keys = torch.cat([k for k, _ in parts]).to(self.queue_keys.device)
+            labels = torch.cat([c for _, c in parts]).to(self.queue_labels.device)
         m = self.queue_keys.shape[0]
         slots = (int(self.queue_ptr) + torch.arange(len(keys), device=keys.device)) % m
         self.queue_keys[slots] = keys.to(self.queue_keys.dtype)

@@ -54,7 +54,9 @@ Resolutions (source: paper, notes = ../shared/notes/methods/popnet.md, code = pu
   iterations the bank keeps its first write, made by the untrained encoder). The EMA runs from the first
   iteration while the maps use static prototypes for the first ``static_epochs`` of ``epochs`` (paper 15 of 30;
   notes B2 default). Evaluation: seen (base) slots use (1 - rate) bank + rate p, unseen (novel) slots the
-  static p, no update (paper "static prototypes for the novel classes"; code).
+  static p, no update (paper "static prototypes for the novel classes"; code). Several GPUs: after each
+  step's writes every rank applies all ranks' writes in rank order, so the bank is one (ours; the paper uses
+  one GPU).
 - R7 epochs: the engine counts iterations, so each stage keeps its own training-step counter (buffer
   ``steps``, one per stage, in the checkpoint) and epoch = floor(step * epochs / iters): ``iters`` is the
   stage's ``train.iters`` (paper: 30 epochs x 4000 iterations). beta = 1 - epoch / epochs (paper; notes 3.1).
@@ -86,6 +88,7 @@ Resolutions (source: paper, notes = ../shared/notes/methods/popnet.md, code = pu
 from typing import Dict, List, Optional, Tuple
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -171,6 +174,19 @@ class DualMetricHead(nn.Module):
         agm_logits = self.agm(h_q, m, present) if agm else None
         with torch.set_grad_enabled(torch.is_grad_enabled() and ncm_grad):
             return agm_logits, self.ncm(m, present)
+
+
+@torch.no_grad()
+def share_bank_writes(bank: torch.Tensor, seen: torch.Tensor, writes) -> None:
+    """Every rank applies every rank's bank writes of this step, in rank order (a slot two ranks wrote keeps the
+    later rank's value), so the banks stay one (R6): DDP broadcasts rank 0's buffers at every step, which would
+    otherwise drop the other ranks' writes. ``writes``: this rank's [(slot, value)]."""
+    parts = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, [(slot, value.cpu()) for slot, value in writes])
+    for part in parts:
+        for slot, value in part:
+            bank[slot] = value.to(bank.device, bank.dtype)
+            seen[slot] = True
 
 
 def merge_support_labels(masks: torch.Tensor, ways: int) -> torch.Tensor:
@@ -273,7 +289,7 @@ class POPNet(nn.Module):
             raise ValueError(f"popnet: class ids must lie in [0, bank_size={len(bank)}), got {keys.tolist()}")
         rate, update = self.p["rate"], self.training and stage == self.stage
         static = update and self.epoch() < self.p["static_epochs"]
-        out = []
+        out, writes = [], []
         for b in range(B):  # image by image: the next image sees the bank this one wrote (code)
             rows = []
             for k in range(K):
@@ -287,7 +303,10 @@ class POPNet(nn.Module):
                     with torch.no_grad():
                         bank[slot] = dyn.detach().to(bank.dtype)
                         seen[slot] = True
+                    writes.append((slot, bank[slot].clone()))
             out.append(torch.stack(rows))
+        if update and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            share_bank_writes(bank, seen, writes)
         return torch.stack(out), present
 
     def epoch(self) -> int:
