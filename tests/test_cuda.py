@@ -132,6 +132,19 @@ def test_prior_mask_gradients_and_float64():
         assert_grads_match(outs, [(q, s), (qc, sc), (qr, sr)], torch.randn(2, 1, 9, 11, dtype=dtype))
 
 
+def test_prior_mask_backward_is_flagged_nondeterministic():
+    """grad_support is accumulated with float atomics on CUDA: deterministic mode must refuse it, as PyTorch's
+    own atomic scatters do."""
+    q, s, m = prior_inputs(1, 1, 8, 5, 5, 4, 4, 5, 5, 0.5, True)
+    qc, sc = cuda(q, s, grad=True)
+    torch.use_deterministic_algorithms(True)
+    try:
+        with pytest.raises(RuntimeError, match="max_cosine backward"):
+            ops.prior_mask(qc, sc, m.cuda()).sum().backward()
+    finally:
+        torch.use_deterministic_algorithms(False)
+
+
 # ---- lsh_hash / hamming_kmeans / cluster_means / support_prototypes: identical on both devices ------
 
 @pytest.mark.parametrize("bits", [1, 7, 32, 61, 64])

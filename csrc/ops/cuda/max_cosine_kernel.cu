@@ -1,5 +1,6 @@
 // CUDA launchers and registration of max_cosine (kernels in the .cuh beside this).
 #define TORCH_ASSERT_ONLY_METHOD_OPERATORS  // per-operator ATen headers only (setup.py)
+#include <ATen/Context.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/TensorOperators.h>
@@ -61,6 +62,9 @@ std::tuple<at::Tensor, at::Tensor> max_cosine_backward_cuda(const at::Tensor& gr
                                                             const at::Tensor& support_weights,
                                                             const at::Tensor& indices, double eps) {
   check_max_cosine_inputs(query, support, support_weights, eps);
+  // grad_support gathers every query pixel whose best match is the same support pixel with float atomics:
+  // the order, and so the last bits, vary between runs (as index_add_ on CUDA, which says so too)
+  at::globalContext().alertNotDeterministic("fsskern::max_cosine backward (CUDA: atomic adds into grad_support)");
   const DeviceGuard guard(query.device());
   const auto q = query.contiguous();
   const auto s = support.contiguous();
