@@ -73,9 +73,11 @@ def test_exact_episode_counts_no_off_by_one(msrc):
     assert {e.classes[0] for e in m.episodes if e.query == 1} == {1}  # class 2 under 2048 px there
     quirk = build_test_manifest(fake, stats, 0, 1, 1, "pfenet-compat", 321, episodes=300)
     assert {e.classes[0] for e in quirk.episodes if e.query == 1} == {1, 2}  # PFENet draws it anyway
-    hs = build_test_manifest(fake, stats, 0, 1, 1, "hsnet", 0, episodes=12)
-    pairs = [(0, 1), (1, 1), (2, 2), (3, 2), (4, 3), (4, 4), (4, 5), (5, 3), (5, 4), (5, 5)]
-    assert [(e.query, e.classes[0]) for e in hs.episodes[:12]] == pairs + pairs[:2]
+    hs = build_test_manifest(fake, stats, 0, 1, 1, "hsnet", 0, episodes=13)
+    # every (image, class) pair once, in file order, then again: HSNet applies no size filter (image 1's
+    # 100-pixel class 2 is a pair too)
+    pairs = [(0, 1), (1, 1), (1, 2), (2, 2), (3, 2), (4, 3), (4, 4), (4, 5), (5, 3), (5, 4), (5, 5)]
+    assert [(e.query, e.classes[0]) for e in hs.episodes] == pairs + pairs[:2]
 
 
 def test_too_few_images_and_coverage(msrc):

@@ -507,3 +507,16 @@ def test_bam_class_lists_read_safely_and_compare(tmp_path):
     (tmp_path / "other.txt").write_text(repr({1: [["JPEGImages/x.jpg", "SegmentationClassAug/x.png"]]}))
     with pytest.raises(DataError, match="names 1 image.* \\(first: 'x'\\)"):
         class_index_from_lists(src, tmp_path / "other.txt")
+
+
+def test_class_table_keeps_spaces_in_tab_separated_names(tmp_path):
+    """prepare_data.py writes COCO's classes.txt as "id<TAB>name": "traffic light" and the two "baseball ..."
+    classes must keep their whole names (a whitespace split had made two classes "baseball")."""
+    from fsskern.data.io import read_class_table
+    (tmp_path / "classes.txt").write_text("0\tbackground\n10\ttraffic light\n39\tbaseball bat\n40\tbaseball glove\n")
+    assert read_class_table(tmp_path / "classes.txt") == {0: "background", 10: "traffic light",
+                                                         39: "baseball bat", 40: "baseball glove"}
+    (tmp_path / "counts.tsv").write_text("label_value\tclass\timages\n1\tbuilding\t150\n")  # MSRC-v2's columns
+    assert read_class_table(tmp_path / "counts.tsv") == {1: "building"}
+    (tmp_path / "spaced.txt").write_text("1 cow 24\n2 sheep 30\n")
+    assert read_class_table(tmp_path / "spaced.txt") == {1: "cow", 2: "sheep"}

@@ -264,6 +264,16 @@ def test_baseline_metrics_identical_for_0_and_2_workers(dataset, tmp_path):
                                "manifest_sha256", "config"}
 
 
+def test_evaluation_scores_where_the_protocol_says(dataset, tmp_path):
+    """PANet and HSNet score at the input size; the others at the original label size (restore_logits). The
+    recorded protocol and the transform that scores must agree."""
+    from fsskern.engine.data import eval_dataset
+    for protocol, score_at in (("panet", "input"), ("hsnet", "input"), ("balanced", "original")):
+        ds, info = eval_dataset(load_config(None, baseline_args(dataset, tmp_path, f"eval.protocol={protocol}")), 0)
+        assert ds.transform.score_at == info["protocol"]["score_at"] == score_at, protocol
+        assert ds[0]["restore"]["score_at"] == score_at
+
+
 def test_box_supports_reach_the_evaluation_dataset(dataset, tmp_path):
     """``eval.support_annotation=box`` swaps the support masks for boxes on the same episodes and says so."""
     from fsskern.engine.data import eval_dataset

@@ -91,9 +91,10 @@ def read_lines(path, what: str = "list") -> list:
 
 def read_class_table(path) -> dict:
     """{id: name} from a class list: "id<TAB or space>name[...]" rows (a header row whose first
-    field is not an integer is skipped) or one name a line (id = line number)."""
+    field is not an integer is skipped) or one name a line (id = line number). Tab-separated rows keep a name's
+    spaces ("10\ttraffic light", as python/prepare_data.py writes COCO's); space-separated rows take one word."""
     rows = read_lines(path, "class list")
-    fields = [r.replace("\t", " ").split() for r in rows]
+    fields = [[f.strip() for f in r.split("\t")] if "\t" in r else r.split() for r in rows]
     if not fields[0][0].lstrip("-").isdigit():
         fields = fields[1:]
     if all(len(f) >= 2 and f[0].isdigit() for f in fields):

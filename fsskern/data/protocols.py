@@ -65,7 +65,7 @@ PROTOCOLS: Dict[str, Protocol] = {p.name: p for p in [
     Protocol("hdmnet", {"pascal": 1000, "coco": 10000, "default": 1000}, BAM_SEEDS + (98, 742, 17, 595, 106), _LIST,
              "pfenet", {"coco": 633, "default": 473}),
     Protocol("hsnet", {"fss1000": 2400, "default": 1000}, (0,), {"coco": "class_uniform", "default": "pairs"},
-             "square", {"default": 400}, score_at="input"),
+             "square", {"default": 400}, min_pixels=1, score_at="input", notes="no size filter (HSNet)"),
     Protocol("panet", {"default": 1000}, (1234, 1235, 1236, 1237, 1238), {"default": "class_uniform"}, "square",
              {"default": 417}, min_pixels=1, score_at="input", notes="mean +- std over 5 runs; no size filter"),
     Protocol("popnet", {"default": 0}, (0,), {"default": "frozen"}, "square", {"default": 512}, min_pixels=1,

@@ -59,7 +59,7 @@ def eval_dataset(cfg: Config, seed: int):
                     "seeds": list(e.seeds)}
         if e.resize is not None:
             protocol["resize"] = e.resize
-        transform = TestTransform(d.test_size, protocol["resize"])
+        transform = TestTransform(d.test_size, protocol["resize"], score_at=protocol["score_at"])
     else:
         source = build_source(d, "train")
         stats = scan_labels(source)
