@@ -326,3 +326,13 @@ def test_draw_supports_skips_the_query_without_copying_the_pool():
     assert seen == set(range(1, 10))
     with pytest.raises(DataError, match="class 3 has 2 qualifying image"):
         draw_supports(rng, [1, 4], 4, 2, 3)
+
+
+def test_bam_draws_the_query_class_among_every_novel_class_present():
+    """BAM's util/dataset.py picks the query's class among all novel classes in its label, under 2048 px too
+    (the filter gates the list and the support pools only), as PFENet's does."""
+    fake = FakeSource(6, [1, 2, 3, 4, 5])
+    pix = [{1: 5000}, {1: 5000, 2: 100}, {2: 3000}, {2: 3000}, {3: 3000, 4: 3000, 5: 3000}, {3: 3000, 4: 3000, 5: 3000}]
+    m = build_test_manifest(fake, LabelStats(pix, {}, "k"), 0, 1, 1, "bam", 510, episodes=300)
+    assert {e.classes[0] for e in m.episodes if e.query == 1} == {1, 2}
+    assert all(e.supports[0] != 1 for e in m.episodes if e.classes[0] == 2)  # image 1 is no class-2 support

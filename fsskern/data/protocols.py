@@ -4,9 +4,9 @@ them; the per-class coverage report.
 
 Query orders:
 - ``list``: the test list in file order (images holding a novel class with >= min_pixels), repeated
-  until N episodes; the class is drawn among the query's qualifying novel classes (PFENet, BAM,
-  CyCTR, HDMNet). ``pfenet-compat`` draws it among *all* novel classes present, even under
-  min_pixels (PFENet's quirk: the filter gates only list membership and support pools).
+  until N episodes; the class is drawn among the query's qualifying novel classes (``pfenet``, ``cyctr``,
+  ``hdmnet``). ``pfenet-compat`` and ``bam`` draw it among *all* novel classes present, even under
+  min_pixels, as PFENet's and BAM's code do (the filter gates only list membership and support pools).
 - ``pairs``: (image, class) pairs in file order, ``t % len`` (HSNet PASCAL/FSS-1000; an HSNet split
   file's own pairs when the list is one).
 - ``class_uniform``: class uniform, then query uniform (HSNet COCO, PANet).
@@ -61,13 +61,16 @@ PROTOCOLS: Dict[str, Protocol] = {p.name: p for p in [
              {"coco": 641, "default": 473}, quirk_query_class=True, notes="query class among all novel classes"),
     Protocol("cyctr", {"pascal": 1000, "coco": 5000, "default": 1000}, (123,), _LIST, "pfenet", {"default": 473}),
     Protocol("bam", {"default": 1000}, BAM_SEEDS, _LIST, "pfenet", {"coco": 641, "default": 473},
-             notes="report the mean over seeds, not the best"),
+             quirk_query_class=True,  # BAM's util/dataset.py draws it among every novel class present, as PFENet
+             notes="report the mean over seeds, not the best; query class among all novel classes present"),
     Protocol("hdmnet", {"pascal": 1000, "coco": 10000, "default": 1000}, BAM_SEEDS + (98, 742, 17, 595, 106), _LIST,
              "pfenet", {"coco": 633, "default": 473}),
     Protocol("hsnet", {"fss1000": 2400, "default": 1000}, (0,), {"coco": "class_uniform", "default": "pairs"},
              "square", {"default": 400}, min_pixels=1, score_at="input", notes="no size filter (HSNet)"),
     Protocol("panet", {"default": 1000}, (1234, 1235, 1236, 1237, 1238), {"default": "class_uniform"}, "square",
-             {"default": 417}, min_pixels=1, score_at="input", notes="mean +- std over 5 runs; no size filter"),
+             {"default": 417}, min_pixels=1, score_at="input", notes="mean +- std over 5 runs; no size filter; PANet's code draws its test episodes from "
+                   "its training list (VOC trainaug, COCO train), here from the test split unless "
+                   "data.val_list names that list"),
     Protocol("popnet", {"default": 0}, (0,), {"default": "frozen"}, "square", {"default": 512}, min_pixels=1,
              notes="frozen pairs: 10 queries x 15 supports per class; no size filter; resized to 512 (paper; "
                    "the code tests at native size: eval.resize=original), scored at the original size"),
