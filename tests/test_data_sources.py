@@ -275,6 +275,20 @@ def test_index_cache_is_keyed_by_list_and_mapping(tmp_path):
     assert scan_labels(other, cache_dir=cache).key != first.key and len(list(cache.iterdir())) == 2
 
 
+def test_index_cache_reads_a_label_rewritten_in_place_again(tmp_path):
+    """A label overwritten under its own name (a re-run converter, a fixed annotation) must not be served from
+    the cache: its image would keep classes it no longer holds and be drawn as a support without them."""
+    root, _ = pascal_layout(tmp_path)
+    cache = tmp_path / "c"
+    src = build_source(DataConfig(dataset="pascal", root=str(root)), "train")
+    first = scan_labels(src, cache_dir=cache)
+    labels = sorted((root / "SegmentationClassAug").iterdir())
+    i = next(k for k, s in enumerate(src.samples) if Path(s[2]) == labels[0])
+    Image.fromarray(np.zeros_like(np.array(Image.open(labels[0])))).save(labels[0])  # every class gone
+    again = scan_labels(src, cache_dir=cache)
+    assert first.pixels[i] and again.pixels[i] == {} and again.key != first.key
+
+
 def test_episodes_do_not_depend_on_where_the_data_is(tmp_path):
     """The episode key (and so every manifest) is the same for a copy of the data elsewhere and for any
     spelling of its root; the cache keeps the copies apart; other labels give another key."""

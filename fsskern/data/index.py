@@ -1,6 +1,6 @@
 """Which images hold which classes: one scan of the labels at the original resolution, cached as
-JSON keyed by the sha256 of (index version, source, sample list, label mapping, filter parameters),
-so a changed list or filter never reads a stale cache (HDMNet#15).
+JSON keyed by the sha256 of (index version, source, sample list with each label file's size and mtime,
+label mapping, filter parameters), so a changed list, label or filter never reads a stale cache (HDMNet#15).
 
 Two keys: the cache file's (``index_key``: where the labels are, as absolute paths) and the one that
 seeds every episode (``LabelStats.key``, from ``episode_key``: what the labels hold, never where they
@@ -66,11 +66,21 @@ def _source_digest(source, **fields) -> str:
     return h.hexdigest()
 
 
+def _stamp(path) -> tuple:
+    """(size, modification time in ns) of a file, (-1, -1) when it cannot be read."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return (-1, -1)
+    return (st.st_size, st.st_mtime_ns)
+
+
 def index_key(source, check_images: str = "none") -> str:
     """The cache key: the label files by absolute path (two copies of a dataset never share a cache
-    entry; two spellings of one folder do) and how they are read."""
+    entry; two spellings of one folder do), with each file's size and modification time (a label rewritten
+    in place is read again), and how they are read."""
     return _source_digest(source, check_images=check_images,
-                          samples=[(s[0], os.path.abspath(s[2])) for s in source.samples])
+                          samples=[(s[0], os.path.abspath(s[2]), *_stamp(s[2])) for s in source.samples])
 
 
 def episode_key(source, pixels: List[Dict[int, int]], skipped: Dict[int, str]) -> str:
