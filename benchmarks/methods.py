@@ -104,15 +104,15 @@ def run_one(method: str, fold: int, args, out: Path) -> dict:
     row = {"method": method, "fold": fold}
     run_dir = out / "runs" / f"{method}-fold{fold}"
     trains = load_config(cfg_path).train.iters > 0
-    train_cfg = load_config(cfg_path, [*common, f"out={run_dir}"] +
-                            ([f"train.iters={args.iters}"] if args.iters and trains else []) +
-                            ([f"train.val_episodes={args.val_episodes}"] if args.val_episodes is not None else []) +
-                            (["resume=true"] if (run_dir / "config.yaml").is_file() else []))
+    overrides = ([*common, f"out={run_dir}"] + ([f"train.iters={args.iters}"] if args.iters and trains else []) +
+                 ([f"train.val_episodes={args.val_episodes}"] if args.val_episodes is not None else []) +
+                 (["resume=true"] if (run_dir / "config.yaml").is_file() else []))
+    train_cfg = load_config(cfg_path, overrides)
     checkpoint, eval_cfg_path = None, cfg_path
     if train_cfg.train.iters > 0:
         tic = time.time()
         ensure_for_run(train_cfg)  # UMTFSS's stage A (its pseudo tasks), as python/train.py does
-        train(train_cfg)
+        train(train_cfg, overrides)
         row["train_s"] = time.time() - tic
         phase = last_phase(run_dir)
         checkpoint, eval_cfg_path = run_checkpoint(phase, "best"), phase / "config.yaml"

@@ -208,6 +208,25 @@ def test_clipping_a_non_finite_gradient_steps_no_optimizer(dataset, tmp_path, mo
     assert after["a"].item() == 3.0 and after["b"].item() == 0.0
 
 
+def test_command_line_settings_win_over_a_phase(dataset, tmp_path):
+    """A key=value of the run beats a phase's own value (train.iters=2 runs both phases 2 iterations); a
+    data.fold other than a fold-specific phase's is refused before any work."""
+    config = tmp_path / "phased.yaml"
+    config.write_text("model:\n  name: tiny_panet\ntrain:\n  phases:\n"
+                      "    - {name: a, config: {train.iters: 5, data.fold: 0}}\n"
+                      "    - {name: b, config: {train.iters: 6, train.lr: 0.01}}\n")
+    args = [str(config), *data_overrides(dataset), f"out={tmp_path / 'run'}", "train.lr=0.05",
+            "train.checkpoint_every=100", "train.val_episodes=0", "data.batch_size=2", "data.num_workers=0"]
+    res = run_train(args + ["train.iters=2"])
+    assert res.returncode == 0, res.stderr[-3000:]
+    for phase in ("a", "b"):
+        assert json.loads((tmp_path / "run" / phase / "done.json").read_text())["iteration"] == 2
+        assert load_config(tmp_path / "run" / phase / "config.yaml").train.lr == 0.05
+    refused = run_train(args + ["train.iters=2", "data.fold=1", f"out={tmp_path / 'fold1'}"])
+    assert refused.returncode == 2 and "phase 'a' is written for data.fold=0" in refused.stderr
+    assert not (tmp_path / "fold1").exists()
+
+
 def test_refuses_to_overwrite_a_run(dataset, tmp_path):
     out = tmp_path / "run"
     assert run_train(tiny(dataset, out, "train.iters=2")).returncode == 0

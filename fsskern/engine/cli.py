@@ -20,9 +20,11 @@ def _parser(prog, what):
 
 def train_main(argv=None) -> int:
     args = _parser("fsskern-train", "Train a model: python python/train.py CONFIG [key=value ...]").parse_args(argv)
-    from .trainer import train
+    from .trainer import phase_settings, train
     try:
         cfg = load_config(args.source, args.overrides)
+        for phase in cfg.train.phases:  # a key=value no phase can take is refused before any work
+            phase_settings(phase, args.overrides)
     except ConfigError as e:
         print(f"fsskern-train: {e}", file=sys.stderr)
         return 2
@@ -38,7 +40,7 @@ def train_main(argv=None) -> int:
         return 2
     # -- end of stage A
     try:
-        out = train(cfg)
+        out = train(cfg, args.overrides)
     finally:
         dist.cleanup()  # under torchrun: a gloo group left to the interpreter's exit can abort a rank (SIGABRT)
     print(f"done: {out}")

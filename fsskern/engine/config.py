@@ -11,7 +11,7 @@ import json
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import yaml
 
@@ -143,13 +143,21 @@ def set_dotted(tree: dict, dotted: str, value) -> None:
     tree[keys[-1]] = value
 
 
-def parse_overrides(args: List[str]) -> dict:
-    tree: dict = {}
+def override_items(args: List[str]) -> List[Tuple[str, Any]]:
+    """[(dotted key, value)] of key=value arguments, each value read as YAML."""
+    items = []
     for arg in args:
         if "=" not in arg:
             raise ConfigError(f"override {arg!r} is not of the form key=value")
         key, text = arg.split("=", 1)
-        set_dotted(tree, key.strip(), yaml.safe_load(text) if text != "" else None)
+        items.append((key.strip(), yaml.safe_load(text) if text != "" else None))
+    return items
+
+
+def parse_overrides(args: List[str]) -> dict:
+    tree: dict = {}
+    for key, value in override_items(args):
+        set_dotted(tree, key, value)
     return tree
 
 

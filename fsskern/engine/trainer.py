@@ -14,7 +14,7 @@ import time
 import warnings
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 from torch.nn.parallel import DistributedDataParallel
@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader
 from ..models import create_model
 from . import checkpoint as ckpt
 from . import distributed as dist
-from .config import Config, to_dict, with_overrides
+from .config import Config, ConfigError, override_items, to_dict, with_overrides
 from .data import episode_loader, train_dataset
 from .evaluator import evaluate_model
 from .logging import RunLogger, write_run_info
@@ -51,9 +51,11 @@ def unwrap(model):
     return model.module if isinstance(model, DistributedDataParallel) else model
 
 
-def train(cfg: Config) -> Path:
+def train(cfg: Config, overrides: Sequence[str] = ()) -> Path:
     """Run every phase of ``cfg`` (or the one phase it is), each in ``out/<phase name>`` and each
-    starting from the weights the previous phase ended with. Returns the last phase's folder."""
+    starting from the weights the previous phase ended with. Returns the last phase's folder.
+    ``overrides``: the run's own key=value settings (the command line's), which win over a phase's
+    (``phase_settings``)."""
     dist.init_from_env(cfg.device)
     if not cfg.train.phases:
         return train_phase(cfg)
@@ -65,9 +67,24 @@ def train(cfg: Config) -> Path:
         if unknown or "name" not in phase:
             raise ValueError(f"train.phases[{i}] needs 'name' and optional 'config' (dotted overrides); got {sorted(phase)}")
         sub = with_overrides(cfg, {"out": str(Path(cfg.out) / phase["name"]), "train.phases": [],
-                                   **phase.get("config", {})})
+                                   **phase_settings(phase, overrides)})
         previous = train_phase(sub, init_from=previous)
     return previous
+
+
+def phase_settings(phase: dict, overrides: Sequence[str]) -> dict:
+    """A phase's settings with the run's own key=value overrides on top: a key the command line sets wins over
+    the phase's value (``train.iters=5`` runs every phase 5 iterations; before, the phase's value won, silently).
+    A ``data.fold`` other than a phase's own is refused: such a phase's other settings (its image lists, its
+    pseudo-task folder) belong to its fold and cannot follow (UMTFSS has a config per fold)."""
+    settings = dict(phase.get("config", {}))
+    for key, value in override_items(list(overrides)):
+        if key == "data.fold" and "data.fold" in settings and settings["data.fold"] != value:
+            raise ConfigError(f"phase {phase.get('name')!r} is written for data.fold={settings['data.fold']} (its lists "
+                              f"and folders with it); data.fold={value} needs a config of that fold")
+        if any(key == k or key.startswith(k + ".") for k in settings):
+            settings[key] = value  # after the phase's own, so a dotted key inside a phase's section wins too
+    return settings
 
 
 def train_phase(cfg: Config, init_from: Optional[Path] = None) -> Path:
