@@ -40,9 +40,11 @@ def write_list(path: Path, lines: list) -> None:
 
 
 def merge_sbd(voc_train: list, sbd: list, val: list) -> list:
-    """VOC train then SBD train_noval, first occurrence kept (PFENet duplicate_removel.py), val ids out."""
+    """SBD train_noval then VOC train, first occurrence kept: PFENet's voc_sbd_merge_noduplicate.txt (its
+    duplicate_removal.py over the merged list) starts with SBD's 2008_000008 and has VOC train's 2007 ids after
+    SBD's 5,623. The order is the sample order, which the episodes and the held-out images follow. Val ids out."""
     val_set = set(val)
-    merged = list(dict.fromkeys(voc_train + sbd))
+    merged = list(dict.fromkeys(sbd + voc_train))
     leaked = [i for i in merged if i in val_set]
     if leaked:
         raise SystemExit(f"{len(leaked)} training ids are VOC val images (first: {leaked[0]}); wrong SBD list?")
@@ -71,6 +73,12 @@ def cmd_coco(a):
     with contextlib.redirect_stdout(io.StringIO()):
         coco = COCO(a.json)
     root = Path(a.root)
+    image_dir = Path(a.split)  # the list's image paths are relative to the root: checked before converting
+    if a.image_dir:
+        if not Path(a.image_dir).resolve().is_relative_to(root.resolve()):
+            raise SystemExit(f"--image-dir {a.image_dir} must lie inside --root {a.root}: the pair list names "
+                             f"images relative to the root")
+        image_dir = Path(a.image_dir).resolve().relative_to(root.resolve())
     images = sorted(coco.getImgIds())
     annotated = [i for i in images if coco.getAnnIds(imgIds=i, iscrowd=None)]
     full = FULL.get(a.split)
@@ -80,7 +88,6 @@ def cmd_coco(a):
     summary = convert_instances(a.json, label_dir, annotated if a.annotated_only else images)
     names = [summary["classes"][k] for k in sorted(summary["classes"])]
     (root / "classes.txt").write_text("".join(f"{k}\t{n}\n" for k, n in enumerate(["background"] + names)))
-    image_dir = Path(a.image_dir).resolve().relative_to(root.resolve()) if a.image_dir else Path(a.split)
     pairs = []
     for i in annotated:
         stem = Path(coco.loadImgs(i)[0]["file_name"]).stem

@@ -16,6 +16,11 @@ def row(path: Path) -> dict:
             "episodes": f"{m['episodes']} x {len(m['seeds'])}", "manifest": m["manifest_sha256"][0][:12]}
 
 
+def score(mean, std) -> str:
+    """'66.6 ± 0.2', or '-' for a metric the model has not (a parsing model's FB-IoU is null)."""
+    return "-" if mean is None else f"{mean:.1f} ± {std:.1f}"
+
+
 def main(paths) -> int:
     if not paths:
         print(__doc__.strip(), file=sys.stderr)
@@ -24,11 +29,13 @@ def main(paths) -> int:
     print("| run | fold | shots | mIoU (%) | FB-IoU (%) | episodes x seeds | manifest |")
     print("|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['run']} | {r['fold']} | {r['shots']} | {r['miou']:.1f} ± {r['miou_std']:.1f} | "
-              f"{r['fb_iou']:.1f} ± {r['fb_iou_std']:.1f} | {r['episodes']} | {r['manifest']} |")
+        print(f"| {r['run']} | {r['fold']} | {r['shots']} | {score(r['miou'], r['miou_std'])} | "
+              f"{score(r['fb_iou'], r['fb_iou_std'])} | {r['episodes']} | {r['manifest']} |")
     if len(rows) > 1:
-        mean = lambda k: sum(r[k] for r in rows) / len(rows)  # noqa: E731
-        print(f"| **mean** | | | **{mean('miou'):.1f}** | **{mean('fb_iou'):.1f}** | | |")
+        def mean(k):
+            values = [r[k] for r in rows if r[k] is not None]
+            return f"**{sum(values) / len(values):.1f}**" if values else "-"
+        print(f"| **mean** | | | {mean('miou')} | {mean('fb_iou')} | | |")
     return 0
 
 

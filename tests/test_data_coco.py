@@ -75,7 +75,7 @@ def test_prepare_sbd_merge_and_fss_split(tmp_path):
     spec = importlib.util.spec_from_file_location("prepare_data", REPO / "python" / "prepare_data.py")
     prep = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(prep)
-    assert prep.merge_sbd(["a", "b"], ["b", "c", "a", "d"], ["v"]) == ["a", "b", "c", "d"]
+    assert prep.merge_sbd(["a", "b", "e"], ["b", "c", "a", "d"], ["v"]) == ["b", "c", "a", "d", "e"]  # PFENet's order
     with pytest.raises(SystemExit, match="1 training ids are VOC val images"):
         prep.merge_sbd(["a"], ["v"], ["v"])
     classes = [f"c{i}" for i in range(1000)]

@@ -270,6 +270,23 @@ def test_ddp_evaluation_equals_one_process(dataset, tmp_path):
     assert [s["episodes"] for s in b["per_seed"]] == [12, 12]
 
 
+def test_evaluating_a_training_config_needs_its_weights(dataset, tmp_path):
+    """evaluate.py CONFIG of a model that trains would score untrained weights: refused unless a checkpoint is
+    named or train.iters=0 says so; and a run folder is never written over (its config.yaml, run.json)."""
+    from fsskern.engine.cli import evaluate_main
+    assert run_train(tiny(dataset, tmp_path / "run", "train.iters=2")).returncode == 0
+    common = [*data_overrides(dataset), "eval.episodes=2", "eval.seeds=[0]", "eval.min_class_episodes=0",
+              "data.num_workers=0"]
+    assert evaluate_main([str(dataset / "tiny.yaml"), *common, "train.iters=4", f"out={tmp_path / 'e'}"]) == 2
+    before = (tmp_path / "run" / "config.yaml").read_text()
+    assert evaluate_main([str(dataset / "tiny.yaml"), *common, f"out={tmp_path / 'run'}",
+                          f"eval.checkpoint={tmp_path / 'run' / 'last.pt'}"]) == 2
+    assert (tmp_path / "run" / "config.yaml").read_text() == before
+    assert evaluate_main([str(dataset / "tiny.yaml"), *common, f"out={tmp_path / 'e'}",
+                          f"eval.checkpoint={tmp_path / 'run' / 'last.pt'}"]) == 0
+    assert evaluate_main([str(dataset / "tiny.yaml"), *common, "train.iters=0", f"out={tmp_path / 'u'}"]) == 0
+
+
 def test_baseline_metrics_identical_for_0_and_2_workers(dataset, tmp_path):
     from fsskern.engine.evaluator import evaluate
     results = []
@@ -327,3 +344,21 @@ def test_gallery_draws_best_median_worst_with_the_real_pixels(tmp_path):
     assert "episode2-iou10" in paths[0].name and "episode1-iou90" in paths[2].name
     query_tile = np.asarray(Image.open(paths[2]))[16:16 + 24, 36:36 + 32]  # second tile, below its title
     assert np.abs(query_tile.astype(int) - pixels[1].permute(1, 2, 0).numpy().astype(int)).max() <= 1
+
+
+def test_summarize_prints_parsing_results_without_fb_iou(tmp_path, capsys):
+    """python/summarize.py on a few-shot and a parsing metrics.json (POPNet's fb_iou is null)."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("summarize", ROOT / "python" / "summarize.py")
+    summarize = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(summarize)
+    paths = []
+    for name, fb in (("fss", 70.0), ("parsing", None)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "metrics.json").write_text(json.dumps({
+            "config": {"data": {"fold": 0, "shots": 1}}, "miou": 60.0, "miou_std": 0.5, "fb_iou": fb,
+            "fb_iou_std": None if fb is None else 0.1, "episodes": 4, "seeds": [0], "manifest_sha256": ["ab" * 8]}))
+        paths.append(str(tmp_path / name / "metrics.json"))
+    assert summarize.main(paths) == 0
+    out = capsys.readouterr().out
+    assert "| 60.0 ± 0.5 | - |" in out and "| **mean** | | | **60.0** | **70.0** | | |" in out

@@ -78,6 +78,13 @@ def evaluate_main(argv=None) -> int:
         else:
             cfg = load_config(source, args.overrides)
             checkpoint = None if cfg.eval.checkpoint in ("best", "last") else Path(cfg.eval.checkpoint)
+            if checkpoint is None and cfg.train.iters > 0:  # a config that trains: its weights are in a run folder
+                raise ConfigError(f"{source} trains its model (train.iters={cfg.train.iters}): evaluate the run "
+                                  f"folder (python/evaluate.py {cfg.out}), name eval.checkpoint=PATH, or pass "
+                                  f"train.iters=0 to score the untrained model")
+            if (Path(cfg.out) / "last.pt").is_file():  # its config.yaml and run.json would be replaced
+                raise ConfigError(f"out={cfg.out} holds a training run: evaluate it as python/evaluate.py {cfg.out}, "
+                                  f"or write the evaluation elsewhere (out=...)")
     except (ConfigError, FileNotFoundError) as e:
         print(f"fsskern-evaluate: {e}", file=sys.stderr)
         return 2
