@@ -3,6 +3,8 @@
 #define TORCH_ASSERT_ONLY_METHOD_OPERATORS  // per-operator ATen headers only (setup.py)
 #include "common/library.h"
 
+#include <torch/csrc/autograd/autograd_not_implemented_fallback.h>
+
 #include <algorithm>
 #include <string>
 
@@ -35,6 +37,17 @@ std::string build_info() {
 
 TORCH_LIBRARY(FSSKERN_NAMESPACE, m) {
   m.def("_build_info() -> str", &build_info);
+}
+
+// The backward ops have no derivative of their own: under create_graph (double backward) they must raise.
+// Without an Autograd kernel torch's fallback only warns and treats their outputs as constants, so a second
+// derivative came out silently wrong.
+TORCH_LIBRARY_IMPL(FSSKERN_NAMESPACE, Autograd, m) {
+  for (const char* op : {"_masked_average_pool_backward_features", "_masked_average_pool_backward_masks",
+                         "_max_cosine_backward", "_cluster_means_backward", "_prototype_attention_backward",
+                         "_local_conditional_attention_backward"}) {
+    m.impl(op, torch::autograd::autogradNotImplementedFallback());
+  }
 }
 
 }  // namespace fsskern

@@ -184,3 +184,16 @@ def test_falls_back_to_the_fp32_kernel():
 
 def test_error_bound_is_a_few_bf16_ulps():
     assert 3 * 2 ** -8 < error_bound(2048) < 3.1 * 2 ** -8
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float16])
+def test_device_composite_runs_max_cosine_for_other_dtypes(dtype):
+    """On GPUs the op is the Python composite: for inputs other than fp32 it must run max_cosine, as the CPU
+    kernel does (its fp32 search buffers had failed the scatter for float64 and float16)."""
+    from fsskern.ops.certified_search import device_search
+    g = torch.Generator().manual_seed(0)
+    q, s = torch.randn(1, 8, 6, generator=g).to(dtype), torch.randn(1, 2, 8, 5, generator=g).to(dtype)
+    w = (torch.rand(1, 2, 5, generator=g) > 0.3).to(dtype)
+    values, indices = device_search(q, s, w, 1e-7)
+    want_values, want_indices = torch.ops.fsskern.max_cosine(q, s, w, 1e-7)
+    assert values.dtype == want_values.dtype and torch.equal(values, want_values) and torch.equal(indices, want_indices)

@@ -197,6 +197,25 @@ def test_kmeans_all_invalid_and_empty():
     assert assign.shape == (2, 0) and (counts == 0).all()
 
 
+def test_kmeans_init_of_a_row_with_few_points_is_not_read():
+    """init is checked, and read, only for rows with more than k valid points: another row's init may name
+    anything (the gather had failed on it: an error on the CPU, a device-side assert on CUDA)."""
+    codes = clustered_codes(2, 10, 16, seed=0)
+    valid = torch.ones(2, 10, dtype=torch.bool)
+    valid[1, 2:] = False  # row 1: 2 valid points for k = 3
+    for bad in ([-1, -1, -1], [7, 8, 9], [40, 50, 60]):
+        init = torch.tensor([[0, 1, 2], bad])
+        assign, centroids, counts = ops.hamming_kmeans(codes, 3, valid=valid, init=init, iters=2)
+        assert assign[1, :2].tolist() == [0, 1] and counts[1].tolist() == [1, 1, 0]
+
+
+def test_support_prototypes_of_an_empty_batch():
+    args = (torch.randn(0, 1, 8, 5, 5), torch.rand(0, 1, 5, 5) > 0.5)
+    out, valid = ops.support_prototypes(*args, k_fg=3, k_bg=4)
+    ref_out, ref_valid = composed.support_prototypes(*args, k_fg=3, k_bg=4)
+    assert out.shape == ref_out.shape == (0, 7, 8) and valid.shape == ref_valid.shape == (0, 7)
+
+
 def test_kmeans_bad_inputs():
     codes = clustered_codes(1, 30, 16, seed=0)
     with pytest.raises(RuntimeError, match="codes must be an int64"):

@@ -178,6 +178,9 @@ def test_opcheck(mode):
         # channels-last features and transposed masks: the backward's fake must match its strides
         (torch.randn(2, 5, 7, 6).contiguous(memory_format=torch.channels_last).requires_grad_(),
          torch.rand(2, 3, 13, 15).transpose(2, 3).requires_grad_()),
+        # no mask at all: the backward's early return must be contiguous too, as its fake
+        (torch.randn(2, 3, 5, 5).contiguous(memory_format=torch.channels_last).requires_grad_(),
+         torch.rand(2, 0, 9, 9)),
     ]
     for features, masks in samples:
         torch.library.opcheck(torch.ops.fsskern.masked_average_pool.default, (features, masks, mode, 5e-4))
@@ -296,3 +299,13 @@ def test_deterministic_across_thread_counts(threads):
         torch.set_num_threads(previous)
     for x, y in itertools.zip_longest(a, b):
         assert torch.equal(x, y)
+
+
+def test_double_backward_raises_instead_of_a_wrong_second_derivative():
+    """The backward ops have no derivative of their own: a second derivative through them must be refused
+    (without an Autograd kernel torch only warned and returned a wrong number)."""
+    f = torch.randn(2, 4, 5, 5, dtype=torch.float64, requires_grad=True)
+    m = torch.rand(2, 1, 9, 9, dtype=torch.float64, requires_grad=True)
+    (g,) = torch.autograd.grad((ops.masked_average_pool(f, m) ** 2).sum(), f, create_graph=True)
+    with pytest.raises(RuntimeError, match="derivative for fsskern::_masked_average_pool_backward_features is not"):
+        torch.autograd.grad(g.sum(), m)

@@ -63,8 +63,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> hamming_kmeans_impl(const KmeansK
   at::Tensor assign = at::where(vc, rank, at::full_like(rank, -1));
   at::Tensor own = at::zeros({B, k + 1}, cc.options());  // column k collects what is dropped
   own.scatter_(1, at::where(vc, rank.clamp_max(k), at::full_like(rank, k)), cc);
-  at::Tensor centroids =
-      at::where(active.unsqueeze(1).to(at::kBool), cc.gather(1, init.contiguous()), own.narrow(1, 0, k)).contiguous();
+  // init is only checked (and read) for active rows; an inactive row's init may name anything, so it is clamped
+  // before the gather (an out-of-range index is an error on the CPU and a device-side assert on CUDA)
+  at::Tensor centroids = at::where(active.unsqueeze(1).to(at::kBool), cc.gather(1, init.clamp(0, N - 1).contiguous()),
+                                   own.narrow(1, 0, k))
+                             .contiguous();
 
   for (int64_t it = 0; it < iters; ++it) {
     kernels.assign(cc, vc, centroids, active, assign);

@@ -102,7 +102,7 @@ at::Tensor masked_average_pool_backward_features_impl(const MapKernels& kernels,
   check_inputs(features, masks, eps);
   const MapResize mode = parse_resize(resize);
   const int64_t B = features.size(0), C = features.size(1), h = features.size(2), w = features.size(3);
-  if (features.numel() == 0 || masks.size(1) == 0) return at::zeros_like(features);
+  if (features.numel() == 0 || masks.size(1) == 0) return at::zeros(features.sizes(), features.options());  // contiguous, as the fake
   const auto weights = pooling_weights(kernels, masks.to(area.scalar_type()).contiguous(), h, w, mode);
   const auto gs = scaled_grad(grad_prototypes, area, eps);  // (B, N, C)
   return at::bmm(gs.transpose(1, 2), weights).view({B, C, h, w}).to(features.scalar_type());
@@ -117,7 +117,7 @@ at::Tensor masked_average_pool_backward_masks_impl(const MapKernels& kernels, co
   const MapResize mode = parse_resize(resize);
   const int64_t B = features.size(0), C = features.size(1), h = features.size(2), w = features.size(3);
   const int64_t N = masks.size(1), H = masks.size(2), W = masks.size(3);
-  if (B * N == 0) return at::zeros_like(masks);
+  if (B * N == 0) return at::zeros(masks.sizes(), masks.options());  // contiguous, as the fake
   const auto opmath = area.scalar_type();
   const auto gs = scaled_grad(grad_prototypes, area, eps);  // (B, N, C)
   // d/d area of sum / (area + eps) is -prototype / (area + eps); plus whatever flowed into area.

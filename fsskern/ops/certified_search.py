@@ -138,12 +138,16 @@ def certified_max_cosine(query: torch.Tensor, support: torch.Tensor, support_wei
     return values, indices
 
 
-@torch.library.impl("fsskern::max_cosine_bf16_search", "CompositeExplicitAutograd")
-def _max_cosine_bf16_search(query: torch.Tensor, support: torch.Tensor, support_weights: torch.Tensor,
-                            eps: float) -> Tuple[torch.Tensor, torch.Tensor]:
+def device_search(query: torch.Tensor, support: torch.Tensor, support_weights: torch.Tensor,
+                  eps: float) -> Tuple[torch.Tensor, torch.Tensor]:
     """``fsskern::max_cosine_bf16_search`` where no device kernel is registered (GPUs): the search above. The CPU
     kernel (csrc/ops/cpu/max_cosine_bf16_search_kernel.cpp) runs it tile by tile in one pass.
     Fake and autograd are max_cosine's, registered beside it in prior_mask.py."""
     torch.ops.fsskern.max_cosine(query[:, :, :0], support, support_weights, eps)  # the kernel's input checks
+    if query.dtype != torch.float32:  # the search is for fp32 inputs; the CPU kernel runs max_cosine for others
+        return torch.ops.fsskern.max_cosine(query, support, support_weights, eps)
     values, indices = certified_max_cosine(query.detach(), support.detach(), support_weights.detach(), eps)
     return values.contiguous(), indices.contiguous()
+
+
+torch.library.impl("fsskern::max_cosine_bf16_search", "CompositeExplicitAutograd")(device_search)  # the name stays bound

@@ -150,7 +150,7 @@ def support_prototypes(features: torch.Tensor, masks: torch.Tensor, *, valid: Op
     # Both clusterings first, then the means of all k_fg + k_bg clusters in one pass over the
     # tokens (background clusters numbered after the foreground ones).
     assigns, counts, raws = [], [], []
-    for k, part in ((k_fg, fg.reshape(B, -1)), (k_bg, bg.reshape(B, -1))):
+    for k, part in ((k_fg, fg.reshape(B, K * h * w)), (k_bg, bg.reshape(B, K * h * w))):  # -1: no B = 0
         assign, _, count = hamming_kmeans(codes, k, iters=iters, valid=part, generator=generator)
         assigns.append(assign)
         counts.append(count)

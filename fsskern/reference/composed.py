@@ -48,11 +48,11 @@ def support_prototypes(features: torch.Tensor, masks: torch.Tensor, *, valid: Op
     if valid is not None:  # UMTFSS: the padding mask resized nearest, padded tokens dropped from both sets
         keep = F.interpolate(valid.float(), size=(h, w), mode="nearest") > 0
         fg, bg = fg & keep, bg & keep
-    tokens = features.permute(0, 1, 3, 4, 2).reshape(B, -1, C)
+    tokens = features.permute(0, 1, 3, 4, 2).reshape(B, K * h * w, C)  # -1 cannot be inferred at B = 0
     planes = lsh_planes(bits, C, generator=generator, dtype=features.dtype, device=features.device)
     codes = clustering.lsh_hash(tokens.detach().double(), planes.double())
     out, valids = [], []
-    for k, part in ((k_fg, fg.reshape(B, -1)), (k_bg, bg.reshape(B, -1))):
+    for k, part in ((k_fg, fg.reshape(B, K * h * w)), (k_bg, bg.reshape(B, K * h * w))):
         assign, _, counts = clustering.hamming_kmeans(codes, k, iters, part, draw_init(part, k, generator))
         means, _ = clustering.cluster_means(tokens, assign, k)
         for b in range(B):
