@@ -1,4 +1,7 @@
-"""Real episodes for the methods' over-fitting tests, written once."""
+"""Real episodes for the methods' over-fitting tests, and their two-process training runs, written once."""
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import torch
@@ -82,3 +85,10 @@ class OpInputDtypes(torch.utils._python_dispatch.TorchDispatchMode):
         for op, floats in reads:
             allowed = {dtype, torch.float32} if op in keep_float32 else {dtype}
             assert dtype in floats and floats <= allowed, (op, floats)
+
+
+def train_two_gloo_ranks(config: str, port: int, *overrides: str) -> subprocess.CompletedProcess:
+    """python/train.py CONFIG under torchrun with two gloo processes (one thread each)."""
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
+                           str(REPO / "python" / "train.py"), str(REPO / config), *overrides],
+                          env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)

@@ -12,7 +12,7 @@ from fsskern.models import create_model
 from fsskern.models.dpcl import episode_seed
 
 sys.path.insert(0, str(Path(__file__).parent))
-from method_support import MSRC, fit_until, msrc_episodes  # noqa: E402
+from method_support import MSRC, fit_until, msrc_episodes, train_two_gloo_ranks  # noqa: E402
 
 SMALL = {"dict_size": 64, "cs_negatives": 40, "ca_negatives": 16, "head_dim": 32}  # paper: 8192, 7000, 1000, 512
 
@@ -248,16 +248,10 @@ def test_ddp_ranks_share_one_dictionary(tmp_path):
     none); DDP's per-step broadcast of rank 0's buffers had kept rank 0's alone, at most 3."""
     if not MSRC.is_dir():
         pytest.skip(f"real data {MSRC} absent")
-    import os
-    import subprocess
-
     from fsskern.engine import checkpoint as ckpt
-    repo = Path(__file__).resolve().parents[1]
-    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29539",
-                          str(repo / "python" / "train.py"), str(repo / "configs/dpcl/msrc_v2_mobilenet_v2.yaml"),
-                          f"out={tmp_path}", f"data.root={MSRC}", "model.weights=null", "data.train_size=129",
-                          "data.batch_size=1", "data.num_workers=0", "train.iters=3", "train.val_episodes=0"],
-                         env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
+    run = train_two_gloo_ranks("configs/dpcl/msrc_v2_mobilenet_v2.yaml", 29539, f"out={tmp_path}", f"data.root={MSRC}",
+                               "model.weights=null", "data.train_size=129", "data.batch_size=1", "data.num_workers=0",
+                               "train.iters=3", "train.val_episodes=0")
     assert run.returncode == 0, run.stderr[-3000:]
     state = ckpt.load(tmp_path / "last.pt")["model"]
     written = int(state["queue_ptr"])

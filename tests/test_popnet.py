@@ -18,7 +18,7 @@ from fsskern.models.popnet import ABSENT
 DATA = Path(__file__).parents[1].parent / "shared" / "data"
 REPO = Path(__file__).parents[1]
 sys.path.insert(0, str(Path(__file__).parent))
-from method_support import MSRC, fit_until, msrc_episodes  # noqa: E402
+from method_support import MSRC, fit_until, msrc_episodes, train_two_gloo_ranks  # noqa: E402
 
 
 def model(seed=0, ops="fused", backbone="deeplabv3plus_mobilenet_v2", **params):
@@ -367,13 +367,9 @@ def test_ddp_trains_through_the_epoch_whose_ncm_loss_weight_is_zero(tmp_path):
     NCM computed without a graph while its loss weight is 0)."""
     if not (DATA / "ccp").is_dir():
         pytest.skip(f"real data {DATA / 'ccp'} absent")
-    import os
-    import subprocess
-    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29538",
-                          str(REPO / "python" / "train.py"), str(REPO / "configs/popnet/ccp_mobilenet_v2.yaml"),
-                          f"out={tmp_path}", f"data.root={DATA / 'ccp'}", "train.phases=[]", "model.weights=null",
-                          "data.train_size=65", "data.num_workers=0", "train.iters=3", "model.params.iters=3"],
-                         env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
+    run = train_two_gloo_ranks("configs/popnet/ccp_mobilenet_v2.yaml", 29538, f"out={tmp_path}",
+                               f"data.root={DATA / 'ccp'}", "train.phases=[]", "model.weights=null", "data.train_size=65",
+                               "data.num_workers=0", "train.iters=3", "model.params.iters=3")
     assert run.returncode == 0, run.stderr[-3000:]
     assert (tmp_path / "done.json").is_file()
 
