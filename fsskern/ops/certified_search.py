@@ -2,7 +2,9 @@
 
 Every (support pixel, query pixel) pair is scored with bf16 inputs (fp32 accumulation inside the GEMM, the
 product rounded to bf16), then each row's candidates, the pixels whose bf16 cosine lies within a proven bound
-of the row's bf16 maximum, are rescored in fp32. The returned max and argmax are those of the fp32 kernel.
+of the row's bf16 maximum, are rescored in fp32. The returned argmax is the fp32 kernel's (where two pixels'
+cosines tie exactly, rounding may pick the other) and the max its value within fp32 rounding (the rescoring
+sums the C products in another order: up to 1.2e-7 apart on random features).
 
 The bound. With u = 2^-8 (bf16 unit roundoff) and g = C 2^-24 / (1 - C 2^-24) (fp32 summation of C terms),
 for the true dot product d of a support pixel s and a query pixel q, the bf16 score d~ satisfies

@@ -61,7 +61,8 @@ def prior_mask(query: torch.Tensor, support: torch.Tensor, support_masks: torch.
             (B, K, ...), for BAM/RILFS to weight or fuse).
         out_size: resize the prior bilinear, align_corners=True, to this (h, w); None keeps
             (hq, wq). Non-square features are fine.
-        search_dtype: ``torch.bfloat16``: the certified bf16 search of :func:`max_cosine` (exact results).
+        search_dtype: ``torch.bfloat16``: the certified bf16 search of :func:`max_cosine` (the fp32 argmax;
+            values within fp32 rounding).
 
     Returns:
         (B, 1 or K, h, w) prior in the dtype of ``query`` (float32 for float16/bfloat16). Where every support
