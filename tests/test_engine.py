@@ -208,20 +208,22 @@ def test_clipping_a_non_finite_gradient_steps_no_optimizer(dataset, tmp_path, mo
     assert after["a"].item() == 3.0 and after["b"].item() == 0.0
 
 
-def test_command_line_settings_win_over_a_phase(dataset, tmp_path):
-    """A key=value of the run beats a phase's own value (train.iters=2 runs both phases 2 iterations); a
-    data.fold other than a fold-specific phase's is refused before any work."""
+def test_a_phase_keeps_its_own_settings_and_says_so(dataset, tmp_path):
+    """A phase's own value beats the run's key=value (as RILFS's base phase keeps its iterations), with a warning
+    naming it; the phases that do not set the key take the command line's. A data.fold other than a
+    fold-specific phase's is refused before any work."""
     config = tmp_path / "phased.yaml"
     config.write_text("model:\n  name: tiny_panet\ntrain:\n  phases:\n"
-                      "    - {name: a, config: {train.iters: 5, data.fold: 0}}\n"
-                      "    - {name: b, config: {train.iters: 6, train.lr: 0.01}}\n")
+                      "    - {name: a, config: {train.iters: 3, data.fold: 0}}\n"
+                      "    - {name: b, config: {train.lr: 0.01}}\n")
     args = [str(config), *data_overrides(dataset), f"out={tmp_path / 'run'}", "train.lr=0.05",
             "train.checkpoint_every=100", "train.val_episodes=0", "data.batch_size=2", "data.num_workers=0"]
     res = run_train(args + ["train.iters=2"])
     assert res.returncode == 0, res.stderr[-3000:]
-    for phase in ("a", "b"):
-        assert json.loads((tmp_path / "run" / phase / "done.json").read_text())["iteration"] == 2
-        assert load_config(tmp_path / "run" / phase / "config.yaml").train.lr == 0.05
+    assert "phase 'a' keeps its own train.iters=3" in res.stderr and "phase 'b' keeps its own train.lr=0.01" in res.stderr
+    for phase, iters, lr in (("a", 3, 0.05), ("b", 2, 0.01)):
+        assert json.loads((tmp_path / "run" / phase / "done.json").read_text())["iteration"] == iters
+        assert load_config(tmp_path / "run" / phase / "config.yaml").train.lr == lr
     refused = run_train(args + ["train.iters=2", "data.fold=1", f"out={tmp_path / 'fold1'}"])
     assert refused.returncode == 2 and "phase 'a' is written for data.fold=0" in refused.stderr
     assert not (tmp_path / "fold1").exists()

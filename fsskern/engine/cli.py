@@ -3,6 +3,7 @@
 import argparse
 import json
 import sys
+import warnings
 from pathlib import Path
 
 from . import distributed as dist
@@ -23,8 +24,10 @@ def train_main(argv=None) -> int:
     from .trainer import phase_settings, train
     try:
         cfg = load_config(args.source, args.overrides)
-        for phase in cfg.train.phases:  # a key=value no phase can take is refused before any work
-            phase_settings(phase, args.overrides)
+        with warnings.catch_warnings():  # train() says what the phases shadow; here only what they refuse
+            warnings.simplefilter("ignore")
+            for phase in cfg.train.phases:
+                phase_settings(phase, args.overrides)
     except ConfigError as e:
         print(f"fsskern-train: {e}", file=sys.stderr)
         return 2

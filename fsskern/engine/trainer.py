@@ -73,17 +73,20 @@ def train(cfg: Config, overrides: Sequence[str] = ()) -> Path:
 
 
 def phase_settings(phase: dict, overrides: Sequence[str]) -> dict:
-    """A phase's settings with the run's own key=value overrides on top: a key the command line sets wins over
-    the phase's value (``train.iters=5`` runs every phase 5 iterations; before, the phase's value won, silently).
-    A ``data.fold`` other than a phase's own is refused: such a phase's other settings (its image lists, its
-    pseudo-task folder) belong to its fold and cannot follow (UMTFSS has a config per fold)."""
+    """A phase's own settings, which it keeps over the run's (RILFS's base phase keeps its 400 iterations under
+    ``train.iters=2000``, which sets the meta phase's); a key=value of the command line that a phase shadows
+    is said in a warning, no longer silently. A ``data.fold`` other than a phase's own is refused: such a
+    phase's other settings (its image lists, its pseudo-task folder) belong to its fold and cannot follow
+    (UMTFSS has a config per fold)."""
     settings = dict(phase.get("config", {}))
     for key, value in override_items(list(overrides)):
         if key == "data.fold" and "data.fold" in settings and settings["data.fold"] != value:
             raise ConfigError(f"phase {phase.get('name')!r} is written for data.fold={settings['data.fold']} (its lists "
                               f"and folders with it); data.fold={value} needs a config of that fold")
-        if any(key == k or key.startswith(k + ".") for k in settings):
-            settings[key] = value  # after the phase's own, so a dotted key inside a phase's section wins too
+        shadowing = [k for k in settings if key == k or key.startswith(k + ".")]
+        if shadowing and key not in ("out", "train.phases") and dist.is_main():
+            warnings.warn(f"phase {phase.get('name')!r} keeps its own {shadowing[0]}={settings[shadowing[0]]!r}; the "
+                          f"command line's {key}={value!r} applies to the phases that do not set it", stacklevel=2)
     return settings
 
 
