@@ -172,7 +172,8 @@ def test_falls_back_to_the_fp32_kernel():
         q_nan[0, 3, 4] = float("nan")
         got, idx = ops.max_cosine(q_nan, s, w, search_dtype=BF16)
         kernel = ops.max_cosine(q_nan, s, w)
-        assert_close(got, kernel[0], equal_nan=True) and torch.equal(idx, kernel[1])
+        assert_close(got, kernel[0], equal_nan=True)
+        assert torch.equal(idx, kernel[1])
     with pytest.raises(ValueError, match="search_dtype must be None, torch.float32 or torch.bfloat16"):
         ops.max_cosine(q, s, w, search_dtype=torch.float16)
     with pytest.raises(ValueError, match="bf16_search: mode must be one of"):

@@ -451,3 +451,22 @@ def test_support_prototypes_valid_mask_errors():
         ops.support_prototypes(features, masks, valid=torch.ones(1, 2, 12, 12))
     with pytest.raises(ValueError, match="valid must be a bool"):
         ops.support_prototypes(features, masks, valid=torch.ones(1, 3, 12, 12, dtype=torch.bool))
+
+
+@pytest.mark.parametrize("case", ["no foreground", "no background"])
+def test_support_prototypes_fallback_tokens(case):
+    """UMTFSS's fallbacks checked against the feature maps themselves (the reference shares the token selection
+    with the op): no foreground -> the centre 2x2 tokens of every shot, no background -> the 4 corners. With
+    as many clusters as fallback tokens, each token is its own prototype."""
+    B, K, C, h, w = 1, 2, 6, 6, 7
+    features = torch.randn(B, K, C, h, w, dtype=torch.float64)
+    fill = 0.0 if case == "no foreground" else 1.0
+    masks = torch.full((B, K, 11, 13), fill)
+    out, valid = ops.support_prototypes(features, masks, k_fg=4 * K, k_bg=4 * K, generator=gen(0))
+    if case == "no foreground":
+        tokens, got = features[0, :, :, h // 2 - 1:h // 2 + 1, w // 2 - 1:w // 2 + 1], out[0, :4 * K]
+    else:
+        tokens, got = features[0][:, :, [0, 0, -1, -1], [0, -1, 0, -1]], out[0, 4 * K:]
+    want = torch.nn.functional.normalize(tokens.flatten(2).transpose(1, 2).reshape(-1, C), dim=1)
+    order = lambda t: t[torch.argsort(t[:, 0])]  # noqa: E731  (the clusters' order is the op's business)
+    assert_close(order(got), order(want))

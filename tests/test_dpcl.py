@@ -119,9 +119,15 @@ def test_same_seed_same_result_and_exact_resume():
     for name in out_a["losses"]:
         assert torch.equal(out_a["losses"][name], out_c["losses"][name]), name
     assert torch.equal(a.queue_keys, c.queue_keys) and int(a.queue_ptr) == 2 * 2
-    # the draws follow the episode index: another index, other augmentations and negatives
+    # the draws follow the episode index: from one state, the same index repeats, another gives other augmentations
+    # and negatives
+    state = b.state_dict()
+    d1, d2, d3 = build().train(), build().train(), build().train()
+    for d in (d1, d2, d3):
+        d.load_state_dict(state)
     moved = dict(second, index=second["index"] + 100)
-    assert not torch.equal(c(moved)["losses"]["cs_nce"], b(second)["losses"]["cs_nce"])
+    assert torch.equal(d1(second)["losses"]["cs_nce"], d2(second)["losses"]["cs_nce"])
+    assert not torch.equal(d3(moved)["losses"]["cs_nce"], d1(second)["losses"]["cs_nce"])
     assert episode_seed(torch.tensor([1, 2])) != episode_seed(torch.tensor([2, 1]))
 
 
