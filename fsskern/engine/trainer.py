@@ -54,8 +54,8 @@ def unwrap(model):
 def train(cfg: Config, overrides: Sequence[str] = ()) -> Path:
     """Run every phase of ``cfg`` (or the one phase it is), each in ``out/<phase name>`` and each
     starting from the weights the previous phase ended with. Returns the last phase's folder.
-    ``overrides``: the run's own key=value settings (the command line's), which win over a phase's
-    (``phase_settings``)."""
+    ``overrides``: the run's own key=value settings (the command line's); a phase keeps its own over them, with
+    a warning, and one it cannot follow is refused (``phase_settings``)."""
     dist.init_from_env(cfg.device)
     if not cfg.train.phases:
         return train_phase(cfg)
