@@ -341,3 +341,11 @@ def test_umtfss_patch():
     protos, mask = transformer.self_supp_cluster.cluster_group_lsh_kmeans(
         torch.randn(1, 50, 32), torch.zeros(1, 50, dtype=torch.bool), torch.rand(1, 50) < 0.5)
     assert protos.shape == (1, 10, 32) and mask.sum() == 0
+    # a model in another dtype keeps it: the swapped layer runs on its inputs
+    doubled = nn.Module()
+    theirs64 = T.ProtoCrossAtt(32, num_heads=8).double().eval()
+    doubled.cross_layers, doubled.self_supp_cluster = nn.ModuleList([theirs64]), Supp()
+    umtfss.patch(doubled)
+    x64, k64 = x.double(), k.double()
+    assert doubled.cross_layers[0].q_fc.weight.dtype == torch.float64
+    close(doubled.cross_layers[0](x64, k64, k64), theirs64(x64, k64, k64))

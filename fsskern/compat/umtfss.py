@@ -179,7 +179,8 @@ def patch(proto_transformer: nn.Module, generator: Optional[torch.Generator] = N
         new = ProtoCrossAtt(old.q_fc.in_features, old.num_heads, qkv_bias=old.q_fc.bias is not None,
                             qk_scale=old.scale, attn_drop=old.attn_drop.p, proj_drop=old.proj_drop.p)
         new.load_state_dict(old.state_dict())
-        proto_transformer.cross_layers[i] = new.to(old.q_fc.weight.device).train(old.training)
+        weight = old.q_fc.weight  # the new layer where the old one was: device and dtype (a model.half() one too)
+        proto_transformer.cross_layers[i] = new.to(weight.device, weight.dtype).train(old.training)
     layer = proto_transformer.self_supp_cluster
     layer.cluster_group_lsh_kmeans = functools.partial(cluster_group_lsh_kmeans, clusters_fg=layer.clusters_fg,
                                                        clusters_bg=layer.clusters_bg, n_iter=layer.n_iter,
