@@ -13,7 +13,7 @@ from fsskern import ops
 from fsskern.engine.config import ModelConfig, TrainConfig
 from fsskern.engine.optim import build_optimizers, build_schedulers, lr_factor
 from fsskern.models import create_model
-from fsskern.models.umtfss import dense_attention, dice_loss, sine_encoding
+from fsskern.models.umtfss import _attention_rows, dense_attention, dice_loss, dropout_keep_mask, sine_encoding
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from method_support import MSRC, OpInputDtypes, fit_until, msrc_episodes  # noqa: E402
@@ -83,6 +83,16 @@ def test_params_profiles_and_groups():
         build_schedulers([bad], cfg)
 
 
+def test_resnet_dilated_as_the_code():
+    """The code's backbone dilates as torchvision's replace_stride_with_dilation: the first block of layer3 and
+    layer4 keeps the previous dilation (1, 2), the others take the new one (2, 4); PSPNet's would give 2 and 4
+    throughout."""
+    model = build(backbone="resnet50_v2", output_stride=8)
+    dilations = [[block.conv2.dilation[0] for block in layer] for layer in (model.backbone.layer3,
+                                                                           model.backbone.layer4)]
+    assert dilations == [[1, 2, 2, 2, 2, 2], [2, 4, 4]]
+
+
 def test_sine_encoding_and_dice_loss():
     pos = sine_encoding(3, 5, 8)
     assert pos.shape == (15, 8) and torch.equal(pos[0, :4], pos[4, :4])  # y features depend on the row only
@@ -94,15 +104,15 @@ def test_sine_encoding_and_dice_loss():
 
 
 def test_lean_dropout_attention_keeps_the_mask_for_backward():
-    """The chunked, checkpointed CPU path must give the outputs and gradients of SDPA run chunk by chunk with
-    the same dropout masks: if backward's recomputation drew new masks, the gradients would differ."""
+    """The chunked, checkpointed CPU path must give the outputs and gradients of its chunks run without
+    checkpointing under the same RNG state: if backward's recomputation drew new masks, the gradients would
+    differ. Without dropout its maths is SDPA's."""
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(2, 4, 300, 16, generator=g, requires_grad=True) for _ in range(3))
     mask = torch.rand(2, 1, 1, 300, generator=g) > 0.2
 
     def by_chunks(q, k, v):
-        return torch.cat([F.scaled_dot_product_attention(rows, k, v, attn_mask=mask, dropout_p=0.3)
-                          for rows in q.split(64, -2)], -2)
+        return torch.cat([_attention_rows(rows, k, v, mask, 0.3) for rows in q.split(64, -2)], -2)
 
     results = []
     for attend in (lambda q, k, v: dense_attention(q, k, v, mask, dropout_p=0.3, budget=64 * 2 * 4 * 300), by_chunks):
@@ -115,6 +125,49 @@ def test_lean_dropout_attention_keeps_the_mask_for_backward():
         plain = F.scaled_dot_product_attention(q, k, v, mask)
         assert not torch.allclose(results[0][0], plain)                    # dropout was on
         torch.testing.assert_close(dense_attention(q, k, v, mask), plain)  # and off without it
+        torch.testing.assert_close(_attention_rows(q, k, v, mask, 0.0), plain, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("p", [0.1, 0.5, 0.9])
+def test_dropout_keep_mask_rate(p):
+    """Both int16 halves of every draw keep with probability 1 - p (to 2 ** -15), each within 4 sigma: the other
+    half's threshold (the halves in the wrong order) would keep about half of the 16-bit half, or none of the
+    15-bit one."""
+    torch.manual_seed(0)
+    keep, keep_p = dropout_keep_mask((5, 400001), p)
+    assert keep.dtype == torch.bool and keep.shape == (5, 400001)
+    assert abs(keep_p - (1 - p)) <= 2 ** -16
+    flat = keep.flatten().float()
+    for half in (flat[0::2], flat[1::2]):  # the 16-bit and the 15-bit half of each draw
+        assert abs(half.mean().item() - keep_p) < 4 * (keep_p * (1 - keep_p) / half.numel()) ** 0.5
+    assert dropout_keep_mask((7,), 0.0)[0].all()
+
+
+def test_ffn_relu_dropout_is_relu_then_dropout():
+    """The FFN's fused ReLU + dropout (only its output kept for backward) gives the outputs and gradients of
+    nn.ReLU then nn.Dropout under the same RNG, to the bit, in training and in eval."""
+    from torch import nn
+    from fsskern.models.umtfss import FFN
+    torch.manual_seed(0)
+    ffn = FFN(16, 3, 0.3)
+    plain = nn.Sequential(nn.Linear(16, 48, bias=False), nn.ReLU(inplace=True), nn.Dropout(0.3),
+                          nn.Linear(48, 16, bias=False), nn.Dropout(0.3))
+    plain[0].weight.data.copy_(ffn.layers[0].weight)
+    plain[3].weight.data.copy_(ffn.layers[2].weight)
+    x = torch.randn(4, 50, 16, requires_grad=True)
+    outputs = []
+    for training in (True, False):
+        ffn.train(training), plain.train(training)
+        results = []
+        for fn in (ffn, lambda x: x + plain(x)):
+            torch.manual_seed(3)
+            y = fn(x)
+            results.append((y, *torch.autograd.grad((y * torch.linspace(-1, 1, 16)).sum(), [x, *ffn.parameters()]
+                                                     if fn is ffn else [x, plain[0].weight, plain[3].weight])))
+        for a, b in zip(*results):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+        outputs.append(results[0][0])
+    assert not torch.allclose(*outputs)  # dropout was on in training
 
 
 @pytest.mark.parametrize("shots", [1, 3])

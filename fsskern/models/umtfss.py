@@ -8,8 +8,10 @@ not copied. ``docs/methods/umtfss.md`` lists the resolutions below with their so
 
 Forward for B episodes of K shots (3.2), d = ``reduce_dim``:
 
-1. frozen backbone (BN frozen) at ``output_stride`` (paper 8: ResNet-50 layer2/3/4 at 60 x 60 for 473) on the
-   query and the B * K supports; layer2 is resized to layer3's grid when they differ (the other models' rule).
+1. frozen backbone (BN frozen) at ``output_stride`` (paper 8: ResNet-50 layer2/3/4 at 60 x 60 for 473; dilated
+   as torchvision's ``replace_stride_with_dilation``, the first block of a dilated layer keeping the previous
+   dilation, as the code's ``model/backbone_utils.py``) on the query and the B * K supports; layer2 is resized
+   to layer3's grid when they differ (the other models' rule).
 2. adapters: Dropout2d(0.5)(ReLU(Conv1x1(concat(layer2, layer3)))) -> d, separate for query and support.
 3. MAP per shot: ``backend.masked_average_pool`` (Weighted_GAP: mask bilinear to the grid, eps 5e-4); the
    query side reads the mean over shots, each support shot its own vector (code).
@@ -37,8 +39,9 @@ Resolutions (source: P paper, C public code, N the notes' recommendation, R ours
   (its output is discarded): ``profile: code`` skips it (``support_self_attention: false``). [#4, #6]
 - Self-attention: dense multi-head attention through ``F.scaled_dot_product_attention`` (P Eq. 1-2), not the
   code's deformable attention (not offered); bias-free q/k/v/out projections as in the cross-attention (R);
-  dropout 0.1 on the attention weights and after the block (C); on the CPU in training, query-row chunks
-  under checkpointing (``dense_attention``), because the CPU's SDPA keeps every N x N map with dropout (R). [#5]
+  dropout 0.1 on the attention weights and after the block (C); on the CPU in training at large grids,
+  query-row chunks under checkpointing (``dense_attention``), because the CPU's SDPA keeps every N x N map with
+  dropout, their dropout masks drawn 16 bits per weight (keep probability 1 - p rounded to 2 ** -15) (R). [#5]
 - Layer order: query [SA, FFN, Cross, FFN] x 2 post-LN, support [SA, FFN] x 2, prototypes built once (C). [#7]
 - Attention scale (d / heads) ** -0.5 per head (C). [#8]
 - Prototypes L2-normalised; padding rows and empty clusters masked (C + fsskern). [#9]
@@ -67,6 +70,7 @@ clustering seed at evaluation; 0 when absent). Any K. Output: {"logits": (B, 2, 
 {"dice"} in training}.
 """
 import math
+import sys
 from typing import Dict
 
 import torch
@@ -156,35 +160,97 @@ def dice_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return (1 - ratio).sum(1).mean()
 
 
+class _ReLUDropout(torch.autograd.Function):
+    """dropout(relu(x)) keeping only its output for backward: where it is positive the gradient passes scaled by
+    1 / (1 - p), elsewhere it is 0 (ReLU cut it or dropout did). Dropout's own draw and values, so the same RNG
+    stream and results as ``nn.ReLU`` then ``nn.Dropout``; the output is the next Linear's saved input anyway,
+    where the two modules keep the ReLU output and the dropout mask as well (a float32 mask on the CPU): 44 MB
+    per FFN at 473 x 473, batch 2."""
+
+    @staticmethod
+    def forward(ctx, x, p):
+        out = F.dropout(x.relu(), p, training=True)
+        ctx.save_for_backward(out)
+        ctx.p = p
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        out, = ctx.saved_tensors
+        scale = torch.ones((), dtype=grad.dtype, device=grad.device).div_(1 - ctx.p)  # dropout's kept value
+        return torch.where(out > 0, grad * scale, 0), None
+
+
+class ReLUDropout(nn.Module):
+    def __init__(self, p: float):
+        super().__init__()
+        self.p = p
+
+    def forward(self, x):
+        if self.training and self.p > 0 and torch.is_grad_enabled():
+            return _ReLUDropout.apply(x, self.p)
+        return x.relu()
+
+
 class FFN(nn.Module):
     """The code's FFN: x + Drop(Linear(Drop(ReLU(Linear(x))))), bias-free, hidden ``mult`` x dim."""
 
     def __init__(self, dim: int, mult: int, dropout: float):
         super().__init__()
-        self.layers = nn.Sequential(nn.Linear(dim, mult * dim, bias=False), nn.ReLU(inplace=True),
-                                    nn.Dropout(dropout), nn.Linear(mult * dim, dim, bias=False), nn.Dropout(dropout))
+        self.layers = nn.Sequential(nn.Linear(dim, mult * dim, bias=False), ReLUDropout(dropout),
+                                    nn.Linear(mult * dim, dim, bias=False), nn.Dropout(dropout))
 
     def forward(self, x):
         return x + self.layers(x)
 
 
+def dropout_keep_mask(shape, p: float, device=None) -> torch.Tensor:
+    """A Bernoulli keep mask (bool, ``shape``) for dropout ``p`` from 16 random bits per element, and the keep
+    probability it draws with (1 - p rounded to a multiple of 2 ** -15).
+
+    ``random_()`` fills int32 with 31 random bits; each draw is read as two int16 halves, the low one uniform
+    over [-2 ** 15, 2 ** 15) and the high one over [0, 2 ** 15), compared with a threshold each. Half a draw per
+    element and one byte of mask: ``bernoulli_`` on float32 (the CPU's dropout) took a third of the paper-size
+    training step on 2 cores, and its float32 mask four bytes."""
+    drop = min(round(p * 2 ** 15), 2 ** 15 - 1)                  # dropped values of the 15-bit half
+    n = math.prod(shape)
+    halves = torch.empty((n + 1) // 2, dtype=torch.int32, device=device).random_().view(torch.int16).view(-1, 2)
+    low, high = 2 * drop - 2 ** 15, drop                         # the 16-bit half spans twice the 15-bit one
+    thresholds = torch.tensor([low, high] if sys.byteorder == "little" else [high, low], dtype=torch.int16,
+                              device=device)
+    return (halves >= thresholds).view(-1)[:n].view(shape), 1 - drop / 2 ** 15
+
+
+def _attention_rows(q, k, v, mask, dropout_p):
+    """softmax(q k^T / sqrt(dh), masked) with dropout, times v: SDPA's maths, the dropout mask from
+    ``dropout_keep_mask``. Every row needs one valid key (``SelfAttention`` makes sure)."""
+    scores = torch.matmul(q * q.shape[-1] ** -0.5, k.transpose(-1, -2))
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    weights = scores.softmax(-1)
+    keep, keep_p = dropout_keep_mask(weights.shape, dropout_p, weights.device)
+    return torch.matmul(torch.where(keep, weights, 0), v / keep_p)  # the 1 / keep scaling on the small v
+
+
 def dense_attention(q, k, v, mask=None, dropout_p=0.0, budget=2 ** 24):
-    """``F.scaled_dot_product_attention`` that stays lean when it trains with dropout on the CPU; ``mask`` masks
-    keys only ((B, 1, 1, N), broadcast over the query rows).
+    """``F.scaled_dot_product_attention`` that stays lean and fast when it trains with dropout on the CPU;
+    ``mask`` masks keys only ((B, 1, 1, N), broadcast over the query rows).
 
     PyTorch's CPU kernels run attention dropout only on the math path, which keeps the (B, heads, N, N)
-    weights and the dropout mask for backward: at 473 x 473 (3,600 tokens) that is 10.6 of the 11.6 GB of a
-    1-shot training step, and the 5-shot step does not fit in 24 GB. There, query rows go through in chunks
+    weights and a float32 dropout mask for backward: at 473 x 473 (3,600 tokens) that is 10.6 of the 11.6 GB of
+    a 1-shot training step, and the 5-shot step does not fit in 24 GB. There, query rows go through in chunks
     under activation checkpointing, as many rows as keep one (B, heads, rows, N) map within ``budget`` elements
     (64 MB in fp32: 291 rows at 1-shot, 58 at 5-shot, where B counts every shot), and backward recomputes each
-    chunk with the same dropout mask (checkpoint restores the RNG state). Same maths and gradients; elsewhere
+    chunk with the same dropout mask (checkpoint restores the RNG state). The chunks compute SDPA's maths
+    themselves (``_attention_rows``) with a bool mask of 16-bit draws (``dropout_keep_mask``): the math path's
+    float32 ``bernoulli_``, its mask pass and its safe softmax's checks took half the attention's time. Elsewhere
     (no dropout, no autograd, or CUDA, whose fused kernels do dropout) it is the plain call."""
     rows = max(1, budget // (q.shape[:-2].numel() * k.shape[-2]))
     lean = dropout_p > 0 and q.device.type == "cpu" and torch.is_grad_enabled() and q.shape[-2] > rows
     if not lean:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
-    parts = [checkpoint(F.scaled_dot_product_attention, part, k, v, attn_mask=mask, dropout_p=dropout_p,
-                        use_reentrant=False) for part in q.split(rows, dim=-2)]
+    parts = [checkpoint(_attention_rows, part, k, v, mask, dropout_p, use_reentrant=False)
+             for part in q.split(rows, dim=-2)]
     return torch.cat(parts, -2)
 
 
@@ -264,8 +330,9 @@ class UMTFSS(nn.Module):
         if not cfg.freeze_backbone:
             raise ValueError("umtfss: the backbone is frozen, BatchNorms included (paper); "
                              "set model.freeze_backbone: true")
+        kw = {"dilation": "torchvision"} if cfg.backbone.startswith("resnet") else {}  # the code's backbone
         self.backbone = freeze(create_backbone(cfg.backbone, weights=cfg.weights, frozen_bn=True,
-                                               output_stride=p["output_stride"]))
+                                               output_stride=p["output_stride"], **kw))
         ch, d = self.backbone.channels, p["reduce_dim"]
         self.down_query = _conv_relu(ch["layer2"] + ch["layer3"], d, dropout=0.5)
         self.down_supp = _conv_relu(ch["layer2"] + ch["layer3"], d, dropout=0.5)
