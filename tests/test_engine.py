@@ -236,6 +236,19 @@ def test_refuses_to_overwrite_a_run(dataset, tmp_path):
     assert again.returncode != 0 and "already holds a run" in again.stderr
 
 
+def test_no_held_out_images_means_no_validation(dataset, tmp_path):
+    """With data.val_fraction 0 there is nothing to validate on: the end-of-training validation is skipped (it
+    raised after the last step and lost the final checkpoint), and a periodic one is refused before training."""
+    out = tmp_path / "noval"
+    done = run_train(tiny(dataset, out, "train.iters=2", "train.val_episodes=20", "data.val_fraction=0"))
+    assert done.returncode == 0, done.stderr
+    assert ckpt.load(out / "last.pt")["iteration"] == 2 and not (out / "best.pt").exists()
+    refused = run_train(tiny(dataset, tmp_path / "noval2", "train.val_every=1", "train.val_episodes=20",
+                             "data.val_fraction=0"))
+    assert refused.returncode != 0 and "data.val_fraction is 0" in refused.stderr
+    assert not (tmp_path / "noval2" / "last.pt").exists()
+
+
 def test_nan_loss_stops_with_message_and_keeps_checkpoint(dataset, tmp_path):
     out = tmp_path / "nan"
     res = run_train(tiny(dataset, out, "train.lr=1e30", "train.iters=30", "train.checkpoint_every=1"))

@@ -37,6 +37,7 @@ class DataConfig:
     merge: Optional[Dict[str, List[int]]] = None  # class merges {new name: [old ids]}
     hierarchy: Optional[Dict[str, List[str]]] = None  # parsing: area -> fine classes
     val_fraction: float = 0.1          # held-out base-class images for model selection
+    # PFENet's; a config's own mapping replaces it whole, and a key it leaves out is off
     augment: Dict[str, Any] = field(default_factory=lambda: {"scale": [0.9, 1.1], "rotate": 10.0,
                                                              "blur": True, "flip": True})
     params: Dict[str, Any] = field(default_factory=dict)  # dataset-specific, checked by the dataset
@@ -63,7 +64,7 @@ class TrainConfig:
     accumulate: int = 1                # micro-batches per optimizer step
     clip_grad: Optional[float] = None  # max global grad norm
     checkpoint_every: int = 500
-    val_every: int = 0                 # 0: validate only at the end
+    val_every: int = 0                 # 0: validate only at the end (never when data.val_fraction is 0)
     val_episodes: int = 200
     log_every: int = 20
     find_unused_parameters: bool = False

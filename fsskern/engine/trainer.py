@@ -99,6 +99,9 @@ def train_phase(cfg: Config, init_from: Optional[Path] = None) -> Path:
         return out  # a finished phase of a resumed multi-phase run
     if last.is_file() and not cfg.resume:
         raise FileExistsError(f"{out} already holds a run ({last}); pass resume=true to continue it, or another out=")
+    if cfg.train.val_every and cfg.train.val_episodes > 0 and cfg.data.val_fraction <= 0:
+        raise ValueError("train.val_every validates on held-out base-class images, and data.val_fraction is 0: "
+                         "raise data.val_fraction, or set train.val_every=0")
 
     torch.manual_seed(cfg.seed + dist.rank())
     model = create_model(cfg.model, cfg.ops).to(device)
@@ -224,7 +227,7 @@ def check_finite(loss: torch.Tensor, losses: dict, iteration: int, last: Path) -
 def validate(cfg: Config, model, state: dict, logger, save_best) -> None:
     """Model selection on held-out base-class images (eval.split=val): never on the test classes.
     Runs under fork_rng so validating does not change the training's random stream."""
-    if cfg.train.val_episodes <= 0:
+    if cfg.train.val_episodes <= 0 or cfg.data.val_fraction <= 0:  # nothing held out: the last weights stand
         return
     val_cfg = with_overrides(cfg, {"eval.split": "val", "eval.episodes": cfg.train.val_episodes,
                                    "eval.seeds": [cfg.seed], "eval.visualize": False,
