@@ -190,6 +190,9 @@ def test_from_config():
     assert isinstance(t, TrainTransform) and t.scale == (0.8, 1.25) and t.rotate == 5 and not t.blur
     assert from_config(cfg, train=False, rule="square").rule == "square"
     assert from_config(cfg, train=False).size == 80
+    cfg.augment = {"scale": [0.5, 2.0], "flip": True}  # keys left out are off, not TrainTransform's defaults
+    t = from_config(cfg, train=True)
+    assert (t.scale, t.rotate, t.blur, t.flip) == ((0.5, 2.0), 0.0, False, True)
     cfg.augment = {"scal": [1, 1]}
     with pytest.raises(ValueError, match="unknown augment keys"):
         from_config(cfg, train=True)

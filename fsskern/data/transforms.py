@@ -340,9 +340,15 @@ def restore_logits(logits: torch.Tensor, restore):
     return [_restore_one(lg, r) for lg, r in zip(logits, _restore_list(restore, logits.shape[0]))]
 
 
+AUGMENT_OFF = {"scale": (1.0, 1.0), "rotate": 0.0, "blur": False, "flip": False}
+
+
 def from_config(cfg_data, train: bool, rule: str | None = None, score_at: str = "original"):
     """Build the transform a data config asks for: TrainTransform(train_size, **augment) when training,
-    TestTransform(test_size, rule) otherwise (rule defaults to "pfenet"; a protocol passes its own)."""
+    TestTransform(test_size, rule) otherwise (rule defaults to "pfenet"; a protocol passes its own).
+
+    An ``augment`` mapping lists what to apply: a key left out is off (scale 1, no rotation, blur or flip), so
+    ``{scale: [0.5, 2.0], flip: true}`` is a DeepLab-style recipe, not PFENet's with rotation and blur added."""
     if train:
         augment = getattr(cfg_data, "augment", None) or {}
         if not isinstance(augment, Mapping):
@@ -350,5 +356,6 @@ def from_config(cfg_data, train: bool, rule: str | None = None, score_at: str = 
         unknown = set(augment) - {"scale", "rotate", "blur", "flip"}
         if unknown:
             raise ValueError(f"unknown augment keys {sorted(unknown)}; expected scale, rotate, blur, flip")
-        return TrainTransform(cfg_data.train_size, **{k: (tuple(v) if k == "scale" else v) for k, v in augment.items()})
+        given = {k: (tuple(v) if k == "scale" else v) for k, v in augment.items()}
+        return TrainTransform(cfg_data.train_size, **{**AUGMENT_OFF, **given})
     return TestTransform(cfg_data.test_size, rule or "pfenet", score_at=score_at)

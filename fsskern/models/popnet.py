@@ -84,6 +84,8 @@ Resolutions (source: paper, notes = ../shared/notes/methods/popnet.md, code = pu
   keeps every BN at its initial statistics (mean 0, var 1), a learnable per-channel affine, the same in training
   and evaluation: the over-fit test uses it. The recipes keep batch statistics: the one-stage CCP recipe with
   fixed ones scored human mIoU 4.0 against 9.9 (fold 0, 300 steps).
+- R18 backbone BN frozen (``frozen_bn=True``: running statistics and affines fixed; ours); notes 4 item 7: the
+  code's encoder runs on batch statistics too, which ``frozen_bn=False`` gives.
 """
 from typing import Dict, List, Optional, Tuple
 
