@@ -41,6 +41,7 @@ def test_ops_registered_with_cpu_kernels(name):
         assert torch._C._dispatch_has_kernel_for_dispatch_key(name, "CUDA")
 
 
+@pytest.mark.cuda
 @CUDA
 @pytest.mark.parametrize("mode", ["mask", "features"])
 def test_cuda_masked_average_pool_matches_cpu(mode):
@@ -54,6 +55,7 @@ def test_cuda_masked_average_pool_matches_cpu(mode):
         assert_close(b.cpu(), a, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.cuda
 @CUDA
 @pytest.mark.parametrize("fg", [0.0, 0.3, 1.0])
 def test_cuda_prior_matches_cpu(fg):
@@ -68,6 +70,7 @@ def test_cuda_prior_matches_cpu(fg):
         assert_close(b.cpu(), a, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.cuda
 @CUDA
 def test_cuda_clustering_identical_to_cpu():
     x = torch.randn(3000, 256)
@@ -88,6 +91,7 @@ def test_cuda_clustering_identical_to_cpu():
     assert torch.equal(counts_c.cpu(), counts)
 
 
+@pytest.mark.cuda
 @CUDA
 @pytest.mark.parametrize("mode", ["exclude", "multiply"])
 def test_cuda_attention_matches_cpu(mode):
