@@ -47,6 +47,8 @@ def test_params_profiles_and_groups():
         build(kfg=3)
     with pytest.raises(ValueError, match="profile must be one of paper, code"):
         build(profile="fast")
+    with pytest.raises(ValueError, match="dropout must be in"):
+        build(dropout=1.0)
     with pytest.raises(ValueError, match="heads must be int"):
         build(heads="8")
     with pytest.raises(ValueError, match="divisible by heads"):
@@ -131,8 +133,8 @@ def test_lean_dropout_attention_keeps_the_mask_for_backward():
 @pytest.mark.parametrize("p", [0.1, 0.5, 0.9])
 def test_dropout_keep_mask_rate(p):
     """Both int16 halves of every draw keep with probability 1 - p (to 2 ** -15), each within 4 sigma: the other
-    half's threshold (the halves in the wrong order) would keep about half of the 16-bit half, or none of the
-    15-bit one."""
+    half's threshold (the halves in the wrong order) would keep about half of the 16-bit half, and none or all of
+    the 15-bit one."""
     torch.manual_seed(0)
     keep, keep_p = dropout_keep_mask((5, 400001), p)
     assert keep.dtype == torch.bool and keep.shape == (5, 400001)
@@ -145,15 +147,15 @@ def test_dropout_keep_mask_rate(p):
 
 def test_ffn_relu_dropout_is_relu_then_dropout():
     """The FFN's fused ReLU + dropout (only its output kept for backward) gives the outputs and gradients of
-    nn.ReLU then nn.Dropout under the same RNG, to the bit, in training and in eval."""
+    nn.ReLU then nn.Dropout under the same RNG, to the bit, in training and in eval, and the earlier layout's
+    weights load into it."""
     from torch import nn
     from fsskern.models.umtfss import FFN
     torch.manual_seed(0)
     ffn = FFN(16, 3, 0.3)
     plain = nn.Sequential(nn.Linear(16, 48, bias=False), nn.ReLU(inplace=True), nn.Dropout(0.3),
                           nn.Linear(48, 16, bias=False), nn.Dropout(0.3))
-    plain[0].weight.data.copy_(ffn.layers[0].weight)
-    plain[3].weight.data.copy_(ffn.layers[2].weight)
+    ffn.layers.load_state_dict(plain.state_dict())  # checkpoints of the ReLU, Dropout layout still load
     x = torch.randn(4, 50, 16, requires_grad=True)
     outputs = []
     for training in (True, False):

@@ -347,8 +347,10 @@ def from_config(cfg_data, train: bool, rule: str | None = None, score_at: str = 
     """Build the transform a data config asks for: TrainTransform(train_size, **augment) when training,
     TestTransform(test_size, rule) otherwise (rule defaults to "pfenet"; a protocol passes its own).
 
-    An ``augment`` mapping lists what to apply: a key left out is off (scale 1, no rotation, blur or flip), so
-    ``{scale: [0.5, 2.0], flip: true}`` is a DeepLab-style recipe, not PFENet's with rotation and blur added."""
+    The config's final ``augment`` mapping lists what to apply: a key missing from it is off (scale 1, no
+    rotation, blur or flip), so ``{scale: [0.5, 2.0], flip: true}`` is a DeepLab-style recipe, not PFENet's with
+    rotation and blur added. (``base:`` files and ``key=value`` overrides merge mappings key by key, so a key is
+    missing only when no file in the chain names it; a phase's ``data.augment`` replaces the mapping.)"""
     if train:
         augment = getattr(cfg_data, "augment", None) or {}
         if not isinstance(augment, Mapping):

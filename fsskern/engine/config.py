@@ -37,7 +37,7 @@ class DataConfig:
     merge: Optional[Dict[str, List[int]]] = None  # class merges {new name: [old ids]}
     hierarchy: Optional[Dict[str, List[str]]] = None  # parsing: area -> fine classes
     val_fraction: float = 0.1          # held-out base-class images for model selection
-    # PFENet's; a config's own mapping replaces it whole, and a key it leaves out is off
+    # PFENet's when no config names one; a key missing from the final mapping is off (transforms.from_config)
     augment: Dict[str, Any] = field(default_factory=lambda: {"scale": [0.9, 1.1], "rotate": 10.0,
                                                              "blur": True, "flip": True})
     params: Dict[str, Any] = field(default_factory=dict)  # dataset-specific, checked by the dataset

@@ -71,7 +71,7 @@ clustering seed at evaluation; 0 when absent). Any K. Output: {"logits": (B, 2, 
 """
 import math
 import sys
-from typing import Dict
+from typing import Dict, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -129,6 +129,8 @@ def _parse_params(given: Dict) -> Dict:
     if p["reduce_dim"] % p["heads"] or p["reduce_dim"] % 4:
         raise ValueError(f"umtfss: reduce_dim ({p['reduce_dim']}) must be divisible by heads ({p['heads']}) and "
                          f"by 4 (the sine encoding's sin/cos pairs per axis)")
+    if not 0 <= p["dropout"] < 1:
+        raise ValueError(f"umtfss: model.params.dropout must be in [0, 1), got {p['dropout']}")
     if not 1 <= p["bits"] <= 64:
         raise ValueError(f"umtfss: model.params.bits must be in 1..64, got {p['bits']}")
     return p
@@ -177,7 +179,8 @@ class _ReLUDropout(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         out, = ctx.saved_tensors
-        scale = torch.ones((), dtype=grad.dtype, device=grad.device).div_(1 - ctx.p)  # dropout's kept value
+        # dropout's own backward scale: the CPU's kept value in the input's dtype, CUDA's float32 1 / (1 - p)
+        scale = 1 / (1 - ctx.p) if grad.is_cuda else torch.ones((), dtype=grad.dtype).div_(1 - ctx.p)
         return torch.where(out > 0, grad * scale, 0), None
 
 
@@ -187,9 +190,9 @@ class ReLUDropout(nn.Module):
         self.p = p
 
     def forward(self, x):
-        if self.training and self.p > 0 and torch.is_grad_enabled():
-            return _ReLUDropout.apply(x, self.p)
-        return x.relu()
+        if not (self.training and self.p > 0):
+            return x.relu()
+        return _ReLUDropout.apply(x, self.p) if torch.is_grad_enabled() else F.dropout(x.relu(), self.p, True)
 
 
 class FFN(nn.Module):
@@ -197,14 +200,15 @@ class FFN(nn.Module):
 
     def __init__(self, dim: int, mult: int, dropout: float):
         super().__init__()
-        self.layers = nn.Sequential(nn.Linear(dim, mult * dim, bias=False), ReLUDropout(dropout),
+        # the Identity keeps the second Linear at index 3, where checkpoints of the ReLU, Dropout layout name it
+        self.layers = nn.Sequential(nn.Linear(dim, mult * dim, bias=False), ReLUDropout(dropout), nn.Identity(),
                                     nn.Linear(mult * dim, dim, bias=False), nn.Dropout(dropout))
 
     def forward(self, x):
         return x + self.layers(x)
 
 
-def dropout_keep_mask(shape, p: float, device=None) -> torch.Tensor:
+def dropout_keep_mask(shape, p: float, device=None) -> Tuple[torch.Tensor, float]:
     """A Bernoulli keep mask (bool, ``shape``) for dropout ``p`` from 16 random bits per element, and the keep
     probability it draws with (1 - p rounded to a multiple of 2 ** -15).
 
@@ -227,7 +231,7 @@ def _attention_rows(q, k, v, mask, dropout_p):
     scores = torch.matmul(q * q.shape[-1] ** -0.5, k.transpose(-1, -2))
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf"))
-    weights = scores.softmax(-1)
+    weights = scores.float().softmax(-1).to(v.dtype)  # float32 softmax under autocast, as SDPA's math path
     keep, keep_p = dropout_keep_mask(weights.shape, dropout_p, weights.device)
     return torch.matmul(torch.where(keep, weights, 0), v / keep_p)  # the 1 / keep scaling on the small v
 
