@@ -47,7 +47,7 @@ def keep_freed_memory():
 
 
 def median_times(fns, reps, settle=0.1, min_sample=0.02, rewarm_below=0.5, sync=lambda: None):
-    """Median wall time (seconds) per call of each function, runs interleaved.
+    """Median wall time (seconds) per call of each function, runs interleaved, in turns of alternating order.
 
     Before each timed sample the machine settles (garbage collected, `settle` seconds idle), so
     one side does not pay for the memory the other just released; a sample times enough calls
@@ -75,8 +75,11 @@ def median_times(fns, reps, settle=0.1, min_sample=0.02, rewarm_below=0.5, sync=
         calls.append(max(1, math.ceil(min_sample / max(elapsed, 1e-9))))
         rewarm.append(elapsed < rewarm_below)
     samples = [[] for _ in fns]
-    for _ in range(reps):
-        for fn, n, warm, out in zip(fns, calls, rewarm, samples):
+    sides = list(zip(fns, calls, rewarm, samples))
+    for r in range(reps):
+        # the order turns every round: on a VM whose speed drifts within seconds (an Intel Xeon, one 473 UMTFSS
+        # step: 19 to 33 s over six calls), a fixed order would always time the same side later
+        for fn, n, warm, out in (sides if r % 2 == 0 else sides[::-1]):
             gc.collect()
             time.sleep(settle)
             if warm:

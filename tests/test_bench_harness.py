@@ -85,3 +85,13 @@ def test_median_times_sizes_samples_after_a_cold_first_call():
 
     median_times([op], reps=2, settle=0.0, rewarm_below=0.5)
     assert calls[0] >= 2 + 2 * (1 + 10)         # two warm-ups, then per sample a rewarm and >= 10 timed calls
+
+
+def test_median_times_alternates_the_order_of_the_sides():
+    """Round by round the sides run A B, B A, A B: on a machine whose speed drifts, a fixed order would time one
+    side later every round."""
+    order = []
+    fns = [lambda: order.append("a"), lambda: order.append("b")]
+    median_times(fns, reps=3, settle=0.0, min_sample=0.0, rewarm_below=0.0)  # one call per sample
+    timed = order[2:]  # after one warm-up call each
+    assert timed == ["a", "b", "b", "a", "a", "b"], timed
