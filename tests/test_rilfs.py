@@ -228,7 +228,11 @@ def test_base_phase_and_handover(tmp_path):
             assert torch.equal(meta.state_dict()[key], value), key
     meta.load_state_dict(base.state_dict())  # the trainer's phase chaining: a strict load of phase 1
     assert not any(p.requires_grad for p in meta.base_learner.parameters())
-    assert not meta.train().base_learner.training and not meta.backbone.training
+    meta.train()  # BAM's train.py: model.train(), then fix_bn on BatchNorm only, so the head's dropout stays on
+    modes = {(type(m).__name__, m.training) for m in meta.base_learner.modules()
+             if isinstance(m, (torch.nn.BatchNorm2d, torch.nn.Dropout2d))}
+    assert modes == {("BatchNorm2d", False), ("Dropout2d", True)} and not meta.backbone.training
+    assert not any(m.training for m in meta.eval().base_learner.modules())
     with pytest.raises(ValueError, match="does not fit base_learner"):
         build(base_classes=6, base_weights=str(path))
 

@@ -32,7 +32,8 @@ backend ops take both support views in one call:
    shot axis; shots weighted as BAM; m_FI = F(concat(m_f, m_o)) with F a bias-free 1x1 conv 2 -> 1 at
    (0.5, 0.5), shared by both query views (Eq. 8; BAM prior: eps, background as zero vectors, min-max).
 6. meta learner on concat(F_q, P_FI, m_FI) (Eq. 9-10: BAM init_merge, ASPP, res1, res2, cls_meta).
-7. frozen base learner on layer4; BAM ensemble: softmax, gram_merge with theta_f, cls_merge with the
+7. frozen base learner on layer4 (BN in eval mode, its Dropout2d on in training: BAM's ``fix_bn``
+   touches BatchNorm only); BAM ensemble: softmax, gram_merge with theta_f, cls_merge with the
    base foreground map (in training the episode's own base class excluded).
 8. RISP: the reflected prediction flipped back to the original frame [ours: the paper does not say],
    then F_fuse (bias-free 1x1 conv 2 -> 1 at (0.5, 0.5), one conv for fg and bg) (Eq. 12-13).
@@ -214,8 +215,10 @@ class RILFS(nn.Module):
 
     def train(self, mode: bool = True):
         super().train(mode)
-        if self.phase == "meta":
-            self.base_learner.eval()  # frozen, BN statistics and dropout off (BAM fix_bn)
+        if self.phase == "meta":  # BAM's train.py: model.train(), then fix_bn puts only the BatchNorm layers in
+            for m in self.base_learner.modules():  # eval mode, so the frozen head's Dropout2d(0.1) stays on
+                if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                    m.eval()
         return self
 
     def param_groups(self, train_cfg=None):

@@ -185,6 +185,8 @@ class _ReLUDropout(torch.autograd.Function):
 
 
 class ReLUDropout(nn.Module):
+    """nn.ReLU then nn.Dropout(p) in one autograd node that keeps only its output (see ``_ReLUDropout``)."""
+
     def __init__(self, p: float):
         super().__init__()
         self.p = p
