@@ -99,10 +99,17 @@ class Backbone(nn.Module):
     def train(self, mode: bool = True):
         super().train(mode and not self.frozen)
         if self.frozen_bn and not self.frozen:
-            for m in self.modules():
-                if isinstance(m, _BatchNorm):
-                    m.eval()
+            fix_bn(self)
         return self
+
+
+def fix_bn(module: nn.Module) -> nn.Module:
+    """Every BatchNorm layer of ``module`` in eval mode (running statistics used, never updated); the rest,
+    dropout included, keeps its mode. BAM's ``fix_bn``; call it after each ``train()``."""
+    for m in module.modules():
+        if isinstance(m, _BatchNorm):
+            m.eval()
+    return module
 
 
 def freeze(module: nn.Module) -> nn.Module:

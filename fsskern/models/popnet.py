@@ -94,7 +94,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..backbones import create_backbone, freeze
+from ..backbones import create_backbone, fix_bn, freeze
 from .blocks import ABSENT, cosine_logits
 from .params import parse_params
 from .registry import register_model
@@ -257,9 +257,7 @@ class POPNet(nn.Module):
         for m in self.frozen:  # earlier (and later) stages stay in eval mode: BN statistics fixed
             m.eval()
         if not self.p["batch_stats"]:  # R17: every BN normalises with its running statistics, never updated
-            for m in self.modules():
-                if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                    m.eval()
+            fix_bn(self)
         return self
 
     # ---- features --------------------------------------------------------------------------------------

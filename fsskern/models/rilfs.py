@@ -54,7 +54,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..backbones import create_backbone, freeze
+from ..backbones import create_backbone, fix_bn, freeze
 from .blocks import ASPP, PPM, check_one_way_batch
 from .params import parse_params
 from .registry import register_model
@@ -215,10 +215,8 @@ class RILFS(nn.Module):
 
     def train(self, mode: bool = True):
         super().train(mode)
-        if self.phase == "meta":  # BAM's train.py: model.train(), then fix_bn puts only the BatchNorm layers in
-            for m in self.base_learner.modules():  # eval mode, so the frozen head's Dropout2d(0.1) stays on
-                if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                    m.eval()
+        if self.phase == "meta":  # BAM's train.py: model.train(), then fix_bn, so the frozen head's dropout stays on
+            fix_bn(self.base_learner)
         return self
 
     def param_groups(self, train_cfg=None):
