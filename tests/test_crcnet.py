@@ -130,20 +130,26 @@ def test_kshot_finetune_tunes_under_autocast():
         assert (tuned - plain).abs().max() > 0.1, amp
 
 
-def test_encoder_groups_change_nothing_but_the_peak():
-    """The encoder runs B images per backbone call: features (and their gradients) match one call on all images,
-    in order, for any group size, including one that does not divide the count."""
-    model = build().train()
+def test_encoder_one_image_per_call_changes_nothing_but_the_peak():
+    """The frozen encoder runs one image per backbone call: its features (and the reduction conv's gradient) match
+    one call on all images, in order; a trained backbone runs once on all of them."""
     x = torch.randn(5, 3, 65, 65, generator=torch.Generator().manual_seed(0))
-    grads = []
-    for group in (5, 2, 1):
-        model.zero_grad()
-        feats = model.encode(x, group)
+    for frozen in (True, False):
+        model = build().train()
+        model.frozen_backbone = frozen
+        calls = []
+        model.backbone.register_forward_hook(lambda module, args, out: calls.append(len(args[0])))
+        feats = model.encode(x)
         feats.square().sum().backward()
-        grads.append((feats.detach(), model.reduce[0].weight.grad.clone()))
-    for feats, grad in grads[1:]:
-        torch.testing.assert_close(feats, grads[0][0], rtol=1e-6, atol=1e-7)
-        torch.testing.assert_close(grad, grads[0][1], rtol=1e-5, atol=1e-8)
+        assert calls == ([1] * 5 if frozen else [5])
+        grad = model.reduce[0].weight.grad.clone()
+        model.zero_grad()
+        with torch.set_grad_enabled(not frozen):
+            out = model.backbone(x, layers=("layer3", "layer4"))
+        whole = model.reduce(torch.cat([out["layer3"], out["layer4"]], 1))
+        whole.square().sum().backward()
+        torch.testing.assert_close(feats, whole, rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(grad, model.reduce[0].weight.grad, rtol=1e-5, atol=1e-8)
 
 
 def test_same_seed_same_result():
@@ -193,7 +199,7 @@ def test_paper_size_forward_backward():
     41 x 41 features, shapes and finite gradients."""
     model = build(backbone="resnet50").train()
     batch = episode(B=1, H=321)
-    assert model.encode(batch["query_img"], 1).shape == (1, 256, 41, 41)
+    assert model.encode(batch["query_img"]).shape == (1, 256, 41, 41)
     out = model(batch)
     assert out["logits"].shape == (1, 2, 321, 321)
     sum(out["losses"].values()).backward()

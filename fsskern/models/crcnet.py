@@ -7,7 +7,7 @@ lists every resolution with its source (paper / notes / ours).
 Forward for B pairs (support s with mask, query q), both branches batched along the batch axis (2B):
 
 1. Siamese encoder (2.1): the backbone (ResNet-50 dilated with torchvision's ``replace_stride_with_dilation``
-   rule, output stride 8; frozen by default [notes #20]) on B images per call (the queries, then the supports);
+   rule, output stride 8; frozen by default [notes #20]), frozen: one image per call (``encode``);
    ``F = ReLU(Conv3x3(concat(layer3, layer4)))`` -> 256 (``multi_level=False``: layer4 only).
 2. Cross-reference (2.2): ``a = act(FC_s(GAP(F_s))) * act(FC_q(GAP(F_q)))``, ``G = F * a``; in training the
    shared sub-head D_sub (two 3x3 convs, ASPP from ``blocks.py`` + 1x1 projection, 1x1 to 2) predicts
@@ -173,15 +173,16 @@ class CRCNet(nn.Module):
         rest = [q for q in self.parameters() if q.requires_grad and id(q) not in ids]
         return [{"params": rest}, {"params": backbone, "lr_mult": self.p["backbone_lr_mult"]}]
 
-    def encode(self, images: torch.Tensor, group: int) -> torch.Tensor:
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
         """(N, 3, H, W) -> F (N, dim, h, w): the Siamese encoder (2.1), the backbone without grad when frozen.
-        It runs on ``group`` images per backbone call (callers pass B: the queries, then the supports B at a time;
-        PFENet's and BAM's code call it per role): a frozen backbone keeps nothing for backward, so one call on
-        all N images would only multiply its transient peak (at 473, OS 8, four images: ~730 MB, the whole
-        inference's peak)."""
+        A backbone that keeps nothing for backward (frozen, or no grad) runs one image per call: a call on more
+        images only multiplies its transient peak, which is the whole inference's (ResNet-50 at 473, OS 8, batch
+        2, 1-shot: 242 MB with two images per call, 157 MB with one; PFENet's and BAM's code call it per role).
+        A trained backbone runs once on all images: it keeps every activation for backward either way."""
+        keeps_graph = torch.is_grad_enabled() and not self.frozen_backbone
         feats = []
-        for chunk in images.split(group):
-            with torch.set_grad_enabled(torch.is_grad_enabled() and not self.frozen_backbone):
+        for chunk in images.split(len(images) if keeps_graph else 1):
+            with torch.set_grad_enabled(keeps_graph):
                 out = self.backbone(chunk, layers=("layer3", "layer4") if self.p["multi_level"] else ("layer4",))
             x = torch.cat([out["layer3"], out["layer4"]], 1) if self.p["multi_level"] else out["layer4"]
             del out  # the layer3 / layer4 maps go before reduce allocates its output,
@@ -262,7 +263,7 @@ class CRCNet(nn.Module):
         B, K = labels.shape[:2]
         if self.training:
             qlabel = batch["query_mask"].repeat_interleave(K, 0)
-            feats = self.encode(torch.cat([query, supports.flatten(0, 1)]), B)
+            feats = self.encode(torch.cat([query, supports.flatten(0, 1)]))
             fq, fs = feats[:B].repeat_interleave(K, 0), feats[B:]
             out = self.pair(fs, fq, (labels.flatten(0, 1) == 1).to(fs.dtype), (qlabel == 1).to(fs.dtype),
                             self._train_steps())
@@ -303,7 +304,7 @@ class CRCNet(nn.Module):
                 q = F.interpolate(q, hw, mode="bilinear", align_corners=True)
                 sup = F.interpolate(sup, hw, mode="bilinear", align_corners=True)
                 m = F.interpolate(m[:, None].float(), hw, mode="nearest")[:, 0].long()
-            feats = self.encode(torch.cat([q, sup]), B)
+            feats = self.encode(torch.cat([q, sup]))
             fq, fs = feats[:B].repeat_interleave(K, 0), feats[B:]
             logits = self.pair(fs, fq, (m == 1).to(fs.dtype), steps=self.p["refine_steps_test"])["qm"]
             total = total + self._up(size)(logits).softmax(1).view(B, K, 2, *size).mean(1)
@@ -318,7 +319,7 @@ class CRCNet(nn.Module):
         saved = {n: q.detach().clone() for n, q in tuned}
         imgs, lab = supports[0], labels[0]
         with torch.no_grad():  # the encoder is fixed: its features of each support and its mirror image, once
-            feats = self.encode(torch.cat([imgs, imgs.flip(-1)]), K)
+            feats = self.encode(torch.cat([imgs, imgs.flip(-1)]))
         lab = torch.cat([lab, lab.flip(-1)])
         masks = (lab == 1).to(feats.dtype)
         opt = torch.optim.SGD([q for _, q in tuned], lr=self.p["ft_lr"], momentum=0.9, weight_decay=5e-4)
