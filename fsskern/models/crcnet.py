@@ -177,7 +177,7 @@ class CRCNet(nn.Module):
         """(N, 3, H, W) -> F (N, dim, h, w): the Siamese encoder (2.1), the backbone without grad when frozen.
         A backbone that keeps nothing for backward (frozen, or no grad) runs one image per call: a call on more
         images only multiplies its transient peak, which is the whole inference's (ResNet-50 at 473, OS 8, batch
-        2, 1-shot: 242 MB with two images per call, 157 MB with one; PFENet's and BAM's code call it per role).
+        2, 1-shot, fused: 230 MB with two images per call, 142 MB with one; PFENet's and BAM's code call it per role).
         A trained backbone runs once on all images: it keeps every activation for backward either way."""
         keeps_graph = torch.is_grad_enabled() and not self.frozen_backbone
         feats = []
