@@ -224,12 +224,22 @@ class CRCNet(nn.Module):
         feat = torch.cat([x0, self.mr_gcn(x0)], 1)
         if not self.p["mask_refine"]:
             return self.mr_cls(self.mr_combine(feat))
+        # Conv3x3([feat; P]) = Conv_feat(feat) + Conv_P(P): only P changes between steps, so the feat part (512 of
+        # the 514 input channels) runs once, not per step (ResNet-50 at 473, batch 2, 10 steps, CPU: the refinement
+        # takes 0.8 s instead of 1.2 s of a 4.7 s inference)
         c = self.p["cache_channels"]
+        (conv, relu), residual = self.mr_combine
+        w_feat, w_cache = conv.weight.split([feat.shape[1], c], 1)
+        fixed = F.conv2d(feat, w_feat, conv.bias, padding=conv.padding)
+
+        def step(cache):
+            return self.mr_cls(residual(relu(fixed + F.conv2d(cache, w_cache, padding=conv.padding))))
+
         cache = x.new_zeros(x.shape[0], c, *x.shape[-2:])
         with torch.no_grad():
             for _ in range(steps - 1):
-                cache = self.mr_cls(self.mr_combine(torch.cat([feat, cache], 1))).softmax(1)[:, 2 - c:]
-        return self.mr_cls(self.mr_combine(torch.cat([feat, cache], 1)))
+                cache = step(cache).softmax(1)[:, 2 - c:]
+        return step(cache)
 
     def pair(self, fs, fq, ms, mq=None, steps=1):
         """One forward of n (support, query) pairs on encoder features fs, fq (n, C, h, w) with float {0, 1}
