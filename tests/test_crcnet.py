@@ -90,6 +90,22 @@ def test_no_label_leak_and_cache():
     assert build(mask_refine=False).mr_combine[0][0].in_channels == 512
 
 
+@pytest.mark.parametrize("cache_channels", [1, 2])
+def test_refine_convolves_the_constant_input_once_with_the_same_result(cache_channels):
+    """refine splits the first combine conv by input channel (the 2 x dim constant ones convolved once, the cache's
+    per step); with 1 or 2 cache channels it equals the paper's loop on the concatenation, cache last."""
+    model = build(dim=16, cache_channels=cache_channels).eval()
+    x = torch.randn(2, 48, 7, 7)
+    with torch.no_grad():
+        x0 = model.mr_in(x)
+        feat = torch.cat([x0, model.mr_gcn(x0)], 1)
+        cache = torch.zeros(2, cache_channels, 7, 7)
+        for step in range(1, 5):
+            logits = model.mr_cls(model.mr_combine(torch.cat([feat, cache], 1)))
+            torch.testing.assert_close(model.refine(x, step), logits)
+            cache = logits.softmax(1)[:, 2 - cache_channels:]
+
+
 @pytest.mark.parametrize("shots", [1, 3])
 def test_kshot_training_and_fusion(shots):
     model = build().train()
