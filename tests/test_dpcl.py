@@ -217,8 +217,10 @@ def test_clear_errors_for_bad_inputs():
         model(dict(batch, support_imgs=batch["support_imgs"][:, :3], support_masks=batch["support_masks"][:, :3]))
     empty = batch["support_masks"].clone()
     empty[1, 2:] = 0  # way 2 of episode 1: no foreground in either shot
-    with pytest.raises(ValueError, match="way 2 has no foreground pixel in any of its 2 support"):
-        model.eval()(dict(batch, support_masks=empty))
+    # e.g. a one-pixel object that the test resize removed: PANet's zero prototype, a logit of 0, and a warning
+    with pytest.warns(UserWarning, match="way 2 has no foreground pixel in any of its 2 support"):
+        logits = model.eval()(dict(batch, support_masks=empty))["logits"]
+    assert (logits[1, 2] == 0).all() and (logits[1, :2] != 0).any() and (logits[0, 2] != 0).any()
     # in training the augmentation's crop may cut a support's object away: segmentation losses only for that way
     out = model.train()(dict(batch, support_masks=empty))
     assert all(torch.isfinite(v) for v in out["losses"].values()) and int(model.queue_ptr) == 2 * 2 - 1

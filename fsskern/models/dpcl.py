@@ -34,6 +34,9 @@ Resolutions (source: paper = DPCL text, PANet / PPNet / MoCo = public code, note
   ``getFeatures`` / ``getPrototype``; notes A16). N-way supports carry only their own class (batch
   contract), so another way's object in a support counts as its bg (ours). ``void_background=False`` leaves 255
   out of both prototypes, as the baseline does (ours; the MSRC-v2 CPU recipe, where void outlines every object).
+  A way whose support foreground the resize removed (a one-pixel object under the test resize) gets the zero
+  prototype, so a logit of 0 (PANet's eps and ``calDist``); at inference with a warning, not an error, so that
+  one episode does not stop a 5 x 1,000-episode evaluation (ours).
 - R3 Eq. 2: logits = +20 x cosine similarity, alpha fixed (PANet ``calDist``; notes A5); bilinear
   upsampling (align_corners=False) to the input before the loss and the output.
 - R4 Eq. 4: CE on the scaled logits with 255 ignored; PAR = PANet ``alignLoss`` on the predicted query
@@ -68,6 +71,7 @@ Resolutions (source: paper = DPCL text, PANet / PPNet / MoCo = public code, note
   which without the gather dropped the other ranks' keys.
 """
 import copy
+import warnings
 from typing import Dict, List
 
 import torch
@@ -371,9 +375,11 @@ class DPCL(nn.Module):
     # ---------------------------------------------------------------------------------------------- checks
     def check_batch(self, batch) -> tuple:
         """Shapes and values of the episode batch; returns (ways, shots, support_fg (B, ways) bool: the way's
-        supports hold a foreground pixel). Raises ValueError naming the key. A way without support foreground
-        is an error at inference (its prototype would be the zero vector); in training the data
-        augmentation's crop may cut it away, and the episode then trains the segmentation losses only."""
+        supports hold a foreground pixel). Raises ValueError naming the key. A way may lose its support
+        foreground to the resize (the test resize of a one-pixel object, the training crop): its prototype is
+        then the zero vector and its logit 0 everywhere, as PANet's ``getFeatures`` and ``calDist`` give, with a
+        warning at inference so that a long evaluation is not stopped by one episode; in training the episode
+        trains the segmentation losses only."""
         q_img, s_imgs, s_masks = batch["query_img"], batch["support_imgs"], batch["support_masks"]
         if s_imgs.dim() != 5 or q_img.dim() != 4 or s_imgs.shape[0] != q_img.shape[0]:
             raise ValueError(f"support_imgs must be (B, S, 3, H, W) and query_img (B, 3, H, W) with one B; got "
@@ -393,8 +399,9 @@ class DPCL(nn.Module):
         if (fg == 0).any() and not self.training:
             b, way = (fg == 0).nonzero()[0].tolist()
             index = batch["index"][b].item() if "index" in batch else b
-            raise ValueError(f"episode {index}: way {way + 1} has no foreground pixel in any of its {shots} support "
-                             f"mask(s); its prototype would be the zero vector")
+            warnings.warn(f"episode {index}: way {way + 1} has no foreground pixel in any of its {shots} support "
+                          f"mask(s) at the input size; its prototype is the zero vector (PANet's), so the way is "
+                          f"never predicted")
         if "query_mask" in batch:
             q_mask = batch["query_mask"]
             if tuple(q_mask.shape) != (B,) + tuple(q_img.shape[-2:]):
