@@ -470,3 +470,27 @@ def test_support_prototypes_fallback_tokens(case):
     want = torch.nn.functional.normalize(tokens.flatten(2).transpose(1, 2).reshape(-1, C), dim=1)
     order = lambda t: t[torch.argsort(t[:, 0])]  # noqa: E731  (the clusters' order is the op's business)
     assert_close(order(got), order(want))
+
+
+@pytest.mark.parametrize("case", ["no foreground", "no background"])
+def test_support_prototypes_fallback_is_per_shot(case):
+    """One shot without foreground (or background) beside one with both: as the code's
+    ``get_supp_flatten_input``, that shot alone gives its centre 2x2 (corner) tokens, and the other shot's
+    tokens stay as they are. Masks at the feature size, so the token sets are the masks themselves."""
+    B, K, C, h, w = 1, 2, 6, 6, 7
+    features = torch.randn(B, K, C, h, w, dtype=torch.float64)
+    masks = torch.zeros(B, K, h, w, dtype=torch.float64)
+    masks[0, 0, 1:3, 1:4] = 1  # shot 0: 6 foreground tokens, 36 background
+    masks[0, 1] = 0.0 if case == "no foreground" else 1.0
+    out, valid = ops.support_prototypes(features, masks, k_fg=64, k_bg=64, generator=gen(0))
+    f = features[0].permute(0, 2, 3, 1)  # (K, h, w, C)
+    if case == "no foreground":
+        want = torch.cat([f[0][masks[0, 0] == 1], f[1, h // 2 - 1:h // 2 + 1, w // 2 - 1:w // 2 + 1].reshape(-1, C)])
+        got = out[0, :64][valid[0, :64]]
+    else:
+        want = torch.cat([f[0][masks[0, 0] == 0], f[1][[0, 0, -1, -1], [0, -1, 0, -1]]])
+        got = out[0, 64:][valid[0, 64:]]
+    want = torch.nn.functional.normalize(want, dim=1)
+    order = lambda t: t[torch.argsort(t[:, 0])]  # noqa: E731
+    assert got.shape == want.shape
+    assert_close(order(got), order(want))

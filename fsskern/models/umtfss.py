@@ -61,7 +61,7 @@ Resolutions (source: P paper, C public code, N the notes' recommendation, R ours
 - ``init``: a whole-model checkpoint to start from, so stage C runs on its own from one stage-B run shared by
   folds and label ratios (the code loads its SSL checkpoint the same way) (C). ``output_stride`` 16 for the CPU
   recipes (R: the dilated depthwise convs and 961-token attention at stride 8 cost ~10 s a step on 2 cores).
-- Support without foreground: the code's fallback (centre 2 x 2 tokens as foreground for the clustering);
+- Support without foreground: the code's fallback, per shot (centre 2 x 2 tokens as foreground for the clustering);
   zero MAP vector and zero prior, as the code computes them. Not an error.
 
 Batch (``docs/architecture.md``): query_img (B, 3, H, W), support_imgs (B, K, 3, H, W), support_masks

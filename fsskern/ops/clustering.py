@@ -128,8 +128,9 @@ def support_prototypes(features: torch.Tensor, masks: torch.Tensor, *, valid: Op
         prototypes (B, k_fg + k_bg, C): foreground clusters first, L2-normalised when
         ``normalize``; and valid (B, k_fg + k_bg) bool. As in UMTFSS: all shots' tokens are
         hashed (one fresh set of planes per call) and clustered per image, separately for
-        foreground and background; with no foreground the centre 2x2 tokens of every shot count
-        as foreground, with no background the 4 corners; with no more tokens than clusters the
+        foreground and background; a shot without foreground gives its centre 2x2 tokens to the
+        foreground, a shot without background its 4 corners to the background (the code's per-shot
+        fallbacks); with no more tokens than clusters the
         tokens themselves are the prototypes. Unlike UMTFSS, empty clusters and padding rows are
         zero rows marked invalid, so attention can exclude them.
     """
@@ -198,20 +199,20 @@ def _clustered_tokens(maps: torch.Tensor, assign: torch.Tensor, k: int) -> torch
 
 
 def _with_fallbacks(fg: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-    """UMTFSS's fallbacks, per image over all shots: no foreground -> the centre 2x2 tokens of
-    every shot; no background -> the 4 corners of every shot."""
+    """UMTFSS's fallbacks, per shot as the code's ``get_supp_flatten_input`` applies them: a shot
+    without foreground gives its centre 2x2 tokens, a shot without background its 4 corners."""
     B, K, h, w = fg.shape
-    flat = fg.flatten(1)
-    if bool((flat.any(1) & ~flat.all(1)).all()):  # every image has both: no fallback
+    flat = fg.flatten(2)
+    if bool((flat.any(2) & ~flat.all(2)).all()):  # every shot has both: no fallback
         return fg, ~fg
     centre = torch.zeros(h, w, dtype=torch.bool, device=fg.device)
     centre[max(h // 2 - 1, 0):h // 2 + 1, max(w // 2 - 1, 0):w // 2 + 1] = True
     corners = torch.zeros(h, w, dtype=torch.bool, device=fg.device)
     corners[[0, 0, -1, -1], [0, -1, 0, -1]] = True
-    no_fg = ~fg.flatten(1).any(1).view(B, 1, 1, 1)
+    no_fg = ~fg.flatten(2).any(2).view(B, K, 1, 1)
     fg = torch.where(no_fg, centre.expand_as(fg), fg)
     bg = ~fg
-    no_bg = ~bg.flatten(1).any(1).view(B, 1, 1, 1)
+    no_bg = ~bg.flatten(2).any(2).view(B, K, 1, 1)
     bg = torch.where(no_bg, corners.expand_as(bg), bg)
     fg = fg & ~(no_bg & corners)
     return fg, bg
