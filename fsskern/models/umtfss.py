@@ -57,7 +57,9 @@ Resolutions (source: P paper, C public code, N the notes' recommendation, R ours
   ``schedule: constant``), SGD warmed up (``train.warmup_iters``) then poly.
 - Head Dropout2d(0.1) (C). FFN 3d, bias-free, residual inside (C). Linear layers Xavier-uniform (C 4.4).
 - Positional encoding of the full grid for both stacks (R): the batch has no padding-only mask, and the
-  query mask's 255 (void labels) must not reach the model at test time; C uses the padding masks.
+  query mask's 255 (void labels) must not reach the model at test time; C uses the padding masks. For the same
+  reason the query self-attention attends to every token, padded ones included (C masks the padded query
+  keys); the support side excludes its padded tokens from the prototypes (``valid``), as C does.
 - ``init``: a whole-model checkpoint to start from, so stage C runs on its own from one stage-B run shared by
   folds and label ratios (the code loads its SSL checkpoint the same way) (C). ``output_stride`` 16 for the CPU
   recipes (R: the dilated depthwise convs and 961-token attention at stride 8 cost ~10 s a step on 2 cores).
