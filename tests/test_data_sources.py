@@ -390,6 +390,30 @@ def test_fss1000_layout(tmp_path):
         build_source(DataConfig(dataset="fss1000", root=str(root)), "train").load(1)
 
 
+def test_fss1000_recipe_tests_every_image_once(tmp_path):
+    """CRCNet's FSS-1000 recipe (notes #25: 10 episodes per test class) gives every test image one episode as
+    the query, small objects included; PFENet's 2,048-pixel rule would drop them (two of the official example
+    masks are under it)."""
+    from fsskern.data.protocols import build_test_manifest
+    from fsskern.engine.config import load_config
+    root = tmp_path / "fss"
+    (root / "splits").mkdir(parents=True)
+    for split, names in {"trn": ["ant"], "val": ["bee"], "test": ["dog", "eel"]}.items():
+        (root / "splits" / f"{split}.txt").write_text("\n".join(names) + "\n")
+        for n in names:
+            for k in range(1, 11):
+                side = 30 if k % 3 == 0 else 100  # 900-pixel objects in images 3, 6, 9
+                write_pair(root, str(k), blocks(224, 224, (255, 10, 10 + side, 20, 20 + side)), n, n)
+    recipe = Path(__file__).parents[1] / "configs" / "crcnet" / "fss1000_resnet50_1shot.yaml"
+    cfg = load_config(recipe, [f"data.root={root}", "eval.episodes=20"])
+    source = build_source(cfg.data, "test")
+    stats = scan_labels(source, cache_dir=tmp_path / "idx")
+    queries = lambda protocol: [e.query for e in build_test_manifest(  # noqa: E731
+        source, stats, cfg.data.fold, 1, 1, protocol, cfg.eval.seeds[0], 20).episodes]
+    assert sorted(queries(cfg.eval.protocol)) == list(range(20))
+    assert len(set(queries("pfenet"))) == 14  # the six 900-pixel objects never queried
+
+
 def test_fss1000_official_test_list_reads():
     root = need("fss1000_example")
     names = (root / "fss_test_set.txt").read_text().split()

@@ -31,7 +31,10 @@ probabilities over the shots. ``kshot="finetune"`` / ``"finetune+fusion"`` (eval
 notes 5.3): per episode every module after the encoder is fine-tuned for ``ft_steps`` SGD steps on random
 ordered support pairs (i != j, each image flipped with p = 0.5, both branches supervised) from encoder
 features computed once (encoder fixed), then the query is predicted with the first support (finetune) or
-all of them (finetune+fusion) and the weights are restored. ``scales`` (evaluation): the pair resized to
+all of them (finetune+fusion) and the weights are restored. The default stays ``fusion`` (ours): fine-tuning
+costs ``ft_steps`` training steps per episode, so the paper's 5-shot mode is asked for explicitly; ``ft_steps``
+and ``ft_lr`` are notes #26's values, not tuned on validation classes as notes 5.3 asks (that needs a trained
+paper-size model). ``scales`` (evaluation): the pair resized to
 ``(H - 1) * s + 1`` per scale and the probabilities averaged at the input size (paper 5.3: 0.75, 1, 1.25).
 Bounding-box supports (paper 5.4, Tab. 14; notes 5.6, #36) are a data setting, not a model one: trained
 with masks, evaluated with ``eval.support_annotation=box`` (``docs/data.md``).
