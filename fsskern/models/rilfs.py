@@ -11,7 +11,9 @@ Two phases (``params.phase``), one class:
 - ``base`` (BAM ``train_base.py``): PSPNet (backbone + PPM + classifier) trained on the fold's base classes,
   supervised by the batch's ``base_label`` (0 = background, 1..base_classes, 255 ignore).
 - ``meta`` (BAM ``train.py``): backbone and base learner frozen (loaded from ``params.base_weights``), the
-  meta learner and the ensemble trained on 1-way episodes.
+  meta learner and the ensemble trained on 1-way episodes. The chained recipes load the base phase's last
+  weights, where BAM loads its best-validated ``best.pth`` (early stopping after 75 epochs without a gain):
+  the engine's validation is episodic, the base learner is not [ours].
 
 Meta-phase forward for an episode, V = 2 query views (original, reflected) and U = 2 support views
 (V = U = 1 for BAM). Every module runs once per view on BAM's own batch (convolutions may pick another
