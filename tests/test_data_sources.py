@@ -466,6 +466,19 @@ def test_lip_and_cihp_os_presets_on_the_popnet_layout(tmp_path, name, fold1_nove
     assert set(np.unique(label)) == {0, 6, 16, 18}  # left/right merged, sunglasses and scarf to background
     assert src.fold_classes(0)[1] == [6, 9, 12] and src.fold_classes(1)[1] == fold1_novel
     assert len(src.foreground_classes()) == cfg.ways == 12 and src.area_lut is not None
+    # stage 1's person comes from the raw label (notes A2): sunglasses and scarf stay part of it
+    _, same, person = src.load_with_person(0)
+    assert np.array_equal(same, label) and (person[30:40, :5] == 1).all() and (label[30:40, :5] == 0).all()
+    assert person.sum() == 40 * 30 - 20 * 15 - 10 * 25 and (person[10:40, 15:] == 0).all()
+    from fsskern.data.episodes import parsing_train_episodes
+    from fsskern.data.loader import EpisodeDataset
+    from fsskern.data.transforms import TrainTransform
+    base, novel = src.fold_classes(0)
+    pools = training_pools(src, scan_labels(src, cache_dir=tmp_path / "idx"), 0, "pfenet", 1).train
+    episodes = parsing_train_episodes(src, pools, {"s": 0}, shots=1, ways=1)
+    whole = TrainTransform(40, scale=(1.0, 1.0), rotate=0.0, blur=False)  # the 40 x 30 image padded to 40 x 40
+    b = EpisodeDataset(src, episodes, whole, True, base=base, novel=novel)[0]
+    assert int((b["query_human"] == 1).sum()) == int((b["support_human"] == 1).sum()) == person.sum()
 
 
 def test_pseudo_folder_span_filter(tmp_path):

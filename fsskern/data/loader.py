@@ -65,8 +65,6 @@ class EpisodeDataset(Dataset):
             self.areas = np.zeros(self.size, dtype=np.int64)
             self.areas[:len(areas)] = areas
             self.areas = self.areas[self.pre]
-            self.human = (np.arange(self.size) != 0).astype(np.int64)  # not through self.pre: novel kept
-            self.human[IGNORE] = IGNORE
         if support_boxes and self.areas is not None:
             raise DataError("box supports are not defined for parsing sources (data.hierarchy): their support "
                             "areas and person maps would still come from the full labels")
@@ -82,7 +80,9 @@ class EpisodeDataset(Dataset):
         e = self.manifest[t]
         ways, shots = len(e.classes), len(e.supports) // len(e.classes)
         gen = torch.Generator().manual_seed(e.seed)
-        supports = {s: self.source.load(s) for s in dict.fromkeys(e.supports)}  # each image decoded once
+        # each image decoded once; parsing sources add the stage-1 person mask from the raw label (novel kept)
+        load = self.source.load_with_person if self.areas is not None else self.source.load
+        supports = {s: load(s) for s in dict.fromkeys(e.supports)}
         masks = []  # (way, shot) -> binary mask at the original resolution
         for w, c in enumerate(e.classes):
             binary = np.zeros(self.size, dtype=np.int64)
@@ -92,7 +92,7 @@ class EpisodeDataset(Dataset):
                 label = supports[s][1]
                 masks.append(box_mask(label.shape, self.source.instance_boxes(s, self.pre[label], c))
                              if self.support_boxes else binary[label])
-        q_image, q_label = self.source.load(e.query)
+        q_image, q_label, *q_person = load(e.query)
         lut = way_lut(e.classes, self.size)
         for w in range(ways):  # no support pixel of this way: nothing to segment it from
             if not any((m == 1).any() for m in masks[w * shots:(w + 1) * shots]):
@@ -102,7 +102,7 @@ class EpisodeDataset(Dataset):
         if self.base_lut is not None:
             q_extra.append(self.base_lut[q_label])
         if self.areas is not None:
-            q_extra += [self.human[q_label], self.areas[q_label]]
+            q_extra += [q_person[0], self.areas[q_label]]
         out = {"classes": torch.tensor(e.classes, dtype=torch.int64), "index": torch.tensor(t, dtype=torch.int64)}
         if self.train:
             img, labels = self.transform(q_image, [q_mask] + q_extra, gen)
@@ -119,9 +119,9 @@ class EpisodeDataset(Dataset):
         s_masks: List[Optional[torch.Tensor]] = [None] * len(masks)
         s_areas: List[Optional[torch.Tensor]] = [None] * len(masks)
         s_human: List[Optional[torch.Tensor]] = [None] * len(masks)
-        for s, (image, label) in supports.items():
+        for s, (image, label, *person) in supports.items():
             slots = [j for j, sj in enumerate(e.supports) if sj == s]  # one transform per image, all its ways
-            extra = [self.human[label], self.areas[label]] if self.areas is not None else []
+            extra = [person[0], self.areas[label]] if self.areas is not None else []
             if self.train:
                 img, labels = self.transform(image, [masks[j] for j in slots] + extra, gen)
             else:

@@ -14,11 +14,11 @@ Two layouts (``data.params.layout``):
 ``code`` = the public code's folds). ``data.merge`` and ``data.folds`` override them.
 ``data.hierarchy`` ({area: [fine class names]}) gives the stage-2 area of each fine class
 (``to_areas``; unlisted foreground classes are an error, so the hierarchy stays complete)."""
-from typing import Dict, Sequence
+from typing import Dict, Sequence, Tuple
 
 import numpy as np
 
-from ..io import DataError, read_lines
+from ..io import DataError, apply_lut, check_same_size, read_image, read_label, read_lines
 from .base import IGNORE, register_source
 from .folder import FolderSource
 
@@ -108,6 +108,17 @@ class ParsingSource(FolderSource):
     def train_episodes(self, pools: Dict[int, Sequence[int]], key: dict, shots: int = 1, ways: int = 1):
         from ..episodes import parsing_train_episodes
         return parsing_train_episodes(self, pools, key, shots, ways)
+
+    def load_with_person(self, i: int) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(image, label, person): person is 1 wherever the raw label names any part (raw id != 0), before
+        the class merge, so the classes merged into background (ATR's sunglasses, belt and scarf) stay part
+        of the person, as the code's stage-1 mask (notes A2); IGNORE where the label is ignore."""
+        _, image_path, label_path = self.samples[i]
+        image = read_image(image_path)
+        raw = read_label(label_path, self.label_channel)
+        label = apply_lut(raw, self.lut, label_path)
+        check_same_size(image, label, image_path, label_path)
+        return image, label, np.where(label == IGNORE, IGNORE, raw != 0).astype(np.int64)
 
     def to_areas(self, label: np.ndarray) -> np.ndarray:
         """Fine class ids -> area ids (0 bg, 1..n in ``data.hierarchy`` order, 255 kept)."""
