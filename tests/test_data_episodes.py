@@ -78,6 +78,17 @@ def test_exact_episode_counts_no_off_by_one(msrc):
     # 100-pixel class 2 is a pair too)
     pairs = [(0, 1), (1, 1), (1, 2), (2, 2), (3, 2), (4, 3), (4, 4), (4, 5), (5, 3), (5, 4), (5, 5)]
     assert [(e.query, e.classes[0]) for e in hs.episodes] == pairs + pairs[:2]
+    for name in ("cyctr", "hdmnet"):  # their dataset code draws the class among every novel class present
+        drawn = build_test_manifest(fake, stats, 0, 1, 1, name, 123, episodes=300)
+        assert {e.classes[0] for e in drawn.episodes if e.query == 1} == {1, 2}
+    assert PROTOCOLS["hdmnet"].resize == "square"  # resized_val: cv2.resize to S x S, no pad
+    # an HSNet split file: its pairs are the queries and a class's supports are the images listed with it
+    # (build_img_metadata_classwise), not every image holding a pixel of the class (image 1 holds class 2)
+    fake.listed_pairs = [(0, 1), (1, 1), (2, 2), (3, 2), (4, 3), (5, 3)]
+    listed = build_test_manifest(fake, stats, 0, 1, 1, "hsnet", 0, episodes=60)
+    assert [(e.query, e.classes[0]) for e in listed.episodes[:6]] == fake.listed_pairs
+    for e in listed.episodes:
+        assert {(s, e.classes[0]) for s in e.supports} <= set(fake.listed_pairs) and e.query not in e.supports
 
 
 def test_too_few_images_and_coverage(msrc):

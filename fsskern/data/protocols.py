@@ -4,11 +4,13 @@ them; the per-class coverage report.
 
 Query orders:
 - ``list``: the test list in file order (images holding a novel class with >= min_pixels), repeated
-  until N episodes; the class is drawn among the query's qualifying novel classes (``pfenet``, ``cyctr``,
-  ``hdmnet``). ``pfenet-compat`` and ``bam`` draw it among *all* novel classes present, even under
-  min_pixels, as PFENet's and BAM's code do (the filter gates only list membership and support pools).
+  until N episodes; the class is drawn among the query's qualifying novel classes (``pfenet``).
+  ``pfenet-compat``, ``bam``, ``cyctr`` and ``hdmnet`` draw it among *all* novel classes present, even
+  under min_pixels, as their code does (the filter gates only list membership and support pools).
 - ``pairs``: (image, class) pairs in file order, ``t % len`` (HSNet PASCAL/FSS-1000; an HSNet split
-  file's own pairs when the list is one).
+  file's own pairs when the list is one, and then a class's supports are the images the file lists with it,
+  as HSNet's ``build_img_metadata_classwise``). Without HSNet's split files the pairs are every (image, novel
+  class) of the list (min_pixels 1), more than HSNet's PASCAL files hold (their pairs are size-filtered).
 - ``class_uniform``: class uniform, then query uniform (HSNet COCO, PANet).
 - ``balanced``: classes in turn, each class's queries in a per-class random order without repeats
   until its images run out, so every class gets N / n_classes episodes.
@@ -59,12 +61,16 @@ PROTOCOLS: Dict[str, Protocol] = {p.name: p for p in [
              {"coco": 641, "default": 473}, notes="PFENet runs 5001/20001; exact counts here"),
     Protocol("pfenet-compat", {"pascal": 5000, "coco": 20000, "default": 1000}, (321,), _LIST, "pfenet",
              {"coco": 641, "default": 473}, quirk_query_class=True, notes="query class among all novel classes"),
-    Protocol("cyctr", {"pascal": 1000, "coco": 5000, "default": 1000}, (123,), _LIST, "pfenet", {"default": 473}),
+    Protocol("cyctr", {"pascal": 1000, "coco": 5000, "default": 1000}, (123,), _LIST, "pfenet", {"default": 473},
+             quirk_query_class=True,  # CyCTR's util/dataset.py draws it as PFENet's does
+             notes="query class among all novel classes present; the code's COCO configs seed 321 (PASCAL 123)"),
     Protocol("bam", {"default": 1000}, BAM_SEEDS, _LIST, "pfenet", {"coco": 641, "default": 473},
              quirk_query_class=True,  # BAM's util/dataset.py draws it among every novel class present, as PFENet
              notes="report the mean over seeds, not the best; query class among all novel classes present"),
     Protocol("hdmnet", {"pascal": 1000, "coco": 10000, "default": 1000}, BAM_SEEDS + (98, 742, 17, 595, 106), _LIST,
-             "pfenet", {"coco": 633, "default": 473}),
+             "square", {"coco": 633, "default": 473}, quirk_query_class=True,
+             notes="resized_val: the image squashed to S x S (cv2.resize), logits scored at the original size; "
+                   "query class among all novel classes present (BAM's dataset code)"),
     Protocol("hsnet", {"fss1000": 2400, "default": 1000}, (0,), {"coco": "class_uniform", "default": "pairs"},
              "square", {"default": 400}, min_pixels=1, score_at="input", notes="no size filter (HSNet)"),
     Protocol("panet", {"default": 1000}, (1234, 1235, 1236, 1237, 1238), {"default": "class_uniform"}, "square",
@@ -106,6 +112,8 @@ def build_test_manifest(source, stats: LabelStats, fold: int, shots: int, ways: 
     pairs = [(i, c) for i in queries for c in qualifying[i]]
     if order == "pairs" and getattr(source, "listed_pairs", None):
         pairs = [(i, c) for i, c in source.listed_pairs if c in novel]
+        # HSNet's build_img_metadata_classwise: a class's supports are the file's images listed with it
+        pools = {c: sorted({i for i, pc in pairs if pc == c}) for c in novel}
     mk = key_seed(meta)  # hash the key once; episode t then hashes (mk, t)
     per_class_order = {c: episode_rng(mk, "class", c).permutation(len(pools[c])) for c in novel}
     out = []

@@ -4,7 +4,8 @@ mask is >= ``mask_threshold`` (128; the authors' example pairs store 0/1 and nee
 Class split files (HSNet ``data/splits/fss/{trn,val,test}.txt``, 520/240/240 names; the test list is
 the official one): ``<root>/splits/`` by default, ``data.params.split_dir`` overrides it.
 ``python/prepare_data.py fss1000`` writes trn/val files around the official test list.
-Class ids follow HSNet's global order (trn 0-519, val +520, test +760) shifted by one, so 0 stays
+Class ids follow HSNet's global order (each split's names sorted, as HSNet sorts them; trn 0-519, val +520,
+test +760) shifted by one, so 0 stays
 background, and by one more from id 255 on, which stays ignore (``class_names[255]`` is None).
 Splits: "train" reads trn classes, "val" the val classes, "test" the test classes. There is one
 fold: base = trn classes, novel = the test classes for "test", the val classes otherwise (model
@@ -31,7 +32,9 @@ class FSS1000Source(Source):
         split_dir = Path(params.get("split_dir", root / "splits"))
         self.threshold = int(params.get("mask_threshold", 128))
         ext = params.get("image_ext", ".jpg")
-        groups = {s: read_lines(split_dir / f"{s}.txt", f"FSS-1000 {s} class split") for s in ("trn", "val", "test")}
+        # sorted within each split, as HSNet's FSS-1000 dataset sorts its categories before numbering them
+        groups = {s: sorted(read_lines(split_dir / f"{s}.txt", f"FSS-1000 {s} class split"))
+                  for s in ("trn", "val", "test")}
         names = groups["trn"] + groups["val"] + groups["test"]
         self.class_names = ["background"] + names[:254] + ([None] + names[254:] if len(names) > 254 else [])
         ids = [k + 1 if k + 1 < 255 else k + 2 for k in range(len(names))]
