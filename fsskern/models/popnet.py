@@ -46,7 +46,7 @@ Resolutions (source: paper, notes = ../shared/notes/methods/popnet.md, code = pu
   (paper "merge these classes into background"; ours for the restriction).
 - R5 prototypes: ``class_prototypes(resize="nearest")``, no eps, absent class -> zero prototype, 255 in no
   class (code, notes 2.8, C3). Presence = count on the grid > 0 (notes 2.8); a way absent from the support
-  grid is background in the query target (notes C2).
+  grid is background in the training target (notes C2); evaluation scores the full ground truth (ours).
 - R6 dynamic prototypes: one bank slot per class id (stage 3: dataset class id from ``batch["classes"]``;
   stage 2: area id), buffers ``bank_s{2,3}`` and ``seen_s{2,3}`` (in the checkpoint). Training: image by image
   p^ = (1 - rate) bank + rate p (bank detached), then bank <- p^ detached; the first write of a slot is an
