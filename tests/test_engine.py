@@ -67,6 +67,13 @@ def test_config_overrides_types_and_bases(tmp_path):
     assert (cfg.data.shots, cfg.data.fold, cfg.eval.seeds) == (5, 2, [0, 1, 2])
     assert cfg.model.params == {"a": 1, "b": 2} and cfg.train.lr == 1.0 and isinstance(cfg.train.lr, float)
     assert cfg.train.weight_decay == 1e-4  # YAML 1.1 reads "1e-4" as a string; floats accept it
+    # a dotted augment key edits the default PFENet augmentation when no file names one (it replaced it: the
+    # other steps, missing from the mapping, were off); a file's own mapping is edited the same way
+    default = load_config(tmp_path / "cfg.yaml").data.augment
+    assert load_config(tmp_path / "cfg.yaml", ["data.augment.flip=false"]).data.augment == {**default, "flip": False}
+    (tmp_path / "aug.yaml").write_text("data:\n  augment: {scale: [1.0, 1.5], flip: true}\n")
+    assert load_config(tmp_path / "aug.yaml", ["data.augment.flip=false"]).data.augment == {"scale": [1.0, 1.5],
+                                                                                          "flip": False}
 
 
 @pytest.mark.parametrize("override, message", [
@@ -78,6 +85,8 @@ def test_config_overrides_types_and_bases(tmp_path):
     ("eval.resize=crop", r"eval.resize must be one of pfenet, square, original, got 'crop'"),
     ("eval.support_annotation=scribble", r"eval.support_annotation must be one of mask, box, got 'scribble'"),
     ("data.fold", r"not of the form key=value"),
+    ("train.accumulate=0", r"train.accumulate must be >= 1, got 0"),
+    ("train.checkpoint_every=0", r"train.checkpoint_every must be >= 1, got 0"),
 ])
 def test_config_refuses_bad_keys(tmp_path, override, message):
     with pytest.raises(ConfigError, match=message):
@@ -203,9 +212,55 @@ def test_clipping_a_non_finite_gradient_steps_no_optimizer(dataset, tmp_path, mo
     cfg = load_config(None, [*data_overrides(dataset), f"out={tmp_path}", "model.name=nonfinite_grad",
                              "train.iters=1", "train.clip_grad=1.0", "train.weight_decay=0.1", "train.lr=0.1",
                              "train.val_episodes=0", "data.batch_size=1", "data.num_workers=0"])
-    train(cfg)
+    with pytest.warns(UserWarning, match="iteration 1: the gradient norm is (inf|nan); no optimizer stepped"):
+        train(cfg)
     after = weights(tmp_path)
     assert after["a"].item() == 3.0 and after["b"].item() == 0.0
+
+
+def test_a_nan_validation_stops_even_as_the_first(monkeypatch):
+    """A NaN validation mIoU stops the run; checked before the comparison, since a NaN stored as the first best
+    would never be beaten (every later `miou > nan` is False) and best.pt would stay the NaN model."""
+    from fsskern.engine import trainer
+    monkeypatch.setattr(trainer, "evaluate_model", lambda *a, **k: {"miou": float("nan"), "fb_iou": float("nan")})
+    cfg = load_config(None, ["train.val_episodes=10", "data.val_fraction=0.1"])
+    logger, saved = type("Logger", (), {"scalars": lambda self, *a: None})(), []
+    with pytest.raises(trainer.NonFiniteLossError, match="validation mIoU is NaN at iteration 7"):
+        trainer.validate(cfg, torch.nn.Linear(1, 1), {"iteration": 7, "best": None}, logger, lambda: saved.append(1))
+    assert saved == []
+
+
+def test_parameter_groups_may_be_generators():
+    """A model's param_groups may hand over module.parameters() generators, as torch.optim accepts them:
+    listed once (a generator read to test for emptiness used to leave the optimizer with nothing)."""
+    from fsskern.engine.config import TrainConfig
+    from fsskern.engine.optim import build_optimizers
+
+    class TwoGroups(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.frozen = torch.nn.Linear(2, 2), torch.nn.Linear(2, 3), torch.nn.Linear(2, 2)
+
+        def param_groups(self, cfg):
+            return [{"params": self.a.parameters()}, {"params": self.b.parameters(), "optimizer": "adamw"},
+                    {"params": (p for p in self.frozen.parameters() if False)}]
+
+    adamw, sgd = build_optimizers(TwoGroups(), TrainConfig())
+    assert [len(g["params"]) for g in sgd.param_groups] == [2] and [len(g["params"]) for g in adamw.param_groups] == [2]
+
+
+def test_log_every_averages_rows_and_logs_the_step_lr(dataset, tmp_path):
+    """train.log_every: one metrics.jsonl row every N iterations and at the last, losses averaged over the
+    window, and the LR the logged step used (the warm-up's first step: lr / warmup_iters)."""
+    out = tmp_path / "log"
+    done = run_train(tiny(dataset, out, "train.iters=5", "train.log_every=2", "train.warmup_iters=4",
+                          "train.checkpoint_every=5"))
+    assert done.returncode == 0, done.stderr
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    train_rows = [r for r in rows if "train/loss" in r]
+    assert [r["iteration"] for r in train_rows] == [2, 4, 5]
+    assert train_rows[0]["train/lr"] == pytest.approx(0.05 * 2 / 4)  # step 2 of the warm-up used factor 2/4
+    assert train_rows[-1]["train/lr"] == pytest.approx(0.05 * (1 - 4 / 5) ** 0.9)
 
 
 def test_a_phase_keeps_its_own_settings_and_says_so(dataset, tmp_path):
@@ -234,6 +289,10 @@ def test_refuses_to_overwrite_a_run(dataset, tmp_path):
     assert run_train(tiny(dataset, out, "train.iters=2")).returncode == 0
     again = run_train(tiny(dataset, out, "train.iters=2"))
     assert again.returncode != 0 and "already holds a run" in again.stderr
+    # resuming with another seed or batch would read other episodes than the run it claims to continue
+    (out / "done.json").unlink()  # as if killed after its last checkpoint
+    moved = run_train(tiny(dataset, out, "train.iters=4", "resume=true", "seed=9", "data.batch_size=1"))
+    assert moved.returncode != 0 and "resume: seed 0 -> 9, data.batch_size 2 -> 1 differ" in moved.stderr
 
 
 def test_no_held_out_images_means_no_validation(dataset, tmp_path):

@@ -103,6 +103,9 @@ CHOICES = {"ops": ("fused", "reference"), "amp": ("none", "bf16", "fp16"),
            "data.train_policy": ("pfenet", "bam"), "data.fold_convention": ("interleaved", "contiguous", "canet"),
            "train.optimizer": ("sgd", "adamw"), "eval.split": ("test", "val"),
            "eval.resize": ("pfenet", "square", "original"), "eval.support_annotation": ("mask", "box")}
+# counts a run divides by or loops over: 0 would divide by zero or train without a backward pass
+POSITIVE = ("train.accumulate", "train.checkpoint_every", "train.log_every", "data.batch_size",
+            "data.shots", "data.ways")
 
 
 class ConfigError(ValueError):
@@ -210,6 +213,8 @@ def _build(cls, tree: dict, prefix: str = ""):
         choices = CHOICES.get(prefix + key)
         if choices and kwargs[key] is not None and kwargs[key] not in choices:  # None: an Optional's default
             raise ConfigError(f"{prefix}{key} must be one of {', '.join(choices)}, got {kwargs[key]!r}")
+        if prefix + key in POSITIVE and kwargs[key] < 1:
+            raise ConfigError(f"{prefix}{key} must be >= 1, got {kwargs[key]}")
     return cls(**kwargs)
 
 
@@ -220,6 +225,9 @@ def config_from_dict(tree: dict) -> Config:
 def load_config(path=None, overrides: Optional[List[str]] = None, tree: Optional[dict] = None) -> Config:
     """The config of ``path`` (or of an already-read ``tree``) with ``overrides`` applied."""
     base = read_yaml(path) if path is not None else dict(tree or {})
+    data = base.get("data")
+    if not (isinstance(data, dict) and "augment" in data):  # no file names one: overrides edit the default's keys
+        base = _merge(base, {"data": {"augment": DataConfig().augment}})
     return config_from_dict(_merge(base, parse_overrides(overrides or [])))
 
 

@@ -46,26 +46,38 @@ def tensorboard_writer(out: Path):
 
 
 class RunLogger:
-    """metrics.jsonl + TensorBoard + a progress bar; does nothing on ranks other than 0."""
+    """metrics.jsonl + TensorBoard + a progress bar; does nothing on ranks other than 0. Training rows are
+    written every ``every`` iterations (and at the last), with the losses and step time averaged over the
+    iterations since the previous row (as torchvision's MetricLogger) and each optimizer's LR at the step."""
 
     def __init__(self, out: Path, total: int, start: int = 0, enabled: bool = True, every: int = 1):
-        self.enabled = enabled
-        self.out = out
+        self.enabled, self.out, self.total, self.every = enabled, out, total, max(1, every)
         if not enabled:
             return
         out.mkdir(parents=True, exist_ok=True)
         self.jsonl = open(out / "metrics.jsonl", "a")
         self.tb = tensorboard_writer(out)
         self.bar = tqdm(total=total, initial=start, desc=out.name, dynamic_ncols=True, mininterval=1.0)
+        self.window, self.window_seconds, self.window_steps = {}, 0.0, 0
 
-    def step(self, iteration: int, losses: dict, lr: float, seconds: float) -> None:
+    def step(self, iteration: int, losses: dict, lrs: dict, seconds: float) -> None:
+        """``lrs``: {optimizer name: the LR this step used}."""
         if not self.enabled:
             return
-        total = sum(losses.values())
+        lr_keys = {"lr": next(iter(lrs.values()))} if len(lrs) == 1 else {f"lr_{k}": v for k, v in lrs.items()}
         self.bar.update(1)
-        self.bar.set_postfix(loss=f"{total:.4f}", lr=f"{lr:.2e}")
-        self.scalars(iteration, {"train/loss": total, "train/lr": lr, "train/step_s": seconds,
-                                 **{f"train/{k}": v for k, v in losses.items()}})
+        self.bar.set_postfix(loss=f"{sum(losses.values()):.4f}", **{k: f"{v:.2e}" for k, v in lr_keys.items()})
+        for k, v in losses.items():
+            self.window[k] = self.window.get(k, 0.0) + v
+        self.window_seconds += seconds
+        self.window_steps += 1
+        if iteration % self.every and iteration != self.total:
+            return
+        n = self.window_steps
+        means = {k: v / n for k, v in self.window.items()}
+        self.scalars(iteration, {"train/loss": sum(means.values()), **{f"train/{k}": v for k, v in lr_keys.items()},
+                                 "train/step_s": self.window_seconds / n, **{f"train/{k}": v for k, v in means.items()}})
+        self.window, self.window_seconds, self.window_steps = {}, 0.0, 0
 
     def scalars(self, iteration: int, values: dict) -> None:
         if not self.enabled:

@@ -17,15 +17,15 @@ def _groups(model, cfg: TrainConfig):
         groups = model.param_groups(cfg)
     else:
         groups = [{"params": [p for p in model.parameters() if p.requires_grad]}]
-    return [g for g in groups if len(list(g["params"])) > 0]
+    # a group's params may be any iterable (a module's .parameters() generator too): listed once, then filtered
+    groups = [dict(g, params=list(g["params"])) for g in groups]
+    return [g for g in groups if g["params"]]
 
 
 def build_optimizers(model, cfg: TrainConfig):
     by_name = {}
     for group in _groups(model, cfg):
-        group = dict(group)
         name = group.pop("optimizer", cfg.optimizer)
-        group["params"] = list(group["params"])
         group["lr"] = group.get("lr", cfg.lr) * group.pop("lr_mult", 1.0)
         group["initial_lr"] = group["lr"]
         by_name.setdefault(name, []).append(group)

@@ -118,6 +118,13 @@ def train_phase(cfg: Config, init_from: Optional[Path] = None) -> Path:
         payload = ckpt.load(last)
         if payload["config"]["model"] != to_dict(cfg)["model"]:
             raise ValueError(f"resume: the model config differs from the one {last} was trained with")
+        # what decides which episodes a step reads: a change would silently break the exact resume
+        then, now = payload["config"], to_dict(cfg)
+        changed = [k for k in ("seed", "data.batch_size", "train.accumulate")
+                   if _get(then, k) != _get(now, k)]
+        if changed:
+            raise ValueError(f"resume: {', '.join(f'{k} {_get(then, k)} -> {_get(now, k)}' for k in changed)} "
+                             f"differ from the run in {last}; the resumed run would not continue it exactly")
         model.load_state_dict(payload["model"])
         for opt, s in zip(optimizers, payload["optimizers"]):
             opt.load_state_dict(s)
@@ -142,7 +149,8 @@ def train_phase(cfg: Config, init_from: Optional[Path] = None) -> Path:
     dataset = train_dataset(cfg)
     loader = episode_loader(dataset, positions(cfg, state["iteration"]), cfg.data.batch_size, cfg.data.num_workers,
                             seed=cfg.seed + state["iteration"], device=device)
-    logger = RunLogger(out, cfg.train.iters, start=state["iteration"], enabled=dist.is_main())
+    logger = RunLogger(out, cfg.train.iters, start=state["iteration"], enabled=dist.is_main(),
+                       every=cfg.train.log_every)
 
     def save(path):
         rngs = dist.all_gather_objects(ckpt.rng_state(device))
@@ -184,14 +192,16 @@ def train_phase(cfg: Config, init_from: Optional[Path] = None) -> Path:
         if norm is None or torch.isfinite(norm):
             for opt in optimizers:
                 scaler.step(opt)
+        elif not scaler.is_enabled() and dist.is_main():  # fp16 overflows by design; fp32 / bf16 should not
+            warnings.warn(f"iteration {it + 1}: the gradient norm is {float(norm)}; no optimizer stepped")
         scaler.update()
         for opt in optimizers:
             opt.zero_grad(set_to_none=True)
+        lrs = {type(opt).__name__.lower(): opt.param_groups[0]["lr"] for opt in optimizers}  # the LRs this step used
         for sched in schedulers:
             sched.step()
         state["iteration"] = it + 1
-        logger.step(state["iteration"], losses_sum, lr=optimizers[0].param_groups[0]["lr"],
-                    seconds=time.perf_counter() - tic)
+        logger.step(state["iteration"], losses_sum, lrs, seconds=time.perf_counter() - tic)
 
         done = state["iteration"] == cfg.train.iters
         if (cfg.train.val_every and state["iteration"] % cfg.train.val_every == 0) or done:
@@ -202,6 +212,12 @@ def train_phase(cfg: Config, init_from: Optional[Path] = None) -> Path:
         (out / "done.json").write_text(json.dumps({"iteration": state["iteration"], "best": state["best"]}))
     logger.close()
     return out
+
+
+def _get(tree: dict, dotted: str):
+    for part in dotted.split("."):
+        tree = tree.get(part) if isinstance(tree, dict) else None
+    return tree
 
 
 def positions(cfg: Config, start_iteration: int):
@@ -237,8 +253,8 @@ def validate(cfg: Config, model, state: dict, logger, save_best) -> None:
     model.train()
     miou = result["miou"]
     logger.scalars(state["iteration"], {"val/miou": miou, "val/fb_iou": result["fb_iou"]})
+    if math.isnan(miou):  # before the comparison: a NaN first result would otherwise stay the best
+        raise NonFiniteLossError(f"validation mIoU is NaN at iteration {state['iteration']}")
     if state["best"] is None or miou > state["best"]["miou"]:
         state["best"] = {"miou": miou, "iteration": state["iteration"]}
         save_best()
-    elif math.isnan(miou):
-        raise NonFiniteLossError(f"validation mIoU is NaN at iteration {state['iteration']}")
