@@ -92,6 +92,30 @@ def test_weighted_gap(source, real):
     assert pfenet.Weighted_GAP(feats, mask).shape == (feats.shape[0], feats.shape[1], 1, 1)
 
 
+def test_kshot_in_place_sums_backpropagate():
+    """PFENet's k-shot code (and CyCTR's, UMTFSS's) adds into Weighted_GAP's result in place; PANet's or
+    POPNet's callers may do the same with theirs: backward works and gives the out-of-place sum's gradients
+    (a view of the op's output, which the op saves for backward, made this raise)."""
+    feats = torch.randn(3, 2, 8, 7, 7, dtype=torch.float64)
+    masks = random_mask(3, 2, 7, 7).double()
+    labels = torch.randint(0, 4, (3, 2, 1, 7, 7)).double()
+    calls = [(pfenet.Weighted_GAP, lambda k: (masks[:, k:k + 1],)), (panet.getFeatures, lambda k: (masks[:, k],)),
+             (popnet.class_average_features, lambda k: (labels[:, k], 4))]
+    for fn, args in calls:
+        grads = []
+        for in_place in (True, False):
+            f = feats.clone().requires_grad_()
+            total = fn(f[:, 0], *args(0))
+            if in_place:
+                total += fn(f[:, 1], *args(1))  # PFENet: supp_feat += supp_feat_list[i]
+                total /= 2
+            else:
+                total = (total + fn(f[:, 1], *args(1))) / 2
+            total.pow(2).sum().backward()
+            grads.append(f.grad)
+        close(grads[0], grads[1])
+
+
 def test_weighted_gap_empty_mask_and_bad_shape():
     feats = torch.randn(2, 8, 5, 5)
     close(pfenet.Weighted_GAP(feats, torch.zeros(2, 1, 5, 5)), torch.zeros(2, 8, 1, 1))
@@ -333,11 +357,18 @@ def test_umtfss_patch():
     theirs = T.ProtoCrossAtt(32, num_heads=8, attn_drop=0.1, proj_drop=0.1).eval()
     transformer.cross_layers = nn.ModuleList([theirs])
     transformer.self_supp_cluster = Supp()
+    before = list(transformer.parameters())
+    optimizer = torch.optim.SGD(transformer.parameters(), lr=0.1)  # built before the patch, as a training script may
     umtfss.patch(transformer, generator=torch.Generator().manual_seed(0))
     layer = transformer.cross_layers[0]
     assert isinstance(layer, umtfss.ProtoCrossAtt) and not layer.training and layer.attn_drop.p == 0.1
+    assert all(a is b for a, b in zip(before, transformer.parameters())) and len(before) == 4
     x, k = torch.randn(1, 20, 32), torch.randn(1, 10, 32)
     close(layer(x, k, k), theirs(x, k, k))
+    layer(x, k, k).sum().backward()
+    weight = layer.q_fc.weight.detach().clone()
+    optimizer.step()  # the optimizer still trains the patched layer
+    assert not torch.equal(layer.q_fc.weight, weight)
     protos, mask = transformer.self_supp_cluster.cluster_group_lsh_kmeans(
         torch.randn(1, 50, 32), torch.zeros(1, 50, dtype=torch.bool), torch.rand(1, 50) < 0.5)
     assert protos.shape == (1, 10, 32) and mask.sum() == 0

@@ -4,7 +4,7 @@ Replacing an import (or assigning one attribute) moves an existing codebase onto
 
 - :mod:`.pfenet`  PFENet / BAM / CyCTR / UMTFSS / HDMNet / MSANet: ``Weighted_GAP``, the prior block
   (``corr_query_mask``, PFENet mean or BAM K-shot weights).
-- :mod:`.panet`   PANet / PPNet / DPCL-style ``FewShotSeg``: ``getFeatures``, ``getPrototype``,
+- :mod:`.panet`   PANet / DPCL-style ``FewShotSeg`` (not PPNet's part model): ``getFeatures``, ``getPrototype``,
   ``calDist``, ``alignLoss`` (``patch(model)`` swaps all four).
 - :mod:`.popnet`  POPNet ``sp_ave_features`` (``class_average_features``), EOPNet
   ``get_static_prototypes``.

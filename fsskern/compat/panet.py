@@ -1,4 +1,5 @@
-"""Drop-in methods for PANet-style code (PANet, PPNet, DPCL and other forks of ``FewShotSeg``).
+"""Drop-in methods for PANet-style code (PANet, DPCL, PPNet's PANet baseline and other copies of ``FewShotSeg``;
+not PPNet's ``FewShotSegPart``, whose getFeatures aligns corners and whose calDist / alignLoss use part prototypes).
 
 Mirrors kaixin96/PANet ``models/fewshot.py`` at commit 1c8ae0ef (the version the code index holds;
 the project's survey names 1695bf37, not compared): ``FewShotSeg.getFeatures``, ``getPrototype``, ``calDist`` and
@@ -35,7 +36,8 @@ def getFeatures(fts: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:  # noqa:
     """
     if mask.dim() != 3:
         raise ValueError(f"getFeatures: mask must be (B, H, W), got {tuple(mask.shape)}")
-    return ops.masked_average_pool(fts, mask.unsqueeze(1), resize="features", eps=PANET_EPS)[:, 0]
+    # a copy (the op saves its output for backward), so the caller may update it in place as PANet's may
+    return ops.masked_average_pool(fts, mask.unsqueeze(1), resize="features", eps=PANET_EPS)[:, 0].clone()
 
 
 def getPrototype(fg_fts: Sequence[Sequence[torch.Tensor]],  # noqa: N802 (their name)

@@ -41,7 +41,9 @@ def Weighted_GAP(supp_feat: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:  
     if mask.dim() != 4 or mask.shape[1] != 1:
         raise ValueError(f"Weighted_GAP: mask must be (B, 1, h, w), got {tuple(mask.shape)}")
     B, C = supp_feat.shape[:2]
-    return ops.masked_average_pool(supp_feat, mask, resize="mask", eps=WEIGHTED_GAP_EPS).view(B, C, 1, 1)
+    # a copy, not a view of the op's output (saved for its backward): PFENet's k-shot code adds into the
+    # returned tensor in place (supp_feat += ...), which would otherwise fail in backward
+    return ops.masked_average_pool(supp_feat, mask, resize="mask", eps=WEIGHTED_GAP_EPS).view(B, C, 1, 1).clone()
 
 
 def corr_query_mask(query_feat_4: torch.Tensor, final_supp_list: Sequence[torch.Tensor],

@@ -23,7 +23,7 @@ def _pool(features: torch.Tensor, labels: torch.Tensor, class_num: int) -> torch
     labels = labels.long()
     labels = torch.where((labels >= 0) & (labels < class_num), labels, torch.full_like(labels, _NO_CLASS))
     protos, _ = ops.class_prototypes(features, labels, class_num, ignore_index=_NO_CLASS, resize="nearest")
-    return protos
+    return protos.clone()  # the op saves its output for backward: the caller may update this in place
 
 
 def class_average_features(sup_features: torch.Tensor, support_mask: torch.Tensor, nclasses: int) -> torch.Tensor:

@@ -10,9 +10,10 @@ Mirrors SSSKYue/UMTFSS (commit bc92b523):
   state_dict loads unchanged into :class:`ProtoCrossAtt` here.
 
 What is not reproduced, and why:
-- Randomness. UMTFSS draws the hash planes from torch's global generator and the k-means start
-  from ``np.random`` (unseedable together), and its CPU and CUDA k-means differ (tie bits, empty
-  clusters, 9 vs 10 updates). Here every draw comes from one ``torch.Generator`` and the k-means
+- Randomness. UMTFSS draws new hash planes per image and part from torch's global generator and the
+  k-means start from ``np.random`` (its test script seeds both; the CPU kernel's random codes for empty
+  clusters are not seedable), and its CPU and CUDA k-means differ (tie bits, empty clusters, 9 vs 10
+  updates). Here every draw comes from one ``torch.Generator`` (one set of planes per call) and the k-means
   follows fsskern's definition (nearest centroid, lowest index on ties; per-bit majority, a tie
   keeps the bit; an empty cluster keeps its code; ``n_iter`` updates then a final assignment) on
   every device. Same algorithm and distribution, not the same random numbers.
@@ -173,14 +174,15 @@ class ProtoCrossAtt(nn.Module):
 
 def patch(proto_transformer: nn.Module, generator: Optional[torch.Generator] = None) -> None:
     """Swap fsskern in for a UMTFSS ``ProtoTransformer`` instance: each ``cross_layers[i]`` becomes
-    a :class:`ProtoCrossAtt` loaded from its state_dict, and ``self_supp_cluster``'s
+    a :class:`ProtoCrossAtt` holding the old layer's own linear layers (the same parameter tensors, so an
+    optimizer built before the patch still trains them), and ``self_supp_cluster``'s
     ``cluster_group_lsh_kmeans`` this module's, bound to that layer's cluster counts."""
     for i, old in enumerate(proto_transformer.cross_layers):
         new = ProtoCrossAtt(old.q_fc.in_features, old.num_heads, qkv_bias=old.q_fc.bias is not None,
                             qk_scale=old.scale, attn_drop=old.attn_drop.p, proj_drop=old.proj_drop.p)
-        new.load_state_dict(old.state_dict())
-        weight = old.q_fc.weight  # the new layer where the old one was: device and dtype (a model.half() one too)
-        proto_transformer.cross_layers[i] = new.to(weight.device, weight.dtype).train(old.training)
+        for name in ("q_fc", "k_fc", "v_fc", "proj"):
+            setattr(new, name, getattr(old, name))
+        proto_transformer.cross_layers[i] = new.train(old.training)
     layer = proto_transformer.self_supp_cluster
     layer.cluster_group_lsh_kmeans = functools.partial(cluster_group_lsh_kmeans, clusters_fg=layer.clusters_fg,
                                                        clusters_bg=layer.clusters_bg, n_iter=layer.n_iter,
