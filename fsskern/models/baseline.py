@@ -61,14 +61,18 @@ class PrototypeBaseline(nn.Module):
         context = f"{images.device}|{autocast}".encode()
         keys = [hashlib.blake2b(img.detach().cpu().numpy().tobytes() + context, digest_size=16).digest()
                 for img in images]
+        found = {}  # this call's features, held here: storing the missing ones may evict a hit of this call
+        for k in keys:
+            if k in self.cache:
+                self.cache.move_to_end(k)
+                found[k] = self.cache[k]
         # the first of each image not cached yet: a k-way episode repeats its one support image once per way
-        missing = list({k: i for i, k in reversed(list(enumerate(keys))) if k not in self.cache}.values())
+        missing = list({k: i for i, k in reversed(list(enumerate(keys))) if k not in found}.values())
         if missing:
             for i, f in zip(missing, self._features(images[missing])):
+                found[keys[i]] = f
                 self._remember(keys[i], f)
-        for k in keys:
-            self.cache.move_to_end(k)
-        return torch.stack([self.cache[k] for k in keys])
+        return torch.stack([found[k] for k in keys])
 
     def _remember(self, key: bytes, feature: torch.Tensor) -> None:
         self.cache[key] = feature
