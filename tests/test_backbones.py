@@ -339,3 +339,13 @@ def test_imagenet_mobilenet_matches_torchvision():
     dilated = ours.features[14].conv[1][0]
     assert dilated.dilation == (2, 2) and dilated.stride == (1, 1)  # first block of the 160 stage: stride removed
     assert torch.equal(dilated.weight, reference.features[14].conv[1][0].weight)
+
+
+def test_deeplab_resnet_dilates_as_deeplab_ports():
+    """deeplabv3plus_resnet50 follows torchvision's replace_stride_with_dilation (VainF's DeepLabV3+): the first
+    block of a dilated layer keeps the previous dilation, so a checkpoint trained that way sees its own fields."""
+    from fsskern.backbones import create_backbone
+    for os_, layer3, layer4 in ((16, [1] * 6, [1, 2, 2]), (8, [1] + [2] * 5, [2, 4, 4])):
+        net = create_backbone("deeplabv3plus_resnet50", output_stride=os_).backbone
+        assert [b.conv2.dilation[0] for b in net.layer3] == layer3
+        assert [b.conv2.dilation[0] for b in net.layer4] == layer4

@@ -2,9 +2,12 @@
 
 POPNet uses DeepLabV3+ with aligned Xception-65 at output stride 16 (``deeplabv3plus_xception65``: its
 backbone loads from the public code's COCO-pretrained checkpoint given as a file; notes D4); the encoder takes any
-backbone with a stride-4 low-level map: Xception-65 (block2's, 256 ch), ResNet-50 (torchvision stem, low level =
-layer1, 256 ch) or MobileNetV2 (layer1, 24 ch); high level = layer4. The ASPP and decoder below are DeepLabV3+'s
-with plain (not separable) atrous convs for every backbone, and train from their init. ASPP (1x1, three 3x3
+backbone with a stride-4 low-level map: Xception-65 (block2's, 256 ch), ResNet-50 (torchvision stem, dilated as
+torchvision's ``replace_stride_with_dilation``, the first block of a dilated layer keeping the previous dilation,
+as DeepLab ports such as VainF's build it; low level = layer1, 256 ch) or MobileNetV2 (layer1, 24 ch); high level =
+layer4. The ASPP and decoder below are DeepLabV3+'s with plain (not separable) atrous convs for every backbone,
+and train from their init. The decoder has DeepLabV3+'s two 3x3 convs; POPNet's code reads its features after
+the first of its decoder's separable blocks (``decoder1``), so the second conv is ours (docs/methods/popnet.md). ASPP (1x1, three 3x3
 atrous, image pooling; 256 channels each, rates 6/12/18 at output stride 16, doubled at 8), then the decoder:
 low level -> 1x1 conv 48, concat with the upsampled ASPP output (bilinear, align_corners=True as POPNet's code),
 two 3x3 convs of 256. ``width`` (default 256, the paper's)
@@ -65,6 +68,8 @@ class DeepLabV3Plus(nn.Module):
 
 def _builder(backbone):
     def build(output_stride=None, frozen_bn=True, width=256, **kw):
+        if backbone.startswith("resnet"):  # DeepLab's rule (VainF's replace_stride_with_dilation), not PSPNet's
+            kw.setdefault("dilation", "torchvision")
         return DeepLabV3Plus(backbone, 16 if output_stride is None else output_stride, frozen_bn, width, **kw)
     return build
 
