@@ -7,10 +7,10 @@ torchvision's ``replace_stride_with_dilation``, the first block of a dilated lay
 as DeepLab ports such as VainF's build it; low level = layer1, 256 ch) or MobileNetV2 (layer1, 24 ch); high level =
 layer4. The ASPP and decoder below are DeepLabV3+'s with plain (not separable) atrous convs for every backbone,
 and train from their init. The decoder has DeepLabV3+'s two 3x3 convs; POPNet's code reads its features after
-the first of its decoder's separable blocks (``decoder1``), so the second conv is ours (docs/methods/popnet.md). ASPP (1x1, three 3x3
-atrous, image pooling; 256 channels each, rates 6/12/18 at output stride 16, doubled at 8), then the decoder:
-low level -> 1x1 conv 48, concat with the upsampled ASPP output (bilinear, align_corners=True as POPNet's code),
-two 3x3 convs of 256. ``width`` (default 256, the paper's)
+the first of its decoder's separable blocks (``decoder1``), so the second conv is ours (docs/methods/popnet.md).
+ASPP (1x1, three 3x3 atrous, image pooling; 256 channels each, rates 6/12/18 at output stride 16, doubled at 8),
+then the decoder: low level -> 1x1 conv 48, concat with the upsampled ASPP output (bilinear, align_corners=True as
+POPNet's code), two 3x3 convs of 256. ``width`` (default 256, the paper's)
 sets the ASPP and decoder channels: CPU recipes narrow it, since every later conv scales with it squared.
 """
 from typing import Dict

@@ -75,8 +75,8 @@ class RunLogger:
             return
         n = self.window_steps
         means = {k: v / n for k, v in self.window.items()}
-        self.scalars(iteration, {"train/loss": sum(means.values()), **{f"train/{k}": v for k, v in lr_keys.items()},
-                                 "train/step_s": self.window_seconds / n, **{f"train/{k}": v for k, v in means.items()}})
+        self.scalars(iteration, {"train/loss": sum(means.values()), "train/step_s": self.window_seconds / n,
+                                 **{f"train/{k}": v for k, v in {**lr_keys, **means}.items()}})
         self.window, self.window_seconds, self.window_steps = {}, 0.0, 0
 
     def scalars(self, iteration: int, values: dict) -> None:

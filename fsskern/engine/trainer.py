@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader
 from ..models import create_model
 from . import checkpoint as ckpt
 from . import distributed as dist
-from .config import Config, ConfigError, override_items, to_dict, with_overrides
+from .config import Config, ConfigError, get_dotted, override_items, to_dict, with_overrides
 from .data import episode_loader, train_dataset
 from .evaluator import evaluate_model
 from .logging import RunLogger, write_run_info
@@ -121,10 +121,11 @@ def train_phase(cfg: Config, init_from: Optional[Path] = None) -> Path:
         # what decides which episodes a step reads: a change would silently break the exact resume
         then, now = payload["config"], to_dict(cfg)
         changed = [k for k in ("seed", "data.batch_size", "train.accumulate")
-                   if _get(then, k) != _get(now, k)]
+                   if get_dotted(then, k) != get_dotted(now, k)]
         if changed:
-            raise ValueError(f"resume: {', '.join(f'{k} {_get(then, k)} -> {_get(now, k)}' for k in changed)} "
-                             f"differ from the run in {last}; the resumed run would not continue it exactly")
+            moves = ", ".join(f"{k} {get_dotted(then, k)} -> {get_dotted(now, k)}" for k in changed)
+            raise ValueError(f"resume: {moves} differ from the run in {last}; the resumed run would not continue "
+                             f"it exactly")
         model.load_state_dict(payload["model"])
         for opt, s in zip(optimizers, payload["optimizers"]):
             opt.load_state_dict(s)
@@ -212,12 +213,6 @@ def train_phase(cfg: Config, init_from: Optional[Path] = None) -> Path:
         (out / "done.json").write_text(json.dumps({"iteration": state["iteration"], "best": state["best"]}))
     logger.close()
     return out
-
-
-def _get(tree: dict, dotted: str):
-    for part in dotted.split("."):
-        tree = tree.get(part) if isinstance(tree, dict) else None
-    return tree
 
 
 def positions(cfg: Config, start_iteration: int):

@@ -130,9 +130,9 @@ def support_prototypes(features: torch.Tensor, masks: torch.Tensor, *, valid: Op
         hashed (one fresh set of planes per call) and clustered per image, separately for
         foreground and background; a shot without foreground gives its centre 2x2 tokens to the
         foreground, a shot without background its 4 corners to the background (the code's per-shot
-        fallbacks); with no more tokens than clusters the
-        tokens themselves are the prototypes. Unlike UMTFSS, empty clusters and padding rows are
-        zero rows marked invalid, so attention can exclude them.
+        fallbacks); with no more tokens than clusters the tokens themselves are the prototypes.
+        Unlike UMTFSS, empty clusters and padding rows are zero rows marked invalid, so attention
+        can exclude them.
     """
     if features.dim() != 5 or masks.dim() != 4 or masks.shape[:2] != features.shape[:2]:
         raise ValueError(f"support_prototypes: expected features (B, K, C, h, w) and masks (B, K, H, W), got "
