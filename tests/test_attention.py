@@ -367,6 +367,34 @@ def test_local_attention_bad_inputs():
         ops.local_conditional_attention(query.long(), support.long(), mask)
 
 
+
+def test_backward_ops_check_their_extra_inputs():
+    # Autograd passes the forward's own outputs; direct calls with others used to read past lse / grad_out (NaN).
+    q, k, v = (torch.randn(1, 1, n, 32).bfloat16() for n in (64, 8, 8))
+    out, lse = torch.ops.fsskern.prototype_attention(q, k, v, None, 1.0, 0.0, 0)
+    backward = torch.ops.fsskern._prototype_attention_backward
+    assert all(torch.isfinite(g).all() for g in backward(torch.ones_like(out), q, k, v, None, out, lse, 1.0, 0.0, 0))
+    with pytest.raises(RuntimeError, match=r"_prototype_attention_backward: lse must be Float \[1, 1, 64\]"):
+        backward(torch.ones_like(out), q, k, v, None, out, lse[..., :1], 1.0, 0.0, 0)
+    with pytest.raises(RuntimeError, match="_prototype_attention_backward: grad_out must be BFloat16"):
+        backward(torch.ones_like(out)[:, :, :1], q, k, v, None, out, lse, 1.0, 0.0, 0)
+    with pytest.raises(RuntimeError, match="_prototype_attention_backward: out must be BFloat16"):
+        backward(torch.ones_like(out), q, k, v, None, out.float(), lse, 1.0, 0.0, 0)
+    query, support, mask = torch.randn(1, 6, 16), torch.randn(1, 6, 9), torch.ones(1, 9)
+    out, lse = torch.ops.fsskern.local_conditional_attention(query, support, mask, support, "exclude")
+    backward = torch.ops.fsskern._local_conditional_attention_backward
+    with pytest.raises(RuntimeError, match=r"_local_conditional_attention_backward: lse must be Float \[1, 16\]"):
+        backward(torch.ones_like(out), query, support, mask, support, out, lse[:, :1], "exclude")
+    with pytest.raises(RuntimeError, match=r"_local_conditional_attention_backward: out must be Float \[1, 6, 16\]"):
+        backward(torch.ones_like(out), query, support, mask, support, out[..., :1], lse, "exclude")
+
+
+def test_fake_checks_the_key_valid_device():
+    # a meta key_valid beside CPU q, k, v dispatched to the fake, which returned CPU tensors of garbage
+    q, k, v = torch.randn(1, 2, 3, 4), torch.randn(1, 2, 5, 4), torch.randn(1, 2, 5, 4)
+    with pytest.raises(RuntimeError, match="prototype_attention: all inputs must be on one device"):
+        torch.ops.fsskern.prototype_attention(q, k, v, torch.ones(1, 5, dtype=torch.bool, device="meta"), 1.0, 0.0, 0)
+
 def test_local_attention_opcheck():
     query, support, value = torch.randn(2, 4, 10), torch.randn(2, 4, 12), torch.randn(2, 3, 12)
     mask = (torch.rand(2, 12) < 0.5).float()

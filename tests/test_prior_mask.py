@@ -193,6 +193,20 @@ def test_bad_inputs_raise_clear_errors(override, error, message):
         ops.prior_mask(**args)
 
 
+
+def test_backward_checks_grad_values_and_indices():
+    # a direct call with indices past the support used to read past it (NaN) and write past grad_support
+    query, support, weights = torch.randn(1, 4, 3), torch.randn(1, 2, 4, 5), torch.ones(1, 2, 5)
+    values, idx = torch.ops.fsskern.max_cosine(query, support, weights, 1e-7)
+    backward = torch.ops.fsskern._max_cosine_backward
+    assert all(torch.isfinite(g).all() for g in backward(torch.ones_like(values), query, support, weights, idx, 1e-7))
+    with pytest.raises(RuntimeError, match=r"indices must lie in \[-1, 5\)"):
+        backward(torch.ones_like(values), query, support, weights, torch.full_like(idx, 5), 1e-7)
+    with pytest.raises(RuntimeError, match=r"grad_values must be floating \(B, K, Nq\) = \[1, 2, 3\]"):
+        backward(torch.ones(1), query, support, weights, idx, 1e-7)
+    with pytest.raises(RuntimeError, match="indices must be int64"):
+        backward(torch.ones_like(values), query, support, weights, idx.int(), 1e-7)
+
 def test_zero_size_query():
     values, idx = ops.max_cosine(torch.randn(2, 4, 0), torch.randn(2, 3, 4, 5), torch.ones(2, 3, 5))
     assert values.shape == idx.shape == (2, 3, 0)

@@ -14,6 +14,7 @@
 #include <ATen/ops/zeros.h>
 
 #include <limits>
+#include <tuple>
 
 namespace fsskern {
 namespace {
@@ -31,6 +32,19 @@ void check_float_inputs(const char* op, std::initializer_list<std::pair<const ch
     TORCH_CHECK(t->device() == first.device(), op, ": all inputs must be on one device, got ", first.device(),
                 " and ", t->device(), " (", name, ")");
   }
+}
+
+// The backward's extra inputs, shaped as the forward's outputs: autograd always passes those, a direct call must not
+// make the kernels read past them.
+void check_backward_inputs(const char* op, const at::Tensor& first, const at::Tensor& grad_out, const at::Tensor& out,
+                           const at::Tensor& lse, at::IntArrayRef out_size, at::IntArrayRef lse_size) {
+  const auto lse_dtype = attention_opmath(first.scalar_type());
+  for (const auto& [name, t, size, dt] :
+       {std::make_tuple("grad_out", &grad_out, out_size, first.scalar_type()),
+        std::make_tuple("out", &out, out_size, first.scalar_type()), std::make_tuple("lse", &lse, lse_size, lse_dtype)})
+    TORCH_CHECK(t->sizes() == size && t->scalar_type() == dt && t->device() == first.device(), op, ": ", name,
+                " must be ", dt, " ", size, " on ", first.device(), ", got ", t->scalar_type(), " ", t->sizes(), " on ",
+                t->device());
 }
 
 // Stable order with the selected entries first: packed position j holds original index
@@ -187,6 +201,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> prototype_attention_backward_impl
     const at::Tensor& v, const std::optional<at::Tensor>& key_valid, const at::Tensor& out, const at::Tensor& lse,
     double scale, double dropout_p, int64_t seed) {
   check_prototype_inputs(q, k, v, key_valid, scale, dropout_p);
+  check_backward_inputs("_prototype_attention_backward", q, grad_out, out, lse,
+                        {q.size(0), q.size(1), q.size(2), v.size(3)}, {q.size(0), q.size(1), q.size(2)});
   const auto in = prototype_inputs(q, k, v, key_valid, scale, dropout_p, seed);
   // Gradients accumulate in opmath (fp32 for reduced-precision inputs) and are rounded once at the end.
   const auto opmath = q.options().dtype(attention_opmath(q.scalar_type()));
@@ -222,6 +238,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> local_conditional_attention_backw
     const at::Tensor& support_mask, const at::Tensor& value, const at::Tensor& out, const at::Tensor& lse,
     c10::string_view mode) {
   check_local_inputs(query, support, support_mask, value, mode);
+  check_backward_inputs("_local_conditional_attention_backward", query, grad_out, out, lse,
+                        {query.size(0), value.size(1), query.size(2)}, {query.size(0), query.size(2)});
   const auto in = local_inputs(query, support, support_mask, value, mode);
   const int64_t B = query.size(0);
   const auto opmath = query.options().dtype(attention_opmath(query.scalar_type()));

@@ -2,6 +2,8 @@
 #define TORCH_ASSERT_ONLY_METHOD_OPERATORS  // per-operator ATen headers only (setup.py)
 #include "ops/max_cosine.h"
 
+#include <vector>
+
 #include "common/library.h"
 
 namespace fsskern {
@@ -31,6 +33,27 @@ void check_max_cosine_inputs(const at::Tensor& query, const at::Tensor& support,
               support.size(3), ", got ", weights.sizes());
   TORCH_CHECK(support.size(3) > 0, "max_cosine: support must have at least one pixel");
   TORCH_CHECK(std::isfinite(eps) && eps >= 0, "max_cosine: eps must be finite and >= 0, got ", eps);
+}
+
+void check_max_cosine_backward_inputs(const at::Tensor& grad_values, const at::Tensor& query,
+                                      const at::Tensor& support, const at::Tensor& weights, const at::Tensor& indices,
+                                      double eps) {
+  check_max_cosine_inputs(query, support, weights, eps);
+  // Autograd always passes the forward's own outputs; a direct call must not make the kernels read
+  // grad_values or write grad_support out of bounds.
+  const std::vector<int64_t> shape{support.size(0), support.size(1), query.size(2)};
+  TORCH_CHECK(grad_values.sizes() == at::IntArrayRef(shape) && at::isFloatingType(grad_values.scalar_type()),
+              "_max_cosine_backward: grad_values must be floating (B, K, Nq) = ", at::IntArrayRef(shape), ", got ",
+              grad_values.scalar_type(), " ", grad_values.sizes());
+  TORCH_CHECK(indices.sizes() == at::IntArrayRef(shape) && indices.scalar_type() == at::kLong,
+              "_max_cosine_backward: indices must be int64 (B, K, Nq) = ", at::IntArrayRef(shape), ", got ",
+              indices.scalar_type(), " ", indices.sizes());
+  TORCH_CHECK(grad_values.device() == query.device() && indices.device() == query.device(),
+              "_max_cosine_backward: all inputs must be on one device, got ", query.device(), ", ",
+              grad_values.device(), ", ", indices.device());
+  if (indices.numel() > 0)
+    TORCH_CHECK(indices.ge(-1).logical_and(indices.lt(support.size(3))).all().item<bool>(),
+                "_max_cosine_backward: indices must lie in [-1, ", support.size(3), ") (-1: no match)");
 }
 
 TORCH_LIBRARY_FRAGMENT(FSSKERN_NAMESPACE, m) {

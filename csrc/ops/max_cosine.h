@@ -81,6 +81,10 @@ HOST_DEVICE CosineGrad<T> cosine_grad(T g, T dot, T norm_s, T norm_q, T eps) {
 // Shared input checks (both backends call them first).
 void check_max_cosine_inputs(const at::Tensor& query, const at::Tensor& support, const at::Tensor& weights,
                              double eps);
+// ... and those of the backward: grad_values and indices shaped as the forward's outputs, indices in [-1, Ns).
+void check_max_cosine_backward_inputs(const at::Tensor& grad_values, const at::Tensor& query,
+                                      const at::Tensor& support, const at::Tensor& weights, const at::Tensor& indices,
+                                      double eps);
 
 // The float32 CPU kernel, which the certified bf16 search (cpu/max_cosine_bf16_search_kernel.cpp)
 // falls back to where its bound does not apply.

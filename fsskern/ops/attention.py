@@ -89,7 +89,8 @@ def _lse_dtype(dtype: torch.dtype) -> torch.dtype:
 def _(q, k, v, key_valid, scale, dropout_p, seed):
     torch._check(q.dim() == 4 and k.dim() == 4 and v.dim() == 4,
                  lambda: "prototype_attention: q, k and v must be 4-d")
-    torch._check(q.device == k.device == v.device, lambda: "prototype_attention: all inputs must be on one device")
+    torch._check(q.device == k.device == v.device and (key_valid is None or key_valid.device == q.device),
+                 lambda: "prototype_attention: all inputs must be on one device")
     B, H, N = q.shape[:3]
     return q.new_empty((B, H, N, v.shape[3])), q.new_empty((B, H, N), dtype=_lse_dtype(q.dtype))
 

@@ -271,7 +271,7 @@ std::tuple<at::Tensor, at::Tensor> max_cosine_backward_cpu(const at::Tensor& gra
                                                            const at::Tensor& support,
                                                            const at::Tensor& support_weights,
                                                            const at::Tensor& indices, double eps) {
-  check_max_cosine_inputs(query, support, support_weights, eps);
+  check_max_cosine_backward_inputs(grad_values, query, support, support_weights, indices, eps);
   const auto q = query.contiguous();
   const auto s = support.contiguous();
   const int64_t B = s.size(0), K = s.size(1), C = s.size(2), Ns = s.size(3), Nq = q.size(2);

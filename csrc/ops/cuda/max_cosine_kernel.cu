@@ -61,7 +61,7 @@ std::tuple<at::Tensor, at::Tensor> max_cosine_backward_cuda(const at::Tensor& gr
                                                             const at::Tensor& support,
                                                             const at::Tensor& support_weights,
                                                             const at::Tensor& indices, double eps) {
-  check_max_cosine_inputs(query, support, support_weights, eps);
+  check_max_cosine_backward_inputs(grad_values, query, support, support_weights, indices, eps);
   // grad_support gathers every query pixel whose best match is the same support pixel with float atomics:
   // the order, and so the last bits, vary between runs (as index_add_ on CUDA, which says so too)
   at::globalContext().alertNotDeterministic("fsskern::max_cosine backward (CUDA: atomic adds into grad_support)");
