@@ -183,6 +183,16 @@ def test_falls_back_to_the_fp32_kernel():
         ops.max_cosine(q, s.expand(2, -1, -1, -1), w.expand(2, -1, -1), search_dtype=BF16)
 
 
+
+def test_autocast_decides_before_the_search():
+    # under bf16 autocast the search_dtype route used to skip the autocast cast: an error for an fp32 query beside a
+    # bf16 support, and fp32 results where the default path gives autocast's
+    q, s, m = torch.randn(2, 8, 5, 5), torch.randn(2, 1, 8, 6, 6), (torch.rand(2, 1, 6, 6) > 0.5).float()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        for support in (s, s.bfloat16()):
+            want = ops.prior_mask(q, support, m)
+            assert torch.equal(ops.prior_mask(q, support, m, search_dtype=torch.bfloat16), want)
+
 def test_error_bound_is_a_few_bf16_ulps():
     assert 3 * 2 ** -8 < error_bound(2048) < 3.1 * 2 ** -8
 

@@ -291,6 +291,20 @@ def test_prior_mask_reduced_and_autocast():
     assert got.dtype == torch.float32 and torch.equal(got, prior)
 
 
+
+def test_reductions_take_no_autocast_rule():
+    # masked_average_pool, class_prototypes and cluster_means are averages: as autocast's own reductions (sum,
+    # mean) they read features in the dtype they arrive, float32 staying float32 (DEVELOPERS.md, Conventions)
+    f, masks = torch.randn(2, 8, 6, 6), (torch.rand(2, 3, 11, 11) > 0.5).float()
+    labels, assign = torch.randint(0, 3, (2, 11, 11)), torch.randint(-1, 4, (2, 36))
+    calls = [lambda: ops.masked_average_pool(f, masks), lambda: ops.class_prototypes(f, labels, 3)[0],
+             lambda: ops.cluster_means(f.flatten(2).transpose(1, 2), assign, 4)[0]]
+    for call in calls:
+        want = call()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got = call()
+        assert got.dtype == torch.float32 and torch.equal(got, want)
+
 def test_max_cosine_reduced_opcheck():
     q, s, w = torch.randn(1, 8, 20).bfloat16(), torch.randn(1, 2, 8, 10).bfloat16(), torch.ones(1, 2, 10).bfloat16()
     torch.library.opcheck(torch.ops.fsskern.max_cosine.default, (q, s, w, 1e-7))

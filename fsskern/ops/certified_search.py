@@ -63,8 +63,11 @@ def bf16_search(mode: str):
 
 
 def uses_bf16_search(query: torch.Tensor) -> bool:
-    """Whether ``max_cosine(..., search_dtype=torch.bfloat16)`` takes the bf16 path for this input."""
-    if query.dtype != torch.float32 or _mode == "never":
+    """Whether ``max_cosine(..., search_dtype=torch.bfloat16)`` takes the bf16 path for this input. Not under
+    autocast: max_cosine's autocast rule casts float32 inputs to the autocast dtype first, and the search must
+    leave that as it finds it (it used to run on the uncast inputs, and refused a float32 query beside a bfloat16
+    support that the default path accepts)."""
+    if query.dtype != torch.float32 or _mode == "never" or torch.is_autocast_enabled(query.device.type):
         return False
     return _mode == "always" or bool(bf16_hardware(query.device))
 
