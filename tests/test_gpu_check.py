@@ -81,6 +81,9 @@ def test_no_gpu_says_so_and_exits_non_zero(tmp_path):
 
 def test_a_failed_or_timed_out_phase_does_not_stop_the_next(tmp_path):
     pid_file, ran = tmp_path / "sleeper.pid", tmp_path / "model-steps-ran"
+    # an earlier run's results in the same folder: its figures must not pass for this run's
+    (tmp_path / "model-steps.json").write_text(json.dumps({"size": 65, "batch": 1, "models": {
+        "old": {"status": "failed", "error": "from an earlier run"}}}))
     start = time.monotonic()
     result = run("--out", tmp_path, "--fake-gpu", "Fake GPU,9.0",
                  "--fake-phase", "build=echo building",
@@ -98,6 +101,7 @@ def test_a_failed_or_timed_out_phase_does_not_stop_the_next(tmp_path):
     assert timings["phases"][1]["steps"][0]["rc"] == 3 and timings["phases"][2]["steps"][0]["rc"] is None
     assert "one test broke" in (tmp_path / "cuda-tests.log").read_text()
     assert "killed at the phase limit of 2 s" in (tmp_path / "op-bench.log").read_text()
+    assert "from an earlier run" not in (tmp_path / "summary.md").read_text()
     assert not alive(int(pid_file.read_text()))
     summary = (tmp_path / "summary.md").read_text()
     assert "Fake GPU (compute capability 9.0" in summary
@@ -233,6 +237,29 @@ def test_model_steps_on_cpu(tmp_path, monkeypatch):
     assert tiny["max_abs_logit_diff"] < 1e-4 and tiny["fused"]["logits_shape"] == [2, 2, 65, 65]
     assert tiny["fused"]["trainable_params"] == 8 * 3 * 9 + 8 and set(tiny["reference"]["losses"]) == {"ce"}
     assert abs(tiny["fused"]["losses"]["ce"] - tiny["reference"]["losses"]["ce"]) < 1e-4
+
+    class BrokenKernel(TinyPrototypeNet):
+        """What a wrong CUDA kernel looks like from here: the fused side's logits off by their own size."""
+
+        def forward(self, batch):
+            out = super().forward(batch)
+            return {**out, "logits": out["logits"] * (2.0 if self.backend.name == "fused" else 1.0)}
+
+    class NotFinite(TinyPrototypeNet):
+        def forward(self, batch):
+            out = super().forward(batch)
+            return {**out, "losses": {k: v * float("nan") for k, v in out["losses"].items()}}
+
+    # it used to record "ok" whatever the numbers were
+    monkeypatch.setattr(registry, "_MODELS", {"broken": BrokenKernel, "nan": NotFinite, "tiny": TinyPrototypeNet})
+    assert gpu_check.run_model_steps(path, size=65, batch=2, device="cpu") == 1
+    models = json.loads(path.read_text())["models"]
+    assert models["broken"]["status"] == "failed" and "max |logit diff|" in models["broken"]["error"]
+    assert models["nan"]["status"] == "failed" and "fused: loss ce = nan" in models["nan"]["error"]
+    assert models["tiny"]["status"] == "ok"
+    (tmp_path / "model-steps.json").write_text(path.read_text())
+    summary = "\n".join(gpu_check.summary_lines({"gpu": "G", "capability": "9.0", "source": "test"}, [], tmp_path))
+    assert "- broken: FAILED max |logit diff|" in summary
 
     monkeypatch.setattr(registry, "_MODELS", {})
     assert fsskern.models.list_models() == []
