@@ -35,11 +35,14 @@ DATA ?= ../shared/data/msrc_v2
 demo: build
 	$(PY) python/demo.py --data $(DATA)
 
-# CI's smoke versions of the demo and the methods table: tiny budgets, outputs checked to exist and parse.
+# CI's smoke versions of the demo, the methods table and every method's step benchmark (benchmarks/models/, at
+# their quick size, one sample): tiny budgets, outputs checked to exist and parse.
+MODEL_BENCHMARKS = rilfs dpcl umtfss crcnet popnet
 smoke: build
 	$(PY) python/demo.py --data $(DATA) --out runs/smoke/demo --iters 2 --episodes 4 --val-episodes 2 \
 	  --method configs/panet/msrc_v2_mobilenet_v2.yaml
 	$(PY) benchmarks/methods.py --quick --jobs 2 --out runs/smoke/methods --methods baseline panet
+	for m in $(MODEL_BENCHMARKS); do $(PY) benchmarks/models/$$m.py --quick --reps 1 --out runs/smoke/models || exit 1; done
 	$(PY) benchmarks/check_smoke.py runs/smoke
 
 test: build

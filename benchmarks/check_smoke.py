@@ -1,7 +1,10 @@
-"""CI's check of ``make smoke``: the demo report and the methods table exist, parse and hold every row."""
+"""CI's check of ``make smoke``: the demo report, the methods table and the methods' step benchmarks exist, parse
+and hold every row."""
 import json
 import sys
 from pathlib import Path
+
+MODEL_BENCHMARKS = {"rilfs", "dpcl", "umtfss", "crcnet", "popnet"}  # the Makefile's smoke target runs each
 
 
 def main(root: Path) -> int:
@@ -19,7 +22,17 @@ def main(root: Path) -> int:
         assert "miou" in r["1shot"] or "not_run" in r["1shot"], r
     assert (root / "methods" / "miou.png").stat().st_size > 0
     assert "| baseline |" in (root / "methods" / "report.md").read_text()
-    print(f"smoke outputs ok: demo ({len(overlays)} overlays), methods table ({sorted(methods)})")
+    benches = sorted((root / "models").glob("*-quick.json"))
+    assert {p.stem[:-len("-quick")] for p in benches} == MODEL_BENCHMARKS, benches
+    for path in benches:  # every case of each method's step benchmark ran on both sides and measured something
+        rows = json.loads(path.read_text())["rows"]
+        assert rows, path
+        for r in rows:
+            assert r["fused_s"] > 0 and r["fused_peak_extra_mb"] >= 0, (path.name, r)
+            assert r.get("reference_s") is None or (r["reference_s"] > 0 and r["speedup"] > 0), (path.name, r)
+        assert (path.with_suffix(".md")).stat().st_size > 0
+    print(f"smoke outputs ok: demo ({len(overlays)} overlays), methods table ({sorted(methods)}), "
+          f"step benchmarks ({len(benches)} methods)")
     return 0
 
 

@@ -161,9 +161,9 @@ def report(rows, info) -> str:
                      f"| {method} | {cell(rs, 1, 'miou')} | {cell(rs, 1, 'fb_iou')} | {cell(rs, 5, 'miou')} | "
                      f"{cell(rs, 5, 'fb_iou')} | - | ")
         lines[-1] += f"{times(rs, 'train_step_s')} | {times(rs, 'inference_s')} |"
-    base = by_method.get("baseline")
-    if base:
-        b = statistics.mean(r["1shot"]["miou"] for r in base if "miou" in r.get("1shot", {}))
+    base = [r["1shot"]["miou"] for r in by_method.get("baseline", []) if "miou" in r.get("1shot", {})]
+    if base:  # none with --shots 5 alone
+        b = statistics.mean(base)
         losers = [m for m, rs in by_method.items() if m != "baseline" and
                   all("miou" in r.get("1shot", {}) for r in rs) and
                   statistics.mean(r["1shot"]["miou"] for r in rs) < b]

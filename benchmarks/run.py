@@ -195,9 +195,11 @@ def markdown(rows, info, quick, sweeps=(), threads=(), plots_dir="plots", limits
                          f"**{p['speedup_vs_peer']:.2f}x**{verdict_text} |")
     lines.append("")
     kept = ", the timing process keeping the memory it frees (glibc mallopt)" if info.get("freed_memory_kept") else ""
+    memory = ("the caching allocator's peak of one call, in this process" if info.get("gpu") else
+              "the resident memory of one call, measured once in a fresh process per side with glibc's mmap "
+              "threshold fixed at 64 KiB (freed blocks go back to the system, so the peaks repeat)")
     lines.append("Median of the timed samples (interleaved, after a warm-up; before each sample a 0.1 s settle "
-                 f"and, for calls under 0.5 s, one untimed call{kept}); peak extra memory of each side measured "
-                 "once in its own process with the allocator's defaults.")
+                 f"and, for calls under 0.5 s, one untimed call{kept}); peak extra memory of each side: {memory}.")
     roof = [r for r in rows if r.get("roofline")]
     if roof:
         lines += ["", "### Roofline", ""]
@@ -259,7 +261,7 @@ def main():
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: torch sees no CUDA device")
-    # timing only: the memory children run with the allocator's defaults either way
+    # timing only: the memory children run with harness.MEMORY_CHILD_ENV either way
     info = {**machine_info(device), "freed_memory_kept": args.keep_freed_memory and keep_freed_memory()}
     out = args.out or HERE / "results" / machine_slug(info)
     out.mkdir(parents=True, exist_ok=True)

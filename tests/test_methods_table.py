@@ -48,3 +48,7 @@ def test_report_names_losers_and_methods_without_a_recipe():
     assert "Failed" not in text
     failed = methods.report([row("baseline", 60.0)], {**info, "failed": ["umtfss/fold0"]})
     assert "**Failed, not in this table**" in failed and "umtfss/fold0" in failed
+    # --shots 5 alone: no 1-shot figure to compare with (the report used to raise StatisticsError)
+    five = [{"method": m, "fold": 0, "5shot": {"miou": v, "miou_std": 0.1, "fb_iou": v, "fb_iou_std": 0.1},
+             "steps": {"fused": {}, "reference": {}}} for m, v in (("baseline", 60.0), ("panet", 55.0))]
+    assert "Below the training-free baseline" not in methods.report(five, {**info, "shots": [5]})

@@ -11,10 +11,10 @@ Cases: {321, 473} x {train step, inference} x shots (1 by default). Per case: th
 (interleaved samples, benchmarks/harness.py), the peak extra memory of one call (CPU: resident memory in a
 fresh process per side; GPU: the caching allocator's peak), their ratios from this one run, and the share of the
 call taken by the local conditional module's attention (``local_conditional_attention``) and by
-``masked_average_pool``, timed where the model calls them. The training step (zero_grad, forward, backward, SGD
-step: benchmarks/models/common.py's ``step_fn``) runs the refinement loop with T fixed at 4, the largest draw of
-the training schedule, so both sides do the same work; inference is 10 refinement steps, single scale. Random
-weights; the support masks hold a 30 % foreground box.
+``masked_average_pool``, timed where the model calls them, forward/backward. The training step (zero_grad,
+forward, backward, SGD step: benchmarks/models/common.py's ``step_fn``) runs the refinement loop with T fixed at
+4, the largest draw of the training schedule, so both sides do the same work; inference is 10 refinement steps,
+single scale. Random weights; the support masks hold a 30 % foreground box.
 ``--finetune``: instead, one 5-shot evaluation episode (batch 1) with ``kshot="finetune"``, the paper's test-time
 k-shot fine-tuning (4.6): the encoder runs once per image and its features are cached, then ``ft_steps`` (100)
 SGD steps train only the modules after it, then the query is predicted and the weights restored. Its time is the
@@ -32,8 +32,8 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 
-from common import (SIDES, TimedBackend, box_episode, header, op_shares, paired_cells, paired_row,  # noqa: E402
-                    parser, peak_memory, print_peak_memory, run, share_cell, step_fn, verdict)
+from common import (SIDES, ForwardBackwardTimedBackend, box_episode, header, op_shares, paired_cells,  # noqa: E402
+                    paired_row, parser, peak_memory, print_peak_memory, run, share_cell, step_fn, verdict)
 from harness import device_sync, median_times  # noqa: E402
 
 from fsskern.backend import get_backend  # noqa: E402
@@ -57,7 +57,7 @@ def build(side, quick, device, mode, ft_steps=100):
     model = CRCNet(ModelConfig(name="crcnet", backbone="mobilenet_v2" if quick else "resnet50", params=params),
                    get_backend(side))
     model._train_steps = lambda: 4  # the same refinement work on both sides (see the module docstring)
-    model.backend = TimedBackend(model.backend, TIMED_OPS, device_sync(device))
+    model.backend = ForwardBackwardTimedBackend(model.backend, TIMED_OPS, device_sync(device))
     return model.to(device)
 
 
@@ -101,7 +101,7 @@ def report(rows, info, args):
              "Targets: none (the issue asks for the cost per episode)." if args.finetune else
              "Targets (473, 1-shot): speedup >= 1.05x, memory ratio <= 0.8.", "",
              "| size | shots | call | steps | reference s | fused s | speedup | reference MB | fused MB | memory ratio "
-             "| local share ref / fused | MAP share ref / fused | target |",
+             "| local share ref / fused (fwd/bwd) | MAP share ref / fused (fwd/bwd) | target |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         goal = TARGETS.get(r["size"]) if r["shots"] == 1 else None

@@ -88,7 +88,7 @@ def with_agm(model):
     """The eval-mode forward with the AGM computed as in training (its logits dropped): what R11 skips."""
     head = model.heads["3"]
     forward = head.forward
-    head.forward = lambda h_q, m, present, agm: forward(h_q, m, present, True)
+    head.forward = lambda h_q, m, present, agm, **kw: forward(h_q, m, present, True, **kw)
     return model
 
 

@@ -10,9 +10,9 @@ adds 5-shot). Per case: the median time of each side (runs interleaved, benchmar
 extra memory of one call (CPU: resident memory in a fresh process per side; GPU: the caching
 allocator's peak), their ratios from this one run, and the share of the call that each backend op takes
 (an instrumented call per side: ``prior_mask`` and ``masked_average_pool`` timed where the model calls
-them). A training step is zero_grad + forward + backward + SGD step; inference is an eval-mode forward
-without autograd. Weights are random (the timings do not depend on them); the support masks hold a 30 %
-foreground box, so the fused prior skips 70 % of the support pixels as it would on real masks.
+them, forward and backward). A training step is zero_grad + forward + backward + SGD step; inference is an
+eval-mode forward without autograd. Weights are random (the timings do not depend on them); the support masks
+hold a 30 % foreground box, so the fused prior skips 70 % of the support pixels as it would on real masks.
 Writes benchmarks/results/models/rilfs{,-quick}.{json,md} (with --device cuda: rilfs-cuda.*).
 """
 import sys
@@ -25,8 +25,8 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 
-from common import (SIDES, TimedBackend, box_episode, header, op_shares, paired_cells, paired_row,  # noqa: E402
-                    parser, peak_memory, print_peak_memory, run, share_cell, step_fn, verdict)
+from common import (SIDES, ForwardBackwardTimedBackend, box_episode, header, op_shares, paired_cells,  # noqa: E402
+                    paired_row, parser, peak_memory, print_peak_memory, run, share_cell, step_fn, verdict)
 from harness import device_sync, median_times  # noqa: E402
 
 from fsskern.backend import get_backend  # noqa: E402
@@ -49,7 +49,7 @@ def build(side, shots, quick, device):
     cfg = ModelConfig(name="rilfs", backbone="mobilenet_v2" if quick else "resnet50_v2",
                       params={"shots": shots, **PARAMS})
     model = RILFS(cfg, get_backend(side)).to(device)
-    model.backend = TimedBackend(model.backend, TIMED_OPS, device_sync(device))
+    model.backend = ForwardBackwardTimedBackend(model.backend, TIMED_OPS, device_sync(device))
     return model
 
 
@@ -73,15 +73,11 @@ def measure(index, case, args):
     models = [build(side, case["shots"], args.quick, device) for side in SIDES]
     batch = episode(case["shots"], args.quick, device)
     fns = [step_fn(m, batch, case["mode"], case["amp"], device) for m in models]
-    for m in models:
-        m.backend.reset()
-        m.backend.active = args.reps == 1  # then the shares come from the timed calls themselves
     start = time.perf_counter()
     times = median_times(fns, args.reps, sync=sync)
-    if args.reps == 1:  # the one warm-up and the one sample per side: shares from those two calls
-        shares = [m.backend.shares(2 * t) for m, t in zip(models, times)]
-    else:
-        shares = [op_shares(fn, m.backend, sync) for fn, m in zip(fns, models)]
+    # one instrumented call per side (the timed samples run the ops as they are; with one sample the shares had
+    # come from the timed calls, whose count median_times varies with the call's length)
+    shares = [op_shares(fn, m.backend, sync) for fn, m in zip(fns, models)]
     print(f"case {index}: timed in {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
     child = [__file__] + (["--quick"] if args.quick else []) + (["--bf16-5shot"] if args.bf16_5shot else []) + \
         ["--prior-search", args.prior_search, "--memory", str(index)]
@@ -93,7 +89,8 @@ def report(rows, info, args):
     search = f", prior_search {args.prior_search}" if args.prior_search != "fp32" else ""
     lines = [f"# RILFS: training step and inference, ops=fused vs ops=reference ({size}, batch 2{search})", "",
              *header("rilfs", info, args.reps),
-             f"Targets (1-shot, fp32): speedup >= {TARGETS['speedup']}x, memory ratio <= {TARGETS['memory_ratio']}.",
+             f"Targets (1-shot, fp32): speedup >= {TARGETS['speedup']}x, memory ratio <= {TARGETS['memory_ratio']}. "
+             "Op shares: forward/backward (a backward only where gradients flow through the op).",
              "", "| shots | call | amp | reference s | fused s | speedup | reference MB | fused MB | memory ratio "
              "| prior share ref / fused | MAP share ref / fused | target |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
