@@ -395,6 +395,17 @@ def test_box_supports_reach_the_evaluation_dataset(dataset, tmp_path):
     assert info["protocol"]["box_rule"] == "connected components" and "box_rule" not in mask_info["protocol"]
 
 
+def test_validation_episodes_carry_base_label_and_test_episodes_do_not(dataset, tmp_path):
+    """BAM's ensemble suppresses every base class it knows unless the batch names the episode's own (RILFS
+    resolution 20): validation on base classes must name it, as training does; test episodes are novel."""
+    from fsskern.engine.data import eval_dataset
+    val, _ = eval_dataset(load_config(None, baseline_args(dataset, tmp_path, "eval.split=val",
+                                                          "data.val_fraction=0.5")), 0)
+    test, _ = eval_dataset(load_config(None, baseline_args(dataset, tmp_path)), 0)
+    item = val[0]
+    assert "base_label" not in test[0] and item["base_label"].shape == item["query_mask"].shape
+    assert (item["base_label"][item["query_mask"] == 1] > 0).all()  # the episode's class, in the base space
+
 def test_gallery_draws_best_median_worst_with_the_real_pixels(tmp_path):
     from PIL import Image
 

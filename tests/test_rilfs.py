@@ -208,6 +208,22 @@ def test_bad_inputs():
     assert torch.isfinite(model.eval()(empty)["logits"]).all()
 
 
+
+def test_ensemble_spares_the_named_base_class_in_every_mode(monkeypatch):
+    # Validation (eval mode, base-class episodes) used to suppress the episode's own class: it scored how little
+    # the ensemble trusts the base learner, not what BAM's selection on novel classes scores (resolution 20).
+    model, batch, seen = build(base_classes=5), episode(), []
+    ensemble = model.ensemble
+    monkeypatch.setattr(model, "ensemble", lambda meta, base, theta, target: seen.append(target) or
+                        ensemble(meta, base, theta, target))
+    for mode in (model.train, model.eval):
+        mode()
+        with torch.no_grad():
+            model(batch)
+            model({k: v for k, v in batch.items() if k != "base_label"})
+    views = model.views  # one ensemble per query view
+    assert [None if t is None else t.tolist() for t in seen] == ([[3, 3]] * views + [None] * views) * 2
+
 def test_base_phase_and_handover(tmp_path):
     torch.manual_seed(0)
     base = create_model(ModelConfig(name="rilfs", backbone="mobilenet_v2", freeze_backbone=False,

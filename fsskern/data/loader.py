@@ -43,7 +43,8 @@ class EpisodeDataset(Dataset):
     """``dataset[t]`` -> the episode dict of ``manifest[t]`` (a ``Manifest`` or ``TrainEpisodes``).
 
     ``train``: ``transform`` is a ``TrainTransform`` (called with the episode's generator) and
-    ``novel`` / ``base`` give the training label rules; otherwise a ``TestTransform`` and the dict
+    ``novel`` / ``base`` give the training label rules (``base`` alone: ``base_label`` on validation episodes
+    too); otherwise a ``TestTransform`` and the dict
     also carries ``query_label_orig`` and ``restore``. ``support_boxes``: box annotations in place of
     the support masks (module docstring)."""
 
@@ -57,7 +58,7 @@ class EpisodeDataset(Dataset):
         if train:
             self.pre[list(novel)] = 0  # PFENet policy: novel pixels are background in training
         self.base_lut = None
-        if train and base:
+        if base:  # training, and validation on base classes (the episode's class in the base learner's space)
             self.base_lut = base_label_lut(source.base_learner_classes(base), self.size)[self.pre]
         areas = getattr(source, "area_lut", None)
         self.areas = None

@@ -60,6 +60,7 @@ def eval_dataset(cfg: Config, seed: int):
         if e.resize is not None:
             protocol["resize"] = e.resize
         transform = TestTransform(d.test_size, protocol["resize"], score_at=protocol["score_at"])
+        base = ()  # novel classes: no base_label
     else:
         source = build_source(d, "train")
         stats = scan_labels(source)
@@ -68,6 +69,7 @@ def eval_dataset(cfg: Config, seed: int):
         classes = manifest.meta["classes"]
         protocol = {"protocol": "val-balanced", "episodes": e.episodes, "resize": "pfenet", "size": d.test_size}
         transform = TestTransform(d.test_size, "pfenet")
+        base = pools.base  # base_label, as in training: BAM's ensemble must not suppress the episode's own class
     protocol["support_annotation"] = e.support_annotation
     if e.support_annotation == "box":
         protocol["box_rule"] = source.box_rule()
@@ -77,7 +79,8 @@ def eval_dataset(cfg: Config, seed: int):
         manifest.save(Path(cfg.out) / "manifests" / name)
     info = {"protocol": protocol, "manifest_sha256": sha, "classes": list(classes),
             "coverage": coverage(manifest, list(classes), e.min_class_episodes)}
-    return EpisodeDataset(source, manifest, transform, False, support_boxes=e.support_annotation == "box"), info
+    return EpisodeDataset(source, manifest, transform, False, base=base,
+                          support_boxes=e.support_annotation == "box"), info
 
 
 def episode_loader(dataset, indices, batch_size: int, num_workers: int, seed: int,

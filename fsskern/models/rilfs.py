@@ -36,7 +36,9 @@ backend ops take both support views in one call:
 6. meta learner on concat(F_q, P_FI, m_FI) (Eq. 9-10: BAM init_merge, ASPP, res1, res2, cls_meta).
 7. frozen base learner on layer4 (BN in eval mode, its Dropout2d on in training: BAM's ``fix_bn``
    touches BatchNorm only); BAM ensemble: softmax, gram_merge with theta_f, cls_merge with the
-   base foreground map (in training the episode's own base class excluded).
+   base foreground map, the episode's own base class excluded wherever the batch names it (``base_label``:
+   training, and validation on held-out base-class episodes, which must score what BAM's selection on novel
+   classes scores: a class the base learner does not suppress; resolution 20).
 8. RISP: the reflected prediction flipped back to the original frame [ours: the paper does not say],
    then F_fuse (bias-free 1x1 conv 2 -> 1 at (0.5, 0.5), one conv for fg and bg) (Eq. 12-13).
 9. losses at the input size (Eq. 14-15): CE(R_ff, M) + alpha CE(R_o, M) + beta CE(R_f, flip(M)) + meta
@@ -46,9 +48,9 @@ backend ops take both support views in one call:
 Batch (``docs/architecture.md``): query_img (B, 3, H, W), support_imgs (B, K, 3, H, W), support_masks
 (B, K, H, W) int64 (1 = fg; 0 and 255 are background for the features, as BAM), query_mask (B, H, W)
 training only, base_label (B, H, W) (phase ``base``; in phase ``meta`` it names the episode's base class,
-which the ensemble must not suppress). Output: {"logits": (B, 2, H, W) (bg, fg) scores (R_ff, or BAM's
-final_out), "losses": {...} in training}. Phase ``base`` returns the base learner's (B, base_classes + 1,
-H, W) logits instead.
+which the ensemble must not suppress; training and validation batches carry it, test batches do not). Output:
+{"logits": (B, 2, H, W) (bg, fg) scores (R_ff, or BAM's final_out), "losses": {...} in training}. Phase ``base``
+returns the base learner's (B, base_classes + 1, H, W) logits instead.
 """
 from typing import Dict
 
@@ -259,7 +261,7 @@ class RILFS(nn.Module):
         proto = self.prototypes([f["meta"] for f in s], masks, weights)   # Eq. 1: (B, C)
         priors = self.priors([f.pop("layer4") for f in q], [f.pop("layer4") for f in s], masks, weights,
                              q[0]["meta"].shape[-2:])                     # Eq. 2-8: V x (B, 1, h, w)
-        target = self._base_target(batch) if self.training else None
+        target = self._base_target(batch)  # None on test episodes (novel classes: no base_label)
         meta_out, pred = [], []
         for v in range(self.views):                                       # Eq. 9-10, BAM ensemble
             feat = q[v]["meta"]
@@ -402,7 +404,7 @@ class RILFS(nn.Module):
         adjustment factors, target (B,) base-class index of the episode (0 = unknown) or None -> (B, 2, h, w).
 
         bg = cls_merge(gram_merge(p_meta_bg, theta), sum of base foreground probabilities), fg =
-        gram_merge(p_meta_fg, theta); in training the episode's own base class is not summed (BAM).
+        gram_merge(p_meta_fg, theta); the episode's own base class (target) is not summed (BAM, in training).
         """
         meta = meta_out.softmax(1)
         base = base_out.float().softmax(1).to(meta.dtype)
