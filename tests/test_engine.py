@@ -128,6 +128,21 @@ def test_failed_save_keeps_previous(tmp_path, monkeypatch):
 # --- training ----------------------------------------------------------------------------------
 
 @pytest.mark.slow
+def test_epochs_count_the_folds_own_pool(dataset, tmp_path):
+    """train.epochs: the iterations from the fold's counted training pool (every query image once per epoch), as the
+    papers budget; the run's config records the count, and the poly schedule ends with it."""
+    from fsskern.engine.data import train_dataset
+    args = tiny(dataset, tmp_path / "run", "train.iters=0", "train.epochs=1.5", "train.accumulate=2")
+    per_epoch = len(train_dataset(load_config(args[0], args[1:])).manifest.episodes)
+    want = -(-3 * per_epoch // (2 * 2 * 2))  # ceil(1.5 epochs x pool / (batch 2 x accumulate 2))
+    result = run_train(args)
+    assert result.returncode == 0, result.stderr
+    assert json.loads((tmp_path / "run" / "done.json").read_text())["iteration"] == want > 1
+    assert load_config(tmp_path / "run" / "config.yaml").train.iters == want
+    clash = run_train(tiny(dataset, tmp_path / "clash", "train.iters=5", "train.epochs=1.5"))
+    assert clash.returncode != 0 and "train.iters=5 says otherwise" in clash.stderr
+
+
 def test_sigkill_then_resume_is_bit_identical(dataset, tmp_path):
     iters = 16  # checkpoints every 2: seven chances to land the kill between them
     full = run_train(tiny(dataset, tmp_path / "full", f"train.iters={iters}"))
@@ -393,6 +408,7 @@ def test_box_supports_reach_the_evaluation_dataset(dataset, tmp_path):
     assert info["protocol"]["support_annotation"] == "box" and mask_info["protocol"]["support_annotation"] == "mask"
     assert info["manifest_sha256"] == mask_info["manifest_sha256"]
     assert info["protocol"]["box_rule"] == "connected components" and "box_rule" not in mask_info["protocol"]
+
 
 
 def test_validation_episodes_carry_base_label_and_test_episodes_do_not(dataset, tmp_path):

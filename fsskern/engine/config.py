@@ -55,6 +55,7 @@ class ModelConfig:
 @dataclass
 class TrainConfig:
     iters: int = 0                     # optimizer steps; 0 = nothing to train (a training-free model)
+    epochs: float = 0.0                # > 0: iters counted from the fold's training pool (trainer.iters_for_epochs)
     optimizer: str = "sgd"             # sgd | adamw (a model may put groups on another one)
     lr: float = 0.0025
     momentum: float = 0.9

@@ -110,6 +110,13 @@ def train_phase(cfg: Config, init_from: Optional[Path] = None) -> Path:
     if not any(p.requires_grad for p in model.parameters()):
         raise ValueError(f"model {cfg.model.name!r} has no trainable parameter: a training-free model is "
                          f"evaluated (python/evaluate.py), not trained")
+    dataset = train_dataset(cfg)
+    if cfg.train.epochs > 0:  # before the schedulers, whose poly decay runs over the iterations
+        iters = iters_for_epochs(cfg, len(dataset.manifest.episodes))
+        if cfg.train.iters not in (0, iters):  # (a run's saved config holds both, equal)
+            raise ConfigError(f"train.epochs={cfg.train.epochs:g} is {iters} iterations on this fold's pool, and "
+                              f"train.iters={cfg.train.iters} says otherwise: set one of them (the other to 0)")
+        cfg = with_overrides(cfg, {"train.iters": iters})
     optimizers = build_optimizers(model, cfg.train)
     schedulers = build_schedulers(optimizers, cfg.train)
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16")
@@ -147,7 +154,6 @@ def train_phase(cfg: Config, init_from: Optional[Path] = None) -> Path:
         wrapped = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
                                           find_unused_parameters=cfg.train.find_unused_parameters
                                           or getattr(model, "ddp_find_unused_parameters", False))
-    dataset = train_dataset(cfg)
     loader = episode_loader(dataset, positions(cfg, state["iteration"]), cfg.data.batch_size, cfg.data.num_workers,
                             seed=cfg.seed + state["iteration"], device=device)
     logger = RunLogger(out, cfg.train.iters, start=state["iteration"], enabled=dist.is_main(),
@@ -213,6 +219,16 @@ def train_phase(cfg: Config, init_from: Optional[Path] = None) -> Path:
         (out / "done.json").write_text(json.dumps({"iteration": state["iteration"], "best": state["best"]}))
     logger.close()
     return out
+
+
+def iters_for_epochs(cfg: Config, per_epoch: int) -> int:
+    """``train.epochs`` passes over the ``per_epoch`` training episodes (every query image of the fold's pool once,
+    PFENet's epoch) as optimizer steps of B * accumulate * W episodes, rounded up. The papers give their budgets
+    in epochs, and the pools differ between folds (BAM's filter drops every image holding a novel class: COCO's
+    fold 0, with person novel, keeps about half of what the other folds keep), so one fixed iteration count is
+    one fold's epochs only."""
+    per_step = cfg.data.batch_size * cfg.train.accumulate * dist.world_size()
+    return max(1, math.ceil(cfg.train.epochs * per_epoch / per_step))
 
 
 def positions(cfg: Config, start_iteration: int):
