@@ -5,7 +5,8 @@ trained method, both evaluated 1-shot on the novel classes of MSRC-v2 fold 0 wit
 
 Writes OUT/report.md (the mIoU table and the overlays of good, median and bad episodes of each model)
 and OUT/<model>/ (metrics.json, overlays/*.png, TensorBoard images under tb/). Re-running reuses a
-finished training (the run resumes where it stopped).
+finished training (the run resumes where it stopped) trained with the same settings; one with others (another
+--iters, --method or --data) is refused rather than reported as this run's.
 """
 import argparse
 import json
@@ -65,6 +66,11 @@ def main(argv=None) -> int:
         train_args.append(f"train.iters={args.iters}")
     if args.val_episodes is not None:
         train_args.append(f"train.val_episodes={args.val_episodes}")
+    changed = _changed_settings(train_out, args.method, train_args)
+    if changed:
+        print(f"demo: {train_out} holds a training with other settings ({', '.join(changed)}); pass another --out "
+              "or delete it", file=sys.stderr)
+        return 2
     if not (train_out / "config.yaml").is_file() or not _finished(train_out):
         resume = ["resume=true"] if (train_out / "config.yaml").is_file() else []
         run(["train.py", args.method, *train_args, *resume])
@@ -75,6 +81,19 @@ def main(argv=None) -> int:
     report = write_report(out, ["baseline", method], timings)
     print(f"\nreport: {report}")
     return 0
+
+
+def _changed_settings(run_dir: Path, method: str, train_args) -> list:
+    """The dotted keys where the run already in run_dir differs from what this command would train."""
+    if not (run_dir / "config.yaml").is_file():
+        return []
+    from fsskern.engine.config import load_config, to_dict
+
+    def flat(tree, prefix=""):
+        return {k: v for key, value in tree.items()
+                for k, v in (flat(value, f"{prefix}{key}.") if isinstance(value, dict) else {prefix + key: value}).items()}
+    saved, wanted = flat(to_dict(load_config(run_dir / "config.yaml"))), flat(to_dict(load_config(method, train_args)))
+    return sorted(k for k in saved.keys() | wanted.keys() if saved.get(k) != wanted.get(k))
 
 
 def _finished(run_dir: Path) -> bool:

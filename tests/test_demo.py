@@ -1,0 +1,31 @@
+"""python/demo.py's bookkeeping without a training: a finished run is reused only when trained as asked."""
+import importlib.util
+from pathlib import Path
+
+import yaml
+
+from fsskern.engine.config import load_config, to_dict
+
+ROOT = Path(__file__).resolve().parents[1]
+METHOD = str(ROOT / "configs" / "dpcl" / "msrc_v2_mobilenet_v2.yaml")
+
+
+def _load():
+    spec = importlib.util.spec_from_file_location("demo", ROOT / "python" / "demo.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+demo = _load()
+
+
+def test_a_run_trained_otherwise_is_named_not_reused(tmp_path):
+    args = [f"out={tmp_path / 'dpcl-train'}", "data.root=/data/msrc_v2", "data.fold=0", "data.shots=1"]
+    assert demo._changed_settings(tmp_path / "dpcl-train", METHOD, args) == []  # nothing trained yet
+    (tmp_path / "dpcl-train").mkdir()
+    (tmp_path / "dpcl-train" / "config.yaml").write_text(
+        yaml.safe_dump(to_dict(load_config(METHOD, args + ["train.iters=2"])), sort_keys=False))
+    # a smoke run's 2 iterations used to be reported as the recipe's training
+    assert demo._changed_settings(tmp_path / "dpcl-train", METHOD, args) == ["train.iters"]
+    assert demo._changed_settings(tmp_path / "dpcl-train", METHOD, args + ["train.iters=2"]) == []
