@@ -1,4 +1,6 @@
 """Backbones: shapes and strides at 65x65, frozen BN, strict weight loading and its errors, ImageNet MobileNetV2."""
+import warnings
+
 import pytest
 import torch
 import torchvision
@@ -25,6 +27,15 @@ def test_registry_lists_every_backbone():
                        "deeplabv3plus_mobilenet_v2", "deeplabv3plus_xception65"} <= set(list_backbones())
     with pytest.raises(KeyError, match="available: .*resnet50_v2"):
         create_backbone("resnet18")
+
+
+def test_frozen_bn_with_random_weights_warns():
+    # POPNet's paper configs (frozen BN) without model.weights trained a ResNet-50 with no normalisation, silently
+    with pytest.warns(UserWarning, match="frozen BatchNorm with random weights normalises nothing"):
+        create_backbone("resnet50", frozen_bn=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        create_backbone("resnet50", frozen_bn=False)
 
 
 @pytest.mark.parametrize("name", FSS)

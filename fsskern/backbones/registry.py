@@ -1,4 +1,5 @@
 """Backbone registry (timm style): ``@register_backbone(name)`` on a builder, ``create_backbone(name)``."""
+import warnings
 from typing import Callable, Dict, List, Optional
 
 import torch.nn as nn
@@ -37,6 +38,11 @@ def create_backbone(name: str, weights: Optional[str] = None, frozen_bn: bool = 
     if name not in _BUILDERS:
         raise KeyError(f"unknown backbone {name!r}; available: {', '.join(list_backbones())}")
     model = _BUILDERS[name](output_stride=output_stride, frozen_bn=frozen_bn, **kw)
+    if weights is None and frozen_bn:
+        # frozen at their initial statistics (mean 0, var 1, affine 1 / 0) the BN layers are identities: a deep
+        # network trained so has no normalisation (ResNet-50's layer4 activations grow ~30x, Xception's vanish)
+        warnings.warn(f"backbone {name!r}: frozen BatchNorm with random weights normalises nothing; give a weights "
+                      "file (model.weights) or train its BatchNorm (frozen_bn false)", stacklevel=2)
     if weights is not None:
         from .weights import load_imagenet, load_weights
         if weights == "imagenet":

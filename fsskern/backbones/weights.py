@@ -4,6 +4,7 @@ The expected key set of a backbone is its own ``state_dict()`` (``expected_keys`
 public checkpoint each layout matches. Nothing is downloaded, ever.
 """
 import importlib.util
+import warnings
 from pathlib import Path
 from typing import Dict, List
 
@@ -38,7 +39,8 @@ class WeightsError(RuntimeError):
 def expected_keys(name: str, **kw) -> List[str]:
     """The state_dict keys of backbone ``name`` (built on the meta device: no memory, no init cost)."""
     from .registry import create_backbone
-    with torch.device("meta"):
+    with torch.device("meta"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # only its keys are read: random weights with frozen BN do not matter
         return list(create_backbone(name, **kw).state_dict())
 
 
