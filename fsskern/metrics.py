@@ -275,7 +275,9 @@ def one_way_parsing_summary(per_class: dict[int, ConfusionMatrix], novel: Sequen
     - class c's IoU: the foreground IoU of its matrix;
     - human mIoU: mean over len(per_class) + 1 entries, the per-class foreground IoUs and one
       background entry, the background IoU averaged over the classes;
-    - novel mIoU: mean foreground IoU over `novel`;
+    - novel mIoU: mean foreground IoU over `novel`; a novel class no episode evaluated (POPNet's pairs can leave
+      one without a query, and eval.episodes can cut the list) scores 0 with a warning, as never-sampled classes
+      do in the FSS mIoU;
     - Bi-IoU: mean of the background and foreground IoUs of the matrices summed over all classes
       (every evaluated class counted as foreground); POPNet's code samples every 10th pair for it,
       here every pair counts.
@@ -288,8 +290,11 @@ def one_way_parsing_summary(per_class: dict[int, ConfusionMatrix], novel: Sequen
     total = ConfusionMatrix(2)
     for m in per_class.values():
         total.merge(m)
+    missing = [c for c in novel if c not in fg]
+    if missing:
+        warnings.warn(f"novel classes never evaluated (scored 0 in the novel mIoU): {missing}", stacklevel=2)
     return {"human_miou": float(np.nanmean([bg_mean, *fg.values()])) * 100,
-            "novel_miou": float(np.nanmean([fg[c] for c in novel])) * 100,
+            "novel_miou": float(np.nanmean([fg.get(c, 0.0) for c in novel])) * 100,
             "bi_iou": total.miou(),
             "per_class": {c: float(v) * 100 for c, v in fg.items()},
             "background_iou": float(bg_mean) * 100}

@@ -316,10 +316,10 @@ def test_training_classes_without_enough_supports_are_reported():
 def test_protocol_decides_the_test_transform():
     from fsskern.data.loader import test_transform_for
     cfg = DataConfig(dataset="coco", test_size=473)
-    assert repr(test_transform_for(cfg, "pfenet")) == "TestTransform(size=641, rule='pfenet', score_at='original')"
-    assert repr(test_transform_for(cfg, "hsnet")) == "TestTransform(size=400, rule='square', score_at='input')"
+    assert repr(test_transform_for(cfg, "pfenet")) == "TestTransform(size=641, rule='pfenet', score_at='original', antialias=True)"
+    assert repr(test_transform_for(cfg, "hsnet")) == "TestTransform(size=400, rule='square', score_at='input', antialias=True)"
     # the paper's 512 x 512 (notes A6); the CPU recipes replace the rule with eval.resize
-    assert repr(test_transform_for(cfg, "popnet")) == "TestTransform(size=512, rule='square', score_at='original')"
+    assert repr(test_transform_for(cfg, "popnet")) == "TestTransform(size=512, rule='square', score_at='original', antialias=True)"
     assert PROTOCOLS["bam"].describe("pascal")["seeds"] == [510, 365, 382, 322, 988]
     with pytest.raises(DataError, match="unknown protocol 'pfnet'"):
         test_transform_for(cfg, "pfnet")

@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from fsskern.data import DataError, build_source
-from fsskern.data.datasets.coco import coco_novel_classes
+from fsskern.data.datasets.coco import COCO_CLASSES, coco_novel_classes
 from fsskern.data.index import base_label_lut, scan_labels, training_pools
 from fsskern.engine.config import DataConfig
 
@@ -136,6 +136,20 @@ def test_viton_lip_merge_and_hierarchy():
     with pytest.raises(DataError, match="without an area"):
         build_source(bad, "test")
 
+
+def test_a_flip_is_refused_where_left_and_right_stay_apart():
+    # cv2.flip moves pixels, not ids: with LIP's left/right classes kept apart (a merge without the preset's pairs)
+    # half of every arm, leg and shoe label trained as the wrong side, silently
+    from fsskern.data.loader import EpisodeDataset
+    from fsskern.data.transforms import TrainTransform
+    root = need("viton_parsing")
+    apart = build_source(DataConfig(dataset="parsing", root=str(root), params={"preset": "lip"},
+                                    merge={"background": [3, 4, 8, 11]}), "train")
+    with pytest.raises(DataError, match=r"left/right classes \[\('left-arm', 'right-arm'\)"):
+        EpisodeDataset(apart, [], TrainTransform(65, flip=True), True)
+    EpisodeDataset(apart, [], TrainTransform(65, flip=False), True)
+    merged = build_source(DataConfig(dataset="parsing", root=str(root), params={"preset": "lip"}), "train")
+    EpisodeDataset(merged, [], TrainTransform(65, flip=True), True)
 
 def test_ccp_with_config_grouping():
     root = need("ccp")
@@ -275,6 +289,35 @@ def test_index_cache_is_keyed_by_list_and_mapping(tmp_path):
     assert scan_labels(other, cache_dir=cache).key != first.key and len(list(cache.iterdir())) == 2
 
 
+def test_index_cache_is_keyed_by_the_label_channel(tmp_path):
+    # RGB-stored labels read from another channel used to be served the first channel's cached class index
+    root = tmp_path / "rgb"
+    (root / "images").mkdir(parents=True)
+    (root / "labels").mkdir()
+    label = np.zeros((64, 64, 3), np.uint8)
+    label[:48, :48, 0], label[16:, 16:, 2] = 1, 2
+    Image.fromarray(np.full((64, 64, 3), 90, np.uint8)).save(root / "images" / "a.png")
+    Image.fromarray(label).save(root / "labels" / "a.png")
+    (root / "classes.tsv").write_text("0\tbackground\n1\tone\n2\ttwo\n")
+
+    def scan(channel):
+        cfg = DataConfig(dataset="folder", root=str(root), classes="classes.tsv", folds=[[1], [2]],
+                         params={"label_channel": channel})
+        return scan_labels(build_source(cfg, "train"), cache_dir=tmp_path / "c").pixels[0]
+    assert set(scan(0)) == {1} and set(scan(2)) == {2}
+
+def test_folder_names_image_types_it_does_not_read(tmp_path):
+    root = tmp_path / "f"
+    (root / "images").mkdir(parents=True)
+    (root / "labels").mkdir()
+    for name in ("a.png", "b.tif"):
+        Image.fromarray(np.full((8, 8, 3), 90, np.uint8)).save(root / "images" / name)
+        Image.fromarray(np.ones((8, 8), np.uint8)).save(root / "labels" / (name[0] + ".png"))
+    (root / "classes.tsv").write_text("0\tbackground\n1\tone\n")
+    with pytest.warns(UserWarning, match=r"files of types \['.tif'\] are not read as images"):
+        src = build_source(DataConfig(dataset="folder", root=str(root), classes="classes.tsv"), "train")
+    assert [s[0] for s in src.samples] == ["a"]
+
 def test_index_cache_reads_a_label_rewritten_in_place_again(tmp_path):
     """A label overwritten under its own name (a re-run converter, a fixed annotation) must not be served from
     the cache: its image would keep classes it no longer holds and be drawn as a support without them."""
@@ -358,8 +401,11 @@ def test_coco_canet_class_protocol(tmp_path):
     with pytest.raises(DataError, match="fold 1 out of range"):
         test.fold_classes(1)
     (root / "classes.txt").write_text("0\tbackground\n1\tcat\n2\tdog\n")
-    with pytest.raises(DataError, match="canet class protocol splits the 80 COCO classes; .* has 2"):
+    with pytest.raises(DataError, match="names 2 classes besides background; COCO-20i's folds are over its 80"):
         build_source(cfg, "test")
+    # the 80 names one a line (no ids) used to be numbered from 0: person dropped as background, every name moved
+    (root / "classes.txt").write_text("".join(f"{n}\n" for n in COCO_CLASSES))
+    assert build_source(cfg, "test").class_names == ["background", *COCO_CLASSES]
 
 
 def test_fss1000_layout(tmp_path):
@@ -493,6 +539,10 @@ def test_pseudo_folder_span_filter(tmp_path):
     assert stats.pixels == [{3: 2000}, {3: 1600}]
     (root / "index.json").write_text("{}")
     with pytest.raises(DataError, match="bad pseudo-label index"):
+        build_source(DataConfig(dataset="pseudo", root=str(root)), "train")
+    # cluster 254 would be class 255, the ignore value, and drop out silently
+    (root / "index.json").write_text(json.dumps({"version": 1, "num_clusters": 255, "samples": ["a", "b"]}))
+    with pytest.raises(DataError, match="num_clusters 255, not in 1..254"):
         build_source(DataConfig(dataset="pseudo", root=str(root)), "train")
 
 

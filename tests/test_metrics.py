@@ -214,6 +214,9 @@ def test_one_way_parsing_summary():
     assert s["novel_miou"] == pytest.approx(100 / 3)
     # pooled: M = [[2, 1], [2, 3]] -> bg 2/5, fg 3/6
     assert s["bi_iou"] == pytest.approx(100 * (2 / 5 + 3 / 6) / 2)
+    # a novel class without a pair (POPNet's pairs can leave one out) used to raise KeyError after the inference
+    with pytest.warns(UserWarning, match=r"never evaluated \(scored 0 in the novel mIoU\): \[7\]"):
+        assert one_way_parsing_summary({5: a, 6: b}, novel=[6, 7])["novel_miou"] == pytest.approx(100 / 6)
 
 
 def test_meter_update_rejects_mismatched_shapes():

@@ -76,6 +76,21 @@ def test_square_rule_and_restore_shapes():
     assert restore_logits(torch.randn(2, 40, 40), restore).shape == (2, 75, 100)
 
 
+
+def test_square_without_antialias_is_cv2_resize():
+    # HDMNet's resized_val squashes with cv2.resize (INTER_LINEAR, no antialias); the hdmnet protocol used PIL's
+    import cv2
+
+    from fsskern.data.loader import test_transform_for
+    image, label = _sample(75, 100)
+    img, _, _ = TestTransform(40, "square", antialias=False)(image, [label])
+    want = torch.from_numpy(cv2.resize(image, (40, 40), interpolation=cv2.INTER_LINEAR)).permute(2, 0, 1).float()
+    assert (denormalize(img).float() - want).abs().max() <= 1.0  # cv2's uint8 fixed point: one level
+    smoothed, _, _ = TestTransform(40, "square")(image, [label])
+    assert (denormalize(smoothed).float() - want).abs().max() > 10
+    cfg = SimpleNamespace(dataset="pascal", test_size=473)
+    assert not test_transform_for(cfg, "hdmnet").antialias and test_transform_for(cfg, "hsnet").antialias
+
 def test_pfenet_restore_equals_scoring_on_padded_square_label_for_a_batch():
     """PFENet scores logits upsampled to L x L against the original label padded with 255 to L x L;
     restore_logits crops instead, for any batch size."""

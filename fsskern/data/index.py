@@ -79,7 +79,9 @@ def index_key(source, check_images: str = "none") -> str:
     """The cache key: the label files by absolute path (two copies of a dataset never share a cache
     entry; two spellings of one folder do), with each file's size and modification time (a label rewritten
     in place is read again), and how they are read."""
-    return _source_digest(source, check_images=check_images,
+    # label_channel (RGB-stored labels) changes what is read; kept out of describe(), and so out of episode_key:
+    # the episodes of every folder source would have moved with it
+    return _source_digest(source, check_images=check_images, label_channel=getattr(source, "label_channel", None),
                           samples=[(s[0], os.path.abspath(s[2]), *_stamp(s[2])) for s in source.samples])
 
 

@@ -31,6 +31,12 @@ from .index import base_label_lut
 from .io import DataError
 
 
+def mirrored_classes(class_names) -> List[tuple]:
+    """(left, right) class-name pairs a source keeps apart (LIP's left-arm / right-arm, ATR's left-shoe ...)."""
+    names = {str(n).lower() for n in class_names if n}
+    return sorted((n, "right" + n[4:]) for n in names if n.startswith("left") and "right" + n[4:] in names)
+
+
 def way_lut(classes: Sequence[int], size: int = 256) -> np.ndarray:
     lut = np.zeros(size, dtype=np.int64)
     for w, c in enumerate(classes, start=1):
@@ -66,6 +72,12 @@ class EpisodeDataset(Dataset):
             self.areas = np.zeros(self.size, dtype=np.int64)
             self.areas[:len(areas)] = areas
             self.areas = self.areas[self.pre]
+        mirrored = mirrored_classes(source.class_names)
+        if train and getattr(transform, "flip", False) and mirrored:
+            # cv2.flip moves the pixels, not the ids: a left arm would come out on the right side, still "left"
+            raise DataError(f"{source.name}: a horizontal flip (data.augment.flip) would mislabel the left/right "
+                            f"classes {mirrored}; merge each pair (data.merge, as the LIP/ATR/CIHP presets do) or set "
+                            "data.augment.flip=false")
         if support_boxes and self.areas is not None:
             raise DataError("box supports are not defined for parsing sources (data.hierarchy): their support "
                             "areas and person maps would still come from the full labels")
@@ -192,7 +204,7 @@ def test_transform_for(cfg_data, protocol: Optional[str]):
     from .protocols import get_protocol
     p = get_protocol(protocol)
     size = p.get(p.size, cfg_data.dataset) or cfg_data.test_size
-    return T.TestTransform(size, p.resize, score_at=p.score_at)
+    return T.TestTransform(size, p.resize, score_at=p.score_at, antialias=p.antialias)
 
 
 def build_train_episodes(cfg_data, source, fold: int, seed: int, cache_dir=None, on_error: str = "raise"):

@@ -42,6 +42,7 @@ class Protocol:
     min_pixels: int = 2048
     quirk_query_class: bool = False    # pfenet-compat: query class among all novel classes present
     score_at: str = "original"         # original label size, or the input size (HSNet default, PANet)
+    antialias: bool = True             # "square": PIL's antialiased bilinear (HSNet, PANet); False: cv2.resize
     notes: str = ""
 
     def get(self, table: dict, dataset: str):
@@ -52,7 +53,7 @@ class Protocol:
         return {"protocol": self.name, "episodes": self.get(self.episodes, dataset), "seeds": list(self.seeds),
                 "query_order": self.get(self.query_order, dataset), "resize": self.resize, "score_at": self.score_at,
                 "size": self.get(self.size, dataset), "min_pixels": self.min_pixels,
-                "quirk_query_class": self.quirk_query_class}
+                "quirk_query_class": self.quirk_query_class, "antialias": self.antialias}
 
 
 _LIST = {"default": "list"}
@@ -68,7 +69,7 @@ PROTOCOLS: Dict[str, Protocol] = {p.name: p for p in [
              quirk_query_class=True,  # BAM's util/dataset.py draws it among every novel class present, as PFENet
              notes="report the mean over seeds, not the best; query class among all novel classes present"),
     Protocol("hdmnet", {"pascal": 1000, "coco": 10000, "default": 1000}, BAM_SEEDS + (98, 742, 17, 595, 106), _LIST,
-             "square", {"coco": 633, "default": 473}, quirk_query_class=True,
+             "square", {"coco": 633, "default": 473}, quirk_query_class=True, antialias=False,
              notes="resized_val: the image squashed to S x S (cv2.resize), logits scored at the original size; "
                    "query class among all novel classes present (BAM's dataset code)"),
     Protocol("hsnet", {"fss1000": 2400, "default": 1000}, (0,), {"coco": "class_uniform", "default": "pairs"},

@@ -246,7 +246,7 @@ class TestTransform:
       (no antialias, as cv2.INTER_LINEAR) pasted top-left on a size x size canvas of raw pixel 0 (after
       normalisation -mean/std), labels nearest on a canvas of 255.
     - "square" (HSNet `transforms.Resize((S, S))`): image bilinear (antialiased, as PIL) squashed to
-      size x size, labels nearest.
+      size x size, labels nearest; ``antialias=False`` as cv2.resize (HDMNet's ``resized_val``).
     - "original": nothing resized (h, w = the original size).
     score_at="original" (default) scores at the original label size through `restore_logits`;
     score_at="input" (HSNet's default) scores against the transformed label at the input size.
@@ -254,15 +254,16 @@ class TestTransform:
 
     __test__ = False  # not a pytest test class despite its name
 
-    def __init__(self, size: int, rule: str = "pfenet", score_at: str = "original"):
+    def __init__(self, size: int, rule: str = "pfenet", score_at: str = "original", antialias: bool = True):
         if rule not in TEST_RULES:
             raise ValueError(f"unknown test resize rule {rule!r}; expected one of {TEST_RULES}")
         if score_at not in ("original", "input"):
             raise ValueError(f"score_at must be 'original' or 'input', got {score_at!r}")
-        self.size, self.rule, self.score_at = int(size), rule, score_at
+        self.size, self.rule, self.score_at, self.antialias = int(size), rule, score_at, bool(antialias)
 
     def __repr__(self) -> str:
-        return f"TestTransform(size={self.size}, rule={self.rule!r}, score_at={self.score_at!r})"
+        return (f"TestTransform(size={self.size}, rule={self.rule!r}, score_at={self.score_at!r}, "
+                f"antialias={self.antialias})")
 
     @staticmethod
     def pfenet_hw(h: int, w: int, size: int) -> tuple[int, int]:
@@ -285,7 +286,7 @@ class TestTransform:
             mask = F.pad(mask, [0, 0, s - cw, s - ch], fill=IGNORE_INDEX)
         elif self.rule == "square":
             ch, cw = s, s
-            img = F.resize(img, [s, s], interpolation=InterpolationMode.BILINEAR, antialias=True)
+            img = F.resize(img, [s, s], interpolation=InterpolationMode.BILINEAR, antialias=self.antialias)
             mask = F.resize(mask, [s, s], interpolation=InterpolationMode.NEAREST)
         else:
             ch, cw = h, w

@@ -75,8 +75,8 @@ class TrainConfig:
 @dataclass
 class EvalConfig:
     protocol: str = "pfenet"
-    episodes: int = 1000
-    seeds: List[int] = field(default_factory=lambda: [0])
+    episodes: Optional[int] = None     # None: the protocol's count for the dataset (val split: train.val_episodes)
+    seeds: Optional[List[int]] = None  # None: the protocol's seeds (val split: [seed])
     split: str = "test"                # test: the fold's novel classes; val: held-out base images
     resize: Optional[str] = None       # test resize rule (pfenet | square | original); None: the protocol's
     batch_size: int = 1

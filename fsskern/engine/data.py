@@ -16,7 +16,7 @@ from ..data.loader import EpisodeDataset, build_train_episodes, collate_episodes
 from ..data.protocols import build_test_manifest, build_val_manifest, coverage, get_protocol
 from ..data.transforms import TestTransform, from_config
 from . import distributed as dist
-from .config import Config
+from .config import Config, with_overrides
 
 
 class EpisodeStream:
@@ -42,6 +42,22 @@ def train_dataset(cfg: Config) -> EpisodeDataset:
                           base=pools.base, novel=pools.novel)
 
 
+def with_protocol_defaults(cfg: Config) -> Config:
+    """``cfg`` with ``eval.episodes`` / ``eval.seeds`` left unset (None) filled in: on the test split the protocol's
+    own for the dataset (pfenet on PASCAL: 5,000 episodes, seed 321; bam: 1,000 x 5 seeds), on the val split the
+    trainer's (train.val_episodes, [seed]). Set ones are kept."""
+    e = cfg.eval
+    if e.episodes is not None and e.seeds is not None:
+        return cfg
+    if e.split == "test":
+        own = get_protocol(e.protocol).describe(cfg.data.dataset)
+        episodes, seeds = own["episodes"], own["seeds"]
+    else:
+        episodes, seeds = cfg.train.val_episodes, [cfg.seed]
+    return with_overrides(cfg, {"eval.episodes": episodes if e.episodes is None else e.episodes,
+                                "eval.seeds": list(seeds) if e.seeds is None else e.seeds})
+
+
 def eval_dataset(cfg: Config, seed: int):
     """(EpisodeDataset, info) for ``cfg.eval.split``: ``test`` = the fold's novel classes under
     ``cfg.eval.protocol``; ``val`` = held-out images of the base classes (model selection).
@@ -59,7 +75,8 @@ def eval_dataset(cfg: Config, seed: int):
                     "seeds": list(e.seeds)}
         if e.resize is not None:
             protocol["resize"] = e.resize
-        transform = TestTransform(d.test_size, protocol["resize"], score_at=protocol["score_at"])
+        transform = TestTransform(d.test_size, protocol["resize"], score_at=protocol["score_at"],
+                                  antialias=protocol["antialias"])
         base = ()  # novel classes: no base_label
     else:
         source = build_source(d, "train")

@@ -15,13 +15,14 @@ from ..data.transforms import restore_logits
 from ..metrics import FewShotMeter, episode_iou_counts, seed_statistics
 from . import distributed as dist
 from .config import Config, to_dict
-from .data import episode_loader, eval_dataset
+from .data import episode_loader, eval_dataset, with_protocol_defaults
 
 
 @torch.no_grad()
 def evaluate_model(cfg: Config, model, progress: bool = True, visualizer=None) -> dict:
     """Evaluate ``model`` on ``cfg.eval`` (split, protocol, episodes, seeds). Every rank calls it."""
     from .trainer import device_of, to_device  # the trainer imports this module
+    cfg = with_protocol_defaults(cfg)
     if getattr(model, "metric", "few_shot") == "parsing" or cfg.eval.protocol == "popnet":  # parsing pairs
         return _parsing(cfg, model, progress)
     device = device_of(cfg)
@@ -113,6 +114,7 @@ def evaluate(cfg: Config, checkpoint: Optional[Path] = None) -> dict:
     from .logging import tensorboard_writer, write_run_info
     from .visualize import EpisodeGallery
     from .trainer import device_of
+    cfg = with_protocol_defaults(cfg)  # metrics.json's config records the episodes and seeds that ran
     dist.init_from_env(cfg.device)
     torch.manual_seed(cfg.seed)  # a model without weights files must be the same model every time
     model = create_model(cfg.model, cfg.ops).to(device_of(cfg))

@@ -16,6 +16,7 @@ background), ``label_channel`` (for RGB-stored labels) and ``stuff`` (class ids 
 base classes in episodes, but background to BAM's base learner; ``Source.base_learner_classes``).
 
 Used for MSRC-v2 (``configs/data/msrc_v2.yaml``), CCP and VITON parsing maps."""
+import warnings
 from pathlib import Path
 from typing import Dict, List, Optional
 
@@ -129,7 +130,12 @@ class FolderSource(Source):
                 paths = [images / (i + image_ext) for i in ids]
         else:
             exts = (image_ext,) if image_ext else (".jpg", ".jpeg", ".png", ".bmp")
-            paths = sorted(p for p in images.iterdir() if p.suffix.lower() in exts)
+            files = [p for p in images.iterdir() if p.is_file() and not p.name.startswith(".")]
+            paths = sorted(p for p in files if p.suffix.lower() in exts)
+            others = sorted({p.suffix.lower() or p.name for p in files} - set(exts))
+            if others:  # a .tif or .webp folder would otherwise lose those images without a word
+                warnings.warn(f"{images}: files of types {others} are not read as images (types read: "
+                              f"{', '.join(exts)}; data.params.image_ext names another)", stacklevel=2)
         if not paths:
             raise DataError(f"no image in {images}")
         return [(p.stem, str(p), str(self.root / label_dir / (p.stem + ".png"))) for p in paths]

@@ -65,6 +65,9 @@ class PseudoSource(Source):
             raise DataError(f"bad pseudo-label index {index_path}: {e!r}") from None
         if not ids:
             raise DataError(f"empty pseudo-label index: {index_path}")
+        if not 1 <= n <= 254:  # cluster c is class c + 1, and 255 is the ignore value
+            raise DataError(f"bad pseudo-label index {index_path}: num_clusters {n}, not in 1..254 (cluster 254 "
+                            "would be read as the ignore label)")
         filters = index.get("filters")
         self.span = float(params.get("span", (filters or {}).get("span", 0.99)))
         if filters and (self.span, int(cfg_data.min_pixels)) != (filters["span"], filters["min_pixels"]):
