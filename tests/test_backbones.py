@@ -29,6 +29,24 @@ def test_registry_lists_every_backbone():
         create_backbone("resnet18")
 
 
+def test_vgg16_bn_random_init_is_torchvisions():
+    # make_layers alone keeps PyTorch's default conv init (non-zero biases); torchvision's VGG re-initialises
+    convs = [m for m in create_backbone("vgg16_bn").features if isinstance(m, torch.nn.Conv2d)]
+    for conv in convs:
+        fan_out = conv.out_channels * conv.kernel_size[0] * conv.kernel_size[1]
+        assert not conv.bias.any() and abs(float(conv.weight.detach().std()) / (2 / fan_out) ** 0.5 - 1) < 0.1
+
+@pytest.mark.parametrize("model,backbone", [("popnet", "resnet50"), ("rilfs", "deeplabv3plus_resnet50"),
+                                            ("crcnet", "deeplabv3plus_resnet50"), ("umtfss", "deeplabv3plus_resnet50"),
+                                            ("dpcl", "deeplabv3plus_mobilenet_v2"),
+                                            ("baseline", "deeplabv3plus_mobilenet_v2")])
+def test_a_model_names_the_backbones_it_reads(model, backbone):
+    # POPNet used to fail with "unexpected keyword argument 'width'", the others with KeyError 'layer4'
+    from fsskern.engine.config import ModelConfig
+    from fsskern.models import create_model
+    with pytest.raises(ValueError, match=f"backbone '{backbone}' is not of the kind it reads; choose one of"):
+        create_model(ModelConfig(name=model, backbone=backbone, weights=None))
+
 def test_frozen_bn_with_random_weights_warns():
     # POPNet's paper configs (frozen BN) without model.weights trained a ResNet-50 with no normalisation, silently
     with pytest.warns(UserWarning, match="frozen BatchNorm with random weights normalises nothing"):

@@ -21,6 +21,14 @@ def list_backbones() -> List[str]:
     return sorted(_BUILDERS)
 
 
+def require_backbone(name: str, model: str, deeplab: bool = False) -> None:
+    """A clear error for a registered backbone of the other kind: the FSS models read layer0..layer4 of a plain
+    encoder, POPNet a DeepLabV3+ network's decoder features (it failed as a TypeError or KeyError inside)."""
+    kind = [n for n in list_backbones() if n.startswith("deeplabv3plus_") == deeplab]
+    if name in _BUILDERS and name not in kind:
+        raise ValueError(f"{model}: backbone {name!r} is not of the kind it reads; choose one of {', '.join(kind)}")
+
+
 def create_backbone(name: str, weights: Optional[str] = None, frozen_bn: bool = True,
                     output_stride: Optional[int] = None, **kw) -> nn.Module:
     """Build backbone ``name`` and load ``weights``.

@@ -22,6 +22,12 @@ class VGG16BN(Backbone):
         for m in features:
             if isinstance(m, nn.MaxPool2d):
                 m.ceil_mode = True
+            elif isinstance(m, nn.Conv2d):  # torchvision's VGG.__init__ init, which make_layers alone skips
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+                nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
         self.features = features
         self.split = SPLIT
         self.channels = {"layer0": 64, "layer1": 128, "layer2": 256, "layer3": 512, "layer4": 512}

@@ -4,6 +4,7 @@ Training episode ``g`` (a global index, see the trainer) is episode ``g % n`` of
 the fold's ``TrainEpisodes`` (n = its query images), so it is a pure function of (seed, g).
 Evaluation manifests are written to ``out/manifests/`` with their sha256.
 """
+import warnings
 from pathlib import Path
 
 import torch
@@ -77,6 +78,12 @@ def eval_dataset(cfg: Config, seed: int):
             protocol["resize"] = e.resize
         transform = TestTransform(d.test_size, protocol["resize"], score_at=protocol["score_at"],
                                   antialias=protocol["antialias"])
+        if protocol["resize"] == "original" and e.batch_size > 1 and dist.is_main():
+            # images of different sizes are padded bottom/right to a common one: the crop restores the scores'
+            # grid, but the network has seen the padding, so a prediction depends on its batch neighbours
+            warnings.warn("eval.resize=original with eval.batch_size > 1: each query is padded to its batch's "
+                          "largest image, which can move its prediction; eval.batch_size=1 scores each alone",
+                          stacklevel=2)
         base = ()  # novel classes: no base_label
     else:
         source = build_source(d, "train")

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..backbones import create_backbone, freeze
+from ..backbones import create_backbone, freeze, require_backbone
 from .blocks import ABSENT, cosine_logits
 from .registry import register_model
 from .params import parse_params
@@ -41,6 +41,7 @@ class PrototypeBaseline(nn.Module):
         super().__init__()
         self.params = parse_params("baseline", cfg.params, self.DEFAULTS)
         self.backend = backend
+        require_backbone(cfg.backbone, "baseline")
         self.backbone = create_backbone(cfg.backbone, weights=cfg.weights, output_stride=self.params["output_stride"])
         freeze(self.backbone)  # training-free: nothing here learns, whatever the config says
         self.cache: "OrderedDict[bytes, torch.Tensor]" = OrderedDict()

@@ -50,7 +50,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..backbones import create_backbone, freeze
+from ..backbones import create_backbone, freeze, require_backbone
 from .blocks import ASPP, check_one_way_batch
 from .params import parse_params
 from .registry import register_model
@@ -142,6 +142,7 @@ class CRCNet(nn.Module):
         p = self.p = _parse(dict(cfg.params or {}))
         self.backend = backend
         kw = {"dilation": "torchvision"} if cfg.backbone.startswith("resnet") else {}  # notes 2.1
+        require_backbone(cfg.backbone, "crcnet")
         self.backbone = create_backbone(cfg.backbone, weights=cfg.weights, frozen_bn=True, **kw)
         self.frozen_backbone = cfg.freeze_backbone
         if self.frozen_backbone:

@@ -81,7 +81,7 @@ import torch.nn.functional as F
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
-from ..backbones import create_backbone
+from ..backbones import create_backbone, require_backbone
 from ..backbones.base import freeze
 from .blocks import cosine_logits
 from .registry import register_model
@@ -213,6 +213,7 @@ class DPCL(nn.Module):
         self.p = {**self.DEFAULTS, **params}
         self.backend = backend
         options = {"dilation": "torchvision", "last_relu": False} if cfg.backbone.startswith("resnet") else {}
+        require_backbone(cfg.backbone, cfg.name)
         backbone = create_backbone(cfg.backbone, weights=cfg.weights, frozen_bn=self.p["frozen_bn"],
                                    output_stride=self.p["output_stride"], **options)
         if cfg.freeze_backbone:

@@ -94,7 +94,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..backbones import create_backbone, fix_bn, freeze
+from ..backbones import create_backbone, fix_bn, freeze, require_backbone
 from .blocks import ABSENT, cosine_logits
 from .params import parse_params
 from .registry import register_model
@@ -221,6 +221,8 @@ class POPNet(nn.Module):
             raise ValueError(f"popnet: params.bg_weight must be finite and >= 0, got {p['bg_weight']}")
         self.backend, self.stage = backend, p["stage"]
         stages = (1, 2, 3) if p["kim"] else (3,)
+
+        require_backbone(cfg.backbone, "popnet", deeplab=True)
 
         def encoder():
             enc = create_backbone(cfg.backbone, weights=cfg.weights, frozen_bn=p["frozen_bn"],

@@ -58,7 +58,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..backbones import create_backbone, fix_bn, freeze
+from ..backbones import create_backbone, fix_bn, freeze, require_backbone
 from .blocks import ASPP, PPM, check_one_way_batch
 from .params import parse_params
 from .registry import register_model
@@ -159,6 +159,7 @@ class RILFS(nn.Module):
             raise ValueError("rilfs/bam: the meta phase keeps the backbone frozen (paper 4.2, BAM); "
                              "set model.freeze_backbone: true")
         frozen_bn = cfg.freeze_backbone or self.phase == "meta" or not p["train_bn"]
+        require_backbone(cfg.backbone, "rilfs/bam")
         self.backbone = create_backbone(cfg.backbone, weights=cfg.weights, frozen_bn=frozen_bn)
         ch = self.backbone.channels
         self.base_learner = BaseLearner(ch["layer4"], p["base_classes"] + 1, p["ppm_bins"], p["base_hidden"])

@@ -80,7 +80,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from ..backbones import create_backbone, freeze
+from ..backbones import create_backbone, freeze, require_backbone
 from ..nn import PrototypeCrossAttention
 from .blocks import check_one_way_batch
 from .params import parse_params
@@ -339,6 +339,7 @@ class UMTFSS(nn.Module):
             raise ValueError("umtfss: the backbone is frozen, BatchNorms included (paper); "
                              "set model.freeze_backbone: true")
         kw = {"dilation": "torchvision"} if cfg.backbone.startswith("resnet") else {}  # the code's backbone
+        require_backbone(cfg.backbone, "umtfss")
         self.backbone = freeze(create_backbone(cfg.backbone, weights=cfg.weights, frozen_bn=True,
                                                output_stride=p["output_stride"], **kw))
         ch, d = self.backbone.channels, p["reduce_dim"]
