@@ -7,12 +7,19 @@ from torch import nn
 from .ops.attention import prototype_attention
 
 
+def all_invalid_as_valid(valid: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """(B, P) key validity with the rows that have no valid key made all valid: UMTFSS masks with -10000 added
+    to the scores, which on every key shifts them alike and leaves a plain softmax (the op would give 0)."""
+    return valid if valid is None else valid | ~valid.any(1, keepdim=True)
+
+
 class PrototypeCrossAttention(nn.Module):
     """UMTFSS's prototype cross-attention layer: query tokens attend to prototypes.
 
     q/k/v/out projections without bias, ``heads`` heads of ``dim // heads`` channels, scale
     head_dim ** -0.5, dropout on the attention weights and after the output projection (both
-    only in training). Invalid prototypes are excluded from the softmax (UMTFSS adds -10000).
+    only in training). Invalid prototypes are excluded from the softmax (UMTFSS adds -10000); an image whose
+    prototypes are all invalid attends to all of them uniformly, as UMTFSS's -10000 on every score gives.
 
     forward(x (B, N, dim), prototypes (B, P, dim), valid (B, P) bool or None) -> (B, N, dim).
     """
@@ -41,6 +48,7 @@ class PrototypeCrossAttention(nn.Module):
         q = self._split_heads(self.to_q(x))
         k = self._split_heads(self.to_k(prototypes))
         v = self._split_heads(self.to_v(prototypes))
-        out = prototype_attention(q, k, v, key_valid=valid, dropout_p=self.dropout if self.training else 0.0)
+        out = prototype_attention(q, k, v, key_valid=all_invalid_as_valid(valid),
+                                  dropout_p=self.dropout if self.training else 0.0)
         out = out.transpose(1, 2).reshape(x.shape)
         return self.out_dropout(self.to_out(out))

@@ -253,6 +253,7 @@ PALETTE = palette()
 def write_png(path: Path, label: np.ndarray) -> None:
     im = Image.fromarray(label.astype(np.uint8))
     im.putpalette(PALETTE)  # L -> P: a palette PNG, read back as the indices
+    path.parent.mkdir(parents=True, exist_ok=True)  # ids with a "/" (FSS-1000's class/stem) nest their labels
     tmp = path.with_name(path.name + ".tmp")
     im.save(tmp, format="PNG")
     tmp.replace(path)

@@ -380,3 +380,22 @@ def test_umtfss_patch():
     x64, k64 = x.double(), k.double()
     assert doubled.cross_layers[0].q_fc.weight.dtype == torch.float64
     close(doubled.cross_layers[0](x64, k64, k64), theirs64(x64, k64, k64))
+
+
+def test_review_fixes_fractional_labels_half_tokens_and_all_padding():
+    # POPNet's mask2map compares exactly: a fractional label (bilinear resize) is in no class; .long() had
+    # truncated -0.5 into class 0 and 2.5 into class 2
+    feats, labels = torch.randn(1, 4, 6, 6), torch.randint(0, 3, (1, 1, 6, 6)).float()
+    labels[..., :2, :] = 2.5
+    labels[..., 2, :] = -0.5
+    check(lambda f: popnet.class_average_features(f, labels, 3),
+          lambda f: T.popnet_sp_ave_features(f, labels, 3), feats)
+    # a half model's tokens: the planes lsh_hash needs are float32 (the compat drew them in the tokens' dtype)
+    assign, counts = umtfss.Cluster(10, generator=torch.Generator().manual_seed(0))(torch.randn(50, 8).half(), 4)
+    assert int(counts.sum()) == 50
+    # every prototype invalid: UMTFSS's -10000 on every score is a plain softmax; the nn layer gave zeros
+    from fsskern.nn import PrototypeCrossAttention
+    layer = PrototypeCrossAttention(16, heads=2).eval()
+    x, protos = torch.randn(2, 5, 16), torch.randn(2, 3, 16)
+    none = torch.zeros(2, 3, dtype=torch.bool)
+    close(layer(x, protos, none), layer(x, protos, ~none))

@@ -240,3 +240,10 @@ def test_bad_inputs(list_file, tmp_path, capsys):
     assert train_main([str(cfg_file)]) == 2
     assert "stage A: data.params.build.weights: weights file not found" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
+
+
+def test_labels_of_nested_ids_are_written(tmp_path):
+    # FSS-1000's ids are "class/stem": the label's folder under pseudo/ did not exist, after every image's
+    # backbone pass and k-means
+    pt.write_png(tmp_path / "pseudo" / "cat" / "1.png", np.ones((4, 4), np.uint8))
+    assert (np.array(Image.open(tmp_path / "pseudo" / "cat" / "1.png")) == 1).all()

@@ -16,7 +16,10 @@ HSNet and its family (DCAMA, Matcher, PATNet, ifsl) have no entry: their hot ste
 convolutions), which no fsskern op computes; fsskern's fused prior reduces over the support
 pixels instead. See docs/compat.md.
 
-Each module names the repository, file and commit it mirrors and what it does not reproduce.
+Each module names the repository, file and commit it mirrors and what it does not reproduce. ``import fsskern``
+imports this package too. The ``patch`` functions are one-way: ``panet.patch`` sets instance attributes (``del
+model.getFeatures`` and the other three restores the class's methods); ``umtfss.patch`` replaces the cross-attention
+modules, keeping their parameter tensors.
 """
 from . import panet, pfenet, popnet, umtfss
 

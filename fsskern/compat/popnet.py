@@ -20,8 +20,10 @@ _NO_CLASS = -1  # labels outside [0, class_num) (255 included) belong to no clas
 
 
 def _pool(features: torch.Tensor, labels: torch.Tensor, class_num: int) -> torch.Tensor:
+    # mask2map compares exactly (mask == i): a fractional label (a bilinearly resized map) is in no class
+    whole = labels == labels.round() if labels.is_floating_point() else torch.ones_like(labels, dtype=torch.bool)
     labels = labels.long()
-    labels = torch.where((labels >= 0) & (labels < class_num), labels, torch.full_like(labels, _NO_CLASS))
+    labels = torch.where(whole & (labels >= 0) & (labels < class_num), labels, torch.full_like(labels, _NO_CLASS))
     protos, _ = ops.class_prototypes(features, labels, class_num, ignore_index=_NO_CLASS, resize="nearest")
     return protos.clone()  # the op saves its output for backward: the caller may update this in place
 

@@ -32,9 +32,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import ops
+from ..nn import all_invalid_as_valid
 
 HASH_BITS = 32
 CLUSTER_EPS = 0.001  # added to the cluster counts in UMTFSS's means
+
+
+def planes_dtype(x: torch.Tensor) -> torch.dtype:
+    """lsh_hash reads float16 / bfloat16 points with float32 planes (a half model's tokens used to fail)."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
 class Cluster(nn.Module):
@@ -52,7 +58,8 @@ class Cluster(nn.Module):
         self.generator = generator
 
     def lsh_kmeans(self, x: torch.Tensor, k: int) -> Tuple[torch.Tensor, torch.Tensor]:
-        planes = ops.lsh_planes(self.bits, x.shape[-1], generator=self.generator, dtype=x.dtype, device=x.device)
+        planes = ops.lsh_planes(self.bits, x.shape[-1], generator=self.generator, dtype=planes_dtype(x),
+                                device=x.device)
         if not self.hash_bias:
             planes[:, -1] = 0
         codes = ops.lsh_hash(x.detach(), planes).unsqueeze(0)
@@ -95,7 +102,8 @@ def cluster_group_lsh_kmeans(s_x: torch.Tensor, supp_valid_mask: torch.Tensor, s
     if not use_valid:
         parts = [(part & ~pad, k) for part, k in parts]
     points = s_x.detach()
-    planes = [ops.lsh_planes(HASH_BITS, C, generator=generator, dtype=s_x.dtype, device=s_x.device) for _ in parts]
+    planes = [ops.lsh_planes(HASH_BITS, C, generator=generator, dtype=planes_dtype(s_x), device=s_x.device)
+              for _ in parts]
     inits = [ops.draw_init(part, k, generator) if k > 1 else None for part, k in parts]
     means = []  # per part: the (B, k, C) cluster means, None for a one-cluster part
     for (part, k), plane, init in zip(parts, planes, inits):
@@ -163,9 +171,7 @@ class ProtoCrossAtt(nn.Module):
             padding = supp_valid_mask.detach()
             if not bool(((padding == 0) | (padding == 1)).all()):
                 raise ValueError("ProtoCrossAtt: supp_valid_mask must hold only 0 and 1 (1 = padding prototype)")
-            key_valid = padding == 0
-            # every prototype padding: UMTFSS's -10000 shifts all scores alike, a plain softmax
-            key_valid = key_valid | ~key_valid.any(1, keepdim=True)
+            key_valid = all_invalid_as_valid(padding == 0)
         dropout_p = self.attn_drop.p if self.training else 0.0
         out = ops.prototype_attention(self._heads(self.q_fc(q)), self._heads(self.k_fc(k)), self._heads(self.v_fc(v)),
                                       key_valid=key_valid, scale=self.scale, dropout_p=dropout_p)

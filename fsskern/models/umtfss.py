@@ -81,7 +81,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..backbones import create_backbone, freeze, require_backbone
-from ..nn import PrototypeCrossAttention
+from ..nn import PrototypeCrossAttention, all_invalid_as_valid
 from .blocks import check_one_way_batch
 from .params import parse_params
 from .registry import register_model
@@ -290,7 +290,8 @@ class CrossAttention(PrototypeCrossAttention):
         q = self._split_heads(self.to_q(x))
         k, v = self._split_heads(self.to_k(prototypes)), self._split_heads(self.to_v(prototypes))
         # under autocast the projections come in bf16 / fp16, which the op reads as they are
-        out = attention(q, k, v, key_valid=valid, dropout_p=self.dropout if self.training else 0.0)
+        out = attention(q, k, v, key_valid=all_invalid_as_valid(valid),
+                        dropout_p=self.dropout if self.training else 0.0)
         return self.out_dropout(self.to_out(out.transpose(1, 2).reshape(x.shape)))
 
 
