@@ -1,5 +1,5 @@
-# The two commands a newcomer needs:  make bench  (the main job)  and  make test.
-# Both create .venv with the pinned torch from this machine's wheel store, build fsskern into
+# The three commands a newcomer needs:  make demo  (real photos),  make test  and  make bench  (the op benchmarks).
+# Each creates .venv with the pinned torch from this machine's wheel store, build fsskern into
 # it (no build isolation, so no other torch is pulled in) and then run.
 PYTHON ?= python3
 VENV   ?= .venv
@@ -76,7 +76,9 @@ ARGS ?=
 gpu-check:
 	$(PYTHON) python/gpu_check.py --venv $(VENV) $(ARGS)
 
-ci: test cuda-check cmake-test bench-quick
+# What CI runs on a clean clone (.ci/run): test, cuda-check, cmake-test, bench-quick, the GPU check's dry run, smoke.
+ci:
+	bash .ci/run
 
 clean:
 	rm -rf build build-cmake fsskern/_C*.so *.egg-info $(VENV)/.built

@@ -37,4 +37,7 @@ def main(root: Path) -> int:
 
 
 if __name__ == "__main__":
+    if len(sys.argv) != 2 or sys.argv[1] in ("-h", "--help"):
+        print("usage: python benchmarks/check_smoke.py RUNS_DIR  (make smoke's outputs, e.g. runs/smoke)")
+        sys.exit(0 if len(sys.argv) == 2 else 2)
     sys.exit(main(Path(sys.argv[1])))

@@ -22,9 +22,9 @@ def score(mean, std) -> str:
 
 
 def main(paths) -> int:
-    if not paths:
+    if not paths or paths[0] in ("-h", "--help"):
         print(__doc__.strip(), file=sys.stderr)
-        return 2
+        return 0 if paths else 2
     rows = [row(Path(p)) for p in paths]
     print("| run | fold | shots | mIoU (%) | FB-IoU (%) | episodes x seeds | manifest |")
     print("|---|---|---|---|---|---|---|")
