@@ -52,7 +52,8 @@ from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtensio
 
 WITH_CUDA = cuda_wanted(torch.version.cuda, TOOLKIT)
 if WITH_CUDA and not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
-    # No GPU to ask: build for Ampere and Hopper (sm_80, sm_90) plus PTX for newer parts.
+    # No GPU to ask: build for Ampere and Hopper (sm_80, sm_90) plus PTX for newer parts; older GPUs (V100, T4:
+    # 7.0, 7.5) need TORCH_CUDA_ARCH_LIST set, or their launches fail with "no kernel image" (README, CUDA).
     os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0+PTX"
 
 # csrc/simt is the CPU emulation of the CUDA kernels, built only by the tests (tests/simt_build.py).
