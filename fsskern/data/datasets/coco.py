@@ -91,10 +91,7 @@ class CocoSource(Source):
             table = read_class_table(root / "classes.txt")
             names = [table[k] for k in sorted(table)]
             if 0 in table and table[0].lower() in ("background", "bg", "__background__"):
-                names = names[1:]  # id 0 is background; a list of names alone numbers them 1..80 (it lost person)
-            if len(names) != len(COCO_CLASSES):
-                raise DataError(f"{root / 'classes.txt'} names {len(names)} classes besides background; COCO-20i's "
-                                f"folds are over its {len(COCO_CLASSES)}")
+                names = names[1:]  # id 0 is background; a list of names alone numbers them 1.. (it lost person)
         self.class_names = ["background"] + list(names)
         self.convention = cfg_data.fold_convention
         if self.convention not in CONVENTIONS:
@@ -102,6 +99,9 @@ class CocoSource(Source):
                             f"expected one of {', '.join(CONVENTIONS)}")
         if self.convention == "canet":
             self.num_folds = 1
+            if len(self.class_names) != 81:
+                raise DataError(f"the canet class protocol splits the 80 COCO classes; {root} has "
+                                f"{len(self.class_names) - 1}")
         self.lut = make_lut(range(len(self.class_names)))
 
     def fold_classes(self, fold: int):
