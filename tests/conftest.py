@@ -1,3 +1,6 @@
+import importlib.util
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -8,6 +11,14 @@ FP32 = dict(rtol=1e-5, atol=1e-5)
 FP64 = dict(rtol=1e-10, atol=1e-12)
 
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def load_script(path: Path):
+    """A script of python/ or benchmarks/ (a file, not a package module) loaded as a module."""
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def tol(dtype):

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from conftest import load_script
 from fsskern.data import DataError, build_source
 from fsskern.data.datasets.coco import convert_instances
 from fsskern.engine.config import DataConfig
@@ -71,10 +72,7 @@ def test_minicoco_real_conversion_and_source(tmp_path):
 
 
 def test_prepare_sbd_merge_and_fss_split(tmp_path):
-    import importlib.util
-    spec = importlib.util.spec_from_file_location("prepare_data", REPO / "python" / "prepare_data.py")
-    prep = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(prep)
+    prep = load_script(REPO / "python" / "prepare_data.py")
     assert prep.merge_sbd(["a", "b", "e"], ["b", "c", "a", "d"], ["v"]) == ["b", "c", "a", "d", "e"]  # PFENet's order
     with pytest.raises(SystemExit, match="1 training ids are VOC val images"):
         prep.merge_sbd(["a"], ["v"], ["v"])

@@ -1,23 +1,16 @@
 """python/demo.py's bookkeeping without a training: a finished run is reused only when trained as asked."""
-import importlib.util
 from pathlib import Path
 
 import yaml
 
+from conftest import load_script
 from fsskern.engine.config import load_config, to_dict
 
 ROOT = Path(__file__).resolve().parents[1]
 METHOD = str(ROOT / "configs" / "dpcl" / "msrc_v2_mobilenet_v2.yaml")
 
 
-def _load():
-    spec = importlib.util.spec_from_file_location("demo", ROOT / "python" / "demo.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-demo = _load()
+demo = load_script(ROOT / "python" / "demo.py")
 
 
 def test_a_run_trained_otherwise_is_named_not_reused(tmp_path):

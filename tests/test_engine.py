@@ -14,6 +14,7 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
+from conftest import load_script  # noqa: E402
 from engine_support import data_overrides, make_folder_dataset  # noqa: E402
 
 from fsskern.engine import checkpoint as ckpt  # noqa: E402
@@ -449,10 +450,7 @@ def test_gallery_draws_best_median_worst_with_the_real_pixels(tmp_path):
 
 def test_summarize_prints_parsing_results_without_fb_iou(tmp_path, capsys):
     """python/summarize.py on a few-shot and a parsing metrics.json (POPNet's fb_iou is null)."""
-    import importlib.util
-    spec = importlib.util.spec_from_file_location("summarize", ROOT / "python" / "summarize.py")
-    summarize = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(summarize)
+    summarize = load_script(ROOT / "python" / "summarize.py")
     paths = []
     for name, fb in (("fss", 70.0), ("parsing", None)):
         (tmp_path / name).mkdir()

@@ -1,7 +1,6 @@
 """python/gpu_check.py without a GPU: the dry run, the no-GPU refusal, phase isolation and time
 limits (phases replaced by shell commands through its internal --fake-gpu/--fake-phase hooks),
 the venv it makes from a base interpreter, and the model-step and method-bench helpers on the CPU."""
-import importlib.util
 import json
 import os
 import shutil
@@ -14,19 +13,14 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import load_script
+
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "python" / "gpu_check.py"
 PHASES = ["build", "cuda-tests", "op-bench", "model-steps", "method-bench"]
 
 
-def load_script():
-    spec = importlib.util.spec_from_file_location("gpu_check", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-gpu_check = load_script()
+gpu_check = load_script(SCRIPT)
 
 
 def run(*args, timeout=120):

@@ -1,20 +1,12 @@
 """benchmarks/methods.py's bookkeeping: per-fold recipes, runs.json written by concurrent tasks, the report."""
-import importlib.util
 import json
 import multiprocessing
 from pathlib import Path
 
+from conftest import load_script
+
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _load():
-    spec = importlib.util.spec_from_file_location("methods_table", ROOT / "benchmarks" / "methods.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-methods = _load()
+methods = load_script(ROOT / "benchmarks" / "methods.py")
 
 
 def test_a_fold_with_its_own_image_lists_gets_its_own_recipe():

@@ -1,5 +1,4 @@
 """UMTFSS (fsskern.models.umtfss): the method contract on CPU at small sizes."""
-import importlib.util
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -8,6 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import load_script
 from fsskern import ops
 
 from fsskern.engine.config import ModelConfig, TrainConfig
@@ -337,11 +337,7 @@ def test_init_from_a_stage_b_checkpoint(tmp_path):
 
 
 def test_label_lists_are_seeded_nested_and_sized_as_the_code():
-    path = Path(__file__).resolve().parents[1] / "python" / "make_label_lists.py"
-    spec = importlib.util.spec_from_file_location("make_label_lists", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    label_lists = module.label_lists
+    label_lists = load_script(Path(__file__).resolve().parents[1] / "python" / "make_label_lists.py").label_lists
     ids = [f"img{i:04d}" for i in range(5953)]
     lists = label_lists(ids, [5, 10, 20, 100], seed=0)
     assert [len(v) for v in lists.values()] == [297, 595, 1190, 5953]  # the code's PASCAL list sizes
