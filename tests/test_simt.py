@@ -155,6 +155,19 @@ def test_max_cosine_backward(simt, schedule, C):
         assert_close(g, r, **tol(torch.float64))
 
 
+
+def test_backward_launchers_check_their_extra_inputs(simt):
+    # the CUDA launchers share the CPU ops' checks: indices past the support would have made the kernel's
+    # atomics write past grad_support, a short lse read past it
+    q, s, w = torch.randn(1, 4, 3), torch.randn(1, 2, 4, 5), torch.ones(1, 2, 5)
+    values, idx = torch.ops.fsskern.max_cosine(q, s, w, 1e-7)
+    with pytest.raises(RuntimeError, match=r"indices must lie in \[-1, 5\)"):
+        simt._max_cosine_backward(torch.ones_like(values), q, s, w, torch.full_like(idx, 5), 1e-7)
+    q, k, v = torch.randn(1, 1, 8, 4), torch.randn(1, 1, 3, 4), torch.randn(1, 1, 3, 4)
+    out, lse = torch.ops.fsskern.prototype_attention(q, k, v, None, 1.0, 0.0, 0)
+    with pytest.raises(RuntimeError, match=r"_prototype_attention_backward: lse must be Float \[1, 1, 8\]"):
+        simt._prototype_attention_backward(torch.ones_like(out), q, k, v, None, out, lse[..., :1], 1.0, 0.0, 0)
+
 # ---- clustering: lsh_hash / kmeans_assign / kmeans_count_bits / kmeans_update / cluster_means ----
 
 @pytest.mark.parametrize("bits,E", [(64, 37), (13, 16), (1, 300)], ids=["64x37", "13x16", "1x300"])
