@@ -330,6 +330,13 @@ def test_attention_wide_rows_use_fewer_warps(simt, schedule):
                                  v.repeat(1, 1, 1, 3), None, 0.01, 0.0, 0)
 
 
+def test_grid_limits_are_checked_before_narrowing(simt):
+    # Heads ride in grid y, which CUDA caps at 65535: the launcher refuses instead of launching a wrong grid.
+    q = torch.randn(1, 65536, 1, 1)
+    with pytest.raises(RuntimeError, match=r"grid too large \(1, 65536, 1\)"):
+        simt.prototype_attention(q, q, q, None, 1.0, 0.0, 0)
+
+
 def test_attention_zero_channels(simt, schedule):
     # D = 0 (and D = Dv = 0): no shared memory per warp to size the blocks by, every score 0, v's gradient kept
     q, k = torch.randn(2, 2, 5, 0), torch.randn(2, 2, 4, 0)

@@ -27,6 +27,15 @@ struct LaunchConfig {
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
+// Grid dimensions from int64 counts, checked against CUDA's limits before they are narrowed to
+// unsigned (a count of 2^32 + 1 would otherwise wrap to a grid of 1 and skip the rest silently).
+inline dim3 grid_dims(int64_t x, int64_t y = 1, int64_t z = 1) {
+  TORCH_CHECK(x >= 0 && y >= 0 && z >= 0, "fsskern: negative grid size (", x, ", ", y, ", ", z, ")");
+  TORCH_CHECK(x <= 2147483647 && y <= 65535 && z <= 65535, "fsskern: grid too large (", x, ", ", y, ", ", z,
+              "): CUDA allows 2^31 - 1 blocks in x and 65535 in y and z");
+  return dim3(static_cast<unsigned>(x), static_cast<unsigned>(y), static_cast<unsigned>(z));
+}
+
 #if defined(FSSKERN_SIMT)
 // Launchers run on CPU tensors here: there is no device to switch to.
 struct DeviceGuard {
@@ -38,9 +47,7 @@ using DeviceGuard = c10::cuda::CUDAGuard;
 
 template <typename... KernelArgs, typename... Args>
 void launch(void (*kernel)(KernelArgs...), const LaunchConfig& cfg, Args&&... args) {
-  if (cfg.grid.x == 0 || cfg.grid.y == 0 || cfg.grid.z == 0) return;
-  TORCH_CHECK(cfg.grid.y <= 65535 && cfg.grid.z <= 65535, "fsskern: grid too large in y/z (", cfg.grid.y, ", ",
-              cfg.grid.z, ")");
+  if (cfg.grid.x == 0 || cfg.grid.y == 0 || cfg.grid.z == 0) return;  // grids come from grid_dims, checked there
 #if defined(FSSKERN_SIMT)
   simt::launch(simt::kernel_name(reinterpret_cast<const void*>(kernel)), cfg.grid, cfg.block, cfg.shared_bytes,
                [&] { kernel(args...); });

@@ -45,8 +45,8 @@ LaunchConfig warp_per_item_config(int64_t items, int64_t H, int64_t B, int64_t s
   const int64_t warps = bytes_per_warp == 0 ? kAttentionWarps
                                             : std::min<int64_t>(kAttentionWarps,
                                                                 static_cast<int64_t>(kAttentionSharedBytes / bytes_per_warp));
-  return {dim3(static_cast<unsigned>(ceil_div(items, warps)), static_cast<unsigned>(H), static_cast<unsigned>(B)),
-          dim3(static_cast<unsigned>(32 * warps)), static_cast<size_t>(warps) * bytes_per_warp};
+  return {grid_dims(ceil_div(items, warps), H, B), dim3(static_cast<unsigned>(32 * warps)),
+          static_cast<size_t>(warps) * bytes_per_warp};
 }
 
 void attention_forward_cuda(const AttentionInputs& in, at::Tensor& out, at::Tensor& lse) {

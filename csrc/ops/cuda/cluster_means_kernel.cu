@@ -21,8 +21,7 @@ std::tuple<at::Tensor, at::Tensor> cluster_means_cuda(const at::Tensor& features
   const int64_t B = layout.B, C = layout.C;
   at::Tensor means = at::zeros({B, k, C}, features.options());
   at::Tensor counts = at::zeros({B, k}, a.options());
-  const LaunchConfig cfg{dim3(static_cast<unsigned>(k), static_cast<unsigned>(B)),
-                         dim3(static_cast<unsigned>(std::clamp<int64_t>(C, 1, 256)))};
+  const LaunchConfig cfg{grid_dims(k, B), dim3(static_cast<unsigned>(std::clamp<int64_t>(C, 1, 256)))};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, features.scalar_type(), "fsskern_cluster_means_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     launch(cluster_means_kernel<scalar_t, acc_t>, cfg, features.const_data_ptr<scalar_t>(), layout,

@@ -17,7 +17,7 @@ void assign_cuda(const at::Tensor& codes, const at::Tensor& valid, const at::Ten
   const int64_t B = codes.size(0), N = codes.size(1), k = centroids.size(1);
   TORCH_CHECK(k * sizeof(int64_t) <= 48 * 1024, "hamming_kmeans: k <= 6144 on CUDA, got ", k);
   launch(kmeans_assign_kernel,
-         {dim3(static_cast<unsigned>(ceil_div(N, kThreads)), static_cast<unsigned>(B)), dim3(kThreads),
+         {grid_dims(ceil_div(N, kThreads), B), dim3(kThreads),
           static_cast<size_t>(k) * sizeof(int64_t)},
          codes.const_data_ptr<int64_t>(), valid.const_data_ptr<bool>(), centroids.const_data_ptr<int64_t>(),
          active.const_data_ptr<uint8_t>(), assign.mutable_data_ptr<int64_t>(), N, k);
@@ -30,10 +30,10 @@ void update_cuda(const at::Tensor& codes, const at::Tensor& assign, const at::Te
   at::Tensor ones = at::zeros({B, k, 64}, codes.options().dtype(at::kInt));
   at::Tensor members = at::zeros({B, k}, codes.options().dtype(at::kInt));
   launch(kmeans_count_bits_kernel,
-         {dim3(static_cast<unsigned>(std::min<int64_t>(ceil_div(B * N, kThreads), 65535))), dim3(kThreads)},
+         {grid_dims(std::min<int64_t>(ceil_div(B * N, kThreads), 65535)), dim3(kThreads)},
          codes.const_data_ptr<int64_t>(), assign.const_data_ptr<int64_t>(), active.const_data_ptr<uint8_t>(),
          ones.mutable_data_ptr<int32_t>(), members.mutable_data_ptr<int32_t>(), B, N, k);
-  launch(kmeans_update_kernel, {dim3(static_cast<unsigned>(ceil_div(B * k, kThreads))), dim3(kThreads)},
+  launch(kmeans_update_kernel, {grid_dims(ceil_div(B * k, kThreads)), dim3(kThreads)},
          ones.const_data_ptr<int32_t>(), members.const_data_ptr<int32_t>(), active.const_data_ptr<uint8_t>(),
          centroids.mutable_data_ptr<int64_t>(), B, k);
 }

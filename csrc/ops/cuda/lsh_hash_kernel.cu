@@ -22,7 +22,7 @@ at::Tensor lsh_hash_cuda(const at::Tensor& x, const at::Tensor& planes) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "fsskern_lsh_hash_cuda", [&] {
     using T = at::opmath_type<scalar_t>;
     launch(lsh_hash_kernel<T, scalar_t>,
-           {dim3(static_cast<unsigned>(std::min<int64_t>(ceil_div(M * N, 128), 65535))), dim3(128)},
+           {grid_dims(std::min<int64_t>(ceil_div(M * N, 128), 65535)), dim3(128)},
            x3.const_data_ptr<scalar_t>(), pc.const_data_ptr<T>(), codes.mutable_data_ptr<int64_t>(), M, N, E,
            x3.stride(0), x3.stride(1), x3.stride(2), bits);
   });

@@ -16,7 +16,7 @@ constexpr int kThreads = 256;
 LaunchConfig elementwise_config(int64_t total) {
   // Grid-stride kernels: cap the grid, each thread walks the rest.
   const int64_t blocks = std::min<int64_t>(ceil_div(total, kThreads), 65535);
-  return {dim3(static_cast<unsigned>(blocks)), dim3(kThreads)};
+  return {grid_dims(blocks), dim3(kThreads)};
 }
 
 at::Tensor resample_cuda(const at::Tensor& planes, int64_t out_h, int64_t out_w, bool align_corners,
@@ -37,9 +37,7 @@ void weighted_sum_cuda(const at::Tensor& features, const at::Tensor& weights, co
                        at::Tensor& out) {
   const DeviceGuard guard(features.device());
   const int64_t B = features.size(0), C = features.size(1), P = features.size(2), N = weights.size(1);
-  const LaunchConfig cfg{dim3(static_cast<unsigned>(ceil_div(C, kWeightedSumWarpsPerBlock)), static_cast<unsigned>(N),
-                              static_cast<unsigned>(B)),
-                         dim3(32 * kWeightedSumWarpsPerBlock)};
+  const LaunchConfig cfg{grid_dims(ceil_div(C, kWeightedSumWarpsPerBlock), N, B), dim3(32 * kWeightedSumWarpsPerBlock)};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, features.scalar_type(), "fsskern_weighted_sum_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     launch(weighted_sum_kernel<scalar_t, acc_t>, cfg, features.const_data_ptr<scalar_t>(),

@@ -41,14 +41,13 @@ std::tuple<at::Tensor, at::Tensor> max_cosine_cuda(const at::Tensor& query, cons
     using T = at::opmath_type<scalar_t>;
     const int64_t total = B * K * Ns;
     launch(support_norms_kernel<T, scalar_t>,
-           {dim3(static_cast<unsigned>(std::min<int64_t>(ceil_div(total, 256), 65535))), dim3(256)},
+           {grid_dims(std::min<int64_t>(ceil_div(total, 256), 65535)), dim3(256)},
            s.const_data_ptr<scalar_t>(), w.const_data_ptr<scalar_t>(), support_norms.mutable_data_ptr<T>(),
            bad_background.mutable_data_ptr<uint8_t>(), B * K, C, Ns);
     const auto poisoned = bad_background.any(-1);
     const MaxCosineParams params{K, C, Nq, Ns, eps};
     launch(max_cosine_forward_kernel<T, scalar_t>,
-           {dim3(static_cast<unsigned>(ceil_div(Nq, kTileQ)), static_cast<unsigned>(K), static_cast<unsigned>(B)),
-            dim3(kMaxCosineThreads)},
+           {grid_dims(ceil_div(Nq, kTileQ), K, B), dim3(kMaxCosineThreads)},
            q.const_data_ptr<scalar_t>(), s.const_data_ptr<scalar_t>(), w.const_data_ptr<scalar_t>(),
            query_norms.const_data_ptr<T>(), support_norms.const_data_ptr<T>(), fg_index.const_data_ptr<int64_t>(),
            fg_count.const_data_ptr<int64_t>(), poisoned.const_data_ptr<uint8_t>(), values.mutable_data_ptr<T>(),
@@ -78,7 +77,7 @@ std::tuple<at::Tensor, at::Tensor> max_cosine_backward_cuda(const at::Tensor& gr
     using T = at::opmath_type<scalar_t>;
     const MaxCosineParams params{K, C, Nq, Ns, eps};
     launch(max_cosine_backward_kernel<T, scalar_t>,
-           {dim3(static_cast<unsigned>(Nq), static_cast<unsigned>(B)), dim3(kBackwardThreads)},
+           {grid_dims(Nq, B), dim3(kBackwardThreads)},
            grad.const_data_ptr<T>(), q.const_data_ptr<scalar_t>(), s.const_data_ptr<scalar_t>(),
            support_weights.contiguous().const_data_ptr<scalar_t>(), indices.contiguous().const_data_ptr<int64_t>(),
            grad_query.mutable_data_ptr<T>(), grad_support.mutable_data_ptr<T>(), params);
