@@ -39,7 +39,7 @@ demo: build
 # their quick size, one sample): tiny budgets, outputs checked to exist and parse.
 MODEL_BENCHMARKS = rilfs dpcl umtfss crcnet popnet
 smoke: build
-	$(PY) python/demo.py --data $(DATA) --out runs/smoke/demo --iters 2 --episodes 4 --val-episodes 2 \
+	$(PY) python/demo.py --data $(DATA) --out runs/smoke/demo --iters 2 --episodes 4 \
 	  --method configs/panet/msrc_v2_mobilenet_v2.yaml
 	$(PY) benchmarks/methods.py --quick --jobs 2 --out runs/smoke/methods --methods baseline panet
 	for m in $(MODEL_BENCHMARKS); do $(PY) benchmarks/models/$$m.py --quick --reps 1 --out runs/smoke/models || exit 1; done

@@ -41,7 +41,6 @@ def main(argv=None) -> int:
     # CRCNet 56.8 after 11.9, UMTFSS 42.0, RILFS 28.7; the baseline 64.9)
     p.add_argument("--method", default=str(ROOT / "configs" / "dpcl" / "msrc_v2_mobilenet_v2.yaml"))
     p.add_argument("--iters", type=int, default=None, help="training iterations (default: the recipe's)")
-    p.add_argument("--val-episodes", type=int, default=None, help="model-selection episodes (default: the recipe's)")
     p.add_argument("--episodes", type=int, default=300)
     p.add_argument("--seeds", default="[0]")
     args = p.parse_args(argv)
@@ -64,8 +63,6 @@ def main(argv=None) -> int:
     train_args = [f"out={train_out}", f"data.root={data}", "data.fold=0", "data.shots=1"]
     if args.iters:
         train_args.append(f"train.iters={args.iters}")
-    if args.val_episodes is not None:
-        train_args.append(f"train.val_episodes={args.val_episodes}")
     changed = _changed_settings(train_out, args.method, train_args)
     if changed:
         print(f"demo: {train_out} holds a training with other settings ({', '.join(changed)}); pass another --out "
