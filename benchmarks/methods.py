@@ -105,7 +105,6 @@ def run_one(method: str, fold: int, args, out: Path) -> dict:
     run_dir = out / "runs" / f"{method}-fold{fold}"
     trains = load_config(cfg_path).train.iters > 0
     overrides = ([*common, f"out={run_dir}"] + ([f"train.iters={args.iters}"] if args.iters and trains else []) +
-                 ([f"train.val_episodes={args.val_episodes}"] if args.val_episodes is not None else []) +
                  (["resume=true"] if (run_dir / "config.yaml").is_file() else []))
     train_cfg = load_config(cfg_path, overrides)
     checkpoint, eval_cfg_path = None, cfg_path
@@ -205,7 +204,6 @@ def main(argv=None) -> int:
     p.add_argument("--seeds", type=int, nargs="*", default=[0, 1, 2])
     p.add_argument("--episodes", type=int, default=1000)
     p.add_argument("--iters", type=int, default=None, help="one training budget for every method (default: recipes')")
-    p.add_argument("--val-episodes", type=int, default=None, help="model-selection episodes (default: recipes')")
     p.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "msrc_v2"))
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "methods"))
     p.add_argument("--jobs", type=int, default=1, help="(method, fold) tasks run at once, one process each")
@@ -213,7 +211,7 @@ def main(argv=None) -> int:
     p.add_argument("--quick", action="store_true", help="CI smoke: 2 iterations, 4 episodes, 1 seed, fold 0, 1-shot")
     args = p.parse_args(argv)
     if args.quick:
-        args.iters, args.episodes, args.seeds, args.folds, args.shots, args.val_episodes = 2, 4, [0], [0], [1], 2
+        args.iters, args.episodes, args.seeds, args.folds, args.shots = 2, 4, [0], [0], [1]
     methods = args.methods or [m for m in DEFAULT_METHODS if recipe(m).is_file()]
     missing = [m for m in methods if not recipe(m).is_file()]
     if missing:
