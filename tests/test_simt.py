@@ -335,6 +335,10 @@ def test_grid_limits_are_checked_before_narrowing(simt):
     q = torch.randn(1, 65536, 1, 1)
     with pytest.raises(RuntimeError, match=r"grid too large \(1, 65536, 1\)"):
         simt.prototype_attention(q, q, q, None, 1.0, 0.0, 0)
+    # An empty grid is skipped whatever its other sizes: no query pixel, 65,536 images in grid z.
+    values, indices = simt.max_cosine(torch.randn(65536, 1, 0), torch.randn(65536, 1, 1, 1), torch.ones(65536, 1, 1),
+                                      1e-7)
+    assert values.shape == indices.shape == (65536, 1, 0)
 
 
 def test_attention_zero_channels(simt, schedule):

@@ -29,8 +29,10 @@ inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 // Grid dimensions from int64 counts, checked against CUDA's limits before they are narrowed to
 // unsigned (a count of 2^32 + 1 would otherwise wrap to a grid of 1 and skip the rest silently).
+// An empty grid launches nothing (launch skips it), however large its other sizes.
 inline dim3 grid_dims(int64_t x, int64_t y = 1, int64_t z = 1) {
   TORCH_CHECK(x >= 0 && y >= 0 && z >= 0, "fsskern: negative grid size (", x, ", ", y, ", ", z, ")");
+  if (x == 0 || y == 0 || z == 0) return dim3(0, 0, 0);
   TORCH_CHECK(x <= 2147483647 && y <= 65535 && z <= 65535, "fsskern: grid too large (", x, ", ", y, ", ", z,
               "): CUDA allows 2^31 - 1 blocks in x and 65535 in y and z");
   return dim3(static_cast<unsigned>(x), static_cast<unsigned>(y), static_cast<unsigned>(z));
