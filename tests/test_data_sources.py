@@ -199,6 +199,27 @@ def test_pascal_list_formats_and_policies(tmp_path):
     assert base_label_lut(pf0.base)[[0, 1, 6, 255]].tolist() == [0, 0, 1, 255]
 
 
+def test_validation_classes_are_held_out_of_training_whole(tmp_path):
+    """``val_classes``: base classes that validate as novel ones; no image holding any pixel of one trains,
+    whatever the policy, and the bam policy's test-class drop still applies to their episodes."""
+    root, ids = pascal_layout(tmp_path)  # image k: class 1 + k % 2 (48 x 48), class 6 (14 x 20) in images 0-2
+    (root / "pairs.txt").write_text("".join(f"JPEGImages/{i}.jpg SegmentationClassAug/{i}.png\n" for i in ids))
+    src = build_source(DataConfig(dataset="pascal", root=str(root), train_list="pairs.txt"), "train")
+    stats = scan_labels(src, cache_dir=tmp_path / "c")
+    pfenet = training_pools(src, stats, 1, "pfenet", min_pixels=100, val_classes=[2])
+    assert pfenet.val == {2: [1, 3, 5]} and pfenet.train == {1: [0, 2, 4]} and 2 not in pfenet.base
+    assert base_label_lut(pfenet.base)[[1, 2, 3, 11]].tolist() == [1, 0, 2, 5]  # base ids close up over the gap
+    bam = training_pools(src, stats, 1, "bam", min_pixels=100, val_classes=[2])
+    assert bam.val == {2: [3, 5]} and bam.train == {1: [4]}  # images 0-2 hold the test class 6
+    # a validation class under min_pixels is no episode's, and its images still leave training
+    small = training_pools(src, stats, 2, "pfenet", min_pixels=300, val_classes=[6])
+    assert small.val == {} and small.train == {1: [4], 2: [3, 5]}
+    with pytest.raises(DataError, match=r"val_classes \[6\] are not base classes"):
+        training_pools(src, stats, 1, "pfenet", val_classes=[6])
+    with pytest.raises(DataError, match="set one of them"):
+        training_pools(src, stats, 1, "pfenet", val_fraction=0.1, val_classes=[2])
+
+
 def test_pascal_bad_list_lines(tmp_path):
     root, _ = pascal_layout(tmp_path)
     (root / "bad.txt").write_text("a b c\n")

@@ -423,6 +423,23 @@ def test_validation_episodes_carry_base_label_and_test_episodes_do_not(dataset, 
     assert "base_label" not in test[0] and item["base_label"].shape == item["query_mask"].shape
     assert (item["base_label"][item["query_mask"] == 1] > 0).all()  # the episode's class, in the base space
 
+
+def test_validation_classes_reach_the_engine_as_novel_classes(dataset, tmp_path):
+    """``data.val_classes`` (fold 0: novel 1, 2; base 3-6): validation episodes are all of the held-out class,
+    without base_label (novel to the model, as the test's), and training never draws it or an image holding it."""
+    from fsskern.engine.data import eval_dataset, train_dataset
+    held = ["data.val_fraction=0", "data.val_classes=[5]"]
+    val, info = eval_dataset(load_config(None, baseline_args(dataset, tmp_path, "eval.split=val", *held)), 0)
+    assert info["classes"] == [5] and all(val.manifest[t].classes == (5,) for t in range(len(val)))
+    assert "base_label" not in val[0] and (val[0]["query_mask"] == 1).any()
+    train = train_dataset(load_config(None, baseline_args(dataset, tmp_path, *held)))
+    episodes = [train.manifest[g] for g in range(40)]
+    # image i holds classes 1 + i % 6 and 1 + (i + 2) % 6: every image of 3 holds 1 (a test class) or 5
+    assert {c for e in episodes for c in e.classes} == {4, 6}
+    assert not any(5 in train.source.load(i)[1] for e in episodes for i in (e.query, *e.supports))
+    seen = {int(v) for t in range(6) for v in train[t]["base_label"].unique()} - {255}
+    assert seen == {0, 1, 2, 3} or seen == {0, 2, 3}  # base 3, 4, 6 in the base learner's space: 1-3
+
 def test_gallery_draws_best_median_worst_with_the_real_pixels(tmp_path):
     from PIL import Image
 

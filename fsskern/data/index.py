@@ -182,8 +182,9 @@ def class_index(source, min_pixels: int = 2048, cache_dir=None, on_error: str = 
 @dataclass
 class TrainingPools:
     """Base-class sample pools of the training split for one fold: ``train`` for meta-training,
-    ``val`` for model selection (held-out images, base classes only, never a test class)."""
-    base: List[int]
+    ``val`` for model selection (held-out images of the base classes, or the images of the validation
+    classes; never a test class)."""
+    base: List[int]           # the classes training sees (the fold's base classes less any validation class)
     novel: List[int]
     train: Dict[int, List[int]]
     val: Dict[int, List[int]]
@@ -199,13 +200,29 @@ def held_out(sample_id: str, fraction: float, salt: str = "") -> bool:
 
 
 def training_pools(source, stats: LabelStats, fold: int, policy: str = "pfenet", min_pixels: int = 2048,
-                   val_fraction: float = 0.0) -> TrainingPools:
+                   val_fraction: float = 0.0, val_classes: Sequence[int] = ()) -> TrainingPools:
+    """The fold's training and validation pools. Validation holds out either a fraction of the images
+    (``val_fraction``: episodes of the base classes on images training never sees) or whole base classes
+    (``val_classes``: episodes of classes training never sees, as the test's are). A validation class is
+    out of ``base``, and every image holding any pixel of one is out of training whatever the policy, so no
+    validation query or support was ever a training image; its episodes come from the images the policy
+    keeps for the fold (under bam: none holding a test class)."""
     if policy not in POLICIES:
         raise DataError(f"unknown training policy {policy!r}; expected one of {POLICIES}")
     if not 0 <= val_fraction < 1:
         raise DataError(f"val_fraction must be in [0, 1), not {val_fraction}")
     base, novel = source.fold_classes(fold)
-    novel_set, base_set = set(novel), set(base)
+    novel_set, val_set_classes = set(novel), set(val_classes)
+    if val_set_classes:
+        if val_fraction > 0:
+            raise DataError("data.val_classes and data.val_fraction both hold validation out: set one of them "
+                            "(data.val_fraction=0 to validate on the classes)")
+        stray = sorted(val_set_classes - set(base))
+        if stray:
+            raise DataError(f"data.val_classes {stray} are not base classes of {source.name} fold {fold} "
+                            f"(base: {sorted(base)})")
+        base = [c for c in base if c not in val_set_classes]
+    base_set = set(base)
     keep, dropped = [], 0
     for i in range(len(source)):
         if i in stats.skipped:
@@ -214,11 +231,15 @@ def training_pools(source, stats: LabelStats, fold: int, policy: str = "pfenet",
             dropped += 1
             continue
         keep.append(i)
-    val_ids = [i for i in keep if held_out(source.sample_id(i), val_fraction)]
+    if val_set_classes:
+        val_ids = [i for i in keep if val_set_classes.intersection(stats.pixels[i])]
+        val = {c: v for c, v in stats.class_index(min_pixels, val_ids).items() if c in val_set_classes}
+    else:
+        val_ids = [i for i in keep if held_out(source.sample_id(i), val_fraction)]
+        val = {c: v for c, v in stats.class_index(min_pixels, val_ids).items() if c in base_set}
     val_set = set(val_ids)
     train = {c: v for c, v in stats.class_index(min_pixels, [i for i in keep if i not in val_set]).items()
              if c in base_set}
-    val = {c: v for c, v in stats.class_index(min_pixels, val_ids).items() if c in base_set}
     if not train:
         raise DataError(f"{source.name} fold {fold}: no training image holds a base class with >= {min_pixels} px")
     return TrainingPools(base, novel, train, val, dropped, [c for c in base if c not in train], stats.key)

@@ -209,12 +209,13 @@ def test_transform_for(cfg_data, protocol: Optional[str]):
 
 def build_train_episodes(cfg_data, source, fold: int, seed: int, cache_dir=None, on_error: str = "raise"):
     """(training episodes, TrainingPools) for ``cfg_data``: the class index, the training policy, the
-    held-out validation images, and the source's episodes (PFENet-style, POPNet parsing, UMTFSS neighbour
+    held-out validation images or classes, and the source's episodes (PFENet-style, POPNet parsing, UMTFSS neighbour
     supports: ``Source.train_episodes``) keyed by
     (dataset, fold, shots, ways, seed, index); call ``set_epoch`` on the loader's dataset each epoch."""
     from .index import scan_labels, training_pools
     stats = scan_labels(source, cache_dir, on_error)
-    pools = training_pools(source, stats, fold, cfg_data.train_policy, cfg_data.min_pixels, cfg_data.val_fraction)
+    pools = training_pools(source, stats, fold, cfg_data.train_policy, cfg_data.min_pixels, cfg_data.val_fraction,
+                           getattr(cfg_data, "val_classes", None) or ())
     key = {"dataset": source.name, "fold": fold, "shots": cfg_data.shots, "ways": cfg_data.ways, "seed": seed,
            "index": stats.key, "policy": cfg_data.train_policy, "min_pixels": cfg_data.min_pixels}
     return source.train_episodes(pools.train, key, cfg_data.shots, cfg_data.ways), pools
@@ -229,6 +230,8 @@ def build_loader(cfg_data, split: str, fold: int, manifest, train: bool, sampler
     source = source or build_source(cfg_data, split)
     if train:
         base, novel = source.fold_classes(fold)
+        held = set(getattr(cfg_data, "val_classes", None) or ())  # out of base, as training_pools leaves them
+        base = [c for c in base if c not in held]
         transform = T.from_config(cfg_data, train=True)
         dataset = EpisodeDataset(source, manifest, transform, True, base=base, novel=novel)
     else:

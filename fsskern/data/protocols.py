@@ -211,12 +211,12 @@ def _frozen_pairs(source, stats: LabelStats, order: List[int], shots: int, ways:
 
 def build_val_manifest(source, pools: Dict[int, List[int]], fold: int, shots: int, ways: int, seed: int,
                        episodes: int, index_key: str) -> Manifest:
-    """Model-selection episodes on the held-out base-class images (``TrainingPools.val``): class-balanced,
+    """Model-selection episodes on the held-out images or classes (``TrainingPools.val``): class-balanced,
     queries and supports both from the held-out images, so no test class or test image is touched."""
     usable = sorted(c for c, p in pools.items() if len(p) >= shots + 1)
     if len(usable) < ways:
-        raise DataError(f"validation split: {len(usable)} base classes have >= {shots + 1} held-out images; "
-                        f"raise data.val_fraction")
+        raise DataError(f"validation split: {len(usable)} classes have >= {shots + 1} held-out images, {ways} "
+                        f"way(s) need as many; raise data.val_fraction or add data.val_classes")
     meta = manifest_meta(source, fold, shots, ways, "val-balanced", seed, index_key, classes=usable)
     out = []
     for t in range(episodes):

@@ -37,6 +37,7 @@ class DataConfig:
     merge: Optional[Dict[str, List[int]]] = None  # class merges {new name: [old ids]}
     hierarchy: Optional[Dict[str, List[str]]] = None  # parsing: area -> fine classes
     val_fraction: float = 0.1          # held-out base-class images for model selection
+    val_classes: Optional[List[int]] = None  # or held-out base classes (then val_fraction 0): never trained
     # PFENet's when no config names one; a key missing from the final mapping is off (transforms.from_config)
     augment: Dict[str, Any] = field(default_factory=lambda: {"scale": [0.9, 1.1], "rotate": 10.0,
                                                              "blur": True, "flip": True})
@@ -77,7 +78,7 @@ class EvalConfig:
     protocol: str = "pfenet"
     episodes: Optional[int] = None     # None: the protocol's count for the dataset (val split: train.val_episodes)
     seeds: Optional[List[int]] = None  # None: the protocol's seeds (val split: [seed])
-    split: str = "test"                # test: the fold's novel classes; val: held-out base images
+    split: str = "test"                # test: the fold's novel classes; val: data.val_classes or held-out images
     resize: Optional[str] = None       # test resize rule (pfenet | square | original); None: the protocol's
     batch_size: int = 1
     min_class_episodes: int = 10       # warn when a class gets fewer episodes

@@ -61,7 +61,8 @@ def with_protocol_defaults(cfg: Config) -> Config:
 
 def eval_dataset(cfg: Config, seed: int):
     """(EpisodeDataset, info) for ``cfg.eval.split``: ``test`` = the fold's novel classes under
-    ``cfg.eval.protocol``; ``val`` = held-out images of the base classes (model selection).
+    ``cfg.eval.protocol``; ``val`` = model selection, on the validation classes (``data.val_classes``) or
+    held-out images of the base classes (``data.val_fraction``).
     The protocol fixes the query order and the resize rule (``eval.resize`` replaces the rule when set);
     ``data.test_size`` the size; ``eval.support_annotation`` whether supports come as masks or boxes
     (the same episodes either way)."""
@@ -88,12 +89,15 @@ def eval_dataset(cfg: Config, seed: int):
     else:
         source = build_source(d, "train")
         stats = scan_labels(source)
-        pools = training_pools(source, stats, d.fold, d.train_policy, d.min_pixels, d.val_fraction)
+        pools = training_pools(source, stats, d.fold, d.train_policy, d.min_pixels, d.val_fraction,
+                               d.val_classes or ())
         manifest = build_val_manifest(source, pools.val, d.fold, d.shots, d.ways, seed, e.episodes, stats.key)
         classes = manifest.meta["classes"]
         protocol = {"protocol": "val-balanced", "episodes": e.episodes, "resize": "pfenet", "size": d.test_size}
         transform = TestTransform(d.test_size, "pfenet")
-        base = pools.base  # base_label, as in training: BAM's ensemble must not suppress the episode's own class
+        # held-out images: base_label, as in training (BAM's ensemble must not suppress the episode's own class);
+        # held-out classes are novel to the model, as the test's are: none
+        base = () if d.val_classes else pools.base
     protocol["support_annotation"] = e.support_annotation
     if e.support_annotation == "box":
         protocol["box_rule"] = source.box_rule()

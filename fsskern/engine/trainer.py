@@ -99,9 +99,9 @@ def train_phase(cfg: Config, init_from: Optional[Path] = None) -> Path:
         return out  # a finished phase of a resumed multi-phase run
     if last.is_file() and not cfg.resume:
         raise FileExistsError(f"{out} already holds a run ({last}); pass resume=true to continue it, or another out=")
-    if cfg.train.val_every and cfg.train.val_episodes > 0 and cfg.data.val_fraction <= 0:
-        raise ValueError("train.val_every validates on held-out base-class images, and data.val_fraction is 0: "
-                         "raise data.val_fraction, or set train.val_every=0")
+    if cfg.train.val_every and cfg.train.val_episodes > 0 and not holds_validation(cfg):
+        raise ValueError("train.val_every validates on held-out base-class images or classes, and data.val_fraction "
+                         "is 0 with no data.val_classes: set one of them, or train.val_every=0")
 
     torch.manual_seed(cfg.seed + dist.rank())
     model = create_model(cfg.model, cfg.ops).to(device)
@@ -251,10 +251,15 @@ def check_finite(loss: torch.Tensor, losses: dict, iteration: int, last: Path) -
         raise NonFiniteLossError(f"loss is not finite at iteration {iteration + 1} ({parts}); stopping; {kept}")
 
 
+def holds_validation(cfg: Config) -> bool:
+    """Whether the data config holds anything out for validation (images or classes)."""
+    return cfg.data.val_fraction > 0 or bool(cfg.data.val_classes)
+
+
 def validate(cfg: Config, model, state: dict, logger, save_best) -> None:
-    """Model selection on held-out base-class images (eval.split=val): never on the test classes.
+    """Model selection on held-out base-class images or classes (eval.split=val): never on the test classes.
     Runs under fork_rng so validating does not change the training's random stream."""
-    if cfg.train.val_episodes <= 0 or cfg.data.val_fraction <= 0:  # nothing held out: the last weights stand
+    if cfg.train.val_episodes <= 0 or not holds_validation(cfg):  # nothing held out: the last weights stand
         return
     val_cfg = with_overrides(cfg, {"eval.split": "val", "eval.episodes": cfg.train.val_episodes,
                                    "eval.seeds": [cfg.seed], "eval.visualize": False,
