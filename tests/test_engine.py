@@ -305,10 +305,34 @@ def test_refuses_to_overwrite_a_run(dataset, tmp_path):
     assert run_train(tiny(dataset, out, "train.iters=2")).returncode == 0
     again = run_train(tiny(dataset, out, "train.iters=2"))
     assert again.returncode != 0 and "already holds a run" in again.stderr
-    # resuming with another seed or batch would read other episodes than the run it claims to continue
+    longer = run_train(tiny(dataset, out, "train.iters=4", "resume=true"))  # its poly schedule has ended
+    assert longer.returncode != 0 and "finished at iteration 2, and train.iters is 4" in longer.stderr
+    # resuming with another seed or batch would read other episodes than the run it claims to continue; another
+    # fold would train on its test classes; another lr would not apply (the optimizer state holds the saved one)
     (out / "done.json").unlink()  # as if killed after its last checkpoint
-    moved = run_train(tiny(dataset, out, "train.iters=4", "resume=true", "seed=9", "data.batch_size=1"))
-    assert moved.returncode != 0 and "resume: seed 0 -> 9, data.batch_size 2 -> 1 differ" in moved.stderr
+    moved = run_train(tiny(dataset, out, "train.iters=2", "resume=true", "seed=9", "data.batch_size=1",
+                           "data.fold=1", "train.lr=0.1"))
+    assert moved.returncode != 0 and "resume: data.fold 0 -> 1; seed 0 -> 9; train.lr 0.05 -> 0.1; episodes per " \
+        "step per micro-batch (data.batch_size x world size) 2 -> 1 differ" in moved.stderr
+    assert "train.iters" not in moved.stderr.split("differ")[0]
+    rows = (out / "metrics.jsonl").read_text()
+    kept = run_train(tiny(dataset, out, "train.iters=2", "resume=true", "train.log_every=5", "data.num_workers=1"))
+    assert kept.returncode == 0, kept.stderr[-3000:]  # what runs it and how it logs may change
+    assert (out / "metrics.jsonl").read_text() == rows  # nothing past the checkpoint was logged twice
+
+
+def test_resumed_logs_drop_what_a_crash_logged_past_the_checkpoint(tmp_path):
+    from fsskern.engine.logging import RunLogger
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps({"iteration": i, "train/loss": 1.0}) + "\n"
+                                                    for i in range(1, 8)))
+    RunLogger(tmp_path, total=10, start=4).close()
+    assert [json.loads(r)["iteration"] for r in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3, 4]
+
+
+def test_a_trainable_model_without_a_budget_is_refused(dataset, tmp_path):
+    res = run_train(tiny(dataset, tmp_path / "r", "train.iters=0"))
+    assert res.returncode != 0 and "train.iters and train.epochs are both 0" in res.stderr
+    assert not (tmp_path / "r" / "done.json").exists()
 
 
 def test_no_held_out_images_means_no_validation(dataset, tmp_path):
@@ -375,6 +399,11 @@ def test_evaluating_a_training_config_needs_its_weights(dataset, tmp_path):
     assert evaluate_main([str(dataset / "tiny.yaml"), *common, f"out={tmp_path / 'e'}",
                           f"eval.checkpoint={tmp_path / 'run' / 'last.pt'}"]) == 0
     assert evaluate_main([str(dataset / "tiny.yaml"), *common, "train.iters=0", f"out={tmp_path / 'u'}"]) == 0
+    # a recipe counted in epochs or phases trains too; a multi-phase run keeps its checkpoints in its phases
+    assert evaluate_main([str(dataset / "tiny.yaml"), *common, "train.epochs=2", f"out={tmp_path / 'e'}"]) == 2
+    (tmp_path / "phased" / "meta").mkdir(parents=True)
+    (tmp_path / "phased" / "meta" / "last.pt").write_bytes(b"")
+    assert evaluate_main([str(dataset / "tiny.yaml"), *common, "train.iters=0", f"out={tmp_path / 'phased'}"]) == 2
 
 
 def test_baseline_metrics_identical_for_0_and_2_workers(dataset, tmp_path):

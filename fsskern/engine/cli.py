@@ -81,11 +81,15 @@ def evaluate_main(argv=None) -> int:
         else:
             cfg = load_config(source, args.overrides)
             checkpoint = None if cfg.eval.checkpoint in ("best", "last") else Path(cfg.eval.checkpoint)
-            if checkpoint is None and cfg.train.iters > 0:  # a config that trains: its weights are in a run folder
-                raise ConfigError(f"{source} trains its model (train.iters={cfg.train.iters}): evaluate the run "
-                                  f"folder (python/evaluate.py {cfg.out}), name eval.checkpoint=PATH, or pass "
-                                  f"train.iters=0 to score the untrained model")
-            if (Path(cfg.out) / "last.pt").is_file():  # its config.yaml and run.json would be replaced
+            t = cfg.train
+            if checkpoint is None and (t.iters > 0 or t.epochs > 0 or t.phases):  # its weights are in a run folder
+                budget = f"{len(t.phases)} phases" if t.phases else \
+                    f"train.iters={t.iters}" if t.iters else f"train.epochs={t.epochs:g}"
+                raise ConfigError(f"{source} trains its model ({budget}): evaluate the run folder "
+                                  f"(python/evaluate.py {cfg.out}), name eval.checkpoint=PATH, or pass "
+                                  f"train.iters=0 train.epochs=0 'train.phases=[]' to score the untrained model")
+            out = Path(cfg.out)
+            if (out / "last.pt").is_file() or any(out.glob("*/last.pt")):  # its config.yaml, run.json would go
                 raise ConfigError(f"out={cfg.out} holds a training run: evaluate it as python/evaluate.py {cfg.out}, "
                                   f"or write the evaluation elsewhere (out=...)")
     except (ConfigError, FileNotFoundError) as e:

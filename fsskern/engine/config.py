@@ -139,13 +139,6 @@ def read_yaml(path) -> dict:
     return _merge(merged, raw)
 
 
-def get_dotted(tree: dict, dotted: str):
-    """``tree``'s value at ``a.b.c``, None where a section or the key is missing."""
-    for key in dotted.split("."):
-        tree = tree.get(key) if isinstance(tree, dict) else None
-    return tree
-
-
 def set_dotted(tree: dict, dotted: str, value) -> None:
     keys = dotted.split(".")
     for key in keys[:-1]:

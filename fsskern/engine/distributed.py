@@ -63,15 +63,6 @@ def all_gather_objects(obj) -> list:
     return out
 
 
-def broadcast_object(obj):
-    """Rank 0's ``obj`` on every rank."""
-    if not is_initialized():
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
 def cleanup() -> None:
     if is_initialized():
         dist.destroy_process_group()

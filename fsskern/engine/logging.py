@@ -5,6 +5,7 @@ import platform
 import subprocess
 import time
 from pathlib import Path
+from typing import Optional
 
 import torch
 import yaml
@@ -34,15 +35,30 @@ def write_run_info(cfg: Config, out: Path, **extra) -> None:
             "time": time.strftime("%Y-%m-%dT%H:%M:%S"), **extra}
     path = out / "run.json"
     old = json.loads(path.read_text()) if path.is_file() else {}
+    if old.get("git_commit", info["git_commit"]) != info["git_commit"]:  # a resume on other code: keep both
+        info["earlier_commits"] = old.get("earlier_commits", []) + [old["git_commit"]]
     path.write_text(json.dumps({**old, **info}, indent=1))
 
 
-def tensorboard_writer(out: Path):
+def tensorboard_writer(out: Path, purge_step: Optional[int] = None):
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:  # tensorboard is a requirement, but a missing sink must not stop a run
         return None
-    return SummaryWriter(str(out / "tb"))
+    return SummaryWriter(str(out / "tb"), purge_step=purge_step)
+
+
+def trim_rows(path: Path, last_iteration: int) -> None:
+    """Drop the rows of ``path`` (metrics.jsonl) past ``last_iteration``: a run resumed from its checkpoint at
+    that iteration logs the later ones again."""
+    if not path.is_file():
+        return
+    rows = path.read_text().splitlines(keepends=True)
+    kept = [r for r in rows if r.strip() and json.loads(r).get("iteration", 0) <= last_iteration]
+    if len(kept) != len(rows):
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text("".join(kept))
+        tmp.replace(path)
 
 
 class RunLogger:
@@ -55,8 +71,9 @@ class RunLogger:
         if not enabled:
             return
         out.mkdir(parents=True, exist_ok=True)
+        trim_rows(out / "metrics.jsonl", start)  # what a crash logged after the checkpoint comes again
         self.jsonl = open(out / "metrics.jsonl", "a")
-        self.tb = tensorboard_writer(out)
+        self.tb = tensorboard_writer(out, purge_step=start + 1)
         self.bar = tqdm(total=total, initial=start, desc=out.name, dynamic_ncols=True, mininterval=1.0)
         self.window, self.window_seconds, self.window_steps = {}, 0.0, 0
 

@@ -5,7 +5,7 @@ selection on held-out base classes, AMP, accumulation, DDP through one code path
 Exactness: every random choice of the data comes from (seed, episode index); the optimizer step
 t of rank r reads episodes ``t * G + m * B * W + r * B + j`` (G = B * accumulate * W episodes
 per step, micro-batch m, item j), so the episodes of a step do not depend on the worker count,
-the world size or where a run was resumed; the model's own randomness (dropout) uses torch's
+the world size at the same B * W, or where a run was resumed; the model's own randomness (dropout) uses torch's
 global RNG, whose state (with python's, numpy's and CUDA's) is saved per rank in every checkpoint.
 """
 import json
@@ -18,12 +18,11 @@ from typing import Optional, Sequence
 
 import torch
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader
 
 from ..models import create_model
 from . import checkpoint as ckpt
 from . import distributed as dist
-from .config import Config, ConfigError, get_dotted, override_items, to_dict, with_overrides
+from .config import Config, ConfigError, config_from_dict, override_items, to_dict, with_overrides
 from .data import episode_loader, train_dataset
 from .evaluator import evaluate_model
 from .logging import RunLogger, write_run_info
@@ -95,8 +94,13 @@ def train_phase(cfg: Config, init_from: Optional[Path] = None) -> Path:
     device = device_of(cfg)
     out = Path(cfg.out)
     last, best = out / "last.pt", out / "best.pt"
-    if (out / "done.json").is_file() and cfg.resume:
-        return out  # a finished phase of a resumed multi-phase run
+    if (out / "done.json").is_file() and cfg.resume:  # a finished run, or a finished phase of a multi-phase one
+        finished = json.loads((out / "done.json").read_text())["iteration"]
+        if cfg.train.epochs == 0 and finished != cfg.train.iters:
+            raise ValueError(f"resume: {out} finished at iteration {finished}, and train.iters is "
+                             f"{cfg.train.iters}: a finished run is not extended (its schedule has ended); start a "
+                             f"new run (out=...)")
+        return out
     if last.is_file() and not cfg.resume:
         raise FileExistsError(f"{out} already holds a run ({last}); pass resume=true to continue it, or another out=")
     if cfg.train.val_every and cfg.train.val_episodes > 0 and not holds_validation(cfg):
@@ -117,22 +121,20 @@ def train_phase(cfg: Config, init_from: Optional[Path] = None) -> Path:
             raise ConfigError(f"train.epochs={cfg.train.epochs:g} is {iters} iterations on this fold's pool, and "
                               f"train.iters={cfg.train.iters} says otherwise: set one of them (the other to 0)")
         cfg = with_overrides(cfg, {"train.iters": iters})
+    if cfg.train.iters == 0:
+        raise ConfigError(f"model {cfg.model.name!r} has trainable parameters and train.iters and train.epochs are "
+                          f"both 0: set the training budget")
     optimizers = build_optimizers(model, cfg.train)
     schedulers = build_schedulers(optimizers, cfg.train)
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16")
     state = {"iteration": 0, "best": None}
     if cfg.resume and last.is_file():
         payload = ckpt.load(last)
-        if payload["config"]["model"] != to_dict(cfg)["model"]:
-            raise ValueError(f"resume: the model config differs from the one {last} was trained with")
-        # what decides which episodes a step reads: a change would silently break the exact resume
-        then, now = payload["config"], to_dict(cfg)
-        changed = [k for k in ("seed", "data.batch_size", "train.accumulate")
-                   if get_dotted(then, k) != get_dotted(now, k)]
+        changed = resume_changes(payload["config"], to_dict(cfg), len(payload["rng"]))
         if changed:
-            moves = ", ".join(f"{k} {get_dotted(then, k)} -> {get_dotted(now, k)}" for k in changed)
-            raise ValueError(f"resume: {moves} differ from the run in {last}; the resumed run would not continue "
-                             f"it exactly")
+            raise ValueError(f"resume: {'; '.join(changed)} differ from the run in {last}, which the resumed run "
+                             f"would not continue exactly (the optimizer and schedule states restore the saved "
+                             f"values); only {', '.join(RESUMABLE)} may change: start a new run (out=...) instead")
         model.load_state_dict(payload["model"])
         for opt, s in zip(optimizers, payload["optimizers"]):
             opt.load_state_dict(s)
@@ -141,10 +143,10 @@ def train_phase(cfg: Config, init_from: Optional[Path] = None) -> Path:
         scaler.load_state_dict(payload["scaler"])
         if len(payload["rng"]) == dist.world_size():
             ckpt.set_rng_state(payload["rng"][dist.rank()], device)
-        elif dist.is_main():  # the episodes do not depend on the world size; dropout and augmentation draws do
+        elif dist.is_main():  # same episodes per step (resume_changes checked B * W); the random streams differ
             warnings.warn(f"resume: {last} was saved by {len(payload['rng'])} processes, this run has "
-                          f"{dist.world_size()}: the episodes continue as they were, the random streams start "
-                          f"from the seed", stacklevel=2)
+                          f"{dist.world_size()} with the same episodes per step: the episodes continue as they "
+                          f"were, the random streams (dropout, augmentation) start from the seed", stacklevel=2)
         state = {"iteration": payload["iteration"], "best": payload["best"]}
     if dist.is_main():
         write_run_info(cfg, out)
@@ -218,6 +220,43 @@ def train_phase(cfg: Config, init_from: Optional[Path] = None) -> Path:
     if dist.is_main():
         (out / "done.json").write_text(json.dumps({"iteration": state["iteration"], "best": state["best"]}))
     logger.close()
+    return out
+
+
+# what may differ between a run and its resume: where and how it runs, what it logs, how often it saves,
+# how often it validates (on the same episodes), how it is evaluated. Anything else would not continue the
+# run exactly, or would silently not apply (the optimizer state restores the saved lr).
+RESUMABLE = ("out", "device", "ops", "resume", "data.num_workers", "train.log_every", "train.checkpoint_every",
+             "train.val_every", "train.find_unused_parameters", "eval")
+
+
+def resume_changes(then: dict, now: dict, then_world: int) -> list:
+    """The settings of ``now`` that differ from the checkpoint's ``then`` (a run saved by ``then_world``
+    processes) and are not RESUMABLE, as "key a -> b". The batch size may change with the world size
+    as long as a step reads the same episodes (B * W, module docstring)."""
+    try:
+        then = to_dict(config_from_dict(then))  # keys added since the checkpoint take their defaults
+    except ConfigError as e:
+        return [f"the saved config no longer loads ({e})"]
+    flat_then, flat_now = flatten(then), flatten(now)
+    changed = [f"{k} {flat_then.get(k)!r} -> {flat_now.get(k)!r}" for k in sorted(set(flat_then) | set(flat_now))
+               if flat_then.get(k) != flat_now.get(k) and k != "data.batch_size"
+               and not any(k == r or k.startswith(r + ".") for r in RESUMABLE)]
+    per_step = then["data"]["batch_size"] * then_world, now["data"]["batch_size"] * dist.world_size()
+    if per_step[0] != per_step[1]:
+        changed.append(f"episodes per step per micro-batch (data.batch_size x world size) {per_step[0]} -> "
+                       f"{per_step[1]}")
+    return changed
+
+
+def flatten(tree: dict, prefix: str = "") -> dict:
+    """``{dotted.key: leaf}`` of a config tree (lists and the free-form ``params`` mappings kept as leaves)."""
+    out = {}
+    for k, v in tree.items():
+        if isinstance(v, dict) and k not in ("params", "augment", "merge", "hierarchy"):
+            out.update(flatten(v, f"{prefix}{k}."))
+        else:
+            out[prefix + k] = v
     return out
 
 
