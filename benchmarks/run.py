@@ -15,6 +15,7 @@ import argparse
 import json
 import sys
 import time
+import traceback
 from pathlib import Path
 
 import torch
@@ -269,16 +270,22 @@ def main():
     start = time.time()
     stem = "quick" if args.quick else "results"
 
+    errors = []
+
     def save(rows, limits=None, threads=(), sweeps=()):
         (out / f"{stem}.json").write_text(json.dumps(
             {"machine": info, "limits": limits, "rows": rows, "threads": list(threads), "seconds": time.time() - start,
              "sweeps": [{"name": s.name, "title": s.title, "xlabel": s.xlabel, "points": p} for s, p in sweeps],
-             **({} if limits else {"partial": True})}, indent=2))
+             **({"errors": errors} if errors else {}), **({} if limits else {"partial": True})}, indent=2))
 
     rows = []
     for i, c in enumerate(all_cases(args.quick, device)):
         if args.only in f"{c.name} {c.size}":
-            rows.append(run_case(i, c, args.quick, reps, device))
+            try:
+                rows.append(run_case(i, c, args.quick, reps, device))
+            except Exception as e:  # noqa: BLE001  (one broken case must not hide the others; named, then exit 1)
+                traceback.print_exc()
+                errors.append({"case": c.name, "size": c.size, "error": f"{type(e).__name__}: {e}"})
             save(rows)  # each case on disk as it finishes: a run stopped at a time limit keeps what it measured
     limits = {"gemm_peak_gflops": gemm_gflops(2048, 2048, 2048, reps=3, device=device),
               "copy_gbs": copy_bandwidth_gbs(device=device), "device": device.type}
@@ -300,6 +307,9 @@ def main():
     (out / f"{'quick' if args.quick else 'report'}.md").write_text(
         markdown(rows, info, args.quick, sweeps, threads, plots_name, limits))
     print(f"wrote {out}/ in {time.time() - start:.0f} s")
+    if errors:
+        sys.exit(f"{len(errors)} case(s) failed: "
+                 + "; ".join(f"{e['case']} {e['size']}: {e['error']}" for e in errors))
 
 
 if __name__ == "__main__":

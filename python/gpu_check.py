@@ -17,8 +17,10 @@ runs out of time is recorded and the next one runs, so one broken kernel does no
                  that issues 13-16 set targets for: one process per method, each under its own cap
     summary      timings.json and summary.md; the short summary is printed last
 
-Everything lands in $GPU_CHECK_OUT (default runs/gpu-check). Exit status: 0 when every phase
-passed, 1 when one failed or timed out, 2 when there is no GPU (nothing is run).
+Everything lands in $GPU_CHECK_OUT (default runs/gpu-check); --pack FILE.tgz packs that folder after every
+phase, so a run stopped from outside still leaves what finished. --deadline-s S fits the phases into S
+seconds from the start (each phase's limit shrinks to what is left, keeping time for the summary). Exit
+status: 0 when every phase passed, 1 when one failed or timed out, 2 when there is no GPU (nothing is run).
 
 This process needs no torch: it runs under the machine's python3 and starts every phase as a
 child process, which it kills (with its whole process group) at the phase's limit.
@@ -32,12 +34,13 @@ import shutil
 import signal
 import subprocess
 import sys
+import tarfile
 import time
 import traceback
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Dict, List, Optional
+from typing import IO, Callable, Dict, List, Optional
 
 ROOT = Path(__file__).resolve().parents[1]
 PHASES = ["build", "cuda-tests", "op-bench", "model-steps", "method-bench", "summary"]
@@ -57,6 +60,10 @@ METHOD_REPS = 3
 # model-steps: fused and reference logits may differ by accumulation order, which cuDNN's TF32 convolutions
 # downstream of an op amplify; a wrong kernel is off by the logits' own size. Fails above this share of max |ref|.
 LOGIT_TOLERANCE = 1e-2
+# model-steps: the models with fused kernels of their own first, so a phase cut short keeps them; the rest follow
+MODEL_ORDER = ["popnet", "rilfs", "umtfss", "dpcl", "crcnet"]
+CUDA_LOST_EXIT = 3  # the model-steps child's exit when a CUDA error broke its context: a new process goes on
+RESERVE_S = 20      # --deadline-s: seconds kept for the summary and the last pack
 NO_GPU_EXIT = 2
 
 # Run by the base interpreter: what torch (if any) sees, and where its packages live.
@@ -128,7 +135,8 @@ def no_gpu_message(base: dict) -> str:
 class Step:
     title: str
     argv: Optional[List[str]] = None  # a command run in the repository root ...
-    action: Optional[Callable[[], None]] = None  # ... or a function of this script
+    # ... or a function of this script: (phase log, seconds left) -> exit status, None when it ran out of time
+    action: Optional[Callable[[IO, float], Optional[int]]] = None
     env: Dict[str, str] = field(default_factory=dict)
 
 
@@ -152,7 +160,7 @@ def venv_steps(args, base: dict) -> List[Step]:
                       [args.python, "-m", "venv", "--system-site-packages", "--without-pip", str(args.venv)])]
         if base.get("in_venv"):  # --system-site-packages reaches the base's base, not the base venv's own
             steps.append(Step(f"{args.venv}/.../gpu_check_base.pth -> {', '.join(base['site'])}",
-                              action=lambda: link_base_site(python, base["site"])))
+                              action=lambda log, left: link_base_site(python, base["site"])))
         return steps
     return [Step(f"make venv VENV={args.venv}", ["make", "venv", f"VENV={args.venv}", f"PYTHON={args.python}"])]
 
@@ -164,9 +172,10 @@ def link_base_site(python: Path, site_dirs: List[str]):
                              capture_output=True, text=True, check=True).stdout.strip()
     (Path(purelib) / "gpu_check_base.pth").write_text("".join(f"import site; site.addsitedir({d!r})\n"
                                                               for d in site_dirs))
+    return 0
 
 
-def build_phase(args, base: dict, gpu: Optional[dict]) -> Phase:
+def build_phase(args, base: dict, gpu: Optional[dict], limit: float) -> Phase:
     python = str(args.venv / "bin" / "python")
     arch = gpu["capability"] if gpu else "<the GPU's compute capability>"
     env = {"FSSKERN_CUDA": "1", "TORCH_CUDA_ARCH_LIST": arch, "MAX_JOBS": str(os.cpu_count() or 1),
@@ -176,59 +185,66 @@ def build_phase(args, base: dict, gpu: Optional[dict]) -> Phase:
              "assert info['cuda'], 'fsskern was built without its CUDA kernels'; import torch; "
              "assert torch.cuda.is_available(), 'torch sees no GPU: every CUDA test would be skipped'")
     steps = venv_steps(args, base) + [
-        # the Makefile's build recipe, for this GPU only
-        Step("pip install --no-build-isolation --no-deps -e .  (the build)",
-             [python, "-m", "pip", "install", "--no-build-isolation", "--no-deps", "-e", "."], env=env),
+        # the Makefile's build recipe, for this GPU only; -v: a build stopped at the limit names its last file
+        Step("pip install -v --no-build-isolation --no-deps -e .  (the build)",
+             [python, "-m", "pip", "install", "-v", "--no-build-isolation", "--no-deps", "-e", "."], env=env),
         Step("fsskern.build_info() lists the CUDA kernels", [python, "-c", check]),
     ]
-    return Phase("build", args.limits["build"], args.out / "build.log", steps)
+    return Phase("build", limit, args.out / "build.log", steps)
 
 
-def test_phase(args) -> Phase:
+def test_phase(args, base: dict, gpu: Optional[dict], limit: float) -> Phase:
     xml = args.out / "cuda-tests.xml"
     # -k matches markers and names: tests marked `cuda`, all of test_cuda.py, test_build's
     # test_cuda_*; not the emulator's suite (test_simt, CPU only). A test module that cannot be
     # imported there (a missing package) must not stop the others. The JUnit XML is written only at
-    # the end, so -v names each test as it starts (a hang killed at the phase limit is the log's last
-    # test) and faulthandler prints the stack of one that runs past a minute.
+    # the end, so -v names each test as it ends (a phase stopped at its limit is counted from the log,
+    # its last line naming the test that hung) and faulthandler prints the stack of one that runs past a
+    # minute. CUDA_LAUNCH_BLOCKING: an illegal access is reported by the test whose kernel made it.
     argv = [str(args.venv / "bin" / "python"), "-m", "pytest", "-v", "-rfEs", "-o", "faulthandler_timeout=60",
             "-p", "no:cacheprovider", "tests",
             "-k", "cuda and not simt", "--continue-on-collection-errors", f"--junitxml={xml}"]
-    return Phase("cuda-tests", args.limits["cuda-tests"], args.out / "cuda-tests.log",
-                 [Step(shlex.join(argv), argv)], [xml])
+    return Phase("cuda-tests", limit, args.out / "cuda-tests.log",
+                 [Step(shlex.join(argv), argv, env={"CUDA_LAUNCH_BLOCKING": "1"})], [xml])
 
 
-def bench_phase(args) -> Phase:
+def bench_phase(args, base: dict, gpu: Optional[dict], limit: float) -> Phase:
     out = args.out / "bench"
     argv = [str(args.venv / "bin" / "python"), "benchmarks/run.py", "--device", "cuda", "--no-sweeps",
             "--out", str(out)]
-    return Phase("op-bench", args.limits["op-bench"], args.out / "op-bench.log", [Step(shlex.join(argv), argv)],
+    return Phase("op-bench", limit, args.out / "op-bench.log", [Step(shlex.join(argv), argv)],
                  [out / "results.json", out / "report.md"])
 
 
-def model_phase(args) -> Phase:
+def model_phase(args, base: dict, gpu: Optional[dict], limit: float) -> Phase:
     result = args.out / "model-steps.json"
     argv = [str(args.venv / "bin" / "python"), str(Path(__file__).resolve()), "--run-model-steps", str(result),
             "--model-size", str(args.model_size), "--model-batch", str(args.model_batch)]
-    return Phase("model-steps", args.limits["model-steps"], args.out / "model-steps.log",
-                 [Step(shlex.join(argv), argv)], [result])
+    return Phase("model-steps", limit, args.out / "model-steps.log",
+                 [Step(shlex.join(argv), action=lambda log, left: watch_model_steps(argv, result, left, log))],
+                 [result])
 
 
-def method_phase(args) -> Phase:
+def method_phase(args, base: dict, gpu: Optional[dict], limit: float) -> Phase:
     result = args.out / "method-bench" / "method-bench.json"
     argv = [str(args.venv / "bin" / "python"), str(Path(__file__).resolve()), "--run-method-bench",
-            str(result.parent), "--method-limit", str(args.limits["method-bench"])]
-    return Phase("method-bench", args.limits["method-bench"], args.out / "method-bench.log",
-                 [Step(shlex.join(argv), argv)], [result])
+            str(result.parent), "--method-limit", str(limit)]
+    return Phase("method-bench", limit, args.out / "method-bench.log", [Step(shlex.join(argv), argv)], [result])
+
+
+BUILDERS = {"build": build_phase, "cuda-tests": test_phase, "op-bench": bench_phase, "model-steps": model_phase,
+            "method-bench": method_phase}
+
+
+def make_phase(name: str, args, base: dict, gpu: Optional[dict], limit: float) -> Phase:
+    phase = BUILDERS[name](args, base, gpu, limit)
+    if name in args.fake_phase:  # tests: a phase replaced by a shell command
+        phase.steps = [Step(args.fake_phase[name], ["bash", "-c", args.fake_phase[name]])]
+    return phase
 
 
 def plan(args, base: dict, gpu: Optional[dict]) -> List[Phase]:
-    phases = [build_phase(args, base, gpu), test_phase(args), bench_phase(args), model_phase(args),
-              method_phase(args)]
-    for phase in phases:
-        if phase.name in args.fake_phase:  # tests: a phase replaced by a shell command
-            phase.steps = [Step(args.fake_phase[phase.name], ["bash", "-c", args.fake_phase[phase.name]])]
-    return [p for p in phases if p.name not in args.skip]
+    return [make_phase(name, args, base, gpu, args.limits[name]) for name in BUILDERS if name not in args.skip]
 
 
 class Terminated(BaseException):
@@ -257,10 +273,15 @@ def stop_group(proc: subprocess.Popen, grace: float = 5.0) -> None:
     proc.wait()
 
 
+def start_command(argv: List[str], env: Dict[str, str], log) -> subprocess.Popen:
+    """argv started in the repository root, in a session of its own (stop_group ends it with its children)."""
+    return subprocess.Popen(argv, cwd=ROOT, env={**os.environ, "PYTHONUNBUFFERED": "1", **env}, stdout=log,
+                            stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+
+
 def run_command(argv: List[str], env: Dict[str, str], timeout: float, log) -> Optional[int]:
     """Exit status of argv, or None when it ran past `timeout` and was stopped with its children."""
-    proc = subprocess.Popen(argv, cwd=ROOT, env={**os.environ, "PYTHONUNBUFFERED": "1", **env}, stdout=log,
-                            stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+    proc = start_command(argv, env, log)
     try:
         return proc.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -288,8 +309,7 @@ def run_phase(phase: Phase) -> dict:
                 rc = None
             elif step.action:
                 try:
-                    step.action()
-                    rc = 0
+                    rc = step.action(log, left)
                 except Exception:  # noqa: BLE001  (a failed step is recorded, the next phase runs)
                     log.write(traceback.format_exc())
                     rc = 1
@@ -310,6 +330,60 @@ def run_phase(phase: Phase) -> dict:
         print(f"   {phase.name} {record['status'].upper()}; the log ends:", flush=True)
         print("".join("     | " + line for line in tail(phase.log, 15)), flush=True)
     return record
+
+
+def watch_model_steps(argv: List[str], result: Path, seconds: float, log, poll: float = 0.5) -> Optional[int]:
+    """The model-steps child under watch, ``seconds`` in all: a model running past its share of the time left
+    (model_cap) is stopped and recorded as a timeout, and a fresh child (``--continue``) takes the models after
+    it; so does one after a CUDA error, which leaves a process's CUDA context unusable (the child exits
+    CUDA_LOST_EXIT), or after a crash. The child's exit status when it finishes the list, None when the
+    phase's time ran out."""
+    deadline = time.time() + seconds
+    extra: List[str] = []
+    while True:
+        proc, stopped = start_command(argv + extra, {}, log), False
+        try:
+            while proc.poll() is None:
+                time.sleep(poll)
+                state = read_json(result) or {}
+                running = running_model(state)
+                now = time.time()
+                if now >= deadline or running and now - state["models"][running]["started"] > model_cap(
+                        state, running, deadline):
+                    stop_group(proc)
+                    stopped = True
+        except BaseException:  # Terminated: no child may outlive this run on the GPU
+            stop_group(proc, grace=2.0)
+            raise
+        rc, state = proc.returncode, read_json(result) or {}
+        running = running_model(state)
+        if running:  # stopped at its cap or the deadline, or its process died under it
+            started = state["models"][running]["started"]
+            why = (f"stopped after {time.time() - started:.0f} s, its share of the phase's time" if stopped
+                   else f"its process exited with status {rc}")
+            state["models"][running] = {"status": "timeout" if stopped else "failed", "error": why}
+            result.write_text(json.dumps(state, indent=2))
+            log.write(f"\n[gpu-check] model {running}: {why}\n")
+            log.flush()
+        elif rc in (0, 1):  # the list is done
+            return rc
+        elif rc != CUDA_LOST_EXIT:  # died before any model ran: a new child would too
+            return None if stopped else rc
+        if time.time() >= deadline:
+            return None
+        extra = ["--continue"]
+
+
+def running_model(state: dict) -> Optional[str]:
+    return next((n for n, m in state.get("models", {}).items() if m.get("status") == "running"), None)
+
+
+def model_cap(state: dict, running: str, deadline: float) -> float:
+    """The seconds model ``running`` may take: the phase's time left when it started over the models not yet
+    done then (it included), so what a fast model leaves passes on to the next."""
+    done = {n for n, m in state.get("models", {}).items() if m.get("status") != "running"}
+    left = max(1, len([n for n in state.get("order", []) if n not in done]))
+    return (deadline - state["models"][running]["started"]) / left
 
 
 def tail(path: Path, n: int) -> List[str]:
@@ -436,18 +510,28 @@ def model_step_problems(sides: dict, diff: float, scale: float) -> List[str]:
     return problems
 
 
-def run_model_steps(path: Path, size: int, batch: int, device: str = "cuda") -> int:
-    """Every registered model, fused vs reference; the results as JSON at `path`. 1 if one failed."""
+def run_model_steps(path: Path, size: int, batch: int, device: str = "cuda", resume: bool = False) -> int:
+    """Every registered model, fused vs reference, in MODEL_ORDER; the results as JSON at `path`, each model
+    marked running (with its start) before it runs. ``resume``: the models `path` already holds are left
+    as they are (a fresh process after a CUDA error or a model stopped at its cap). 1 if one failed;
+    CUDA_LOST_EXIT after a CUDA error, which leaves this process's CUDA context unusable."""
     import torch
     import fsskern.models
-    result = {"device": torch.cuda.get_device_name(0) if device == "cuda" else device, "size": size, "batch": batch,
-              "models": {}}
     names = fsskern.models.list_models()
+    names = [n for n in MODEL_ORDER if n in names] + [n for n in names if n not in MODEL_ORDER]
+    result = (read_json(path) if resume else None) or {
+        "device": torch.cuda.get_device_name(0) if device == "cuda" else device, "size": size, "batch": batch,
+        "models": {}}
+    result["order"] = names
     if not names:
         result["note"] = "no models registered"
     path.write_text(json.dumps(result, indent=2))
     for name in names:
+        if name in result["models"]:
+            continue
         print(f"model {name}", flush=True)
+        result["models"][name] = {"status": "running", "started": time.time()}
+        path.write_text(json.dumps(result, indent=2))
         try:
             cfg, config_file = model_config(name)
             sides = {ops: step_model(cfg, ops, size, batch, device) for ops in ("fused", "reference")}
@@ -464,11 +548,20 @@ def run_model_steps(path: Path, size: int, batch: int, device: str = "cuda") -> 
         except Exception as e:  # noqa: BLE001  (one broken model must not hide the others)
             traceback.print_exc()
             result["models"][name] = {"status": "failed", "error": f"{type(e).__name__}: {e}"}
+            if device == "cuda" and cuda_context_lost(e):
+                path.write_text(json.dumps(result, indent=2))
+                return CUDA_LOST_EXIT
         if device == "cuda":
             torch.cuda.empty_cache()
         print(json.dumps(result["models"][name]), flush=True)
         path.write_text(json.dumps(result, indent=2))  # after each model: a timeout keeps the finished ones
     return int(any(m["status"] != "ok" for m in result["models"].values()))
+
+
+def cuda_context_lost(error: Exception) -> bool:
+    """A CUDA error (illegal address, device-side assert, launch failure): every later CUDA call of this
+    process fails with it too."""
+    return type(error).__name__ == "AcceleratorError" or "CUDA error" in str(error)
 
 
 # ---- the method benchmarks (run under the venv's python) ------------------------------------------
@@ -512,7 +605,14 @@ def run_method_bench(folder: Path, limit: float, device: str = "cuda", quick: bo
             with open(log, "w") as f:
                 f.write(f"$ {shlex.join(argv)}\n")
                 f.flush()
-                rc = run_command(argv, {}, seconds, f)
+                try:
+                    rc = run_command(argv, {}, seconds, f)
+                except Terminated:  # the rows this method printed before the stop still count
+                    result["methods"][method] = {"status": "terminated", "rc": None, "cap_s": cap,
+                                                 "seconds": round(time.monotonic() - start, 2),
+                                                 "rows": bench_rows(log)}
+                    (folder / "method-bench.json").write_text(json.dumps(result, indent=1))
+                    raise
         status = "ok" if rc == 0 else ("timeout" if rc is None else "failed")
         result["methods"][method] = {"status": status, "rc": rc, "cap_s": cap,
                                      "seconds": round(time.monotonic() - start, 2), "rows": bench_rows(log)}
@@ -545,6 +645,23 @@ def junit_counts(path: Path) -> Optional[dict]:
     return counts
 
 
+def log_counts(path: Path) -> Optional[dict]:
+    """junit_counts from a pytest -v log, for a run stopped before it wrote its XML: the tests that ended."""
+    if not path.exists():
+        return None
+    ends = {}
+    for line in path.read_text(errors="replace").splitlines():
+        name, _, rest = line.partition(" ")
+        if "::" in name and rest.split(" ")[0] in ("PASSED", "FAILED", "ERROR", "SKIPPED", "XFAIL", "XPASS"):
+            ends[name] = rest.split(" ")[0]
+    if not ends:
+        return None
+    outcomes = list(ends.values())
+    return {"tests": len(ends), "failures": outcomes.count("FAILED"), "errors": outcomes.count("ERROR"),
+            "skipped": outcomes.count("SKIPPED") + outcomes.count("XFAIL"),
+            "failed": [n for n, o in ends.items() if o in ("FAILED", "ERROR")], "from_log": True}
+
+
 def read_json(path: Path) -> Optional[dict]:
     try:
         return json.loads(path.read_text())
@@ -564,11 +681,12 @@ def summary_lines(gpu: Optional[dict], records: List[dict], out: Path) -> List[s
         pip = [s for s in build["steps"] if s["step"].startswith("pip install")]
         if pip:
             lines += ["", f"Build (pip install -e . with CUDA, arch {gpu['capability']}): {pip[0]['seconds']:.0f} s."]
-    tests = junit_counts(out / "cuda-tests.xml")
+    tests = junit_counts(out / "cuda-tests.xml") or log_counts(out / "cuda-tests.log")
     if tests:
         passed = tests["tests"] - tests["failures"] - tests["errors"] - tests["skipped"]
         lines += ["", f"CUDA tests: {tests['tests']} run, {passed} passed, {tests['failures']} failed, "
-                  f"{tests['errors']} errors, {tests['skipped']} skipped."]
+                  f"{tests['errors']} errors, {tests['skipped']} skipped"
+                  + (" (from the log: the run stopped before its XML)." if tests.get("from_log") else ".")]
         lines += [f"- failed: `{name}`" for name in tests["failed"]]
     bench = read_json(out / "bench" / "results.json")
     if bench:
@@ -578,6 +696,7 @@ def summary_lines(gpu: Optional[dict], records: List[dict], out: Path) -> List[s
             peers = ", ".join(f"{n} {p['ms']:.3f}" for n, p in row.get("peers", {}).items())
             lines.append(f"| {row['case']} | {row['size']} | {row['reference_ms']:.3f} | {row['fsskern_ms']:.3f} | "
                          f"{row['speedup']:.1f}x | {peers} |")
+        lines += [f"| {e['case']} | {e['size']} | FAILED: {e['error']} | | | |" for e in bench.get("errors", [])]
     models = read_json(out / "model-steps.json")
     if models:
         lines += ["", f"Models at {models['size']}x{models['size']}, batch {models['batch']}, warm calls:"]
@@ -585,12 +704,14 @@ def summary_lines(gpu: Optional[dict], records: List[dict], out: Path) -> List[s
             lines.append(f"- {models['note']}")
         for name, m in models["models"].items():
             if m["status"] != "ok":
-                lines.append(f"- {name}: FAILED {m['error']}")
+                lines.append(f"- {name}: {m['status'].upper()} {m.get('error', '')}".rstrip())
                 continue
             f, r = m["fused"], m["reference"]
             lines.append(f"- {name}: inference {f['inference_ms']:.1f} ms fused / {r['inference_ms']:.1f} ms "
                          f"reference, train step {f['train_step_ms']:.1f} / {r['train_step_ms']:.1f} ms, "
                          f"max |logit diff| {m['max_abs_logit_diff']:.2e}")
+        lines += [f"- {name}: NOT RUN (the phase ended first)" for name in models.get("order", [])
+                  if name not in models["models"]]
     methods = read_json(out / "method-bench" / "method-bench.json")
     if methods:
         lines += ["", f"Method benchmarks (median of {methods['reps']}; memory = the allocator's peak of one call; "
@@ -637,8 +758,13 @@ def parse_args(argv=None):
     parser.add_argument("--venv", type=Path, default=Path(".venv"), help="venv to create or reuse")
     parser.add_argument("--model-size", type=int, default=241, help="model-steps image side (pixels)")
     parser.add_argument("--model-batch", type=int, default=2, help="model-steps episodes per batch")
+    parser.add_argument("--pack", type=Path, help="a .tgz of the results folder, rewritten after every phase "
+                        "(outside the folder; the device tool brings back a file, not a tree)")
+    parser.add_argument("--deadline-s", type=float, help="seconds from the start by which every phase has ended: "
+                        f"each phase's limit shrinks to what is left less {RESERVE_S} s for the summary")
     # internal: the model-steps and method-bench children, and the hooks the tests drive the phase logic with
     parser.add_argument("--run-model-steps", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--continue", dest="resume", action="store_true", help=argparse.SUPPRESS)  # model steps
     parser.add_argument("--run-method-bench", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--method-limit", type=float, default=LIMITS["method-bench"], help=argparse.SUPPRESS)
     parser.add_argument("--fake-gpu", help=argparse.SUPPRESS)  # "NAME,CAPABILITY"
@@ -649,7 +775,25 @@ def parse_args(argv=None):
     args.python = shutil.which(args.python) or args.python  # its folder holds the base's ninja
     args.out = (ROOT / args.out) if not args.out.is_absolute() else args.out
     args.venv = (ROOT / args.venv) if not args.venv.is_absolute() else args.venv
+    if args.pack is not None:
+        args.pack = args.pack.resolve()
+        if args.pack.is_relative_to(args.out.resolve()):
+            raise SystemExit(f"--pack {args.pack} is inside the results folder {args.out}, which it packs")
     return args
+
+
+def pack(folder: Path, dest: Optional[Path]) -> None:
+    """``folder`` as ``dest`` (.tgz), replaced whole (a stop mid-write leaves the previous pack)."""
+    if dest is None:
+        return
+    tmp = dest.with_name(dest.name + ".tmp")
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        with tarfile.open(tmp, "w:gz") as tar:
+            tar.add(folder, arcname=folder.name)
+        os.replace(tmp, dest)
+    except OSError as e:  # a failed pack must not cost the check
+        print(f"gpu-check: packing {folder} into {dest} failed: {e}", file=sys.stderr, flush=True)
 
 
 def dry_run(args, base: dict, gpu: Optional[dict], phases: List[Phase]) -> int:
@@ -669,6 +813,10 @@ def dry_run(args, base: dict, gpu: Optional[dict], phases: List[Phase]) -> int:
             print(f"  -> {output}")
     print(f"\n[summary] {args.out / 'timings.json'}, {args.out / 'summary.md'}; the short summary printed last")
     print(f"\nphase limits add up to {total:.0f} s; skipped: {', '.join(args.skip) or 'none'}")
+    if args.deadline_s is not None:
+        print(f"deadline {args.deadline_s:.0f} s: a phase gets at most what is left of it less {RESERVE_S} s")
+    if args.pack is not None:
+        print(f"packed after every phase into {args.pack}")
     return 0
 
 
@@ -676,7 +824,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     signal.signal(signal.SIGTERM, on_sigterm)
     if args.run_model_steps:
-        return run_model_steps(args.run_model_steps, args.model_size, args.model_batch)
+        return run_model_steps(args.run_model_steps, args.model_size, args.model_batch, resume=args.resume)
     if args.run_method_bench:
         return run_method_bench(args.run_method_bench, args.method_limit)
     # a fake GPU (tests) needs no probe unless the venv is to be made
@@ -691,6 +839,7 @@ def main(argv=None) -> int:
         message = (f"{no_gpu_message(base)}. Nothing was built or run: this check needs one NVIDIA GPU "
                    "(`make gpu-check ARGS=--dry-run` lists what it would do).")
         (args.out / "summary.md").write_text(f"# gpu-check\n\n{message}\n")
+        pack(args.out, args.pack)
         print(message, file=sys.stderr)
         return NO_GPU_EXIT
     print(f"gpu-check on {gpu['gpu']} (compute capability {gpu['capability']}); results in {args.out}", flush=True)
@@ -700,11 +849,16 @@ def main(argv=None) -> int:
     def write_timings():  # after every phase too: a SIGKILL past the device tool's limit keeps what finished
         timings = {"gpu": gpu, "base": base, "total_s": round(time.monotonic() - start, 2), "phases": records}
         (args.out / "timings.json").write_text(json.dumps(timings, indent=2))
+        pack(args.out, args.pack)
         return timings
 
     try:
         for phase in phases:
             phase_start = time.monotonic()
+            if args.deadline_s is not None:
+                left = args.deadline_s - RESERVE_S - (phase_start - start)
+                if left < phase.limit_s:
+                    phase = make_phase(phase.name, args, base, gpu, max(0.0, left))
             records.append(run_phase(phase))
             write_timings()
     except Terminated:  # the summary of what finished still gets written and printed
@@ -714,6 +868,7 @@ def main(argv=None) -> int:
     timings = write_timings()
     lines = summary_lines(gpu, records, args.out)
     (args.out / "summary.md").write_text("\n".join(lines) + "\n")
+    pack(args.out, args.pack)
     print("\n" + "\n".join(lines) + f"\n\ntotal {timings['total_s']:.0f} s", flush=True)
     return int(any(r["status"] != "ok" for r in records))
 

@@ -168,7 +168,7 @@ def test_venv_from_a_base_venv_sees_its_torch(tmp_path):
     steps = gpu_check.venv_steps(args, base)
     assert "--system-site-packages" in steps[0].title
     for step in steps:
-        step.action() if step.action else subprocess.run(step.argv, check=True, capture_output=True)
+        step.action(None, 60.0) if step.action else subprocess.run(step.argv, check=True, capture_output=True)
     probe = "import sys, torch; print(sys.prefix); print(torch.__file__)"
     prefix, torch_file = subprocess.run([str(tmp_path / "venv" / "bin" / "python"), "-c", probe], check=True,
                                         capture_output=True, text=True).stdout.split()
@@ -246,7 +246,9 @@ def test_model_steps_on_cpu(tmp_path, monkeypatch):
 
     # it used to record "ok" whatever the numbers were
     monkeypatch.setattr(registry, "_MODELS", {"broken": BrokenKernel, "nan": NotFinite, "tiny": TinyPrototypeNet})
+    monkeypatch.setattr(gpu_check, "MODEL_ORDER", ["tiny", "absent"])
     assert gpu_check.run_model_steps(path, size=65, batch=2, device="cpu") == 1
+    assert json.loads(path.read_text())["order"] == ["tiny", "broken", "nan"]  # the models of MODEL_ORDER first
     models = json.loads(path.read_text())["models"]
     assert models["broken"]["status"] == "failed" and "max |logit diff|" in models["broken"]["error"]
     assert models["nan"]["status"] == "failed" and "fused: loss ce = nan" in models["nan"]["error"]
@@ -258,8 +260,81 @@ def test_model_steps_on_cpu(tmp_path, monkeypatch):
     monkeypatch.setattr(registry, "_MODELS", {})
     assert fsskern.models.list_models() == []
     assert gpu_check.run_model_steps(path, size=65, batch=1, device="cpu") == 0
-    assert json.loads(path.read_text()) == {"device": "cpu", "size": 65, "batch": 1, "models": {},
+    assert json.loads(path.read_text()) == {"device": "cpu", "size": 65, "batch": 1, "models": {}, "order": [],
                                             "note": "no models registered"}
+
+
+FAKE_MODEL_STEPS = """
+import json, sys, time
+path = sys.argv[1]
+state = json.load(open(path)) if "--continue" in sys.argv else {"order": ["hangs", "breaks_cuda", "ok"], "models": {}}
+def write():
+    with open(path + ".tmp", "w") as f:
+        json.dump(state, f)
+    import os; os.replace(path + ".tmp", path)
+for name in state["order"]:
+    if name in state["models"]:
+        continue
+    state["models"][name] = {"status": "running", "started": time.time()}
+    write()
+    if name == "hangs":
+        time.sleep(60)
+    if name == "breaks_cuda":
+        state["models"][name] = {"status": "failed", "error": "AcceleratorError: CUDA error: illegal memory access"}
+        write()
+        sys.exit(3)
+    state["models"][name] = {"status": "ok"}
+    write()
+sys.exit(int(any(m["status"] != "ok" for m in state["models"].values())))
+"""
+
+
+def test_model_steps_watch_caps_a_hung_model_and_goes_on_in_a_fresh_process(tmp_path):
+    """A model past its share of the phase is stopped and recorded; a CUDA error (the child exits 3: its
+    context is lost) hands the models left to a fresh process; the phase ends with the list."""
+    result, script = tmp_path / "steps.json", tmp_path / "child.py"
+    script.write_text(FAKE_MODEL_STEPS)
+    start = time.monotonic()
+    with open(tmp_path / "log", "w") as log:
+        rc = gpu_check.watch_model_steps([sys.executable, str(script), str(result)], result, 9.0, log, poll=0.1)
+    assert time.monotonic() - start < 8.5  # the hung model got its 3 s share, not the phase
+    models = json.loads(result.read_text())["models"]
+    assert rc == 1 and models["ok"] == {"status": "ok"}
+    assert models["hangs"]["status"] == "timeout" and "its share of the phase" in models["hangs"]["error"]
+    assert models["breaks_cuda"]["status"] == "failed"
+    assert "model hangs: stopped after" in (tmp_path / "log").read_text()
+    state = json.loads(result.read_text())
+    del state["models"]["ok"]  # as if the phase had ended before it
+    (tmp_path / "model-steps.json").write_text(json.dumps({"size": 65, "batch": 1, **state}))
+    summary = "\n".join(gpu_check.summary_lines({"gpu": "G", "capability": "9.0", "source": "test"}, [], tmp_path))
+    assert "- hangs: TIMEOUT stopped after" in summary and "- breaks_cuda: FAILED AcceleratorError" in summary
+    assert "- ok: NOT RUN" in summary
+
+
+def test_deadline_shrinks_the_phases_and_every_phase_is_packed(tmp_path):
+    """--deadline-s: each phase gets at most what is left (less the summary's reserve); --pack holds the folder
+    after each phase, so a run stopped from outside still brings back what finished."""
+    import tarfile
+    out, packed = tmp_path / "out", tmp_path / "check.tgz"
+    start = time.monotonic()
+    result = run("--out", out, "--fake-gpu", "Fake GPU,9.0", "--deadline-s", gpu_check.RESERVE_S + 3,
+                 "--pack", packed, "--fake-phase", "build=sleep 1", "--fake-phase", "cuda-tests=sleep 30",
+                 "--fake-phase", "op-bench=true", "--skip", "model-steps", "--skip", "method-bench")
+    assert time.monotonic() - start < 15, result.stdout
+    status = {r["phase"]: (r["status"], r["limit_s"]) for r in json.loads((out / "timings.json").read_text())["phases"]}
+    assert status["build"][0] == "ok" and status["cuda-tests"][0] == "timeout" and status["cuda-tests"][1] < 2.5
+    assert status["op-bench"] == ("timeout", 0.0)
+    with tarfile.open(packed) as tar:
+        assert {"out/summary.md", "out/timings.json", "out/build.log"} <= set(tar.getnames())
+    assert run("--out", out, "--fake-gpu", "G,9.0", "--pack", out / "x.tgz", "--dry-run").returncode != 0
+
+
+def test_test_counts_come_from_the_log_when_the_run_stopped_before_its_xml(tmp_path):
+    (tmp_path / "cuda-tests.log").write_text(
+        "tests/test_cuda.py::test_a PASSED [ 10%]\ntests/test_cuda.py::test_b FAILED [ 20%]\n"
+        "tests/test_cuda.py::test_c SKIPPED (no GPU) [ 30%]\ntests/test_cuda.py::test_d \n")
+    summary = "\n".join(gpu_check.summary_lines({"gpu": "G", "capability": "9.0", "source": "test"}, [], tmp_path))
+    assert "CUDA tests: 3 run, 1 passed, 1 failed, 0 errors, 1 skipped (from the log" in summary
 
 
 def test_method_bench_on_cpu(tmp_path):
