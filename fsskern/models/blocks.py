@@ -6,6 +6,7 @@ from torch import nn
 # The logit of a class the support does not annotate (POPNet R8, the baseline's k-way pairs): exp underflows to 0
 # in fp32/bf16/fp16, and it stays finite, since bilinear resizing of -inf gives NaN.
 ABSENT = -1e4
+IGNORE = 255  # the ignore label of every mask (docs/architecture.md)
 
 
 def cosine_logits(features: torch.Tensor, prototypes: torch.Tensor, scale: float = 20.0, eps: float = 1e-8):
@@ -31,6 +32,9 @@ def check_one_way_batch(name: str, batch: dict, training: bool, same_size: str =
     if masks.shape != supports.shape[:2] + supports.shape[-2:] or supports.shape[0] != query.shape[0]:
         raise ValueError(f"{name}: support_masks {tuple(masks.shape)} do not match support_imgs "
                          f"{tuple(supports.shape)} and query_img {tuple(query.shape)} (one mask per shot)")
+    if supports.shape[1] == 0:
+        raise ValueError(f"{name}: the batch has no support image (K = 0)")
+    check_binary_mask(name, "support_masks", masks)
     if same_size and supports.shape[-2:] != query.shape[-2:]:
         raise ValueError(f"{name}: query and support images must share one size ({same_size}); got "
                          f"{tuple(query.shape[-2:])} and {tuple(supports.shape[-2:])}")
@@ -40,7 +44,18 @@ def check_one_way_batch(name: str, batch: dict, training: bool, same_size: str =
     got = tuple(batch["query_mask"].shape) if "query_mask" in batch else None
     if training and got != expected:
         raise ValueError(f"{name}: training needs query_mask; query_mask must be (B, H, W) = {expected}, got {got}")
+    if training:  # the loss's target: another value would be a class index out of range (a device-side assert)
+        check_binary_mask(name, "query_mask", batch["query_mask"])
     return query, supports, masks
+
+
+def check_binary_mask(name: str, key: str, mask: torch.Tensor) -> None:
+    """A 1-way mask holds 0 (background), 1 (the episode's class) and 255 (ignored) only: a label map of class
+    ids would otherwise read as a support without foreground, or a query target out of range."""
+    bad = (mask != 0) & (mask != 1) & (mask != IGNORE)
+    if bad.any():
+        raise ValueError(f"{name}: {key} must hold 0, 1 or {IGNORE} (a 1-way episode's mask); found "
+                         f"{mask[bad].unique()[:8].tolist()}")
 
 
 def _conv_norm_relu(in_channels: int, out_channels: int, kernel_size: int, dilation: int, norm):

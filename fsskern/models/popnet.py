@@ -365,6 +365,10 @@ class POPNet(nn.Module):
         if self.training:
             if q_target is None:
                 raise ValueError("popnet: training needs batch['query_mask']")
+            bad = ((q_target < 0) | (q_target > K)) & (q_target != IGNORE)
+            if bad.any():  # clamp below would hide them until the loss: on CUDA a device-side assert
+                raise ValueError(f"popnet: query labels of a {K}-way episode are 0..{K} and {IGNORE}; found "
+                                 f"{q_target[bad].unique()[:8].tolist()}")
             absent = F.pad(~present, (1, 0))  # (B, K + 1): a class the support lacks is background (R5)
             target = torch.where(absent.gather(1, q_target.clamp(max=K).flatten(1)).view_as(q_target)
                                  & (q_target != IGNORE), 0, q_target)
@@ -407,8 +411,9 @@ class POPNet(nn.Module):
         if query.shape[0] != B or batch["classes"].shape[0] != B:
             raise ValueError(f"popnet: query {tuple(query.shape)} / classes {tuple(batch['classes'].shape)} do not "
                              f"match the batch size {B} of the supports")
-        if S % ways:
-            raise ValueError(f"popnet: {S} support slots is not a multiple of {ways} ways (slots are way-major)")
+        if S == 0 or S % ways:
+            raise ValueError(f"popnet: {S} support slots is not a positive multiple of {ways} ways (slots are "
+                             f"way-major)")
         bad = (masks != 0) & (masks != 1) & (masks != IGNORE)
         if bad.any():
             raise ValueError(f"popnet: support masks must be binary per way (0, 1, 255), found "
