@@ -3,6 +3,7 @@ global batch, checkpoints that are refused when bad and never half-written, NaN 
 independent of the worker count."""
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -316,7 +317,10 @@ def test_refuses_to_overwrite_a_run(dataset, tmp_path):
         "step per micro-batch (data.batch_size x world size) 2 -> 1 differ" in moved.stderr
     assert "train.iters" not in moved.stderr.split("differ")[0]
     rows = (out / "metrics.jsonl").read_text()
-    kept = run_train(tiny(dataset, out, "train.iters=2", "resume=true", "train.log_every=5", "data.num_workers=1"))
+    moved_data = tmp_path / "moved"
+    shutil.copytree(dataset, moved_data)  # a preempted job back on a machine with the data elsewhere
+    kept = run_train(tiny(dataset, out, "train.iters=2", "resume=true", "train.log_every=5", "data.num_workers=1",
+                          f"data.root={moved_data}"))
     assert kept.returncode == 0, kept.stderr[-3000:]  # what runs it and how it logs may change
     assert (out / "metrics.jsonl").read_text() == rows  # nothing past the checkpoint was logged twice
 

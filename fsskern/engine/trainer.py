@@ -223,11 +223,13 @@ def train_phase(cfg: Config, init_from: Optional[Path] = None) -> Path:
     return out
 
 
-# what may differ between a run and its resume: where and how it runs, what it logs, how often it saves,
-# how often it validates (on the same episodes), how it is evaluated. Anything else would not continue the
-# run exactly, or would silently not apply (the optimizer state restores the saved lr).
-RESUMABLE = ("out", "device", "ops", "resume", "data.num_workers", "train.log_every", "train.checkpoint_every",
-             "train.val_every", "train.find_unused_parameters", "eval")
+# what may differ between a run and its resume: where and how it runs (a preempted job may come back on a machine
+# with the data and the backbone file elsewhere: the episodes are keyed by sample ids, and the weights come from
+# the checkpoint), what it logs, how often it saves, how often it validates (on the same episodes), how it is
+# evaluated. Anything else would not continue the run exactly, or would silently not apply (the optimizer state
+# restores the saved lr).
+RESUMABLE = ("out", "device", "ops", "resume", "data.root", "model.weights", "data.num_workers", "train.log_every",
+             "train.checkpoint_every", "train.val_every", "train.find_unused_parameters", "eval")
 
 
 def resume_changes(then: dict, now: dict, then_world: int) -> list:
