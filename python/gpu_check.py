@@ -198,9 +198,10 @@ def test_phase(args, base: dict, gpu: Optional[dict], limit: float) -> Phase:
     # -k matches markers and names: tests marked `cuda`, all of test_cuda.py, test_build's
     # test_cuda_*; not the emulator's suite (test_simt, CPU only). A test module that cannot be
     # imported there (a missing package) must not stop the others. The JUnit XML is written only at
-    # the end, so -v names each test as it ends (a phase stopped at its limit is counted from the log,
-    # its last line naming the test that hung) and faulthandler prints the stack of one that runs past a
-    # minute. CUDA_LAUNCH_BLOCKING: an illegal access is reported by the test whose kernel made it.
+    # the end, so -v names each test as it starts and its outcome as it ends (a phase stopped at its limit
+    # is counted from the log, whose last line names the test that hung) and faulthandler prints the stack
+    # of one that runs past a minute. CUDA_LAUNCH_BLOCKING: an illegal access is reported by the test whose
+    # kernel made it.
     argv = [str(args.venv / "bin" / "python"), "-m", "pytest", "-v", "-rfEs", "-o", "faulthandler_timeout=60",
             "-p", "no:cacheprovider", "tests",
             "-k", "cuda and not simt", "--continue-on-collection-errors", f"--junitxml={xml}"]
@@ -336,11 +337,12 @@ def watch_model_steps(argv: List[str], result: Path, seconds: float, log, poll: 
     """The model-steps child under watch, ``seconds`` in all: a model running past its share of the time left
     (model_cap) is stopped and recorded as a timeout, and a fresh child (``--continue``) takes the models after
     it; so does one after a CUDA error, which leaves a process's CUDA context unusable (the child exits
-    CUDA_LOST_EXIT), or after a crash. The child's exit status when it finishes the list, None when the
-    phase's time ran out."""
+    CUDA_LOST_EXIT), or after a crash. 0 when every model passed, 1 when one did not, None when the phase's time
+    ran out first; a child that ends without getting one model further ends the phase with its status."""
     deadline = time.time() + seconds
     extra: List[str] = []
     while True:
+        before = finished_models(read_json(result) or {})
         proc, stopped = start_command(argv + extra, {}, log), False
         try:
             while proc.poll() is None:
@@ -362,16 +364,28 @@ def watch_model_steps(argv: List[str], result: Path, seconds: float, log, poll: 
             why = (f"stopped after {time.time() - started:.0f} s, its share of the phase's time" if stopped
                    else f"its process exited with status {rc}")
             state["models"][running] = {"status": "timeout" if stopped else "failed", "error": why}
-            result.write_text(json.dumps(state, indent=2))
+            write_json(result, state)
             log.write(f"\n[gpu-check] model {running}: {why}\n")
             log.flush()
-        elif rc in (0, 1):  # the list is done
-            return rc
-        elif rc != CUDA_LOST_EXIT:  # died before any model ran: a new child would too
-            return None if stopped else rc
+        done = finished_models(state)
+        if state.get("order") is not None and set(state["order"]) <= done:
+            return int(any(m["status"] != "ok" for m in state["models"].values()))
         if time.time() >= deadline:
             return None
+        if not stopped and done == before:  # no model further: a new child would end the same way
+            return rc or 1
         extra = ["--continue"]
+
+
+def finished_models(state: dict) -> set:
+    return {n for n, m in state.get("models", {}).items() if m.get("status") != "running"}
+
+
+def write_json(path: Path, value: dict) -> None:
+    """``value`` at ``path``, replaced whole: the watcher and a stop mid-write never see half a file."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(value, indent=2))
+    os.replace(tmp, path)
 
 
 def running_model(state: dict) -> Optional[str]:
@@ -525,13 +539,13 @@ def run_model_steps(path: Path, size: int, batch: int, device: str = "cuda", res
     result["order"] = names
     if not names:
         result["note"] = "no models registered"
-    path.write_text(json.dumps(result, indent=2))
+    write_json(path, result)
     for name in names:
         if name in result["models"]:
             continue
         print(f"model {name}", flush=True)
         result["models"][name] = {"status": "running", "started": time.time()}
-        path.write_text(json.dumps(result, indent=2))
+        write_json(path, result)
         try:
             cfg, config_file = model_config(name)
             sides = {ops: step_model(cfg, ops, size, batch, device) for ops in ("fused", "reference")}
@@ -549,12 +563,12 @@ def run_model_steps(path: Path, size: int, batch: int, device: str = "cuda", res
             traceback.print_exc()
             result["models"][name] = {"status": "failed", "error": f"{type(e).__name__}: {e}"}
             if device == "cuda" and cuda_context_lost(e):
-                path.write_text(json.dumps(result, indent=2))
+                write_json(path, result)
                 return CUDA_LOST_EXIT
         if device == "cuda":
             torch.cuda.empty_cache()
         print(json.dumps(result["models"][name]), flush=True)
-        path.write_text(json.dumps(result, indent=2))  # after each model: a timeout keeps the finished ones
+        write_json(path, result)  # after each model: a timeout keeps the finished ones
     return int(any(m["status"] != "ok" for m in result["models"].values()))
 
 
@@ -821,6 +835,7 @@ def dry_run(args, base: dict, gpu: Optional[dict], phases: List[Phase]) -> int:
 
 
 def main(argv=None) -> int:
+    start = time.monotonic()  # --deadline-s counts from here, the GPU probe included
     args = parse_args(argv)
     signal.signal(signal.SIGTERM, on_sigterm)
     if args.run_model_steps:
@@ -843,7 +858,6 @@ def main(argv=None) -> int:
         print(message, file=sys.stderr)
         return NO_GPU_EXIT
     print(f"gpu-check on {gpu['gpu']} (compute capability {gpu['capability']}); results in {args.out}", flush=True)
-    start = time.monotonic()
     records = []
 
     def write_timings():  # after every phase too: a SIGKILL past the device tool's limit keeps what finished

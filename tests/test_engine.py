@@ -308,6 +308,8 @@ def test_refuses_to_overwrite_a_run(dataset, tmp_path):
     assert again.returncode != 0 and "already holds a run" in again.stderr
     longer = run_train(tiny(dataset, out, "train.iters=4", "resume=true"))  # its poly schedule has ended
     assert longer.returncode != 0 and "finished at iteration 2, and train.iters is 4" in longer.stderr
+    other = run_train(tiny(dataset, out, "train.iters=2", "resume=true", "data.fold=1"))  # not passed off as done
+    assert other.returncode != 0 and "resume: data.fold 0 -> 1 differ" in other.stderr
     # resuming with another seed or batch would read other episodes than the run it claims to continue; another
     # fold would train on its test classes; another lr would not apply (the optimizer state holds the saved one)
     (out / "done.json").unlink()  # as if killed after its last checkpoint
@@ -328,9 +330,17 @@ def test_refuses_to_overwrite_a_run(dataset, tmp_path):
 def test_resumed_logs_drop_what_a_crash_logged_past_the_checkpoint(tmp_path):
     from fsskern.engine.logging import RunLogger
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps({"iteration": i, "train/loss": 1.0}) + "\n"
-                                                    for i in range(1, 8)))
+                                                    for i in range(1, 8)) + '{"iterat')  # cut by the kill
     RunLogger(tmp_path, total=10, start=4).close()
     assert [json.loads(r)["iteration"] for r in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3, 4]
+
+
+def test_validation_that_cannot_make_an_episode_is_refused_before_training(dataset, tmp_path):
+    """Two ways from one validation class: refused at the start, not at the end of the run."""
+    res = run_train(tiny(dataset, tmp_path / "r", "data.val_fraction=0", "data.val_classes=[5]", "data.ways=2",
+                         "train.val_episodes=4"))
+    assert res.returncode != 0 and "validation split: 1 classes" in res.stderr
+    assert not (tmp_path / "r" / "last.pt").exists()
 
 
 def test_a_trainable_model_without_a_budget_is_refused(dataset, tmp_path):

@@ -268,10 +268,12 @@ FAKE_MODEL_STEPS = """
 import json, sys, time
 path = sys.argv[1]
 state = json.load(open(path)) if "--continue" in sys.argv else {"order": ["hangs", "breaks_cuda", "ok"], "models": {}}
-def write():
-    with open(path + ".tmp", "w") as f:
-        json.dump(state, f)
-    import os; os.replace(path + ".tmp", path)
+def write():  # truncate then write, as a careless child would: the watcher must never act on half a file
+    with open(path, "w") as f:
+        f.write(json.dumps(state)[:20])
+        f.flush()
+        time.sleep(0.05)
+        f.write(json.dumps(state)[20:])
 for name in state["order"]:
     if name in state["models"]:
         continue

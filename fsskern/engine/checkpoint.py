@@ -77,8 +77,8 @@ def load(path) -> dict:
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         keys = sorted(payload)[:10] if isinstance(payload, dict) else type(payload).__name__
         raise CheckpointError(f"{path} is not an fsskern checkpoint (found {keys}); to start from other "
-                              f"weights use model.weights (backbone weights); each phase of a recipe starts from the previous "
-                              f"phase's by itself")
+                              f"weights use model.weights (backbone weights); each phase of a recipe starts from "
+                              f"the previous phase's by itself")
     if payload.get("version") != VERSION:
         raise CheckpointError(f"{path} has checkpoint version {payload.get('version')}, this fsskern reads {VERSION}")
     return payload

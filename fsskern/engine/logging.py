@@ -48,13 +48,22 @@ def tensorboard_writer(out: Path, purge_step: Optional[int] = None):
     return SummaryWriter(str(out / "tb"), purge_step=purge_step)
 
 
+def row_of(line: str) -> Optional[dict]:
+    """A metrics.jsonl row, None for a blank line or one a kill cut short."""
+    try:
+        row = json.loads(line)
+    except ValueError:
+        return None
+    return row if isinstance(row, dict) else None
+
+
 def trim_rows(path: Path, last_iteration: int) -> None:
     """Drop the rows of ``path`` (metrics.jsonl) past ``last_iteration``: a run resumed from its checkpoint at
     that iteration logs the later ones again."""
     if not path.is_file():
         return
     rows = path.read_text().splitlines(keepends=True)
-    kept = [r for r in rows if r.strip() and json.loads(r).get("iteration", 0) <= last_iteration]
+    kept = [r for r in rows if (parsed := row_of(r)) is not None and parsed.get("iteration", 0) <= last_iteration]
     if len(kept) != len(rows):
         tmp = path.with_suffix(".tmp")
         tmp.write_text("".join(kept))

@@ -23,7 +23,7 @@ from ..models import create_model
 from . import checkpoint as ckpt
 from . import distributed as dist
 from .config import Config, ConfigError, config_from_dict, override_items, to_dict, with_overrides
-from .data import episode_loader, train_dataset
+from .data import episode_loader, eval_dataset, train_dataset
 from .evaluator import evaluate_model
 from .logging import RunLogger, write_run_info
 from .optim import build_optimizers, build_schedulers
@@ -100,6 +100,11 @@ def train_phase(cfg: Config, init_from: Optional[Path] = None) -> Path:
             raise ValueError(f"resume: {out} finished at iteration {finished}, and train.iters is "
                              f"{cfg.train.iters}: a finished run is not extended (its schedule has ended); start a "
                              f"new run (out=...)")
+        payload = ckpt.load(last)
+        now = to_dict(cfg)
+        if cfg.train.epochs > 0:  # the same epochs on the same pool: the iterations the run counted
+            now["train"]["iters"] = payload["config"]["train"]["iters"]
+        check_resume(payload, now, last)  # not another fold's or seed's run passed off as this one
         return out
     if last.is_file() and not cfg.resume:
         raise FileExistsError(f"{out} already holds a run ({last}); pass resume=true to continue it, or another out=")
@@ -124,17 +129,15 @@ def train_phase(cfg: Config, init_from: Optional[Path] = None) -> Path:
     if cfg.train.iters == 0:
         raise ConfigError(f"model {cfg.model.name!r} has trainable parameters and train.iters and train.epochs are "
                           f"both 0: set the training budget")
+    if cfg.train.val_episodes > 0 and holds_validation(cfg):  # now, not at the first validation (the run's end)
+        eval_dataset(validation_config(cfg), cfg.seed)  # raises where the held-out images or classes make no episode
     optimizers = build_optimizers(model, cfg.train)
     schedulers = build_schedulers(optimizers, cfg.train)
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16")
     state = {"iteration": 0, "best": None}
     if cfg.resume and last.is_file():
         payload = ckpt.load(last)
-        changed = resume_changes(payload["config"], to_dict(cfg), len(payload["rng"]))
-        if changed:
-            raise ValueError(f"resume: {'; '.join(changed)} differ from the run in {last}, which the resumed run "
-                             f"would not continue exactly (the optimizer and schedule states restore the saved "
-                             f"values); only {', '.join(RESUMABLE)} may change: start a new run (out=...) instead")
+        check_resume(payload, to_dict(cfg), last)
         model.load_state_dict(payload["model"])
         for opt, s in zip(optimizers, payload["optimizers"]):
             opt.load_state_dict(s)
@@ -232,6 +235,14 @@ RESUMABLE = ("out", "device", "ops", "resume", "data.root", "model.weights", "da
              "train.checkpoint_every", "train.val_every", "train.find_unused_parameters", "eval")
 
 
+def check_resume(payload: dict, now: dict, last: Path) -> None:
+    changed = resume_changes(payload["config"], now, len(payload["rng"]))
+    if changed:
+        raise ValueError(f"resume: {'; '.join(changed)} differ from the run in {last}, which the resumed run "
+                         f"would not continue exactly (the optimizer and schedule states restore the saved "
+                         f"values); only {', '.join(RESUMABLE)} may change: start a new run (out=...) instead")
+
+
 def resume_changes(then: dict, now: dict, then_world: int) -> list:
     """The settings of ``now`` that differ from the checkpoint's ``then`` (a run saved by ``then_world``
     processes) and are not RESUMABLE, as "key a -> b". The batch size may change with the world size
@@ -297,16 +308,19 @@ def holds_validation(cfg: Config) -> bool:
     return cfg.data.val_fraction > 0 or bool(cfg.data.val_classes)
 
 
+def validation_config(cfg: Config) -> Config:
+    """The evaluation config of the trainer's model selection."""
+    return with_overrides(cfg, {"eval.split": "val", "eval.episodes": cfg.train.val_episodes, "eval.seeds": [cfg.seed],
+                                "eval.visualize": False, "eval.support_annotation": "mask"})  # on masks, as trained
+
+
 def validate(cfg: Config, model, state: dict, logger, save_best) -> None:
     """Model selection on held-out base-class images or classes (eval.split=val): never on the test classes.
     Runs under fork_rng so validating does not change the training's random stream."""
     if cfg.train.val_episodes <= 0 or not holds_validation(cfg):  # nothing held out: the last weights stand
         return
-    val_cfg = with_overrides(cfg, {"eval.split": "val", "eval.episodes": cfg.train.val_episodes,
-                                   "eval.seeds": [cfg.seed], "eval.visualize": False,
-                                   "eval.support_annotation": "mask"})  # selected on masks, as trained
     with torch.random.fork_rng(devices=[]):
-        result = evaluate_model(val_cfg, model, progress=False)
+        result = evaluate_model(validation_config(cfg), model, progress=False)
     model.train()
     miou = result["miou"]
     logger.scalars(state["iteration"], {"val/miou": miou, "val/fb_iou": result["fb_iou"]})
