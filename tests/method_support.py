@@ -4,6 +4,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -38,6 +39,15 @@ def msrc_episodes(episodes=COW_SHEEP, size: int = 97) -> dict:
             "support_imgs": torch.stack([i for i, _ in s])[:, None],
             "support_masks": torch.stack([m for _, m in s])[:, None],
             "classes": torch.tensor([[c] for *_, c in episodes]), "index": torch.arange(len(episodes))}
+
+
+def assert_refuses_label_maps(model, batch: dict) -> None:
+    """A 1-way model in training refuses masks of class ids (blocks.check_one_way_batch): as supports they would
+    read as no foreground, as the query's target an index out of range (on CUDA a device-side assert)."""
+    with pytest.raises(ValueError, match="support_masks must hold 0, 1 or 255"):
+        model(dict(batch, support_masks=batch["support_masks"] * 7))
+    with pytest.raises(ValueError, match="query_mask must hold 0, 1 or 255"):
+        model(dict(batch, query_mask=batch["query_mask"] * 7))
 
 
 def pooled_foreground_iou(logits: torch.Tensor, mask: torch.Tensor) -> float:

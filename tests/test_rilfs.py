@@ -12,7 +12,7 @@ from fsskern.models.rilfs import gram_matrix
 from fsskern.ops.certified_search import bf16_search
 
 sys.path.insert(0, str(Path(__file__).parent))
-from method_support import MSRC, fit_until, msrc_episodes  # noqa: E402
+from method_support import MSRC, assert_refuses_label_maps, fit_until, msrc_episodes  # noqa: E402
 
 
 def build(name="rilfs", ops="fused", backbone="mobilenet_v2", weights=None, seed=0, **params):
@@ -197,8 +197,7 @@ def test_bad_inputs():
         model(dict(batch, support_masks=batch["support_masks"][..., :-1]))
     with pytest.raises(ValueError, match="query_mask must be"):
         model(dict(batch, query_mask=batch["query_mask"][:, :-1]))
-    with pytest.raises(ValueError, match="support_masks must hold 0, 1 or 255"):  # a label map of class ids
-        model(dict(batch, support_masks=batch["support_masks"] * 7))
+    assert_refuses_label_maps(model, batch)
     with pytest.raises(ValueError, match="1-way"):
         model(dict(batch, classes=torch.ones(2, 2, dtype=torch.long)))
     with pytest.raises(ValueError, match="expected query_img"):
