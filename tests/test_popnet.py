@@ -235,11 +235,11 @@ def test_bad_inputs_are_refused():
         m(dict(b, support_masks=b["support_masks"][..., :-1]))
     with pytest.raises(ValueError, match="multiple"):
         m(dict(b, classes=torch.zeros(2, 2, dtype=torch.long)))
-    with pytest.raises(ValueError, match="binary"):
+    with pytest.raises(ValueError, match="support_masks must hold 0..1 or 255"):
         m(dict(b, support_masks=b["support_masks"] * 2))
     with pytest.raises(ValueError, match="positive multiple"):
         m(dict(b, support_imgs=b["support_imgs"][:, :0], support_masks=b["support_masks"][:, :0]))
-    with pytest.raises(ValueError, match="query labels of a 3-way episode are 0..3 and 255; found \\[4\\]"):
+    with pytest.raises(ValueError, match="query labels must hold 0..3 or 255; found \\[4\\]"):
         m.train()(dict(b, query_mask=torch.where(b["query_mask"] == 3, 4, b["query_mask"])))
     with pytest.raises(ValueError, match="query_areas"):
         model(stage=2)(dict(b, query_areas=None))

@@ -199,6 +199,12 @@ def held_out(sample_id: str, fraction: float, salt: str = "") -> bool:
     return int(hashlib.sha256((salt + sample_id).encode()).hexdigest()[:8], 16) / 0x100000000 < fraction
 
 
+def training_base(base: Sequence[int], val_classes: Sequence[int] = ()) -> List[int]:
+    """The classes training sees: the fold's base classes less the validation classes."""
+    held = set(val_classes)
+    return [c for c in base if c not in held]
+
+
 def training_pools(source, stats: LabelStats, fold: int, policy: str = "pfenet", min_pixels: int = 2048,
                    val_fraction: float = 0.0, val_classes: Sequence[int] = ()) -> TrainingPools:
     """The fold's training and validation pools. Validation holds out either a fraction of the images
@@ -221,7 +227,7 @@ def training_pools(source, stats: LabelStats, fold: int, policy: str = "pfenet",
         if stray:
             raise DataError(f"data.val_classes {stray} are not base classes of {source.name} fold {fold} "
                             f"(base: {sorted(base)})")
-        base = [c for c in base if c not in val_set_classes]
+        base = training_base(base, val_classes)
     base_set = set(base)
     keep, dropped = [], 0
     for i in range(len(source)):

@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from . import transforms as T
 from .datasets import IGNORE, build_source
 from .datasets.base import box_mask
-from .index import base_label_lut
+from .index import base_label_lut, training_base
 from .io import DataError
 
 
@@ -230,8 +230,7 @@ def build_loader(cfg_data, split: str, fold: int, manifest, train: bool, sampler
     source = source or build_source(cfg_data, split)
     if train:
         base, novel = source.fold_classes(fold)
-        held = set(getattr(cfg_data, "val_classes", None) or ())  # out of base, as training_pools leaves them
-        base = [c for c in base if c not in held]
+        base = training_base(base, getattr(cfg_data, "val_classes", None) or ())
         transform = T.from_config(cfg_data, train=True)
         dataset = EpisodeDataset(source, manifest, transform, True, base=base, novel=novel)
     else:

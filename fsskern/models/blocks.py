@@ -34,7 +34,7 @@ def check_one_way_batch(name: str, batch: dict, training: bool, same_size: str =
                          f"{tuple(supports.shape)} and query_img {tuple(query.shape)} (one mask per shot)")
     if supports.shape[1] == 0:
         raise ValueError(f"{name}: the batch has no support image (K = 0)")
-    check_binary_mask(name, "support_masks", masks)
+    check_labels(name, "support_masks", masks)
     if same_size and supports.shape[-2:] != query.shape[-2:]:
         raise ValueError(f"{name}: query and support images must share one size ({same_size}); got "
                          f"{tuple(query.shape[-2:])} and {tuple(supports.shape[-2:])}")
@@ -45,17 +45,17 @@ def check_one_way_batch(name: str, batch: dict, training: bool, same_size: str =
     if training and got != expected:
         raise ValueError(f"{name}: training needs query_mask; query_mask must be (B, H, W) = {expected}, got {got}")
     if training:  # the loss's target: another value would be a class index out of range (a device-side assert)
-        check_binary_mask(name, "query_mask", batch["query_mask"])
+        check_labels(name, "query_mask", batch["query_mask"])
     return query, supports, masks
 
 
-def check_binary_mask(name: str, key: str, mask: torch.Tensor) -> None:
-    """A 1-way mask holds 0 (background), 1 (the episode's class) and 255 (ignored) only: a label map of class
-    ids would otherwise read as a support without foreground, or a query target out of range."""
-    bad = (mask != 0) & (mask != 1) & (mask != IGNORE)
+def check_labels(name: str, key: str, mask: torch.Tensor, top: int = 1) -> None:
+    """An episode mask holds 0 (background), 1..top (the episode's ways; a support mask: 1, its way) and 255
+    (ignored) only: a label map of dataset class ids would otherwise read as a support without foreground, or
+    as a query target out of range (on CUDA a device-side assert)."""
+    bad = ((mask < 0) | (mask > top)) & (mask != IGNORE)
     if bad.any():
-        raise ValueError(f"{name}: {key} must hold 0, 1 or {IGNORE} (a 1-way episode's mask); found "
-                         f"{mask[bad].unique()[:8].tolist()}")
+        raise ValueError(f"{name}: {key} must hold 0..{top} or {IGNORE}; found {mask[bad].unique()[:8].tolist()}")
 
 
 def _conv_norm_relu(in_channels: int, out_channels: int, kernel_size: int, dilation: int, norm):

@@ -83,12 +83,11 @@ from torchvision.transforms import v2
 
 from ..backbones import create_backbone, require_backbone
 from ..backbones.base import freeze
-from .blocks import cosine_logits
+from .blocks import IGNORE, check_labels, cosine_logits
 from .registry import register_model
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-IGNORE = 255
 
 
 class MultiLevelEncoder(nn.Module):
@@ -394,8 +393,7 @@ class DPCL(nn.Module):
             raise ValueError(f"{S} support images do not split into {ways} way(s) x K shots (support_imgs is "
                              f"way-major, S = ways x shots)")
         shots = S // ways
-        if ((s_masks != 0) & (s_masks != 1) & (s_masks != IGNORE)).any():
-            raise ValueError(f"support_masks must hold 0, 1 or {IGNORE}; found {s_masks.unique()[:8].tolist()}")
+        check_labels("dpcl", "support_masks", s_masks)
         fg = (s_masks == 1).flatten(2).sum(2).view(B, ways, shots).sum(2)
         if (fg == 0).any() and not self.training:
             b, way = (fg == 0).nonzero()[0].tolist()
@@ -407,8 +405,7 @@ class DPCL(nn.Module):
             q_mask = batch["query_mask"]
             if tuple(q_mask.shape) != (B,) + tuple(q_img.shape[-2:]):
                 raise ValueError(f"query_mask {tuple(q_mask.shape)} does not match query_img {tuple(q_img.shape)}")
-            if ((q_mask < 0) | ((q_mask > ways) & (q_mask != IGNORE))).any():
-                raise ValueError(f"query_mask must hold 0..{ways} or {IGNORE}; found {q_mask.unique()[:8].tolist()}")
+            check_labels("dpcl", "query_mask", q_mask, top=ways)
         elif self.training:
             raise ValueError("training needs batch['query_mask']")
         if self.training and self.contrastive and ("index" not in batch or "classes" not in batch):

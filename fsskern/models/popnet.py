@@ -95,11 +95,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..backbones import create_backbone, fix_bn, freeze, require_backbone
-from .blocks import ABSENT, cosine_logits
+from .blocks import ABSENT, IGNORE, check_labels, cosine_logits
 from .params import parse_params
 from .registry import register_model
-
-IGNORE = 255
 
 
 def separable_block(cin: int, cout: int) -> nn.Sequential:
@@ -365,10 +363,7 @@ class POPNet(nn.Module):
         if self.training:
             if q_target is None:
                 raise ValueError("popnet: training needs batch['query_mask']")
-            bad = ((q_target < 0) | (q_target > K)) & (q_target != IGNORE)
-            if bad.any():  # clamp below would hide them until the loss: on CUDA a device-side assert
-                raise ValueError(f"popnet: query labels of a {K}-way episode are 0..{K} and {IGNORE}; found "
-                                 f"{q_target[bad].unique()[:8].tolist()}")
+            check_labels("popnet", "query labels", q_target, top=K)  # clamp below would hide them until the loss
             absent = F.pad(~present, (1, 0))  # (B, K + 1): a class the support lacks is background (R5)
             target = torch.where(absent.gather(1, q_target.clamp(max=K).flatten(1)).view_as(q_target)
                                  & (q_target != IGNORE), 0, q_target)
@@ -414,7 +409,4 @@ class POPNet(nn.Module):
         if S == 0 or S % ways:
             raise ValueError(f"popnet: {S} support slots is not a positive multiple of {ways} ways (slots are "
                              f"way-major)")
-        bad = (masks != 0) & (masks != 1) & (masks != IGNORE)
-        if bad.any():
-            raise ValueError(f"popnet: support masks must be binary per way (0, 1, 255), found "
-                             f"{masks[bad].unique()[:8].tolist()}")
+        check_labels("popnet", "support_masks", masks)  # binary per way slot
