@@ -49,6 +49,9 @@ def test_params_are_validated():
         build(shots="1")
     with pytest.raises(ValueError, match="prior_search must be 'fp32' or 'bf16'"):
         build(prior_search="fp16")
+    with pytest.raises(ValueError, match="aspp_dilations must be three ints"):
+        build(aspp_dilations=[3, 6])
+    assert [b[0].dilation for b in build(aspp_dilations=[3, 6, 9]).aspp.branches[1:]] == [(3, 3), (6, 6), (9, 9)]
     with pytest.raises(ValueError, match="meta phase keeps the backbone frozen"):
         create_model(ModelConfig(name="rilfs", backbone="mobilenet_v2", freeze_backbone=False))
 

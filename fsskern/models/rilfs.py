@@ -73,6 +73,7 @@ PARAMS = {
     "reduce_dim": (256, int, "meta feature width (BAM)"),
     "kshot_trans_dim": (2, int, "hidden width of BAM's K-shot reweighting"),
     "ppm_bins": ([1, 2, 3, 6], list, "PSPNet pyramid bins"),
+    "aspp_dilations": ([6, 12, 18], list, "the meta learner's ASPP rates (BAM's, for its 60 x 60 grid at 473)"),
     "base_hidden": (512, int, "PSPNet classifier width"),
     "alpha": (0.5, float, "Eq. 14 weight of CE(R_o)"),
     "beta": (0.5, float, "Eq. 14 weight of CE(R_f)"),
@@ -99,6 +100,10 @@ def _parse_params(name: str, given: Dict, reflection_default: bool) -> Dict:
         raise ValueError(f"{name}: model.params.phase must be 'base' or 'meta', got {out['phase']!r}")
     if out["prior_search"] not in ("fp32", "bf16"):
         raise ValueError(f"{name}: model.params.prior_search must be 'fp32' or 'bf16', got {out['prior_search']!r}")
+    rates = out["aspp_dilations"]
+    if len(rates) != 3 or not all(isinstance(r, int) and not isinstance(r, bool) and r >= 1 for r in rates):
+        raise ValueError(f"{name}: model.params.aspp_dilations must be three ints >= 1 (res1 reads 5 branches), "
+                         f"got {rates!r}")
     for key in ("shots", "base_classes", "reduce_dim", "kshot_trans_dim", "base_hidden"):
         if out[key] < 1:
             raise ValueError(f"{name}: model.params.{key} must be >= 1, got {out[key]}")
@@ -167,7 +172,7 @@ class RILFS(nn.Module):
         self.down_query = _conv_relu(ch["layer3"] + ch["layer2"], d, dropout=0.5)
         self.down_supp = _conv_relu(ch["layer3"] + ch["layer2"], d, dropout=0.5)
         self.init_merge = _conv_relu(2 * d + 1, d)
-        self.aspp = ASPP(d, d)
+        self.aspp = ASPP(d, d, p["aspp_dilations"])
         self.res1 = _conv_relu(5 * d, d)
         self.res2 = nn.Sequential(_conv_relu(d, d, 3), _conv_relu(d, d, 3))
         self.cls_meta = nn.Sequential(_conv_relu(d, d, 3, dropout=0.1), nn.Conv2d(d, 2, 1))
