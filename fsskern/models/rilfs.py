@@ -33,7 +33,9 @@ backend ops take both support views in one call:
 5. RIPMG: ``backend.prior_mask(reduce=None)`` per query view on both support views stacked along the
    shot axis; shots weighted as BAM; m_FI = F(concat(m_f, m_o)) with F a bias-free 1x1 conv 2 -> 1 at
    (0.5, 0.5), shared by both query views (Eq. 8; BAM prior: eps, background as zero vectors, min-max).
-6. meta learner on concat(F_q, P_FI, m_FI) (Eq. 9-10: BAM init_merge, ASPP, res1, res2, cls_meta).
+6. meta learner on concat(F_q, P_FI, m_FI) (Eq. 9-10: BAM init_merge, ASPP, res1, res2, cls_meta); ASPP rates
+   ``params.aspp_dilations``, BAM's 6 / 12 / 18 for its 60 x 60 grid; the CPU recipes take 3 / 6 / 9 for their
+   31 x 31 test grid, the rates scaled with the grid as DeepLab does [ours].
 7. frozen base learner on layer4 (BN in eval mode, its Dropout2d on in training: BAM's ``fix_bn``
    touches BatchNorm only); BAM ensemble: softmax, gram_merge with theta_f, cls_merge with the
    base foreground map, the episode's own base class excluded wherever the batch names it (``base_label``:
