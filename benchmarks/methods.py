@@ -34,7 +34,7 @@ sys.path.insert(0, str(ROOT))
 from fsskern.engine.cli import last_phase, run_checkpoint  # noqa: E402
 from fsskern.engine.config import load_config  # noqa: E402
 from fsskern.engine.evaluator import evaluate  # noqa: E402
-from fsskern.engine.trainer import train  # noqa: E402
+from fsskern.engine.trainer import refuse_other_fold, train  # noqa: E402
 from fsskern.pseudo_tasks import ensure_for_run  # noqa: E402
 
 DEFAULT_METHODS = ["baseline", "panet", "dpcl", "bam", "rilfs", "crcnet", "popnet", "umtfss"]
@@ -106,6 +106,7 @@ def run_one(method: str, fold: int, args, out: Path) -> dict:
     trains = load_config(cfg_path).train.iters > 0
     overrides = ([*common, f"out={run_dir}"] + ([f"train.iters={args.iters}"] if args.iters and trains else []) +
                  (["resume=true"] if (run_dir / "config.yaml").is_file() else []))
+    refuse_other_fold(load_config(cfg_path), overrides)  # a fold's own recipe (UMTFSS's) at its own fold
     train_cfg = load_config(cfg_path, overrides)
     checkpoint, eval_cfg_path = None, cfg_path
     if train_cfg.train.iters > 0:

@@ -301,6 +301,19 @@ def test_a_phase_keeps_its_own_settings_and_says_so(dataset, tmp_path):
     assert not (tmp_path / "fold1").exists()
 
 
+def test_a_fold_config_is_refused_other_folds_only():
+    """A fold's own config takes its own fold on the command line (benchmarks/methods.py passes every recipe its
+    fold) and refuses another, though its stage-B phase sets the pseudo dataset's data.fold 0: the fold a phase
+    belongs to is its file's. (The refusal once read the phase's 0, and methods.py's UMTFSS fold 1 was refused.)"""
+    from fsskern.engine.trainer import refuse_other_fold
+    fold1 = load_config(ROOT / "configs" / "umtfss" / "msrc_v2_mobilenet_v2_fold1.yaml")
+    assert fold1.data.fold == 1 and fold1.train.phases[0]["config"]["data.fold"] == 0
+    refuse_other_fold(fold1, ["data.fold=1", "train.iters=2"])
+    with pytest.raises(ConfigError, match="phase 'unsup' is written for data.fold=1"):
+        refuse_other_fold(fold1, ["data.fold=0"])
+    refuse_other_fold(load_config(ROOT / "configs" / "rilfs" / "msrc_v2_mobilenet_v2.yaml"), ["data.fold=1"])
+
+
 def test_refuses_to_overwrite_a_run(dataset, tmp_path):
     out = tmp_path / "run"
     assert run_train(tiny(dataset, out, "train.iters=2")).returncode == 0

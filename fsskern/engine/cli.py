@@ -3,7 +3,6 @@
 import argparse
 import json
 import sys
-import warnings
 from pathlib import Path
 
 from . import distributed as dist
@@ -21,13 +20,10 @@ def _parser(prog, what):
 
 def train_main(argv=None) -> int:
     args = _parser("fsskern-train", "Train a model: python python/train.py CONFIG [key=value ...]").parse_args(argv)
-    from .trainer import phase_settings, train
+    from .trainer import refuse_other_fold, train
     try:
         cfg = load_config(args.source, args.overrides)
-        with warnings.catch_warnings():  # train() says what the phases shadow; here only what they refuse
-            warnings.simplefilter("ignore")
-            for phase in cfg.train.phases:
-                phase_settings(phase, args.overrides)
+        refuse_other_fold(load_config(args.source), args.overrides)
     except ConfigError as e:
         print(f"fsskern-train: {e}", file=sys.stderr)
         return 2

@@ -54,7 +54,8 @@ def train(cfg: Config, overrides: Sequence[str] = ()) -> Path:
     """Run every phase of ``cfg`` (or the one phase it is), each in ``out/<phase name>`` and each
     starting from the weights the previous phase ended with. Returns the last phase's folder.
     ``overrides``: the run's own key=value settings (the command line's); a phase keeps its own over them, with
-    a warning, and one it cannot follow is refused (``phase_settings``)."""
+    a warning (``phase_settings``). A data.fold the phases cannot follow is the caller's to refuse, with the
+    config file at hand (``refuse_other_fold``: python/train.py and benchmarks/methods.py do)."""
     dist.init_from_env(cfg.device)
     if not cfg.train.phases:
         return train_phase(cfg)
@@ -74,19 +75,27 @@ def train(cfg: Config, overrides: Sequence[str] = ()) -> Path:
 def phase_settings(phase: dict, overrides: Sequence[str]) -> dict:
     """A phase's own settings, which it keeps over the run's (RILFS's base phase keeps its 400 iterations under
     ``train.iters=2000``, which sets the meta phase's); a key=value of the command line that a phase shadows
-    is said in a warning, no longer silently. A ``data.fold`` other than a phase's own is refused: such a
-    phase's other settings (its image lists, its pseudo-task folder) belong to its fold and cannot follow
-    (UMTFSS has a config per fold)."""
+    is said in a warning, no longer silently."""
     settings = dict(phase.get("config", {}))
     for key, value in override_items(list(overrides)):
-        if key == "data.fold" and "data.fold" in settings and settings["data.fold"] != value:
-            raise ConfigError(f"phase {phase.get('name')!r} is written for data.fold={settings['data.fold']} (its lists "
-                              f"and folders with it); data.fold={value} needs a config of that fold")
         shadowing = [k for k in settings if key == k or key.startswith(k + ".")]
         if shadowing and key not in ("out", "train.phases") and dist.is_main():
             warnings.warn(f"phase {phase.get('name')!r} keeps its own {shadowing[0]}={settings[shadowing[0]]!r}; the "
                           f"command line's {key}={value!r} applies to the phases that do not set it", stacklevel=2)
     return settings
+
+
+def refuse_other_fold(written: Config, overrides: Sequence[str]) -> None:
+    """Refuses a command line's ``data.fold`` other than the one the config file is written for (``written``:
+    the file without the overrides) when one of its phases sets its own ``data.fold``: such a phase's other
+    settings (its image lists, its pseudo-task folder) belong to the file's fold and cannot follow (UMTFSS has a
+    config per fold). The phase's own value is not the file's fold: every UMTFSS config's stage B sets the pseudo
+    dataset's one fold, 0, fold 1's too."""
+    fold_specific = [p.get("name") for p in written.train.phases if "data.fold" in p.get("config", {})]
+    for key, value in override_items(list(overrides)):
+        if key == "data.fold" and fold_specific and value != written.data.fold:
+            raise ConfigError(f"phase {fold_specific[0]!r} is written for data.fold={written.data.fold} (its lists "
+                              f"and folders with it); data.fold={value} needs a config of that fold")
 
 
 def train_phase(cfg: Config, init_from: Optional[Path] = None) -> Path:
