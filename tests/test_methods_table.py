@@ -29,13 +29,19 @@ def test_concurrent_tasks_keep_every_row(tmp_path):
 
 
 def test_report_names_losers_and_methods_without_a_recipe():
-    def row(method, miou):
+    def row(method, miou, fold=0):
         shot = {"miou": miou, "miou_std": 0.1, "fb_iou": miou, "fb_iou_std": 0.1}
-        return {"method": method, "fold": 0, "1shot": shot, "steps": {"fused": {}, "reference": {}}}
+        return {"method": method, "fold": fold, "1shot": shot, "steps": {"fused": {}, "reference": {}}}
     info = {"cpu": "cpu", "threads": 1, "jobs": 2, "torch": "t", "argv": [], "folds": [0], "episodes": 10,
             "seeds": [0], "iters": None}
     text = methods.report([row("baseline", 60.0), row("panet", 55.0), row("dpcl", 61.0)], info)
-    assert "Below the training-free baseline (1-shot): panet." in text
+    assert "Below the training-free baseline (1-shot) on a fold: panet (fold 0)." in text
+    # each fold against the baseline's own: dpcl's fold mean (63.0) is above the baseline's (62.5), its fold 1 is not
+    two = [row("baseline", 60.0), row("baseline", 65.0, 1), row("dpcl", 62.0), row("dpcl", 64.0, 1),
+           row("panet", 61.0, 1), row("panet", 66.0)]
+    two_text = methods.report(two, {**info, "folds": [0, 1]})
+    assert "| dpcl | 63.0 ± 0.1 | 62.0 / 64.0 |" in two_text
+    assert "on a fold: dpcl (fold 1), panet (fold 1)." in two_text
     assert "not in this table: popnet" in text
     assert "Failed" not in text
     failed = methods.report([row("baseline", 60.0)], {**info, "failed": ["umtfss/fold0"]})
