@@ -13,7 +13,8 @@ an interrupted run resumes where it stopped.
 ``--jobs N`` runs N (method, fold) tasks at a time, each in its own process with cores / N threads (one
 process per core is faster on a small CPU than one process with every thread: most of a step is small ops).
 A task that fails is named in the report, which holds the finished ones, and the exit status is 1.
-Writes OUT/results.json, OUT/report.md and OUT/miou.png (mean +- std over seeds, averaged over folds).
+Writes OUT/results.json, OUT/report.md (1-shot also per fold, each fold judged against the baseline's) and
+OUT/miou.png (mean +- std over seeds, averaged over folds).
 """
 import argparse
 import fcntl
@@ -106,8 +107,8 @@ def run_one(method: str, fold: int, args, out: Path) -> dict:
     trains = load_config(cfg_path).train.iters > 0
     overrides = ([*common, f"out={run_dir}"] + ([f"train.iters={args.iters}"] if args.iters and trains else []) +
                  (["resume=true"] if (run_dir / "config.yaml").is_file() else []))
-    refuse_other_fold(load_config(cfg_path), overrides)  # a fold's own recipe (UMTFSS's) at its own fold
     train_cfg = load_config(cfg_path, overrides)
+    refuse_other_fold(train_cfg)  # before stage A, which train() would reach first
     checkpoint, eval_cfg_path = None, cfg_path
     if train_cfg.train.iters > 0:
         tic = time.time()
@@ -155,8 +156,9 @@ def report(rows, info) -> str:
         return r.get("1shot", {}).get("miou")
 
     def per_fold(rs):  # the contract's verdict is per fold: a fold mean can hide a fold below the baseline
-        vals = [f"{one_shot(r):.1f}" for r in sorted(rs, key=lambda r: r["fold"]) if one_shot(r) is not None]
-        return " / ".join(vals) if vals else "not run"
+        by_fold = {r["fold"]: one_shot(r) for r in rs}
+        vals = [f"{by_fold[f]:.1f}" if by_fold.get(f) is not None else "-" for f in info["folds"]]
+        return " / ".join(vals) if any(v != "-" for v in vals) else "not run"
 
     def times(rs, key):
         f = [r["steps"]["fused"].get(key) for r in rs if r["steps"]["fused"].get(key)]

@@ -36,9 +36,9 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "msrc_v2"))
     p.add_argument("--out", default=str(ROOT / "runs" / "demo"))
-    # DPCL: of the five methods' MSRC-v2 CPU recipes it gains most within the demo's 10 minutes
-    # (benchmarks/results/methods, fold 0, 1-shot, 200 episodes x 3 seeds: DPCL 66.4 after 4.7 min of training,
-    # CRCNet 56.8 after 11.9, UMTFSS 42.0, RILFS 28.7; the baseline 64.9)
+    # DPCL: of the five methods' MSRC-v2 CPU recipes the only one that trains within the demo's 10 minutes
+    # (benchmarks/results/methods, session 47, fold 0, 1-shot, 200 episodes x 3 seeds: DPCL 66.9 after 1.7 min of
+    # training; RILFS 70.0 after 17.7, CRCNet 70.7 after 17.2, UMTFSS 68.4 after 11.0; the baseline 64.9)
     p.add_argument("--method", default=str(ROOT / "configs" / "dpcl" / "msrc_v2_mobilenet_v2.yaml"))
     p.add_argument("--iters", type=int, default=None, help="training iterations (default: the recipe's)")
     p.add_argument("--episodes", type=int, default=300)

@@ -282,11 +282,11 @@ def test_log_every_averages_rows_and_logs_the_step_lr(dataset, tmp_path):
 
 def test_a_phase_keeps_its_own_settings_and_says_so(dataset, tmp_path):
     """A phase's own value beats the run's key=value (as RILFS's base phase keeps its iterations), with a warning
-    naming it; the phases that do not set the key take the command line's. A data.fold other than a
-    fold-specific phase's is refused before any work."""
+    naming it; the phases that do not set the key take the command line's. A data.fold other than the one a
+    phase is written for (its fold:) is refused before any work."""
     config = tmp_path / "phased.yaml"
     config.write_text("model:\n  name: tiny_panet\ntrain:\n  phases:\n"
-                      "    - {name: a, config: {train.iters: 3, data.fold: 0}}\n"
+                      "    - {name: a, fold: 0, config: {train.iters: 3}}\n"
                       "    - {name: b, config: {train.lr: 0.01}}\n")
     args = [str(config), *data_overrides(dataset), f"out={tmp_path / 'run'}", "train.lr=0.05",
             "train.checkpoint_every=100", "train.val_episodes=0", "data.batch_size=2", "data.num_workers=0"]
@@ -301,17 +301,22 @@ def test_a_phase_keeps_its_own_settings_and_says_so(dataset, tmp_path):
     assert not (tmp_path / "fold1").exists()
 
 
-def test_a_fold_config_is_refused_other_folds_only():
-    """A fold's own config takes its own fold on the command line (benchmarks/methods.py passes every recipe its
-    fold) and refuses another, though its stage-B phase sets the pseudo dataset's data.fold 0: the fold a phase
-    belongs to is its file's. (The refusal once read the phase's 0, and methods.py's UMTFSS fold 1 was refused.)"""
+def test_a_phase_is_refused_other_folds_than_its_own():
+    """A phase's fold: decides, not its own data.fold: UMTFSS's fold-1 config takes data.fold=1 (benchmarks/methods.py
+    passes every recipe its fold) though its stage B sets the pseudo dataset's data.fold 0, and refuses 0; the
+    PASCAL recipe, whose stages A and B serve every fold, takes any fold; without the phases the fold is free.
+    (The refusal once read the phase's data.fold: methods.py's UMTFSS fold 1 and PASCAL's folds 1-3 were refused.)"""
     from fsskern.engine.trainer import refuse_other_fold
-    fold1 = load_config(ROOT / "configs" / "umtfss" / "msrc_v2_mobilenet_v2_fold1.yaml")
-    assert fold1.data.fold == 1 and fold1.train.phases[0]["config"]["data.fold"] == 0
-    refuse_other_fold(fold1, ["data.fold=1", "train.iters=2"])
+    umtfss = ROOT / "configs" / "umtfss"
+    fold1 = load_config(umtfss / "msrc_v2_mobilenet_v2_fold1.yaml", ["data.fold=1"])
+    assert fold1.train.phases[0]["config"]["data.fold"] == 0
+    refuse_other_fold(fold1)
     with pytest.raises(ConfigError, match="phase 'unsup' is written for data.fold=1"):
-        refuse_other_fold(fold1, ["data.fold=0"])
-    refuse_other_fold(load_config(ROOT / "configs" / "rilfs" / "msrc_v2_mobilenet_v2.yaml"), ["data.fold=1"])
+        refuse_other_fold(load_config(umtfss / "msrc_v2_mobilenet_v2_fold1.yaml", ["data.fold=0"]))
+    with pytest.raises(ConfigError, match="phase 'unsup' is written for data.fold=0"):
+        refuse_other_fold(load_config(umtfss / "msrc_v2_mobilenet_v2.yaml", ["data.fold=1"]))
+    refuse_other_fold(load_config(umtfss / "msrc_v2_mobilenet_v2.yaml", ["data.fold=1", "train.phases=[]"]))
+    refuse_other_fold(load_config(umtfss / "pascal_mobilenet_v2.yaml", ["data.fold=2"]))
 
 
 def test_refuses_to_overwrite_a_run(dataset, tmp_path):

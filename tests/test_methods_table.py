@@ -42,6 +42,8 @@ def test_report_names_losers_and_methods_without_a_recipe():
     two_text = methods.report(two, {**info, "folds": [0, 1]})
     assert "| dpcl | 63.0 ± 0.1 | 62.0 / 64.0 |" in two_text
     assert "on a fold: dpcl (fold 1), panet (fold 1)." in two_text
+    missing = methods.report(two[:-1], {**info, "folds": [0, 1]})  # panet's fold 0 failed: its cell says which
+    assert "| panet | 61.0 ± 0.1 | - / 61.0 |" in missing
     assert "not in this table: popnet" in text
     assert "Failed" not in text
     failed = methods.report([row("baseline", 60.0)], {**info, "failed": ["umtfss/fold0"]})

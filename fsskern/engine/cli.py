@@ -23,7 +23,7 @@ def train_main(argv=None) -> int:
     from .trainer import refuse_other_fold, train
     try:
         cfg = load_config(args.source, args.overrides)
-        refuse_other_fold(load_config(args.source), args.overrides)
+        refuse_other_fold(cfg)  # before stage A, which train() would reach first
     except ConfigError as e:
         print(f"fsskern-train: {e}", file=sys.stderr)
         return 2

@@ -70,7 +70,7 @@ class TrainConfig:
     val_episodes: int = 200
     log_every: int = 20
     find_unused_parameters: bool = False
-    phases: List[Dict[str, Any]] = field(default_factory=list)  # [{name: ..., config: {dotted: value}}]
+    phases: List[Dict[str, Any]] = field(default_factory=list)  # [{name: ..., config: {dotted: value}, fold: k}]
 
 
 @dataclass

@@ -54,18 +54,20 @@ def train(cfg: Config, overrides: Sequence[str] = ()) -> Path:
     """Run every phase of ``cfg`` (or the one phase it is), each in ``out/<phase name>`` and each
     starting from the weights the previous phase ended with. Returns the last phase's folder.
     ``overrides``: the run's own key=value settings (the command line's); a phase keeps its own over them, with
-    a warning (``phase_settings``). A data.fold the phases cannot follow is the caller's to refuse, with the
-    config file at hand (``refuse_other_fold``: python/train.py and benchmarks/methods.py do)."""
+    a warning (``phase_settings``); a run at another fold than a phase is written for is refused
+    (``refuse_other_fold``) before any phase starts."""
     dist.init_from_env(cfg.device)
     if not cfg.train.phases:
         return train_phase(cfg)
     if dist.is_main():  # the run folder's own config lists the phases (evaluate.py reads it)
         write_run_info(cfg, Path(cfg.out))
+    refuse_other_fold(cfg)
     previous = None
     for i, phase in enumerate(cfg.train.phases):
-        unknown = set(phase) - {"name", "config"}
+        unknown = set(phase) - {"name", "config", "fold"}
         if unknown or "name" not in phase:
-            raise ValueError(f"train.phases[{i}] needs 'name' and optional 'config' (dotted overrides); got {sorted(phase)}")
+            raise ValueError(f"train.phases[{i}] needs 'name' and optional 'config' (dotted overrides) and 'fold'; "
+                             f"got {sorted(phase)}")
         sub = with_overrides(cfg, {"out": str(Path(cfg.out) / phase["name"]), "train.phases": [],
                                    **phase_settings(phase, overrides)})
         previous = train_phase(sub, init_from=previous)
@@ -85,17 +87,16 @@ def phase_settings(phase: dict, overrides: Sequence[str]) -> dict:
     return settings
 
 
-def refuse_other_fold(written: Config, overrides: Sequence[str]) -> None:
-    """Refuses a command line's ``data.fold`` other than the one the config file is written for (``written``:
-    the file without the overrides) when one of its phases sets its own ``data.fold``: such a phase's other
-    settings (its image lists, its pseudo-task folder) belong to the file's fold and cannot follow (UMTFSS has a
-    config per fold). The phase's own value is not the file's fold: every UMTFSS config's stage B sets the pseudo
-    dataset's one fold, 0, fold 1's too."""
-    fold_specific = [p.get("name") for p in written.train.phases if "data.fold" in p.get("config", {})]
-    for key, value in override_items(list(overrides)):
-        if key == "data.fold" and fold_specific and value != written.data.fold:
-            raise ConfigError(f"phase {fold_specific[0]!r} is written for data.fold={written.data.fold} (its lists "
-                              f"and folders with it); data.fold={value} needs a config of that fold")
+def refuse_other_fold(cfg: Config) -> None:
+    """Refuses a run at another ``data.fold`` than a phase says it is written for (its ``fold:``): such a phase's
+    settings (UMTFSS's image lists and pseudo-task folder) belong to that fold and cannot follow, so each fold
+    has its own config. A phase's own ``data.fold`` says nothing about this: UMTFSS's stage B sets the pseudo
+    dataset's one fold, 0, in every fold's config, and PASCAL's stages A and B, built from every training image,
+    serve every fold."""
+    for phase in cfg.train.phases:
+        if "fold" in phase and phase["fold"] != cfg.data.fold:
+            raise ConfigError(f"phase {phase.get('name')!r} is written for data.fold={phase['fold']} (its lists "
+                              f"and folders with it); data.fold={cfg.data.fold} needs a config of that fold")
 
 
 def train_phase(cfg: Config, init_from: Optional[Path] = None) -> Path:
