@@ -220,7 +220,7 @@ def test_validation_classes_are_held_out_of_training_whole(tmp_path):
         training_pools(src, stats, 1, "pfenet", val_fraction=0.1, val_classes=[2])
 
 
-def test_pascal_bad_list_lines(tmp_path):
+def test_pascal_bad_list_lines(tmp_path, monkeypatch):
     root, _ = pascal_layout(tmp_path)
     (root / "bad.txt").write_text("a b c\n")
     with pytest.raises(DataError, match="bad list line 'a b c'"):
@@ -230,6 +230,12 @@ def test_pascal_bad_list_lines(tmp_path):
         build_source(DataConfig(dataset="pascal", root=str(root), train_list="empty.txt"), "train")
     with pytest.raises(DataError, match="missing image list file"):
         build_source(DataConfig(dataset="pascal", root=str(root), train_list="nope.txt"), "train")
+    # a relative root without the default list: the message names root/ImageSets/..., not root/root/ImageSets/...
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(DataError, match=r"missing image list file: elsewhere/ImageSets/Segmentation/train_aug\.txt"):
+        build_source(DataConfig(dataset="pascal", root="elsewhere"), "train")
+    with pytest.raises(DataError, match=r"missing image list file: elsewhere/lists/train\.txt"):
+        build_source(DataConfig(dataset="coco", root="elsewhere"), "train")
 
 
 def test_box_supports_from_voc_instance_maps_and_components(tmp_path):

@@ -81,7 +81,7 @@ class CocoSource(Source):
         root = Path(cfg_data.root)
         chosen = cfg_data.val_list if split == "test" else cfg_data.train_list
         list_path = Path(chosen) if chosen else root / "lists" / ("val.txt" if split == "test" else "train.txt")
-        if not list_path.is_absolute() and not list_path.exists():
+        if chosen and not list_path.is_absolute() and not list_path.exists():  # a list named relative to the root
             list_path = root / list_path
         self.list_path = str(list_path)
         self.samples, _ = parse_list(read_lines(list_path, "image list"), root, "images", "annotations",

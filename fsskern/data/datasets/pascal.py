@@ -64,7 +64,7 @@ class PascalSource(Source):
         default = "ImageSets/Segmentation/" + ("val.txt" if split == "test" else "train_aug.txt")
         chosen = cfg_data.val_list if split == "test" else cfg_data.train_list
         list_path = Path(chosen) if chosen else root / default
-        if not list_path.is_absolute() and not list_path.exists():
+        if chosen and not list_path.is_absolute() and not list_path.exists():  # a list named relative to the root
             list_path = root / list_path
         self.list_path = str(list_path)
         self.samples, pairs = parse_list(read_lines(list_path, "image list"), root,
