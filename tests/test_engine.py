@@ -301,7 +301,7 @@ def test_a_phase_keeps_its_own_settings_and_says_so(dataset, tmp_path):
     assert not (tmp_path / "fold1").exists()
 
 
-def test_a_phase_is_refused_other_folds_than_its_own():
+def test_a_phase_is_refused_other_folds_than_its_own(tmp_path):
     """A phase's fold: decides, not its own data.fold: UMTFSS's fold-1 config takes data.fold=1 (benchmarks/methods.py
     passes every recipe its fold) though its stage B sets the pseudo dataset's data.fold 0, and refuses 0; the
     PASCAL recipe, whose stages A and B serve every fold, takes any fold; without the phases the fold is free.
@@ -317,6 +317,14 @@ def test_a_phase_is_refused_other_folds_than_its_own():
         refuse_other_fold(load_config(umtfss / "msrc_v2_mobilenet_v2.yaml", ["data.fold=1"]))
     refuse_other_fold(load_config(umtfss / "msrc_v2_mobilenet_v2.yaml", ["data.fold=1", "train.phases=[]"]))
     refuse_other_fold(load_config(umtfss / "pascal_mobilenet_v2.yaml", ["data.fold=2"]))
+    # train() itself refuses, before it writes anything to out; a fold that is no number is refused too
+    from fsskern.engine.trainer import train
+    out = tmp_path / "refused"
+    with pytest.raises(ConfigError, match="phase 'unsup' is written for data.fold=1"):
+        train(load_config(umtfss / "msrc_v2_mobilenet_v2_fold1.yaml", ["data.fold=0", f"out={out}"]))
+    assert not out.exists()
+    with pytest.raises(ConfigError, match="fold must be a fold number; got '1'"):
+        refuse_other_fold(load_config(tree={"train": {"phases": [{"name": "a", "fold": "1"}]}}))
 
 
 def test_refuses_to_overwrite_a_run(dataset, tmp_path):

@@ -59,15 +59,15 @@ def train(cfg: Config, overrides: Sequence[str] = ()) -> Path:
     dist.init_from_env(cfg.device)
     if not cfg.train.phases:
         return train_phase(cfg)
+    refuse_other_fold(cfg)  # before anything is written to out
     if dist.is_main():  # the run folder's own config lists the phases (evaluate.py reads it)
         write_run_info(cfg, Path(cfg.out))
-    refuse_other_fold(cfg)
     previous = None
     for i, phase in enumerate(cfg.train.phases):
         unknown = set(phase) - {"name", "config", "fold"}
         if unknown or "name" not in phase:
-            raise ValueError(f"train.phases[{i}] needs 'name' and optional 'config' (dotted overrides) and 'fold'; "
-                             f"got {sorted(phase)}")
+            raise ValueError(f"train.phases[{i}] needs 'name', and optionally 'config' (dotted overrides) and 'fold' "
+                             f"(the fold it is written for); got {sorted(phase)}")
         sub = with_overrides(cfg, {"out": str(Path(cfg.out) / phase["name"]), "train.phases": [],
                                    **phase_settings(phase, overrides)})
         previous = train_phase(sub, init_from=previous)
@@ -94,6 +94,8 @@ def refuse_other_fold(cfg: Config) -> None:
     dataset's one fold, 0, in every fold's config, and PASCAL's stages A and B, built from every training image,
     serve every fold."""
     for phase in cfg.train.phases:
+        if "fold" in phase and (not isinstance(phase["fold"], int) or isinstance(phase["fold"], bool)):
+            raise ConfigError(f"phase {phase.get('name')!r}: fold must be a fold number; got {phase['fold']!r}")
         if "fold" in phase and phase["fold"] != cfg.data.fold:
             raise ConfigError(f"phase {phase.get('name')!r} is written for data.fold={phase['fold']} (its lists "
                               f"and folders with it); data.fold={cfg.data.fold} needs a config of that fold")
