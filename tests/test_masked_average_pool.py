@@ -236,6 +236,20 @@ def test_class_prototypes_nearest_matches_popnet():
     assert (got[0, 1] == 0).all()
 
 
+@pytest.mark.parametrize("mode", ["nearest", "mask", "features"])
+def test_class_prototypes_counts_stay_exact_in_bf16(mode):
+    """Both backends give the areas in float32 for bf16 features: a bf16 count of 1,801 pixels would be 1,800
+    (POPNet weights a class over several supports by these counts)."""
+    features = torch.randn(1, 4, 60, 60).bfloat16()
+    labels = torch.zeros(1, 60, 60, dtype=torch.long)
+    labels.view(-1)[:1801] = 1
+    got = ops.class_prototypes(features, labels, 2, resize=mode)[1]
+    want = composed.class_prototypes(features, labels, 2, resize=mode)[1]
+    assert got.dtype == want.dtype == torch.float32
+    assert_close(got, want, rtol=1e-6, atol=1e-3)
+    assert got[0, 1].item() == 1801
+
+
 @pytest.mark.parametrize("mode", MODES)
 def test_class_prototypes_equal_per_class_masked_average_pool(mode):
     features = torch.randn(2, 16, 9, 11)

@@ -168,7 +168,8 @@ class DualMetricHead(nn.Module):
         bg = (rev * weights).sum(1) / present.sum(1).clamp(min=1)[:, None, None]
         fg = m if self.ncm_fg is None else self.ncm_fg(m)
         bg = bg if self.ncm_bg is None else self.ncm_bg(bg)
-        return self.scale * self._with_bg(bg, fg, present)
+        # scaled before the absent ways are set: -1e4 * s would leave fp16's range (-inf, then NaN when resized)
+        return self._with_bg(self.scale * bg, self.scale * fg, present)
 
     def forward(self, h_q, m, present, agm: bool, ncm_grad: bool = True):
         agm_logits = self.agm(h_q, m, present) if agm else None

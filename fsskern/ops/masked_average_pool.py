@@ -60,7 +60,7 @@ def class_prototypes(features: torch.Tensor, labels: torch.Tensor, num_classes: 
 
     Returns:
         prototypes (B, num_classes, C) and counts (B, num_classes): the (resized) mask area of
-        each class.
+        each class, in float32 (float64 for float64 features) whatever the features' dtype.
     """
     check_choice("class_prototypes", "resize", resize, {"mask", "features", "nearest"})
     if labels.dim() != 3 or labels.dtype.is_floating_point or labels.dtype == torch.bool:

@@ -19,11 +19,13 @@ from .masked_average_pool import class_prototypes_popnet, masked_average_pool
 def class_prototypes(features: torch.Tensor, labels: torch.Tensor, num_classes: int, *, ignore_index: int = 255,
                      resize: str = "mask", eps: Optional[float] = None) -> Tuple[torch.Tensor, torch.Tensor]:
     """Reference of :func:`fsskern.ops.class_prototypes`: (B, num_classes, C) prototypes and (B, num_classes)
-    areas (in the dtype of ``features``): the full-resolution mask area ("features"), the area of the
-    bilinearly resized mask ("mask") or the pixel count at the feature grid ("nearest")."""
+    areas: the full-resolution mask area ("features"), the area of the bilinearly resized mask ("mask") or the
+    pixel count at the feature grid ("nearest"). Areas are float32 (float64 for float64 features), as the op's:
+    in bf16 / fp16 a count above 256 / 2048 would round, and the counts weight a class over several supports."""
+    opmath = torch.float64 if features.dtype == torch.float64 else torch.float32
     if resize == "nearest" and eps is None:
         prototypes, counts = class_prototypes_popnet(features, labels, num_classes, ignore_index)
-        return prototypes, counts.to(features.dtype)
+        return prototypes, counts.to(opmath)
     if resize == "nearest":
         labels = F.interpolate(labels[:, None].double(), size=features.shape[-2:], mode="nearest")[:, 0].long()
         resize = "mask"
@@ -31,7 +33,7 @@ def class_prototypes(features: torch.Tensor, labels: torch.Tensor, num_classes: 
     prototypes = masked_average_pool(features, masks, resize, eps)
     if resize == "mask" and masks.shape[-2:] != features.shape[-2:]:
         masks = F.interpolate(masks, size=features.shape[-2:], mode="bilinear", align_corners=True)
-    return prototypes, masks.sum((2, 3))
+    return prototypes, masks.sum((2, 3), dtype=opmath)
 
 
 def support_prototypes(features: torch.Tensor, masks: torch.Tensor, *, valid: Optional[torch.Tensor] = None,

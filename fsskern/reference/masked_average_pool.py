@@ -23,13 +23,13 @@ def panet_masked_average_pool(fts: torch.Tensor, mask: torch.Tensor, eps: float 
 def class_prototypes_popnet(features: torch.Tensor, labels: torch.Tensor, num_classes: int,
                             ignore_index: int = 255):
     """POPNet: labels resized nearest to the features, one-hot, divided by the count (0 -> 1),
-    one matmul. Returns (B, num_classes, C) and the counts (B, num_classes)."""
+    one matmul. Returns (B, num_classes, C) and the integer pixel counts (B, num_classes)."""
     B, C, h, w = features.shape
     labels = F.interpolate(labels[:, None].double(), size=(h, w), mode="nearest")[:, 0].long()
     labels = torch.where(labels == ignore_index, torch.full_like(labels, num_classes), labels)
-    onehot = F.one_hot(labels.view(B, -1), num_classes + 1)[..., :num_classes].to(features.dtype)  # (B, hw, K)
-    counts = onehot.sum(1)  # (B, K)
-    onehot = onehot / torch.where(counts == 0, torch.ones_like(counts), counts).unsqueeze(1)
+    onehot = F.one_hot(labels.view(B, -1), num_classes + 1)[..., :num_classes]  # (B, hw, K)
+    counts = onehot.sum(1)  # (B, K), integers: a bf16 / fp16 sum would round counts above 256 / 2048
+    onehot = onehot.to(features.dtype) / counts.clamp(min=1).unsqueeze(1).to(features.dtype)
     return torch.bmm(onehot.transpose(1, 2), features.view(B, C, h * w).transpose(1, 2)), counts
 
 
