@@ -68,7 +68,13 @@ def test_config_overrides_types_and_bases(tmp_path):
                                                      "train.weight_decay=1e-4"])
     assert (cfg.data.shots, cfg.data.fold, cfg.eval.seeds) == (5, 2, [0, 1, 2])
     assert cfg.model.params == {"a": 1, "b": 2} and cfg.train.lr == 1.0 and isinstance(cfg.train.lr, float)
-    assert cfg.train.weight_decay == 1e-4  # YAML 1.1 reads "1e-4" as a string; floats accept it
+    assert cfg.train.weight_decay == 1e-4
+    # YAML 1.2's scalars (YamlLoader): 1e-4 is a float in any field (1.1 reads a string, which a params float or an
+    # augment range then refused), 0123 is not octal, off stays a string
+    cfg = load_config(tmp_path / "cfg.yaml", ["model.params.lr=1e-4", "data.augment.scale=[8e-1,1.2]", "seed=0123",
+                                              "model.params.profile=off"])
+    assert cfg.model.params["lr"] == 1e-4 and cfg.data.augment["scale"] == [0.8, 1.2] and cfg.seed == 123
+    assert cfg.model.params["profile"] == "off"
     # a dotted augment key edits the default PFENet augmentation when no file names one (it replaced it: the
     # other steps, missing from the mapping, were off); a file's own mapping is edited the same way
     default = load_config(tmp_path / "cfg.yaml").data.augment
@@ -424,6 +430,23 @@ def test_ddp_evaluation_equals_one_process(dataset, tmp_path):
     assert [s["episodes"] for s in b["per_seed"]] == [12, 12]
 
 
+def test_a_stale_best_checkpoint_does_not_outlive_a_fresh_run(dataset, tmp_path):
+    """A run stopped after a validation but before its first last.pt left best.pt: the run that starts over there
+    (without validating) removes it, so evaluating the folder takes this run's last.pt, not the other's best."""
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "best.pt").write_bytes(b"an earlier run's")
+    run = run_train(tiny(dataset, tmp_path / "run", "train.iters=2", "resume=true"))
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "removes that best.pt" in run.stderr
+    assert not (tmp_path / "run" / "best.pt").exists() and (tmp_path / "run" / "last.pt").is_file()
+
+
+def test_negative_budgets_are_refused(tmp_path):
+    for override in ("train.iters=-3", "train.epochs=-1", "train.warmup_iters=-1", "data.num_workers=-1"):
+        with pytest.raises(ConfigError, match=">= 0"):
+            load_config(write_config(tmp_path), [override])
+
+
 def test_evaluating_a_training_config_needs_its_weights(dataset, tmp_path):
     """evaluate.py CONFIG of a model that trains would score untrained weights: refused unless a checkpoint is
     named or train.iters=0 says so; and a run folder is never written over (its config.yaml, run.json)."""
@@ -439,6 +462,9 @@ def test_evaluating_a_training_config_needs_its_weights(dataset, tmp_path):
     assert evaluate_main([str(dataset / "tiny.yaml"), *common, f"out={tmp_path / 'e'}",
                           f"eval.checkpoint={tmp_path / 'run' / 'last.pt'}"]) == 0
     assert evaluate_main([str(dataset / "tiny.yaml"), *common, "train.iters=0", f"out={tmp_path / 'u'}"]) == 0
+    # a run folder is scored on the fold it trained on: another fold's test classes include its training classes
+    fold = load_config(tmp_path / "run" / "config.yaml").data.fold
+    assert evaluate_main([str(tmp_path / "run"), *common, f"data.fold={fold + 1}"]) == 2
     # a recipe counted in epochs or phases trains too; a multi-phase run keeps its checkpoints in its phases
     assert evaluate_main([str(dataset / "tiny.yaml"), *common, "train.epochs=2", f"out={tmp_path / 'e'}"]) == 2
     (tmp_path / "phased" / "meta").mkdir(parents=True)

@@ -8,6 +8,7 @@ and values of the wrong type are refused with the key's dotted name.
 import dataclasses
 import hashlib
 import json
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -108,6 +109,9 @@ CHOICES = {"ops": ("fused", "reference"), "amp": ("none", "bf16", "fp16"),
 # counts a run divides by or loops over: 0 would divide by zero or train without a backward pass
 POSITIVE = ("train.accumulate", "train.checkpoint_every", "train.log_every", "data.batch_size",
             "data.shots", "data.ways")
+# counts and budgets where 0 means none: a negative one (train.iters=-3) ran no step and left no checkpoint
+NON_NEGATIVE = ("train.iters", "train.epochs", "train.warmup_iters", "train.val_every", "train.val_episodes",
+                "data.num_workers", "eval.episodes")
 
 
 class ConfigError(ValueError):
@@ -124,12 +128,41 @@ def _merge(base: dict, update: dict) -> dict:
     return out
 
 
+class YamlLoader(yaml.SafeLoader):
+    """PyYAML's safe loader with YAML 1.2's core schema for scalars: ``1e-4`` is a float (YAML 1.1 reads a string),
+    ``0123`` is 123 (1.1: octal 83), and only true / false are booleans (1.1 reads off, no, y as False), as a
+    reader of ``train.lr=1e-4`` or ``model.params.profile=off`` expects."""
+
+
+YamlLoader.yaml_implicit_resolvers = {
+    first: [(tag, rx) for tag, rx in resolvers if tag.rsplit(":", 1)[-1] not in ("bool", "int", "float")]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+for _tag, _pattern, _first in (
+        ("bool", r"true|True|TRUE|false|False|FALSE", "tTfF"),
+        ("int", r"[-+]?[0-9]+|0o[0-7]+|0x[0-9a-fA-F]+", "-+0123456789"),  # before float: 12 is an int
+        ("float", r"[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)(?:[eE][-+]?[0-9]+)?|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN)",
+         "-+0123456789.")):
+    YamlLoader.add_implicit_resolver(f"tag:yaml.org,2002:{_tag}", re.compile(f"^(?:{_pattern})$"), list(_first))
+
+
+def _yaml12_int(loader, node) -> int:
+    text = loader.construct_scalar(node)
+    return int(text, 0 if text[:2] in ("0o", "0x") else 10)  # PyYAML's own reads a leading 0 as octal
+
+
+YamlLoader.add_constructor("tag:yaml.org,2002:int", _yaml12_int)
+
+
+def load_yaml(text: str):
+    return yaml.load(text, Loader=YamlLoader)
+
+
 def read_yaml(path) -> dict:
     """A config file with its ``base`` files merged in (depth first, later keys win)."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist")
-    raw = yaml.safe_load(path.read_text()) or {}
+    raw = load_yaml(path.read_text()) or {}
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: a config file must hold a mapping, got {type(raw).__name__}")
     bases = raw.pop("base", [])
@@ -156,7 +189,7 @@ def override_items(args: List[str]) -> List[Tuple[str, Any]]:
         if "=" not in arg:
             raise ConfigError(f"override {arg!r} is not of the form key=value")
         key, text = arg.split("=", 1)
-        items.append((key.strip(), yaml.safe_load(text) if text != "" else None))
+        items.append((key.strip(), load_yaml(text) if text != "" else None))
     return items
 
 
@@ -176,11 +209,6 @@ def _check_type(name: str, value, hint):
         return _check_type(name, value, next(a for a in args if a is not type(None)))
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
-    if hint is float and isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string
-        try:
-            return float(value)
-        except ValueError:
-            pass
     if hint in (int, float, str, bool):
         if not isinstance(value, hint) or (hint is int and isinstance(value, bool)):
             raise ConfigError(f"{name} must be {hint.__name__}, got {value!r}")
@@ -217,6 +245,8 @@ def _build(cls, tree: dict, prefix: str = ""):
             raise ConfigError(f"{prefix}{key} must be one of {', '.join(choices)}, got {kwargs[key]!r}")
         if prefix + key in POSITIVE and kwargs[key] < 1:
             raise ConfigError(f"{prefix}{key} must be >= 1, got {kwargs[key]}")
+        if prefix + key in NON_NEGATIVE and kwargs[key] is not None and kwargs[key] < 0:
+            raise ConfigError(f"{prefix}{key} must be >= 0, got {kwargs[key]}")
     return cls(**kwargs)
 
 

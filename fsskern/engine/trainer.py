@@ -163,6 +163,12 @@ def train_phase(cfg: Config, init_from: Optional[Path] = None) -> Path:
                           f"{dist.world_size()} with the same episodes per step: the episodes continue as they "
                           f"were, the random streams (dropout, augmentation) start from the seed", stacklevel=2)
         state = {"iteration": payload["iteration"], "best": payload["best"]}
+    if dist.is_main() and state["iteration"] == 0 and best.is_file():
+        # an earlier run here validated and was stopped before its first last.pt: its best.pt is not this run's,
+        # and evaluating the folder would pick it (this run may never validate to replace it)
+        warnings.warn(f"{out} holds best.pt but no last.pt (a run stopped before its first checkpoint): this run "
+                      f"starts from scratch and removes that best.pt", stacklevel=2)
+        best.unlink()
     if dist.is_main():
         write_run_info(cfg, out)
 
