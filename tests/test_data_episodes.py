@@ -89,6 +89,9 @@ def test_exact_episode_counts_no_off_by_one(msrc):
     assert [(e.query, e.classes[0]) for e in listed.episodes[:6]] == fake.listed_pairs
     for e in listed.episodes:
         assert {(s, e.classes[0]) for s in e.supports} <= set(fake.listed_pairs) and e.query not in e.supports
+    fake.listed_pairs = [(0, 6), (1, 7)]  # another fold's file: none of fold 0's classes
+    with pytest.raises(DataError, match="names no .image, class. pair of fold 0"):
+        build_test_manifest(fake, stats, 0, 1, 1, "hsnet", 0, episodes=6)
 
 
 def test_too_few_images_and_coverage(msrc):

@@ -98,7 +98,7 @@ def test_msrc_stuff_is_background_to_the_base_learner():
 def test_folder_train_list_selects_a_label_subset(tmp_path):
     """data.train_list (a few-label subset, e.g. UMTFSS stage C's 20 %) narrows the folder's train split only."""
     root = need("msrc_v2")
-    (tmp_path / "few.txt").write_text("10_12_s\n1_1_s\n")
+    (tmp_path / "few.txt").write_text("10_12_s\n1_1_s\n10_12_s\n")  # an id listed twice is one sample
     kw = dict(dataset="folder", root=str(root), classes="class_counts.tsv", params={"void": [0]})
     src = build_source(DataConfig(**kw, train_list=str(tmp_path / "few.txt")), "train")
     assert [src.sample_id(i) for i in range(len(src))] == ["10_12_s", "1_1_s"]

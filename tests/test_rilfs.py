@@ -51,6 +51,8 @@ def test_params_are_validated():
         build(prior_search="fp16")
     with pytest.raises(ValueError, match="aspp_dilations must be three ints"):
         build(aspp_dilations=[3, 6])
+    with pytest.raises(ValueError, match="base_classes must be <= 254"):  # its base_label 255 would be ignored
+        build(base_classes=255)
     assert [b[0].dilation for b in build(aspp_dilations=[3, 6, 9]).aspp.branches[1:]] == [(3, 3), (6, 6), (9, 9)]
     with pytest.raises(ValueError, match="meta phase keeps the backbone frozen"):
         create_model(ModelConfig(name="rilfs", backbone="mobilenet_v2", freeze_backbone=False))

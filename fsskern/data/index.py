@@ -265,7 +265,8 @@ def test_pool(source, stats: LabelStats, fold: int, min_pixels: int = 2048) -> T
 
 def base_label_lut(base: Sequence[int], size: int = 256) -> np.ndarray:
     """Label map -> base-learner label space (BAM): base classes 1..n_base in ascending id order,
-    background and every other class 0, 255 stays 255."""
+    background and every other class 0, 255 stays 255. Past 254 base classes (FSS-1000's 520) base class 255 meets
+    the ignore label; the models that read base_label (BAM, RILFS) refuse base_classes >= 255."""
     lut = np.zeros(size, dtype=np.int64)
     for k, c in enumerate(sorted(base), start=1):
         lut[c] = k

@@ -113,6 +113,9 @@ def build_test_manifest(source, stats: LabelStats, fold: int, shots: int, ways: 
     pairs = [(i, c) for i in queries for c in qualifying[i]]
     if order == "pairs" and getattr(source, "listed_pairs", None):
         pairs = [(i, c) for i, c in source.listed_pairs if c in novel]
+        if not pairs:
+            raise DataError(f"{source.name} {source.split}: its list names no (image, class) pair of fold {fold}'s "
+                            f"novel classes {novel}: is it another fold's list?")
         # HSNet's build_img_metadata_classwise: a class's supports are the file's images listed with it
         pools = {c: sorted({i for i, pc in pairs if pc == c}) for c in novel}
     mk = key_seed(meta)  # hash the key once; episode t then hashes (mk, t)

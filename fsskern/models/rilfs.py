@@ -109,6 +109,9 @@ def _parse_params(name: str, given: Dict, reflection_default: bool) -> Dict:
     for key in ("shots", "base_classes", "reduce_dim", "kshot_trans_dim", "base_hidden"):
         if out[key] < 1:
             raise ValueError(f"{name}: model.params.{key} must be >= 1, got {out[key]}")
+    if out["base_classes"] >= 255:  # base_label numbers them 1..n: the 255th would be the ignore label
+        raise ValueError(f"{name}: model.params.base_classes must be <= 254 (base_label's 255 is ignore), got "
+                         f"{out['base_classes']} (FSS-1000's 520 training classes do not fit a base learner)")
     return out
 
 

@@ -119,7 +119,9 @@ class FolderSource(Source):
         if not images.is_dir():
             raise DataError(f"missing image folder: {images}")
         if list_file:
-            ids = read_lines(Path(list_file), "image list")  # resolved by list_file()
+            # once each, in first-seen order (as PASCAL's and COCO's lists): an id listed twice would be two samples,
+            # and an episode could take the query's own image as its support
+            ids = list(dict.fromkeys(read_lines(Path(list_file), "image list")))  # resolved by list_file()
             if image_ext is None:
                 found = {p.stem: p.suffix for p in images.iterdir()}
                 missing = [i for i in ids if i not in found]
