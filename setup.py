@@ -51,6 +51,7 @@ import torch  # noqa: E402
 from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension  # noqa: E402
 
 WITH_CUDA = cuda_wanted(torch.version.cuda, TOOLKIT)
+TORCH_RELEASE = torch.__version__.split("+")[0]  # 2.14.1+cu130 -> 2.14.1 (the local tag is not on the index)
 if WITH_CUDA and not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
     # No GPU to ask: build for Ampere and Hopper (sm_80, sm_90) plus PTX for newer parts; older GPUs (V100, T4:
     # 7.0, 7.5) need TORCH_CUDA_ARCH_LIST set, or their launches fail with "no kernel image" (README, CUDA).
@@ -94,7 +95,9 @@ setup(
     description="Fused C++/CUDA kernels for few-shot semantic segmentation, as PyTorch ops",
     packages=find_packages(include=["fsskern", "fsskern.*"]),
     python_requires=">=3.10",
-    install_requires=["torch==2.14.1", "torchvision==0.29.1", "numpy", "pillow", "opencv-python-headless",
+    # _C.so is bound to the ABI of the torch it compiled against: pin that one, so pip never installs another
+    # torch over it (a fixed 2.14.1 replaced a user's 2.11 after building against it); torchvision follows torch
+    install_requires=[f"torch=={TORCH_RELEASE}", "torchvision", "numpy", "pillow", "opencv-python-headless",
                       "pyyaml", "tqdm", "tensorboard", "pycocotools"],
     extras_require={"umtfss": ["faiss-cpu", "scikit-image"]},  # stage A only (fsskern/pseudo_tasks.py)
     entry_points={"console_scripts": ["fsskern-train=fsskern.engine.cli:train_main",

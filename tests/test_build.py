@@ -1,4 +1,11 @@
 """What the build contains, and the CUDA kernels against the CPU ones where a GPU exists."""
+import os
+import re
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
 import pytest
 import torch
 from torch.testing import assert_close
@@ -114,3 +121,22 @@ def test_cuda_attention_matches_cpu(mode):
     g = torch.randn_like(out)
     for a, b in zip(torch.autograd.grad(out, (query, support), g), torch.autograd.grad(out_c, (qc, sc), g.cuda())):
         assert_close(b.cpu(), a, rtol=1e-4, atol=1e-5)
+
+
+def test_sdist_carries_what_the_extension_includes(tmp_path):
+    """An sdist builds elsewhere only if it holds every header the sources include (setuptools adds the sources of
+    ext_modules, not their headers: MANIFEST.in grafts csrc), and it pins the torch the build ran against."""
+    root = Path(__file__).parents[1]
+    run = subprocess.run([sys.executable, "setup.py", "-q", "sdist", "-d", str(tmp_path)], cwd=root,
+                         env={**os.environ, "FSSKERN_CUDA": "0"}, capture_output=True, text=True,
+                         timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    with tarfile.open(next(tmp_path.glob("fsskern-*.tar.gz"))) as tar:
+        names = {n.split("/", 1)[1] for n in tar.getnames() if "/" in n}
+        pkg_info = tar.extractfile(next(m for m in tar.getmembers() if m.name.endswith("/PKG-INFO"))).read().decode()
+    for source in (root / "csrc").rglob("*"):
+        if source.suffix in (".cpp", ".cu", ".h", ".cuh"):
+            for header in re.findall(r'#include\s+"([^"]+)"', source.read_text()):
+                near = source.parent.relative_to(root) / header
+                assert str(near) in names or f"csrc/{header}" in names, (source, header)
+    assert f"Requires-Dist: torch=={torch.__version__.split('+')[0]}" in pkg_info
