@@ -3,8 +3,9 @@ function names and signatures over the pure-PyTorch references (:mod:`fsskern.re
 is tested and is benchmarked both ways (config key ``ops``).
 
 Where the two differ by design (documented on the fused ops): ``prototype_attention`` with every key of an
-image invalid (fused: 0, reference: UMTFSS's uniform average); dropout masks (fused: Philox keyed by ``seed``,
-reference: ``F.dropout`` from torch's generator, ``seed`` ignored), so parity needs ``dropout_p=0`` (eval).
+image invalid (fused: 0, reference: UMTFSS's -10000 on every score, so a plain softmax over them); dropout masks
+(fused: Philox keyed by ``seed``, reference: ``F.dropout`` from torch's generator, ``seed`` ignored), so parity
+needs ``dropout_p=0`` (eval).
 """
 from types import SimpleNamespace
 from typing import Optional, Sequence, Tuple

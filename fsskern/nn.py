@@ -19,7 +19,7 @@ class PrototypeCrossAttention(nn.Module):
     q/k/v/out projections without bias, ``heads`` heads of ``dim // heads`` channels, scale
     head_dim ** -0.5, dropout on the attention weights and after the output projection (both
     only in training). Invalid prototypes are excluded from the softmax (UMTFSS adds -10000); an image whose
-    prototypes are all invalid attends to all of them uniformly, as UMTFSS's -10000 on every score gives.
+    prototypes are all invalid attends to all of them by a plain softmax, as UMTFSS's -10000 on every score gives.
 
     forward(x (B, N, dim), prototypes (B, P, dim), valid (B, P) bool or None) -> (B, N, dim).
     """
@@ -45,6 +45,9 @@ class PrototypeCrossAttention(nn.Module):
         if x.dim() != 3 or prototypes.dim() != 3 or x.shape[0] != prototypes.shape[0]:
             raise ValueError(f"PrototypeCrossAttention: expected x (B, N, dim) and prototypes (B, P, dim), got "
                              f"{tuple(x.shape)} and {tuple(prototypes.shape)}")
+        if valid is not None and (valid.dtype != torch.bool or valid.shape != prototypes.shape[:2]):
+            raise ValueError(f"PrototypeCrossAttention: valid must be a bool (B, P) = {tuple(prototypes.shape[:2])} "
+                             f"tensor, got {valid.dtype} of shape {tuple(valid.shape)}")
         q = self._split_heads(self.to_q(x))
         k = self._split_heads(self.to_k(prototypes))
         v = self._split_heads(self.to_v(prototypes))

@@ -23,6 +23,7 @@ import contextlib
 import copy
 import fcntl
 import hashlib
+import importlib.util
 import json
 import math
 import os
@@ -346,7 +347,19 @@ def _locked(path: Path):
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
+def _require_stage_a_packages() -> None:
+    """faiss and scikit-image are the ``umtfss`` extra, imported where used: say so before a build, not with a
+    bare ModuleNotFoundError after its embeddings."""
+    missing = [name for name, module in (("faiss-cpu", "faiss"), ("scikit-image", "skimage"))
+               if importlib.util.find_spec(module) is None]
+    if missing:
+        raise DataError(f"building pseudo tasks (UMTFSS stage A) needs {' and '.join(missing)}: pip install "
+                        f"{' '.join(missing)} (or the package with its extra, pip install --no-build-isolation "
+                        f"'.[umtfss]')")
+
+
 def _build(root, spec, filters, ids, paths, key, device, progress) -> dict:
+    _require_stage_a_packages()
     steps = ("embed_sample", "kmeans", "embed_assign", "assign", "superpixels", "embed_descriptor", "regions",
              "neighbours")
     seconds = {s: 0.0 for s in steps}

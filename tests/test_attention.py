@@ -246,6 +246,8 @@ def test_prototype_attention_bad_inputs():
         ops.prototype_attention(q, k, v, dropout_p=0.1, seed=2 ** 63)
     with pytest.raises(ValueError, match=r"PrototypeCrossAttention: expected x \(B, N, dim\)"):
         fnn.PrototypeCrossAttention(8, heads=2)(torch.randn(4, 8), torch.randn(1, 3, 8))
+    with pytest.raises(ValueError, match=r"valid must be a bool \(B, P\) = \(1, 3\) tensor"):  # was bitwise_or_cpu
+        fnn.PrototypeCrossAttention(8, heads=2)(torch.randn(1, 4, 8), torch.randn(1, 3, 8), torch.ones(1, 3))
 
 
 def test_prototype_attention_opcheck():

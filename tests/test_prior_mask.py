@@ -179,6 +179,7 @@ BAD = [
     (dict(query=torch.randn(2, 4, 0, 5)), ValueError, r"query must have a non-empty \(h, w\) grid"),
     (dict(support_masks=torch.ones(2, 1, 5, 0)), ValueError, r"support_masks must have a non-empty \(h, w\) grid"),
     (dict(out_size=(0, 5)), ValueError, r"out_size must have a non-empty \(h, w\) grid"),
+    (dict(out_size=5), ValueError, r"out_size must be an \(h, w\) pair"),  # was "'int' object is not iterable"
     (dict(eps=float("nan")), RuntimeError, "eps must be finite"),
     (dict(reduce="max"), ValueError, "reduce must be one of"),
     (dict(support_masks=torch.ones(2, 1, 5, 5, requires_grad=True)), ValueError, "not supported"),

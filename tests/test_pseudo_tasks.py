@@ -170,6 +170,16 @@ def test_resume_after_kills_gives_the_same_files(built, list_file, tmp_path, mon
     assert files(tmp_path / "killed") == files(Path(built[0].root))
 
 
+def test_a_missing_stage_a_package_is_named_with_its_install(list_file, tmp_path, monkeypatch):
+    """Without the umtfss extra the build stops before any work, naming the packages (a bare ModuleNotFoundError
+    after the embeddings before)."""
+    real = pt.importlib.util.find_spec
+    monkeypatch.setattr(pt.importlib.util, "find_spec", lambda name: None if name == "faiss" else real(name))
+    with pytest.raises(DataError, match=r"needs faiss-cpu: pip install faiss-cpu .*'\.\[umtfss\]'"):
+        pt.build_pseudo_tasks(data_cfg(tmp_path / "tasks", list_file), progress=False)
+    assert not (tmp_path / "tasks" / ".build").exists()
+
+
 def test_reuse_and_refusal_of_another_block(built, list_file):
     cfg, _ = built
     assert pt.build_pseudo_tasks(cfg, progress=False)["reused"]

@@ -28,7 +28,7 @@ def prototype_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
         k, v: (B, H, P, D) and (B, H, P, Dv), same dtype: the prototypes (UMTFSS: P = 70).
         key_valid: (B, P) bool; invalid keys get no weight. UMTFSS adds -10000 instead, which is
             the same unless every key of an image is invalid: then the output is 0 here (and
-            the gradients 0), not the reference's uniform average.
+            the gradients 0), not the reference's plain softmax over those keys.
         scale: multiplies the scores; default D ** -0.5.
         dropout_p: probability of zeroing an attention weight (kept weights scaled by
             1 / (1 - p)), after the softmax as in UMTFSS. Pass 0 in evaluation.

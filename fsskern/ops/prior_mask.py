@@ -81,6 +81,8 @@ def prior_mask(query: torch.Tensor, support: torch.Tensor, support_masks: torch.
                          f"got {tuple(support_masks.shape)}")
     B, K, C, hs, ws = support.shape
     hq, wq = query.shape[-2:]
+    if out_size is not None and not isinstance(out_size, (tuple, list, torch.Size)):
+        raise ValueError(f"prior_mask: out_size must be an (h, w) pair, got {out_size!r}")
     for name, size in (("query", (hq, wq)), ("support", (hs, ws)), ("support_masks", support_masks.shape[-2:]),
                        ("out_size", (1, 1) if out_size is None else tuple(out_size))):
         if len(size) != 2 or min(size) < 1:
