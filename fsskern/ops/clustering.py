@@ -15,7 +15,8 @@ from ._autocast import cast_inputs_under_autocast
 def lsh_planes(bits: int, dim: int, *, generator: Optional[torch.Generator] = None, dtype=torch.float32,
                device=None) -> torch.Tensor:
     """Random hyperplanes for :func:`lsh_hash`: (bits, dim + 1) standard normal, the last column
-    the threshold (UMTFSS draws a fresh set per call)."""
+    the threshold (UMTFSS draws a fresh set per call). Drawn on the CPU, so ``generator`` is a CPU generator and
+    a seed gives the same planes on every device; ``device`` moves them."""
     if not 1 <= bits <= 64:
         raise ValueError(f"lsh_planes: 1 <= bits <= 64, got {bits}")
     planes = torch.randn(bits, dim + 1, generator=generator, dtype=dtype)
@@ -47,7 +48,8 @@ def lsh_hash(x: torch.Tensor, planes: torch.Tensor) -> torch.Tensor:
 
 def draw_init(valid: torch.Tensor, k: int, generator: Optional[torch.Generator] = None) -> torch.Tensor:
     """k distinct valid points per batch item, uniformly (rows with <= k valid points get
-    zeros: hamming_kmeans does not use their init)."""
+    zeros: hamming_kmeans does not use their init). Drawn on the CPU (``generator``: a CPU generator), as
+    :func:`lsh_planes`."""
     if k < 1:
         raise ValueError(f"draw_init: k must be >= 1, got {k}")
     scores = torch.rand(valid.shape, generator=generator).to(valid.device)
