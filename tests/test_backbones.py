@@ -153,6 +153,19 @@ def test_resnet_dilation_styles_and_last_relu(small_input):
     assert "fc.weight" not in signed.state_dict()
 
 
+def test_vgg16_bn_without_last_relu(small_input):
+    """PANet's VGG (lastRelu=False): conv5_3's BN output, signed; the same weights and the same layer0-layer3."""
+    torch.manual_seed(0)
+    plain = create_backbone("vgg16_bn").eval()
+    signed = create_backbone("vgg16_bn", last_relu=False).eval()
+    assert signed.state_dict().keys() == plain.state_dict().keys()
+    signed.load_state_dict(plain.state_dict())
+    with torch.no_grad():
+        a, b = plain(small_input), signed(small_input)
+    assert torch.equal(a["layer3"], b["layer3"]) and (b["layer4"] < 0).any()
+    assert torch.equal(a["layer4"], b["layer4"].relu())
+
+
 def test_frozen_bn_stays_frozen_in_train_mode():
     model = create_backbone("resnet50_v2").train()
     bns = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]

@@ -14,11 +14,16 @@ SPLIT = {"layer0": (0, 7), "layer1": (7, 14), "layer2": (14, 24), "layer3": (24,
 
 
 class VGG16BN(Backbone):
-    """layer0 64 ch (stride 2), layer1 128 (4), layer2 256 (8), layer3 512 (16), layer4 512 (16)."""
+    """layer0 64 ch (stride 2), layer1 128 (4), layer2 256 (8), layer3 512 (16), layer4 512 (16).
 
-    def __init__(self, frozen_bn=True):
+    last_relu: False drops the ReLU after conv5_3 (index 42), as PANet's VGG (``lastRelu=False``): signed
+    layer4 features, whose cosines span [-1, 1].
+    """
+
+    def __init__(self, frozen_bn=True, last_relu=True):
         super().__init__(frozen_bn)
-        features = tv.make_layers(tv.cfgs["D"], batch_norm=True)[:SPLIT["layer4"][1]]
+        end = SPLIT["layer4"][1] if last_relu else SPLIT["layer4"][1] - 1
+        features = tv.make_layers(tv.cfgs["D"], batch_norm=True)[:end]
         for m in features:
             if isinstance(m, nn.MaxPool2d):
                 m.ceil_mode = True
@@ -29,7 +34,7 @@ class VGG16BN(Backbone):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
         self.features = features
-        self.split = SPLIT
+        self.split = {**SPLIT, "layer4": (SPLIT["layer4"][0], end)}
         self.channels = {"layer0": 64, "layer1": 128, "layer2": 256, "layer3": 512, "layer4": 512}
         self.strides = {"layer0": 2, "layer1": 4, "layer2": 8, "layer3": 16, "layer4": 16}
         self.finish_init()
@@ -39,7 +44,7 @@ class VGG16BN(Backbone):
 
 
 @register_backbone("vgg16_bn")
-def vgg16_bn(output_stride=None, frozen_bn=True):
+def vgg16_bn(output_stride=None, frozen_bn=True, last_relu=True):
     if output_stride not in (None, 16):
         raise ValueError(f"vgg16_bn: BAM's split has output stride 16 (no dilation), got output_stride={output_stride}")
-    return VGG16BN(frozen_bn)
+    return VGG16BN(frozen_bn, last_relu)
