@@ -13,13 +13,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 
 sys.path.insert(0, str(Path(__file__).parent))
 from conftest import load_script  # noqa: E402
 from engine_support import data_overrides, make_folder_dataset  # noqa: E402
 
 from fsskern.engine import checkpoint as ckpt  # noqa: E402
-from fsskern.engine.config import ConfigError, load_config  # noqa: E402
+from fsskern.engine.config import ConfigError, dump_yaml, load_config, load_yaml  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "PYTHONPATH": f"{ROOT / 'tests'}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
@@ -439,6 +440,15 @@ def test_a_stale_best_checkpoint_does_not_outlive_a_fresh_run(dataset, tmp_path)
     assert run.returncode == 0, run.stderr[-3000:]
     assert "removes that best.pt" in run.stderr
     assert not (tmp_path / "run" / "best.pt").exists() and (tmp_path / "run" / "last.pt").is_file()
+
+
+def test_config_yaml_reads_back_the_same_with_either_schema():
+    """A run's config.yaml (dump_yaml) quotes any string that YAML 1.1 or 1.2 would read as another type, so it
+    reads back equal with the engine's loader and with plain PyYAML."""
+    tree = {"a": "1e5", "b": 1e-5, "c": "off", "d": "0123", "e": [0.8, 1.2], "f": True, "g": "yes", "h": None,
+            "i": "12:30", "j": 12, "k": "runs/x"}
+    text = dump_yaml(tree)
+    assert load_yaml(text) == tree and yaml.safe_load(text) == tree
 
 
 def test_negative_budgets_are_refused(tmp_path):

@@ -134,15 +134,21 @@ class YamlLoader(yaml.SafeLoader):
     reader of ``train.lr=1e-4`` or ``model.params.profile=off`` expects."""
 
 
+class YamlDumper(yaml.SafeDumper):
+    """The safe dumper quoting a string that either schema reads as another type (``"1e5"``, ``"off"``), so that
+    config.yaml reads back the same here and with plain PyYAML."""
+
+
 YamlLoader.yaml_implicit_resolvers = {
     first: [(tag, rx) for tag, rx in resolvers if tag.rsplit(":", 1)[-1] not in ("bool", "int", "float")]
     for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
-for _tag, _pattern, _first in (
-        ("bool", r"true|True|TRUE|false|False|FALSE", "tTfF"),
-        ("int", r"[-+]?[0-9]+|0o[0-7]+|0x[0-9a-fA-F]+", "-+0123456789"),  # before float: 12 is an int
-        ("float", r"[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)(?:[eE][-+]?[0-9]+)?|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN)",
-         "-+0123456789.")):
-    YamlLoader.add_implicit_resolver(f"tag:yaml.org,2002:{_tag}", re.compile(f"^(?:{_pattern})$"), list(_first))
+for _cls in (YamlLoader, YamlDumper):  # the dumper keeps 1.1's resolvers and adds 1.2's
+    for _tag, _pattern, _first in (
+            ("bool", r"true|True|TRUE|false|False|FALSE", "tTfF"),
+            ("int", r"[-+]?[0-9]+|0o[0-7]+|0x[0-9a-fA-F]+", "-+0123456789"),  # before float: 12 is an int
+            ("float", r"[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)(?:[eE][-+]?[0-9]+)?|[-+]?\.(?:inf|Inf|INF)|"
+                      r"\.(?:nan|NaN|NAN)", "-+0123456789.")):
+        _cls.add_implicit_resolver(f"tag:yaml.org,2002:{_tag}", re.compile(f"^(?:{_pattern})$"), list(_first))
 
 
 def _yaml12_int(loader, node) -> int:
@@ -155,6 +161,10 @@ YamlLoader.add_constructor("tag:yaml.org,2002:int", _yaml12_int)
 
 def load_yaml(text: str):
     return yaml.load(text, Loader=YamlLoader)
+
+
+def dump_yaml(tree) -> str:
+    return yaml.dump(tree, Dumper=YamlDumper, sort_keys=False)
 
 
 def read_yaml(path) -> dict:

@@ -8,10 +8,9 @@ from pathlib import Path
 from typing import Optional
 
 import torch
-import yaml
 from tqdm import tqdm
 
-from .config import Config, config_hash, to_dict
+from .config import Config, config_hash, dump_yaml, to_dict
 
 
 def git_commit() -> str:
@@ -29,7 +28,7 @@ def git_commit() -> str:
 def write_run_info(cfg: Config, out: Path, **extra) -> None:
     """Freeze the resolved config and its provenance into the run folder."""
     out.mkdir(parents=True, exist_ok=True)
-    (out / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    (out / "config.yaml").write_text(dump_yaml(to_dict(cfg)))
     info = {"git_commit": git_commit(), "config_sha256": config_hash(cfg), "torch": torch.__version__,
             "python": platform.python_version(), "machine": platform.processor() or platform.machine(),
             "time": time.strftime("%Y-%m-%dT%H:%M:%S"), **extra}
