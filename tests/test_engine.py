@@ -141,15 +141,19 @@ def test_epochs_count_the_folds_own_pool(dataset, tmp_path):
     """train.epochs: the iterations from the fold's counted training pool (every query image once per epoch), as the
     papers budget; the run's config records the count, and the poly schedule ends with it."""
     from fsskern.engine.data import train_dataset
-    args = tiny(dataset, tmp_path / "run", "train.iters=0", "train.epochs=1.5", "train.accumulate=2")
+    args = tiny(dataset, tmp_path / "run", "train.iters=0", "train.epochs=1.5", "train.accumulate=2",
+                "train.warmup_epochs=0.5")
     per_epoch = len(train_dataset(load_config(args[0], args[1:])).manifest.episodes)
     want = -(-3 * per_epoch // (2 * 2 * 2))  # ceil(1.5 epochs x pool / (batch 2 x accumulate 2))
     result = run_train(args)
     assert result.returncode == 0, result.stderr
     assert json.loads((tmp_path / "run" / "done.json").read_text())["iteration"] == want > 1
-    assert load_config(tmp_path / "run" / "config.yaml").train.iters == want
+    saved = load_config(tmp_path / "run" / "config.yaml").train
+    assert saved.iters == want and saved.warmup_iters == -(-per_epoch // 8)  # the warm-up's half epoch, counted alike
     clash = run_train(tiny(dataset, tmp_path / "clash", "train.iters=5", "train.epochs=1.5"))
     assert clash.returncode != 0 and "train.iters=5 says otherwise" in clash.stderr
+    alone = run_train(tiny(dataset, tmp_path / "alone", "train.warmup_epochs=1"))
+    assert alone.returncode != 0 and "set train.epochs, or give the warm-up as train.warmup_iters" in alone.stderr
 
 
 def test_sigkill_then_resume_is_bit_identical(dataset, tmp_path):

@@ -63,6 +63,7 @@ class TrainConfig:
     momentum: float = 0.9
     weight_decay: float = 1e-4
     warmup_iters: int = 0
+    warmup_epochs: float = 0.0         # > 0 (with epochs): warmup_iters counted from the pool as epochs are
     poly_power: float = 0.9
     accumulate: int = 1                # micro-batches per optimizer step
     clip_grad: Optional[float] = None  # max global grad norm
@@ -110,7 +111,8 @@ CHOICES = {"ops": ("fused", "reference"), "amp": ("none", "bf16", "fp16"),
 POSITIVE = ("train.accumulate", "train.checkpoint_every", "train.log_every", "data.batch_size",
             "data.shots", "data.ways")
 # counts and budgets where 0 means none: a negative one (train.iters=-3) ran no step and left no checkpoint
-NON_NEGATIVE = ("train.iters", "train.epochs", "train.warmup_iters", "train.val_every", "train.val_episodes",
+NON_NEGATIVE = ("train.iters", "train.epochs", "train.warmup_iters", "train.warmup_epochs", "train.val_every",
+                "train.val_episodes",
                 "data.num_workers", "eval.episodes")
 
 

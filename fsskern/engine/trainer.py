@@ -115,7 +115,8 @@ def train_phase(cfg: Config, init_from: Optional[Path] = None) -> Path:
         payload = ckpt.load(last)
         now = to_dict(cfg)
         if cfg.train.epochs > 0:  # the same epochs on the same pool: the iterations the run counted
-            now["train"]["iters"] = payload["config"]["train"]["iters"]
+            for key in ("iters", "warmup_iters"):
+                now["train"][key] = payload["config"]["train"][key]
         check_resume(payload, now, last)  # not another fold's or seed's run passed off as this one
         return out
     if last.is_file() and not cfg.resume:
@@ -132,12 +133,21 @@ def train_phase(cfg: Config, init_from: Optional[Path] = None) -> Path:
         raise ValueError(f"model {cfg.model.name!r} has no trainable parameter: a training-free model is "
                          f"evaluated (python/evaluate.py), not trained")
     dataset = train_dataset(cfg)
+    if cfg.train.warmup_epochs > 0 and cfg.train.epochs == 0:
+        raise ConfigError("train.warmup_epochs counts the pool's epochs as train.epochs does: set train.epochs, or "
+                          "give the warm-up as train.warmup_iters")
     if cfg.train.epochs > 0:  # before the schedulers, whose poly decay runs over the iterations
-        iters = iters_for_epochs(cfg, len(dataset.manifest.episodes))
-        if cfg.train.iters not in (0, iters):  # (a run's saved config holds both, equal)
-            raise ConfigError(f"train.epochs={cfg.train.epochs:g} is {iters} iterations on this fold's pool, and "
-                              f"train.iters={cfg.train.iters} says otherwise: set one of them (the other to 0)")
-        cfg = with_overrides(cfg, {"train.iters": iters})
+        per_epoch = len(dataset.manifest.episodes)
+        counted = {"iters": iters_for_epochs(cfg, per_epoch, cfg.train.epochs)}
+        if cfg.train.warmup_epochs > 0:
+            counted["warmup_iters"] = iters_for_epochs(cfg, per_epoch, cfg.train.warmup_epochs)
+        for key, value in counted.items():
+            if getattr(cfg.train, key) not in (0, value):  # (a run's saved config holds both, equal)
+                epochs = cfg.train.epochs if key == "iters" else cfg.train.warmup_epochs
+                raise ConfigError(f"train.{key.replace('iters', 'epochs')}={epochs:g} is {value} iterations on "
+                                  f"this fold's pool, and train.{key}={getattr(cfg.train, key)} says otherwise: set "
+                                  f"one of them (the other to 0)")
+        cfg = with_overrides(cfg, {f"train.{key}": value for key, value in counted.items()})
     if cfg.train.iters == 0:
         raise ConfigError(f"model {cfg.model.name!r} has trainable parameters and train.iters and train.epochs are "
                           f"both 0: set the training budget")
@@ -291,14 +301,14 @@ def flatten(tree: dict, prefix: str = "") -> dict:
     return out
 
 
-def iters_for_epochs(cfg: Config, per_epoch: int) -> int:
-    """``train.epochs`` passes over the ``per_epoch`` training episodes (every query image of the fold's pool once,
-    PFENet's epoch) as optimizer steps of B * accumulate * W episodes, rounded up. The papers give their budgets
-    in epochs, and the pools differ between folds (BAM's filter drops every image holding a novel class: COCO's
-    fold 0, with person novel, keeps about half of what the other folds keep), so one fixed iteration count is
-    one fold's epochs only."""
+def iters_for_epochs(cfg: Config, per_epoch: int, epochs: float) -> int:
+    """``epochs`` passes over the ``per_epoch`` training episodes (every query image of the fold's pool once,
+    PFENet's epoch) as optimizer steps of B * accumulate * W episodes, rounded up (``train.epochs``, and
+    ``train.warmup_epochs``). The papers give their budgets in epochs, and the pools differ between folds (BAM's
+    filter drops every image holding a novel class: COCO's fold 0, with person novel, keeps about half of what the
+    other folds keep), so one fixed iteration count is one fold's epochs only."""
     per_step = cfg.data.batch_size * cfg.train.accumulate * dist.world_size()
-    return max(1, math.ceil(cfg.train.epochs * per_epoch / per_step))
+    return max(1, math.ceil(epochs * per_epoch / per_step))
 
 
 def positions(cfg: Config, start_iteration: int):
