@@ -1,10 +1,8 @@
 """python/demo.py's bookkeeping without a training: a finished run is reused only when trained as asked."""
 from pathlib import Path
 
-import yaml
-
 from conftest import load_script
-from fsskern.engine.config import load_config, to_dict
+from fsskern.engine.config import dump_yaml, load_config, to_dict
 
 ROOT = Path(__file__).resolve().parents[1]
 METHOD = str(ROOT / "configs" / "dpcl" / "msrc_v2_mobilenet_v2.yaml")
@@ -18,7 +16,7 @@ def test_a_run_trained_otherwise_is_named_not_reused(tmp_path):
     assert demo._changed_settings(tmp_path / "dpcl-train", METHOD, args) == []  # nothing trained yet
     (tmp_path / "dpcl-train").mkdir()
     (tmp_path / "dpcl-train" / "config.yaml").write_text(
-        yaml.safe_dump(to_dict(load_config(METHOD, args + ["train.iters=2"])), sort_keys=False))
+        dump_yaml(to_dict(load_config(METHOD, args + ["train.iters=2"]))))
     # a smoke run's 2 iterations used to be reported as the recipe's training
     assert demo._changed_settings(tmp_path / "dpcl-train", METHOD, args) == ["train.iters"]
     assert demo._changed_settings(tmp_path / "dpcl-train", METHOD, args + ["train.iters=2"]) == []

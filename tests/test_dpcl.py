@@ -180,6 +180,13 @@ def test_panet_is_dpcl_without_the_contrastive_branch():
     torch.testing.assert_close(out_p["losses"]["align"], out_d["losses"]["align"])
 
 
+def test_panet_vgg_recipe_drops_conv5s_relu():
+    """PANet's VGG-16 (lastRelu=False): the recipes' vgg16_bn ends at conv5_3's BN, so its cosines are signed."""
+    panet = build("panet", backbone="vgg16_bn", levels=["layer4"], head_dim=0).eval()
+    assert panet.encoder.backbone.split["layer4"] == (34, 42)
+    assert not isinstance(panet.encoder.backbone.features[-1], torch.nn.ReLU)
+
+
 def test_orthogonal_heads_keep_the_backbone_cosines():
     # head_init="orthogonal" (the MSRC-v2 CPU recipe): each 1x1 head is an isometry, so the untrained model's
     # cosine logits are those of the backbone's own concatenated levels

@@ -461,7 +461,7 @@ def test_negative_budgets_are_refused(tmp_path):
             load_config(write_config(tmp_path), [override])
 
 
-def test_evaluating_a_training_config_needs_its_weights(dataset, tmp_path):
+def test_evaluating_a_training_config_needs_its_weights(dataset, tmp_path, capsys):
     """evaluate.py CONFIG of a model that trains would score untrained weights: refused unless a checkpoint is
     named or train.iters=0 says so; and a run folder is never written over (its config.yaml, run.json)."""
     from fsskern.engine.cli import evaluate_main
@@ -479,6 +479,7 @@ def test_evaluating_a_training_config_needs_its_weights(dataset, tmp_path):
     # a run folder is scored on the fold it trained on: another fold's test classes include its training classes
     fold = load_config(tmp_path / "run" / "config.yaml").data.fold
     assert evaluate_main([str(tmp_path / "run"), *common, f"data.fold={fold + 1}"]) == 2
+    assert f"was trained on fold {fold} of" in capsys.readouterr().err
     # a recipe counted in epochs or phases trains too; a multi-phase run keeps its checkpoints in its phases
     assert evaluate_main([str(dataset / "tiny.yaml"), *common, "train.epochs=2", f"out={tmp_path / 'e'}"]) == 2
     (tmp_path / "phased" / "meta").mkdir(parents=True)

@@ -73,13 +73,13 @@ def evaluate_main(argv=None) -> int:
         if source.is_dir():
             run = last_phase(source)
             # the path as a quoted YAML string: unquoted, "runs/a #2" would lose its comment part, "123" be a number
-            cfg = load_config(run / "config.yaml", [f"out={json.dumps(str(source / 'eval'))}", "resume=false",
-                                                    *args.overrides])
-            trained = read_yaml(run / "config.yaml")["data"]
-            if cfg.data.dataset == trained.get("dataset") and cfg.data.fold != trained.get("fold"):
-                raise ConfigError(f"{source} was trained on fold {trained.get('fold')} of {cfg.data.dataset}: fold "
-                                  f"{cfg.data.fold}'s test classes include classes it trained on; evaluate it on "
-                                  f"data.fold={trained.get('fold')} (or train a fold-{cfg.data.fold} run)")
+            out = json.dumps(str(source / "eval"), ensure_ascii=False)
+            cfg = load_config(run / "config.yaml", [f"out={out}", "resume=false", *args.overrides])
+            trained = load_config(run / "config.yaml").data
+            if (cfg.data.dataset, cfg.data.root) == (trained.dataset, trained.root) and cfg.data.fold != trained.fold:
+                raise ConfigError(f"{source} was trained on fold {trained.fold} of {trained.dataset} ({trained.root}): "
+                                  f"fold {cfg.data.fold}'s test classes include classes it trained on; evaluate it on "
+                                  f"data.fold={trained.fold} (or train a fold-{cfg.data.fold} run)")
             checkpoint = run_checkpoint(run, cfg.eval.checkpoint)
         else:
             cfg = load_config(source, args.overrides)

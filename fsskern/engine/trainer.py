@@ -115,12 +115,15 @@ def train_phase(cfg: Config, init_from: Optional[Path] = None) -> Path:
         payload = ckpt.load(last)
         now = to_dict(cfg)
         if cfg.train.epochs > 0:  # the same epochs on the same pool: the iterations the run counted
-            for key in ("iters", "warmup_iters"):
+            for key in ("iters", "warmup_iters") if cfg.train.warmup_epochs > 0 else ("iters",):
                 now["train"][key] = payload["config"]["train"][key]
         check_resume(payload, now, last)  # not another fold's or seed's run passed off as this one
         return out
     if last.is_file() and not cfg.resume:
         raise FileExistsError(f"{out} already holds a run ({last}); pass resume=true to continue it, or another out=")
+    if cfg.train.warmup_epochs > 0 and cfg.train.epochs == 0:
+        raise ConfigError("train.warmup_epochs counts the pool's epochs as train.epochs does: set train.epochs, or "
+                          "give the warm-up as train.warmup_iters")
     if cfg.train.val_every and cfg.train.val_episodes > 0 and not holds_validation(cfg):
         raise ValueError("train.val_every validates on held-out base-class images or classes, and data.val_fraction "
                          "is 0 with no data.val_classes: set one of them, or train.val_every=0")
@@ -133,9 +136,6 @@ def train_phase(cfg: Config, init_from: Optional[Path] = None) -> Path:
         raise ValueError(f"model {cfg.model.name!r} has no trainable parameter: a training-free model is "
                          f"evaluated (python/evaluate.py), not trained")
     dataset = train_dataset(cfg)
-    if cfg.train.warmup_epochs > 0 and cfg.train.epochs == 0:
-        raise ConfigError("train.warmup_epochs counts the pool's epochs as train.epochs does: set train.epochs, or "
-                          "give the warm-up as train.warmup_iters")
     if cfg.train.epochs > 0:  # before the schedulers, whose poly decay runs over the iterations
         per_epoch = len(dataset.manifest.episodes)
         counted = {"iters": iters_for_epochs(cfg, per_epoch, cfg.train.epochs)}

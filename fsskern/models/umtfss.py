@@ -45,8 +45,8 @@ Resolutions (source: P paper, C public code, N the notes' recommendation, R ours
 - Layer order: query [SA, FFN, Cross, FFN] x 2 post-LN, support [SA, FFN] x 2, prototypes built once (C). [#7]
 - Attention scale (d / heads) ** -0.5 per head (C). [#8]
 - Prototypes L2-normalised; padding rows and empty clusters masked (C + fsskern); an image with no valid
-  prototype attends to all of them uniformly, as the code's -10000 on every score gives (C; until session 40 it
-  got zeros). [#9]
+  prototype attends to all of them by a plain softmax, as the code's -10000 on every score gives (C; until
+  session 40 it got zeros). [#9]
 - fg/bg token split: mask bilinear >= 0.5 (fsskern ``support_prototypes``; C: nearest); padded tokens
   dropped from both sets (C). [#10]
 - Clustering randomness: seeded ``torch.Generator``; training draws its seed from torch's global RNG (saved
