@@ -203,6 +203,7 @@ def test_cal_dist(batch, real):
     check(panet.calDist, T.cal_dist, torch.randn(batch, 16, 9, 9), torch.randn(batch, 16), **SCALED)
     check(panet.calDist, T.cal_dist, real[0], real[0].mean((2, 3))[:1], **SCALED)
     close(panet.calDist(real[0], torch.zeros(1, 32)), T.cal_dist(real[0], torch.zeros(1, 32)))
+    check(panet.calDist, T.cal_dist, torch.randn(batch, 16, 9, 9), torch.randn(16), **SCALED)  # (C,) broadcasts
 
 
 @pytest.mark.parametrize("queries,ways,shots", [(1, 1, 1), (1, 2, 2), (2, 2, 1)])

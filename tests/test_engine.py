@@ -200,7 +200,7 @@ def test_ddp_two_gloo_processes_equal_one_process(dataset, tmp_path):
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("device, bound", [("cuda", 1), ("cuda:3", "cuda:3"), ("cpu", None)])
+@pytest.mark.parametrize("device, bound", [("cuda", 1), ("cuda:3", "refused"), ("cpu", None)])
 def test_process_group_backends_per_device(monkeypatch, device, bound):
     """Under torchrun on GPUs each rank binds its own GPU and the group carries gloo beside nccl: the engine also
     reduces CPU tensors (the non-finite flag, the parsing confusion matrix), which plain nccl rejects. (No GPU
@@ -212,6 +212,10 @@ def test_process_group_backends_per_device(monkeypatch, device, bound):
     monkeypatch.setattr(distributed.dist, "is_initialized", lambda: False)
     monkeypatch.setattr(distributed.dist, "init_process_group", lambda backend: calls.update(backend=backend))
     monkeypatch.setattr(torch.cuda, "set_device", lambda d: calls.update(device=str(d) if ":" in str(d) else d))
+    if bound == "refused":  # one named GPU for every rank: nccl would refuse it later, less clearly
+        with pytest.raises(ValueError, match="names one GPU for all 2 processes"):
+            distributed.init_from_env(device)
+        return
     distributed.init_from_env(device)
     if bound is None:
         assert calls == {"backend": "gloo"}

@@ -58,7 +58,7 @@ def calDist(fts: torch.Tensor, prototype: torch.Tensor, scaler: float = 20) -> t
     """Scaled cosine between each pixel and one prototype: ``cos(fts, prototype) * scaler``.
 
     Args:
-        fts: (N, C, H, W); prototype: (1, C) or (N, C).
+        fts: (N, C, H, W); prototype: (1, C) or (N, C), or (C,) (PANet's broadcast takes it too).
 
     Returns:
         (N, H, W). One channel contraction and the pixel norms; unlike
@@ -66,6 +66,8 @@ def calDist(fts: torch.Tensor, prototype: torch.Tensor, scaler: float = 20) -> t
         are clamped to at least 1e-8 each, as torch's cosine_similarity does; equal to PANet's
         within fp32 rounding, gradients included.
     """
+    if prototype.dim() == 1:
+        prototype = prototype[None]
     dots = torch.einsum("nchw,nc->nhw", fts, prototype.expand(fts.shape[0], -1))
     fts_norm = torch.linalg.vector_norm(fts, dim=1).clamp_min(1e-8)
     proto_norm = torch.linalg.vector_norm(prototype, dim=1).clamp_min(1e-8)
