@@ -223,6 +223,18 @@ def test_process_group_backends_per_device(monkeypatch, device, bound):
         assert calls == {"backend": "cpu:gloo,cuda:nccl", "device": bound}
 
 
+def test_validation_scores_rank_0s_buffers(monkeypatch):
+    """Before a validation every rank takes rank 0's buffers (its BatchNorm statistics, which the last step updated
+    from its own batch): the reduced score is then that of the best.pt rank 0 saves. (Two ranks faked.)"""
+    from fsskern.engine import distributed
+    bn = torch.nn.BatchNorm2d(3)
+    sent = []
+    monkeypatch.setattr(distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(distributed.dist, "broadcast", lambda t, src: sent.append((t.data_ptr(), src)))
+    distributed.sync_buffers(bn)
+    assert sent == [(b.data_ptr(), 0) for b in bn.buffers()] and len(sent) == 3
+
+
 class NonFiniteGradient(torch.nn.Module):
     """A finite loss whose gradient is NaN for ``b`` (sqrt at 0) and finite for ``a``: what fp16's first steps
     do to one optimizer's parameters."""

@@ -58,6 +58,15 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
+def sync_buffers(module: torch.nn.Module) -> None:
+    """Rank 0's buffers (BatchNorm statistics, POPNet's bank) on every rank; a no-op without a process group. DDP
+    broadcasts them only at the next forward, so a validation right after a step would score each rank's own
+    statistics, not the weights rank 0 saves as best.pt."""
+    if is_initialized():
+        for buffer in module.buffers():
+            dist.broadcast(buffer, 0)
+
+
 def all_gather_objects(obj) -> list:
     """[obj of rank 0, obj of rank 1, ...]; [obj] without a process group."""
     if not is_initialized():

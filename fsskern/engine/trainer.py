@@ -347,6 +347,7 @@ def validate(cfg: Config, model, state: dict, logger, save_best) -> None:
     Runs under fork_rng so validating does not change the training's random stream."""
     if cfg.train.val_episodes <= 0 or not holds_validation(cfg):  # nothing held out: the last weights stand
         return
+    dist.sync_buffers(model)  # every rank scores the model rank 0 checkpoints
     with torch.random.fork_rng(devices=[]):
         result = evaluate_model(validation_config(cfg), model, progress=False)
     model.train()
