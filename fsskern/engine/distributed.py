@@ -16,9 +16,9 @@ def init_from_env(device: str) -> None:
     without ``set_device`` is GPU 0 for all of them (nccl refuses two ranks on one GPU)."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
         if device.startswith("cuda") and ":" in device:
-            raise ValueError(f"device={device} names one GPU for all {os.environ['WORLD_SIZE']} processes (nccl refuses "
-                             f"two ranks on one GPU): under torchrun pass device=cuda, each rank then binds GPU "
-                             f"LOCAL_RANK; choose the GPUs with CUDA_VISIBLE_DEVICES")
+            raise ValueError(f"device={device} names one GPU for all {os.environ['WORLD_SIZE']} processes (nccl "
+                             f"refuses two ranks on one GPU): under torchrun pass device=cuda, each rank then binds "
+                             f"GPU LOCAL_RANK; choose the GPUs with CUDA_VISIBLE_DEVICES")
         if device.startswith("cuda"):
             torch.cuda.set_device(local_rank())
             dist.init_process_group("cpu:gloo,cuda:nccl")

@@ -137,17 +137,16 @@ def train_phase(cfg: Config, init_from: Optional[Path] = None) -> Path:
                          f"evaluated (python/evaluate.py), not trained")
     dataset = train_dataset(cfg)
     if cfg.train.epochs > 0:  # before the schedulers, whose poly decay runs over the iterations
-        per_epoch = len(dataset.manifest.episodes)
-        counted = {"iters": iters_for_epochs(cfg, per_epoch, cfg.train.epochs)}
-        if cfg.train.warmup_epochs > 0:
-            counted["warmup_iters"] = iters_for_epochs(cfg, per_epoch, cfg.train.warmup_epochs)
-        for key, value in counted.items():
-            if getattr(cfg.train, key) not in (0, value):  # (a run's saved config holds both, equal)
-                epochs = cfg.train.epochs if key == "iters" else cfg.train.warmup_epochs
-                raise ConfigError(f"train.{key.replace('iters', 'epochs')}={epochs:g} is {value} iterations on "
-                                  f"this fold's pool, and train.{key}={getattr(cfg.train, key)} says otherwise: set "
-                                  f"one of them (the other to 0)")
-        cfg = with_overrides(cfg, {f"train.{key}": value for key, value in counted.items()})
+        counted = {}
+        for iters_key, epochs_key in (("iters", "epochs"), ("warmup_iters", "warmup_epochs")):
+            epochs, given = getattr(cfg.train, epochs_key), getattr(cfg.train, iters_key)
+            if epochs > 0:
+                value = iters_for_epochs(cfg, len(dataset.manifest.episodes), epochs)
+                if given not in (0, value):  # (a run's saved config holds both, equal)
+                    raise ConfigError(f"train.{epochs_key}={epochs:g} is {value} iterations on this fold's pool, and "
+                                      f"train.{iters_key}={given} says otherwise: set one of them (the other to 0)")
+                counted[f"train.{iters_key}"] = value
+        cfg = with_overrides(cfg, counted)
     if cfg.train.iters == 0:
         raise ConfigError(f"model {cfg.model.name!r} has trainable parameters and train.iters and train.epochs are "
                           f"both 0: set the training budget")

@@ -27,8 +27,8 @@ Resolutions (source: paper = DPCL text, PANet / PPNet / MoCo = public code, note
   "one-layer MLP" is a 1x1 conv with bias, no activation (notes A3); concat order l2, l3, l4, d = 1536.
   Levels with a coarser stride are upsampled bilinear to the finest one after their head (ours, notes A2:
   MobileNetV2 and VGG; a 1x1 conv commutes with the interpolation, so projecting first is the same map).
-  Heads start at PyTorch's conv init (ours, notes 2.3: DPCL has no public code); ``head_init="orthogonal"`` makes each an isometry so that
-  training starts from the backbone's cosines (ours; the MSRC-v2 CPU recipe).
+  Heads start at PyTorch's conv init (ours, notes 2.3: DPCL has no public code); ``head_init="orthogonal"``
+  makes each an isometry so that training starts from the backbone's cosines (ours; the MSRC-v2 CPU recipe).
 - R2 prototypes (Eq. 1): features upsampled to the mask size, eps 1e-5, fg = mean over shots, one bg =
   mean over ways and shots; the support bg mask is "not this shot's class", 255 included (PANet
   ``getFeatures`` / ``getPrototype``; notes A16). N-way supports carry only their own class (batch
@@ -47,8 +47,8 @@ Resolutions (source: paper = DPCL text, PANet / PPNet / MoCo = public code, note
   runs at the start of each training forward, before the keys are computed (MoCo's order; equal to
   updating after each optimizer step, Alg. 1, when every forward is one step: with ``train.accumulate`` A it
   runs A times per step, and it still runs on a step the trainer skips for a non-finite gradient). Its BN runs
-  in train mode
-  on the augmented views and its statistics are its own (MoCo; notes A18). No gradient (notes A11, A26).
+  in train mode on the augmented views and its statistics are its own (MoCo; notes A18). No gradient (notes
+  A11, A26).
 - R6 augmentation T: MoCo v2 ``aug_plus`` (RandomResizedCrop scale (0.2, 1) to the input size, ColorJitter
   0.4/0.4/0.4/0.1 p 0.8, RandomGrayscale 0.2, Gaussian blur sigma U[0.1, 2] p 0.5, horizontal flip) with
   torchvision transforms.v2; crop and flip move the mask (nearest). The crop is redrawn up to 10 times
