@@ -5,6 +5,7 @@ from torch.testing import assert_close
 
 from conftest import FP32, tol
 from fsskern import ops, reference
+from fsskern.reference import composed
 
 
 def inputs(B, K, C, hq, wq, hs, ws, H, W, fg, signed, dtype=torch.float32):
@@ -97,6 +98,27 @@ def test_nan_propagates_like_the_reference():
     s[0, 0, 3, 0, 0] = float("inf")
     assert_close(ops.prior_mask(q, s, m, reduce=None), reference.prior_mask(q, s, m, reduce=None),
                  equal_nan=True, **FP32)
+
+
+def test_masked_out_pixel_is_the_references_cosine_at_every_eps():
+    """A masked-out support pixel is the reference's 0 / (0 * |q| + eps): 0 with eps > 0, 0 / 0 = NaN with eps = 0
+    (the kernels once gave 0 at every eps); and a finite float64 value past float32's range under it is no
+    poison (the CPU kernel once tested finiteness in float32)."""
+    q, s, m = inputs(1, 2, 6, 3, 3, 3, 3, 3, 3, 0.5, True)
+    w = m.flatten(2)
+    w[:, :, 0] = 0
+    for eps in (1e-7, 0.0):
+        got = ops.max_cosine(q.flatten(2), s.flatten(3), w, eps=eps)[0]
+        want = composed.max_cosine(q.flatten(2), s.flatten(3), w, eps=eps)[0]
+        assert_close(got, want, equal_nan=True, **FP32)
+    assert torch.isnan(got).all()
+    q, s, w = q.double(), s.double(), w.double()
+    s[0, 0, 2, 0, 0] = 1e300
+    got = ops.max_cosine(q.flatten(2), s.flatten(3), w)
+    want = composed.max_cosine(q.flatten(2), s.flatten(3), w)
+    assert torch.isfinite(got[0]).all()
+    assert_close(got[0], want[0])
+    assert torch.equal(got[1], want[1])
 
 
 def test_non_contiguous_inputs():

@@ -52,11 +52,11 @@ HOST_DEVICE bool max_cosine_better(T v, int64_t j, T best, int64_t best_j) {
 }
 
 // The value of the background candidate (only present when some pixel is masked out): the
-// reference's 0 / (0 * |q| + eps), which is 0 for a finite |q| and NaN otherwise, exactly what
-// |q| - |q| gives (no -ffast-math anywhere in this build).
+// reference's cosine with a zeroed support pixel, 0 / (0 * |q| + eps), computed as written: 0
+// for a finite |q| and eps > 0, NaN for a non-finite |q| or for eps = 0 (0 / 0).
 template <typename T>
-HOST_DEVICE T background_cosine(T norm_q) {
-  return norm_q - norm_q;
+HOST_DEVICE T background_cosine(T norm_q, T eps) {
+  return cosine_from_dot(T(0), T(0), norm_q, eps);
 }
 
 // Gradient of cos(s, q) = d / (|s||q| + eps) for the backward pass:

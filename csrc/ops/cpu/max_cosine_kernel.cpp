@@ -61,7 +61,7 @@ bool background_poisoned(const In* support, const std::vector<int64_t>& bg, int6
   at::parallel_for(0, C, 16, [&](int64_t begin, int64_t end) {
     bool bad = false;
     for (int64_t c = begin; c < end && !bad; ++c)
-      for (const int64_t j : bg) bad |= !std::isfinite(static_cast<float>(support[c * Ns + j]));
+      for (const int64_t j : bg) bad |= !std::isfinite(static_cast<at::opmath_type<In>>(support[c * Ns + j]));  // float64 as float64
     if (bad) poisoned = true;
   });
   return poisoned;
@@ -123,7 +123,7 @@ void max_cosine_forward_typed(const at::Tensor& query, const at::Tensor& support
       int64_t* best_j = indices.mutable_data_ptr<int64_t>() + (b * K + k) * Nq;
       const bool has_bg = !bg.empty();
       for (int64_t i = 0; i < Nq; ++i) {
-        best[i] = has_bg ? background_cosine(qn[i]) : -std::numeric_limits<T>::infinity();
+        best[i] = has_bg ? background_cosine(qn[i], eps) : -std::numeric_limits<T>::infinity();
         best_j[i] = has_bg ? kBackgroundIndex : kNoIndex;
       }
 

@@ -135,7 +135,7 @@ __global__ void __launch_bounds__(kMaxCosineThreads)
   if (tid < kTileQ && q0 + tid < p.Nq) {
     const int64_t i = q0 + tid;
     const bool has_bg = nfg < p.Ns;
-    T v = has_bg ? background_cosine(query_norms[b * p.Nq + i]) : T(-INFINITY);
+    T v = has_bg ? background_cosine(query_norms[b * p.Nq + i], eps) : T(-INFINITY);
     int64_t j = has_bg ? kBackgroundIndex : kNoIndex;
     for (int t = 0; t < 16; ++t) {
       const T cand_v = red_v[t][tid];
