@@ -124,12 +124,19 @@ def test_kshot_training_and_fusion(shots):
 
 
 def test_kshot_finetune_restores_every_weight():
+    """Weights and gradients: a validation inside training must leave the next step only its own gradient (the
+    fine-tuning's last one once stayed on every tuned weight)."""
     model = build(kshot="finetune+fusion", ft_steps=3, scales=[0.75, 1.0]).eval()
     before = {k: v.clone() for k, v in model.state_dict().items()}
+    model.mr_cls.weight.grad = torch.ones_like(model.mr_cls.weight)  # a training step's, mid-accumulation
     batch = episode(K=2, B=1)
-    out = model(batch)["logits"]
+    with torch.no_grad():
+        out = model(batch)["logits"]
     assert out.shape == (1, 2, 65, 65) and torch.isfinite(out).all()
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    assert list(grads) == ["mr_cls.weight"]
+    assert torch.equal(grads["mr_cls.weight"], torch.ones_like(model.mr_cls.weight))
     assert not model.training
     with pytest.raises(ValueError, match="needs >= 2 support images"):
         model(episode(K=1))

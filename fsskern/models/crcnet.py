@@ -326,11 +326,14 @@ class CRCNet(nn.Module):
 
     def _finetune_predict(self, query, supports, labels):
         """k-shot fine-tuning for one episode (notes 5.3): query (1, 3, H, W), supports (1, K, 3, H, W), labels
-        (1, K, H, W) -> probabilities (1, 2, H, W); every weight is restored before returning."""
+        (1, K, H, W) -> probabilities (1, 2, H, W); every weight and its gradient is restored before returning."""
         K, size = labels.shape[1], query.shape[-2:]
         tuned = [(n, q) for n, q in self.named_parameters() if q.requires_grad and not n.startswith(("backbone.",
                                                                                                       "reduce."))]
         saved = {n: q.detach().clone() for n, q in tuned}
+        # the caller's gradients too: a validation between a training step's zero_grad and the next must not hand
+        # that step one episode's fine-tuning gradient
+        saved_grads = {n: q.grad for n, q in tuned}
         imgs, lab = supports[0], labels[0]
         with torch.no_grad():  # the encoder is fixed: its features of each support and its mirror image, once
             feats = self.encode(torch.cat([imgs, imgs.flip(-1)]))
@@ -362,6 +365,7 @@ class CRCNet(nn.Module):
             with torch.no_grad():
                 for n, q in tuned:
                     q.copy_(saved[n])
+                    q.grad = saved_grads[n]
             torch.clear_autocast_cache()  # and the next episode the restored ones
 
     # ----------------------------------------------------------------------------------------- helpers
