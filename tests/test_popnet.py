@@ -241,8 +241,9 @@ def test_bad_inputs_are_refused():
         model(alpha=1)
     with pytest.raises(ValueError, match="stage"):
         model(stage=4)
-    with pytest.raises(ValueError, match="bg_weight"):
-        model(bg_weight=-0.5)
+    for bg_weight in (-0.5, 0.0):
+        with pytest.raises(ValueError, match="bg_weight must be finite and > 0"):
+            model(bg_weight=bg_weight)
     b = kway_batch(ways=3)
     with pytest.raises(ValueError, match="do not match"):
         m(dict(b, support_masks=b["support_masks"][..., :-1]))

@@ -216,8 +216,8 @@ class POPNet(nn.Module):
             raise ValueError(f"popnet: params.stage must be 1, 2 or 3 (3 only with kim=False), got {p['stage']}")
         if p["head"] not in ("dml", "agm", "ncm"):
             raise ValueError(f"popnet: params.head must be dml, agm or ncm, got {p['head']!r}")
-        if not 0 <= p["bg_weight"] < float("inf"):
-            raise ValueError(f"popnet: params.bg_weight must be finite and >= 0, got {p['bg_weight']}")
+        if not 0 < p["bg_weight"] < float("inf"):  # 0 makes a query of background alone a 0 / 0 loss
+            raise ValueError(f"popnet: params.bg_weight must be finite and > 0, got {p['bg_weight']}")
         self.backend, self.stage = backend, p["stage"]
         stages = (1, 2, 3) if p["kim"] else (3,)
 
