@@ -81,16 +81,16 @@ def main(argv=None) -> int:
 
 
 def _changed_settings(run_dir: Path, method: str, train_args) -> list:
-    """The dotted keys where the run already in run_dir differs from what this command would train."""
+    """The settings where the run already in run_dir differs from what this command would train, those a resume
+    may change (resume itself, the data's root, ...) left out as the trainer leaves them out."""
     if not (run_dir / "config.yaml").is_file():
         return []
-    from fsskern.engine.config import load_config, to_dict
-
-    def flat(tree, prefix=""):
-        return {k: v for key, value in tree.items()
-                for k, v in (flat(value, f"{prefix}{key}.") if isinstance(value, dict) else {prefix + key: value}).items()}
-    saved, wanted = flat(to_dict(load_config(run_dir / "config.yaml"))), flat(to_dict(load_config(method, train_args)))
-    return sorted(k for k in saved.keys() | wanted.keys() if saved.get(k) != wanted.get(k))
+    from fsskern.engine.config import ConfigError, load_config, read_yaml, to_dict
+    from fsskern.engine.trainer import changed_settings
+    try:
+        return changed_settings(read_yaml(run_dir / "config.yaml"), to_dict(load_config(method, train_args)))
+    except ConfigError as e:
+        return [f"its config no longer loads ({e})"]
 
 
 def _finished(run_dir: Path) -> bool:

@@ -18,5 +18,18 @@ def test_a_run_trained_otherwise_is_named_not_reused(tmp_path):
     (tmp_path / "dpcl-train" / "config.yaml").write_text(
         dump_yaml(to_dict(load_config(METHOD, args + ["train.iters=2"]))))
     # a smoke run's 2 iterations used to be reported as the recipe's training
-    assert demo._changed_settings(tmp_path / "dpcl-train", METHOD, args) == ["train.iters"]
+    assert demo._changed_settings(tmp_path / "dpcl-train", METHOD, args) == ["train.iters 2 -> 300"]
     assert demo._changed_settings(tmp_path / "dpcl-train", METHOD, args + ["train.iters=2"]) == []
+
+
+def test_a_resumed_or_epoch_counted_run_is_reused(tmp_path):
+    """A resumed training saves resume: true, and one counted in epochs saves the iterations it counted: neither
+    is another training (both once made every later make demo refuse the finished run)."""
+    args = [f"out={tmp_path / 'dpcl-train'}", "data.root=/data/msrc_v2", "data.fold=0", "data.shots=1"]
+    (tmp_path / "dpcl-train").mkdir()
+    saved = to_dict(load_config(METHOD, args + ["resume=true", "train.epochs=2", "train.iters=0"]))
+    saved["train"]["iters"] = 123  # what the trainer counted from the pool
+    (tmp_path / "dpcl-train" / "config.yaml").write_text(dump_yaml(saved))
+    assert demo._changed_settings(tmp_path / "dpcl-train", METHOD, args + ["train.epochs=2", "train.iters=0"]) == []
+    assert demo._changed_settings(tmp_path / "dpcl-train", METHOD, args + ["train.epochs=3", "train.iters=0"]) \
+        == ["train.epochs 2.0 -> 3.0"]

@@ -326,6 +326,14 @@ def test_a_phase_keeps_its_own_settings_and_says_so(dataset, tmp_path):
     refused = run_train(args + ["train.iters=2", "data.fold=1", f"out={tmp_path / 'fold1'}"])
     assert refused.returncode == 2 and "phase 'a' is written for data.fold=0" in refused.stderr
     assert not (tmp_path / "fold1").exists()
+    # a rerun, or a resume with a setting the run did not have, is refused before the run's config.yaml (which
+    # evaluate.py reads) takes it
+    before = (tmp_path / "run" / "config.yaml").read_text()
+    again = run_train(args + ["train.iters=2", "train.lr=0.5"])
+    assert again.returncode != 0 and "already holds a run" in again.stderr
+    other = run_train(args + ["train.iters=2", "train.lr=0.5", "resume=true"])
+    assert other.returncode != 0 and "resume: train.lr 0.05 -> 0.5 differ from the run in" in other.stderr
+    assert (tmp_path / "run" / "config.yaml").read_text() == before
 
 
 def test_a_phase_is_refused_other_folds_than_its_own(tmp_path):
@@ -472,9 +480,29 @@ def test_config_yaml_reads_back_the_same_with_either_schema():
 
 
 def test_negative_budgets_are_refused(tmp_path):
-    for override in ("train.iters=-3", "train.epochs=-1", "train.warmup_iters=-1", "data.num_workers=-1"):
+    for override in ("train.iters=-3", "train.epochs=-1", "train.warmup_iters=-1", "data.num_workers=-1",
+                     "train.clip_grad=-1", "train.poly_power=-0.9", "train.lr=-0.01", "train.weight_decay=-1e-4"):
         with pytest.raises(ConfigError, match=">= 0"):
             load_config(write_config(tmp_path), [override])
+    assert load_config(write_config(tmp_path), ["train.clip_grad=0"]).train.clip_grad == 0  # no clipping
+
+
+def test_an_override_that_is_no_yaml_is_a_config_error(tmp_path):
+    with pytest.raises(ConfigError, match=r"override 'eval.seeds=\[0,1': its value is not YAML"):
+        load_config(write_config(tmp_path), ["eval.seeds=[0,1"])
+
+
+def test_resume_refuses_a_checkpoint_of_other_optimizers(dataset, tmp_path):
+    """A model whose parameter groups changed with the code builds another number of optimizers than the
+    checkpoint holds: zip once restored some of them and left the rest from scratch, silently."""
+    out = tmp_path / "run"
+    assert run_train(tiny(dataset, out, "train.iters=2")).returncode == 0
+    payload = ckpt.load(out / "last.pt")
+    payload["optimizers"].append(payload["optimizers"][0])
+    ckpt.save_atomic(payload, out / "last.pt")
+    (out / "done.json").unlink()
+    res = run_train(tiny(dataset, out, "train.iters=2", "resume=true"))
+    assert res.returncode != 0 and "holds 2 optimizers, and the model now builds 1" in res.stderr
 
 
 def test_evaluating_a_training_config_needs_its_weights(dataset, tmp_path, capsys):
@@ -495,6 +523,9 @@ def test_evaluating_a_training_config_needs_its_weights(dataset, tmp_path, capsy
     # a run folder is scored on the fold it trained on: another fold's test classes include its training classes
     fold = load_config(tmp_path / "run" / "config.yaml").data.fold
     assert evaluate_main([str(tmp_path / "run"), *common, f"data.fold={fold + 1}"]) == 2
+    assert f"was trained on fold {fold} of" in capsys.readouterr().err
+    alias = os.path.relpath(data_overrides(dataset)[0].split("=", 1)[1])  # the same folder, spelt otherwise
+    assert evaluate_main([str(tmp_path / "run"), *common, f"data.root={alias}", f"data.fold={fold + 1}"]) == 2
     assert f"was trained on fold {fold} of" in capsys.readouterr().err
     # a recipe counted in epochs or phases trains too; a multi-phase run keeps its checkpoints in its phases
     assert evaluate_main([str(dataset / "tiny.yaml"), *common, "train.epochs=2", f"out={tmp_path / 'e'}"]) == 2

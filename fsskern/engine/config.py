@@ -66,7 +66,7 @@ class TrainConfig:
     warmup_epochs: float = 0.0         # > 0 (with epochs): warmup_iters counted from the pool as epochs are
     poly_power: float = 0.9
     accumulate: int = 1                # micro-batches per optimizer step
-    clip_grad: Optional[float] = None  # max global grad norm
+    clip_grad: Optional[float] = None  # max global grad norm; None or 0: no clipping
     checkpoint_every: int = 500
     val_every: int = 0                 # 0: validate only at the end (never when data.val_fraction is 0)
     val_episodes: int = 200
@@ -110,10 +110,12 @@ CHOICES = {"ops": ("fused", "reference"), "amp": ("none", "bf16", "fp16"),
 # counts a run divides by or loops over: 0 would divide by zero or train without a backward pass
 POSITIVE = ("train.accumulate", "train.checkpoint_every", "train.log_every", "data.batch_size",
             "data.shots", "data.ways")
-# counts and budgets where 0 means none: a negative one (train.iters=-3) ran no step and left no checkpoint
+# counts and budgets where 0 means none: a negative one (train.iters=-3) ran no step and left no checkpoint; and
+# the optimizer's settings, where a negative one ascends (clip_grad=-1 scales every gradient by a negative factor,
+# poly_power=-1 grows the LR through the run)
 NON_NEGATIVE = ("train.iters", "train.epochs", "train.warmup_iters", "train.warmup_epochs", "train.val_every",
-                "train.val_episodes",
-                "data.num_workers", "eval.episodes")
+                "train.val_episodes", "train.lr", "train.momentum", "train.weight_decay", "train.poly_power",
+                "train.clip_grad", "data.num_workers", "eval.episodes")
 
 
 class ConfigError(ValueError):
@@ -201,7 +203,11 @@ def override_items(args: List[str]) -> List[Tuple[str, Any]]:
         if "=" not in arg:
             raise ConfigError(f"override {arg!r} is not of the form key=value")
         key, text = arg.split("=", 1)
-        items.append((key.strip(), load_yaml(text) if text != "" else None))
+        try:
+            value = load_yaml(text) if text != "" else None
+        except yaml.YAMLError as e:  # "[0,1": refused with the command line's message, not a traceback
+            raise ConfigError(f"override {arg!r}: its value is not YAML ({' '.join(str(e).split())})") from None
+        items.append((key.strip(), value))
     return items
 
 

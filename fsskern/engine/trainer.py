@@ -22,7 +22,7 @@ from torch.nn.parallel import DistributedDataParallel
 from ..models import create_model
 from . import checkpoint as ckpt
 from . import distributed as dist
-from .config import Config, ConfigError, config_from_dict, override_items, to_dict, with_overrides
+from .config import Config, ConfigError, config_from_dict, override_items, read_yaml, to_dict, with_overrides
 from .data import episode_loader, eval_dataset, train_dataset
 from .evaluator import evaluate_model
 from .logging import RunLogger, write_run_info
@@ -59,15 +59,17 @@ def train(cfg: Config, overrides: Sequence[str] = ()) -> Path:
     dist.init_from_env(cfg.device)
     if not cfg.train.phases:
         return train_phase(cfg)
-    refuse_other_fold(cfg)  # before anything is written to out
-    if dist.is_main():  # the run folder's own config lists the phases (evaluate.py reads it)
-        write_run_info(cfg, Path(cfg.out))
-    previous = None
     for i, phase in enumerate(cfg.train.phases):
         unknown = set(phase) - {"name", "config", "fold"}
         if unknown or "name" not in phase:
             raise ValueError(f"train.phases[{i}] needs 'name', and optionally 'config' (dotted overrides) and 'fold' "
                              f"(the fold it is written for); got {sorted(phase)}")
+    refuse_other_fold(cfg)  # these checks before anything is written to out
+    refuse_overwrite(cfg)
+    if dist.is_main():  # the run folder's own config lists the phases (evaluate.py reads it)
+        write_run_info(cfg, Path(cfg.out))
+    previous = None
+    for phase in cfg.train.phases:
         sub = with_overrides(cfg, {"out": str(Path(cfg.out) / phase["name"]), "train.phases": [],
                                    **phase_settings(phase, overrides)})
         previous = train_phase(sub, init_from=previous)
@@ -101,6 +103,26 @@ def refuse_other_fold(cfg: Config) -> None:
                               f"and folders with it); data.fold={cfg.data.fold} needs a config of that fold")
 
 
+def refuse_overwrite(cfg: Config) -> None:
+    """A multi-phase run's folder before its own config.yaml is rewritten (each phase checks its checkpoint again):
+    a phase's checkpoint without resume=true, or a resume with settings the run did not have, is refused here, not
+    after the run's config.yaml, which evaluate.py reads, has taken the refused settings."""
+    out = Path(cfg.out)
+    held = [out / phase["name"] / "last.pt" for phase in cfg.train.phases]
+    held = [path for path in held if path.is_file()]
+    if held and not cfg.resume:
+        raise FileExistsError(f"{out} already holds a run ({held[0]}); pass resume=true to continue it, or another "
+                              f"out=")
+    if held and (out / "config.yaml").is_file():
+        try:
+            changed = changed_settings(read_yaml(out / "config.yaml"), to_dict(cfg))
+        except ConfigError as e:
+            changed = [f"the saved config no longer loads ({e})"]
+        if changed:
+            raise ValueError(f"resume: {'; '.join(changed)} differ from the run in {out}; only "
+                             f"{', '.join(RESUMABLE)} may change: start a new run (out=...) instead")
+
+
 def train_phase(cfg: Config, init_from: Optional[Path] = None) -> Path:
     dist.init_from_env(cfg.device)
     device = device_of(cfg)
@@ -112,12 +134,7 @@ def train_phase(cfg: Config, init_from: Optional[Path] = None) -> Path:
             raise ValueError(f"resume: {out} finished at iteration {finished}, and train.iters is "
                              f"{cfg.train.iters}: a finished run is not extended (its schedule has ended); start a "
                              f"new run (out=...)")
-        payload = ckpt.load(last)
-        now = to_dict(cfg)
-        if cfg.train.epochs > 0:  # the same epochs on the same pool: the iterations the run counted
-            for key in ("iters", "warmup_iters") if cfg.train.warmup_epochs > 0 else ("iters",):
-                now["train"][key] = payload["config"]["train"][key]
-        check_resume(payload, now, last)  # not another fold's or seed's run passed off as this one
+        check_resume(ckpt.load(last), to_dict(cfg), last)  # not another fold's or seed's run passed off as this one
         return out
     if last.is_file() and not cfg.resume:
         raise FileExistsError(f"{out} already holds a run ({last}); pass resume=true to continue it, or another out=")
@@ -160,6 +177,9 @@ def train_phase(cfg: Config, init_from: Optional[Path] = None) -> Path:
         payload = ckpt.load(last)
         check_resume(payload, to_dict(cfg), last)
         model.load_state_dict(payload["model"])
+        if (len(payload["optimizers"]), len(payload["schedulers"])) != (len(optimizers), len(schedulers)):
+            raise ValueError(f"resume: {last} holds {len(payload['optimizers'])} optimizers, and the model now builds "
+                             f"{len(optimizers)} (its parameter groups changed with the code): start a new run")
         for opt, s in zip(optimizers, payload["optimizers"]):
             opt.load_state_dict(s)
         for sched, s in zip(schedulers, payload["schedulers"]):
@@ -275,18 +295,30 @@ def resume_changes(then: dict, now: dict, then_world: int) -> list:
     processes) and are not RESUMABLE, as "key a -> b". The batch size may change with the world size
     as long as a step reads the same episodes (B * W, module docstring)."""
     try:
-        then = to_dict(config_from_dict(then))  # keys added since the checkpoint take their defaults
+        changed = changed_settings(then, now)
     except ConfigError as e:
         return [f"the saved config no longer loads ({e})"]
-    flat_then, flat_now = flatten(then), flatten(now)
-    changed = [f"{k} {flat_then.get(k)!r} -> {flat_now.get(k)!r}" for k in sorted(set(flat_then) | set(flat_now))
-               if flat_then.get(k) != flat_now.get(k) and k != "data.batch_size"
-               and not any(k == r or k.startswith(r + ".") for r in RESUMABLE)]
     per_step = then["data"]["batch_size"] * then_world, now["data"]["batch_size"] * dist.world_size()
     if per_step[0] != per_step[1]:
         changed.append(f"episodes per step per micro-batch (data.batch_size x world size) {per_step[0]} -> "
                        f"{per_step[1]}")
     return changed
+
+
+def changed_settings(then: dict, now: dict) -> list:
+    """The settings of ``now`` that differ from the saved ``then`` (config trees) and are not RESUMABLE (nor the
+    batch size, which resume_changes compares per step), as "key a -> b". Iterations the saved run counted from
+    its epochs stand for ``now``'s uncounted 0: the same epochs on the same pool. Raises ConfigError when ``then``
+    no longer loads."""
+    then = to_dict(config_from_dict(then))  # keys added since the run was saved take their defaults
+    now = {**now, "train": dict(now["train"])}
+    for iters_key, epochs_key in (("iters", "epochs"), ("warmup_iters", "warmup_epochs")):
+        if now["train"][epochs_key] > 0 and now["train"][iters_key] == 0:
+            now["train"][iters_key] = then["train"][iters_key]
+    flat_then, flat_now = flatten(then), flatten(now)
+    return [f"{k} {flat_then.get(k)!r} -> {flat_now.get(k)!r}" for k in sorted(set(flat_then) | set(flat_now))
+            if flat_then.get(k) != flat_now.get(k) and k != "data.batch_size"
+            and not any(k == r or k.startswith(r + ".") for r in RESUMABLE)]
 
 
 def flatten(tree: dict, prefix: str = "") -> dict:
