@@ -271,7 +271,8 @@ def test_parsing_kway_and_one_way_training_episodes(tmp_path):
     if not (DATA / "viton_parsing").is_dir():
         pytest.skip(f"real data {DATA / 'viton_parsing'} absent")
     from fsskern.data.episodes import KWayTrainEpisodes, parsing_train_episodes
-    cfg = DataConfig(dataset="parsing", root=str(DATA / "viton_parsing"), params={"preset": "lip"},
+    cfg = DataConfig(dataset="parsing", root=str(DATA / "viton_parsing"),
+                     params={"preset": "lip", "test_fraction": 0.5},  # the pfenet policy needs a test split
                      hierarchy={"head": ["hat", "hair", "face"], "body": ["upper-clothes", "dress", "coat", "jumpsuits",
                                 "skirt"], "arms": ["arms"], "legs": ["pants", "legs", "shoes"]})
     src = build_source(cfg, "train")

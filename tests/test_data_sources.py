@@ -95,6 +95,23 @@ def test_msrc_stuff_is_background_to_the_base_learner():
                                 params={"void": [0], "stuff": stuff}), "train")
 
 
+def test_an_unsplit_folder_refuses_the_pfenet_policy():
+    """Without a split every MSRC-v2 test query is a training image: pfenet would train on it with its novel pixels
+    as background (RILFS's and BAM's base learner did, until session 49); bam keeps none of them, a split is sound."""
+    root = need("msrc_v2")
+    cfg = DataConfig(dataset="folder", root=str(root), classes="class_counts.tsv", folds=[[4, 6, 9, 11]],
+                     params={"void": [0]})
+    src = build_source(cfg, "train")
+    stats = scan_labels(src)
+    with pytest.raises(DataError, match="its test split holds every image"):
+        training_pools(src, stats, 0, "pfenet")
+    kept = {i for pool in training_pools(src, stats, 0, "bam").train.values() for i in pool}
+    assert kept and not any(set(stats.pixels[i]) & {4, 6, 9, 11} for i in kept)  # no test query among them
+    split = DataConfig(**{**vars(cfg), "params": {"void": [0], "test_fraction": 0.5}})
+    src = build_source(split, "train")
+    assert training_pools(src, scan_labels(src), 0, "pfenet").train
+
+
 def test_folder_train_list_selects_a_label_subset(tmp_path):
     """data.train_list (a few-label subset, e.g. UMTFSS stage C's 20 %) narrows the folder's train split only."""
     root = need("msrc_v2")

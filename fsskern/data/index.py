@@ -217,6 +217,11 @@ def training_pools(source, stats: LabelStats, fold: int, policy: str = "pfenet",
         raise DataError(f"unknown training policy {policy!r}; expected one of {POLICIES}")
     if not 0 <= val_fraction < 1:
         raise DataError(f"val_fraction must be in [0, 1), not {val_fraction}")
+    if policy == "pfenet" and source.test_holds_every_image:
+        raise DataError(f"{source.name}: its test split holds every image (no split list, data.val_list or "
+                        f"data.params.test_fraction), so under the pfenet policy the test queries would be training "
+                        f"images with their novel pixels as background: use data.train_policy=bam (no training "
+                        f"image holds a novel class), or split the set")
     base, novel = source.fold_classes(fold)
     novel_set, val_set_classes = set(novel), set(val_classes)
     if val_set_classes:

@@ -90,6 +90,9 @@ class Source:
         # classes that are scene background, not objects (e.g. MSRC-v2's grass, sky): BAM's base learner
         # reads them as its background class 0, which a fully labelled dataset would otherwise never show it
         self.stuff: List[int] = []
+        # whether the test split is every image of the set (a folder without a split): its training images then
+        # are the test images, and only the bam policy (no image holding a novel class) keeps them apart
+        self.test_holds_every_image = False
 
     def __len__(self) -> int:
         return len(self.samples)

@@ -7,9 +7,9 @@ name a line). Any number of classes; folds (``data.folds``: novel class ids per 
 ``data.params``: ``void`` (raw values read as ignore 255, e.g. MSRC-v2's 0), ``image_dir``,
 ``label_dir``, ``image_ext`` (guessed from the files when absent), ``split_lists``
 (``{train|val|test: file of ids}``, or ``data.train_list`` / ``data.val_list`` for train / test;
-without them every split holds every image, which is sound with
+without them every split holds every image, which is sound only with
 the ``bam`` training policy: every test query holds a novel class, so no training image is a test
-query), ``test_fraction`` (a deterministic image-level split by hashed id: the test split holds that
+query; the ``pfenet`` policy is refused there), ``test_fraction`` (a deterministic image-level split by hashed id: the test split holds that
 share of the images and train / val the rest; for sets with one pool and the ``pfenet`` policy, e.g. the
 parsing sets, whose test queries would otherwise be training images with their novel pixels labelled
 background), ``label_channel`` (for RGB-stored labels) and ``stuff`` (class ids that are scene background:
@@ -73,6 +73,8 @@ class FolderSource(Source):
                                          params.get("image_ext"), self.list_file(cfg_data, params, split))
         if params.get("test_fraction") is not None:
             self.samples = self.split_by_hash(self.samples, float(params["test_fraction"]), split)
+        self.test_holds_every_image = params.get("test_fraction") is None and not self.list_file(cfg_data, params,
+                                                                                                 "test")
         self.folds = [sorted(f) for f in (cfg_data.folds or [])]
         self.stuff = sorted(params.get("stuff", ()))
         novel_stuff = sorted(set(self.stuff).intersection(c for f in self.folds for c in f))

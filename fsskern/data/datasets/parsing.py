@@ -61,6 +61,7 @@ class ParsingSource(FolderSource):
                                 f"available: {sorted(self.preset['folds'])} (or set data.folds)")
             cfg_data = _with(cfg_data, folds=self.preset["folds"][protocol])
         super().__init__(cfg_data, split, extra_params=PARSING_PARAMS)
+        self.test_holds_every_image &= self.layout == "folder"  # POPNet's layout lists its test images apart
         self.query_pool = list(range(len(self.samples)))
         self.support_pool = self.query_pool
         if self.layout == "popnet":
