@@ -85,12 +85,9 @@ def _changed_settings(run_dir: Path, method: str, train_args) -> list:
     may change (resume itself, the data's root, ...) left out as the trainer leaves them out."""
     if not (run_dir / "config.yaml").is_file():
         return []
-    from fsskern.engine.config import ConfigError, load_config, read_yaml, to_dict
+    from fsskern.engine.config import load_config, read_yaml, to_dict
     from fsskern.engine.trainer import changed_settings
-    try:
-        return changed_settings(read_yaml(run_dir / "config.yaml"), to_dict(load_config(method, train_args)))
-    except ConfigError as e:
-        return [f"its config no longer loads ({e})"]
+    return changed_settings(read_yaml(run_dir / "config.yaml"), to_dict(load_config(method, train_args)))
 
 
 def _finished(run_dir: Path) -> bool:

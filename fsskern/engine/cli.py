@@ -76,8 +76,9 @@ def evaluate_main(argv=None) -> int:
             out = json.dumps(str(source / "eval"), ensure_ascii=False)
             cfg = load_config(run / "config.yaml", [f"out={out}", "resume=false", *args.overrides])
             trained = load_config(run / "config.yaml").data
-            same_data = (cfg.data.dataset, Path(cfg.data.root).resolve()) == (trained.dataset, Path(trained.root).resolve())
-            if same_data and cfg.data.fold != trained.fold:  # (../data/x and /work/data/x are one dataset)
+            same_data = (cfg.data.dataset == trained.dataset  # (../data/x and /work/data/x are one dataset)
+                         and Path(cfg.data.root).resolve() == Path(trained.root).resolve())
+            if same_data and cfg.data.fold != trained.fold:
                 raise ConfigError(f"{source} was trained on fold {trained.fold} of {trained.dataset} ({trained.root}): "
                                   f"fold {cfg.data.fold}'s test classes include classes it trained on; evaluate it on "
                                   f"data.fold={trained.fold} (or train a fold-{cfg.data.fold} run)")

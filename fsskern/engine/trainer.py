@@ -114,13 +114,7 @@ def refuse_overwrite(cfg: Config) -> None:
         raise FileExistsError(f"{out} already holds a run ({held[0]}); pass resume=true to continue it, or another "
                               f"out=")
     if held and (out / "config.yaml").is_file():
-        try:
-            changed = changed_settings(read_yaml(out / "config.yaml"), to_dict(cfg))
-        except ConfigError as e:
-            changed = [f"the saved config no longer loads ({e})"]
-        if changed:
-            raise ValueError(f"resume: {'; '.join(changed)} differ from the run in {out}; only "
-                             f"{', '.join(RESUMABLE)} may change: start a new run (out=...) instead")
+        refuse_changes(changed_settings(read_yaml(out / "config.yaml"), to_dict(cfg)), out)
 
 
 def train_phase(cfg: Config, init_from: Optional[Path] = None) -> Path:
@@ -283,9 +277,12 @@ RESUMABLE = ("out", "device", "ops", "resume", "data.root", "model.weights", "da
 
 
 def check_resume(payload: dict, now: dict, last: Path) -> None:
-    changed = resume_changes(payload["config"], now, len(payload["rng"]))
+    refuse_changes(resume_changes(payload["config"], now, len(payload["rng"])), last)
+
+
+def refuse_changes(changed: list, run: Path) -> None:
     if changed:
-        raise ValueError(f"resume: {'; '.join(changed)} differ from the run in {last}, which the resumed run "
+        raise ValueError(f"resume: {'; '.join(changed)} differ from the run in {run}, which the resumed run "
                          f"would not continue exactly (the optimizer and schedule states restore the saved "
                          f"values); only {', '.join(RESUMABLE)} may change: start a new run (out=...) instead")
 
@@ -294,10 +291,7 @@ def resume_changes(then: dict, now: dict, then_world: int) -> list:
     """The settings of ``now`` that differ from the checkpoint's ``then`` (a run saved by ``then_world``
     processes) and are not RESUMABLE, as "key a -> b". The batch size may change with the world size
     as long as a step reads the same episodes (B * W, module docstring)."""
-    try:
-        changed = changed_settings(then, now)
-    except ConfigError as e:
-        return [f"the saved config no longer loads ({e})"]
+    changed = changed_settings(then, now)
     per_step = then["data"]["batch_size"] * then_world, now["data"]["batch_size"] * dist.world_size()
     if per_step[0] != per_step[1]:
         changed.append(f"episodes per step per micro-batch (data.batch_size x world size) {per_step[0]} -> "
@@ -308,9 +302,12 @@ def resume_changes(then: dict, now: dict, then_world: int) -> list:
 def changed_settings(then: dict, now: dict) -> list:
     """The settings of ``now`` that differ from the saved ``then`` (config trees) and are not RESUMABLE (nor the
     batch size, which resume_changes compares per step), as "key a -> b". Iterations the saved run counted from
-    its epochs stand for ``now``'s uncounted 0: the same epochs on the same pool. Raises ConfigError when ``then``
-    no longer loads."""
-    then = to_dict(config_from_dict(then))  # keys added since the run was saved take their defaults
+    its epochs stand for ``now``'s uncounted 0: the same epochs on the same pool. A ``then`` that no longer loads
+    is one change, said so."""
+    try:
+        then = to_dict(config_from_dict(then))  # keys added since the run was saved take their defaults
+    except ConfigError as e:
+        return [f"the saved config no longer loads ({e})"]
     now = {**now, "train": dict(now["train"])}
     for iters_key, epochs_key in (("iters", "epochs"), ("warmup_iters", "warmup_epochs")):
         if now["train"][epochs_key] > 0 and now["train"][iters_key] == 0:

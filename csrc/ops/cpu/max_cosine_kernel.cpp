@@ -61,7 +61,8 @@ bool background_poisoned(const In* support, const std::vector<int64_t>& bg, int6
   at::parallel_for(0, C, 16, [&](int64_t begin, int64_t end) {
     bool bad = false;
     for (int64_t c = begin; c < end && !bad; ++c)
-      for (const int64_t j : bg) bad |= !std::isfinite(static_cast<at::opmath_type<In>>(support[c * Ns + j]));  // float64 as float64
+      for (const int64_t j : bg)  // in the opmath type: a float64 past float's range is finite
+        bad |= !std::isfinite(static_cast<at::opmath_type<In>>(support[c * Ns + j]));
     if (bad) poisoned = true;
   });
   return poisoned;
