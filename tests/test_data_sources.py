@@ -261,7 +261,9 @@ def test_box_supports_from_voc_instance_maps_and_components(tmp_path):
     from fsskern.data.datasets.base import box_mask, component_boxes
     root, ids = pascal_layout(tmp_path)
     # an L of class 1 made of two touching instances (1 and 2), and an instance (3) of class 6
-    label = blocks(64, 80, (1, 0, 10, 0, 40), (1, 10, 40, 0, 10), (6, 50, 60, 60, 70), (255, 40, 41, 0, 80))
+    # and a block of class 7 that no instance covers (SBD's labels can differ from VOC's instance maps)
+    label = blocks(64, 80, (1, 0, 10, 0, 40), (1, 10, 40, 0, 10), (6, 50, 60, 60, 70), (255, 40, 41, 0, 80),
+                   (7, 20, 30, 50, 60))
     write_pair(root, ids[4], label, "JPEGImages", "SegmentationClassAug", palette=True)
     objects = blocks(64, 80, (1, 0, 10, 0, 40), (2, 10, 40, 0, 10), (3, 50, 60, 60, 70), (255, 40, 41, 0, 80))
     write_pair(root, ids[4], objects, "JPEGImages", "SegmentationObject", palette=True)
@@ -271,6 +273,7 @@ def test_box_supports_from_voc_instance_maps_and_components(tmp_path):
     assert src.instance_boxes(i, lbl, 1) == [(0, 0, 10, 40), (10, 0, 40, 10)]
     assert np.array_equal(box_mask(lbl.shape, src.instance_boxes(i, lbl, 1)), (lbl == 1).astype(np.int64))
     assert src.instance_boxes(i, lbl, 6) == [(50, 60, 60, 70)]
+    assert src.instance_boxes(i, lbl, 7) == [(20, 50, 30, 60)]
     assert component_boxes(lbl == 1) == [(0, 0, 40, 40)]  # one component: its box would cover the L's gap
     j = 1 - i  # no instance map: the components of the class's pixels
     _, other = src.load(j)

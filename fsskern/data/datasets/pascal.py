@@ -12,7 +12,8 @@ Box supports (``eval.support_annotation=box``) take each instance's tight box fr
 ``SegmentationObject/<id>.png`` (0 background, 1..n instances, 255 boundary), where the image has one:
 the 2,913 VOC 2012 segmentation images, so every image of the test list. Other images (SBD's) fall
 back to the connected components of the class's pixels, and so does every image of a root without the
-folder (a PFENet-style copy with ``SegmentationClassAug`` only); results record which (``box_rule``).
+folder (a PFENet-style copy with ``SegmentationClassAug`` only), and class pixels no instance covers;
+results record which (``box_rule``).
 A box spans the instance's labelled pixels: VOC's 255 band around each object lies outside it."""
 from pathlib import Path
 from typing import List, Optional, Tuple
@@ -20,7 +21,7 @@ from typing import List, Optional, Tuple
 import numpy as np
 
 from ..io import DataError, check_same_size, read_label, read_lines
-from .base import IGNORE, Box, Source, check_params, make_lut, register_source
+from .base import IGNORE, Box, Source, check_params, component_boxes, make_lut, register_source
 
 VOC_CLASSES = ["background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
                "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train",
@@ -89,10 +90,13 @@ class PascalSource(Source):
             return super().instance_boxes(i, label, cls)
         objects = read_label(path)
         check_same_size(label, objects, self.samples[i][2], path)
+        pixels = label == cls
         boxes = []
-        for k in np.unique(objects[label == cls]):
-            if k in (0, IGNORE):  # class pixels outside every instance: none in VOC's own maps
+        for k in np.unique(objects[pixels]):
+            if k in (0, IGNORE):
                 continue
             ys, xs = np.nonzero(objects == k)
             boxes.append((int(ys.min()), int(xs.min()), int(ys.max()) + 1, int(xs.max()) + 1))
-        return boxes
+        # class pixels outside every instance (none in VOC's own maps; SBD's labels can differ from them):
+        # boxed by their connected components, so no annotated object goes without a box
+        return boxes + component_boxes(pixels & np.isin(objects, (0, IGNORE)))
