@@ -206,6 +206,33 @@ def test_cal_dist(batch, real):
     check(panet.calDist, T.cal_dist, torch.randn(batch, 16, 9, 9), torch.randn(16), **SCALED)  # (C,) broadcasts
 
 
+def test_cal_dist_half_and_autocast():
+    """Ordinary fp16 features overflow a dot / (|f| |p|) computed in fp16 (NaN); torch's cosine does not.
+    Under autocast cosine_similarity runs in fp32, and so does ours."""
+    fts, proto = torch.rand(1, 512, 5, 5) * 40, torch.rand(1, 512) * 40
+    exact = T.cal_dist(fts, proto)
+    for dtype in (torch.float16, torch.bfloat16):
+        ours = panet.calDist(fts.to(dtype), proto.to(dtype))
+        assert ours.dtype == dtype
+        close(ours.float(), exact, rtol=1e-2, atol=0.1)
+        close(ours, T.cal_dist(fts.to(dtype), proto.to(dtype)), rtol=1e-2, atol=0.2)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ours, theirs = panet.calDist(fts, proto), T.cal_dist(fts, proto)
+    assert ours.dtype == theirs.dtype == torch.float32
+    close(ours, theirs, **SCALED)
+
+
+def test_corr_query_mask_keeps_the_features_dtype():
+    """A half PFENet concatenates the prior with its half features: a float32 prior would promote them."""
+    query, support = torch.randn(2, 16, 9, 9).relu(), torch.randn(2, 16, 9, 9).relu()
+    mask = random_mask(2, 1, SIZE, SIZE)
+    exact = T.pfenet_prior(query, [support], [mask], (9, 9))
+    for dtype in (torch.float16, torch.bfloat16):
+        ours = pfenet.corr_query_mask(query.to(dtype), [support.to(dtype)], [mask.to(dtype)], 9)
+        assert ours.dtype == dtype
+        close(ours.float(), exact, rtol=1e-2, atol=2e-2)
+
+
 @pytest.mark.parametrize("queries,ways,shots", [(1, 1, 1), (1, 2, 2), (2, 2, 1)])
 def test_align_loss(queries, ways, shots):
     C, h, H = 16, 9, 33

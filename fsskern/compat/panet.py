@@ -64,14 +64,22 @@ def calDist(fts: torch.Tensor, prototype: torch.Tensor, scaler: float = 20) -> t
         (N, H, W). One channel contraction and the pixel norms; unlike
         ``F.cosine_similarity`` no normalised (N, C, H, W) copy of the features is made. Norms
         are clamped to at least 1e-8 each, as torch's cosine_similarity does; equal to PANet's
-        within fp32 rounding, gradients included.
+        within fp32 rounding, gradients included. fp16/bf16 inputs are computed in fp32 (an
+        fp32 copy of the features): an fp16 dot or norm product of ordinary features passes
+        65504 and the division gives NaN where torch's normalise-first cosine does not. The result
+        has the inputs' dtype, or fp32 under autocast, whose fp32 list holds cosine_similarity.
     """
     if prototype.dim() == 1:
         prototype = prototype[None]
-    dots = torch.einsum("nchw,nc->nhw", fts, prototype.expand(fts.shape[0], -1))
-    fts_norm = torch.linalg.vector_norm(fts, dim=1).clamp_min(1e-8)
-    proto_norm = torch.linalg.vector_norm(prototype, dim=1).clamp_min(1e-8)
-    return dots / (fts_norm * proto_norm.view(-1, 1, 1)) * scaler
+    dtype = torch.promote_types(fts.dtype, prototype.dtype)
+    out_dtype = torch.float32 if torch.is_autocast_enabled(fts.device.type) else dtype
+    opmath = torch.promote_types(dtype, torch.float32)
+    with torch.autocast(fts.device.type, enabled=False):  # autocast would run the contraction in low precision
+        fts, prototype = fts.to(opmath), prototype.to(opmath)
+        dots = torch.einsum("nchw,nc->nhw", fts, prototype.expand(fts.shape[0], -1))
+        fts_norm = torch.linalg.vector_norm(fts, dim=1).clamp_min(1e-8)
+        proto_norm = torch.linalg.vector_norm(prototype, dim=1).clamp_min(1e-8)
+        return (dots / (fts_norm * proto_norm.view(-1, 1, 1)) * scaler).to(out_dtype)
 
 
 def alignLoss(qry_fts: torch.Tensor, pred: torch.Tensor, supp_fts: torch.Tensor, fore_mask: torch.Tensor,

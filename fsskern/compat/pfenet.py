@@ -65,7 +65,9 @@ def corr_query_mask(query_feat_4: torch.Tensor, final_supp_list: Sequence[torch.
             the priors are summed with these weights (BAM's 1-shot weight is 1).
 
     Returns:
-        (B, 1, *resize_size) ``corr_query_mask``. Differentiable w.r.t. the features (PFENet
+        (B, 1, *resize_size) ``corr_query_mask`` in the query features' dtype (the op computes
+        fp16/bf16 in fp32; PFENet concatenates the prior with its features, so a float32 prior
+        would promote a half model's conv input). Differentiable w.r.t. the features (PFENet
         runs the block on no-grad features; gradients to the masks are refused).
 
     Not reproduced: PFENet/BAM assume square maps (``view(bsize, sp_sz * sp_sz)``) and fail
@@ -80,6 +82,5 @@ def corr_query_mask(query_feat_4: torch.Tensor, final_supp_list: Sequence[torch.
     priors = torch.cat([ops.prior_mask(query_feat_4, supp.unsqueeze(1), mask.to(query_feat_4.dtype), eps=cosine_eps,
                                        reduce=None, out_size=size)
                         for supp, mask in zip(final_supp_list, mask_list)], 1)
-    if weight_soft is None:
-        return priors.mean(1, keepdim=True)
-    return (weight_soft * priors).sum(1, keepdim=True)
+    prior = priors.mean(1, keepdim=True) if weight_soft is None else (weight_soft * priors).sum(1, keepdim=True)
+    return prior.to(query_feat_4.dtype)
