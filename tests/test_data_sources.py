@@ -484,7 +484,7 @@ def test_fss1000_layout(tmp_path):
         build_source(DataConfig(dataset="fss1000", root=str(root)), "train").load(1)
 
 
-def test_fss1000_recipe_tests_every_image_once(tmp_path):
+def test_fss1000_recipe_tests_and_trains_on_every_image(tmp_path):
     """CRCNet's FSS-1000 recipe (notes #25: 10 episodes per test class) gives every test image one episode as
     the query, small objects included; PFENet's 2,048-pixel rule would drop them (two of the official example
     masks are under it)."""
@@ -506,6 +506,11 @@ def test_fss1000_recipe_tests_every_image_once(tmp_path):
         source, stats, cfg.data.fold, 1, 1, protocol, cfg.eval.seeds[0], 20).episodes]
     assert sorted(queries(cfg.eval.protocol)) == list(range(20))
     assert len(set(queries("pfenet"))) == 14  # the six 900-pixel objects never queried
+    # training too takes the small objects (notes 1.4: every image of the 520 classes)
+    train = build_source(cfg.data, "train")
+    pools = training_pools(train, scan_labels(train, cache_dir=tmp_path / "idx"), cfg.data.fold,
+                           cfg.data.train_policy, cfg.data.min_pixels)
+    assert sum(len(v) for v in pools.train.values()) == 10
 
 
 def test_fss1000_official_test_list_reads():
