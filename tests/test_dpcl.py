@@ -187,6 +187,21 @@ def test_panet_vgg_recipe_drops_conv5s_relu():
     assert not isinstance(panet.encoder.backbone.features[-1], torch.nn.ReLU)
 
 
+def test_paper_recipes_step_the_lr_and_panet_vgg_freezes_bn():
+    """Notes A17: PANet's MultiStepLR (x0.1 at 10k and 20k of 30k) in every paper recipe; PANet's VGG has no BN,
+    so the vgg16_bn stand-in keeps its BN fixed (no batch statistics of one support and one query)."""
+    from fsskern.engine.config import load_config
+    configs = Path(__file__).parents[1] / "configs"
+    recipes = sorted(configs.glob("dpcl/*resnet50*.yaml")) + sorted(configs.glob("panet/*_[rv]*[0-9]shot.yaml"))
+    assert len(recipes) == 12
+    for recipe in recipes:
+        cfg = load_config(recipe)
+        assert (cfg.train.iters, cfg.train.lr_steps, cfg.train.lr_gamma) == (30000, [10000, 20000], 0.1), recipe
+        assert cfg.model.params.get("frozen_bn", False) == (cfg.model.backbone == "vgg16_bn"), recipe
+    for recipe in sorted(configs.glob("*/msrc_v2_mobilenet_v2.yaml")):  # the CPU recipes keep poly
+        assert load_config(recipe).train.lr_steps == [], recipe
+
+
 def test_orthogonal_heads_keep_the_backbone_cosines():
     # head_init="orthogonal" (the MSRC-v2 CPU recipe): each 1x1 head is an isometry, so the untrained model's
     # cosine logits are those of the backbone's own concatenated levels

@@ -487,6 +487,29 @@ def test_negative_budgets_are_refused(tmp_path):
     assert load_config(write_config(tmp_path), ["train.clip_grad=0"]).train.clip_grad == 0  # no clipping
 
 
+def test_step_schedule_is_panets_multistep_lr(tmp_path):
+    """train.lr_steps: after the warm-up, the LR drops by lr_gamma at each listed step, as torch's MultiStepLR."""
+    from fsskern.engine.optim import build_schedulers
+    cfg = load_config(write_config(tmp_path), ["train.iters=30", "train.lr_steps=[10,20]", "train.lr=0.001"]).train
+    param = torch.zeros(1, requires_grad=True)
+    ours = torch.optim.SGD([param], lr=cfg.lr)
+    theirs = torch.optim.SGD([param], lr=cfg.lr)
+    schedulers = build_schedulers([ours], cfg) + [torch.optim.lr_scheduler.MultiStepLR(theirs, [10, 20], 0.1)]
+    lrs = []
+    for _ in range(30):
+        lrs.append((ours.param_groups[0]["lr"], theirs.param_groups[0]["lr"]))
+        for o, s in zip((ours, theirs), schedulers):
+            o.step()
+            s.step()
+    assert [a for a, _ in lrs] == pytest.approx([b for _, b in lrs])
+    assert lrs[9][0] == pytest.approx(1e-3) and lrs[10][0] == pytest.approx(1e-4) and lrs[29][0] == pytest.approx(1e-5)
+    for bad in ("[20,10]", "[0,10]", "[10,10]"):
+        with pytest.raises(ConfigError, match="lr_steps must be increasing"):
+            load_config(write_config(tmp_path), [f"train.lr_steps={bad}"])
+    with pytest.raises(ConfigError, match=">= 0"):
+        load_config(write_config(tmp_path), ["train.lr_gamma=-0.1"])
+
+
 def test_an_override_that_is_no_yaml_is_a_config_error(tmp_path):
     with pytest.raises(ConfigError, match=r"override 'eval.seeds=\[0,1': its value is not YAML"):
         load_config(write_config(tmp_path), ["eval.seeds=[0,1"])

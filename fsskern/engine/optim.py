@@ -1,11 +1,12 @@
-"""Optimizers and the warm-up + poly schedule.
+"""Optimizers and the warm-up + poly (or step) schedule.
 
 A model may define ``param_groups(train_cfg) -> [{"params": [...], "lr_mult": 10.0,
 "optimizer": "adamw", "lr": ..., "weight_decay": ..., "schedule": "constant"}, ...]``; groups are
 split by their ``optimizer`` (default ``train.optimizer``) into one optimizer each, so a recipe such as
 UMTFSS's (SGD for the convolutions, AdamW for the Transformer) is one model method, and every optimizer
 is in the checkpoint (CyCTR-style code forgets the second one). A group's ``schedule`` is ``poly`` (the
-default: warm-up, then poly decay) or ``constant`` (its LR throughout, as UMTFSS's code keeps AdamW's).
+default: warm-up, then poly decay, or steps of ``lr_gamma`` at ``train.lr_steps`` where set: PANet's
+MultiStepLR) or ``constant`` (its LR throughout, as UMTFSS's code keeps AdamW's).
 """
 import torch
 
@@ -41,9 +42,12 @@ def build_optimizers(model, cfg: TrainConfig):
 
 
 def lr_factor(iteration: int, cfg: TrainConfig) -> float:
-    """Linear warm-up over ``warmup_iters`` steps, then PFENet's poly decay (1 - t / T) ** power."""
+    """Linear warm-up over ``warmup_iters`` steps, then PFENet's poly decay (1 - t / T) ** power, or with
+    ``lr_steps`` PANet's MultiStepLR: x ``lr_gamma`` from each listed step on."""
     if iteration < cfg.warmup_iters:
         return (iteration + 1) / cfg.warmup_iters
+    if cfg.lr_steps:
+        return cfg.lr_gamma ** sum(iteration >= step for step in cfg.lr_steps)
     return max(0.0, 1.0 - iteration / max(1, cfg.iters)) ** cfg.poly_power
 
 

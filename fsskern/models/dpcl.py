@@ -71,6 +71,9 @@ Resolutions (source: paper = DPCL text, PANet / PPNet / MoCo = public code, note
 - R12 distributed: every rank enqueues the keys of all ranks in rank order, so the dictionary is one (MoCo's
   ``concat_all_gather``; the paper trains on one GPU). DDP also broadcasts rank 0's buffers at every step,
   which without the gather dropped the other ranks' keys.
+- R13-R14 recipe (configs, docs/methods/dpcl.md): 30,000 iterations with the LR x0.1 at 10k and 20k
+  (PANet's MultiStepLR, ``train.lr_steps``; notes A17), PANet's resize-and-flip pipeline as the engine's
+  transform at scale 1.
 """
 import copy
 import warnings
