@@ -267,7 +267,7 @@ def test_popnet_frozen_pairs():
     assert set(PROTOCOLS) >= {"pfenet", "bam", "hsnet", "panet", "popnet", "cyctr", "hdmnet", "balanced"}
 
 
-def test_parsing_kway_and_one_way_training_episodes(tmp_path):
+def test_parsing_kway_and_one_way_training_episodes(tmp_path, monkeypatch):
     if not (DATA / "viton_parsing").is_dir():
         pytest.skip(f"real data {DATA / 'viton_parsing'} absent")
     from fsskern.data.episodes import KWayTrainEpisodes, parsing_train_episodes
@@ -288,6 +288,14 @@ def test_parsing_kway_and_one_way_training_episodes(tmp_path):
     b = EpisodeDataset(src, kway, TrainTransform(65), True, base=base, novel=novel)[3]
     assert b["support_imgs"].shape == (len(e.classes), 3, 65, 65) and b["query_areas"].max() <= 255
     assert torch.equal(b["support_imgs"][0], b["support_imgs"][-1])  # one annotated support, all ways
+    # the crop keeps the foreground of every way of the shared support, not only the first way's
+    seen = []
+    crop = TrainTransform._crop_offsets
+    monkeypatch.setattr(TrainTransform, "_crop_offsets", lambda self, lbl, *a: seen.append(lbl.copy()) or crop(self, lbl, *a))
+    EpisodeDataset(src, kway, TrainTransform(65, scale=(1, 1), rotate=0, flip=False), True, base=base, novel=novel)[3]
+    union = np.isin(src.load(e.supports[0])[1], e.classes)
+    assert len(seen) == 2 and np.array_equal(seen[1], union)  # the query's, then the support's union
+    assert (np.isin(src.load(e.supports[0])[1], e.classes[:1]) < union).any()  # more than the first way's
     one = parsing_train_episodes(src, pools, {"s": 0}, shots=1, ways=1)
     for i in range(len(one)):
         e = one.episode(1, i)

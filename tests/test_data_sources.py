@@ -365,6 +365,35 @@ def test_folder_names_image_types_it_does_not_read(tmp_path):
         src = build_source(DataConfig(dataset="folder", root=str(root), classes="classes.tsv"), "train")
     assert [s[0] for s in src.samples] == ["a"]
 
+def test_folder_list_refuses_an_id_with_two_image_files(tmp_path):
+    """With a list file and no image_ext, a.jpg beside a.png: which one was read followed the directory order.
+    A non-image file of the same stem (a.json) is no image."""
+    root = tmp_path / "f"
+    (root / "images").mkdir(parents=True)
+    (root / "labels").mkdir()
+    Image.fromarray(np.full((8, 8, 3), 90, np.uint8)).save(root / "images" / "a.png")
+    (root / "images" / "a.json").write_text("{}")
+    Image.fromarray(np.ones((8, 8), np.uint8)).save(root / "labels" / "a.png")
+    (root / "classes.tsv").write_text("0\tbackground\n1\tone\n")
+    (root / "list.txt").write_text("a\n")
+    cfg = DataConfig(dataset="folder", root=str(root), classes="classes.tsv", params={"split_lists": {"train": "list.txt"}})
+    assert build_source(cfg, "train").samples[0][1].endswith("a.png")
+    Image.fromarray(np.full((8, 8, 3), 90, np.uint8)).save(root / "images" / "a.jpg")
+    with pytest.raises(DataError, match=r"id 'a' has several image files .*\(a.jpg, a.png\)"):
+        build_source(cfg, "train")
+
+
+def test_sixteen_bit_grey_images_are_scaled_as_cv2_reads_them(tmp_path):
+    from fsskern.data.io import read_image
+    grey = np.array([[0, 300, 65535, 32768]], np.uint16)
+    Image.fromarray(grey).save(tmp_path / "g.png")
+    assert read_image(tmp_path / "g.png")[..., 0].tolist() == [[0, 1, 255, 128]]
+    assert read_image(tmp_path / "g.png").shape == (1, 4, 3)
+    Image.fromarray(np.ones((2, 2), np.float32)).save(tmp_path / "f.tif")
+    with pytest.raises(DataError, match="floating-point pixels"):
+        read_image(tmp_path / "f.tif")
+
+
 def test_index_cache_reads_a_label_rewritten_in_place_again(tmp_path):
     """A label overwritten under its own name (a re-run converter, a fixed annotation) must not be served from
     the cache: its image would keep classes it no longer holds and be drawn as a support without them."""

@@ -13,7 +13,7 @@ import torch
 from fsskern.backend import get_backend
 from fsskern.engine.config import ModelConfig
 from fsskern.models import create_model
-from fsskern.models.popnet import ABSENT
+from fsskern.models.popnet import ABSENT, merge_support_labels
 
 DATA = Path(__file__).parents[1].parent / "shared" / "data"
 REPO = Path(__file__).parents[1]
@@ -114,10 +114,18 @@ def test_stage1_person_includes_novel_classes_unless_strict():
     b = kway_batch()
     human = torch.where(b["query_mask"] == 255, 255, torch.ones_like(b["query_mask"]))
     b = dict(b, query_human=human, support_human=torch.ones_like(b["support_areas"]))
-    assert model(stage=1)._stage1_labels(b)[0] is human
-    assert model(stage=1, fg_excludes_novel=True)._stage1_labels(b)[0] is b["query_areas"]
+    merged = merge_support_labels(b["support_masks"], 3).amax(1)  # the shared support's ways, as forward merges
+    q, s = model(stage=1)._stage1_labels(b, True, merged)
+    assert q is human and torch.equal(s, b["support_human"][:, 0])
+    assert model(stage=1, fg_excludes_novel=True)._stage1_labels(b, True, merged)[0] is b["query_areas"]
     bare = {k: v for k, v in b.items() if "human" not in k and "areas" not in k}
-    assert model(stage=1)._stage1_labels(bare)[0] is b["query_mask"]
+    q, s = model(stage=1)._stage1_labels(bare, True, merged)
+    assert q is b["query_mask"]
+    # the shared support's person is every way's pixels, not the first way's class alone
+    assert torch.equal(s > 0, (b["support_masks"] == 1).any(1) | (b["support_masks"][:, 0] == 255))
+    assert ((s > 0) & (s != 255) & (b["support_masks"][:, 0] != 1)).any()
+    m = model(stage=1).train()
+    assert all(torch.isfinite(sum(m(x)["losses"].values())) for x in (b, bare))
     m = model(stage=1).train()
     assert torch.isfinite(sum(m(b)["losses"].values()))
 

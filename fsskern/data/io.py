@@ -19,6 +19,11 @@ def read_image(path) -> np.ndarray:
     try:
         with Image.open(path) as im:
             im.load()  # decode now: a truncated file fails here, not later in a worker
+            if im.mode.startswith("I"):  # 16-bit grey: convert("RGB") clips at 255; cv2.imread scales by 1/256
+                grey = (np.asarray(im).astype(np.int64) >> 8).clip(0, 255).astype(np.uint8)
+                return np.repeat(grey[..., None], 3, axis=2)
+            if im.mode == "F":
+                raise DataError(f"unsupported image file: {path} (floating-point pixels; save it as 8-bit RGB)")
             # np.array, not asarray: a writable copy (torch.from_numpy warns on read-only arrays);
             # convert only when needed (convert("RGB") of an RGB image is one more copy)
             return np.array(im if im.mode == "RGB" else im.convert("RGB"))

@@ -135,10 +135,15 @@ class EpisodeDataset(Dataset):
         for s, (image, label, *person) in supports.items():
             slots = [j for j, sj in enumerate(e.supports) if sj == s]  # one transform per image, all its ways
             extra = [person[0], self.areas[label]] if self.areas is not None else []
+            planes = [masks[j] for j in slots]
+            # the training crop keeps the foreground of its first plane: for an image several ways share,
+            # that is the union of their masks (dropped after the transform), not the first way's class alone
+            lead = [np.any([m == 1 for m in planes], axis=0).astype(np.int64)] if len(slots) > 1 else []
             if self.train:
-                img, labels = self.transform(image, [masks[j] for j in slots] + extra, gen)
+                img, labels = self.transform(image, lead + planes + extra, gen)
             else:
-                img, labels, _ = self.transform(image, [masks[j] for j in slots] + extra)
+                img, labels, _ = self.transform(image, lead + planes + extra)
+            labels = labels[len(lead):]
             for n, j in enumerate(slots):
                 s_imgs[j], s_masks[j] = img, labels[n]
                 if extra:

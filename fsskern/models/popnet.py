@@ -335,7 +335,7 @@ class POPNet(nn.Module):
         upto = self.stage
         q_feats, s_feats = self.features(query, upto), self.features(s_imgs, upto)
         if self.stage == 1:
-            return self._stage1(q_feats[1], s_feats[1], batch, size, shared)
+            return self._stage1(q_feats[1], s_feats[1], batch, size, shared, s_labels)
         if self.stage == 2:
             areas = batch.get("support_areas")
             if areas is None or batch.get("query_areas") is None:
@@ -378,12 +378,11 @@ class POPNet(nn.Module):
             self.steps[stage] += 1
         return {"logits": out_logits, "losses": losses}
 
-    def _stage1(self, g_q, g_s, batch, size, shared) -> dict:
+    def _stage1(self, g_q, g_s, batch, size, shared, s_labels) -> dict:
         logits = F.interpolate(self.fg_classifier(g_q), size=size, mode="bilinear", align_corners=True)
         losses = {}
         if self.training:
-            q, s = self._stage1_labels(batch)
-            s = s[:, 0] if shared else s.flatten(0, 1)
+            q, s = self._stage1_labels(batch, shared, s_labels)
             fg = lambda y: torch.where(y == IGNORE, IGNORE, (y > 0).long())  # noqa: E731
             s_logits = F.interpolate(self.fg_classifier(g_s), size=s.shape[-2:], mode="bilinear", align_corners=True)
             losses["fg"] = 0.5 * (F.cross_entropy(logits, fg(q), ignore_index=IGNORE) +
@@ -391,12 +390,15 @@ class POPNet(nn.Module):
             self.steps[1] += 1
         return {"logits": logits, "losses": losses}
 
-    def _stage1_labels(self, batch: dict) -> Tuple[torch.Tensor, torch.Tensor]:
-        """The query and support labels whose non-zero pixels are the person (R3)."""
+    def _stage1_labels(self, batch: dict, shared: bool, s_labels: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """The query (B, H, W) and support (B or B S, H, W) labels whose non-zero pixels are the person (R3).
+        Without person or area maps, the support's are its ways merged (``s_labels``): a shared k-way support's
+        first slot marks one way's class only."""
         for kind in ("areas",) if self.p["fg_excludes_novel"] else ("human", "areas"):
             if batch.get(f"query_{kind}") is not None:
-                return batch[f"query_{kind}"], batch[f"support_{kind}"]
-        return batch["query_mask"], batch["support_masks"]
+                s = batch[f"support_{kind}"]
+                return batch[f"query_{kind}"], s[:, 0] if shared else s.flatten(0, 1)
+        return batch["query_mask"], s_labels
 
     @staticmethod
     def _check(batch: dict, B: int, S: int, ways: int) -> None:

@@ -26,6 +26,7 @@ from ..index import held_out
 from ..io import DataError, apply_lut, read_class_table, read_label, read_lines
 from .base import IGNORE, Source, check_params, register_source
 
+IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp")  # read without data.params.image_ext (any case)
 FOLDER_PARAMS = ["void", "stuff", "image_dir", "label_dir", "image_ext", "split_lists", "test_fraction",
                  "label_channel"]
 
@@ -125,15 +126,23 @@ class FolderSource(Source):
             # and an episode could take the query's own image as its support
             ids = list(dict.fromkeys(read_lines(Path(list_file), "image list")))  # resolved by list_file()
             if image_ext is None:
-                found = {p.stem: p.suffix for p in images.iterdir()}
+                found: Dict[str, List[str]] = {}
+                for p in images.iterdir():
+                    if p.suffix.lower() in IMAGE_EXTS:
+                        found.setdefault(p.stem, []).append(p.name)
                 missing = [i for i in ids if i not in found]
                 if missing:
-                    raise DataError(f"missing image file for id {missing[0]!r} in {images} ({len(missing)} missing)")
-                paths = [images / (i + found[i]) for i in ids]
+                    raise DataError(f"missing image file for id {missing[0]!r} in {images} ({len(missing)} missing; "
+                                    f"types read: {', '.join(IMAGE_EXTS)}; data.params.image_ext names another)")
+                twice = [i for i in ids if len(found[i]) > 1]  # which one is read would follow the directory order
+                if twice:
+                    raise DataError(f"id {twice[0]!r} has several image files in {images} "
+                                    f"({', '.join(sorted(found[twice[0]]))}): name one type as data.params.image_ext")
+                paths = [images / found[i][0] for i in ids]
             else:
                 paths = [images / (i + image_ext) for i in ids]
         else:
-            exts = (image_ext,) if image_ext else (".jpg", ".jpeg", ".png", ".bmp")
+            exts = (image_ext,) if image_ext else IMAGE_EXTS
             files = [p for p in images.iterdir() if p.is_file() and not p.name.startswith(".")]
             paths = sorted(p for p in files if p.suffix.lower() in exts)
             others = sorted({p.suffix.lower() or p.name for p in files} - set(exts))
