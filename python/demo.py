@@ -45,7 +45,7 @@ def main(argv=None) -> int:
     p.add_argument("--seeds", default="[0]")
     args = p.parse_args(argv)
     data, out = Path(args.data), Path(args.out)
-    if not (data / "images").is_dir() or not (data / "labels").is_dir():
+    if not all(f.exists() for f in (data / "images", data / "labels", data / "class_counts.tsv")):
         print(LAYOUT.format(data=data), file=sys.stderr)
         return 2
     # Both models on the same episodes at the same input size (the MSRC-v2 preset's 241).

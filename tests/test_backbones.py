@@ -54,6 +54,19 @@ def test_frozen_bn_with_random_weights_warns():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         create_backbone("resnet50", frozen_bn=False)
+    # DeepLabV3+ warns once for itself, not again for the encoder it builds inside (POPNet builds three: with
+    # weights given, every build warned falsely before they loaded)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        create_backbone("deeplabv3plus_mobilenet_v2", frozen_bn=True, width=16)
+    assert [str(w.message).split(":")[0] for w in seen] == ["backbone 'deeplabv3plus_mobilenet_v2'"]
+
+
+def test_deeplab_with_imagenet_weights_does_not_warn():
+    _mobilenet_file()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        create_backbone("deeplabv3plus_mobilenet_v2", weights="imagenet", frozen_bn=True, width=16)
 
 
 @pytest.mark.parametrize("name", FSS)

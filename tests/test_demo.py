@@ -33,3 +33,10 @@ def test_a_resumed_or_epoch_counted_run_is_reused(tmp_path):
     assert demo._changed_settings(tmp_path / "dpcl-train", METHOD, args + ["train.epochs=2", "train.iters=0"]) == []
     assert demo._changed_settings(tmp_path / "dpcl-train", METHOD, args + ["train.epochs=3", "train.iters=0"]) \
         == ["train.epochs 2.0 -> 3.0"]
+
+
+def test_a_folder_without_the_class_list_gets_the_layout_not_a_traceback(tmp_path, capsys):
+    (tmp_path / "images").mkdir()
+    (tmp_path / "labels").mkdir()
+    assert demo.main(["--data", str(tmp_path), "--out", str(tmp_path / "out")]) == 2
+    assert f"{tmp_path}/class_counts.tsv" in capsys.readouterr().err

@@ -557,6 +557,21 @@ def test_evaluating_a_training_config_needs_its_weights(dataset, tmp_path, capsy
     assert evaluate_main([str(dataset / "tiny.yaml"), *common, "train.iters=0", f"out={tmp_path / 'phased'}"]) == 2
 
 
+def test_bad_data_or_weights_files_are_named_not_a_traceback(dataset, tmp_path, capsys):
+    from fsskern.engine.cli import evaluate_main, train_main
+    common = [*data_overrides(dataset), "eval.episodes=2", "eval.seeds=[0]", "eval.min_class_episodes=0",
+              "data.num_workers=0", "data.classes=nowhere.tsv"]
+    assert evaluate_main([str(dataset / "tiny.yaml"), *common, "train.iters=0", f"out={tmp_path / 'e'}"]) == 2
+    assert "fsskern-evaluate: missing class list file: " in capsys.readouterr().err
+    assert train_main([str(dataset / "tiny.yaml"), *common, "train.iters=1", f"out={tmp_path / 't'}"]) == 2
+    assert "fsskern-train: missing class list file: " in capsys.readouterr().err
+    weights = tmp_path / "w.pt"
+    torch.save({"unrelated": torch.zeros(1)}, weights)
+    assert train_main([str(dataset / "tiny.yaml"), *common[:-1], "train.iters=1", f"model.weights={weights}",
+                       f"out={tmp_path / 'w'}"]) == 2
+    assert "fsskern-train: " in capsys.readouterr().err
+
+
 def test_baseline_metrics_identical_for_0_and_2_workers(dataset, tmp_path):
     from fsskern.engine.evaluator import evaluate
     results = []

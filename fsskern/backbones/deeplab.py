@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .registry import create_backbone, register_backbone
+from .registry import build_backbone, register_backbone
 
 RATES = {8: (12, 24, 36), 16: (6, 12, 18)}
 
@@ -51,7 +51,7 @@ class DeepLabV3Plus(nn.Module):
         if output_stride not in RATES:
             raise ValueError(f"DeepLabV3+: output_stride must be 8 or 16, got {output_stride}")
         self.backbone_name = backbone
-        self.backbone = create_backbone(backbone, frozen_bn=frozen_bn, output_stride=output_stride, **kw)
+        self.backbone = build_backbone(backbone, frozen_bn=frozen_bn, output_stride=output_stride, **kw)
         self.aspp = ASPP(self.backbone.channels["layer4"], RATES[output_stride], width)
         self.low_level = _conv_bn_relu(self.backbone.channels["layer1"], 48)
         self.decoder = nn.Sequential(_conv_bn_relu(width + 48, width, 3), _conv_bn_relu(width, width, 3))

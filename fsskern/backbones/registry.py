@@ -29,6 +29,14 @@ def require_backbone(name: str, model: str, deeplab: bool = False) -> None:
         raise ValueError(f"{model}: backbone {name!r} is not of the kind it reads; choose one of {', '.join(kind)}")
 
 
+def build_backbone(name: str, frozen_bn: bool = True, output_stride: Optional[int] = None, **kw) -> nn.Module:
+    """Backbone ``name`` at its initial weights, with no word about them: the part of a network whose weights
+    load as a whole (DeepLabV3+'s encoder; ``create_backbone`` loads and warns for the whole)."""
+    if name not in _BUILDERS:
+        raise KeyError(f"unknown backbone {name!r}; available: {', '.join(list_backbones())}")
+    return _BUILDERS[name](output_stride=output_stride, frozen_bn=frozen_bn, **kw)
+
+
 def create_backbone(name: str, weights: Optional[str] = None, frozen_bn: bool = True,
                     output_stride: Optional[int] = None, **kw) -> nn.Module:
     """Build backbone ``name`` and load ``weights``.
@@ -43,9 +51,7 @@ def create_backbone(name: str, weights: Optional[str] = None, frozen_bn: bool = 
             layer3/layer4 as PSPNet), 16 for vgg16_bn (BAM's split) and for DeepLabV3+ (as POPNet).
         kw: architecture options (see each builder).
     """
-    if name not in _BUILDERS:
-        raise KeyError(f"unknown backbone {name!r}; available: {', '.join(list_backbones())}")
-    model = _BUILDERS[name](output_stride=output_stride, frozen_bn=frozen_bn, **kw)
+    model = build_backbone(name, frozen_bn, output_stride, **kw)
     if weights is None and frozen_bn:
         # frozen at their initial statistics (mean 0, var 1, affine 1 / 0) the BN layers are identities: a deep
         # network trained so has no normalisation (ResNet-50's layer4 activations grow ~30x, Xception's vanish)

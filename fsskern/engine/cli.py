@@ -40,6 +40,9 @@ def train_main(argv=None) -> int:
     # -- end of stage A
     try:
         out = train(cfg, args.overrides)
+    except (DataError, WeightsError) as e:  # a bad file of the user's: its name, not a traceback
+        print(f"fsskern-train: {e}", file=sys.stderr)
+        return 2
     finally:
         dist.cleanup()  # under torchrun: a gloo group left to the interpreter's exit can abort a rank (SIGABRT)
     print(f"done: {out}")
@@ -100,8 +103,13 @@ def evaluate_main(argv=None) -> int:
     except (ConfigError, FileNotFoundError) as e:
         print(f"fsskern-evaluate: {e}", file=sys.stderr)
         return 2
+    from ..backbones import WeightsError
+    from ..data.io import DataError
     try:
         result = evaluate(cfg, checkpoint)
+    except (DataError, WeightsError) as e:  # as in train_main
+        print(f"fsskern-evaluate: {e}", file=sys.stderr)
+        return 2
     finally:
         dist.cleanup()  # as in train_main
     print(json.dumps({k: result[k] for k in ("miou", "miou_std", "fb_iou", "fb_iou_std", "protocol")}))
