@@ -5,7 +5,8 @@ is tested and is benchmarked both ways (config key ``ops``).
 Where the two differ by design (documented on the fused ops): ``prototype_attention`` with every key of an
 image invalid (fused: 0, reference: UMTFSS's -10000 on every score, so a plain softmax over them); dropout masks
 (fused: Philox keyed by ``seed``, reference: ``F.dropout`` from torch's generator, ``seed`` ignored), so parity
-needs ``dropout_p=0`` (eval).
+needs ``dropout_p=0`` (eval); fp16/bf16 inputs to ``prior_mask`` / ``max_cosine`` give float32 fused and the
+inputs' dtype in the reference (PFENet's loop), which the models cast back.
 """
 from types import SimpleNamespace
 from typing import Optional, Sequence, Tuple

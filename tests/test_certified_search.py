@@ -208,3 +208,10 @@ def test_device_composite_runs_max_cosine_for_other_dtypes(dtype):
     values, indices = device_search(q, s, w, 1e-7)
     want_values, want_indices = torch.ops.fsskern.max_cosine(q, s, w, 1e-7)
     assert values.dtype == want_values.dtype and torch.equal(values, want_values) and torch.equal(indices, want_indices)
+
+
+def test_device_composite_gives_the_kernels_error_for_a_query_of_another_rank():
+    """The composite sliced query[:, :, :0] before any check: a 2-d query was an IndexError."""
+    from fsskern.ops.certified_search import device_search
+    with pytest.raises(RuntimeError, match="query"):
+        device_search(torch.randn(8, 6), torch.randn(1, 2, 8, 5), torch.ones(1, 2, 5), 1e-7)

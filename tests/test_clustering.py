@@ -372,6 +372,29 @@ def test_support_prototypes_match_the_umtfss_composition(fg):
     assert (got[~valid] == 0).all()
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_support_prototypes_of_half_features_match_the_reference(dtype):
+    """UMTFSS under AMP: the reference drew its planes in the features' dtype (and resized the masks so), which
+    hashed ~2 % of bf16 tokens into other clusters (prototypes 0.2 apart); both draw float32 planes now."""
+    features = torch.randn(2, 1, 64, 12, 12, generator=gen(0)).to(dtype)
+    masks = (torch.rand(2, 1, 48, 48, generator=gen(1)) > 0.5).float()
+    got, valid = ops.support_prototypes(features, masks, k_fg=5, k_bg=5, generator=gen(9))
+    want, want_valid = composed.support_prototypes(features, masks, k_fg=5, k_bg=5, generator=gen(9))
+    assert torch.equal(valid, want_valid)
+    assert_close(got.float(), want.float(), rtol=0, atol=float(torch.finfo(dtype).eps) * 2)
+
+
+def test_reference_cluster_means_counts_exactly_in_bf16():
+    """bf16 counts round above 256 (299 -> 300): the reference counts in int64 as the kernel does."""
+    features = torch.randn(1, 400, 8, generator=gen(0)).bfloat16()
+    assign = torch.zeros(1, 400, dtype=torch.long)
+    assign[0, 299:] = 1
+    (means, counts), (want_means, want_counts) = ref.cluster_means(features, assign, 2), ops.cluster_means(
+        features, assign, 2)
+    assert counts.tolist() == want_counts.tolist() == [[299, 101]]
+    assert_close(means.float(), want_means.float(), rtol=0, atol=float(torch.finfo(torch.bfloat16).eps))
+
+
 def test_support_prototypes_gradients_reach_features():
     features = torch.randn(1, 2, 8, 6, 6, generator=gen(0), requires_grad=True)
     masks = (torch.rand(1, 2, 6, 6, generator=gen(1)) < 0.4).float()

@@ -200,6 +200,8 @@ BAD = [
     (dict(support=torch.randn(2, 1, 4, 0, 5)), ValueError, r"support must have a non-empty \(h, w\) grid"),
     (dict(query=torch.randn(2, 4, 0, 5)), ValueError, r"query must have a non-empty \(h, w\) grid"),
     (dict(support_masks=torch.ones(2, 1, 5, 0)), ValueError, r"support_masks must have a non-empty \(h, w\) grid"),
+    (dict(support=torch.randn(2, 0, 4, 5, 5), support_masks=torch.ones(2, 0, 5, 5)), ValueError,
+     "at least one shot, got K = 0"),  # the mean over no shot was an all-NaN prior
     (dict(out_size=(0, 5)), ValueError, r"out_size must have a non-empty \(h, w\) grid"),
     (dict(out_size=5), ValueError, r"out_size must be an \(h, w\) pair"),  # was "'int' object is not iterable"
     (dict(eps=float("nan")), RuntimeError, "eps must be finite"),

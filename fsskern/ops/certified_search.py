@@ -148,7 +148,8 @@ def device_search(query: torch.Tensor, support: torch.Tensor, support_weights: t
     """``fsskern::max_cosine_bf16_search`` where no device kernel is registered (GPUs): the search above. The CPU
     kernel (csrc/ops/cpu/max_cosine_bf16_search_kernel.cpp) runs it tile by tile in one pass.
     Fake and autograd are max_cosine's, registered beside it in prior_mask.py."""
-    torch.ops.fsskern.max_cosine(query[:, :, :0], support, support_weights, eps)  # the kernel's input checks
+    # the kernel's input checks on an empty query (a query that is not 3-d gets them whole)
+    torch.ops.fsskern.max_cosine(query[:, :, :0] if query.dim() == 3 else query, support, support_weights, eps)
     if query.dtype != torch.float32:  # the search is for fp32 inputs; the CPU kernel runs max_cosine for others
         return torch.ops.fsskern.max_cosine(query, support, support_weights, eps)
     values, indices = certified_max_cosine(query.detach(), support.detach(), support_weights.detach(), eps)

@@ -80,6 +80,8 @@ def prior_mask(query: torch.Tensor, support: torch.Tensor, support_masks: torch.
         raise ValueError(f"prior_mask: support_masks must be (B, K, H, W) with (B, K) = {tuple(support.shape[:2])}, "
                          f"got {tuple(support_masks.shape)}")
     B, K, C, hs, ws = support.shape
+    if K == 0:  # the mean over no shot was an all-NaN prior
+        raise ValueError("prior_mask: support must hold at least one shot, got K = 0")
     hq, wq = query.shape[-2:]
     if out_size is not None and not isinstance(out_size, (tuple, list, torch.Size)):
         raise ValueError(f"prior_mask: out_size must be an (h, w) pair, got {out_size!r}")

@@ -59,6 +59,8 @@ def hamming_kmeans(codes, k, iters, valid, init):
 
 def cluster_means(features, assign, k, eps=1e-3):
     """UMTFSS: one_hot(assign)^T @ feats / (counts + 0.001); assign -1 belongs to no cluster."""
-    one_hot = F.one_hot(assign.clamp(min=-1) + 1, k + 1)[..., 1:].to(features.dtype)  # (B, N, k)
-    counts = one_hot.sum(1)
-    return one_hot.transpose(1, 2) @ features / (counts + eps).unsqueeze(-1), counts.long()
+    one_hot = F.one_hot(assign.clamp(min=-1) + 1, k + 1)[..., 1:]  # (B, N, k)
+    counts = one_hot.sum(1)  # int64, and divided in float32 at least: bf16 rounds counts above 256 (299 -> 300)
+    denominator = counts.to(torch.promote_types(features.dtype, torch.float32)) + eps
+    sums = one_hot.to(features.dtype).transpose(1, 2) @ features
+    return (sums / denominator.unsqueeze(-1)).to(features.dtype), counts

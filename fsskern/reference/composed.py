@@ -46,12 +46,14 @@ def support_prototypes(features: torch.Tensor, masks: torch.Tensor, *, valid: Op
     prototypes (B, k_fg + k_bg, C) and valid. Everything runs on the features' device, as UMTFSS clusters on
     its GPU; the random draws come from ``generator`` on the CPU, so they are the same on every device."""
     B, K, C, h, w = features.shape
-    fg, bg = _token_sets(masks, None, (h, w), features.dtype)
+    # as the fused op: masks resized and planes drawn in float32 for half features (bf16 planes hash otherwise)
+    wide = torch.float64 if features.dtype == torch.float64 else torch.float32
+    fg, bg = _token_sets(masks, None, (h, w), wide)
     if valid is not None:  # UMTFSS: the padding mask resized nearest, padded tokens dropped from both sets
         keep = F.interpolate(valid.float(), size=(h, w), mode="nearest") > 0
         fg, bg = fg & keep, bg & keep
     tokens = features.permute(0, 1, 3, 4, 2).reshape(B, K * h * w, C)  # -1 cannot be inferred at B = 0
-    planes = lsh_planes(bits, C, generator=generator, dtype=features.dtype, device=features.device)
+    planes = lsh_planes(bits, C, generator=generator, dtype=wide, device=features.device)
     codes = clustering.lsh_hash(tokens.detach().double(), planes.double())
     out, valids = [], []
     for k, part in ((k_fg, fg.reshape(B, K * h * w)), (k_bg, bg.reshape(B, K * h * w))):
