@@ -242,7 +242,8 @@ def main():
              f"benchmarks/compat.py{' --quick' if args.quick else ''}`; "
              f"median of {args.reps} interleaved runs; peak extra resident memory of the first call, each side in a "
              "fresh process (glibc mmap threshold 64 KiB). Backbone excluded (see the module docstring).", "",
-             "| case | original ms | compat ms | speed-up | original MiB | compat MiB | memory ratio |",
+             "| case | original ms | compat ms | speed-up | original MiB | compat MiB "
+             "| memory saved (original / compat) |",
              "|---|---|---|---|---|---|---|"]
     for r in rows:
         # a ratio to less than 1 MiB says more about the allocator than about the code

@@ -22,9 +22,9 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from fsskern import build_info, ops  # noqa: E402
+from fsskern import ops  # noqa: E402
 from fsskern.ops.certified_search import bf16_hardware  # noqa: E402
-from harness import median_times  # noqa: E402
+from harness import machine_info, median_times  # noqa: E402
 
 
 def prototype_case():
@@ -73,10 +73,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     rows = [measure(*case(), args.reps) for case in (prototype_case, local_case)]
     hardware = bf16_hardware(torch.device("cpu")) or "none (no AMX-BF16 / AVX512-BF16)"
-    info = {"cpu_capability": torch.backends.cpu.get_cpu_capability(), "bf16_hardware": hardware,
-            "bf16_search": build_info()["bf16_search"], "bf16_attention": build_info()["bf16_attention"],
-            "threads": torch.get_num_threads(),
-            "torch": torch.__version__}
+    info = {**machine_info(), "bf16_hardware": hardware, "threads": torch.get_num_threads()}  # the CPU and commit too
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "reduced_precision.json").write_text(json.dumps({"info": info, "rows": rows}, indent=1))

@@ -71,7 +71,19 @@ def test_median_times_does_not_rewarm_slow_calls():
         time.sleep(0.03)
 
     median_times([slow], reps=3, settle=0.0, rewarm_below=0.01)
-    assert calls[0] == 1 + 3                    # the warm-up, then one timed call per sample
+    assert calls[0] == 2 + 3                    # two warm-ups (sized on the second), then one timed call per sample
+
+
+def test_median_times_sizes_samples_on_the_second_call():
+    """A slow first call (a GPU's kernel loads and cuBLAS set-up) used to size the samples: one call each."""
+    calls = [0]
+
+    def op():
+        calls[0] += 1
+        time.sleep(0.2 if calls[0] == 1 else 0.001)
+
+    median_times([op], reps=1, settle=0.0, min_sample=0.02, rewarm_below=0.1)
+    assert calls[0] > 2 + 10                    # the sample holds ~20 calls of 1 ms, not one
 
 
 def test_median_times_sizes_samples_after_a_cold_first_call():
@@ -93,5 +105,5 @@ def test_median_times_alternates_the_order_of_the_sides():
     order = []
     fns = [lambda: order.append("a"), lambda: order.append("b")]
     median_times(fns, reps=3, settle=0.0, min_sample=0.0, rewarm_below=0.0)  # one call per sample
-    timed = order[2:]  # after one warm-up call each
+    timed = order[4:]  # after two warm-up calls each
     assert timed == ["a", "b", "b", "a", "a", "b"], timed
