@@ -141,6 +141,7 @@ def measure_memory_in_subprocess(case_index, side, quick):
 def machine_info(device="cpu"):
     """The machine header of a report; on a CUDA device also the GPU's name, capability and CUDA."""
     import fsskern
+    from fsskern.engine.logging import git_commit
     model = platform.processor() or "unknown"
     try:
         with open("/proc/cpuinfo") as f:
@@ -149,9 +150,8 @@ def machine_info(device="cpu"):
         pass
     info = fsskern.build_info()
     return {
-        "commit": source_commit(),
+        "commit": git_commit(),
         "cpu": model,
-        "cpu_flags": ",".join(cpu_flags()),
         "logical_cpus": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "torch": torch.__version__,
@@ -165,29 +165,6 @@ def machine_info(device="cpu"):
         "python": platform.python_version(),
         **(cuda_info() if torch.device(device).type == "cuda" else {}),
     }
-
-
-def source_commit() -> str:
-    """The commit measured, "+dirty" with uncommitted changes; FSSKERN_COMMIT where the tree has no .git (a
-    device machine's copy), else "unknown"."""
-    root = Path(__file__).resolve().parents[1]
-    try:
-        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
-                               capture_output=True, text=True, check=True)
-    except (OSError, subprocess.CalledProcessError):
-        return os.environ.get("FSSKERN_COMMIT", "unknown")
-    return head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
-
-
-def cpu_flags():
-    """The vector extensions that pick kernels and change timings (one model name covers AVX2 and AVX-512 EPYCs)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = next(line.split(":", 1)[1].split() for line in f if line.startswith("flags"))
-    except (OSError, StopIteration):
-        return []
-    return sorted(f for f in flags if f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile", "fma"))
 
 
 def cuda_info():
