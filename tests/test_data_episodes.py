@@ -291,7 +291,8 @@ def test_parsing_kway_and_one_way_training_episodes(tmp_path, monkeypatch):
     # the crop keeps the foreground of every way of the shared support, not only the first way's
     seen = []
     crop = TrainTransform._crop_offsets
-    monkeypatch.setattr(TrainTransform, "_crop_offsets", lambda self, lbl, *a: seen.append(lbl.copy()) or crop(self, lbl, *a))
+    monkeypatch.setattr(TrainTransform, "_crop_offsets",
+                        lambda self, lbl, *a: seen.append(lbl.copy()) or crop(self, lbl, *a))
     EpisodeDataset(src, kway, TrainTransform(65, scale=(1, 1), rotate=0, flip=False), True, base=base, novel=novel)[3]
     union = np.isin(src.load(e.supports[0])[1], e.classes)
     assert len(seen) == 2 and np.array_equal(seen[1], union)  # the query's, then the support's union

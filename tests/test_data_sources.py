@@ -376,7 +376,8 @@ def test_folder_list_refuses_an_id_with_two_image_files(tmp_path):
     Image.fromarray(np.ones((8, 8), np.uint8)).save(root / "labels" / "a.png")
     (root / "classes.tsv").write_text("0\tbackground\n1\tone\n")
     (root / "list.txt").write_text("a\n")
-    cfg = DataConfig(dataset="folder", root=str(root), classes="classes.tsv", params={"split_lists": {"train": "list.txt"}})
+    cfg = DataConfig(dataset="folder", root=str(root), classes="classes.tsv",
+                     params={"split_lists": {"train": "list.txt"}})
     assert build_source(cfg, "train").samples[0][1].endswith("a.png")
     Image.fromarray(np.full((8, 8, 3), 90, np.uint8)).save(root / "images" / "a.jpg")
     with pytest.raises(DataError, match=r"id 'a' has several image files .*\(a.jpg, a.png\)"):

@@ -65,7 +65,7 @@ class TrainConfig:
     warmup_iters: int = 0
     warmup_epochs: float = 0.0         # > 0 (with epochs): warmup_iters counted from the pool as epochs are
     poly_power: float = 0.9
-    lr_steps: List[int] = field(default_factory=list)  # after warm-up, x lr_gamma at each (PANet's MultiStepLR), not poly
+    lr_steps: List[int] = field(default_factory=list)  # x lr_gamma at each, after warm-up (MultiStepLR), not poly
     lr_gamma: float = 0.1
     accumulate: int = 1                # micro-batches per optimizer step
     clip_grad: Optional[float] = None  # max global grad norm; None or 0: no clipping
@@ -267,7 +267,8 @@ def _build(cls, tree: dict, prefix: str = ""):
             raise ConfigError(f"{prefix}{key} must be >= 1, got {kwargs[key]}")
         if prefix + key in NON_NEGATIVE and kwargs[key] is not None and kwargs[key] < 0:
             raise ConfigError(f"{prefix}{key} must be >= 0, got {kwargs[key]}")
-        if prefix + key == "train.lr_steps" and not all(0 < a < b for a, b in zip(kwargs[key], kwargs[key][1:] + [1 << 62])):
+        steps = kwargs[key] if prefix + key == "train.lr_steps" else []
+        if steps and (steps[0] < 1 or any(b <= a for a, b in zip(steps, steps[1:]))):
             raise ConfigError(f"train.lr_steps must be increasing iterations >= 1, got {kwargs[key]}")
     return cls(**kwargs)
 

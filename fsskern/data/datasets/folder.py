@@ -10,8 +10,8 @@ name a line). Any number of classes; folds (``data.folds``: novel class ids per 
 without them every split holds every image, which is sound only with
 the ``bam`` training policy: every test query holds a novel class, so no training image is a test
 query; the ``pfenet`` policy is refused there), ``test_fraction`` (a deterministic image-level split
-by hashed id: the test split holds that share of the images and train / val the rest; for sets with one pool and the ``pfenet`` policy, e.g. the
-parsing sets, whose test queries would otherwise be training images with their novel pixels labelled
+by hashed id: the test split holds that share of the images and train / val the rest; for sets with
+one pool and the ``pfenet`` policy, e.g. the parsing sets, whose test queries would otherwise be training images with their novel pixels labelled
 background), ``label_channel`` (for RGB-stored labels) and ``stuff`` (class ids that are scene background:
 base classes in episodes, but background to BAM's base learner; ``Source.base_learner_classes``).
 
