@@ -92,7 +92,8 @@ def _changed_settings(run_dir: Path, method: str, train_args) -> list:
 
 def _finished(run_dir: Path) -> bool:
     from fsskern.engine.cli import last_phase
-    return (last_phase(run_dir) / "done.json").is_file()
+    from fsskern.engine.trainer import finished_at
+    return finished_at(last_phase(run_dir)) is not None
 
 
 def write_report(out: Path, models, timings) -> Path:

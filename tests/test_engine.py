@@ -388,6 +388,26 @@ def test_refuses_to_overwrite_a_run(dataset, tmp_path):
     assert (out / "metrics.jsonl").read_text() == rows  # nothing past the checkpoint was logged twice
 
 
+def test_a_stale_done_json_does_not_pass_a_resumed_run_off_as_finished(dataset, tmp_path):
+    """done.json counts only with the last.pt it was written after. An earlier run's, left beside a later run's
+    checkpoint (its last.pt removed, a new run started there and killed), made the resume return at once."""
+    from fsskern.engine.trainer import finished_at
+    out = tmp_path / "run"
+    assert run_train(tiny(dataset, out, "train.iters=4")).returncode == 0
+    assert finished_at(out) == 4 and not list(out.glob(".done.json.*"))  # written through a temporary file
+    payload = ckpt.load(out / "last.pt")
+    payload["iteration"] = 2  # a later run in the folder, killed after its second iteration
+    ckpt.save_atomic(payload, out / "last.pt")
+    assert finished_at(out) is None
+    res = run_train(tiny(dataset, out, "train.iters=4", "resume=true"))
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert ckpt.load(out / "last.pt")["iteration"] == 4 and finished_at(out) == 4  # it trained to the end
+    (out / "last.pt").unlink()
+    assert finished_at(out) is None  # the demo retrains such a folder, as the trainer does
+    (out / "done.json").write_text('{"iterat')  # cut by a kill (written in place before the fix)
+    assert finished_at(out) is None
+
+
 def test_resumed_logs_drop_what_a_crash_logged_past_the_checkpoint(tmp_path):
     from fsskern.engine.logging import RunLogger
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps({"iteration": i, "train/loss": 1.0}) + "\n"

@@ -42,13 +42,15 @@ def set_rng_state(state: dict, device: torch.device) -> None:
             torch.cuda.set_rng_state(cuda, device)
 
 
-def save_atomic(payload: dict, path) -> None:
+def write_atomic(path, write) -> None:
+    """Call write(f) on a temporary file beside path, then rename it over path: a reader (a resumed run, the
+    demo) finds the old file or the whole new one, never half of it."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
-            torch.save({"format": FORMAT, "version": VERSION, **payload}, f)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -60,6 +62,10 @@ def save_atomic(payload: dict, path) -> None:
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
+
+
+def save_atomic(payload: dict, path) -> None:
+    write_atomic(path, lambda f: torch.save({"format": FORMAT, "version": VERSION, **payload}, f))
 
 
 def load(path) -> dict:

@@ -117,13 +117,25 @@ def refuse_overwrite(cfg: Config) -> None:
         refuse_changes(changed_settings(read_yaml(out / "config.yaml"), to_dict(cfg)), out)
 
 
+def finished_at(out: Path) -> Optional[int]:
+    """The iteration a finished run in out ended at, or None. done.json counts only with the last.pt it was
+    written after: a fresh run in a folder whose last.pt had been removed would otherwise, once killed and
+    resumed, be taken for the earlier run that finished there."""
+    try:
+        finished = json.loads((out / "done.json").read_text())["iteration"]
+        saved = ckpt.load(out / "last.pt")["iteration"]
+    except (FileNotFoundError, ValueError, KeyError, ckpt.CheckpointError):
+        return None
+    return finished if finished == saved else None
+
+
 def train_phase(cfg: Config, init_from: Optional[Path] = None) -> Path:
     dist.init_from_env(cfg.device)
     device = device_of(cfg)
     out = Path(cfg.out)
     last, best = out / "last.pt", out / "best.pt"
-    if (out / "done.json").is_file() and cfg.resume:  # a finished run, or a finished phase of a multi-phase one
-        finished = json.loads((out / "done.json").read_text())["iteration"]
+    finished = finished_at(out)
+    if finished is not None and cfg.resume:  # a finished run, or a finished phase of a multi-phase one
         if cfg.train.epochs == 0 and finished != cfg.train.iters:
             raise ValueError(f"resume: {out} finished at iteration {finished}, and train.iters is "
                              f"{cfg.train.iters}: a finished run is not extended (its schedule has ended); start a "
@@ -186,6 +198,10 @@ def train_phase(cfg: Config, init_from: Optional[Path] = None) -> Path:
                           f"{dist.world_size()} with the same episodes per step: the episodes continue as they "
                           f"were, the random streams (dropout, augmentation) start from the seed", stacklevel=2)
         state = {"iteration": payload["iteration"], "best": payload["best"]}
+    if dist.is_main() and (out / "done.json").is_file():
+        # not this run's (finished_at said so): an earlier run's here, whose last.pt was removed or overwritten;
+        # left in place, it would pass this run off as finished when it is resumed after a kill
+        (out / "done.json").unlink()
     if dist.is_main() and state["iteration"] == 0 and best.is_file():
         # an earlier run here validated and was stopped before its first last.pt: its best.pt is not this run's,
         # and evaluating the folder would pick it (this run may never validate to replace it)
@@ -262,7 +278,9 @@ def train_phase(cfg: Config, init_from: Optional[Path] = None) -> Path:
         if done or state["iteration"] % cfg.train.checkpoint_every == 0:
             save(last)
     if dist.is_main():
-        (out / "done.json").write_text(json.dumps({"iteration": state["iteration"], "best": state["best"]}))
+        ckpt.write_atomic(out / "done.json",
+                          lambda f: f.write(json.dumps({"iteration": state["iteration"], "best": state["best"]})
+                                            .encode()))
     logger.close()
     return out
 
