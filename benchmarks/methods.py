@@ -32,11 +32,13 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))  # harness, also where a test loads this file
 from fsskern.engine.cli import last_phase, run_checkpoint  # noqa: E402
 from fsskern.engine.config import load_config  # noqa: E402
 from fsskern.engine.evaluator import evaluate  # noqa: E402
 from fsskern.engine.trainer import refuse_other_fold, train  # noqa: E402
 from fsskern.pseudo_tasks import ensure_for_run  # noqa: E402
+from harness import median_times  # noqa: E402
 
 DEFAULT_METHODS = ["baseline", "panet", "dpcl", "bam", "rilfs", "crcnet", "popnet", "umtfss"]
 
@@ -66,11 +68,12 @@ def cpu_name() -> str:
 
 
 def step_times(cfg_path: Path, overrides, reps: int = 3) -> dict:
-    """Median seconds of one training step and one inference on a real batch, fused vs reference."""
+    """Median seconds of one training step and one inference on a real batch, fused vs reference, the four
+    interleaved in turns of alternating order (harness.median_times): on the shared VMs the speed drifts within
+    seconds, and timing one side after the other would charge the drift to one of them."""
     from fsskern.engine.data import episode_loader, train_dataset
     from fsskern.models import create_model
-    out = {}
-    batch = None
+    batch, calls = None, {}
     for ops in ("fused", "reference"):
         cfg = load_config(cfg_path, [*overrides, f"ops={ops}", "data.num_workers=0"])
         if batch is None:
@@ -78,22 +81,23 @@ def step_times(cfg_path: Path, overrides, reps: int = 3) -> dict:
                                              0, seed=0)))
         torch.manual_seed(0)
         model = create_model(cfg.model, cfg.ops)
-        trainable = [p for p in model.parameters() if p.requires_grad]
-        samples = {"train_step_s": [], "inference_s": []}
-        for _ in range(reps + 1):  # the first is a warm-up
-            if trainable:
-                model.train()
-                tic = time.perf_counter()
-                loss = sum(model(batch)["losses"].values())
-                loss.backward()
-                samples["train_step_s"].append(time.perf_counter() - tic)
-                model.zero_grad(set_to_none=True)
+
+        def train_step(model=model):
+            model.train()
+            sum(model(batch)["losses"].values()).backward()
+            model.zero_grad(set_to_none=True)
+
+        def inference(model=model):
             model.eval()
-            tic = time.perf_counter()
             with torch.no_grad():
                 model(batch)
-            samples["inference_s"].append(time.perf_counter() - tic)
-        out[ops] = {k: statistics.median(v[1:]) for k, v in samples.items() if v}
+        if any(p.requires_grad for p in model.parameters()):
+            calls[ops, "train_step_s"] = train_step
+        calls[ops, "inference_s"] = inference
+    times = median_times(list(calls.values()), reps)
+    out = {"fused": {}, "reference": {}}
+    for (ops, key), t in zip(calls, times):
+        out[ops][key] = t
     return out
 
 

@@ -32,7 +32,9 @@ from sweeps import all_sweeps, thread_cases  # noqa: E402
 
 
 def memory_mode(index, side, quick):
-    """Child process: warm the libraries up on the smallest case, then measure one call."""
+    """Child process: warm the libraries up on the smallest case, and the measured side on its own inputs (what
+    a first call at this size keeps, a library's cached plan or workspace, is no part of the calls a model makes
+    after it, as the timings' warm-up calls leave it out), then measure one call."""
     warm = all_cases(quick=True)[0]
     warm_inputs = warm.build()
     with torch.no_grad():
@@ -40,6 +42,7 @@ def memory_mode(index, side, quick):
         case = all_cases(quick)[int(index)]
         inputs = case.build()
         fn = case.reference if side == "reference" else case.fsskern
+        fn(inputs)
         print(json.dumps({"peak_extra_bytes": peak_extra_bytes(lambda: fn(inputs))}))
 
 
@@ -197,7 +200,7 @@ def markdown(rows, info, quick, sweeps=(), threads=(), plots_dir="plots", limits
     lines.append("")
     kept = ", the timing process keeping the memory it frees (glibc mallopt)" if info.get("freed_memory_kept") else ""
     memory = ("the caching allocator's peak of one call, in this process" if info.get("gpu") else
-              "the resident memory of one call, measured once in a fresh process per side with glibc's mmap "
+              "the resident memory of one call after a warm-up call, in a fresh process per side with glibc's mmap "
               "threshold fixed at 64 KiB (freed blocks go back to the system, so the peaks repeat)")
     lines.append("Median of the timed samples (interleaved, after a warm-up; before each sample a 0.1 s settle "
                  f"and, for calls under 0.5 s, one untimed call{kept}); peak extra memory of each side: {memory}.")
