@@ -166,7 +166,23 @@ def test_resume_after_kills_gives_the_same_files(built, list_file, tmp_path, mon
     assert json.loads((state / "vectors.json").read_text())["done"] == 6 and (state / "centroids.npy").is_file()
     assert len(list((state / "records").glob("*.npz"))) == 2  # the second run labelled one batch
     monkeypatch.setattr(pt, "read_image", real)
+    real_label, labelled = pt._label_image, []
+
+    def dying_label(*args):  # a third run killed inside a batch, its first image labelled
+        labelled.append(args[7])
+        if len(labelled) == 2:
+            raise KeyboardInterrupt
+        return real_label(*args)
+    monkeypatch.setattr(pt, "_label_image", dying_label)
+    with pytest.raises(KeyboardInterrupt):
+        pt.build_pseudo_tasks(cfg, progress=False)
+    assert labelled == [2, 3] and len(list((state / "records").glob("*.npz"))) == 3
+    monkeypatch.setattr(pt, "_label_image", real_label)
+    read = []
+    monkeypatch.setattr(pt, "read_image", lambda path: read.append(Path(path).stem) or real(path))
     assert not pt.build_pseudo_tasks(cfg, progress=False)["reused"]
+    # the cut batch is embedded again whole, as the uninterrupted build embedded it (not [3, 4], [5])
+    assert sorted(read) == sorted(IDS[2:])
     assert files(tmp_path / "killed") == files(Path(built[0].root))
 
 

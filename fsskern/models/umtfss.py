@@ -55,7 +55,8 @@ Resolutions (source: P paper, C public code, N the notes' recommendation, R ours
 - Loss: the code's Dice loss (P states none). [#12]
 - Optimisers: SGD (momentum, weight decay and poly from ``train``) for every non-Transformer layer at
   ``sgd_lr_mult`` x train.lr (C x15; P "base 1e-2"); AdamW at ``transformer_lr`` 1e-4, weight decay 1e-2,
-  none on biases / LayerNorm (P + C). [#13, #14] As the code: AdamW's LR constant (the group's
+  none on biases / LayerNorm (P: 1e-2; C exempts only parameters named bias, so its LayerNorm weights decay;
+  the notes' #14 exempts LayerNorm too, kept). [#13, #14] As the code: AdamW's LR constant (the group's
   ``schedule: constant``), SGD warmed up (``train.warmup_iters``) then poly.
 - Head Dropout2d(0.1) (C). FFN 3d, bias-free, residual inside (C). Linear layers Xavier-uniform (C 4.4).
 - Positional encoding of the full grid for both stacks (R): the batch has no padding-only mask, and the
