@@ -221,6 +221,23 @@ def test_weight_shifting_and_ablation_switches():
     assert set(single(kway_batch())["losses"]) == {"agm"}
 
 
+def test_a_run_whose_calls_differ_from_the_schedule_is_refused(tmp_path):
+    """beta and the static phase count training forward calls against params.iters: a run making another number
+    (train.accumulate 2 doubles them; train.iters overridden alone) is refused before it trains, not left to end
+    its static phase at a quarter or three times over."""
+    if not (DATA / "ccp").is_dir():
+        pytest.skip(f"real data {DATA / 'ccp'} absent")
+    from fsskern.engine.config import ConfigError, load_config
+    from fsskern.engine.trainer import train_phase
+    common = [f"out={tmp_path}", f"data.root={DATA / 'ccp'}", "train.phases=[]", "model.weights=null",
+              "data.num_workers=0", "model.params.iters=4"]
+    for extra, calls in ((["train.iters=4", "train.accumulate=2"], 8), (["train.iters=3"], 3)):
+        cfg = load_config(REPO / "configs/popnet/ccp_mobilenet_v2.yaml", common + extra)
+        with pytest.raises(ConfigError, match=f"this run makes {calls} .*set model.params.iters={calls}"):
+            train_phase(cfg)
+    assert not (tmp_path / "last.pt").exists()
+
+
 def test_background_weight_weights_the_background_class_of_the_losses():
     # bg_weight (ours, R12): the heads' cross-entropies weight the background class; 1 is the paper's plain CE
     batch = kway_batch(seed=5)
@@ -267,6 +284,10 @@ def test_bad_inputs_are_refused():
         model(stage=2)(dict(b, query_areas=None))
     with pytest.raises(ValueError, match="bank_size"):
         m.eval()(dict(b, classes=torch.full((2, 3), 300)))
+    one = kway_batch(B=1, ways=3)
+    with pytest.raises(ValueError, match="at least 2 queries per batch"):  # not torch's BatchNorm error
+        m.train()(one)
+    assert model(batch_stats=False).train()(one)["losses"] and m.eval()(one)["logits"].shape[0] == 1
 
 
 def test_fixed_bn_statistics_make_training_and_evaluation_agree():
@@ -394,8 +415,8 @@ def test_ddp_trains_through_the_epoch_whose_ncm_loss_weight_is_zero(tmp_path):
     if not (DATA / "ccp").is_dir():
         pytest.skip(f"real data {DATA / 'ccp'} absent")
     run = train_two_gloo_ranks("configs/popnet/ccp_mobilenet_v2.yaml", 29538, f"out={tmp_path}",
-                               f"data.root={DATA / 'ccp'}", "train.phases=[]", "model.weights=null", "data.train_size=65",
-                               "data.num_workers=0", "train.iters=3", "model.params.iters=3")
+                               f"data.root={DATA / 'ccp'}", "train.phases=[]", "model.weights=null",
+                               "data.train_size=65", "data.num_workers=0", "train.iters=3", "model.params.iters=3")
     assert run.returncode == 0, run.stderr[-3000:]
     assert (tmp_path / "done.json").is_file()
 
@@ -469,7 +490,9 @@ def test_evaluate_scores_real_ccp_kway_episodes_with_parsing_metrics(tmp_path):
     """python/evaluate.py's path (engine.evaluator.evaluate) on 2 real CCP k-way episodes at 65 px, untrained: the
     model's metric='parsing' routes it to parsing_eval, metrics.json holds the parsing metrics. CCP's test half (511
     of 1,004 images) cannot give 13 classes x 10 queries 15 fresh supports each: the frozen pairs fall back to one,
-    and shorts (59 images in all) to 8 queries; no image of a pair is a training image."""
+    and shorts (59 images in all; 18 fresh when its turn comes) to 9 queries, each with a support of the other 9
+    (8 until session 51 cut the queries without taking the two let go as supports); no image of a pair is a
+    training image."""
     if not (DATA / "ccp").is_dir():
         pytest.skip(f"real data {DATA / 'ccp'} absent")
     import json
@@ -483,10 +506,10 @@ def test_evaluate_scores_real_ccp_kway_episodes_with_parsing_metrics(tmp_path):
                       [f"out={tmp_path}", f"data.root={DATA / 'ccp'}", "data.test_size=65", "data.num_workers=0",
                        "eval.episodes=2", "eval.seeds=[0]", "eval.min_class_episodes=0"])
     src = build_source(cfg.data, "test")
-    with pytest.warns(UserWarning, match="1 support per query, and too few fresh images for 40 .shorts.: 8 queries"):
+    with pytest.warns(UserWarning, match="1 support per query, and too few fresh images for 40 .shorts.: 9 queries"):
         pairs = popnet_pairs(src, scan_labels(src), 0, 1, cfg.data.ways, {"k": 1})
     used = {src.sample_id(i) for e in pairs for i in (e.query, *e.supports)}
-    assert len(pairs) == 12 * 10 + 8 and len(used) == 2 * len(pairs)
+    assert len(pairs) == 12 * 10 + 9 and len(used) == 2 * len(pairs)
     train = build_source(cfg.data, "train")
     assert not used & {train.sample_id(i) for i in range(len(train))}
     with pytest.warns(UserWarning, match="support per query"):

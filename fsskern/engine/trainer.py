@@ -173,6 +173,11 @@ def train_phase(cfg: Config, init_from: Optional[Path] = None) -> Path:
     if cfg.train.iters == 0:
         raise ConfigError(f"model {cfg.model.name!r} has trainable parameters and train.iters and train.epochs are "
                           f"both 0: set the training budget")
+    calls = cfg.train.iters * cfg.train.accumulate  # training forward calls per process
+    if getattr(model, "scheduled_calls", calls) != calls:  # a model that counts its own schedule (POPNet)
+        raise ConfigError(f"model {cfg.model.name!r} counts its own schedule over model.params.iters="
+                          f"{model.scheduled_calls} training forward calls, and this run makes {calls} (train.iters "
+                          f"x train.accumulate): set model.params.iters={calls}")
     if cfg.train.val_episodes > 0 and holds_validation(cfg):  # now, not at the first validation (the run's end)
         eval_dataset(validation_config(cfg), cfg.seed)  # raises where the held-out images or classes make no episode
     optimizers = build_optimizers(model, cfg.train)

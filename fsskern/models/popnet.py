@@ -66,7 +66,8 @@ Resolutions (source: paper, notes = ../shared/notes/methods/popnet.md, code = pu
   A support with no class predicts background everywhere and its loss is 0 (notes A7).
 - R9 AGM D = two plain 3x3 convs (bias) + one separable block, then a 1x1 conv 256 -> 2 (phi, omega), shared
   over classes; bg = a mean(omega) + b (code, notes B6). Classes are folded into the batch and only the
-  present (image, class) pairs are decoded (ours; same values).
+  present (image, class) pairs are decoded (ours; the same values in evaluation; in training with batch_stats the
+  separable block's BatchNorm takes its statistics over the present pairs only).
 - R10 NCM: the code's scalar affines and learnable scale s (init 10) (notes B4); ``ncm_affine=False`` is the
   paper's plain softmax over s m_c and s mean(1 - m_c), s still learnable.
 - R11 output: NCM logits (code evaluates NCM; beta -> 0; notes B9); AGM is skipped at inference. ``head``:
@@ -310,6 +311,13 @@ class POPNet(nn.Module):
             share_bank_writes(bank, seen, writes)
         return torch.stack(out), present
 
+    @property
+    def scheduled_calls(self) -> int:
+        """The training forward calls per stage that the static phase and beta are counted against (params.iters,
+        counted by ``steps``): the trainer refuses a run that makes another number (train.iters x accumulate),
+        whose static phase would otherwise end early or late without a word."""
+        return self.p["iters"]
+
     def epoch(self) -> int:
         return int(self.steps[self.stage]) * self.p["epochs"] // max(1, self.p["iters"])
 
@@ -327,6 +335,11 @@ class POPNet(nn.Module):
         B, S = masks.shape[:2]
         ways = batch["classes"].shape[1]
         self._check(batch, B, S, ways)
+        if self.training and B == 1 and self.p["batch_stats"]:  # torch's own error names no setting
+            raise ValueError("popnet: training with batch_stats=True needs at least 2 queries per batch (the "
+                             "query's own encoder pass normalises the ASPP's image-pooling branch, one value per "
+                             "channel and image, over the batch); set data.batch_size >= 2 or "
+                             "model.params.batch_stats=false")
         size = query.shape[-2:]
         shared = S > 1 and bool((supports == supports[:, :1]).all())  # one k-way support image for every way
         s_imgs = supports[:, 0] if shared else supports.flatten(0, 1)
