@@ -142,6 +142,25 @@ def test_kshot_finetune_restores_every_weight():
         model(episode(K=1))
 
 
+def test_kshot_finetune_draws_from_the_episode_not_the_global_rng():
+    """Pairs, flips, refinement steps and dropout come from ft_seed + the episode's index under a forked RNG: the
+    same episode scores the same whatever ran before it (another rank, another order), and the caller's random
+    stream (a validation inside training) is left where it was."""
+    model = build(kshot="finetune+fusion", dim=32, ft_steps=3, ft_lr=0.5).eval()
+    batch = dict(episode(K=2, B=1), index=torch.tensor([7]))
+    outs = []
+    with torch.no_grad():
+        for seed in (1, 2):
+            torch.manual_seed(seed)
+            outs.append(model(batch)["logits"])
+            after = torch.rand(4)
+            torch.manual_seed(seed)
+            assert torch.equal(after, torch.rand(4))  # the fine-tuning drew nothing from the global stream
+        others = [model(dict(batch, index=torch.tensor([i])))["logits"] for i in (8, 9, 10)]
+    assert torch.equal(outs[0], outs[1])
+    assert any(not torch.equal(outs[0], o) for o in others)
+
+
 def test_kshot_finetune_tunes_under_autocast():
     """The evaluator runs a batch under one autocast region (amp=bf16/fp16), which casts each weight once and
     reuses the copy: the fine-tuning must still change the prediction, as it does in float32."""

@@ -77,6 +77,7 @@ PARAMS = {
     "kshot": ("fusion", ("fusion", "finetune", "finetune+fusion")),
     "ft_steps": (100, int),
     "ft_lr": (0.0025, float),
+    "ft_seed": (0, int),                            # fine-tuning's draws: ft_seed + the episode's index
     "backbone_lr_mult": (0.1, float),               # only with model.freeze_backbone: false (notes #20)
 }
 
@@ -289,8 +290,9 @@ class CRCNet(nn.Module):
             if K < 2:
                 raise ValueError(f"crcnet: kshot={self.p['kshot']!r} needs >= 2 support images (paper Tab. 4: "
                                  f"N/A at 1-shot), the batch has {K}")
-            probs = torch.cat([self._finetune_predict(query[b:b + 1], supports[b:b + 1], labels[b:b + 1])
-                               for b in range(B)])
+            index = batch.get("index")
+            probs = torch.cat([self._finetune_predict(query[b:b + 1], supports[b:b + 1], labels[b:b + 1],
+                                                      0 if index is None else int(index[b])) for b in range(B)])
         else:
             probs = self.predict(query, supports, labels)
         return {"logits": probs.clamp_min(1e-12).log()}
@@ -324,9 +326,12 @@ class CRCNet(nn.Module):
             total = total + self._up(size)(logits).softmax(1).view(B, K, 2, *size).mean(1)
         return total / len(self.p["scales"])
 
-    def _finetune_predict(self, query, supports, labels):
+    def _finetune_predict(self, query, supports, labels, index: int):
         """k-shot fine-tuning for one episode (notes 5.3): query (1, 3, H, W), supports (1, K, 3, H, W), labels
-        (1, K, H, W) -> probabilities (1, 2, H, W); every weight and its gradient is restored before returning."""
+        (1, K, H, W) -> probabilities (1, 2, H, W); every weight and its gradient is restored before returning.
+        Its pairs, flips, refinement steps and dropout draw from ft_seed + the episode's index, under a forked
+        RNG: an episode scores the same on any rank and in any order, and a validation inside training leaves
+        the training's random stream where it was."""
         K, size = labels.shape[1], query.shape[-2:]
         tuned = [(n, q) for n, q in self.named_parameters() if q.requires_grad and not n.startswith(("backbone.",
                                                                                                       "reduce."))]
@@ -347,7 +352,10 @@ class CRCNet(nn.Module):
             # copy, so every step inside it would run on the weights before the first (and fp16 would need a
             # gradient scaler); the features are only read, so casting them up loses nothing
             feats, masks = feats.float(), masks.float()
-            with torch.enable_grad(), torch.autocast(query.device.type, enabled=False):
+            devices = [query.device.index or 0] if query.device.type == "cuda" else []
+            with torch.enable_grad(), torch.autocast(query.device.type, enabled=False), \
+                    torch.random.fork_rng(devices=devices):
+                torch.manual_seed(self.p["ft_seed"] + index)
                 for _ in range(self.p["ft_steps"]):
                     i, j = torch.randperm(K)[:2].tolist()             # an ordered pair, i != j
                     i, j = [x + K * int(torch.rand(()) < 0.5) for x in (i, j)]  # flipped with p = 0.5
