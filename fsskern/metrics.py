@@ -294,7 +294,8 @@ def one_way_parsing_summary(per_class: dict[int, ConfusionMatrix], novel: Sequen
     if missing:
         warnings.warn(f"novel classes never evaluated (scored 0 in the novel mIoU): {missing}", stacklevel=2)
     return {"human_miou": float(np.nanmean([bg_mean, *fg.values()])) * 100,
-            "novel_miou": float(np.nanmean([fg.get(c, 0.0) for c in novel])) * 100,
+            # a class scored with an empty union counts 0 as a missing one does (as FewShotMeter), not left out
+            "novel_miou": float(np.mean(np.nan_to_num([fg.get(c, 0.0) for c in novel], nan=0.0))) * 100,
             "bi_iou": total.miou(),
             "per_class": {c: float(v) * 100 for c, v in fg.items()},
             "background_iou": float(bg_mean) * 100}

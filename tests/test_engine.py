@@ -92,6 +92,7 @@ def test_config_overrides_types_and_bases(tmp_path):
     ("ops=fast", r"ops must be one of fused, reference, got 'fast'"),
     ("eval.seeds=3", r"eval.seeds must be a list"),
     ("eval.resize=crop", r"eval.resize must be one of pfenet, square, original, got 'crop'"),
+    ("eval.score_at=label", r"eval.score_at must be one of original, input, got 'label'"),
     ("eval.support_annotation=scribble", r"eval.support_annotation must be one of mask, box, got 'scribble'"),
     ("data.fold", r"not of the form key=value"),
     ("train.accumulate=0", r"train.accumulate must be >= 1, got 0"),
@@ -609,8 +610,11 @@ def test_evaluation_scores_where_the_protocol_says(dataset, tmp_path):
     """PANet and HSNet score at the input size; the others at the original label size (restore_logits). The
     recorded protocol and the transform that scores must agree."""
     from fsskern.engine.data import eval_dataset
-    for protocol, score_at in (("panet", "input"), ("hsnet", "input"), ("balanced", "original")):
-        ds, info = eval_dataset(load_config(None, baseline_args(dataset, tmp_path, f"eval.protocol={protocol}")), 0)
+    # eval.score_at replaces the protocol's place: HSNet's --use_original_imgsize is hsnet with score_at=original
+    for protocol, score_at, extra in (("panet", "input", ()), ("hsnet", "input", ()), ("balanced", "original", ()),
+                                      ("hsnet", "original", ("eval.score_at=original",))):
+        ds, info = eval_dataset(load_config(None, baseline_args(dataset, tmp_path, f"eval.protocol={protocol}",
+                                                                *extra)), 0)
         assert ds.transform.score_at == info["protocol"]["score_at"] == score_at, protocol
         assert ds[0]["restore"]["score_at"] == score_at
 

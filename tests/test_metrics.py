@@ -217,6 +217,9 @@ def test_one_way_parsing_summary():
     # a novel class without a pair (POPNet's pairs can leave one out) used to raise KeyError after the inference
     with pytest.warns(UserWarning, match=r"never evaluated \(scored 0 in the novel mIoU\): \[7\]"):
         assert one_way_parsing_summary({5: a, 6: b}, novel=[6, 7])["novel_miou"] == pytest.approx(100 / 6)
+    empty = ConfusionMatrix(2)  # evaluated, neither predicted nor labelled: scored 0, as FewShotMeter does
+    empty.update(torch.tensor([0, 0]), torch.tensor([0, 0]))
+    assert one_way_parsing_summary({6: b, 7: empty}, novel=[6, 7])["novel_miou"] == pytest.approx(100 / 6)
 
 
 def test_meter_update_rejects_mismatched_shapes():

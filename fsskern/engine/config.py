@@ -84,6 +84,8 @@ class EvalConfig:
     seeds: Optional[List[int]] = None  # None: the protocol's seeds (val split: [seed])
     split: str = "test"                # test: the fold's novel classes; val: data.val_classes or held-out images
     resize: Optional[str] = None       # test resize rule (pfenet | square | original); None: the protocol's
+    score_at: Optional[str] = None     # original | input (HSNet's default; its --use_original_imgsize: original);
+                                       # None: the protocol's
     batch_size: int = 1
     min_class_episodes: int = 10       # warn when a class gets fewer episodes
     visualize: bool = False            # overlays of the best, median and worst episodes (PNG + TensorBoard)
@@ -108,7 +110,8 @@ class Config:
 CHOICES = {"ops": ("fused", "reference"), "amp": ("none", "bf16", "fp16"),
            "data.train_policy": ("pfenet", "bam"), "data.fold_convention": ("interleaved", "contiguous", "canet"),
            "train.optimizer": ("sgd", "adamw"), "eval.split": ("test", "val"),
-           "eval.resize": ("pfenet", "square", "original"), "eval.support_annotation": ("mask", "box")}
+           "eval.resize": ("pfenet", "square", "original"), "eval.score_at": ("original", "input"),
+           "eval.support_annotation": ("mask", "box")}
 # counts a run divides by or loops over: 0 would divide by zero or train without a backward pass
 POSITIVE = ("train.accumulate", "train.checkpoint_every", "train.log_every", "data.batch_size",
             "data.shots", "data.ways")

@@ -63,7 +63,8 @@ def eval_dataset(cfg: Config, seed: int):
     """(EpisodeDataset, info) for ``cfg.eval.split``: ``test`` = the fold's novel classes under
     ``cfg.eval.protocol``; ``val`` = model selection, on the validation classes (``data.val_classes``) or
     held-out images of the base classes (``data.val_fraction``).
-    The protocol fixes the query order and the resize rule (``eval.resize`` replaces the rule when set);
+    The protocol fixes the query order, the resize rule and where the scores are taken (``eval.resize`` and
+    ``eval.score_at`` replace them when set);
     ``data.test_size`` the size; ``eval.support_annotation`` whether supports come as masks or boxes
     (the same episodes either way)."""
     d, e = cfg.data, cfg.eval
@@ -77,6 +78,8 @@ def eval_dataset(cfg: Config, seed: int):
                     "seeds": list(e.seeds)}
         if e.resize is not None:
             protocol["resize"] = e.resize
+        if e.score_at is not None:
+            protocol["score_at"] = e.score_at
         transform = TestTransform(d.test_size, protocol["resize"], score_at=protocol["score_at"],
                                   antialias=protocol["antialias"])
         if protocol["resize"] == "original" and e.batch_size > 1 and dist.is_main():

@@ -28,36 +28,38 @@ def evaluate_model(cfg: Config, model, progress: bool = True, visualizer=None) -
     device = device_of(cfg)
     was_training = model.training
     model.eval()
-    per_seed, manifests, protocol, datasets = [], [], None, {}
-    for seed in cfg.eval.seeds:
-        dataset, info = eval_dataset(cfg, seed)
-        datasets[seed] = dataset
-        protocol = info["protocol"]
-        manifests.append(info["manifest_sha256"])
-        if visualizer is not None:
-            visualizer.class_names = dataset.source.class_names
-        meter = FewShotMeter(info["classes"], min_episodes=cfg.eval.min_class_episodes)
-        for batch, b, logits, label in scored_episodes(cfg, model, dataset, seed, device, progress):
-            inter, union = episode_iou_counts(logits.argmax(0), label, num_classes=logits.shape[0])
-            meter.update(batch["classes"][b:b + 1], inter[None], union[None], batch["index"][b:b + 1])
-            if visualizer is not None and union[1] > 0:
-                visualizer.offer(seed, int(batch["index"][b]), float(inter[1]) / float(union[1]))
-        meter.all_reduce()
-        if dist.is_main() and cfg.eval.split == "test":  # every episode's (I, U), to recompute any variant
-            (Path(cfg.out) / "episodes").mkdir(parents=True, exist_ok=True)
-            meter.to_json(Path(cfg.out) / "episodes" / f"seed{seed}.json", seed=seed, protocol=protocol,
-                          manifest_sha256=info["manifest_sha256"])
-        per_seed.append({"seed": seed, **meter.summary()})
-    if visualizer is not None:  # every rank's scores, the three picks drawn on rank 0
-        visualizer.scores = [s for rank in dist.all_gather_objects(visualizer.scores) for s in rank]
-        if dist.is_main():
-            visualizer.render(datasets, model, lambda batch: to_device(batch, device))
-    model.train(was_training)
+    try:  # a caller that catches an evaluation error (a validation) gets its training mode back
+        per_seed, manifests, protocol, datasets = [], [], None, {}
+        for seed in cfg.eval.seeds:
+            dataset, info = eval_dataset(cfg, seed)
+            datasets[seed] = dataset
+            protocol = info["protocol"]
+            manifests.append(info["manifest_sha256"])
+            if visualizer is not None:
+                visualizer.class_names = dataset.source.class_names
+            meter = FewShotMeter(info["classes"], min_episodes=cfg.eval.min_class_episodes)
+            for batch, b, logits, label in scored_episodes(cfg, model, dataset, seed, device, progress):
+                inter, union = episode_iou_counts(logits.argmax(0), label, num_classes=logits.shape[0])
+                meter.update(batch["classes"][b:b + 1], inter[None], union[None], batch["index"][b:b + 1])
+                if visualizer is not None and union[1] > 0:
+                    visualizer.offer(seed, int(batch["index"][b]), float(inter[1]) / float(union[1]))
+            meter.all_reduce()
+            if dist.is_main() and cfg.eval.split == "test":  # every episode's (I, U), to recompute any variant
+                (Path(cfg.out) / "episodes").mkdir(parents=True, exist_ok=True)
+                meter.to_json(Path(cfg.out) / "episodes" / f"seed{seed}.json", seed=seed, protocol=protocol,
+                              manifest_sha256=info["manifest_sha256"])
+            per_seed.append({"seed": seed, **meter.summary()})
+        if visualizer is not None:  # every rank's scores, the three picks drawn on rank 0
+            visualizer.scores = [s for rank in dist.all_gather_objects(visualizer.scores) for s in rank]
+            if dist.is_main():
+                visualizer.render(datasets, model, lambda batch: to_device(batch, device))
+    finally:
+        model.train(was_training)
     stats = seed_statistics(per_seed)
     return {"miou": stats["miou"]["mean"], "miou_std": stats["miou"]["std"], "fb_iou": stats["fb_iou"]["mean"],
             "fb_iou_std": stats["fb_iou"]["std"], "std_kind": stats["std_kind"],
             "per_class": {c: v["mean"] for c, v in stats["per_class"].items()}, "per_seed": per_seed,
-            "episodes": cfg.eval.episodes, "seeds": list(cfg.eval.seeds), "split": cfg.eval.split,
+            "episodes": len(datasets[cfg.eval.seeds[-1]]), "seeds": list(cfg.eval.seeds), "split": cfg.eval.split,
             "protocol": protocol, "manifest_sha256": manifests}
 
 
@@ -87,8 +89,8 @@ def _parsing(cfg: Config, model, progress: bool) -> dict:
     from ..data.datasets import build_source
     from .parsing_eval import evaluate_parsing
     per_seed = evaluate_parsing(cfg, model, len(build_source(cfg.data, "test").class_names), progress)["per_seed"]
-    out = {"metric": "parsing", "per_seed": per_seed, "episodes": cfg.eval.episodes, "seeds": list(cfg.eval.seeds),
-           "split": cfg.eval.split, "protocol": per_seed[0]["protocol"],
+    out = {"metric": "parsing", "per_seed": per_seed, "episodes": per_seed[0]["episodes"],
+           "seeds": list(cfg.eval.seeds), "split": cfg.eval.split, "protocol": per_seed[0]["protocol"],
            "manifest_sha256": [s["manifest_sha256"] for s in per_seed], "fb_iou": None, "fb_iou_std": None,
            "std_kind": "population (ddof=0)"}
     for key in ("human_miou", "novel_miou", "base_miou", "bi_iou", "pixel_accuracy"):

@@ -36,30 +36,32 @@ def evaluate_parsing(cfg: Config, model, num_classes: int, progress: bool = Fals
     device = device_of(cfg)
     was_training = model.training
     model.eval()
-    per_seed = []
-    for seed in cfg.eval.seeds:
-        dataset, info = eval_dataset(cfg, seed)
-        novel = info["classes"]
-        kway = cfg.data.ways > 1
-        total = ConfusionMatrix(num_classes)
-        per_class = {}
-        for batch, b, logits, label in scored_episodes(cfg, model, dataset, seed, device, progress):
-            pred = logits.argmax(0)
+    try:  # a caller that catches an evaluation error (a validation) gets its training mode back
+        per_seed = []
+        for seed in cfg.eval.seeds:
+            dataset, info = eval_dataset(cfg, seed)
+            novel = info["classes"]
+            kway = cfg.data.ways > 1
+            total = ConfusionMatrix(num_classes)
+            per_class = {}
+            for batch, b, logits, label in scored_episodes(cfg, model, dataset, seed, device, progress):
+                pred = logits.argmax(0)
+                if kway:
+                    classes = batch["classes"][b]
+                    total.update(way_to_class(pred, classes), way_to_class(label, classes))
+                else:
+                    c = int(batch["classes"][b, 0])
+                    per_class.setdefault(c, ConfusionMatrix(2)).update(pred, label)
             if kway:
-                classes = batch["classes"][b]
-                total.update(way_to_class(pred, classes), way_to_class(label, classes))
+                total.all_reduce()
+                summary = total.parsing_summary(novel)
             else:
-                c = int(batch["classes"][b, 0])
-                per_class.setdefault(c, ConfusionMatrix(2)).update(pred, label)
-        if kway:
-            total.all_reduce()
-            summary = total.parsing_summary(novel)
-        else:
-            # every rank reduces the same classes in the same order: its shard may lack some of them
-            for c in sorted({c for rank in dist.all_gather_objects(sorted(per_class)) for c in rank}):
-                per_class.setdefault(c, ConfusionMatrix(2)).all_reduce()
-            summary = one_way_parsing_summary(per_class, novel)
-        per_seed.append({"seed": seed, "protocol": info["protocol"], "manifest_sha256": info["manifest_sha256"],
-                         **summary})
-    model.train(was_training)
+                # every rank reduces the same classes in the same order: its shard may lack some of them
+                for c in sorted({c for rank in dist.all_gather_objects(sorted(per_class)) for c in rank}):
+                    per_class.setdefault(c, ConfusionMatrix(2)).all_reduce()
+                summary = one_way_parsing_summary(per_class, novel)
+            per_seed.append({"seed": seed, "protocol": info["protocol"], "manifest_sha256": info["manifest_sha256"],
+                             "episodes": len(dataset), **summary})
+    finally:
+        model.train(was_training)
     return {"per_seed": per_seed}
