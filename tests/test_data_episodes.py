@@ -267,6 +267,23 @@ def test_popnet_frozen_pairs():
     assert set(PROTOCOLS) >= {"pfenet", "bam", "hsnet", "panet", "popnet", "cyctr", "hdmnet", "balanced"}
 
 
+def test_popnet_pairs_from_one_pool_keep_every_query_its_supports_allow():
+    """A folder of parsing images (CCP, VITON) queries and supports from one pool: a class short of fresh images
+    gets the most queries whose supports fit, a query let go serving as a support (8 fresh images, 1 shot: 4
+    pairs; cutting the 8 queries to the 0 supports left made none)."""
+    class OnePool(FakeSource):
+        name = "parsing"
+        query_pool = support_pool = list(range(8))
+        test_class_order = [1]
+
+        def foreground_classes(self):
+            return [1]
+    stats = LabelStats([{1: 10} for _ in range(8)], {}, "k")
+    with pytest.warns(UserWarning, match=r"too few fresh images for 1 \(1\): 4 queries"):
+        pairs = popnet_pairs(OnePool(8, [1]), stats, 0, 1, 1, {"k": 1})
+    assert [e.query for e in pairs] == [0, 1, 2, 3] and [e.supports for e in pairs] == [(4,), (5,), (6,), (7,)]
+
+
 def test_parsing_kway_and_one_way_training_episodes(tmp_path, monkeypatch):
     if not (DATA / "viton_parsing").is_dir():
         pytest.skip(f"real data {DATA / 'viton_parsing'} absent")

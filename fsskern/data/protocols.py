@@ -189,14 +189,20 @@ def _frozen_pairs(source, stats: LabelStats, order: List[int], shots: int, ways:
     support_pool = getattr(source, "support_pool", range(len(source)))
     all_classes = tuple(source.foreground_classes())
     used, out = set(), []
+    def fresh_supports(c, qs):
+        need = len(qs) * supports_per_query * shots
+        return need, [i for i in support_pool if c in stats.pixels[i] and i not in used and i not in qs][:need]
+
     for c in order:
         qs = [i for i in query_pool if c in stats.pixels[i] and i not in used][:queries_per_class]
-        need = len(qs) * supports_per_query * shots
-        ss = [i for i in support_pool if c in stats.pixels[i] and i not in used and i not in qs][:need]
+        need, ss = fresh_supports(c, qs)
         if short is not None and (not qs or len(ss) < need):
-            qs = qs[:len(ss) // (supports_per_query * shots)]
-            need = len(qs) * supports_per_query * shots
-            ss = ss[:need]
+            # the most queries whose fresh supports fit, one query fewer at a time: where the pools overlap
+            # (a folder of parsing images) a query let go becomes a support (cutting qs to len(ss) // per once
+            # dropped those images altogether: 8 fresh images, 1 shot, made no pair instead of 4)
+            while qs and len(ss) < need:
+                qs = qs[:-1]
+                need, ss = fresh_supports(c, qs)
             short[c] = len(qs)
         used.update(qs)
         used.update(ss)
