@@ -97,6 +97,11 @@ def test_config_overrides_types_and_bases(tmp_path):
     ("data.fold", r"not of the form key=value"),
     ("train.accumulate=0", r"train.accumulate must be >= 1, got 0"),
     ("train.checkpoint_every=0", r"train.checkpoint_every must be >= 1, got 0"),
+    ("eval.batch_size=0", r"eval.batch_size must be >= 1, got 0"),  # else refused only by the final validation
+    ("data.test_size=0", r"data.test_size must be >= 1, got 0"),
+    ("train.lr=.nan", r"train.lr must be finite, got nan"),  # nan < 0 is False: it passed the >= 0 check
+    ("train.epochs=.inf", r"train.epochs must be finite, got inf"),
+    ("train=0", r"train must be a mapping, got 0"),  # not the defaults in place of the file's train block
 ])
 def test_config_refuses_bad_keys(tmp_path, override, message):
     with pytest.raises(ConfigError, match=message):
@@ -248,19 +253,50 @@ class NonFiniteGradient(torch.nn.Module):
         return {"losses": {"l": (self.a - 1) ** 2 + self.b.abs().sqrt()}}
 
 
-def test_clipping_a_non_finite_gradient_steps_no_optimizer(dataset, tmp_path, monkeypatch):
-    """With clip_grad, a non-finite gradient anywhere makes the joint norm inf and the clipping multiplies every
-    gradient by 0: the step is skipped for every optimizer (the others would decay weights on zero gradients)."""
+@pytest.mark.parametrize("clip", ["1.0", "0"])
+def test_a_non_finite_gradient_steps_no_optimizer(dataset, tmp_path, monkeypatch, clip):
+    """A finite loss with a non-finite gradient anywhere: the joint norm is inf, and the step is skipped for every
+    optimizer (the others would decay weights on the zero gradients the clipping makes). Without clipping too:
+    stepping on it would save nan weights as the last good checkpoint."""
     from fsskern.engine.trainer import train
     from fsskern.models import registry
     monkeypatch.setitem(registry._MODELS, "nonfinite_grad", NonFiniteGradient)
     cfg = load_config(None, [*data_overrides(dataset), f"out={tmp_path}", "model.name=nonfinite_grad",
-                             "train.iters=1", "train.clip_grad=1.0", "train.weight_decay=0.1", "train.lr=0.1",
+                             "train.iters=1", f"train.clip_grad={clip}", "train.weight_decay=0.1", "train.lr=0.1",
                              "train.val_episodes=0", "data.batch_size=1", "data.num_workers=0"])
     with pytest.warns(UserWarning, match="iteration 1: the gradient norm is (inf|nan); no optimizer stepped"):
         train(cfg)
     after = weights(tmp_path)
     assert after["a"].item() == 3.0 and after["b"].item() == 0.0
+
+
+def test_a_failed_final_validation_keeps_the_last_step_and_a_resume_reruns_it(dataset, tmp_path, monkeypatch):
+    """The final checkpoint is written before the final validation: a validation that raises (memory, a bad eval
+    setting) loses no step, even in a run shorter than checkpoint_every; the resume validates and finishes."""
+    from fsskern.engine import trainer
+    cfg = load_config(str(dataset / "tiny.yaml"), [*data_overrides(dataset), f"out={tmp_path}", "train.iters=2",
+                                                   "train.val_episodes=2", "data.val_fraction=0",
+                                                   "data.val_classes=[5]", "data.batch_size=1", "data.num_workers=0"])
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("out of memory")
+    with monkeypatch.context() as patch:
+        patch.setattr(trainer, "evaluate_model", broken)
+        with pytest.raises(RuntimeError, match="out of memory"):
+            trainer.train(cfg)
+    assert ckpt.load(tmp_path / "last.pt")["iteration"] == 2 and trainer.finished_at(tmp_path) is None
+    trainer.train(load_config(str(tmp_path / "config.yaml"), ["resume=true"]))
+    assert trainer.finished_at(tmp_path) == 2 and ckpt.load(tmp_path / "last.pt")["best"]["iteration"] == 2
+    assert (tmp_path / "best.pt").is_file()
+
+
+def test_a_schedule_past_the_run_is_said(dataset, tmp_path):
+    from fsskern.engine.trainer import train
+    cfg = load_config(str(dataset / "tiny.yaml"), [*data_overrides(dataset), f"out={tmp_path}", "train.iters=1",
+                                                   "train.warmup_iters=5", "train.lr_steps=[1]", "train.val_episodes=0",
+                                                   "data.batch_size=1", "data.num_workers=0"])
+    with pytest.warns(UserWarning, match=r"warmup_iters=5 and train.lr_steps=\[1\] reach past train.iters=1"):
+        train(cfg)
 
 
 def test_a_nan_validation_stops_even_as_the_first(monkeypatch):

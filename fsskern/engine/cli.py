@@ -40,7 +40,7 @@ def train_main(argv=None) -> int:
     # -- end of stage A
     try:
         out = train(cfg, args.overrides)
-    except (DataError, WeightsError) as e:  # a bad file of the user's: its name, not a traceback
+    except (ConfigError, DataError, WeightsError, FileExistsError) as e:  # the user's setting or file: no traceback
         print(f"fsskern-train: {e}", file=sys.stderr)
         return 2
     finally:

@@ -8,6 +8,7 @@ and values of the wrong type are refused with the key's dotted name.
 import dataclasses
 import hashlib
 import json
+import math
 import re
 import typing
 from dataclasses import dataclass, field
@@ -70,7 +71,7 @@ class TrainConfig:
     accumulate: int = 1                # micro-batches per optimizer step
     clip_grad: Optional[float] = None  # max global grad norm; None or 0: no clipping
     checkpoint_every: int = 500
-    val_every: int = 0                 # 0: validate only at the end (never when data.val_fraction is 0)
+    val_every: int = 0                 # 0: validate only at the end (never without validation episodes)
     val_episodes: int = 200
     log_every: int = 20
     find_unused_parameters: bool = False
@@ -114,7 +115,7 @@ CHOICES = {"ops": ("fused", "reference"), "amp": ("none", "bf16", "fp16"),
            "eval.support_annotation": ("mask", "box")}
 # counts a run divides by or loops over: 0 would divide by zero or train without a backward pass
 POSITIVE = ("train.accumulate", "train.checkpoint_every", "train.log_every", "data.batch_size",
-            "data.shots", "data.ways")
+            "data.shots", "data.ways", "data.train_size", "data.test_size", "eval.batch_size")
 # counts and budgets where 0 means none: a negative one (train.iters=-3) ran no step and left no checkpoint; and
 # the optimizer's settings, where a negative one ascends (clip_grad=-1 scales every gradient by a negative factor,
 # poly_power=-1 grows the LR through the run)
@@ -260,9 +261,11 @@ def _build(cls, tree: dict, prefix: str = ""):
     for key, value in tree.items():
         hint = hints[key]
         if dataclasses.is_dataclass(hint):
-            kwargs[key] = _build(hint, value or {}, f"{prefix}{key}.")
+            kwargs[key] = _build(hint, {} if value is None else value, f"{prefix}{key}.")  # `train:` alone
         else:
             kwargs[key] = _check_type(prefix + key, value, hint)
+        if isinstance(kwargs[key], float) and not math.isfinite(kwargs[key]):  # nan passes every comparison
+            raise ConfigError(f"{prefix}{key} must be finite, got {kwargs[key]}")
         choices = CHOICES.get(prefix + key)
         if choices and kwargs[key] is not None and kwargs[key] not in choices:  # None: an Optional's default
             raise ConfigError(f"{prefix}{key} must be one of {', '.join(choices)}, got {kwargs[key]!r}")

@@ -10,6 +10,7 @@ from typing import Optional
 import torch
 from tqdm import tqdm
 
+from .checkpoint import write_atomic
 from .config import Config, config_hash, dump_yaml, to_dict
 
 
@@ -28,7 +29,7 @@ def git_commit() -> str:
 def write_run_info(cfg: Config, out: Path, **extra) -> None:
     """Freeze the resolved config and its provenance into the run folder."""
     out.mkdir(parents=True, exist_ok=True)
-    (out / "config.yaml").write_text(dump_yaml(to_dict(cfg)))
+    write_atomic(out / "config.yaml", lambda f: f.write(dump_yaml(to_dict(cfg)).encode()))  # resumes read both
     info = {"git_commit": git_commit(), "config_sha256": config_hash(cfg), "torch": torch.__version__,
             "python": platform.python_version(), "machine": platform.processor() or platform.machine(),
             "time": time.strftime("%Y-%m-%dT%H:%M:%S"), **extra}
@@ -36,7 +37,7 @@ def write_run_info(cfg: Config, out: Path, **extra) -> None:
     old = json.loads(path.read_text()) if path.is_file() else {}
     if old.get("git_commit", info["git_commit"]) != info["git_commit"]:  # a resume on other code: keep both
         info["earlier_commits"] = old.get("earlier_commits", []) + [old["git_commit"]]
-    path.write_text(json.dumps({**old, **info}, indent=1))
+    write_atomic(path, lambda f: f.write(json.dumps({**old, **info}, indent=1).encode()))
 
 
 def tensorboard_writer(out: Path, purge_step: Optional[int] = None):

@@ -137,7 +137,7 @@ def train_phase(cfg: Config, init_from: Optional[Path] = None) -> Path:
     finished = finished_at(out)
     if finished is not None and cfg.resume:  # a finished run, or a finished phase of a multi-phase one
         if cfg.train.epochs == 0 and finished != cfg.train.iters:
-            raise ValueError(f"resume: {out} finished at iteration {finished}, and train.iters is "
+            raise ConfigError(f"resume: {out} finished at iteration {finished}, and train.iters is "
                              f"{cfg.train.iters}: a finished run is not extended (its schedule has ended); start a "
                              f"new run (out=...)")
         check_resume(ckpt.load(last), to_dict(cfg), last)  # not another fold's or seed's run passed off as this one
@@ -148,7 +148,7 @@ def train_phase(cfg: Config, init_from: Optional[Path] = None) -> Path:
         raise ConfigError("train.warmup_epochs counts the pool's epochs as train.epochs does: set train.epochs, or "
                           "give the warm-up as train.warmup_iters")
     if cfg.train.val_every and cfg.train.val_episodes > 0 and not holds_validation(cfg):
-        raise ValueError("train.val_every validates on held-out base-class images or classes, and data.val_fraction "
+        raise ConfigError("train.val_every validates on held-out base-class images or classes, and data.val_fraction "
                          "is 0 with no data.val_classes: set one of them, or train.val_every=0")
 
     torch.manual_seed(cfg.seed + dist.rank())
@@ -156,7 +156,7 @@ def train_phase(cfg: Config, init_from: Optional[Path] = None) -> Path:
     if init_from is not None:
         model.load_state_dict(ckpt.load(Path(init_from) / "last.pt")["model"])
     if not any(p.requires_grad for p in model.parameters()):
-        raise ValueError(f"model {cfg.model.name!r} has no trainable parameter: a training-free model is "
+        raise ConfigError(f"model {cfg.model.name!r} has no trainable parameter: a training-free model is "
                          f"evaluated (python/evaluate.py), not trained")
     dataset = train_dataset(cfg)
     if cfg.train.epochs > 0:  # before the schedulers, whose poly decay runs over the iterations
@@ -178,6 +178,12 @@ def train_phase(cfg: Config, init_from: Optional[Path] = None) -> Path:
         raise ConfigError(f"model {cfg.model.name!r} counts its own schedule over model.params.iters="
                           f"{model.scheduled_calls} training forward calls, and this run makes {calls} (train.iters "
                           f"x train.accumulate): set model.params.iters={calls}")
+    steps = cfg.train.lr_steps
+    late = [f"train.warmup_iters={cfg.train.warmup_iters}"] * (cfg.train.warmup_iters > cfg.train.iters)
+    late += [f"train.lr_steps={steps}"] * bool(steps and steps[-1] >= cfg.train.iters)
+    if late and dist.is_main():  # a shortened paper recipe (a smoke run) may mean it; a typo would go unseen
+        warnings.warn(f"{' and '.join(late)} reach past train.iters={cfg.train.iters}: that part of the LR schedule "
+                      f"never runs", stacklevel=2)
     if cfg.train.val_episodes > 0 and holds_validation(cfg):  # now, not at the first validation (the run's end)
         eval_dataset(validation_config(cfg), cfg.seed)  # raises where the held-out images or classes make no episode
     optimizers = build_optimizers(model, cfg.train)
@@ -200,8 +206,9 @@ def train_phase(cfg: Config, init_from: Optional[Path] = None) -> Path:
             ckpt.set_rng_state(payload["rng"][dist.rank()], device)
         elif dist.is_main():  # same episodes per step (resume_changes checked B * W); the random streams differ
             warnings.warn(f"resume: {last} was saved by {len(payload['rng'])} processes, this run has "
-                          f"{dist.world_size()} with the same episodes per step: the episodes continue as they "
-                          f"were, the random streams (dropout, augmentation) start from the seed", stacklevel=2)
+                          f"{dist.world_size()} with the same episodes per step: the episodes and their "
+                          f"augmentation continue as they were, the model's random draws (dropout) start from the "
+                          f"seed", stacklevel=2)
         state = {"iteration": payload["iteration"], "best": payload["best"]}
     if dist.is_main() and (out / "done.json").is_file():
         # not this run's (finished_at said so): an earlier run's here, whose last.pt was removed or overwritten;
@@ -236,6 +243,7 @@ def train_phase(cfg: Config, init_from: Optional[Path] = None) -> Path:
         dist.barrier()
 
     batches = iter(loader)
+    stopped_in_final_validation = state["iteration"] == cfg.train.iters  # a resume with no step left
     wrapped.train()
     while state["iteration"] < cfg.train.iters:
         it = state["iteration"]
@@ -256,14 +264,15 @@ def train_phase(cfg: Config, init_from: Optional[Path] = None) -> Path:
                 losses_sum[k] = losses_sum.get(k, 0.0) + float(v.detach()) / cfg.train.accumulate
         for opt in optimizers:
             scaler.unscale_(opt)
-        norm = None
+        params = [p for o in optimizers for g in o.param_groups for p in g["params"] if p.grad is not None]
         if cfg.train.clip_grad:
-            norm = torch.nn.utils.clip_grad_norm_([p for o in optimizers for g in o.param_groups for p in g["params"]],
-                                                  cfg.train.clip_grad)
+            norm = torch.nn.utils.clip_grad_norm_(params, cfg.train.clip_grad)
+        else:  # a finite loss can still have a nan gradient (sqrt at 0): stepping on it would save nan weights
+            norm = torch.nn.utils.get_total_norm([p.grad for p in params])
         # GradScaler skips only the optimizers whose own gradients overflowed; an overflow anywhere makes the
-        # joint norm inf and the clipping scale every gradient by 0, so then no optimizer steps (fp16's first
+        # joint norm inf (and the clipping scale every gradient by 0), so then no optimizer steps (fp16's first
         # steps overflow by design: another optimizer would apply its weight decay and momentum to zeros)
-        if norm is None or torch.isfinite(norm):
+        if torch.isfinite(norm):
             for opt in optimizers:
                 scaler.step(opt)
         elif not scaler.is_enabled() and dist.is_main():  # fp16 overflows by design; fp32 / bf16 should not
@@ -278,10 +287,14 @@ def train_phase(cfg: Config, init_from: Optional[Path] = None) -> Path:
         logger.step(state["iteration"], losses_sum, lrs, seconds=time.perf_counter() - tic)
 
         done = state["iteration"] == cfg.train.iters
-        if (cfg.train.val_every and state["iteration"] % cfg.train.val_every == 0) or done:
-            validate(cfg, model, state, logger, save_best=lambda: save(best))
-        if done or state["iteration"] % cfg.train.checkpoint_every == 0:
+        if done:  # the weights first: a final validation that fails (a bad eval setting, memory) loses no step
             save(last)
+        validated = (((cfg.train.val_every and state["iteration"] % cfg.train.val_every == 0) or done)
+                     and validate(cfg, model, state, logger, save_best=lambda: save(best)))
+        if (done and validated) or (not done and state["iteration"] % cfg.train.checkpoint_every == 0):
+            save(last)  # (after validating: last.pt carries the best so far)
+    if stopped_in_final_validation and validate(cfg, model, state, logger, save_best=lambda: save(best)):
+        save(last)
     if dist.is_main():
         ckpt.write_atomic(out / "done.json",
                           lambda f: f.write(json.dumps({"iteration": state["iteration"], "best": state["best"]})
@@ -305,7 +318,7 @@ def check_resume(payload: dict, now: dict, last: Path) -> None:
 
 def refuse_changes(changed: list, run: Path) -> None:
     if changed:
-        raise ValueError(f"resume: {'; '.join(changed)} differ from the run in {run}, which the resumed run "
+        raise ConfigError(f"resume: {'; '.join(changed)} differ from the run in {run}, which the resumed run "
                          f"would not continue exactly (the optimizer and schedule states restore the saved "
                          f"values); only {', '.join(RESUMABLE)} may change: start a new run (out=...) instead")
 
@@ -393,11 +406,11 @@ def validation_config(cfg: Config) -> Config:
                                 "eval.visualize": False, "eval.support_annotation": "mask"})  # on masks, as trained
 
 
-def validate(cfg: Config, model, state: dict, logger, save_best) -> None:
+def validate(cfg: Config, model, state: dict, logger, save_best) -> bool:
     """Model selection on held-out base-class images or classes (eval.split=val): never on the test classes.
-    Runs under fork_rng so validating does not change the training's random stream."""
+    Runs under fork_rng so validating does not change the training's random stream. Whether it ran."""
     if cfg.train.val_episodes <= 0 or not holds_validation(cfg):  # nothing held out: the last weights stand
-        return
+        return False
     dist.sync_buffers(model)  # every rank scores the model rank 0 checkpoints
     with torch.random.fork_rng(devices=[]):
         result = evaluate_model(validation_config(cfg), model, progress=False)
@@ -409,3 +422,4 @@ def validate(cfg: Config, model, state: dict, logger, save_best) -> None:
     if state["best"] is None or miou > state["best"]["miou"]:
         state["best"] = {"miou": miou, "iteration": state["iteration"]}
         save_best()
+    return True
