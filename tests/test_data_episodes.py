@@ -1,5 +1,7 @@
 """Episode manifests, protocols and the loader: pure functions of their key, identical for any worker
 count, world size or loading order; exact episode counts; supports never equal the query."""
+import dataclasses
+import itertools
 from pathlib import Path
 
 import numpy as np
@@ -125,11 +127,15 @@ def test_build_train_episodes_from_config(msrc, tmp_path):
     src = build_source(cfg, "train")
     episodes, pools = build_train_episodes(cfg, src, 2, seed=7, cache_dir=tmp_path)
     assert pools.dropped > 0 and set(episodes.classes) <= set(pools.base) and not set(pools.novel) & set(pools.train)
-    loader = build_loader(cfg, "train", 2, episodes, True, source=src)
-    loader.dataset.set_epoch(1)
+    loader = build_loader(dataclasses.replace(cfg, num_workers=1), "train", 2, episodes, True, source=src)
+    classes = {epoch: [episodes.episode(epoch, i).classes[0] for i in range(4)] for epoch in (0, 1)}
+    assert classes[0] != classes[1]
+    for epoch in (0, 1):  # set_epoch between epochs reaches the worker (a persistent one would keep epoch 0)
+        loader.dataset.set_epoch(epoch)
+        batch = [b["classes"][:, 0].tolist() for b in itertools.islice(loader, 2)]
+        assert sum(batch, []) == classes[epoch], epoch
     batch = next(iter(loader))
     assert batch["query_img"].shape == (2, 3, 65, 65) and batch["base_label"].shape == (2, 65, 65)
-    assert [int(c) for c in batch["classes"][:, 0]] == [episodes.episode(1, i).classes[0] for i in range(2)]
 
 
 def test_training_episodes_from_seed_epoch_index(msrc, tmp_path):

@@ -125,6 +125,12 @@ def test_folder_train_list_selects_a_label_subset(tmp_path):
     with pytest.raises(DataError, match="give one"):
         build_source(DataConfig(**{**kw, "params": {"void": [0], "split_lists": {"train": "x.txt"}}},
                                 train_list=str(tmp_path / "few.txt")), "train")
+    # a test list alone: training reads the other images, not the test queries too
+    (tmp_path / "test.txt").write_text("10_12_s\n1_1_s\n")
+    held_out = DataConfig(**kw, val_list=str(tmp_path / "test.txt"))
+    assert len(build_source(held_out, "test")) == 2
+    train = build_source(held_out, "train")
+    assert len(train) == 589 and not {"10_12_s", "1_1_s"} & {train.sample_id(i) for i in range(len(train))}
 
 
 def test_voc_sample_real_palette_indices(tmp_path):
@@ -382,6 +388,9 @@ def test_folder_list_refuses_an_id_with_two_image_files(tmp_path):
     Image.fromarray(np.full((8, 8, 3), 90, np.uint8)).save(root / "images" / "a.jpg")
     with pytest.raises(DataError, match=r"id 'a' has several image files .*\(a.jpg, a.png\)"):
         build_source(cfg, "train")
+    without_list = DataConfig(dataset="folder", root=str(root), classes="classes.tsv")  # every image of the folder
+    with pytest.raises(DataError, match=r"id 'a' has several image files .*\(a.jpg, a.png\)"):
+        build_source(without_list, "train")
 
 
 def test_sixteen_bit_grey_images_are_scaled_as_cv2_reads_them(tmp_path):

@@ -162,6 +162,22 @@ def test_train_padding_is_mean_pixel_and_ignore():
     assert torch.equal(denormalize(img[:, 17:47, 12:52]), torch.from_numpy(image).permute(2, 0, 1))
 
 
+def test_square_training_resize_is_panets_resize_without_padding():
+    """augment.square: the image resized to size x size whatever its aspect (PANet's Resize): at scale 1 nothing is
+    padded (no 255 canvas for a support's background prototype) and nothing is cropped."""
+    import cv2
+    image, label = _sample(30, 80)
+    t = from_config(SimpleNamespace(train_size=64, augment={"square": True}), train=True)
+    img, labels = t(image, [label], torch.Generator().manual_seed(0))
+    assert t.square and img.shape == (3, 64, 64)
+    want = cv2.resize(label.astype(np.uint8), (64, 64), interpolation=cv2.INTER_NEAREST)
+    assert torch.equal(labels[0], torch.from_numpy(want).long())
+    assert torch.equal(denormalize(img), torch.from_numpy(cv2.resize(image, (64, 64))).permute(2, 0, 1))
+    cropped = TrainTransform(64, scale=(1.0, 1.0), rotate=0, blur=False, flip=False)(image, [label],
+                                                                                   torch.Generator().manual_seed(0))
+    assert (cropped[1][0] == 255).sum() > 2 * (labels[0] == 255).sum()  # the crop's canvas pads 34 rows with 255
+
+
 def test_flip_and_rotation_move_labels_with_the_image():
     image, label = _label_coded(120, 160)
     flipped_any = False

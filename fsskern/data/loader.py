@@ -242,6 +242,8 @@ def build_loader(cfg_data, split: str, fold: int, manifest, train: bool, sampler
         transform = test_transform_for(cfg_data, getattr(manifest, "meta", {}).get("protocol"))
         dataset = EpisodeDataset(source, manifest, transform, False)
     workers = cfg_data.num_workers
+    # a persistent worker keeps the dataset it was forked with, so set_epoch would never reach it: training
+    # loaders fork fresh workers each epoch (the engine's own loader carries the epoch in the index instead)
     return DataLoader(dataset, batch_size=batch_size or cfg_data.batch_size, shuffle=False, sampler=sampler,
                       num_workers=workers, collate_fn=collate_episodes, drop_last=train,
-                      persistent_workers=workers > 0, pin_memory=torch.cuda.is_available())
+                      persistent_workers=workers > 0 and not train, pin_memory=torch.cuda.is_available())

@@ -121,7 +121,8 @@ def _rotate(image: np.ndarray, stacks: list[np.ndarray], angle: float):
 class TrainTransform:
     """PFENet's training augmentation (dvlab-research/PFENet util/transform.py, train.py order).
 
-    Steps: RandScale(scale) -> RandRotate(+-rotate deg, p=0.5, image fill = the mean pixel, label fill
+    Steps: [square: resize to size x size, the aspect not kept (PANet's Resize; cv2 bilinear where PANet's PIL
+    filters a downscale)] -> RandScale(scale) -> RandRotate(+-rotate deg, p=0.5, image fill = the mean pixel, label fill
     255) -> Gaussian blur (p=0.5, 5x5, sigma 1.1 as cv2 derives it, border reflect-101) -> horizontal flip
     (p=0.5) -> pad to size (centred, mean pixel / 255) -> random size x size crop, redrawn (up to 30 more
     times) while less than 85 % of labels[0]'s foreground (values not 0/255) survives; the last draw is
@@ -145,10 +146,12 @@ class TrainTransform:
     FG_KEEP = 0.85
     CROP_RETRIES = 30
 
-    def __init__(self, size: int, scale=(0.9, 1.1), rotate: float = 10.0, blur: bool = True, flip: bool = True):
+    def __init__(self, size: int, scale=(0.9, 1.1), rotate: float = 10.0, blur: bool = True, flip: bool = True,
+                 square: bool = False):
         if not 0 < scale[0] <= scale[1]:
             raise ValueError(f"scale must be 0 < min <= max, got {scale}")
         self.size = int(size)
+        self.square = bool(square)
         self.scale = (float(scale[0]), float(scale[1]))
         self.rotate = float(rotate)
         self.blur = bool(blur)
@@ -156,7 +159,7 @@ class TrainTransform:
 
     def __repr__(self) -> str:
         return (f"TrainTransform(size={self.size}, scale={self.scale}, rotate={self.rotate}, "
-                f"blur={self.blur}, flip={self.flip})")
+                f"blur={self.blur}, flip={self.flip}, square={self.square})")
 
     def __call__(self, image: np.ndarray, labels: Sequence[np.ndarray], generator: torch.Generator):
         _check_inputs(image, labels)
@@ -165,6 +168,9 @@ class TrainTransform:
         # other draw and come last.
         u = torch.rand(5, generator=generator, dtype=torch.float64).tolist()
 
+        if self.square:  # PANet's Resize: size x size whatever the aspect, so nothing is padded or cropped at scale 1
+            image = cv2.resize(image, (self.size, self.size), interpolation=cv2.INTER_LINEAR)
+            stacks = [cv2.resize(st, (self.size, self.size), interpolation=cv2.INTER_NEAREST) for st in stacks]
         s = self.scale[0] + (self.scale[1] - self.scale[0]) * u[0]
         h, w = image.shape[:2]
         new_wh = (max(1, round(w * s)), max(1, round(h * s)))  # what cv2.resize(fx=fy=s) computes
@@ -341,7 +347,7 @@ def restore_logits(logits: torch.Tensor, restore):
     return [_restore_one(lg, r) for lg, r in zip(logits, _restore_list(restore, logits.shape[0]))]
 
 
-AUGMENT_OFF = {"scale": (1.0, 1.0), "rotate": 0.0, "blur": False, "flip": False}
+AUGMENT_OFF = {"scale": (1.0, 1.0), "rotate": 0.0, "blur": False, "flip": False, "square": False}
 
 
 def from_config(cfg_data, train: bool, rule: str | None = None, score_at: str = "original"):
@@ -356,9 +362,9 @@ def from_config(cfg_data, train: bool, rule: str | None = None, score_at: str = 
         augment = getattr(cfg_data, "augment", None) or {}
         if not isinstance(augment, Mapping):
             augment = vars(augment)
-        unknown = set(augment) - {"scale", "rotate", "blur", "flip"}
+        unknown = set(augment) - set(AUGMENT_OFF)
         if unknown:
-            raise ValueError(f"unknown augment keys {sorted(unknown)}; expected scale, rotate, blur, flip")
+            raise ValueError(f"unknown augment keys {sorted(unknown)}; expected {', '.join(AUGMENT_OFF)}")
         given = {k: (tuple(v) if k == "scale" else v) for k, v in augment.items()}
         return TrainTransform(cfg_data.train_size, **{**AUGMENT_OFF, **given})
     return TestTransform(cfg_data.test_size, rule or "pfenet", score_at=score_at)

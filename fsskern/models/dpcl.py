@@ -73,7 +73,7 @@ Resolutions (source: paper = DPCL text, PANet / PPNet / MoCo = public code, note
   which without the gather dropped the other ranks' keys.
 - R13-R14 recipe (configs, docs/methods/dpcl.md): 30,000 iterations with the LR x0.1 at 10k and 20k
   (PANet's MultiStepLR, ``train.lr_steps``; notes A17), PANet's resize-and-flip pipeline as the engine's
-  transform at scale 1.
+  transform with ``augment.square`` (size x size, the aspect not kept) at scale 1: nothing padded or cropped.
 """
 import copy
 import warnings
@@ -198,8 +198,9 @@ class DPCL(nn.Module):
     heads), scale (20, alpha of Eq. 2), align (True, PANet's PAR), frozen_bn (False), momentum (0.999),
     dict_size (8192), cs_negatives (7000), ca_negatives (1000), ca_pixels (5), ca_min_pixels (5),
     tau (0.05), cs_weight (0.02, lambda1), ca_weight (0.015, lambda2), crop_scale ([0.2, 1.0]), output_stride
-    (None: the backbone's default, 8 for ResNet-50 as the paper), head_init ("default": PyTorch's conv init as
-    the public code; "orthogonal": isometric heads, zero bias, so training starts from the backbone's cosines).
+    (None: the backbone's default, 8 for ResNet-50 as PPNet, notes A2), head_init ("default": PyTorch's conv init,
+    ours as DPCL has no public code; "orthogonal": isometric heads, zero bias, so training starts from the
+    backbone's cosines).
     """
 
     DEFAULTS = {"contrastive": True, "levels": ["layer2", "layer3", "layer4"], "head_dim": 512, "scale": 20.0,

@@ -6,8 +6,8 @@ name a line). Any number of classes; folds (``data.folds``: novel class ids per 
 
 ``data.params``: ``void`` (raw values read as ignore 255, e.g. MSRC-v2's 0), ``image_dir``,
 ``label_dir``, ``image_ext`` (guessed from the files when absent), ``split_lists``
-(``{train|val|test: file of ids}``, or ``data.train_list`` / ``data.val_list`` for train / test;
-without them every split holds every image, which is sound only with
+(``{train|val|test: file of ids}``, or ``data.train_list`` / ``data.val_list`` for train / test; a test list
+alone leaves train and val the other images; without any every split holds every image, which is sound only with
 the ``bam`` training policy: every test query holds a novel class, so no training image is a test
 query; the ``pfenet`` policy is refused there), ``test_fraction`` (a deterministic image-level split
 by hashed id: the test split holds that share of the images and train / val the rest; for sets with
@@ -16,6 +16,7 @@ background), ``label_channel`` (for RGB-stored labels) and ``stuff`` (class ids 
 base classes in episodes, but background to BAM's base learner; ``Source.base_learner_classes``).
 
 Used for MSRC-v2 (``configs/data/msrc_v2.yaml``), CCP and VITON parsing maps."""
+import collections
 import warnings
 from pathlib import Path
 from typing import Dict, List, Optional
@@ -74,8 +75,12 @@ class FolderSource(Source):
                                          params.get("image_ext"), self.list_file(cfg_data, params, split))
         if params.get("test_fraction") is not None:
             self.samples = self.split_by_hash(self.samples, float(params["test_fraction"]), split)
-        self.test_holds_every_image = params.get("test_fraction") is None and not self.list_file(cfg_data, params,
-                                                                                                 "test")
+        test_list = self.list_file(cfg_data, params, "test")
+        if split != "test" and test_list and not self.list_file(cfg_data, params, split):
+            # a test list alone: the training images are the others (not every image, test queries included)
+            held = set(read_lines(Path(test_list), "image list"))
+            self.samples = [s for s in self.samples if s[0] not in held]
+        self.test_holds_every_image = params.get("test_fraction") is None and not test_list
         self.folds = [sorted(f) for f in (cfg_data.folds or [])]
         self.stuff = sorted(params.get("stuff", ()))
         novel_stuff = sorted(set(self.stuff).intersection(c for f in self.folds for c in f))
@@ -149,6 +154,12 @@ class FolderSource(Source):
             if others:  # a .tif or .webp folder would otherwise lose those images without a word
                 warnings.warn(f"{images}: files of types {others} are not read as images (types read: "
                               f"{', '.join(exts)}; data.params.image_ext names another)", stacklevel=2)
+            stems = collections.Counter(p.stem for p in paths)
+            twice = sorted(s for s, n in stems.items() if n > 1)  # one id, one label: an episode's support
+            if twice:                                             # could be its query's own picture
+                raise DataError(f"id {twice[0]!r} has several image files in {images} "
+                                f"({', '.join(p.name for p in paths if p.stem == twice[0])}): name one type as "
+                                f"data.params.image_ext")
         if not paths:
             raise DataError(f"no image in {images}")
         return [(p.stem, str(p), str(self.root / label_dir / (p.stem + ".png"))) for p in paths]
