@@ -51,7 +51,10 @@ def local_conditional_attention(query: torch.Tensor, support: torch.Tensor, supp
 
 
 def lsh_hash(x: torch.Tensor, planes: torch.Tensor) -> torch.Tensor:
-    return ref_clustering.lsh_hash(x, planes)
+    x = ref_clustering.autocast_rounded(x)
+    wide = torch.promote_types(x.dtype, planes.dtype)  # (autocast would round the planes too)
+    with torch.autocast(x.device.type, enabled=False):
+        return ref_clustering.lsh_hash(x.to(wide), planes.to(wide))
 
 
 def hamming_kmeans(codes: torch.Tensor, k: int, *, iters: int = 10, valid: Optional[torch.Tensor] = None,

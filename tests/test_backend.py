@@ -99,6 +99,22 @@ def test_support_prototypes(fg):
     assert_close(g, rg, **FP32)
 
 
+def test_support_prototypes_under_autocast_hash_the_same_numbers():
+    """Inside torch.autocast the fused hash reads float32 tokens rounded to bf16 (its autocast rule); the reference
+    rounds them alike, so both backends still cluster the same tokens the same way."""
+    features, masks = torch.randn(2, 1, 32, 16, 16, generator=gen(1)), torch.rand(2, 1, 16, 16, generator=gen(2)) < 0.5
+    planes = FUSED.lsh_planes(12, 32, generator=gen(3))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.equal(FUSED.lsh_hash(features[:, 0].movedim(1, -1), planes),
+                           REF.lsh_hash(features[:, 0].movedim(1, -1), planes))
+        got, want = (backend.support_prototypes(features, masks, k_fg=4, k_bg=9, iters=4, generator=gen(5))
+                     for backend in (FUSED, REF))
+    assert torch.equal(got[1], want[1])
+    # the same clusters; the reference's means are autocast's bf16 matmul (UMTFSS's), the fused ones float32
+    # (a token hashed differently moves a prototype by ~5e-2)
+    assert_close(got[0], want[0], atol=4e-3, rtol=0)
+
+
 def test_prototype_attention_without_dropout():
     key_valid = torch.rand(2, 7, generator=gen(3)) < 0.7
     key_valid[:, 0] = True  # the two backends differ by design only when no key is valid

@@ -7,6 +7,7 @@ from torch.testing import assert_close
 
 from conftest import FP32, tol
 from fsskern import ops, reference
+from fsskern.backend import get_backend
 from fsskern.reference import composed
 
 MODES = ["mask", "features"]
@@ -158,6 +159,23 @@ def test_gradients_match_reference_autograd(mode):
     want = torch.autograd.grad((reference.masked_average_pool(features, masks, mode) * grad).sum(), (features, masks))
     for g, r in zip(got, want):
         assert_close(g, r, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["fused", "reference"])
+def test_outputs_may_be_edited_in_place_before_the_features_backward(name):
+    """A caller's in-place edit of the prototypes or the counts (counts.clamp_(min=1)) leaves the features'
+    gradient intact, as the reference's: neither is what that gradient reads."""
+    features = torch.randn(2, 8, 5, 5, dtype=torch.float64, requires_grad=True)
+    masks, labels = torch.rand(2, 3, 9, 9) > 0.5, torch.randint(0, 4, (2, 9, 9))
+    impl = get_backend(name)
+    want = torch.autograd.grad((impl.masked_average_pool(features, masks) * 2).sum(), features)[0]
+    prototypes = impl.masked_average_pool(features, masks)
+    prototypes.mul_(2)
+    assert_close(torch.autograd.grad(prototypes.sum(), features)[0], want)
+    prototypes, counts = impl.class_prototypes(features, labels, 4)
+    counts.clamp_(min=1)
+    prototypes.sum().backward()
+    assert features.grad is not None
 
 
 def test_half_features_gradient_has_feature_dtype():

@@ -218,6 +218,13 @@ def test_bad_inputs_raise_clear_errors(override, error, message):
         ops.prior_mask(**args)
 
 
+def test_masks_that_require_grad_are_fine_without_grad_mode():
+    masks = torch.ones(2, 1, 5, 5, requires_grad=True)
+    with torch.no_grad():  # nothing is differentiated: no reason to refuse (an eval loop over a trained mask)
+        prior = ops.prior_mask(torch.randn(2, 4, 5, 5), torch.randn(2, 1, 4, 5, 5), masks)
+    assert prior.shape == (2, 1, 5, 5) and not prior.requires_grad
+
+
 
 def test_backward_checks_grad_values_and_indices():
     # a direct call with indices past the support used to read past it (NaN) and write past grad_support

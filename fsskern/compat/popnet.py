@@ -8,8 +8,8 @@ the project's survey names 4df7ebff, not compared):
 - ``networks/eopnet.py``, ``EOPNet.get_static_prototypes(mask, features, class_num, plobs=True)``:
   :func:`get_static_prototypes`, assignable to an instance (``model.get_static_prototypes = ...``).
 
-Neither builds the dense (B, classes, h, w) map: fsskern's ``class_prototypes`` pools every class
-in one pass. Re-implemented on fsskern ops; no code copied.
+Both pool every class in one pass of fsskern's ``class_prototypes``, over a bool (B, classes, h, w) class map
+where ``mask2map`` builds a float32 one. Re-implemented on fsskern ops; no code copied.
 """
 import torch
 import torch.nn.functional as F

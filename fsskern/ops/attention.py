@@ -91,6 +91,13 @@ def _(q, k, v, key_valid, scale, dropout_p, seed):
                  lambda: "prototype_attention: q, k and v must be 4-d")
     torch._check(q.device == k.device == v.device and (key_valid is None or key_valid.device == q.device),
                  lambda: "prototype_attention: all inputs must be on one device")
+    # the kernel's shape checks, so that a traced graph fails where the eager call would
+    torch._check(k.shape[:2] == q.shape[:2] and v.shape[:2] == q.shape[:2],
+                 lambda: f"prototype_attention: q, k and v must share (B, H), got {q.shape}, {k.shape}, {v.shape}")
+    torch._check(k.shape[3] == q.shape[3], lambda: "prototype_attention: q and k must share D")
+    torch._check(v.shape[2] == k.shape[2], lambda: "prototype_attention: k and v must have the same number of keys")
+    torch._check(key_valid is None or tuple(key_valid.shape) == (k.shape[0], k.shape[2]),
+                 lambda: "prototype_attention: key_valid must be (B, P)")
     B, H, N = q.shape[:3]
     return q.new_empty((B, H, N, v.shape[3])), q.new_empty((B, H, N), dtype=_lse_dtype(q.dtype))
 
@@ -106,6 +113,12 @@ def _(query, support, support_mask, value, mode):
                  lambda: "local_conditional_attention: query, support and value must be 3-d")
     torch._check(query.device == support.device == value.device == support_mask.device,
                  lambda: "local_conditional_attention: all inputs must be on one device")
+    torch._check(support.shape[0] == query.shape[0] and value.shape[0] == query.shape[0],
+                 lambda: "local_conditional_attention: batch sizes differ")
+    torch._check(support.shape[1] == query.shape[1], lambda: "local_conditional_attention: channel counts differ")
+    pixels = support.shape[2]
+    torch._check(value.shape[2] == pixels and tuple(support_mask.shape) == (support.shape[0], pixels),
+                 lambda: "local_conditional_attention: value and support_mask must have the support's pixels")
     B, _, Nq = query.shape
     return query.new_empty((B, value.shape[1], Nq)), query.new_empty((B, Nq), dtype=_lse_dtype(query.dtype))
 

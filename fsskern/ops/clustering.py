@@ -120,7 +120,8 @@ def support_prototypes(features: torch.Tensor, masks: torch.Tensor, *, valid: Op
     Args:
         features: (B, K, C, h, w) support features of K shots.
         masks: (B, K, H, W) support masks, resized bilinear (align_corners=True) to (h, w); a
-            token is foreground when its resized mask is >= 0.5.
+            token is foreground when its resized mask is >= 0.5 (ours: UMTFSS resizes nearest and
+            tests == 1; the two differ at boundaries and on objects thinner than a token).
         valid: (B, K, H', W') bool, the tokens that take part (UMTFSS: False where the support
             padding mask is 255), resized nearest to (h, w) as UMTFSS resizes it; an invalid
             token is in neither set, after the fallbacks (UMTFSS drops padded tokens after
@@ -233,6 +234,8 @@ def _(x, planes):
 def _(codes, valid, init, k, iters):
     torch._check(valid.device == codes.device and init.device == codes.device,
                  lambda: "hamming_kmeans: codes, valid and init must be on one device")
+    torch._check(codes.dim() == 2 and valid.shape == codes.shape and tuple(init.shape) == (codes.shape[0], k),
+                 lambda: "hamming_kmeans: codes (B, N), valid of the shape of codes, init (B, k)")
     B = codes.shape[0]
     return codes.new_empty(codes.shape), codes.new_empty(B, k), codes.new_empty(B, k)
 
@@ -241,6 +244,8 @@ def _(codes, valid, init, k, iters):
 def _(features, assign, k, eps):
     torch._check(features.dim() in (3, 4), lambda: "cluster_means: features must be (B, N, C) or (B, S, C, M)")
     torch._check(assign.device == features.device, lambda: "cluster_means: features and assign must be on one device")
+    N = features.shape[1] if features.dim() == 3 else features.shape[1] * features.shape[3]
+    torch._check(tuple(assign.shape) == (features.shape[0], N), lambda: "cluster_means: assign must be (B, N)")
     B, C = features.shape[0], features.shape[2]
     return features.new_empty(B, k, C), assign.new_empty(B, k)
 

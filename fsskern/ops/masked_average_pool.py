@@ -91,6 +91,8 @@ def _(features, masks, resize, eps):
     torch._check(features.dim() == 4, lambda: f"masked_average_pool: features must be 4-d, got {features.dim()}-d")
     torch._check(masks.dim() == 4, lambda: f"masked_average_pool: masks must be 4-d, got {masks.dim()}-d")
     torch._check(features.shape[0] == masks.shape[0], lambda: "masked_average_pool: batch sizes differ")
+    torch._check(features.dtype in (torch.float32, torch.float64, torch.float16, torch.bfloat16),
+                 lambda: f"masked_average_pool: features must be floating, got {features.dtype}")
     torch._check(features.device == masks.device, lambda: "masked_average_pool: features and masks must be on the "
                  f"same device, got {features.device} and {masks.device}")
     opmath = torch.float64 if features.dtype == torch.float64 else torch.float32
@@ -112,7 +114,9 @@ def _setup_context(ctx, inputs, output):
     features, masks, resize, eps = inputs
     prototypes, area = output
     ctx.resize, ctx.eps = resize, eps
-    ctx.save_for_backward(features, masks, prototypes, area)
+    # only the masks' gradient reads the prototypes, and area is a (B, N) copy: a caller may then edit either
+    # output in place (counts.clamp_(min=1)) as with the reference, without breaking the features' backward
+    ctx.save_for_backward(features, masks, prototypes if ctx.needs_input_grad[1] else None, area.clone())
 
 
 def _backward(ctx, grad_prototypes, grad_area):

@@ -73,7 +73,7 @@ def prior_mask(query: torch.Tensor, support: torch.Tensor, support_masks: torch.
         raise ValueError(f"prior_mask: expected query (B, C, hq, wq), support (B, K, C, hs, ws) and support_masks "
                          f"(B, K, H, W); got {tuple(query.shape)}, {tuple(support.shape)}, "
                          f"{tuple(support_masks.shape)}")
-    if support_masks.requires_grad:
+    if support_masks.requires_grad and torch.is_grad_enabled():  # (under no_grad nothing would be differentiated)
         raise ValueError("prior_mask: gradients w.r.t. support_masks are not supported (the reference's are "
                          "degenerate: d cos / d mask is dot / eps at masked-out pixels); pass masks.detach()")
     if support_masks.shape[:2] != support.shape[:2]:
@@ -112,6 +112,9 @@ def _(query, support, support_weights, eps):
                  lambda: "max_cosine: expected query (B, C, Nq), support (B, K, C, Ns), weights (B, K, Ns)")
     torch._check(query.device == support.device == support_weights.device,
                  lambda: "max_cosine: all inputs must be on one device")
+    torch._check(support.shape[0] == query.shape[0] and support.shape[2] == query.shape[1]
+                 and tuple(support_weights.shape) == (support.shape[0], support.shape[1], support.shape[3]),
+                 lambda: "max_cosine: batch, channels or support pixels differ between query, support and weights")
     B, K, Nq = support.shape[0], support.shape[1], query.shape[2]
     values_dtype = torch.float64 if query.dtype == torch.float64 else torch.float32
     return query.new_empty((B, K, Nq), dtype=values_dtype), query.new_empty((B, K, Nq), dtype=torch.int64)

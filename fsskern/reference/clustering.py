@@ -5,6 +5,15 @@ import torch
 import torch.nn.functional as F
 
 
+def autocast_rounded(x: torch.Tensor) -> torch.Tensor:
+    """x as the fused ``lsh_hash`` reads it: inside torch.autocast a float32 x is rounded to the autocast dtype
+    (the op's autocast rule), so that both backends hash the same numbers."""
+    device = x.device.type
+    if x.dtype == torch.float32 and torch.is_autocast_enabled(device):
+        return x.to(torch.get_autocast_dtype(device))
+    return x
+
+
 def lsh_hash(x: torch.Tensor, planes: torch.Tensor) -> torch.Tensor:
     """x (..., E), planes (bits, E + 1) -> int64 codes, least-significant bit first."""
     E = x.shape[-1]

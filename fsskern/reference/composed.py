@@ -54,7 +54,7 @@ def support_prototypes(features: torch.Tensor, masks: torch.Tensor, *, valid: Op
         fg, bg = fg & keep, bg & keep
     tokens = features.permute(0, 1, 3, 4, 2).reshape(B, K * h * w, C)  # -1 cannot be inferred at B = 0
     planes = lsh_planes(bits, C, generator=generator, dtype=wide, device=features.device)
-    codes = clustering.lsh_hash(tokens.detach().double(), planes.double())
+    codes = clustering.lsh_hash(clustering.autocast_rounded(tokens.detach()).double(), planes.double())
     out, valids = [], []
     for k, part in ((k_fg, fg.reshape(B, K * h * w)), (k_bg, bg.reshape(B, K * h * w))):
         assign, _, counts = clustering.hamming_kmeans(codes, k, iters, part, draw_init(part, k, generator))
