@@ -16,9 +16,10 @@ Two phases (``params.phase``), one class:
   the engine's validation is episodic, the base learner is not [ours].
 
 Meta-phase forward for an episode, V = 2 query views (original, reflected) and U = 2 support views
-(V = U = 1 for BAM). Every module runs once per view on BAM's own batch (convolutions may pick another
-algorithm for another batch size, so with the identity settings RILFS reproduces BAM bit for bit); the
-backend ops take both support views in one call:
+(V = U = 1 for BAM). Every module runs once per view on the batch ``reflection=False`` runs (convolutions may
+pick another algorithm for another batch size, so with the identity settings RILFS reproduces this file's BAM
+bit for bit; upstream BAM encodes one shot at a time, here the B * K supports are one batch); the backend ops
+take both support views in one call:
 
 1. images and support masks flipped along the width (M0); the frozen backbone runs on the V * B queries and
    the B * U * K supports (support layer4 on layer3 * mask, BAM).
