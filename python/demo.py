@@ -2,6 +2,7 @@
 trained method, both evaluated 1-shot on the novel classes of MSRC-v2 fold 0 with the same episodes.
 
     python python/demo.py [--data ../shared/data/msrc_v2] [--out runs/demo] [--method CONFIG] [--iters N]
+                          [--episodes 300] [--seeds "[0]"]
 
 Writes OUT/report.md (the mIoU table and the overlays of good, median and bad episodes of each model)
 and OUT/<model>/ (metrics.json, overlays/*.png, TensorBoard images under tb/). Re-running reuses a
@@ -48,6 +49,9 @@ def main(argv=None) -> int:
     if not all(f.exists() for f in (data / "images", data / "labels", data / "class_counts.tsv")):
         print(LAYOUT.format(data=data), file=sys.stderr)
         return 2
+    if not Path(args.method).is_file():  # before the baseline's evaluation, not after it
+        print(f"demo: no method config at {args.method}", file=sys.stderr)
+        return 2
     # Both models on the same episodes at the same input size (the MSRC-v2 preset's 241).
     common = [f"data.root={data}", "data.fold=0", "data.shots=1", "data.test_size=241",
               f"eval.episodes={args.episodes}", f"eval.seeds={args.seeds}", "eval.visualize=true"]
@@ -82,12 +86,15 @@ def main(argv=None) -> int:
 
 def _changed_settings(run_dir: Path, method: str, train_args) -> list:
     """The settings where the run already in run_dir differs from what this command would train, those a resume
-    may change (resume itself, the data's root, ...) left out as the trainer leaves them out."""
+    may change (resume itself, where it logs, ...) left out as the trainer leaves them out, but the data's root:
+    a resume may find the same data elsewhere, and the demo would report a model trained on other photos."""
     if not (run_dir / "config.yaml").is_file():
         return []
     from fsskern.engine.config import load_config, read_yaml, to_dict
     from fsskern.engine.trainer import changed_settings
-    return changed_settings(read_yaml(run_dir / "config.yaml"), to_dict(load_config(method, train_args)))
+    then, now = read_yaml(run_dir / "config.yaml"), to_dict(load_config(method, train_args))
+    roots = [str(Path(tree["data"]["root"]).resolve()) for tree in (then, now)]
+    return changed_settings(then, now) + [f"data.root {roots[0]} -> {roots[1]}"] * (roots[0] != roots[1])
 
 
 def _finished(run_dir: Path) -> bool:

@@ -24,9 +24,9 @@ from pathlib import Path
 
 import numpy as np
 
-from fsskern.data import build_source
+from fsskern.data import DataError, build_source
 from fsskern.data.index import scan_labels
-from fsskern.engine.config import load_config
+from fsskern.engine.config import ConfigError, load_config
 
 
 def training_ids(source, fold=None):
@@ -60,8 +60,12 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if any(not 0 < r <= 100 for r in args.ratios):
         parser.error(f"ratios must be in (0, 100], got {args.ratios}")
-    cfg = load_config(args.config, args.overrides)
-    ids = training_ids(build_source(cfg.data, "train"), args.fold)
+    try:
+        cfg = load_config(args.config, args.overrides)
+        ids = training_ids(build_source(cfg.data, "train"), args.fold)
+    except (ConfigError, DataError) as e:  # the user's config or data: its name, not a traceback
+        print(f"make_label_lists: {e}", file=sys.stderr)
+        return 2
     args.out.mkdir(parents=True, exist_ok=True)
     for r, chosen in label_lists(ids, args.ratios, args.seed).items():
         path = args.out / f"train_{r:g}.txt"

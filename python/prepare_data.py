@@ -14,6 +14,7 @@ wrote with the sha256 of each list so two machines can compare their data."""
 import argparse
 import hashlib
 import json
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -74,11 +75,12 @@ def cmd_coco(a):
         coco = COCO(a.json)
     root = Path(a.root)
     image_dir = Path(a.split)  # the list's image paths are relative to the root: checked before converting
-    if a.image_dir:
-        if not Path(a.image_dir).resolve().is_relative_to(root.resolve()):
+    if a.image_dir:  # by path, not resolved: <root>/train2014 may link to another disk
+        inside, top = Path(os.path.abspath(a.image_dir)), Path(os.path.abspath(root))
+        if not inside.is_relative_to(top):
             raise SystemExit(f"--image-dir {a.image_dir} must lie inside --root {a.root}: the pair list names "
                              f"images relative to the root")
-        image_dir = Path(a.image_dir).resolve().relative_to(root.resolve())
+        image_dir = inside.relative_to(top)
     images = sorted(coco.getImgIds())
     annotated = [i for i in images if coco.getAnnIds(imgIds=i, iscrowd=None)]
     full = FULL.get(a.split)
@@ -149,8 +151,14 @@ def main(argv=None):
     a = p.parse_args(argv)
     if a.command == "fss1000" and not (a.test_list or a.hsnet_splits):
         p.error("fss1000 needs --test-list or --hsnet-splits")
-    a.func(a)
+    from fsskern.data import DataError
+    try:
+        a.func(a)
+    except (DataError, OSError) as e:  # a path of the user's: its name, not a traceback (as train.py)
+        print(f"prepare_data {a.command}: {e}", file=sys.stderr)
+        return 2
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

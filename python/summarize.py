@@ -25,6 +25,10 @@ def main(paths) -> int:
     if not paths or paths[0] in ("-h", "--help"):
         print(__doc__.strip(), file=sys.stderr)
         return 0 if paths else 2
+    missing = [p for p in paths if not Path(p).is_file()]
+    if missing:  # a glob that matched nothing reaches here as itself
+        print(f"summarize: no such file: {missing[0]}", file=sys.stderr)
+        return 2
     rows = [row(Path(p)) for p in paths]
     print("| run | fold | shots | mIoU (%) | FB-IoU (%) | episodes x seeds | manifest |")
     print("|---|---|---|---|---|---|---|")

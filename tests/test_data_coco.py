@@ -52,8 +52,11 @@ def test_minicoco_real_conversion_and_source(tmp_path):
     argv = sys.argv
     try:
         sys.argv = ["prepare_data.py", "coco", "--json", str(src_dir / "annotations" / "train.json"), "--root",
-                    str(root), "--split", "train2017", "--list-name", "train.txt"]
-        runpy.run_path(str(REPO / "python" / "prepare_data.py"), run_name="__main__")
+                    str(root), "--split", "train2017", "--list-name", "train.txt",
+                    "--image-dir", str(root / "train2017")]  # a link inside the root to another disk's folder
+        with pytest.raises(SystemExit) as done:
+            runpy.run_path(str(REPO / "python" / "prepare_data.py"), run_name="__main__")
+        assert done.value.code == 0
     finally:
         sys.argv = argv
     src = build_source(DataConfig(dataset="coco", root=str(root)), "train")

