@@ -222,7 +222,7 @@ def support_prototypes_case(K, C, hw, fraction):
 
 
 def bf16_autocast(case: Case, tensors) -> Case:
-    """``case`` with the fsskern side under CPU bf16 autocast on bf16 copies of ``tensors`` (as a model's layers
+    """``case`` with the fsskern side under bf16 autocast (the inputs' device's) on bf16 copies of ``tensors`` (as a model's layers
     hand them over) and the float32 kernel as a peer: issue 21's target is bf16 >= 1.5x the float32 kernel."""
     build, fp32 = case.build, case.fsskern
 
@@ -231,7 +231,7 @@ def bf16_autocast(case: Case, tensors) -> Case:
         return {**x, **{f"{n}_bf16": x[n].bfloat16() for n in tensors}}
 
     def bf16(x):
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.autocast(x[tensors[0]].device.type, dtype=torch.bfloat16):  # CUDA's under --device cuda
             return fp32({**x, **{n: x[f"{n}_bf16"] for n in tensors}})
 
     case.name, case.build, case.fsskern = case.name + " bf16 autocast", build_bf16, bf16

@@ -20,6 +20,7 @@ def check(folder: Path, quick: bool):
         assert key in data, f"results lack '{key}'"
     assert data["rows"], "no benchmark rows"
     assert not data.get("partial"), "the run stopped before its last case (the file holds the cases it finished)"
+    assert not data.get("errors"), f"case(s) failed: {data.get('errors')}"
     for row in data["rows"]:
         assert row["reference_ms"] > 0 and row["fsskern_ms"] > 0, row["case"]
         assert "roofline" in row, f"{row['case']}: no roofline entry"

@@ -226,12 +226,14 @@ def paired_row(case, times, peaks, shares, reps):
 def paired_cells(row, digits=3):
     """The table cells both sides fill: seconds, speedup, MB, memory ratio."""
     return (f"{row['reference_s']:.{digits}f} | {row['fused_s']:.{digits}f} | {row['speedup']:.2f}x | "
-            f"{row['reference_peak_extra_mb']:.0f} | {row['fused_peak_extra_mb']:.0f} | {row['memory_ratio']:.2f}")
+            f"{row['reference_peak_extra_mb']:.0f} | {row['fused_peak_extra_mb']:.0f} | "
+            f"{'-' if row['memory_ratio'] is None else format(row['memory_ratio'], '.2f')}")
 
 
 def verdict(row, target):
-    return "met" if row["speedup"] >= target["speedup"] and (row["memory_ratio"] or 0) <= target["memory_ratio"] \
-        else "missed"
+    if row["memory_ratio"] is None:  # the reference peak was 0: nothing to compare the fused one with
+        return "no memory ratio"
+    return "met" if row["speedup"] >= target["speedup"] and row["memory_ratio"] <= target["memory_ratio"] else "missed"
 
 
 def share_cell(row, op):

@@ -106,8 +106,10 @@ def memory_child(index, side, quick):
     small = episode(case["shots"], True, device, batch=1)
     if case["mode"] == "train":  # the measured call then finds the gradients and AdamW's state in place
         fn(small)
-    elif case["mode"] == "infer":
-        model_fn(side, case, True, device, small)[0]()
+    elif case["mode"] == "infer":  # the measured architecture (quick or not) on the small batch
+        model_fn(side, case, quick, device, small)[0]()
+    else:  # proto: the step itself, which is small
+        fn()
     print_peak_memory(fn)
 
 
