@@ -290,6 +290,17 @@ def test_a_failed_final_validation_keeps_the_last_step_and_a_resume_reruns_it(da
     assert (tmp_path / "best.pt").is_file()
 
 
+def test_resume_keeps_what_the_model_selection_scores_with(tmp_path):
+    """Any eval setting may change on resume but those validation reads: best.pt's mIoU would be compared with
+    another protocol's or resize rule's."""
+    from fsskern.engine.config import to_dict
+    from fsskern.engine.trainer import changed_settings
+    then = to_dict(load_config(write_config(tmp_path)))
+    assert changed_settings(then, to_dict(load_config(write_config(tmp_path), ["eval.episodes=7"]))) == []
+    assert changed_settings(then, to_dict(load_config(write_config(tmp_path), ["eval.protocol=panet"]))) == [
+        "eval.protocol 'pfenet' -> 'panet'"]
+
+
 def test_a_schedule_past_the_run_is_said(dataset, tmp_path):
     from fsskern.engine.trainer import train
     cfg = load_config(str(dataset / "tiny.yaml"), [*data_overrides(dataset), f"out={tmp_path}", "train.iters=1",

@@ -310,6 +310,9 @@ def train_phase(cfg: Config, init_from: Optional[Path] = None) -> Path:
 # restores the saved lr).
 RESUMABLE = ("out", "device", "ops", "resume", "data.root", "model.weights", "data.num_workers", "train.log_every",
              "train.checkpoint_every", "train.val_every", "train.find_unused_parameters", "eval")
+# but the evaluation settings the model selection scores with: changed on resume, best.pt's mIoU would be
+# compared with another metric's
+VALIDATION_PINNED = ("eval.protocol", "eval.resize", "eval.score_at")
 
 
 def check_resume(payload: dict, now: dict, last: Path) -> None:
@@ -320,7 +323,8 @@ def refuse_changes(changed: list, run: Path) -> None:
     if changed:
         raise ConfigError(f"resume: {'; '.join(changed)} differ from the run in {run}, which the resumed run "
                          f"would not continue exactly (the optimizer and schedule states restore the saved "
-                         f"values); only {', '.join(RESUMABLE)} may change: start a new run (out=...) instead")
+                         f"values); only {', '.join(RESUMABLE)} may change (of eval, not "
+                         f"{', '.join(VALIDATION_PINNED)}): start a new run (out=...) instead")
 
 
 def resume_changes(then: dict, now: dict, then_world: int) -> list:
@@ -351,7 +355,7 @@ def changed_settings(then: dict, now: dict) -> list:
     flat_then, flat_now = flatten(then), flatten(now)
     return [f"{k} {flat_then.get(k)!r} -> {flat_now.get(k)!r}" for k in sorted(set(flat_then) | set(flat_now))
             if flat_then.get(k) != flat_now.get(k) and k != "data.batch_size"
-            and not any(k == r or k.startswith(r + ".") for r in RESUMABLE)]
+            and (k in VALIDATION_PINNED or not any(k == r or k.startswith(r + ".") for r in RESUMABLE))]
 
 
 def flatten(tree: dict, prefix: str = "") -> dict:
