@@ -68,12 +68,12 @@ def test_cpu_kernel_repeats_exactly_across_thread_counts():
 
 
 def test_cpu_kernel_falls_back_where_its_bound_does_not_hold():
-    # each case must give the fp32 kernel's answer, NaN rules included: eps = 0, a non-finite masked-out support
-    # pixel (poisons its shot), a non-finite foreground pixel, a non-finite query in a shot with no foreground
-    # (no tile ever reads that query), and float16 inputs
+    # each case must give the fp32 kernel's answer, NaN rules included: eps = 0 (or 0 once a float), a non-finite
+    # masked-out support pixel (poisons its shot), a non-finite foreground pixel, a non-finite query in a shot with
+    # no foreground (no tile ever reads that query), and float16 inputs
     q, s, w = inputs(2, 2, 24, 40, 30, fg=0.5)
     w[1, 1] = 0
-    cases = [(q, s, w, 0.0)]
+    cases = [(q, s, w, 0.0), (q, s, w, 1e-60)]  # 1e-60: a double eps that is 0 as a float
     for where in ((0, 0, 3, int((w[0, 0] == 0).nonzero()[0])), (0, 1, 5, int((w[0, 1] != 0).nonzero()[0]))):
         bad = s.clone()
         bad[where] = float("inf")

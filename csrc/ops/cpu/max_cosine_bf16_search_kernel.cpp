@@ -351,7 +351,10 @@ std::tuple<at::Tensor, at::Tensor> max_cosine_bf16_search_cpu(const at::Tensor& 
   check_max_cosine_inputs(query, support, support_weights, eps_);
   const int64_t C = support.size(2);
   const auto fallback = [&] { return max_cosine_cpu(query, support, support_weights, eps_); };
-  if (query.scalar_type() != at::kFloat || eps_ == 0 || C > (int64_t(1) << 20)) return fallback();
+  // eps as the search uses it: a double below float's range rounds to 0, whose 0 / 0 the float32 kernel keeps as NaN
+  if (query.scalar_type() != at::kFloat || static_cast<float>(eps_) == 0.f || C > (int64_t(1) << 20)) {
+    return fallback();
+  }
   const auto q = query.contiguous();
   const auto s = support.contiguous();
   const auto w = support_weights.contiguous();
