@@ -1,5 +1,6 @@
-"""The training-free baseline's feature cache: results equal the uncached features, and a full cache never
-evicts an image the same call still needs."""
+"""The training-free baseline: its feature cache (results equal the uncached features, a full cache never evicts
+an image the same call still needs), its input checks and k-way background."""
+import pytest
 import torch
 
 from fsskern.engine.config import ModelConfig
@@ -19,3 +20,41 @@ def test_cache_full_within_one_call_returns_every_feature():
         got = model.features(torch.cat([a, c]))
     torch.testing.assert_close(got, direct[[0, 2]])
     assert len(model.cache) == 2 and model.cache_bytes == 2 * one
+
+
+def build():
+    torch.manual_seed(0)
+    return create_model(ModelConfig(name="baseline", backbone="mobilenet_v2", weights=None), "fused").eval()
+
+
+def test_cached_features_own_their_memory():
+    """A cached image's features are its own tensor, not a view that keeps the whole batch's alive past cache_mb."""
+    model = build()
+    with torch.no_grad():
+        model.features(torch.randn(5, 3, 33, 33))
+    assert all(f._base is None for f in model.cache.values())
+
+
+def test_support_masks_of_class_ids_are_refused():
+    model = build()
+    batch = {"query_img": torch.randn(1, 3, 33, 33), "support_imgs": torch.randn(1, 1, 3, 33, 33),
+             "support_masks": torch.full((1, 1, 33, 33), 15)}
+    with pytest.raises(ValueError, match=r"baseline: support_masks must hold 0..1 or 255; found \[15\]"):
+        model(batch)
+
+
+def test_k_way_background_is_decided_per_episode():
+    """Episode 0 reads one support image for both ways (background: what no way annotates), episode 1 two images
+    (each slot's 0 pixels): batched together, each gives what it gives alone."""
+    model = build()
+    g = torch.Generator().manual_seed(0)
+    image, other = torch.randn(2, 3, 33, 33, generator=g).unbind(0)
+    masks = torch.zeros(2, 2, 33, 33, dtype=torch.long)
+    masks[:, 0, :10], masks[:, 1, 20:] = 1, 1
+    batch = {"query_img": torch.randn(2, 3, 33, 33, generator=g), "classes": torch.tensor([[1, 2], [1, 2]]),
+             "support_imgs": torch.stack([torch.stack([image, image]), torch.stack([image, other])]),
+             "support_masks": masks}
+    with torch.no_grad():
+        both = model(batch)["logits"]
+        alone = [model({k: v[i:i + 1] for k, v in batch.items()})["logits"] for i in range(2)]
+    torch.testing.assert_close(both, torch.cat(alone))

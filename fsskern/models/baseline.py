@@ -12,8 +12,10 @@ params: ``layers`` (backbone outputs concatenated after resizing to the first on
 ``[layer2, layer3]``, chosen on held-out base-class images of MSRC-v2 fold 0 with MobileNetV2: val mIoU
 61.5 for layer2+3, 60.7 layer3, 59.5 layer3+4, 48.8 layer4, 300 episodes each; never on test classes), ``scale`` (alpha, 20), ``cache_mb`` (features of recently seen images kept,
 in MB; 0 turns the cache off), ``output_stride`` (None: the backbone's default, 8 for MobileNetV2) and
-``align_corners`` (True) of the resizing: on the same held-out images output stride 32 gives 61.8 and
-align_corners=False 61.4, within the noise of 300 episodes, so the defaults (and every figure made with them) stay.
+``align_corners`` (True) of the layers' concatenation and the logits' upsampling (the pooling's transposed
+interpolation is align_corners=False, as PANet's, whatever it says): on the same held-out images output stride 32
+gives 61.8 and align_corners=False 61.4, within the noise of 300 episodes, so the defaults (and every figure made
+with them) stay.
 
 Evaluation reads the same few hundred images in thousands of episodes, and a frozen backbone is a
 pure function of its input, so the features of each input image are kept (keyed by a hash of its
@@ -27,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..backbones import create_backbone, freeze, require_backbone
-from .blocks import ABSENT, cosine_logits
+from .blocks import ABSENT, check_labels, cosine_logits
 from .registry import register_model
 from .params import parse_params
 
@@ -71,6 +73,7 @@ class PrototypeBaseline(nn.Module):
         missing = list({k: i for i, k in reversed(list(enumerate(keys))) if k not in found}.values())
         if missing:
             for i, f in zip(missing, self._features(images[missing])):
+                f = f.clone()  # a view would keep the whole batch's features alive past cache_mb
                 found[keys[i]] = f
                 self._remember(keys[i], f)
         return torch.stack([found[k] for k in keys])
@@ -96,6 +99,7 @@ class PrototypeBaseline(nn.Module):
         if supports.shape[:2] != (B, S) or masks.shape[-2:] != supports.shape[-2:]:
             raise ValueError(f"baseline: support images {tuple(supports.shape)} and masks {tuple(masks.shape)} "
                              f"do not match (expected (B, S, 3, H, W) and (B, S, H, W))")
+        check_labels("baseline", "support_masks", masks)  # class ids would pool into neither prototype
         q = self.features(query)
         s = self.features(supports.flatten(0, 1))  # (B*S, C, h, w)
         ways = batch["classes"].shape[1] if "classes" in batch else 1
@@ -118,8 +122,9 @@ class PrototypeBaseline(nn.Module):
         shots = S // ways
         if shots * ways != S:
             raise ValueError(f"baseline: {S} support slots is not a multiple of {ways} ways (slots are way-major)")
-        shared = bool((supports == supports[:, :1]).all())
-        bg = (masks == 0).all(1, keepdim=True).expand_as(masks) if shared else masks == 0
+        # per episode, so that a batch's other episodes do not decide it
+        shared = (supports == supports[:, :1]).flatten(1).all(1).view(B, 1, 1, 1)
+        bg = torch.where(shared, (masks == 0).all(1, keepdim=True), masks == 0)
         fg_bg = torch.stack([masks == 1, bg], 2).flatten(0, 1)
         protos = self.backend.masked_average_pool(s, fg_bg, resize="features").view(B, ways, shots, 2, -1)
         held = (masks == 1).flatten(2).any(2).view(B, ways, shots, 1).to(protos.dtype)

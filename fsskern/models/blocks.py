@@ -76,10 +76,12 @@ class ASPP(nn.Module):
 
     Args:
         in_channels, out_channels: per-branch widths (BAM: 256 -> 256, output 1280).
-        dilations: of the 3x3 branches (BAM, DeepLab v3 at output stride 8 ... 16: 6, 12, 18).
+        dilations: of the 3x3 branches (BAM: 6, 12, 18 at output stride 8; DeepLab v3 takes 6, 12, 18 at
+            output stride 16 and 12, 24, 36 at 8).
         norm: None (BAM: convs with bias, no normalisation) or a layer class such as
-            ``nn.BatchNorm2d`` (DeepLab: convs without bias, then the norm).
-        image_pool: include the image-pooling branch.
+            ``nn.BatchNorm2d`` (DeepLab: convs without bias, then the norm; its image-pooling branch then cannot
+            train on a batch of 1, as in DeepLab's code).
+        image_pool: include the image-pooling branch, first in the concatenation (BAM's order; DeepLab's last).
     Conv weights are kaiming-normal (fan-in, as BAM's ``_init_weight``); biases keep PyTorch's init.
     """
 
