@@ -185,6 +185,12 @@ def test_panet_vgg_recipe_drops_conv5s_relu():
     panet = build("panet", backbone="vgg16_bn", levels=["layer4"], head_dim=0).eval()
     assert panet.encoder.backbone.split["layer4"] == (34, 42)
     assert not isinstance(panet.encoder.backbone.features[-1], torch.nn.ReLU)
+    panet.train()  # and it trains: the paper VGG recipes' model, one step's loss and gradients
+    out = panet(synthetic_batch(B=1))
+    sum(out["losses"].values()).backward()
+    assert out["logits"].shape == (1, 2, 65, 65) and torch.isfinite(out["losses"]["align"])
+    assert all(torch.isfinite(p.grad).all() for p in panet.parameters() if p.grad is not None)
+    assert panet.encoder.backbone.features[40].weight.grad.abs().sum() > 0  # conv5_3 learns
 
 
 def test_paper_recipes_step_the_lr_and_panet_vgg_freezes_bn():

@@ -124,14 +124,17 @@ def test_flip_bookkeeping():
         assert not torch.allclose(model.risp(r_o, r_o), r_o)                    # the flip back is what makes it hold
 
 
-@pytest.mark.parametrize("name,search", [("rilfs", "fp32"), ("bam", "fp32"), ("rilfs", "bf16")])
-def test_fused_matches_reference(name, search):
+@pytest.mark.parametrize("name,search,backbone", [("rilfs", "fp32", "mobilenet_v2"), ("bam", "fp32", "mobilenet_v2"),
+                                                  ("rilfs", "bf16", "mobilenet_v2"), ("rilfs", "fp32", "vgg16_bn"),
+                                                  ("bam", "fp32", "vgg16_bn")])
+def test_fused_matches_reference(name, search, backbone):
     """Outputs, losses and gradients of the real model with ops=fused vs ops=reference (train mode, same
     dropout draws): rtol 1e-4, atol 1e-5 (float32; the ops match their references to 1e-5); the same with the
-    prior's certified bf16 search, forced where the CPU has no bf16 unit."""
+    prior's certified bf16 search, forced where the CPU has no bf16 unit; and on the VGG16-bn of the paper's VGG
+    recipes (layer3 at stride 16, the Gram matrices' layer2 resized to it)."""
     batch, results = episode(K=2, H=65), []
     for ops in ("fused", "reference"):
-        model = build(name, ops=ops, shots=2, prior_search=search).train()
+        model = build(name, ops=ops, backbone=backbone, shots=2, prior_search=search).train()
         torch.manual_seed(3)
         torch.ops.fsskern._bf16_search_counts()  # read and reset
         with bf16_search("always"):
