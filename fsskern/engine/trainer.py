@@ -242,6 +242,10 @@ def train_phase(cfg: Config, init_from: Optional[Path] = None) -> Path:
                               "config": to_dict(cfg)}, path)
         dist.barrier()
 
+    def validate_and_save():  # last.pt then carries the best so far, which a resume reads
+        if validate(cfg, model, state, logger, save_best=lambda: save(best)):
+            save(last)
+
     batches = iter(loader)
     stopped_in_final_validation = state["iteration"] == cfg.train.iters  # a resume with no step left
     wrapped.train()
@@ -286,15 +290,16 @@ def train_phase(cfg: Config, init_from: Optional[Path] = None) -> Path:
         state["iteration"] = it + 1
         logger.step(state["iteration"], losses_sum, lrs, seconds=time.perf_counter() - tic)
 
-        done = state["iteration"] == cfg.train.iters
-        if done:  # the weights first: a final validation that fails (a bad eval setting, memory) loses no step
+        if state["iteration"] == cfg.train.iters:
+            save(last)  # the weights first: a final validation that fails (a bad eval setting, memory) loses no step
+            validate_and_save()
+            break
+        if cfg.train.val_every and state["iteration"] % cfg.train.val_every == 0:
+            validate(cfg, model, state, logger, save_best=lambda: save(best))
+        if state["iteration"] % cfg.train.checkpoint_every == 0:
             save(last)
-        validated = (((cfg.train.val_every and state["iteration"] % cfg.train.val_every == 0) or done)
-                     and validate(cfg, model, state, logger, save_best=lambda: save(best)))
-        if (done and validated) or (not done and state["iteration"] % cfg.train.checkpoint_every == 0):
-            save(last)  # (after validating: last.pt carries the best so far)
-    if stopped_in_final_validation and validate(cfg, model, state, logger, save_best=lambda: save(best)):
-        save(last)
+    if stopped_in_final_validation:
+        validate_and_save()
     if dist.is_main():
         ckpt.write_atomic(out / "done.json",
                           lambda f: f.write(json.dumps({"iteration": state["iteration"], "best": state["best"]})
