@@ -84,7 +84,8 @@ def main():
     report = {"profile": a.profile, "images": len(ids), "clusters": a.clusters, "batch_size": a.batch_size,
               "build": {k: v for k, v in spec.items() if k not in ("images", "weights")},
               "weights": "random-init file (timing only)" if a.profile == "paper" else "imagenet",
-              "regions": result["regions"], "kmeans_vectors": result["kmeans_vectors"], "total_seconds": total, "images_per_s_end_to_end": len(ids) / total,
+              "regions": result["regions"], "kmeans_vectors": result["kmeans_vectors"], "total_seconds": total,
+              "images_per_s_end_to_end": len(ids) / total,
               "steps": rows, "threads": torch.get_num_threads(), "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
               "machine": machine_info()}
     out = Path(a.out or REPO / "benchmarks" / "results" / f"pseudo_tasks-{a.profile}{'-quick' if a.quick else ''}")

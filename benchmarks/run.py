@@ -89,7 +89,8 @@ def run_case(index, case, quick, reps, device):
         "work": None if work is None else {"kind": work.kind, "amount": work.amount, "gemm": work.gemm},
     }
     print(f"{case.name:28s} {case.size:34s} ref {row['reference_ms']:9.2f} ms  fsskern {row['fsskern_ms']:9.2f} ms"
-          f"  x{row['speedup']:7.1f}  mem {row['reference_peak_extra_mb']:8.1f} -> {row['fsskern_peak_extra_mb']:7.1f} MB",
+          f"  x{row['speedup']:7.1f}  mem {row['reference_peak_extra_mb']:8.1f} -> "
+          f"{row['fsskern_peak_extra_mb']:7.1f} MB",
           flush=True)
     return row
 
@@ -189,7 +190,8 @@ def markdown(rows, info, quick, sweeps=(), threads=(), plots_dir="plots", limits
                      f"{r['reference_peak_extra_mb']:.1f} -> {r['fsskern_peak_extra_mb']:.1f} MB | {ratio} |")
     peer_rows = [(r, name, p) for r in rows for name, p in r.get("peers", {}).items()]
     if peer_rows:
-        lines += ["", "| case | peer | peer time | fsskern time | fsskern speed-up over the peer |", "|---|---|---:|---:|---|"]
+        lines += ["", "| case | peer | peer time | fsskern time | fsskern speed-up over the peer |",
+                  "|---|---|---:|---:|---|"]
         for r, name, p in peer_rows:
             target = p.get("target")
             verdict_text = f" (>= {target:g}x: {verdict(p['speedup_vs_peer'], target, True)})" if target else ""
@@ -212,7 +214,8 @@ def markdown(rows, info, quick, sweeps=(), threads=(), plots_dir="plots", limits
                          f"(torch.mm 2048^3, fp32, {limits.get('device', 'cpu')}), copy {limits['copy_gbs']:.1f} GB/s "
                          "(read + write). "
                          "Each flop-bound case is compared with torch.mm at its own GEMM shape (skinny GEMMs run "
-                         "below the peak); fsskern's flops count only the work it does (foreground pixels, valid keys).")
+                         "below the peak); fsskern's flops count only the work it does (foreground pixels, "
+                         "valid keys).")
             lines.append("")
         lines += ["| case | size | fsskern achieves | limit | % of limit |", "|---|---|---:|---|---:|"]
         for r in roof:

@@ -112,6 +112,11 @@ def test_same_seed_same_result_and_exact_resume():
     out_a, out_b = a(first), b(first)
     for name in out_a["losses"]:
         assert torch.equal(out_a["losses"][name], out_b["losses"][name]), name
+    for model_, out in ((a, out_a), (b, out_b)):
+        model_.zero_grad()
+        sum(out["losses"].values()).backward()
+    grads = [(p.grad, q.grad) for p, q in zip(a.parameters(), b.parameters()) if p.grad is not None]
+    assert grads and all(torch.equal(ga, gb) for ga, gb in grads)
     # resume: a fresh model loaded from a's state (momentum encoder and dictionary included) repeats a's next step
     c = build().train()
     c.load_state_dict(a.state_dict())

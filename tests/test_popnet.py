@@ -256,8 +256,13 @@ def test_same_seed_same_result():
     for _ in range(2):
         m = model(seed=3).train()
         out = m(kway_batch(seed=4))
-        outs.append((out["logits"].detach(), float(sum(out["losses"].values()).detach())))
+        loss = sum(out["losses"].values())
+        loss.backward()
+        grads = [p.grad for p in m.parameters() if p.grad is not None]
+        outs.append((out["logits"].detach(), float(loss.detach()), grads))
     assert torch.equal(outs[0][0], outs[1][0]) and outs[0][1] == outs[1][1]
+    assert len(outs[0][2]) == len(outs[1][2]) > 0
+    assert all(torch.equal(a, b) for a, b in zip(outs[0][2], outs[1][2]))
 
 
 def test_bad_inputs_are_refused():

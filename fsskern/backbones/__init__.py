@@ -6,5 +6,6 @@ from .base import LAYERS, Backbone, LeanBatchNorm2d, fix_bn, freeze
 from .registry import create_backbone, list_backbones, register_backbone, require_backbone
 from .weights import LAYOUTS, WeightsError, expected_keys, load_weights, mobilenet_weights_file
 
-__all__ = ["create_backbone", "list_backbones", "register_backbone", "require_backbone", "Backbone", "LeanBatchNorm2d", "fix_bn",
-           "freeze", "LAYERS", "load_weights", "expected_keys", "mobilenet_weights_file", "WeightsError", "LAYOUTS"]
+__all__ = ["create_backbone", "list_backbones", "register_backbone", "require_backbone", "Backbone", "LeanBatchNorm2d",
+           "fix_bn", "freeze", "LAYERS", "load_weights", "expected_keys", "mobilenet_weights_file", "WeightsError",
+           "LAYOUTS"]

@@ -75,7 +75,8 @@ PROTOCOLS: Dict[str, Protocol] = {p.name: p for p in [
     Protocol("hsnet", {"fss1000": 2400, "default": 1000}, (0,), {"coco": "class_uniform", "default": "pairs"},
              "square", {"default": 400}, min_pixels=1, score_at="input", notes="no size filter (HSNet)"),
     Protocol("panet", {"default": 1000}, (1234, 1235, 1236, 1237, 1238), {"default": "class_uniform"}, "square",
-             {"default": 417}, min_pixels=1, score_at="input", notes="mean +- std over 5 runs; no size filter; PANet's code draws its test episodes from "
+             {"default": 417}, min_pixels=1, score_at="input",
+             notes="mean +- std over 5 runs; no size filter; PANet's code draws its test episodes from "
                    "its training list (VOC trainaug, COCO train), here from the test split unless "
                    "data.val_list names that list"),
     Protocol("popnet", {"default": 0}, (0,), {"default": "frozen"}, "square", {"default": 512}, min_pixels=1,

@@ -8,14 +8,14 @@ cosine segmentation (alpha = 20). Ignore pixels (255) belong to neither prototyp
 (POPNet's parsing pairs, ``batch["classes"]`` with more than one way) get one prototype per way and one
 background prototype (``_k_way``): the training-free baseline of POPNet's CCP recipe.
 
-params: ``layers`` (backbone outputs concatenated after resizing to the first one's grid; default
-``[layer2, layer3]``, chosen on held-out base-class images of MSRC-v2 fold 0 with MobileNetV2: val mIoU
-61.5 for layer2+3, 60.7 layer3, 59.5 layer3+4, 48.8 layer4, 300 episodes each; never on test classes), ``scale`` (alpha, 20), ``cache_mb`` (features of recently seen images kept,
-in MB; 0 turns the cache off), ``output_stride`` (None: the backbone's default, 8 for MobileNetV2) and
-``align_corners`` (True) of the layers' concatenation and the logits' upsampling (the pooling's transposed
-interpolation is align_corners=False, as PANet's, whatever it says): on the same held-out images output stride 32
-gives 61.8 and align_corners=False 61.4, within the noise of 300 episodes, so the defaults (and every figure made
-with them) stay.
+params: ``layers`` (backbone outputs concatenated after resizing to the first one's grid; default ``[layer2,
+layer3]``, chosen on held-out base-class images of MSRC-v2 fold 0 with MobileNetV2: val mIoU 61.5 for layer2+3, 60.7
+layer3, 59.5 layer3+4, 48.8 layer4, 300 episodes each; never on test classes), ``scale`` (alpha, 20), ``cache_mb``
+(features of recently seen images kept, in MB; 0 turns the cache off), ``output_stride`` (None: the backbone's
+default, 8 for MobileNetV2) and ``align_corners`` (True) of the layers' concatenation and the logits' upsampling
+(the pooling's transposed interpolation is align_corners=False, as PANet's, whatever it says): on the same held-out
+images output stride 32 gives 61.8 and align_corners=False 61.4, within the noise of 300 episodes, so the defaults
+(and every figure made with them) stay.
 
 Evaluation reads the same few hundred images in thousands of episodes, and a frozen backbone is a
 pure function of its input, so the features of each input image are kept (keyed by a hash of its
@@ -109,7 +109,8 @@ class PrototypeBaseline(nn.Module):
         protos = self.backend.masked_average_pool(s, fg_bg, resize="features")  # (B*S, 2, C)
         protos = protos.view(B, S, 2, -1).mean(1).flip(1)  # (B, [bg, fg], C), the mean over shots
         logits = cosine_logits(q, protos, scale=self.params["scale"])
-        logits = F.interpolate(logits, size=query.shape[-2:], mode="bilinear", align_corners=self.params["align_corners"])
+        logits = F.interpolate(logits, size=query.shape[-2:], mode="bilinear",
+                               align_corners=self.params["align_corners"])
         return {"logits": logits, "losses": {}}
 
     def _k_way(self, q, s, supports, masks, ways: int, size) -> dict:

@@ -303,8 +303,8 @@ class RILFS(nn.Module):
         x = batch["query_img"]
         if x.dim() != 4:
             raise ValueError(f"rilfs/bam: query_img must be (B, 3, H, W), got {tuple(x.shape)}")
-        logits = F.interpolate(self.base_learner(self.backbone(x, layers=("layer4",))["layer4"]), x.shape[-2:], mode="bilinear",
-                               align_corners=True)
+        features = self.backbone(x, layers=("layer4",))["layer4"]
+        logits = F.interpolate(self.base_learner(features), x.shape[-2:], mode="bilinear", align_corners=True)
         out = {"logits": logits}
         if self.training:
             if "base_label" not in batch:

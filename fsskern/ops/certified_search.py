@@ -156,4 +156,5 @@ def device_search(query: torch.Tensor, support: torch.Tensor, support_weights: t
     return values.contiguous(), indices.contiguous()
 
 
-torch.library.impl("fsskern::max_cosine_bf16_search", "CompositeExplicitAutograd")(device_search)  # the name stays bound
+# the name stays bound
+torch.library.impl("fsskern::max_cosine_bf16_search", "CompositeExplicitAutograd")(device_search)

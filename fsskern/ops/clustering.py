@@ -223,7 +223,8 @@ def _with_fallbacks(fg: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
 
 @torch.library.register_fake("fsskern::lsh_hash")
 def _(x, planes):
-    torch._check(x.dim() in (2, 3) and planes.dim() == 2, lambda: "lsh_hash: x (N, E) or (M, N, E), planes (bits, E + 1)")
+    torch._check(x.dim() in (2, 3) and planes.dim() == 2,
+                 lambda: "lsh_hash: x (N, E) or (M, N, E), planes (bits, E + 1)")
     # Fakes mirror the kernels' device checks: a meta tensor beside a real one dispatches here, not to a kernel.
     torch._check(planes.device == x.device, lambda: f"lsh_hash: x and planes must be on one device, got {x.device} "
                  f"and {planes.device}")

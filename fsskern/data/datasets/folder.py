@@ -4,16 +4,16 @@ name a line). Any number of classes; folds (``data.folds``: novel class ids per 
 (``data.merge``: ``{new name: [old ids]}``, all mapped to the group's first id; the name
 ``background`` maps them to 0) come from the config.
 
-``data.params``: ``void`` (raw values read as ignore 255, e.g. MSRC-v2's 0), ``image_dir``,
-``label_dir``, ``image_ext`` (guessed from the files when absent), ``split_lists``
-(``{train|val|test: file of ids}``, or ``data.train_list`` / ``data.val_list`` for train / test; a test list
-alone leaves train and val the other images; without any every split holds every image, which is sound only with
-the ``bam`` training policy: every test query holds a novel class, so no training image is a test
-query; the ``pfenet`` policy is refused there), ``test_fraction`` (a deterministic image-level split
-by hashed id: the test split holds that share of the images and train / val the rest; for sets with
-one pool and the ``pfenet`` policy, e.g. the parsing sets, whose test queries would otherwise be training images with their novel pixels labelled
-background), ``label_channel`` (for RGB-stored labels) and ``stuff`` (class ids that are scene background:
-base classes in episodes, but background to BAM's base learner; ``Source.base_learner_classes``).
+``data.params``: ``void`` (raw values read as ignore 255, e.g. MSRC-v2's 0), ``image_dir``, ``label_dir``,
+``image_ext`` (guessed from the files when absent), ``split_lists`` (``{train|val|test: file of ids}``, or
+``data.train_list`` / ``data.val_list`` for train / test; a test list alone leaves train and val the other images;
+without any every split holds every image, which is sound only with the ``bam`` training policy: every test query
+holds a novel class, so no training image is a test query; the ``pfenet`` policy is refused there),
+``test_fraction`` (a deterministic image-level split by hashed id: the test split holds that share of the images and
+train / val the rest; for sets with one pool and the ``pfenet`` policy, e.g. the parsing sets, whose test queries
+would otherwise be training images with their novel pixels labelled background), ``label_channel`` (for RGB-stored
+labels) and ``stuff`` (class ids that are scene background: base classes in episodes, but background to BAM's base
+learner; ``Source.base_learner_classes``).
 
 Used for MSRC-v2 (``configs/data/msrc_v2.yaml``), CCP and VITON parsing maps."""
 import collections
