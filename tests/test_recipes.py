@@ -6,6 +6,8 @@ from pathlib import Path
 import pytest
 
 from fsskern.backbones import list_backbones
+from fsskern.data.datasets import build_source
+from fsskern.data.io import DataError
 from fsskern.engine.config import load_config, with_overrides
 from fsskern.models import list_models
 
@@ -24,3 +26,8 @@ def test_recipe_loads_with_every_phase(recipe):
     for c in [cfg, *phases]:
         assert c.model.name in list_models(), c.model.name
         assert c.model.backbone is None or c.model.backbone in list_backbones(), c.model.backbone
+        # the dataset takes the recipe's data.params (the data itself is not here: any other refusal may come)
+        try:
+            build_source(c.data, "train")
+        except DataError as e:
+            assert "unknown data.params" not in str(e), e

@@ -129,9 +129,11 @@ class ConfigError(ValueError):
 
 
 def _merge(base: dict, update: dict) -> dict:
+    """``update`` over ``base``, mappings merged key by key; an empty mapping replaces the base's (a recipe's
+    ``params: {}`` clears what its base file set, e.g. MSRC-v2's ``void`` on a PASCAL recipe)."""
     out = dict(base)
     for key, value in update.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
+        if isinstance(value, dict) and value and isinstance(out.get(key), dict):
             out[key] = _merge(out[key], value)
         else:
             out[key] = value
@@ -178,7 +180,7 @@ def dump_yaml(tree) -> str:
 
 
 def read_yaml(path) -> dict:
-    """A config file with its ``base`` files merged in (depth first, later keys win)."""
+    """A config file with its ``base`` files merged in (depth first, later keys win; ``{}`` empties a mapping)."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist")
