@@ -166,6 +166,16 @@ def test_bf16_products_blocks_and_their_edges(products, count, rows, D, dropout)
 
 
 @pytest.mark.parametrize("products", ["bf16"], indirect=True)
+def test_bf16_products_row_tiles_rounded_to_blocks(products):
+    """The row-major AMX path rounds its row tiles up to blocks of 128 rows and counts them again: 3,600 query rows
+    (CRCNet's 60 x 60) against 300 keys make 9 tiles of 400 rows, 8 of 512 once rounded; counted before the
+    rounding, a ninth started past the last row (a negative row count: a fill past its buffer). Without AMX the
+    same shape tests the vdpbf16ps GEMM."""
+    q, k, v = rounded((1, 1, 3600, 16), (1, 1, 300, 16), (1, 1, 300, 8), dtype=torch.bfloat16)
+    assert_products_match_widened(q, k, v, torch.ones(1, 300, dtype=torch.bool), 0.25, 0.0)
+
+
+@pytest.mark.parametrize("products", ["bf16"], indirect=True)
 @pytest.mark.parametrize("D,Dv", [(0, 3), (6, 0), (0, 0)])
 def test_bf16_products_zero_channels(products, D, Dv):
     """No channels on one side (D = 0: every score 0, uniform weights over the valid keys; Dv = 0: an empty
@@ -249,6 +259,11 @@ def test_attention_under_autocast(dtype):
                                                 torch.ones(2, 9), mode="multiply")
     assert out.dtype == dtype and local.dtype == dtype
     assert torch.equal(out, ops.prototype_attention(q.to(dtype), k.to(dtype), v.to(dtype)))
+    other = torch.float16 if dtype == torch.bfloat16 else torch.bfloat16
+    with torch.autocast("cpu", dtype=dtype):  # the other reduced dtype is cast too, as autocast casts a matmul's
+        mixed = ops.prototype_attention(q, k.to(other), v.to(other))
+    assert mixed.dtype == dtype
+    assert torch.equal(mixed, ops.prototype_attention(q.to(dtype), k.to(other).to(dtype), v.to(other).to(dtype)))
     float64 = q.double()
     with torch.autocast("cpu", dtype=dtype):  # autocast leaves float64 alone
         assert ops.prototype_attention(float64, k.double(), v.double()).dtype == torch.float64

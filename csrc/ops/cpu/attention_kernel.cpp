@@ -384,9 +384,12 @@ void forward_amx_rows(const AttentionInputs& in, at::Tensor& out, at::Tensor& ls
   const auto* q_data = in.q.const_data_ptr<c10::BFloat16>();
   // the scores' depth: q's channels, zero-padded to whole AMX steps
   const int64_t depth = round_up(D, bf16::kAmxDepth), ldv = bf16::padded(Dv);
-  // the row tiles of choose_tiles, evened out and rounded up to whole blocks
-  const int64_t row_tiles = std::max<int64_t>(at::divup(N, choose_tiles(in.k.size(2), N).rows), 1);
-  const int64_t tile_rows = round_up(at::divup(N, row_tiles), kAmxRows);
+  // the row tiles of choose_tiles, evened out and rounded up to whole blocks; counted again from the rounded
+  // size, which can leave fewer tiles (N 3600, 300 keys: 9 tiles of 400 rows become 8 of 512, and a ninth would
+  // start past N)
+  const int64_t even_tiles = std::max<int64_t>(at::divup(N, choose_tiles(in.k.size(2), N).rows), 1);
+  const int64_t tile_rows = round_up(at::divup(N, even_tiles), kAmxRows);
+  const int64_t row_tiles = N > 0 ? at::divup(N, tile_rows) : 0;
   const float scale = static_cast<float>(in.scale);
 
   struct Buffers {
