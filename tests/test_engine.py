@@ -204,6 +204,11 @@ def test_ddp_two_gloo_processes_equal_one_process(dataset, tmp_path):
     # Same episodes, same global batch; gradients are averaged in another order: fp32 rounding only.
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
+    # and the same logged losses: every rank's episodes, not rank 0's half of them
+    logged = [[json.loads(r)["train/loss"] for r in (tmp_path / run / "metrics.jsonl").read_text().splitlines()
+               if "train/loss" in r] for run in ("one", "two")]
+    assert len(logged[0]) == 3
+    torch.testing.assert_close(torch.tensor(logged[1]), torch.tensor(logged[0]), rtol=1e-4, atol=1e-6)
 
 
 @pytest.mark.parametrize("device, bound", [("cuda", 1), ("cuda:3", "refused"), ("cpu", None)])
@@ -291,12 +296,14 @@ def test_a_failed_final_validation_keeps_the_last_step_and_a_resume_reruns_it(da
 
 
 def test_resume_keeps_what_the_model_selection_scores_with(tmp_path):
-    """Any eval setting may change on resume but those validation reads: best.pt's mIoU would be compared with
-    another protocol's or resize rule's."""
+    """Any eval setting may change on resume but the one validation scores with: best.pt's mIoU would be compared
+    with another protocol's metric. Validation resizes by its own rule, so eval.resize and eval.score_at may."""
     from fsskern.engine.config import to_dict
     from fsskern.engine.trainer import changed_settings
     then = to_dict(load_config(write_config(tmp_path)))
     assert changed_settings(then, to_dict(load_config(write_config(tmp_path), ["eval.episodes=7"]))) == []
+    assert changed_settings(then, to_dict(load_config(write_config(tmp_path), ["eval.resize=original",
+                                                                               "eval.score_at=input"]))) == []
     assert changed_settings(then, to_dict(load_config(write_config(tmp_path), ["eval.protocol=panet"]))) == [
         "eval.protocol 'pfenet' -> 'panet'"]
 
@@ -454,6 +461,40 @@ def test_a_stale_done_json_does_not_pass_a_resumed_run_off_as_finished(dataset, 
     assert finished_at(out) is None  # the demo retrains such a folder, as the trainer does
     (out / "done.json").write_text('{"iterat')  # cut by a kill (written in place before the fix)
     assert finished_at(out) is None
+
+
+def test_resume_keeps_the_record_of_a_best_pt_written_past_the_checkpoint(dataset, tmp_path, monkeypatch):
+    """Validation at 3 writes best.pt (mIoU 50), the run dies before the next last.pt, and the resume (from 2)
+    validates at 4 only (val_every changed): 40 must not beat the checkpoint's older record (none) and overwrite
+    the better best.pt."""
+    from fsskern.engine import trainer
+    scores = {3: 50.0, 4: 40.0}
+    state_of = {}
+
+    def fake_evaluate(cfg, model, progress=False):
+        return {"miou": scores[state_of["it"]], "fb_iou": 0.0}
+
+    real_validate = trainer.validate
+
+    def validate(cfg, model, state, logger, save_best):
+        state_of["it"] = state["iteration"]
+        ran = real_validate(cfg, model, state, logger, save_best)
+        if state["iteration"] == 3 and state_of.pop("kill", False):
+            raise KeyboardInterrupt  # killed after best.pt, before the next last.pt
+        return ran
+
+    monkeypatch.setattr(trainer, "evaluate_model", fake_evaluate)
+    monkeypatch.setattr(trainer, "validate", validate)
+    out = tmp_path / "run"
+    args = tiny(dataset, out, "train.iters=4", "train.checkpoint_every=2", "train.val_episodes=2",
+                "data.val_fraction=0", "data.val_classes=[5]")
+    state_of["kill"] = True
+    with pytest.raises(KeyboardInterrupt):
+        trainer.train(load_config(args[0], [*args[1:], "train.val_every=3"]))
+    assert ckpt.load(out / "last.pt")["iteration"] == 2 and ckpt.load(out / "best.pt")["iteration"] == 3
+    trainer.train(load_config(args[0], [*args[1:], "train.val_every=4", "resume=true"]))
+    assert ckpt.load(out / "best.pt")["iteration"] == 3
+    assert json.loads((out / "done.json").read_text())["best"] == {"miou": 50.0, "iteration": 3}
 
 
 def test_resumed_logs_drop_what_a_crash_logged_past_the_checkpoint(tmp_path):

@@ -197,7 +197,9 @@ def read_yaml(path) -> dict:
 def set_dotted(tree: dict, dotted: str, value) -> None:
     keys = dotted.split(".")
     for key in keys[:-1]:
-        node = tree.setdefault(key, {})
+        if tree.get(key) is None:  # an optional section left unset (data.merge) takes its first key
+            tree[key] = {}
+        node = tree[key]
         if not isinstance(node, dict):
             raise ConfigError(f"override {dotted}: {key} is not a section")
         tree = node
@@ -215,6 +217,9 @@ def override_items(args: List[str]) -> List[Tuple[str, Any]]:
             value = load_yaml(text) if text != "" else None
         except yaml.YAMLError as e:  # "[0,1": refused with the command line's message, not a traceback
             raise ConfigError(f"override {arg!r}: its value is not YAML ({' '.join(str(e).split())})") from None
+        if "#" in text and "#" not in repr(value):  # YAML read " #..." as a comment: "w #1.pt" would load "w"
+            raise ConfigError(f"override {arg!r}: YAML reads what follows ' #' as a comment; quote a value that "
+                              f"holds one ({key}='\"a #b\"')")
         items.append((key.strip(), value))
     return items
 
@@ -278,6 +283,8 @@ def _build(cls, tree: dict, prefix: str = ""):
         steps = kwargs[key] if prefix + key == "train.lr_steps" else []
         if steps and (steps[0] < 1 or any(b <= a for a, b in zip(steps, steps[1:]))):
             raise ConfigError(f"train.lr_steps must be increasing iterations >= 1, got {kwargs[key]}")
+        if prefix + key == "eval.seeds" and kwargs[key] is not None and not kwargs[key]:
+            raise ConfigError("eval.seeds must name at least one seed (or be unset: the protocol's), got []")
     return cls(**kwargs)
 
 

@@ -210,6 +210,16 @@ def train_phase(cfg: Config, init_from: Optional[Path] = None) -> Path:
                           f"augmentation continue as they were, the model's random draws (dropout) start from the "
                           f"seed", stacklevel=2)
         state = {"iteration": payload["iteration"], "best": payload["best"]}
+        # a validation past this checkpoint (the run was killed before the next last.pt) may have written best.pt:
+        # its record stands, or a later, lower score would beat the checkpoint's older best and overwrite it
+        ahead = None
+        if dist.is_main() and best.is_file():
+            saved = ckpt.load(best)
+            if saved["iteration"] > state["iteration"] and saved["best"] is not None:
+                ahead = saved["best"]
+        ahead = dist.all_gather_objects(ahead)[0]
+        if ahead is not None:
+            state["best"] = ahead
     if dist.is_main() and (out / "done.json").is_file():
         # not this run's (finished_at said so): an earlier run's here, whose last.pt was removed or overwritten;
         # left in place, it would pass this run off as finished when it is resumed after a kill
@@ -288,7 +298,7 @@ def train_phase(cfg: Config, init_from: Optional[Path] = None) -> Path:
         for sched in schedulers:
             sched.step()
         state["iteration"] = it + 1
-        logger.step(state["iteration"], losses_sum, lrs, seconds=time.perf_counter() - tic)
+        logger.step(state["iteration"], mean_over_ranks(losses_sum), lrs, seconds=time.perf_counter() - tic)
 
         if state["iteration"] == cfg.train.iters:
             save(last)  # the weights first: a final validation that fails (a bad eval setting, memory) loses no step
@@ -315,9 +325,9 @@ def train_phase(cfg: Config, init_from: Optional[Path] = None) -> Path:
 # restores the saved lr).
 RESUMABLE = ("out", "device", "ops", "resume", "data.root", "model.weights", "data.num_workers", "train.log_every",
              "train.checkpoint_every", "train.val_every", "train.find_unused_parameters", "eval")
-# but the evaluation settings the model selection scores with: changed on resume, best.pt's mIoU would be
-# compared with another metric's
-VALIDATION_PINNED = ("eval.protocol", "eval.resize", "eval.score_at")
+# but the one the model selection scores with (the popnet protocol scores parsing metrics): changed on resume,
+# best.pt's mIoU would be compared with another metric's. Validation resizes by its own rule (data.eval_dataset)
+VALIDATION_PINNED = ("eval.protocol",)
 
 
 def check_resume(payload: dict, now: dict, last: Path) -> None:
@@ -390,6 +400,17 @@ def positions(cfg: Config, start_iteration: int):
     G = B * A * W
     return [t * G + m * B * W + r * B + j for t in range(start_iteration, cfg.train.iters)
             for m in range(A) for j in range(B)]
+
+
+def mean_over_ranks(losses: dict) -> dict:
+    """Each loss averaged over the ranks: the step's every episode, as one process at batch B x W logs it (rank 0's
+    alone would log another curve, and another again after a resume at another world size). Gathered as objects:
+    a rank whose batch skipped a term (no episode had it) must not stall a fixed-size reduction."""
+    if dist.world_size() == 1:
+        return losses
+    ranks = dist.all_gather_objects(losses)
+    return {k: sum(r[k] for r in ranks if k in r) / sum(k in r for r in ranks)
+            for k in sorted({k for r in ranks for k in r})}
 
 
 def to_device(batch: dict, device: torch.device) -> dict:
