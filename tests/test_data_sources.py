@@ -713,3 +713,20 @@ def test_class_table_keeps_spaces_in_tab_separated_names(tmp_path):
     assert read_class_table(tmp_path / "counts.tsv") == {1: "building"}
     (tmp_path / "spaced.txt").write_text("1 cow 24\n2 sheep 30\n")
     assert read_class_table(tmp_path / "spaced.txt") == {1: "cow", 2: "sheep"}
+    (tmp_path / "names.txt").write_text("background\ncow\nsheep\n")  # one name a line
+    assert read_class_table(tmp_path / "names.txt") == {0: "background", 1: "cow", 2: "sheep"}
+    # a table with one bad row is refused, not read as a list of names (every name a line off, the header a class)
+    for bad in ("2\t", "-1\tvoid"):
+        (tmp_path / "bad.txt").write_text(f"id\tname\n0\tbackground\n1\tcat\n{bad}\n3\tdog\n")
+        with pytest.raises(DataError, match="is not 'id<TAB>name'"):
+            read_class_table(tmp_path / "bad.txt")
+
+
+def test_a_folder_class_with_the_ignore_id_is_refused():
+    """Class 255 of a 16-bit label table would read as ignore everywhere: never trained, never tested."""
+    from fsskern.data.datasets.folder import merged_lut
+    names = {i: f"c{i}" for i in range(300)}
+    with pytest.raises(DataError, match="names id 255"):
+        merged_lut(names, None)
+    class_names, lut = merged_lut(names, None, void=[255])
+    assert lut[255] == 255 and class_names[255] is None and lut[256] == 256

@@ -100,8 +100,12 @@ def read_class_table(path) -> dict:
     spaces ("10\ttraffic light", as python/prepare_data.py writes COCO's); space-separated rows take one word."""
     rows = read_lines(path, "class list")
     fields = [[f.strip() for f in r.split("\t")] if "\t" in r else r.split() for r in rows]
-    if not fields[0][0].lstrip("-").isdigit():
-        fields = fields[1:]
-    if all(len(f) >= 2 and f[0].isdigit() for f in fields):
-        return {int(f[0]): f[1] for f in fields}
+    header = not fields[0][0].lstrip("-").isdigit()
+    table = fields[1:] if header else fields
+    numbered = [len(f) >= 2 and f[0].isdigit() for f in table]
+    if all(numbered):
+        return {int(f[0]): f[1] for f in table}
+    if sum(numbered) * 2 >= len(table):  # a table with a bad row, not a list of names: reading it as one would
+        bad = rows[header + numbered.index(False)]  # shift every name by a line
+        raise DataError(f"{path}: row {bad!r} is not 'id<TAB>name' with an id >= 0, as the other rows are")
     return {i: r for i, r in enumerate(rows)}

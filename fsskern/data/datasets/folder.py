@@ -34,6 +34,9 @@ FOLDER_PARAMS = ["void", "stuff", "image_dir", "label_dir", "image_ext", "split_
 
 def merged_lut(names: Dict[int, str], merge: Optional[Dict[str, List[int]]], void=()) -> tuple:
     """(class names list with None for ids merged away, raw -> class id LUT)."""
+    if IGNORE in names and IGNORE not in void:  # its pixels would be read as ignore: never trained nor tested
+        raise DataError(f"class table names id {IGNORE} ({names[IGNORE]!r}), the ignore label of every label map: "
+                        f"renumber the classes past it (as FSS-1000's ids skip it) or list it in data.params.void")
     size = max(256, max(names) + 1)
     lut = np.full(size, -1, dtype=np.int64)
     class_names: List[Optional[str]] = [None] * (max(names) + 1)
