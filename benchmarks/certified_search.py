@@ -113,6 +113,7 @@ def main(argv=None) -> int:
             "bf16_search": build_info()["bf16_search"], "threads": torch.get_num_threads(), "torch": torch.__version__,
             "freed_memory_kept": kept}
     out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
     (out / "certified_search.json").write_text(json.dumps({"info": info, "rows": rows}, indent=1))
     lines = ["# Certified bf16 search of max_cosine", "",
              f"{info['cpu']}, torch {info['torch']}, {info['threads']} threads, CPU capability "

@@ -49,6 +49,12 @@ def recipe(method: str, fold: int = 0) -> Path:
     return own if own.is_file() else ROOT / "configs" / method / "msrc_v2_mobilenet_v2.yaml"
 
 
+def settings(args) -> dict:
+    """What a row's figures depend on besides the code and the data: a row made with other settings is not this
+    run's to reuse."""
+    return {"shots": args.shots, "seeds": args.seeds, "episodes": args.episodes, "iters": args.iters}
+
+
 def save_row(done_path: Path, key: str, row: dict) -> dict:
     """Adds one finished task to runs.json under a lock (tasks of a --jobs run finish in any order)."""
     with open(done_path.with_suffix(".lock"), "w") as lock:
@@ -106,7 +112,7 @@ def run_one(method: str, fold: int, args, out: Path) -> dict:
     # Every method is tested at the same input size (the MSRC-v2 preset's 241; RILFS's recipe trains at 161).
     common = [f"data.fold={fold}", f"data.root={args.data}", "data.test_size=241", f"eval.episodes={args.episodes}",
               f"eval.seeds={json.dumps(args.seeds)}", "eval.min_class_episodes=0"]
-    row = {"method": method, "fold": fold}
+    row = {"method": method, "fold": fold, "settings": settings(args)}
     run_dir = out / "runs" / f"{method}-fold{fold}"
     trains = load_config(cfg_path).train.iters > 0
     overrides = ([*common, f"out={run_dir}"] + ([f"train.iters={args.iters}"] if args.iters and trains else []) +
@@ -239,6 +245,11 @@ def main(argv=None) -> int:
         save_row(done_path, args.task, run_one(m, int(fold), args, out))
         return 0
     done = json.loads(done_path.read_text()) if done_path.is_file() else {}
+    other = sorted(key for key, row in done.items() if row.get("settings") != settings(args))
+    if other:  # resumed, they would stand in this run's table under its settings
+        print(f"methods: {done_path} holds rows made with other settings than {settings(args)} ({', '.join(other)}); "
+              "pass another --out or delete them", file=sys.stderr)
+        return 2
     todo = [f"{m}/fold{f}" for m in methods for f in args.folds if f"{m}/fold{f}" not in done]
     threads = max(1, (os.cpu_count() or 1) // args.jobs) if args.jobs > 1 else torch.get_num_threads()
     if args.jobs > 1:

@@ -89,6 +89,7 @@ def main():
               "steps": rows, "threads": torch.get_num_threads(), "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
               "machine": machine_info()}
     out = Path(a.out or REPO / "benchmarks" / "results" / f"pseudo_tasks-{a.profile}{'-quick' if a.quick else ''}")
+    out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(report, indent=1))
     lines = [f"# UMTFSS stage A, profile {a.profile}: {len(ids)} MSRC-v2 images, N = {a.clusters}",
              "", f"CPU: {report['machine']['cpu']}, {report['threads']} thread(s); total {total:.1f} s "

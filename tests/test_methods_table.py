@@ -52,3 +52,16 @@ def test_report_names_losers_and_methods_without_a_recipe():
     five = [{"method": m, "fold": 0, "5shot": {"miou": v, "miou_std": 0.1, "fb_iou": v, "fb_iou_std": 0.1},
              "steps": {"fused": {}, "reference": {}}} for m, v in (("baseline", 60.0), ("panet", 55.0))]
     assert "Below the training-free baseline" not in methods.report(five, {**info, "shots": [5]})
+
+
+def test_rows_made_with_other_settings_are_not_reused(tmp_path, capsys):
+    """A rerun into a folder whose rows were made with other episodes (or seeds, shots, budget) is refused: it
+    trained nothing and printed the old rows under the new command's header."""
+    row = {"method": "baseline", "fold": 0, "1shot": {"miou": 60.0, "miou_std": 0.1, "fb_iou": 70.0, "fb_iou_std": 0.1},
+           "steps": {"fused": {}, "reference": {}},
+           "settings": {"shots": [1], "seeds": [0], "episodes": 200, "iters": None}}
+    (tmp_path / "runs.json").write_text(json.dumps({"baseline/fold0": row}))
+    argv = ["--methods", "baseline", "--folds", "0", "--shots", "1", "--seeds", "0", "--out", str(tmp_path)]
+    assert methods.main([*argv, "--episodes", "5"]) == 2
+    assert "rows made with other settings" in capsys.readouterr().err and not (tmp_path / "report.md").exists()
+    assert methods.main([*argv, "--episodes", "200"]) == 0 and "| baseline |" in (tmp_path / "report.md").read_text()
