@@ -335,6 +335,11 @@ def test_init_from_a_stage_b_checkpoint(tmp_path):
     assert all(torch.equal(v, stage_c.state_dict()[k]) for k, v in stage_b.state_dict().items())
     with pytest.raises(ValueError, match="does not fit this model"):
         build(init=str(path), reduce_dim=16)
+    # a resume or an evaluation, whose checkpoint sets every weight, does not read it (nor need it to exist)
+    from fsskern.engine.config import load_config
+    from fsskern.engine.trainer import for_checkpoint
+    cfg = load_config(None, ["model.name=umtfss", f"model.params.init={tmp_path / 'gone.pt'}"])
+    assert for_checkpoint(cfg).model.params["init"] is None and cfg.model.params["init"].endswith("gone.pt")
     # the CPU recipes' output stride 16: a coarser grid, the same model
     assert build(output_stride=16).eval()(episode(H=65))["logits"].shape == (2, 2, 65, 65)
 

@@ -115,11 +115,11 @@ def evaluate(cfg: Config, checkpoint: Optional[Path] = None) -> dict:
     from . import checkpoint as ckpt
     from .logging import tensorboard_writer, write_run_info
     from .visualize import EpisodeGallery
-    from .trainer import device_of
+    from .trainer import device_of, for_checkpoint
     cfg = with_protocol_defaults(cfg)  # metrics.json's config records the episodes and seeds that ran
     dist.init_from_env(cfg.device)
     torch.manual_seed(cfg.seed)  # a model without weights files must be the same model every time
-    model = create_model(cfg.model, cfg.ops).to(device_of(cfg))
+    model = create_model((cfg if checkpoint is None else for_checkpoint(cfg)).model, cfg.ops).to(device_of(cfg))
     if checkpoint is not None:
         model.load_state_dict(ckpt.load(checkpoint)["model"])
     gallery = EpisodeGallery() if cfg.eval.visualize else None

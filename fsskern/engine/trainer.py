@@ -152,7 +152,8 @@ def train_phase(cfg: Config, init_from: Optional[Path] = None) -> Path:
                          "is 0 with no data.val_classes: set one of them, or train.val_every=0")
 
     torch.manual_seed(cfg.seed + dist.rank())
-    model = create_model(cfg.model, cfg.ops).to(device)
+    replaced = init_from is not None or (cfg.resume and last.is_file())  # a checkpoint then sets every weight
+    model = create_model((for_checkpoint(cfg) if replaced else cfg).model, cfg.ops).to(device)
     if init_from is not None:
         model.load_state_dict(ckpt.load(Path(init_from) / "last.pt")["model"])
     if not any(p.requires_grad for p in model.parameters()):
@@ -400,6 +401,15 @@ def positions(cfg: Config, start_iteration: int):
     G = B * A * W
     return [t * G + m * B * W + r * B + j for t in range(start_iteration, cfg.train.iters)
             for m in range(A) for j in range(B)]
+
+
+def for_checkpoint(cfg: Config) -> Config:
+    """``cfg`` to build a model whose every weight a checkpoint then replaces (a resume, the next phase, an
+    evaluation): the file a model would start from (``model.params.init``, UMTFSS stage C's stage-B run) is not
+    read, so the run does not need it (evaluated on another machine, or after that run was deleted)."""
+    if (cfg.model.params or {}).get("init"):
+        return with_overrides(cfg, {"model.params.init": None})
+    return cfg
 
 
 def mean_over_ranks(losses: dict) -> dict:
