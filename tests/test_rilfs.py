@@ -212,6 +212,9 @@ def test_bad_inputs():
         model(dict(batch, query_img=batch["query_img"][0]))
     with pytest.raises(KeyError, match="base_label"):
         build(phase="base").train()({"query_img": batch["query_img"]})
+    with pytest.raises(ValueError, match="model.params.beta weight the reflected views' losses"):
+        build("bam", beta=0.3)  # BAM has no reflected loss to weight: the setting would change nothing
+    build("bam", alpha=0.5, beta=0.5)  # RILFS's recipes' values, which BAM's inherit: the defaults
     # A support without foreground is defined as in BAM (zero prototype, zero prior), not an error.
     empty = dict(batch, support_masks=torch.zeros_like(batch["support_masks"]))
     assert torch.isfinite(model.eval()(empty)["logits"]).all()

@@ -101,6 +101,10 @@ def _parse_params(name: str, given: Dict, reflection_default: bool) -> Dict:
             raise ValueError(f"{name}: model.params.{key} must be {kind.__name__}, got {value!r}")
     if out["phase"] not in ("base", "meta"):
         raise ValueError(f"{name}: model.params.phase must be 'base' or 'meta', got {out['phase']!r}")
+    unread = [k for k in ("alpha", "beta") if not out["reflection"] and out[k] != PARAMS[k][0]]
+    if unread:  # BAM's recipes inherit RILFS's (the defaults); a value set for BAM would change nothing
+        raise ValueError(f"{name}: model.params.{' and '.join(unread)} weight the reflected views' losses (Eq. 14), "
+                         f"which BAM (reflection false) has none of")
     if out["prior_search"] not in ("fp32", "bf16"):
         raise ValueError(f"{name}: model.params.prior_search must be 'fp32' or 'bf16', got {out['prior_search']!r}")
     rates = out["aspp_dilations"]
