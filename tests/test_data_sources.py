@@ -131,6 +131,13 @@ def test_folder_train_list_selects_a_label_subset(tmp_path):
     assert len(build_source(held_out, "test")) == 2
     train = build_source(held_out, "train")
     assert len(train) == 589 and not {"10_12_s", "1_1_s"} & {train.sample_id(i) for i in range(len(train))}
+    # test and val lists: train reads neither's images; val its own
+    (tmp_path / "val.txt").write_text("2_1_s\n")
+    lists = DataConfig(**{**kw, "params": {"void": [0], "split_lists": {"test": str(tmp_path / "test.txt"),
+                                                                        "val": str(tmp_path / "val.txt")}}})
+    train = build_source(lists, "train")
+    assert len(train) == 588 and not {"10_12_s", "1_1_s", "2_1_s"} & {train.sample_id(i) for i in range(len(train))}
+    assert [build_source(lists, "val").sample_id(0)] == ["2_1_s"] and len(build_source(lists, "test")) == 2
 
 
 def test_voc_sample_real_palette_indices(tmp_path):

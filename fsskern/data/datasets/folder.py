@@ -6,14 +6,14 @@ name a line). Any number of classes; folds (``data.folds``: novel class ids per 
 
 ``data.params``: ``void`` (raw values read as ignore 255, e.g. MSRC-v2's 0), ``image_dir``, ``label_dir``,
 ``image_ext`` (guessed from the files when absent), ``split_lists`` (``{train|val|test: file of ids}``, or
-``data.train_list`` / ``data.val_list`` for train / test; a test list alone leaves train and val the other images;
-without any every split holds every image, which is sound only with the ``bam`` training policy: every test query
-holds a novel class, so no training image is a test query; the ``pfenet`` policy is refused there),
-``test_fraction`` (a deterministic image-level split by hashed id: the test split holds that share of the images and
-train / val the rest; for sets with one pool and the ``pfenet`` policy, e.g. the parsing sets, whose test queries
-would otherwise be training images with their novel pixels labelled background), ``label_channel`` (for RGB-stored
-labels) and ``stuff`` (class ids that are scene background: base classes in episodes, but background to BAM's base
-learner; ``Source.base_learner_classes``).
+``data.train_list`` / ``data.val_list`` for train / test; a split without its own list holds the images the test
+list (and, for train, a val list) does not name; without any every split holds every image, which is sound only with
+the ``bam`` training policy: every test query holds a novel class, so no training image is a test query; the
+``pfenet`` policy is refused there), ``test_fraction`` (a deterministic image-level split by hashed id: the test
+split holds that share of the images and train / val the rest; for sets with one pool and the ``pfenet`` policy,
+e.g. the parsing sets, whose test queries would otherwise be training images with their novel pixels labelled
+background), ``label_channel`` (for RGB-stored labels) and ``stuff`` (class ids that are scene background: base
+classes in episodes, but background to BAM's base learner; ``Source.base_learner_classes``).
 
 Used for MSRC-v2 (``configs/data/msrc_v2.yaml``), CCP and VITON parsing maps."""
 import collections
@@ -79,9 +79,12 @@ class FolderSource(Source):
         if params.get("test_fraction") is not None:
             self.samples = self.split_by_hash(self.samples, float(params["test_fraction"]), split)
         test_list = self.list_file(cfg_data, params, "test")
-        if split != "test" and test_list and not self.list_file(cfg_data, params, split):
-            # a test list alone: the training images are the others (not every image, test queries included)
-            held = set(read_lines(Path(test_list), "image list"))
+        val_list = (params.get("split_lists") or {}).get("val") and self.list_file(cfg_data, params, "val")
+        other_lists = [test_list, val_list if split == "train" else None]
+        if split != "test" and any(other_lists) and not self.list_file(cfg_data, params, split):
+            # a split without its own list holds the images the others do not list (training takes neither a test
+            # query nor a val image)
+            held = {i for f in other_lists if f for i in read_lines(Path(f), "image list")}
             self.samples = [s for s in self.samples if s[0] not in held]
         self.test_holds_every_image = params.get("test_fraction") is None and not test_list
         self.folds = [sorted(f) for f in (cfg_data.folds or [])]
