@@ -515,6 +515,10 @@ def test_fss1000_layout(tmp_path):
     _, label = src.load(4)  # eel/2
     assert src.sample_id(4) == "eel/2" and set(np.unique(label)) == {0, 5} and (label == 5).sum() == 256
     assert src.fold_classes(0) == ([1, 2], [4, 5])
+    (root / "splits").rename(root / "hsnet_splits")  # a relative split_dir: under the root, as the list paths
+    moved = build_source(DataConfig(dataset="fss1000", root=str(root), params={"split_dir": "hsnet_splits"}), "test")
+    assert moved.class_names == src.class_names and len(moved) == 6
+    (root / "hsnet_splits").rename(root / "splits")
     many = tmp_path / "many"
     (many / "splits").mkdir(parents=True)
     (many / "splits" / "trn.txt").write_text("".join(f"c{k}\n" for k in range(300)))

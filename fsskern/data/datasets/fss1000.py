@@ -2,7 +2,8 @@
 mask is >= ``mask_threshold`` (128; the authors' example pairs store 0/1 and need 1).
 
 Class split files (HSNet ``data/splits/fss/{trn,val,test}.txt``, 520/240/240 names; the test list is
-the official one): ``<root>/splits/`` by default, ``data.params.split_dir`` overrides it.
+the official one): ``<root>/splits/`` by default, ``data.params.split_dir`` overrides it (a relative path
+that does not exist from the working directory is read under the root, as the list paths are).
 ``python/prepare_data.py fss1000`` writes trn/val files around the official test list.
 Class ids follow HSNet's global order (each split's names sorted, as HSNet sorts them; trn 0-519, val +520,
 test +760) shifted by one, so 0 stays
@@ -30,6 +31,8 @@ class FSS1000Source(Source):
         params = check_params(cfg_data, ["split_dir", "mask_threshold", "image_ext"])
         root = Path(cfg_data.root)
         split_dir = Path(params.get("split_dir", root / "splits"))
+        if not split_dir.is_absolute() and not split_dir.exists():  # as every list path: under the root
+            split_dir = root / split_dir
         self.threshold = int(params.get("mask_threshold", 128))
         ext = params.get("image_ext", ".jpg")
         # sorted within each split, as HSNet's FSS-1000 dataset sorts its categories before numbering them
