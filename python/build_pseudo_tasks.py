@@ -3,7 +3,11 @@ config that trains on ``dataset: pseudo`` with a ``data.params.build`` block (do
 python/train.py does the same before training.
 
     python python/build_pseudo_tasks.py CONFIG [key=value ...]
-    python python/build_pseudo_tasks.py configs/umtfss/msrc_v2_mobilenet_v2.yaml data.params.build.clusters=30
+    python python/build_pseudo_tasks.py configs/umtfss/msrc_v2_mobilenet_v2.yaml
+
+A phase keeps its own settings over the command line's, as in python/train.py: the recipes' stage-A phase sets
+its whole ``data.params`` (the build block with it), so ``data.params.build.clusters=40`` does not reach it (a
+warning says so); change the phase in the config instead.
 """
 import argparse
 import json
@@ -12,6 +16,7 @@ import sys
 from fsskern.backbones import WeightsError
 from fsskern.data.io import DataError
 from fsskern.engine.config import ConfigError, load_config
+from fsskern.engine.trainer import phase_settings
 from fsskern.pseudo_tasks import ensure_for_run
 
 
@@ -22,7 +27,10 @@ def main(argv=None) -> int:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     args = p.parse_args(argv)
     try:
-        results = ensure_for_run(load_config(args.config, args.overrides), progress=not args.quiet)
+        cfg = load_config(args.config, args.overrides)
+        for phase in cfg.train.phases:
+            phase_settings(phase, args.overrides)  # warns where a phase's own setting shadows an override
+        results = ensure_for_run(cfg, progress=not args.quiet)
     except (ConfigError, DataError, WeightsError) as e:
         print(f"build_pseudo_tasks: {e}", file=sys.stderr)
         return 2

@@ -273,3 +273,16 @@ def test_labels_of_nested_ids_are_written(tmp_path):
     # backbone pass and k-means
     pt.write_png(tmp_path / "pseudo" / "cat" / "1.png", np.ones((4, 4), np.uint8))
     assert (np.array(Image.open(tmp_path / "pseudo" / "cat" / "1.png")) == 1).all()
+
+
+def test_the_script_says_which_overrides_a_phase_shadows(tmp_path, monkeypatch):
+    """python/build_pseudo_tasks.py: the recipe's stage-A phase sets its whole data.params, so a build key on the
+    command line does not reach it; the script says so (it reported success with the recipe's value before)."""
+    from conftest import load_script
+    repo = Path(__file__).resolve().parents[1]
+    script = load_script(repo / "python" / "build_pseudo_tasks.py")
+    monkeypatch.chdir(tmp_path)  # the recipe's relative image folder is not here: the build stops at once
+    with pytest.warns(UserWarning, match="phase 'unsup' keeps its own data.params=.*data.params.build.clusters=40"):
+        code = script.main([str(repo / "configs" / "umtfss" / "msrc_v2_mobilenet_v2.yaml"),
+                            "data.params.build.clusters=40", "--quiet"])
+    assert code == 2
