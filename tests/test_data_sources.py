@@ -292,6 +292,8 @@ def test_box_supports_from_voc_instance_maps_and_components(tmp_path):
     _, other = src.load(j)
     assert src.instance_boxes(j, other, 2) == [(0, 0, 48, 48)]
     assert component_boxes(np.zeros((4, 4), bool)) == []
+    # two components, two boxes (one box around both would also cover the gap between them)
+    assert component_boxes(blocks(8, 8, (1, 0, 2, 0, 2), (1, 5, 7, 5, 7)) == 1) == [(0, 0, 2, 2), (5, 5, 7, 7)]
     assert src.box_rule().startswith("SegmentationObject instance maps")
     bare = build_source(DataConfig(dataset="pascal", root=str(pascal_layout(tmp_path / "bare")[0])), "test")
     assert bare.box_rule() == "connected components (no SegmentationObject/ under the root)"

@@ -185,9 +185,15 @@ def test_sigkill_then_resume_is_bit_identical(dataset, tmp_path):
     proc.wait()
     killed_at = ckpt.load(out / "last.pt")["iteration"]
     assert 2 <= killed_at < iters
+
+    def rows_to_kill():  # logged before the kill; a run that started over would log them again, other step times
+        rows = [json.loads(r) for r in (out / "metrics.jsonl").read_text().splitlines() if r.endswith("}")]
+        return [r for r in rows if r["iteration"] <= killed_at]
+    before = rows_to_kill()
     again = run_train(tiny(dataset, out, f"train.iters={iters}", "resume=true"))
     assert again.returncode == 0, again.stderr[-3000:]
     assert same_weights(weights(tmp_path / "full"), weights(out))
+    assert before and rows_to_kill() == before  # it continued from last.pt, not from the start
 
 
 @pytest.mark.slow

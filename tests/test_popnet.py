@@ -197,7 +197,13 @@ def test_dynamic_prototype_bank():
     m(batch)  # epoch 0: static maps, the bank's first write is the prototype itself
     assert m.seen_s3[1:3].all() and not m.seen_s3[3:].any()
     first = m.bank_s3[1].clone()
-    m(batch), m(batch)  # step 2 is epoch 1: dynamic, EMA with rate 0.5
+    m(batch)
+    static = copy.deepcopy(m)
+    static.p["static_epochs"] = 99  # the same model and bank, still static at step 2
+    torch.manual_seed(5)
+    dynamic_logits = m(batch)["logits"]  # step 2 is epoch 1: dynamic, EMA with rate 0.5
+    torch.manual_seed(5)
+    assert not torch.allclose(dynamic_logits, static(batch)["logits"])  # the maps read the bank from epoch 1
     assert not torch.equal(m.bank_s3[1], first)
     state = m.state_dict()
     assert "bank_s3" in state and "seen_s3" in state and int(state["steps"][3]) == 3
@@ -269,7 +275,7 @@ def test_bad_inputs_are_refused():
     m = model()
     with pytest.raises(ValueError, match="unknown model.params"):
         model(alpha=1)
-    with pytest.raises(ValueError, match="stage"):
+    with pytest.raises(ValueError, match="params.stage must be 1, 2 or 3"):
         model(stage=4)
     for bg_weight in (-0.5, 0.0):
         with pytest.raises(ValueError, match="bg_weight must be finite and > 0"):
@@ -409,7 +415,11 @@ def test_parsing_eval_maps_ways_to_dataset_ids_and_runs_one_way(tmp_path):
                        "eval.min_class_episodes=0"])
     summary = evaluate_parsing(cfg, Oracle(), len(build_source(cfg.data, "test").class_names))["per_seed"][0]
     # the oracle is exact at 65 px; scoring at the original resolution loses only thin borders
-    assert summary["background_iou"] > 90 and 40 < summary["novel_miou"] <= 100 and summary["bi_iou"] > 70
+    # (measured: novel 60.7, per class 64.0 / 43.3 / 74.8; a novel class mapped to another id would score 0 and
+    # leave 46.3)
+    assert summary["background_iou"] > 90 and 55 < summary["novel_miou"] <= 100 and summary["bi_iou"] > 75
+    assert all(v > 30 for c, v in summary["per_class"].items() if c in build_source(cfg.data, "test").fold_classes(
+        cfg.data.fold)[1])
 
 
 @pytest.mark.slow

@@ -101,6 +101,15 @@ def test_flip_bookkeeping():
     torch.testing.assert_close(est[:, :, 1], est[:, :, 0], rtol=1e-5, atol=1e-6)   # theta_{v,h} = theta_{v,o}
     torch.testing.assert_close(est[:, 1], est[:, 0], rtol=1e-5, atol=1e-6)         # and per query view
     torch.testing.assert_close(w[:, :, 1], w[:, :, 0])
+    # (a Gram matrix sums over positions, so the mirrored views above agree whatever the pairing: with other
+    # features in each view, est[:, v, u] must be ||G(q_v) - G(s_u)|| / C of that very pair)
+    qv = [torch.randn(B, 8, 9, 9) for _ in range(2)]
+    sv = [torch.randn(B * K, 8, 9, 9) for _ in range(2)]
+    est, _ = model.scene_distances([gram_matrix(x) for x in qv], [gram_matrix(x) for x in sv])
+    for v in range(2):
+        for u in range(2):
+            want = (gram_matrix(qv[v])[:, None] - gram_matrix(sv[u]).view(B, K, 8, 8)).flatten(-2).norm(dim=-1) / 8
+            torch.testing.assert_close(est[:, v, u], want, rtol=1e-5, atol=1e-6)
     protos = {}
     for pick in ((1.0, 0.0), (0.0, 1.0)):
         with torch.no_grad():

@@ -289,10 +289,13 @@ def test_padded_support_tokens_are_excluded():
         seen["valid"], seen["masks"] = valid, masks
         return ops.support_prototypes(maps, masks, valid=valid, **kw)
     model.backend = SimpleNamespace(**{**vars(model.backend), "support_prototypes": spy})
+    # and the model hands the support self-attention the padding as its key-validity mask
+    model.transformer["support"][0].attn.register_forward_pre_hook(lambda mod, args: seen.update(keys=args[2]))
     with torch.no_grad():
         model(batch)
     last = batch["support_masks"][-1:]  # evaluation clusters episode by episode: the spy saw the last one
     assert torch.equal(seen["valid"], last != 255) and torch.equal(seen["masks"], (last == 1).float())
+    assert seen["keys"] is not None and seen["keys"].any() and not seen["keys"].all()
     layer, pos = model.transformer["support"][0].attn, sine_encoding(4, 4, 32)
     x, valid = torch.randn(2, 16, 32), torch.rand(2, 16) < 0.6
     changed = torch.where(valid[..., None], x, torch.randn(2, 16, 32))
