@@ -139,6 +139,13 @@ def test_prototype_attention_non_contiguous_and_nan():
     out = ops.prototype_attention(q, k, v, scale=0.0)
     assert_close(out, ref.prototype_attention(q, k, v, scale=0.0), equal_nan=True, **FP32)
     assert out[0, 1, 4].isnan().all() and not out[0, 1, 3].isnan().any()
+    # and its backward: the NaN reaches the gradients of q and k, as autograd's (alpha 0 had made them 0)
+    q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
+    got = torch.autograd.grad(ops.prototype_attention(q, k, v, scale=0.0).sum(), (q, k, v))
+    want = torch.autograd.grad(ref.prototype_attention(q, k, v, scale=0.0).sum(), (q, k, v))
+    for g, w in zip(got, want):
+        assert_close(g, w, equal_nan=True, **FP32)
+    assert got[0].isnan().any() and got[1].isnan().any()
 
 
 def test_prototype_attention_deterministic_across_threads():

@@ -319,12 +319,13 @@ def test_deadline_shrinks_the_phases_and_every_phase_is_packed(tmp_path):
     import tarfile
     out, packed = tmp_path / "out", tmp_path / "check.tgz"
     start = time.monotonic()
-    result = run("--out", out, "--fake-gpu", "Fake GPU,9.0", "--deadline-s", gpu_check.RESERVE_S + 3,
+    # 8 s past the reserve: the script's own start-up counts against it, and on a loaded machine took 2-3 s
+    result = run("--out", out, "--fake-gpu", "Fake GPU,9.0", "--deadline-s", gpu_check.RESERVE_S + 8,
                  "--pack", packed, "--fake-phase", "build=sleep 1", "--fake-phase", "cuda-tests=sleep 30",
                  "--fake-phase", "op-bench=true", "--skip", "model-steps", "--skip", "method-bench")
-    assert time.monotonic() - start < 15, result.stdout
+    assert time.monotonic() - start < 20, result.stdout
     status = {r["phase"]: (r["status"], r["limit_s"]) for r in json.loads((out / "timings.json").read_text())["phases"]}
-    assert status["build"][0] == "ok" and status["cuda-tests"][0] == "timeout" and status["cuda-tests"][1] < 2.5
+    assert status["build"][0] == "ok" and status["cuda-tests"][0] == "timeout" and status["cuda-tests"][1] < 7.5
     assert status["op-bench"] == ("timeout", 0.0)
     with tarfile.open(packed) as tar:
         assert {"out/summary.md", "out/timings.json", "out/build.log"} <= set(tar.getnames())

@@ -315,8 +315,9 @@ def test_local_attention_reduced_precision(simt, schedule, monkeypatch):
 
 
 def test_attention_wide_rows_use_fewer_warps(simt, schedule):
-    # 2 x 3100 fp32 values per warp: 24 KiB, so 2 warps per block instead of 4 (48 KiB in all).
-    q, k, v = torch.randn(1, 1, 5, 3100), torch.randn(1, 1, 3, 3100), torch.randn(1, 1, 3, 3100)
+    # 48 KiB of shared memory per block: the forward stages D + Dv = 4,000 fp32 values per warp (16,000 B: 3 warps
+    # instead of 4), the query backward 2 D (3 warps), the key backward 2 D + Dv = 6,000 (24,000 B: 2 warps).
+    q, k, v = torch.randn(1, 1, 5, 2000), torch.randn(1, 1, 3, 2000), torch.randn(1, 1, 3, 2000)
     out, lse = simt.prototype_attention(q, k, v, None, 0.01, 0.0, 0)
     want, want_lse = torch.ops.fsskern.prototype_attention(q, k, v, None, 0.01, 0.0, 0)
     assert_close(out, want, **FP32)
@@ -326,8 +327,7 @@ def test_attention_wide_rows_use_fewer_warps(simt, schedule):
     for g, w in zip(grads, want_grads):
         assert_close(g, w, **FP32)
     with pytest.raises(RuntimeError, match="does not fit in shared memory; at most 12288"):
-        simt.prototype_attention(q.expand(1, 1, 5, 3100).repeat(1, 1, 1, 3), k.repeat(1, 1, 1, 3),
-                                 v.repeat(1, 1, 1, 3), None, 0.01, 0.0, 0)
+        simt.prototype_attention(q.repeat(1, 1, 1, 5), k.repeat(1, 1, 1, 5), v.repeat(1, 1, 1, 5), None, 0.01, 0.0, 0)
 
 
 def test_grid_limits_are_checked_before_narrowing(simt):

@@ -343,6 +343,9 @@ def test_init_from_a_stage_b_checkpoint(tmp_path):
     from fsskern.engine.trainer import for_checkpoint
     cfg = load_config(None, ["model.name=umtfss", f"model.params.init={tmp_path / 'gone.pt'}"])
     assert for_checkpoint(cfg).model.params["init"] is None and cfg.model.params["init"].endswith("gone.pt")
+    from fsskern.backbones import WeightsError
+    with pytest.raises(WeightsError, match="model.params.init .*gone.pt not found"):  # one line, no traceback
+        build(init=str(tmp_path / "gone.pt"))
     # the CPU recipes' output stride 16: a coarser grid, the same model
     assert build(output_stride=16).eval()(episode(H=65))["logits"].shape == (2, 2, 65, 65)
 

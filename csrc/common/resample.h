@@ -5,9 +5,10 @@
 //
 // Besides the forward map (gather) we need its adjoint (transpose): masked average pooling in
 // PANet mode pools the mask through the transposed upsampling instead of upsampling features,
-// and every backward pass through a resize is an adjoint. The adjoint is evaluated as a gather
-// too (each output sums the few inputs whose taps touch it), which keeps it deterministic and
-// free of atomics on both CPU and CUDA.
+// and every backward pass through a resize is an adjoint. CUDA evaluates the adjoint as a gather
+// too (bilinear_adjoint_at: each output sums the few inputs whose taps touch it), deterministic and
+// free of atomics; the CPU scatters each plane in turn (cpu/masked_average_pool_kernel.cpp,
+// resample_adjoint), one thread per plane, deterministic as well.
 #include <cstdint>
 #include "common/host_device.h"
 

@@ -76,6 +76,7 @@ clustering seed at evaluation; 0 when absent). Any K. Output: {"logits": (B, 2, 
 """
 import math
 import sys
+from pathlib import Path
 from typing import Dict, Tuple
 
 import torch
@@ -83,7 +84,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from ..backbones import create_backbone, freeze, require_backbone
+from ..backbones import WeightsError, create_backbone, freeze, require_backbone
 from ..nn import PrototypeCrossAttention, all_invalid_as_valid
 from .blocks import check_one_way_batch
 from .params import parse_params
@@ -368,6 +369,9 @@ class UMTFSS(nn.Module):
     def load_init(self, path):
         """Every weight from a checkpoint of this model (an fsskern checkpoint or a bare state dict): stage C
         starts from a stage-B run this way (for one run, the trainer's phase chaining does the same)."""
+        if not Path(path).is_file():  # a WeightsError: the command line reports it in one line, as a backbone file
+            raise WeightsError(f"umtfss: model.params.init {path} not found (the stage-B run's last.pt: train it, "
+                               f"or point model.params.init at it; null trains stage C from scratch)")
         payload = torch.load(path, map_location="cpu", weights_only=False)
         state = payload.get("model", payload) if isinstance(payload, dict) else payload
         if not isinstance(state, dict):

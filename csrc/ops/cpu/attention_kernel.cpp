@@ -512,6 +512,12 @@ struct WidenedBackward {
                  at::Tensor& dv) {
     const int64_t n = ds.size(1);
     dv.narrow(0, j0, n).addmm_(a_dropped.t(), d_out_tile);
+    if (in.scale == 0) {  // BLAS skips the product when alpha is 0: ds is scaled first, so NaN/Inf still propagate
+      const at::Tensor zeroed = ds * 0;
+      dq_rows.addmm_(zeroed, k.narrow(0, j0, n));
+      dk.narrow(0, j0, n).addmm_(zeroed.t(), q_tile);
+      return;
+    }
     dq_rows.addmm_(ds, k.narrow(0, j0, n), 1, in.scale);
     dk.narrow(0, j0, n).addmm_(ds.t(), q_tile, 1, in.scale);
   }
