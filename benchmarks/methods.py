@@ -52,7 +52,8 @@ def recipe(method: str, fold: int = 0) -> Path:
 def settings(args) -> dict:
     """What a row's figures depend on besides the code and the data: a row made with other settings is not this
     run's to reuse."""
-    return {"shots": args.shots, "seeds": args.seeds, "episodes": args.episodes, "iters": args.iters}
+    return {"shots": args.shots, "seeds": args.seeds, "episodes": args.episodes, "iters": args.iters,
+            "data": Path(args.data).resolve().name}
 
 
 def save_row(done_path: Path, key: str, row: dict) -> dict:

@@ -138,6 +138,8 @@ def test_folder_train_list_selects_a_label_subset(tmp_path):
     train = build_source(lists, "train")
     assert len(train) == 588 and not {"10_12_s", "1_1_s", "2_1_s"} & {train.sample_id(i) for i in range(len(train))}
     assert [build_source(lists, "val").sample_id(0)] == ["2_1_s"] and len(build_source(lists, "test")) == 2
+    with_train = DataConfig(**{**kw, "params": lists.params}, train_list=str(tmp_path / "few.txt"))
+    assert len(build_source(with_train, "train")) == 2 and len(build_source(with_train, "test")) == 2
 
 
 def test_voc_sample_real_palette_indices(tmp_path):

@@ -59,7 +59,7 @@ def test_rows_made_with_other_settings_are_not_reused(tmp_path, capsys):
     trained nothing and printed the old rows under the new command's header."""
     row = {"method": "baseline", "fold": 0, "1shot": {"miou": 60.0, "miou_std": 0.1, "fb_iou": 70.0, "fb_iou_std": 0.1},
            "steps": {"fused": {}, "reference": {}},
-           "settings": {"shots": [1], "seeds": [0], "episodes": 200, "iters": None}}
+           "settings": {"shots": [1], "seeds": [0], "episodes": 200, "iters": None, "data": "msrc_v2"}}
     (tmp_path / "runs.json").write_text(json.dumps({"baseline/fold0": row}))
     argv = ["--methods", "baseline", "--folds", "0", "--shots", "1", "--seeds", "0", "--out", str(tmp_path)]
     assert methods.main([*argv, "--episodes", "5"]) == 2

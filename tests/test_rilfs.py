@@ -224,6 +224,9 @@ def test_bad_inputs():
     with pytest.raises(ValueError, match="model.params.beta weight the reflected views' losses"):
         build("bam", beta=0.3)  # BAM has no reflected loss to weight: the setting would change nothing
     build("bam", alpha=0.5, beta=0.5)  # RILFS's recipes' values, which BAM's inherit: the defaults
+    from fsskern.backbones import WeightsError
+    with pytest.raises(WeightsError, match="base_weights /nonexistent/last.pt not found"):  # one line, no traceback
+        build(base_weights="/nonexistent/last.pt")
     # A support without foreground is defined as in BAM (zero prototype, zero prior), not an error.
     empty = dict(batch, support_masks=torch.zeros_like(batch["support_masks"]))
     assert torch.isfinite(model.eval()(empty)["logits"]).all()

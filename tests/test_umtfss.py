@@ -343,6 +343,8 @@ def test_init_from_a_stage_b_checkpoint(tmp_path):
     from fsskern.engine.trainer import for_checkpoint
     cfg = load_config(None, ["model.name=umtfss", f"model.params.init={tmp_path / 'gone.pt'}"])
     assert for_checkpoint(cfg).model.params["init"] is None and cfg.model.params["init"].endswith("gone.pt")
+    rilfs = load_config(None, ["model.name=rilfs", f"model.params.base_weights={tmp_path / 'gone.pt'}"])
+    assert for_checkpoint(rilfs).model.params["base_weights"] is None  # RILFS / BAM's phase-1 file likewise
     from fsskern.backbones import WeightsError
     with pytest.raises(WeightsError, match="model.params.init .*gone.pt not found"):  # one line, no traceback
         build(init=str(tmp_path / "gone.pt"))

@@ -403,13 +403,16 @@ def positions(cfg: Config, start_iteration: int):
             for m in range(A) for j in range(B)]
 
 
+STARTING_FILES = ("init", "base_weights")  # model.params naming a checkpoint a model loads when it is built
+
+
 def for_checkpoint(cfg: Config) -> Config:
     """``cfg`` to build a model whose every weight a checkpoint then replaces (a resume, the next phase, an
-    evaluation): the file a model would start from (``model.params.init``, UMTFSS stage C's stage-B run) is not
-    read, so the run does not need it (evaluated on another machine, or after that run was deleted)."""
-    if (cfg.model.params or {}).get("init"):
-        return with_overrides(cfg, {"model.params.init": None})
-    return cfg
+    evaluation): the files a model would start from (``model.params.init``, UMTFSS stage C's stage-B run;
+    ``model.params.base_weights``, RILFS / BAM's phase-1 run) are not read, so the run does not need them
+    (evaluated on another machine, or after that run was deleted)."""
+    starts = {f"model.params.{k}": None for k in STARTING_FILES if (cfg.model.params or {}).get(k)}
+    return with_overrides(cfg, starts) if starts else cfg
 
 
 def mean_over_ranks(losses: dict) -> dict:

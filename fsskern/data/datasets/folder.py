@@ -79,7 +79,9 @@ class FolderSource(Source):
         if params.get("test_fraction") is not None:
             self.samples = self.split_by_hash(self.samples, float(params["test_fraction"]), split)
         test_list = self.list_file(cfg_data, params, "test")
-        val_list = (params.get("split_lists") or {}).get("val") and self.list_file(cfg_data, params, "val")
+        val_list = (params.get("split_lists") or {}).get("val")
+        if val_list and not Path(val_list).is_absolute() and not Path(val_list).exists():
+            val_list = str(self.root / val_list)  # as list_file resolves (which reads data.train_list for val)
         other_lists = [test_list, val_list if split == "train" else None]
         if split != "test" and any(other_lists) and not self.list_file(cfg_data, params, split):
             # a split without its own list holds the images the others do not list (training takes neither a test

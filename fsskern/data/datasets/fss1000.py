@@ -31,7 +31,7 @@ class FSS1000Source(Source):
         params = check_params(cfg_data, ["split_dir", "mask_threshold", "image_ext"])
         root = Path(cfg_data.root)
         split_dir = Path(params.get("split_dir", root / "splits"))
-        if not split_dir.is_absolute() and not split_dir.exists():  # as every list path: under the root
+        if "split_dir" in params and not split_dir.is_absolute() and not split_dir.exists():  # as the list paths
             split_dir = root / split_dir
         self.threshold = int(params.get("mask_threshold", 128))
         ext = params.get("image_ext", ".jpg")
