@@ -53,6 +53,19 @@ def _ignored(name: str):
     return ()
 
 
+def read_model_state(path, what: str, hint: str = "") -> Dict[str, torch.Tensor]:
+    """A whole model's state from an fsskern checkpoint (its "model") or a bare state dict, ``module.`` stripped:
+    the run a model starts from (UMTFSS stage C's stage-B run, RILFS / BAM's phase 1). ``what`` names the setting
+    in the errors, ``hint`` follows a missing file's. weights_only=False: fsskern checkpoints hold RNG states."""
+    if not Path(path).is_file():  # a WeightsError: the command line reports it in one line, as a backbone file
+        raise WeightsError(f"{what} {path} not found{hint}")
+    payload = torch.load(path, map_location="cpu", weights_only=False)
+    state = payload.get("model", payload) if isinstance(payload, dict) else payload
+    if not isinstance(state, dict):
+        raise WeightsError(f"{what} {path} holds no state dict (found {type(state).__name__})")
+    return {k[len("module."):] if k.startswith("module.") else k: v for k, v in state.items()}
+
+
 def read_state_dict(path) -> Dict[str, torch.Tensor]:
     """torch.load on CPU with weights_only=True; unwraps {"state_dict": ...} / {"model": ...}; strips
     ``module.`` (DataParallel/DDP) and MoCo's ``encoder_q.`` (the key encoder ``encoder_k.`` and queue dropped)."""

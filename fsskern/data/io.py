@@ -82,6 +82,13 @@ def apply_lut(raw: np.ndarray, lut: np.ndarray, path) -> np.ndarray:
     return lut[raw]
 
 
+def under_root(path, root) -> Path:
+    """A list or folder named in the config: as given when it is absolute or exists from the working directory,
+    else under the dataset root (``data.train_list=lists/few.txt`` beside the images)."""
+    path = Path(path)
+    return path if path.is_absolute() or path.exists() else Path(root) / path
+
+
 def read_lines(path, what: str = "list") -> list:
     """Non-empty, stripped lines; DataError when the file is missing or holds no entry."""
     path = Path(path)

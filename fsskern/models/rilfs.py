@@ -55,14 +55,13 @@ which the ensemble must not suppress; training and validation batches carry it, 
 {"logits": (B, 2, H, W) (bg, fg) scores (R_ff, or BAM's final_out), "losses": {...} in training}. Phase ``base``
 returns the base learner's (B, base_classes + 1, H, W) logits instead.
 """
-from pathlib import Path
 from typing import Dict
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..backbones import WeightsError, create_backbone, fix_bn, freeze, require_backbone
+from ..backbones import create_backbone, fix_bn, freeze, read_model_state, require_backbone
 from .blocks import ASPP, PPM, check_one_way_batch
 from .params import parse_params
 from .registry import register_model
@@ -218,13 +217,7 @@ class RILFS(nn.Module):
     def load_base_learner(self, path):
         """Backbone and base learner from a phase-1 checkpoint (an fsskern checkpoint or a bare state dict
         of this class in phase ``base``); every key of both must be there."""
-        if not Path(path).is_file():  # a WeightsError: the command line reports it in one line, as a backbone file
-            raise WeightsError(f"rilfs/bam: model.params.base_weights {path} not found (the base phase's last.pt)")
-        payload = torch.load(path, map_location="cpu", weights_only=False)
-        state = payload.get("model", payload) if isinstance(payload, dict) else payload
-        if not isinstance(state, dict):
-            raise ValueError(f"rilfs/bam: {path} holds no state dict (found {type(state).__name__})")
-        state = {k[7:] if k.startswith("module.") else k: v for k, v in state.items()}
+        state = read_model_state(path, "rilfs/bam: model.params.base_weights", " (the base phase's last.pt)")
         for prefix, module in (("backbone.", self.backbone), ("base_learner.", self.base_learner)):
             part = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
             try:

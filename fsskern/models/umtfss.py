@@ -76,7 +76,6 @@ clustering seed at evaluation; 0 when absent). Any K. Output: {"logits": (B, 2, 
 """
 import math
 import sys
-from pathlib import Path
 from typing import Dict, Tuple
 
 import torch
@@ -84,7 +83,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from ..backbones import WeightsError, create_backbone, freeze, require_backbone
+from ..backbones import create_backbone, freeze, read_model_state, require_backbone
 from ..nn import PrototypeCrossAttention, all_invalid_as_valid
 from .blocks import check_one_way_batch
 from .params import parse_params
@@ -369,15 +368,10 @@ class UMTFSS(nn.Module):
     def load_init(self, path):
         """Every weight from a checkpoint of this model (an fsskern checkpoint or a bare state dict): stage C
         starts from a stage-B run this way (for one run, the trainer's phase chaining does the same)."""
-        if not Path(path).is_file():  # a WeightsError: the command line reports it in one line, as a backbone file
-            raise WeightsError(f"umtfss: model.params.init {path} not found (the stage-B run's last.pt: train it, "
-                               f"or point model.params.init at it; null trains stage C from scratch)")
-        payload = torch.load(path, map_location="cpu", weights_only=False)
-        state = payload.get("model", payload) if isinstance(payload, dict) else payload
-        if not isinstance(state, dict):
-            raise ValueError(f"umtfss: {path} holds no state dict (found {type(state).__name__})")
+        state = read_model_state(path, "umtfss: model.params.init", " (the stage-B run's last.pt; null trains stage C "
+                                 "from scratch)")
         try:
-            self.load_state_dict({k[7:] if k.startswith("module.") else k: v for k, v in state.items()})
+            self.load_state_dict(state)
         except RuntimeError as e:
             raise ValueError(f"umtfss: {path} does not fit this model (backbone, reduce_dim, layers, profile?): "
                              f"{str(e).splitlines()[0]}") from None

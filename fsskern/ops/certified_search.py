@@ -156,5 +156,5 @@ def device_search(query: torch.Tensor, support: torch.Tensor, support_weights: t
     return values.contiguous(), indices.contiguous()
 
 
-# the name stays bound
+# registered for every device but the CPU, whose kernel is C++ (csrc/ops/cpu/max_cosine_bf16_search_kernel.cpp)
 torch.library.impl("fsskern::max_cosine_bf16_search", "CompositeExplicitAutograd")(device_search)

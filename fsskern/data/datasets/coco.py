@@ -29,7 +29,7 @@ from typing import List
 
 import numpy as np
 
-from ..io import DataError, read_class_table, read_lines
+from ..io import DataError, read_class_table, read_lines, under_root
 from .base import Source, check_params, make_lut, register_source
 from .pascal import parse_list
 
@@ -80,9 +80,8 @@ class CocoSource(Source):
         check_params(cfg_data, [])
         root = Path(cfg_data.root)
         chosen = cfg_data.val_list if split == "test" else cfg_data.train_list
-        list_path = Path(chosen) if chosen else root / "lists" / ("val.txt" if split == "test" else "train.txt")
-        if chosen and not list_path.is_absolute() and not list_path.exists():  # a list named relative to the root
-            list_path = root / list_path
+        default = root / "lists" / ("val.txt" if split == "test" else "train.txt")
+        list_path = under_root(chosen, root) if chosen else default
         self.list_path = str(list_path)
         self.samples, _ = parse_list(read_lines(list_path, "image list"), root, "images", "annotations",
                                      ".jpg", ".png", list_path)

@@ -24,7 +24,7 @@ from typing import Dict, List, Optional
 import numpy as np
 
 from ..index import held_out
-from ..io import DataError, apply_lut, read_class_table, read_label, read_lines
+from ..io import DataError, apply_lut, read_class_table, read_label, read_lines, under_root
 from .base import IGNORE, Source, check_params, register_source
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp")  # read without data.params.image_ext (any case)
@@ -79,9 +79,8 @@ class FolderSource(Source):
         if params.get("test_fraction") is not None:
             self.samples = self.split_by_hash(self.samples, float(params["test_fraction"]), split)
         test_list = self.list_file(cfg_data, params, "test")
-        val_list = (params.get("split_lists") or {}).get("val")
-        if val_list and not Path(val_list).is_absolute() and not Path(val_list).exists():
-            val_list = str(self.root / val_list)  # as list_file resolves (which reads data.train_list for val)
+        val_list = (params.get("split_lists") or {}).get("val")  # (list_file reads data.train_list for val)
+        val_list = val_list and under_root(val_list, self.root)
         other_lists = [test_list, val_list if split == "train" else None]
         if split != "test" and any(other_lists) and not self.list_file(cfg_data, params, split):
             # a split without its own list holds the images the others do not list (training takes neither a test
@@ -109,9 +108,7 @@ class FolderSource(Source):
             raise DataError(f"both data.{'val' if split == 'test' else 'train'}_list and data.params.split_lists "
                             f"name the {split} list; give one")
         chosen = chosen or listed
-        if chosen and not Path(chosen).is_absolute() and not Path(chosen).exists():
-            chosen = str(self.root / chosen)
-        return chosen
+        return str(under_root(chosen, self.root)) if chosen else None
 
     @staticmethod
     def split_by_hash(samples: list, fraction: float, split: str) -> list:

@@ -16,7 +16,7 @@ from typing import List
 
 import numpy as np
 
-from ..io import DataError, read_label, read_lines
+from ..io import DataError, read_label, read_lines, under_root
 from .base import Source, check_params, register_source
 
 SPLIT_FILES = {"train": "trn", "val": "val", "test": "test"}
@@ -30,9 +30,7 @@ class FSS1000Source(Source):
         super().__init__(split)
         params = check_params(cfg_data, ["split_dir", "mask_threshold", "image_ext"])
         root = Path(cfg_data.root)
-        split_dir = Path(params.get("split_dir", root / "splits"))
-        if "split_dir" in params and not split_dir.is_absolute() and not split_dir.exists():  # as the list paths
-            split_dir = root / split_dir
+        split_dir = under_root(params["split_dir"], root) if "split_dir" in params else root / "splits"
         self.threshold = int(params.get("mask_threshold", 128))
         ext = params.get("image_ext", ".jpg")
         # sorted within each split, as HSNet's FSS-1000 dataset sorts its categories before numbering them

@@ -20,7 +20,7 @@ from typing import List, Optional, Tuple
 
 import numpy as np
 
-from ..io import DataError, check_same_size, read_label, read_lines
+from ..io import DataError, check_same_size, read_label, read_lines, under_root
 from .base import IGNORE, Box, Source, check_params, component_boxes, make_lut, register_source
 
 VOC_CLASSES = ["background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
@@ -64,9 +64,7 @@ class PascalSource(Source):
         root = self.root = Path(cfg_data.root)
         default = "ImageSets/Segmentation/" + ("val.txt" if split == "test" else "train_aug.txt")
         chosen = cfg_data.val_list if split == "test" else cfg_data.train_list
-        list_path = Path(chosen) if chosen else root / default
-        if chosen and not list_path.is_absolute() and not list_path.exists():  # a list named relative to the root
-            list_path = root / list_path
+        list_path = under_root(chosen, root) if chosen else root / default
         self.list_path = str(list_path)
         self.samples, pairs = parse_list(read_lines(list_path, "image list"), root,
                                          params.get("image_dir", "JPEGImages"),
