@@ -71,7 +71,8 @@ def test_prototype_attention_gradients_match_reference_across_key_tiles():
     q = torch.randn(1, 2, 300, 8, dtype=torch.float64, requires_grad=True)
     k = torch.randn(1, 2, 700, 8, dtype=torch.float64, requires_grad=True)
     v = torch.randn(1, 2, 700, 5, dtype=torch.float64, requires_grad=True)
-    valid = random_valid(1, 700)
+    valid = random_valid(1, 700, p=0.9)
+    assert valid.sum() > 512  # the kernel tiles the valid keys only: more than one tile of them
     grad = torch.randn(1, 2, 300, 5, dtype=torch.float64)
     got = torch.autograd.grad(ops.prototype_attention(q, k, v, key_valid=valid), (q, k, v), grad)
     want = torch.autograd.grad(ref.prototype_attention(q, k, v, valid), (q, k, v), grad)
@@ -146,6 +147,29 @@ def test_prototype_attention_non_contiguous_and_nan():
     for g, w in zip(got, want):
         assert_close(g, w, equal_nan=True, **FP32)
     assert got[0].isnan().any() and got[1].isnan().any()
+
+
+def test_attention_never_reads_what_is_masked_out():
+    """NaN/Inf in an invalid key or value, or in a support pixel outside the foreground, does not reach the output:
+    the kernels never visit them. The references do reach them (NaN - 10000, or a weight 0 times NaN, is NaN); the
+    README lists this exception."""
+    q, k, v = torch.randn(1, 2, 5, 4), torch.randn(1, 2, 6, 4), torch.randn(1, 2, 6, 3)
+    valid = torch.tensor([[True, True, True, True, False, True]])
+    k_bad, v_bad = k.clone(), v.clone()
+    k_bad[..., 4, 0], v_bad[..., 4, 1] = float("nan"), float("inf")
+    out = ops.prototype_attention(q, k_bad, v_bad, key_valid=valid)
+    assert torch.equal(out, ops.prototype_attention(q, k, v, key_valid=valid))
+    assert ref.prototype_attention(q, k_bad, v_bad, key_valid=valid).isnan().any()  # the documented difference
+    query, support, value = torch.randn(1, 3, 7), torch.randn(1, 3, 9), torch.randn(1, 2, 9)
+    mask = (torch.arange(9) < 5).float()[None]
+    support_bad, value_bad = support.clone(), value.clone()
+    support_bad[0, 1, 7], value_bad[0, 0, 8] = float("nan"), float("inf")
+    for mode, bad in (("exclude", (support_bad, value_bad)), ("multiply", (support_bad, value))):
+        out = ops.local_conditional_attention(query, bad[0], mask, value=bad[1], mode=mode)
+        assert torch.equal(out, ops.local_conditional_attention(query, support, mask, value=value, mode=mode))
+        assert ref.local_conditional_attention(query, bad[0], mask, bad[1], mode).isnan().any()
+    # "multiply" gives the background its weight, so its values do count: an Inf there reaches every row
+    assert ops.local_conditional_attention(query, support, mask, value=value_bad, mode="multiply")[0, 0].isinf().all()
 
 
 def test_prototype_attention_deterministic_across_threads():
@@ -297,8 +321,19 @@ def test_prototype_cross_attention_module_and_compile():
 
 # ---- local_conditional_attention -----------------------------------------------------------------
 
-# (B, C, Nq, Ns, Cv): Ns above the 512-key tile, Nq/Ns not multiples of anything.
-LOCAL_SHAPES = [(2, 6, 40, 33, 4), (1, 16, 300, 1100, 16), (3, 1, 7, 5, 2)]
+# (B, C, Nq, Ns, Cv): Nq/Ns not multiples of anything; the second has more foreground pixels than the 512-key
+# tile (the kernel packs and visits only those), in image 1, beside image 0 without foreground.
+LOCAL_SHAPES = [(2, 6, 40, 33, 4), (2, 16, 300, 1100, 16), (3, 1, 7, 5, 2)]
+
+
+def local_mask(B, Ns):
+    """A 0/1 support mask: image 0 without foreground, the others 60 % foreground (about 660 of 1,100 pixels: more
+    than a key tile), and for B > 2 image 1 without background."""
+    mask = (torch.rand(B, Ns) < 0.6).float()
+    mask[0] = 0
+    if B > 2:
+        mask[1] = 1
+    return mask
 
 
 @pytest.mark.parametrize("mode", ["exclude", "multiply"])
@@ -308,10 +343,8 @@ def test_local_attention_matches_crcnet(mode, dtype, shape):
     B, C, Nq, Ns, Cv = shape
     query, support = torch.randn(B, C, Nq, dtype=dtype), torch.randn(B, C, Ns, dtype=dtype)
     value = torch.randn(B, Cv, Ns, dtype=dtype)
-    mask = (torch.rand(B, Ns) < 0.3).float()
-    mask[0] = 0  # an image without foreground
-    if B > 2:
-        mask[1] = 1  # and one without background
+    mask = local_mask(B, Ns)
+    assert mask[0].sum() == 0 and mask[1].sum() > (512 if Ns > 512 else 0)
     assert_close(ops.local_conditional_attention(query, support, mask, value=value, mode=mode),
                  ref.local_conditional_attention(query, support, mask, value, mode), **tol(dtype))
     assert_close(ops.local_conditional_attention(query, support, mask.bool(), mode=mode),

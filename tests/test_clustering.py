@@ -3,7 +3,7 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from conftest import FP32, tol
+from conftest import FP32, rounded_once, tol
 from fsskern import ops
 from fsskern.reference import clustering as ref
 from fsskern.reference import composed
@@ -293,7 +293,7 @@ def test_cluster_means_reduced_precision_and_zero_eps():
         assert means.dtype == dtype
         want, _ = ref.cluster_means(features.to(dtype).float(), assign, 6, eps=0.0)
         want = torch.nan_to_num(want)  # empty clusters: 0 / 0 in the reference, 0 here
-        assert_close(means.float(), want, rtol=0, atol=float(torch.finfo(dtype).eps) * 8)
+        assert_close(means.float(), want, **rounded_once(dtype))
 
 
 def test_cluster_means_gradcheck_and_opcheck():
@@ -310,6 +310,20 @@ def test_cluster_means_gradcheck_and_opcheck():
     codes_t, valid_t = codes.t().contiguous().t(), valid.t().contiguous().t()  # column-major views
     torch.library.opcheck(torch.ops.fsskern.hamming_kmeans.default,
                           (codes_t, valid_t, ops.draw_init(valid, 5, gen(4)), 5, 4))
+
+
+def test_cluster_means_non_finite_stays_in_its_cluster():
+    """A NaN token poisons its own cluster's channel only, and an unassigned one nothing. The reference's
+    ``one_hot^T @ feats`` spreads it to that channel of every cluster (0 * NaN); the README lists this exception."""
+    features, assign = torch.randn(1, 8, 3), torch.tensor([[0, 0, 1, 1, 2, 2, -1, -1]])
+    bad = features.clone()
+    bad[0, 2, 1], bad[0, 6, 0] = float("nan"), float("inf")
+    means, counts = ops.cluster_means(bad, assign, 3)
+    clean, _ = ops.cluster_means(features, assign, 3)
+    assert means.isnan().nonzero().tolist() == [[0, 1, 1]]
+    finite = ~means.isnan()
+    assert torch.equal(means[finite], clean[finite]) and counts.tolist() == [[2, 2, 2]]
+    assert ref.cluster_means(bad, assign, 3)[0][0, :, 1].isnan().all()  # the documented difference
 
 
 def test_cluster_means_bad_inputs():

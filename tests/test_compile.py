@@ -49,25 +49,28 @@ def meta(*shape, dtype=torch.float32):
     return torch.empty(shape, dtype=dtype, device="meta")
 
 
-@pytest.mark.parametrize("call", [
-    lambda: torch.ops.fsskern.prototype_attention(meta(2, 1, 3, 4), meta(3, 1, 5, 4), meta(3, 1, 5, 4), None, 1.0,
-                                                  0.0, 0),
-    lambda: torch.ops.fsskern.prototype_attention(meta(2, 1, 3, 4), meta(2, 1, 5, 6), meta(2, 1, 5, 4), None, 1.0,
-                                                  0.0, 0),
-    lambda: torch.ops.fsskern.local_conditional_attention(meta(2, 8, 5), meta(3, 8, 6), meta(3, 4, 6),
-                                                          meta(3, 6), "exclude"),
-    lambda: torch.ops.fsskern.local_conditional_attention(meta(2, 8, 5), meta(2, 7, 6), meta(2, 4, 6),
-                                                          meta(2, 6), "exclude"),
-    lambda: torch.ops.fsskern.max_cosine(meta(2, 8, 5), meta(3, 1, 8, 6), meta(3, 1, 6), 1e-7),
-    lambda: torch.ops.fsskern.max_cosine(meta(2, 8, 5), meta(2, 1, 7, 6), meta(2, 1, 6), 1e-7),
-    lambda: torch.ops.fsskern.cluster_means(meta(2, 10, 4), meta(2, 9, dtype=torch.long), 3, 0.0),
-    lambda: torch.ops.fsskern.hamming_kmeans(meta(2, 10, dtype=torch.long), meta(2, 10, dtype=torch.bool),
-                                             meta(3, 4, dtype=torch.long), 4, 2),
-    lambda: torch.ops.fsskern.masked_average_pool(meta(2, 4, 5, 5, dtype=torch.long), meta(2, 1, 5, 5), "mask", 0.0),
+@pytest.mark.parametrize("call, message", [
+    (lambda: torch.ops.fsskern.prototype_attention(meta(2, 1, 3, 4), meta(3, 1, 5, 4), meta(3, 1, 5, 4), None, 1.0,
+                                                   0.0, 0), "must share \\(B, H\\)"),
+    (lambda: torch.ops.fsskern.prototype_attention(meta(2, 1, 3, 4), meta(2, 1, 5, 6), meta(2, 1, 5, 4), None, 1.0,
+                                                   0.0, 0), "q and k must share D"),
+    # (query, support, support_mask, value, mode)
+    (lambda: torch.ops.fsskern.local_conditional_attention(meta(2, 8, 5), meta(3, 8, 6), meta(3, 6),
+                                                           meta(3, 4, 6), "exclude"), "batch sizes differ"),
+    (lambda: torch.ops.fsskern.local_conditional_attention(meta(2, 8, 5), meta(2, 7, 6), meta(2, 6),
+                                                           meta(2, 4, 6), "exclude"), "channel counts differ"),
+    (lambda: torch.ops.fsskern.max_cosine(meta(2, 8, 5), meta(3, 1, 8, 6), meta(3, 1, 6), 1e-7), "differ between"),
+    (lambda: torch.ops.fsskern.max_cosine(meta(2, 8, 5), meta(2, 1, 7, 6), meta(2, 1, 6), 1e-7), "differ between"),
+    (lambda: torch.ops.fsskern.cluster_means(meta(2, 10, 4), meta(2, 9, dtype=torch.long), 3, 0.0),
+     "assign must be \\(B, N\\)"),
+    (lambda: torch.ops.fsskern.hamming_kmeans(meta(2, 10, dtype=torch.long), meta(2, 10, dtype=torch.bool),
+                                              meta(3, 4, dtype=torch.long), 4, 2), "init \\(B, k\\)"),
+    (lambda: torch.ops.fsskern.masked_average_pool(meta(2, 4, 5, 5, dtype=torch.long), meta(2, 1, 5, 5), "mask", 0.0),
+     "features must be floating"),
 ], ids=["attention-batch", "attention-dim", "local-batch", "local-channels", "max_cosine-batch",
         "max_cosine-channels", "cluster_means-points", "hamming_kmeans-init", "pool-integer-features"])
-def test_fakes_refuse_what_the_kernels_refuse(call):
+def test_fakes_refuse_what_the_kernels_refuse(call, message):
     """A traced graph (torch.compile, export) fails at the mismatched call, as eager does, not with garbage shapes
-    further on."""
-    with pytest.raises(RuntimeError):
+    further on; each case by the check it is named for."""
+    with pytest.raises(RuntimeError, match=message):
         call()

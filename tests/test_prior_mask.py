@@ -23,13 +23,15 @@ def inputs(B, K, C, hq, wq, hs, ws, H, W, fg, signed, dtype=torch.float32):
 
 
 # (B, K, C, hq, wq, hs, ws, H, W): square and not, K = 1..5, C 1..2048, masks at feature size
-# and larger; 300 query pixels x 600 foreground support pixels cross the CPU tiles (256, 128).
+# and larger; the last crosses the CPU kernel's query chunk (2,160 > 2,048 pixels) and, with half or more of its
+# 600 support pixels foreground, its support tile (512).
 SHAPES = [
     (2, 1, 64, 13, 17, 11, 9, 50, 41),
     (1, 5, 33, 20, 20, 15, 15, 15, 15),
     (2, 2, 1, 7, 5, 6, 8, 25, 33),
     (1, 1, 2048, 6, 7, 5, 5, 41, 41),
     (1, 3, 16, 15, 20, 25, 30, 97, 121),
+    (1, 2, 8, 48, 45, 24, 25, 24, 25),
 ]
 
 
