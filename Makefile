@@ -23,10 +23,14 @@ $(VENV)/.deps: requirements.txt requirements-dev.txt
 # Editable install: fsskern/_C.so is built in place, so tests and scripts import this tree. Its CUDA kernels
 # are compiled only where a GPU can run them (FSSKERN_CUDA=1 forces them): without one they cannot run, the
 # SIMT tests build their own emulated copy, `make cuda-check` compiles every .cu, and they would add ~14 minutes
-# to `make test` on 2 cores. `pip install .` itself compiles them whenever a CUDA toolkit is found (setup.py).
-FSSKERN_CUDA ?= $(shell nvidia-smi -L >/dev/null 2>&1 && echo 1 || echo 0)
-build: $(VENV)/.built
-$(VENV)/.built: $(VENV)/.deps $(SOURCES)
+# to `make test` on 2 cores. With a GPU the flag is left empty, so setup.py compiles them if it finds a CUDA
+# toolkit and a CUDA torch, and builds the CPU kernels alone otherwise. `pip install .` itself compiles them
+# whenever a CUDA toolkit is found (setup.py). The stamp names the flag: changing it rebuilds.
+FSSKERN_CUDA ?= $(shell nvidia-smi -L >/dev/null 2>&1 || echo 0)
+BUILT := $(VENV)/.built-cuda$(FSSKERN_CUDA)
+build: $(BUILT)
+$(BUILT): $(VENV)/.deps $(SOURCES)
+	rm -f $(VENV)/.built*
 	FSSKERN_CUDA=$(FSSKERN_CUDA) $(PY) -m pip install --quiet --no-build-isolation --no-deps -e .
 	touch $@
 
@@ -81,4 +85,4 @@ ci:
 	bash .ci/run
 
 clean:
-	rm -rf build build-cmake fsskern/_C*.so *.egg-info $(VENV)/.built
+	rm -rf build build-cmake fsskern/_C*.so *.egg-info $(VENV)/.built*

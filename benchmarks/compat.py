@@ -16,8 +16,9 @@ features of the paper's shapes; the backbone is the same on both sides and is le
 ratios are those of the method's head, not of the whole network):
 - PFENet 1-shot / BAM 5-shot (473 input, ResNet-50 layer2/3/4 at 60x60): down-projections,
   Weighted_GAP per shot, the prior block (BAM: K-shot weights), the merge conv and classifier.
-- PANet 1-way 1-shot (417 input, VGG-16 features 512 x 53 x 53), training mode: getFeatures,
-  getPrototype, calDist, upsampling to 417, alignLoss; features require grad.
+- PANet 1-way 1-shot (417 input, VGG-16 features 512 x 53 x 53), the training forward: getFeatures,
+  getPrototype, calDist, upsampling to 417, alignLoss; features require grad, so each side keeps what its
+  backward needs (the memory column), but the backward itself is not timed.
 - POPNet k-way (512 input, 256 x 128 x 128 decoder features, 17 classes, batch 2): the per-class
   support prototypes and the cosine maps of the NCM head.
 - UMTFSS 1-shot (473 input, 256-d tokens at 60x60): the clustered support prototypes
@@ -185,11 +186,11 @@ def umtfss_case(quick):
 CASES = {
     "PFENet 1-shot (473, ResNet-50)": lambda quick: pfenet_case(1, False, quick),
     "BAM 5-shot (473, ResNet-50)": lambda quick: pfenet_case(5, True, quick),
-    "PANet 1-way 1-shot, training (417, VGG-16)": panet_case,
+    "PANet 1-way 1-shot, training-mode forward (417, VGG-16)": panet_case,
     "POPNet 17 classes, batch 2 (512)": popnet_case,
     "UMTFSS 1-shot (473, 256-d tokens)": umtfss_case,
 }
-NO_GRAD = {"PANet 1-way 1-shot, training (417, VGG-16)": False}
+NO_GRAD = {"PANet 1-way 1-shot, training-mode forward (417, VGG-16)": False}
 
 
 def run_side(name, side, quick):

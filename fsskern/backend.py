@@ -6,7 +6,10 @@ Where the two differ by design (documented on the fused ops): ``prototype_attent
 image invalid (fused: 0, reference: UMTFSS's -10000 on every score, so a plain softmax over them); dropout masks
 (fused: Philox keyed by ``seed``, reference: ``F.dropout`` from torch's generator, ``seed`` ignored), so parity
 needs ``dropout_p=0`` (eval); fp16/bf16 inputs to ``prior_mask`` / ``max_cosine`` give float32 fused and the
-inputs' dtype in the reference (PFENet's loop), which the models cast back.
+inputs' dtype in the reference (PFENet's loop), which the models cast back; NaN/Inf in what the fused ops never
+visit (invalid keys, background support pixels, unassigned tokens: README, "Defined results"); and ``max_cosine``'s
+argmax on an exact tie at 0 between a masked-out pixel and a foreground one (fused: the masked-out pixel, index -1,
+no gradient; reference: the first pixel, which may be foreground): equal values, and two valid subgradients.
 """
 from types import SimpleNamespace
 from typing import Optional, Sequence, Tuple

@@ -246,6 +246,20 @@ def test_align_loss(queries, ways, shots):
     check(ours, theirs, qry, supp, **SCALED)
 
 
+def test_align_loss_of_half_features():
+    """PANet's float mask makes its query prototypes, scores and loss float32: with fp16 features of ordinary size
+    the fused loss used to be inf (the fp16 cross-entropy's sum over the mask) or NaN (two queries' fp16 sums)."""
+    g = torch.Generator().manual_seed(0)
+    qry, supp = torch.rand(2, 64, 53, 53, generator=g) * 60, torch.rand(1, 1, 64, 53, 53, generator=g) * 60
+    pred = torch.zeros(2, 2, 53, 53)
+    pred[:, 1] = 1  # every query pixel foreground
+    fore = random_mask(1, 1, 100, 100)
+    want = T.align_loss(qry.half(), pred, supp.half(), fore, 1 - fore)
+    got = panet.alignLoss(qry.half(), pred, supp.half(), fore, 1 - fore)
+    assert got.dtype == want.dtype == torch.float32 and torch.isfinite(want)
+    close(got, want, rtol=1e-4, atol=1e-4)
+
+
 def test_panet_patch():
     class FewShotSeg(nn.Module):
         pass

@@ -214,12 +214,30 @@ def test_source_reads_the_build_and_draws_neighbour_supports(built, tmp_path):
     assert {(s, c + 1) for s, c, *_ in regions} == {(s, c) for c, p in pools.train.items() for s in p}
     episodes = src.train_episodes(pools.train, {"seed": 0}, shots=1)
     assert isinstance(episodes, NeighbourEpisodes)
+    neighbours = np.load(Path(cfg.root) / "neighbours.npy")
     for i in range(len(episodes)):
         e = episodes.episode(0, i)
-        assert e.supports[0] != e.query and e.supports[0] in episodes.candidates(e.query, e.classes[0])
+        start, count = next((int(a), int(n)) for s, c, _, a, n in regions if (s, c + 1) == (e.query, e.classes[0]))
+        near = sorted({int(s) for s in neighbours[start:start + count]} & set(pools.train[e.classes[0]]))
+        want = near if set(near) - {e.query} else sorted(pools.train[e.classes[0]])
+        assert sorted(episodes.candidates(e.query, e.classes[0])) == want  # the query's region's own list
+        assert e.supports[0] != e.query and e.supports[0] in want
     batch = next(iter(build_loader(cfg, "train", 0, episodes, train=True, source=src, batch_size=2)))
     assert batch["query_img"].shape == (2, 3, 65, 65) and batch["support_masks"].shape == (2, 1, 65, 65)
     assert set(batch["support_masks"].unique().tolist()) <= {0, 1, 255} and (batch["query_mask"] == 1).any()
+
+
+def test_neighbour_supports_come_from_the_query_regions_list():
+    """24 images of one pseudo class, each region's list one neighbour long (the next image): every support is
+    that neighbour, not any image of the pool; a list that leaves no other image falls back to the pool."""
+    n = 24
+    regions = np.array([(s, 0, 100, s, 1) for s in range(n)])  # (sample, cluster, pixels, list start, length)
+    neighbours = np.array([(s + 1) % n for s in range(n)])
+    neighbours[5] = 5  # image 5's list holds only itself
+    episodes = NeighbourEpisodes({1: list(range(n))}, {"seed": 0}, 1, 1, regions, neighbours)
+    assert episodes.candidates(0, 1) == [1] and episodes.candidates(5, 1) == list(range(n))
+    drawn = {episodes.episode(0, i).query: episodes.episode(0, i).supports[0] for i in range(len(episodes))}
+    assert len(drawn) == n and all(drawn[q] == (q + 1) % n for q in drawn if q != 5) and drawn[5] != 5
 
 
 def test_source_refuses_other_filters(built):

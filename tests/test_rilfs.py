@@ -133,6 +133,35 @@ def test_flip_bookkeeping():
         assert not torch.allclose(model.risp(r_o, r_o), r_o)                    # the flip back is what makes it hold
 
 
+def test_forward_builds_the_reflected_views_and_scores_them_on_the_flipped_mask():
+    """M0 in forward: the second view is the query, supports and support masks mirrored; Eq. 14-15 score the
+    reflected prediction and meta output against the mirrored query mask (test_flip_bookkeeping calls the pieces
+    with views it builds itself, and the identity test switches every reflected term off)."""
+    import torch.nn.functional as F
+    model, batch = build(shots=2).train(), episode(K=2)
+    seen, ensembles, metas = [], [], []
+    features, ensemble, cls_meta = model._features, model.ensemble, model.cls_meta.forward
+    model._features = lambda x, m=None: (seen.append((x, m)), features(x, m))[1]
+    model.ensemble = lambda *a: (ensembles.append(ensemble(*a)), ensembles[-1])[1]
+    model.cls_meta.forward = lambda x: (metas.append(cls_meta(x)), metas[-1])[1]
+    torch.manual_seed(3)
+    out = model(batch)
+    (q_o, _), (q_h, _), (s_o, m_o), (s_h, m_h) = seen
+    assert torch.equal(q_o, batch["query_img"]) and torch.equal(q_h, q_o.flip(-1))
+    assert torch.equal(s_o, batch["support_imgs"]) and torch.equal(s_h, s_o.flip(-1))
+    assert torch.equal(m_o, (batch["support_masks"] == 1).float()) and torch.equal(m_h, m_o.flip(-1))
+    y = batch["query_mask"]
+    assert not torch.equal(y, y.flip(-1))
+    up = lambda t: F.interpolate(t, y.shape[-2:], mode="bilinear", align_corners=True)  # noqa: E731
+    ce = lambda logits, target: F.cross_entropy(logits, target, ignore_index=255)  # noqa: E731
+    losses = out["losses"]
+    torch.testing.assert_close(losses["reflected"], model.p["beta"] * ce(up(ensembles[1]), y.flip(-1)))
+    torch.testing.assert_close(losses["meta_reflected"], model.p["meta_weight"] * ce(up(metas[1]), y.flip(-1)))
+    torch.testing.assert_close(losses["original"], model.p["alpha"] * ce(up(ensembles[0]), y))
+    # (against the unflipped mask the reflected loss is another number: the check above can fail)
+    assert not torch.allclose(losses["reflected"], model.p["beta"] * ce(up(ensembles[1]), y))
+
+
 @pytest.mark.parametrize("name,search,backbone", [("rilfs", "fp32", "mobilenet_v2"), ("bam", "fp32", "mobilenet_v2"),
                                                   ("rilfs", "bf16", "mobilenet_v2"), ("rilfs", "fp32", "vgg16_bn"),
                                                   ("bam", "fp32", "vgg16_bn")])

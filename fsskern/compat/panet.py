@@ -101,6 +101,9 @@ def alignLoss(qry_fts: torch.Tensor, pred: torch.Tensor, supp_fts: torch.Tensor,
     n_ways, n_shots = len(fore_mask), len(fore_mask[0])
     labels = pred.argmax(dim=1)  # (N, h, w)
     protos, counts = ops.class_prototypes(qry_fts, labels, 1 + n_ways, resize="mask", eps=PANET_EPS)
+    # PANet's float mask makes its query prototypes, and so the scores and the loss, float32 at least: in fp16 a
+    # class's sum over 2 x 53 x 53 pixels, or the cross-entropy's over the support mask, passes 65504
+    protos = protos.to(torch.promote_types(protos.dtype, torch.float32))
     if qry_fts.shape[0] > 1:  # PANet pools over the queries too: combine the per-query sums
         sums = (protos * (counts + PANET_EPS).unsqueeze(-1).to(protos.dtype)).sum(0)
         qry_prototypes = sums / (counts.sum(0) + PANET_EPS).unsqueeze(-1).to(protos.dtype)
