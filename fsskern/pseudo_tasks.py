@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
 
-from .data.datasets.pseudo import span_filter
+from .data.datasets.pseudo import read_span, span_filter
 from .data.io import DataError, image_size, read_image
 from .engine.config import Config, ConfigError, config_from_dict, with_overrides
 
@@ -325,7 +325,7 @@ def build_pseudo_tasks(cfg_data, device: str = "cpu", progress: bool = True) -> 
     steps embed_sample, kmeans, embed_assign, assign, superpixels, embed_descriptor, regions, neighbours."""
     params = dict(cfg_data.params or {})
     spec = build_spec(params.get("build"))
-    filters = {"min_pixels": int(cfg_data.min_pixels), "span": float(params.get("span", 0.99))}
+    filters = {"min_pixels": int(cfg_data.min_pixels), "span": read_span(params.get("span", 0.99))}
     ids, paths = image_list(spec)
     key = task_key(spec, filters, ids, paths, weights_digest(spec["weights"]))
     root = Path(cfg_data.root)

@@ -167,6 +167,10 @@ def test_viton_lip_merge_and_hierarchy():
     bad = DataConfig(dataset="parsing", root=str(root), params={"preset": "lip"}, hierarchy={"head": ["hair"]})
     with pytest.raises(DataError, match="without an area"):
         build_source(bad, "test")
+    twice = DataConfig(dataset="parsing", root=str(root), params={"preset": "lip"},
+                       hierarchy={**cfg.hierarchy, "body": cfg.hierarchy["body"] + ["hair"]})
+    with pytest.raises(DataError, match="puts class 'hair' in two areas: 'head' and 'body'"):
+        build_source(twice, "test")
 
 
 def test_a_flip_is_refused_where_left_and_right_stay_apart():
@@ -589,6 +593,9 @@ def test_atr_popnet_layout_pools_and_merge(tmp_path):
     _, label = src.load(0)
     assert set(np.unique(label)) == {0, 2, 9, 12}  # shoes merged to 9, right-leg to 12, sunglasses to bg
     assert src.fold_classes(0) == ([1, 2, 4, 5, 7, 11, 14, 16], [6, 9, 12])
+    # an id listed twice is one sample (else a query could be its own support), kept where first seen
+    (root / "list" / "meta_train_id.txt").write_text("\n".join(ids[:3] + ids[:1] + ids[3:]) + "\n")
+    assert [s[0] for s in build_source(cfg, "train").samples] == ids
     code = DataConfig(dataset="parsing", root=str(root), params={"layout": "popnet", "preset": "atr"})
     with pytest.raises(DataError, match="pool_boundary 200 leaves no support pool in a 8-image list"):
         build_source(code, "test")  # the code's test boundary (200) needs the full 2706-line list

@@ -20,6 +20,7 @@ from conftest import load_script  # noqa: E402
 from engine_support import data_overrides, make_folder_dataset  # noqa: E402
 
 from fsskern.engine import checkpoint as ckpt  # noqa: E402
+from fsskern.engine import trainer  # noqa: E402
 from fsskern.engine.config import ConfigError, dump_yaml, load_config, load_yaml  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -83,6 +84,14 @@ def test_config_overrides_types_and_bases(tmp_path):
     (tmp_path / "aug.yaml").write_text("data:\n  augment: {scale: [1.0, 1.5], flip: true}\n")
     assert load_config(tmp_path / "aug.yaml", ["data.augment.flip=false"]).data.augment == {"scale": [1.0, 1.5],
                                                                                           "flip": False}
+    # a section whose lines are all commented out is null: refused over a base that sets it (it dropped the base's
+    # whole section for the defaults), and `{}` clears it on purpose
+    (tmp_path / "commented.yaml").write_text("base: base.yaml\ndata:\n  # fold: 3\n")
+    with pytest.raises(ConfigError, match="data is empty \\(null\\) over a base that sets it"):
+        load_config(tmp_path / "commented.yaml")
+    with pytest.raises(ConfigError, match="model.params is empty"):
+        load_config(tmp_path / "cfg.yaml", ["model.params=null"])
+    assert load_config(tmp_path / "cfg.yaml", ["data={}"]).data.fold == 0
 
 
 @pytest.mark.parametrize("override, message", [
@@ -284,7 +293,6 @@ def test_a_non_finite_gradient_steps_no_optimizer(dataset, tmp_path, monkeypatch
 def test_a_failed_final_validation_keeps_the_last_step_and_a_resume_reruns_it(dataset, tmp_path, monkeypatch):
     """The final checkpoint is written before the final validation: a validation that raises (memory, a bad eval
     setting) loses no step, even in a run shorter than checkpoint_every; the resume validates and finishes."""
-    from fsskern.engine import trainer
     cfg = load_config(str(dataset / "tiny.yaml"), [*data_overrides(dataset), f"out={tmp_path}", "train.iters=2",
                                                    "train.val_episodes=2", "data.val_fraction=0",
                                                    "data.val_classes=[5]", "data.batch_size=1", "data.num_workers=0"])
@@ -366,6 +374,26 @@ def test_log_every_averages_rows_and_logs_the_step_lr(dataset, tmp_path):
     assert [r["iteration"] for r in train_rows] == [2, 4, 5]
     assert train_rows[0]["train/lr"] == pytest.approx(0.05 * 2 / 4)  # step 2 of the warm-up used factor 2/4
     assert train_rows[-1]["train/lr"] == pytest.approx(0.05 * (1 - 4 / 5) ** 0.9)
+
+
+def test_a_phase_counts_its_budget_one_way():
+    """A phase that sets train.epochs (or iters, and the warm-up's pair) sets the other to 0, and says which
+    command-line count it shadows: it inherited the run's other count, and the two disagreed (a PASCAL RILFS run
+    shortened by train.iters=3 train.epochs=0 stopped at its base phase's epochs, told to set one of them to 0)."""
+    phase = {"name": "base", "config": {"train.epochs": 0.5, "train.warmup_iters": 2}}
+    with pytest.warns(UserWarning) as said:
+        settings = trainer.phase_settings(phase, ["train.iters=3", "train.epochs=0"])
+    assert [str(w.message).split(";")[0] for w in said] == ["phase 'base' counts its budget by its own "
+                                                            "train.epochs=0.5", "phase 'base' keeps its own "
+                                                            "train.epochs=0.5"]
+    assert settings == {"train.epochs": 0.5, "train.iters": 0, "train.warmup_iters": 2, "train.warmup_epochs": 0}
+    assert trainer.phase_settings({"name": "meta"}, ["train.iters=3"]) == {}
+
+
+def test_fractional_epochs_are_counted_exactly():
+    cfg = load_config(tree={"data": {"batch_size": 10}})
+    assert trainer.iters_for_epochs(cfg, 100, 1.1) == 11  # float arithmetic: ceil(11.000000000000002) = 12
+    assert trainer.iters_for_epochs(cfg, 100, 0.25) == 3 and trainer.iters_for_epochs(cfg, 7, 200) == 140
 
 
 def test_a_phase_keeps_its_own_settings_and_says_so(dataset, tmp_path):

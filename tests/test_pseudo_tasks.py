@@ -12,7 +12,7 @@ from PIL import Image
 
 from fsskern import pseudo_tasks as pt
 from fsskern.data import DataError, build_source
-from fsskern.data.datasets.pseudo import NeighbourEpisodes, span_filter
+from fsskern.data.datasets.pseudo import NeighbourEpisodes, read_span, span_filter
 from fsskern.data.index import scan_labels, training_pools
 from fsskern.data.loader import build_loader
 from fsskern.engine.config import ConfigError, DataConfig, load_config
@@ -88,6 +88,10 @@ def test_span_filter_drops_stuff():
     label[0:99, 55:58] = 3       # one free row = 1 %: kept (the code drops below 1 %)
     assert span_filter(label, 0.99) == {2: 2000, 3: 297}
     assert span_filter(label.T, 0.99) == {2: 2000, 3: 297}  # the same along the columns
+    for span in (99, 0, -0.5, "all"):  # 99 (a percentage) kept every region, 0 none
+        with pytest.raises(DataError, match="data.params.span must be a fraction in \\(0, 1\\]"):
+            read_span(span)
+    assert read_span(1) == 1.0 and read_span("0.99") == 0.99
 
 
 def test_neighbours_are_the_top_half_by_cosine():
@@ -280,6 +284,11 @@ def test_bad_inputs(list_file, tmp_path, capsys):
     cfg_file.write_text(json.dumps({"out": str(tmp_path / "run"), "data": {
         "dataset": "pseudo", "root": str(tmp_path / "c"),
         "params": {"build": {**data_cfg(tmp_path, list_file).params["build"], "weights": str(tmp_path / "no.pth")}}}}))
+    # an index whose samples repeat an image: a query could be its own support
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "index.json").write_text(json.dumps({"version": 1, "num_clusters": 3, "samples": ["a", "b", "a"]}))
+    with pytest.raises(DataError, match=r"samples repeat \['a'\]"):
+        build_source(DataConfig(dataset="pseudo", root=str(tmp_path / "d")), "train")
     from fsskern.engine.cli import train_main
     assert train_main([str(cfg_file)]) == 2
     assert "stage A: data.params.build.weights: weights file not found" in capsys.readouterr().err

@@ -128,13 +128,19 @@ class ConfigError(ValueError):
     pass
 
 
-def _merge(base: dict, update: dict) -> dict:
+def _merge(base: dict, update: dict, prefix: str = "") -> dict:
     """``update`` over ``base``, mappings merged key by key; an empty mapping replaces the base's (a recipe's
-    ``params: {}`` clears what its base file set, e.g. MSRC-v2's ``void`` on a PASCAL recipe)."""
+    ``params: {}`` clears what its base file set, e.g. MSRC-v2's ``void`` on a PASCAL recipe). A null over a
+    mapping is refused: a section whose lines are all commented out (``eval:`` alone) would otherwise drop the
+    base's whole section for the defaults (BAM's protocol and seeds) without a word."""
     out = dict(base)
     for key, value in update.items():
+        if value is None and isinstance(out.get(key), dict):
+            raise ConfigError(f"{prefix}{key} is empty (null) over a base that sets it: drop the line to keep the "
+                              f"base's, or write {prefix}{key}: {{}} (on the command line {prefix}{key}={{}}) to "
+                              f"clear it")
         if isinstance(value, dict) and value and isinstance(out.get(key), dict):
-            out[key] = _merge(out[key], value)
+            out[key] = _merge(out[key], value, f"{prefix}{key}.")
         else:
             out[key] = value
     return out

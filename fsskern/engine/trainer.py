@@ -13,6 +13,7 @@ import math
 import time
 import warnings
 from contextlib import nullcontext
+from fractions import Fraction
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -76,17 +77,30 @@ def train(cfg: Config, overrides: Sequence[str] = ()) -> Path:
     return previous
 
 
+# each budget key and the other way of counting the same budget
+BUDGET_PARTNER = {"train.iters": "train.epochs", "train.epochs": "train.iters",
+                  "train.warmup_iters": "train.warmup_epochs", "train.warmup_epochs": "train.warmup_iters"}
+
+
 def phase_settings(phase: dict, overrides: Sequence[str]) -> dict:
     """A phase's own settings, which it keeps over the run's (RILFS's base phase keeps its 400 iterations under
     ``train.iters=2000``, which sets the meta phase's); a key=value of the command line that a phase shadows
-    is said in a warning, no longer silently."""
+    is said in a warning, no longer silently. A phase that counts its budget one way (``train.iters`` or
+    ``train.epochs``, and the warm-up's pair) sets the other to 0: else it inherited the run's other count and
+    the two disagreed (a PASCAL RILFS run shortened by ``train.iters=N train.epochs=0`` stopped at the base
+    phase's ``train.epochs: 100``, told to set one of them to 0, which it could not)."""
     settings = dict(phase.get("config", {}))
+    counted = {BUDGET_PARTNER[k]: 0 for k in settings if k in BUDGET_PARTNER and BUDGET_PARTNER[k] not in settings}
     for key, value in override_items(list(overrides)):
         shadowing = [k for k in settings if key == k or key.startswith(k + ".")]
-        if shadowing and key not in ("out", "train.phases") and dist.is_main():
+        if key in counted and dist.is_main():
+            own = BUDGET_PARTNER[key]
+            warnings.warn(f"phase {phase.get('name')!r} counts its budget by its own {own}={settings[own]!r}; the "
+                          f"command line's {key}={value!r} applies to the phases that do not set it", stacklevel=2)
+        elif shadowing and key not in ("out", "train.phases") and dist.is_main():
             warnings.warn(f"phase {phase.get('name')!r} keeps its own {shadowing[0]}={settings[shadowing[0]]!r}; the "
                           f"command line's {key}={value!r} applies to the phases that do not set it", stacklevel=2)
-    return settings
+    return {**settings, **counted}
 
 
 def refuse_other_fold(cfg: Config) -> None:
@@ -392,7 +406,8 @@ def iters_for_epochs(cfg: Config, per_epoch: int, epochs: float) -> int:
     filter drops every image holding a novel class: COCO's fold 0, with person novel, keeps about half of what the
     other folds keep), so one fixed iteration count is one fold's epochs only."""
     per_step = cfg.data.batch_size * cfg.train.accumulate * dist.world_size()
-    return max(1, math.ceil(epochs * per_epoch / per_step))
+    # exact: 1.1 epochs of 100 episodes at 10 a step is 11 steps, where float arithmetic gives 11.000000000000002
+    return max(1, math.ceil(Fraction(str(epochs)) * per_epoch / per_step))
 
 
 def positions(cfg: Config, start_iteration: int):

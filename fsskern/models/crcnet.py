@@ -52,7 +52,7 @@ from torch import nn
 
 from ..backbones import create_backbone, freeze, require_backbone
 from .blocks import ASPP, check_one_way_batch
-from .params import parse_params
+from .params import check_ranges, parse_params
 from .registry import register_model
 
 # name: (default, allowed values or type). The model refuses any other key.
@@ -95,6 +95,7 @@ def _parse(given: Dict) -> Dict:
                              f"{'one of ' + str(rule) if isinstance(rule, tuple) else rule.__name__}, got {value!r}")
     if min(p["refine_steps_test"], p["refine_steps_train_max"], p["dim"], p["ft_steps"]) < 1:
         raise ValueError("crcnet: dim, refine_steps_test, refine_steps_train_max and ft_steps must be >= 1")
+    check_ranges("crcnet", p, non_negative=("lambda_sub", "backbone_lr_mult"), positive=("ft_lr",))
     if not p["scales"] or any(not isinstance(s, (int, float)) or s <= 0 for s in p["scales"]):
         raise ValueError(f"crcnet: model.params.scales must be a non-empty list of positive numbers, got {p['scales']}")
     if not (p["cross_reference"] or p["global_condition"] or p["local_condition"]):

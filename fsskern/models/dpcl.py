@@ -89,6 +89,7 @@ from torchvision.transforms import v2
 from ..backbones import create_backbone, require_backbone
 from ..backbones.base import freeze
 from .blocks import IGNORE, check_labels, cosine_logits
+from .params import check_ranges
 from .registry import register_model
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -216,6 +217,8 @@ class DPCL(nn.Module):
         if unknown:
             raise ValueError(f"{cfg.name}: unknown model.params {unknown}; valid keys: {', '.join(self.DEFAULTS)}")
         self.p = {**self.DEFAULTS, **params}
+        check_ranges(cfg.name, self.p, positive=("scale", "tau"), non_negative=("cs_weight", "ca_weight"),
+                     unit=("momentum",))
         self.backend = backend
         # signed last features: PPNet's ResNet and PANet's VGG both drop the last ReLU
         options = {"dilation": "torchvision", "last_relu": False} if cfg.backbone.startswith("resnet") else \

@@ -97,7 +97,7 @@ import torch.nn.functional as F
 
 from ..backbones import create_backbone, fix_bn, freeze, require_backbone
 from .blocks import ABSENT, IGNORE, check_labels, cosine_logits
-from .params import parse_params
+from .params import check_ranges, parse_params
 from .registry import register_model
 
 
@@ -217,6 +217,7 @@ class POPNet(nn.Module):
             raise ValueError(f"popnet: params.stage must be 1, 2 or 3 (3 only with kim=False), got {p['stage']}")
         if p["head"] not in ("dml", "agm", "ncm"):
             raise ValueError(f"popnet: params.head must be dml, agm or ncm, got {p['head']!r}")
+        check_ranges("popnet", p, unit=("rate",))
         if not 0 < p["bg_weight"] < float("inf"):  # 0 makes a query of background alone a 0 / 0 loss
             raise ValueError(f"popnet: params.bg_weight must be finite and > 0, got {p['bg_weight']}")
         self.backend, self.stage = backend, p["stage"]

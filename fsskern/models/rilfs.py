@@ -63,7 +63,7 @@ from torch import nn
 
 from ..backbones import create_backbone, fix_bn, freeze, read_model_state, require_backbone
 from .blocks import ASPP, PPM, check_one_way_batch
-from .params import parse_params
+from .params import check_ranges, parse_params
 from .registry import register_model
 
 # name: (default, type, meaning). The model refuses any other key.
@@ -105,6 +105,7 @@ def _parse_params(name: str, given: Dict, reflection_default: bool) -> Dict:
     if unread:  # BAM's recipes inherit RILFS's (the defaults); a value set for BAM would change nothing
         raise ValueError(f"{name}: model.params.{' and '.join(unread)} weight the reflected views' losses (Eq. 14), "
                          f"which BAM (reflection false) has none of")
+    check_ranges(name, out, non_negative=("alpha", "beta", "meta_weight", "encoder_lr_mult"))
     if out["prior_search"] not in ("fp32", "bf16"):
         raise ValueError(f"{name}: model.params.prior_search must be 'fp32' or 'bf16', got {out['prior_search']!r}")
     rates = out["aspp_dilations"]

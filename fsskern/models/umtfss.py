@@ -86,7 +86,7 @@ from torch.utils.checkpoint import checkpoint
 from ..backbones import create_backbone, freeze, read_model_state, require_backbone
 from ..nn import PrototypeCrossAttention, all_invalid_as_valid
 from .blocks import check_one_way_batch
-from .params import parse_params
+from .params import check_ranges, parse_params
 from .registry import register_model
 
 # name: (default, type). None defaults come from the profile. The model refuses any other key.
@@ -134,6 +134,7 @@ def _parse_params(given: Dict) -> Dict:
     if p["reduce_dim"] % p["heads"] or p["reduce_dim"] % 4:
         raise ValueError(f"umtfss: reduce_dim ({p['reduce_dim']}) must be divisible by heads ({p['heads']}) and "
                          f"by 4 (the sine encoding's sin/cos pairs per axis)")
+    check_ranges("umtfss", p, positive=("sgd_lr_mult", "transformer_lr"), non_negative=("transformer_weight_decay",))
     if not 0 <= p["dropout"] < 1:
         raise ValueError(f"umtfss: model.params.dropout must be in [0, 1), got {p['dropout']}")
     if not 1 <= p["bits"] <= 64:

@@ -85,7 +85,9 @@ class ParsingSource(FolderSource):
         if self.layout == "folder":
             return super().list_samples(image_dir, label_dir, image_ext, list_file)
         name = "meta_test_id.txt" if self.split == "test" else "meta_train_id.txt"
-        ids = read_lines(self.root / "list" / name, "image list")
+        # once each, in first-seen order, as the folder layout: a repeated id would be two samples, and an episode
+        # could take the query's own image as its support
+        ids = list(dict.fromkeys(read_lines(self.root / "list" / name, "image list")))
         images, labels = self.root / "trainval_images", self.root / "trainval_classes"
         return [(i, str(images / (i + ".jpg")), str(labels / (i + ".png"))) for i in ids]
 
@@ -100,6 +102,9 @@ class ParsingSource(FolderSource):
                 if m not in by_name:
                     raise DataError(f"data.hierarchy area {area!r} names unknown class {m!r}; "
                                     f"classes: {sorted(by_name)}")
+                if lut[by_name[m]] > 0:  # every class sits in exactly one area (docs/data.md)
+                    raise DataError(f"data.hierarchy puts class {m!r} in two areas: "
+                                    f"{list(hierarchy)[lut[by_name[m]] - 1]!r} and {area!r}")
                 lut[by_name[m]] = a
         missing = [self.class_names[c] for c in self.foreground_classes() if lut[c] < 0]
         if missing:

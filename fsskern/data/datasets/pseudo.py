@@ -20,6 +20,7 @@ and a config whose filters differ is refused: its pools would not match the neig
 read by ``fsskern.pseudo_tasks``) and ``support_neighbours`` (default true: with a region table,
 ``train_episodes`` draws a query's supports from its region's neighbour list)."""
 import json
+import math
 from pathlib import Path
 from typing import Dict, List, Sequence
 
@@ -28,6 +29,18 @@ import numpy as np
 from ..episodes import EpisodeSpec, TrainEpisodes, episode_rng, key_seed, make_episode, others_in
 from ..io import DataError
 from .base import Source, check_params, make_lut, register_source
+
+
+def read_span(value) -> float:
+    """``data.params.span`` as a fraction in (0, 1]: 99 (a percentage) would keep every region, the full-width
+    ones included, and 0 none."""
+    try:
+        span = float(value)
+    except (TypeError, ValueError):
+        span = math.nan
+    if not 0 < span <= 1:
+        raise DataError(f"data.params.span must be a fraction in (0, 1] (the paper's 0.99), got {value!r}")
+    return span
 
 
 def span_filter(label: np.ndarray, span: float) -> Dict[int, int]:
@@ -65,11 +78,14 @@ class PseudoSource(Source):
             raise DataError(f"bad pseudo-label index {index_path}: {e!r}") from None
         if not ids:
             raise DataError(f"empty pseudo-label index: {index_path}")
+        if len(set(ids)) < len(ids):  # a repeated image would be two samples, so a query could be its own support
+            repeated = sorted({i for i in ids if ids.count(i) > 1})
+            raise DataError(f"bad pseudo-label index {index_path}: samples repeat {repeated[:5]}")
         if not 1 <= n <= 254:  # cluster c is class c + 1, and 255 is the ignore value
             raise DataError(f"bad pseudo-label index {index_path}: num_clusters {n}, not in 1..254 (cluster 254 "
                             "would be read as the ignore label)")
         filters = index.get("filters")
-        self.span = float(params.get("span", (filters or {}).get("span", 0.99)))
+        self.span = read_span(params.get("span", (filters or {}).get("span", 0.99)))
         if filters and (self.span, int(cfg_data.min_pixels)) != (filters["span"], filters["min_pixels"]):
             raise DataError(f"{index_path} was built with span {filters['span']} and min_pixels "
                             f"{filters['min_pixels']}; the config asks for span {self.span} and min_pixels "
