@@ -300,6 +300,24 @@ def test_deeplab_loads_a_backbone_only_file(tmp_path):
     assert torch.equal(again.decoder[1][0].weight, model.decoder[1][0].weight)
 
 
+def test_deeplab_loads_the_backbone_of_another_codes_checkpoint(tmp_path):
+    """A VainF-style DeepLabV3+ checkpoint ({"model_state": backbone.* + classifier.*}): its backbone loads, its
+    head is dropped with a warning (it failed as "not a state dict of tensors", and unwrapped, as 45 missing)."""
+    source = create_backbone("deeplabv3plus_resnet50")
+    head = {"classifier.aspp.0.weight": torch.randn(4, 3), "classifier.head.bias": torch.randn(4)}
+    state = {**{f"backbone.{k}": v for k, v in source.backbone.state_dict().items()}, **head}
+    torch.save({"model_state": state, "cur_itrs": 30000}, tmp_path / "vainf.pth")
+    with pytest.warns(UserWarning, match="the backbone loaded, the file's head dropped \\(2 keys: classifier"):
+        model = create_backbone("deeplabv3plus_resnet50", weights=str(tmp_path / "vainf.pth"))
+    for k, v in source.backbone.state_dict().items():
+        assert torch.equal(model.backbone.state_dict()[k], v), k
+    # a backbone that does not fit is still refused, key by key
+    del state["backbone.conv1.weight"]
+    torch.save({"model_state": state}, tmp_path / "cut.pth")
+    with pytest.raises(WeightsError, match="1 missing: conv1.weight"), pytest.warns(UserWarning):
+        create_backbone("deeplabv3plus_resnet50", weights=str(tmp_path / "cut.pth"))
+
+
 # The public POPNet code's Xception key names (networks/deeplab_xception_synBN.py), a sample across the flows.
 XCEPTION_KEYS = ["conv1.weight", "bn2.running_var", "block1.rep.0.depthwise.weight", "block1.rep.4.pointwise_bn.bias",
                  "block1.skip.weight", "block2.rep.3.pointwise.weight", "block2.block2_lastconv.1.depthwise_bn.weight",

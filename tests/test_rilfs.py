@@ -56,6 +56,9 @@ def test_params_are_validated():
     assert [b[0].dilation for b in build(aspp_dilations=[3, 6, 9]).aspp.branches[1:]] == [(3, 3), (6, 6), (9, 9)]
     with pytest.raises(ValueError, match="meta phase keeps the backbone frozen"):
         create_model(ModelConfig(name="rilfs", backbone="mobilenet_v2", freeze_backbone=False))
+    # Xception-65 is a plain encoder without stages: it built, then failed at the first forward
+    with pytest.raises(ValueError, match="backbone 'xception65' runs as one pass.*choose one of mobilenet_v2"):
+        create_model(ModelConfig(name="bam", backbone="xception65", freeze_backbone=True))
 
 
 @pytest.mark.parametrize("shots", [1, 2])

@@ -67,7 +67,8 @@ def read_model_state(path, what: str, hint: str = "") -> Dict[str, torch.Tensor]
 
 
 def read_state_dict(path) -> Dict[str, torch.Tensor]:
-    """torch.load on CPU with weights_only=True; unwraps {"state_dict": ...} / {"model": ...}; strips
+    """torch.load on CPU with weights_only=True; unwraps {"state_dict": ...} / {"model": ...} / {"model_state": ...}
+    (VainF's DeepLabV3+ checkpoints); strips
     ``module.`` (DataParallel/DDP) and MoCo's ``encoder_q.`` (the key encoder ``encoder_k.`` and queue dropped)."""
     path = Path(path)
     if not path.is_file():
@@ -76,7 +77,7 @@ def read_state_dict(path) -> Dict[str, torch.Tensor]:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated, not a torch file, or pickled objects beyond tensors
         raise WeightsError(f"{path}: cannot be read as a weights file ({type(e).__name__}: {e})") from e
-    for wrapper in ("state_dict", "model"):
+    for wrapper in ("state_dict", "model", "model_state"):
         if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
             state = state[wrapper]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
@@ -122,9 +123,23 @@ def load_weights(module: nn.Module, path, name: str) -> nn.Module:
     mismatch, raises :class:`WeightsError` naming the file, the counts and the first 10 keys of each kind.
     """
     state = read_state_dict(path)
-    if hasattr(module, "backbone_name") and not any(k.startswith("backbone.") for k in state):
-        load_weights(module.backbone, path, module.backbone_name)  # DeepLabV3+ from a backbone-only file
-        return module
+    if hasattr(module, "backbone_name"):  # DeepLabV3+
+        head = [k for k in state if not k.startswith("backbone.")]
+        if len(head) == len(state):  # a backbone-only file
+            _fit(module.backbone, state, path, module.backbone_name)
+            return module
+        if not set(head) <= set(module.state_dict()):  # another code's DeepLabV3+ (VainF's classifier.*): its
+            # backbone loads, its head is dropped (ours differs and trains from init), and said
+            warnings.warn(f"{path}: the backbone loaded, the file's head dropped ({len(head)} keys: "
+                          f"{', '.join(head[:3])}{' ...' if len(head) > 3 else ''}); ASPP and decoder start from init")
+            backbone = {k[len("backbone."):]: v for k, v in state.items() if k.startswith("backbone.")}
+            _fit(module.backbone, backbone, path, module.backbone_name)
+            return module
+    return _fit(module, state, path, name)
+
+
+def _fit(module: nn.Module, state: Dict[str, torch.Tensor], path, name: str) -> nn.Module:
+    """``state`` (read from ``path``) into ``module`` strictly, after the layout mappings; see ``load_weights``."""
     state = _map_layer_split(_map_xception_features(state), module)
     own = module.state_dict()
     ignored = _ignored(name)

@@ -61,7 +61,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..backbones import create_backbone, fix_bn, freeze, read_model_state, require_backbone
+from ..backbones import (Backbone, create_backbone, fix_bn, freeze, list_backbones, read_model_state,
+                         require_backbone)
 from .blocks import ASPP, PPM, check_one_way_batch
 from .params import check_ranges, parse_params
 from .registry import register_model
@@ -177,6 +178,10 @@ class RILFS(nn.Module):
         frozen_bn = cfg.freeze_backbone or self.phase == "meta" or not p["train_bn"]
         require_backbone(cfg.backbone, "rilfs/bam")
         self.backbone = create_backbone(cfg.backbone, weights=cfg.weights, frozen_bn=frozen_bn)
+        if type(self.backbone).stages is Backbone.stages:  # Xception-65's layer2 reads two earlier maps
+            staged = [n for n in list_backbones() if not n.startswith("deeplabv3plus_") and n != cfg.backbone]
+            raise ValueError(f"rilfs/bam: backbone {cfg.backbone!r} runs as one pass, and BAM computes the support's "
+                             f"layer4 from layer3 x mask stage by stage; choose one of {', '.join(staged)}")
         ch = self.backbone.channels
         self.base_learner = BaseLearner(ch["layer4"], p["base_classes"] + 1, p["ppm_bins"], p["base_hidden"])
         d = p["reduce_dim"]
