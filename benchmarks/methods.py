@@ -152,8 +152,10 @@ def report(rows, info) -> str:
              f"torch {info['torch']}. Command: "
              f"`python benchmarks/methods.py {' '.join(info['argv'])}`. mIoU / FB-IoU: mean ± std over seeds "
              f"(population std), averaged over folds {info['folds']} (1-shot also per fold); episodes "
-             f"{info['episodes']} x seeds {info['seeds']} per fold; training budget {info['iters'] or 'each recipe'} "
-             "iterations.", "",
+             f"{info['episodes']} x seeds {info['seeds']} per fold; training budget "
+             + (f"{info['iters']} iterations in each method's last phase (earlier phases keep their recipes' own: "
+                "RILFS / BAM's base learner, UMTFSS's stages A and B)." if info["iters"] else "each recipe's."),
+             "",
              "| method | 1-shot mIoU | 1-shot mIoU per fold | 1-shot FB-IoU | 5-shot mIoU | 5-shot FB-IoU | train min "
              "| step fused / ref (s) | inference fused / ref (s) |", "|---|---|---|---|---|---|---|---|---|"]
 
@@ -225,12 +227,14 @@ def main(argv=None) -> int:
     p.add_argument("--shots", type=int, nargs="*", default=[1, 5])
     p.add_argument("--seeds", type=int, nargs="*", default=[0, 1, 2])
     p.add_argument("--episodes", type=int, default=1000)
-    p.add_argument("--iters", type=int, default=None, help="one training budget for every method (default: recipes')")
+    p.add_argument("--iters", type=int, default=None,
+                   help="one training budget for every method's last (or only) phase; a phase that sets its own "
+                        "keeps it (RILFS / BAM's base learner, UMTFSS's stages A and B) (default: recipes')")
     p.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "msrc_v2"))
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "methods"))
     p.add_argument("--jobs", type=int, default=1, help="(method, fold) tasks run at once, one process each")
     p.add_argument("--task", help=argparse.SUPPRESS)  # METHOD/foldK: a --jobs worker runs this one task
-    p.add_argument("--quick", action="store_true", help="CI smoke: 2 iterations, 4 episodes, 1 seed, fold 0, 1-shot")
+    p.add_argument("--quick", action="store_true", help="CI smoke: 2 iterations (the last phase), 4 episodes, 1 seed, fold 0, 1-shot")
     args = p.parse_args(argv)
     if args.quick:
         args.iters, args.episodes, args.seeds, args.folds, args.shots = 2, 4, [0], [0], [1]

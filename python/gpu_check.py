@@ -29,6 +29,7 @@ import argparse
 import json
 import math
 import os
+import re
 import shlex
 import shutil
 import signal
@@ -609,6 +610,8 @@ def run_method_bench(folder: Path, limit: float, device: str = "cuda", quick: bo
         # its share of the time still left, so what an earlier method did not use passes on to the next
         cap = round(share / sum(m[2] for m in methods[i:]) * (deadline - time.monotonic()), 1)
         log = folder / f"{method}.log"
+        for stale in (log, folder / f"{method}-cuda.json", folder / f"{method}-cuda.md"):  # an earlier run's
+            stale.unlink(missing_ok=True)                                                 # are never this one's
         argv = [sys.executable, f"benchmarks/models/{method}.py", "--device", device, "--reps", str(reps),
                 "--out", str(folder), *flags] + (["--quick"] if quick else [])
         seconds = min(cap, deadline - time.monotonic())
@@ -665,9 +668,10 @@ def log_counts(path: Path) -> Optional[dict]:
         return None
     ends = {}
     for line in path.read_text(errors="replace").splitlines():
-        name, _, rest = line.partition(" ")
-        if "::" in name and rest.split(" ")[0] in ("PASSED", "FAILED", "ERROR", "SKIPPED", "XFAIL", "XPASS"):
-            ends[name] = rest.split(" ")[0]
+        # the outcome is the first of these words after the id, which may hold spaces ("[features must be 4-d]")
+        ended = re.match(r"(\S+::.*?) (PASSED|FAILED|ERROR|SKIPPED|XFAIL|XPASS)\b", line)
+        if ended:
+            ends[ended.group(1)] = ended.group(2)
     if not ends:
         return None
     outcomes = list(ends.values())
@@ -871,7 +875,9 @@ def main(argv=None) -> int:
             phase_start = time.monotonic()
             if args.deadline_s is not None:
                 left = args.deadline_s - RESERVE_S - (phase_start - start)
-                if left < phase.limit_s:
+                # cut to what is left, and the last phase (the method benchmarks) also takes what earlier phases
+                # did not use: the device's time is rare, and a second call repeats every method
+                if left < phase.limit_s or (phase is phases[-1] and left > phase.limit_s):
                     phase = make_phase(phase.name, args, base, gpu, max(0.0, left))
             records.append(run_phase(phase))
             write_timings()

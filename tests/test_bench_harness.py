@@ -107,3 +107,21 @@ def test_median_times_alternates_the_order_of_the_sides():
     median_times(fns, reps=3, settle=0.0, min_sample=0.0, rewarm_below=0.0)  # one call per sample
     timed = order[4:]  # after two warm-up calls each
     assert timed == ["a", "b", "b", "a", "a", "b"], timed
+
+
+def test_a_failing_model_case_does_not_lose_the_others(tmp_path):
+    """benchmarks/models/common.run: a case that raises (a CUDA out-of-memory on a lent GPU) is recorded, the
+    method's other cases still run and are written, and the exit status says so (it ended the process)."""
+    sys.path.insert(0, str(ROOT / "benchmarks" / "models"))
+    import common
+
+    def measure(index, case, args):
+        if index == 1:
+            raise RuntimeError("CUDA out of memory")
+        return {"case": case}
+    args = common.parser("a method\n").parse_args(["--out", str(tmp_path)])
+    with pytest.raises(SystemExit, match=r"m: 1 case\(s\) failed: case 1: RuntimeError: CUDA out of memory"):
+        common.run("m", args, ["a", "b", "c"], measure, lambda rows, info, args: f"{len(rows)} rows")
+    saved = json.loads((tmp_path / "m.json").read_text())
+    assert [r["case"] for r in saved["rows"]] == ["a", "c"] and saved["failed"][0]["index"] == 1
+    assert (tmp_path / "m.md").read_text() == "2 rows"

@@ -330,14 +330,33 @@ def test_deadline_shrinks_the_phases_and_every_phase_is_packed(tmp_path):
     with tarfile.open(packed) as tar:
         assert {"out/summary.md", "out/timings.json", "out/build.log"} <= set(tar.getnames())
     assert run("--out", out, "--fake-gpu", "G,9.0", "--pack", out / "x.tgz", "--dry-run").returncode != 0
+    # with time to spare the last phase takes it (op-bench's own limit is 80 s; a second call would repeat it)
+    roomy = run("--out", tmp_path / "roomy", "--fake-gpu", "Fake GPU,9.0", "--deadline-s", gpu_check.RESERVE_S + 200,
+                "--fake-phase", "build=true", "--fake-phase", "cuda-tests=true", "--fake-phase", "op-bench=true",
+                "--skip", "model-steps", "--skip", "method-bench")
+    assert roomy.returncode == 0, roomy.stdout
+    limits = {r["phase"]: r["limit_s"] for r in json.loads((tmp_path / "roomy" / "timings.json").read_text())["phases"]}
+    assert limits["cuda-tests"] == gpu_check.LIMITS["cuda-tests"] and limits["op-bench"] > 150
+
+
+def test_method_bench_never_reports_an_earlier_runs_rows(tmp_path):
+    """A method given no time keeps no rows from the folder's earlier run (its old log and report are gone)."""
+    folder = tmp_path / "mb"
+    folder.mkdir()
+    (folder / "rilfs.log").write_text('{"fused_s": 1.0, "reference_s": 2.0}\n')
+    (folder / "rilfs-cuda.md").write_text("old")
+    assert gpu_check.run_method_bench(folder, limit=3, device="cpu", methods=[("rilfs", [], 1.0)]) == 1
+    state = json.loads((folder / "method-bench.json").read_text())["methods"]["rilfs"]
+    assert state["status"] == "timeout" and state["rows"] == [] and not (folder / "rilfs-cuda.md").exists()
 
 
 def test_test_counts_come_from_the_log_when_the_run_stopped_before_its_xml(tmp_path):
     (tmp_path / "cuda-tests.log").write_text(
         "tests/test_cuda.py::test_a PASSED [ 10%]\ntests/test_cuda.py::test_b FAILED [ 20%]\n"
-        "tests/test_cuda.py::test_c SKIPPED (no GPU) [ 30%]\ntests/test_cuda.py::test_d \n")
+        "tests/test_cuda.py::test_c SKIPPED (no GPU) [ 30%]\ntests/test_cuda.py::test_d \n"
+        "tests/test_cuda.py::test_bad_inputs[features must be 4-d] FAILED [ 40%]\n")  # an id with spaces
     summary = "\n".join(gpu_check.summary_lines({"gpu": "G", "capability": "9.0", "source": "test"}, [], tmp_path))
-    assert "CUDA tests: 3 run, 1 passed, 1 failed, 0 errors, 1 skipped (from the log" in summary
+    assert "CUDA tests: 4 run, 1 passed, 2 failed, 0 errors, 1 skipped (from the log" in summary
 
 
 def test_method_bench_on_cpu(tmp_path):

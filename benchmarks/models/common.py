@@ -246,18 +246,32 @@ def share_cell(row, op):
 def run(method, args, cases, measure, report):
     """``measure(index, case, args)`` -> the row of every case (only those in ``args.only`` when it is given),
     each printed as JSON when done; then <method>{,-quick}{,-cuda}{,-TAG}.{json,md} in ``args.out``
-    (benchmarks/results/models by default), the Markdown being ``report(rows, info, args)``, printed too."""
+    (benchmarks/results/models by default), the Markdown being ``report(rows, info, args)``, printed too. A case
+    that raises (a CUDA out-of-memory, a shape the fused path refuses) is recorded under "failed" and the others
+    still run: on a rare GPU session one failure must not lose the rest; the exit status is then 1."""
     info = machine_info(args.device)
-    rows = []
+    rows, failed = [], []
     for index, case in enumerate(cases):
         if args.only is not None and index not in args.only:
             continue
-        rows.append(measure(index, case, args))  # the case's models are freed on return, before the next
+        try:
+            rows.append(measure(index, case, args))  # the case's models are freed on return, before the next
+        except Exception as e:
+            failed.append({"index": index, "error": f"{type(e).__name__}: {e}"})
+            print(json.dumps(failed[-1]), flush=True)
+            if args.device.startswith("cuda"):
+                torch.cuda.empty_cache()
+            continue
         print(json.dumps(rows[-1]), flush=True)
     stem = method + ("-quick" if args.quick else "") + ("-cuda" if args.device.startswith("cuda") else "") + \
         (f"-{args.tag}" if args.tag else "")
     out = args.out
     out.mkdir(parents=True, exist_ok=True)
-    (out / f"{stem}.json").write_text(json.dumps({"machine": info, "command": sys.argv[1:], "rows": rows}, indent=1))
-    (out / f"{stem}.md").write_text(report(rows, info, args))
-    print((out / f"{stem}.md").read_text())
+    (out / f"{stem}.json").write_text(json.dumps({"machine": info, "command": sys.argv[1:], "rows": rows,
+                                                  "failed": failed}, indent=1))
+    if rows:
+        (out / f"{stem}.md").write_text(report(rows, info, args))
+        print((out / f"{stem}.md").read_text())
+    if failed:
+        raise SystemExit(f"{method}: {len(failed)} case(s) failed: " +
+                         "; ".join(f"case {f['index']}: {f['error']}" for f in failed))
