@@ -234,7 +234,8 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "methods"))
     p.add_argument("--jobs", type=int, default=1, help="(method, fold) tasks run at once, one process each")
     p.add_argument("--task", help=argparse.SUPPRESS)  # METHOD/foldK: a --jobs worker runs this one task
-    p.add_argument("--quick", action="store_true", help="CI smoke: 2 iterations (the last phase), 4 episodes, 1 seed, fold 0, 1-shot")
+    p.add_argument("--quick", action="store_true",
+                   help="CI smoke: 2 iterations (the last phase), 4 episodes, 1 seed, fold 0, 1-shot")
     args = p.parse_args(argv)
     if args.quick:
         args.iters, args.episodes, args.seeds, args.folds, args.shots = 2, 4, [0], [0], [1]

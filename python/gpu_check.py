@@ -19,7 +19,8 @@ runs out of time is recorded and the next one runs, so one broken kernel does no
 
 Everything lands in $GPU_CHECK_OUT (default runs/gpu-check); --pack FILE.tgz packs that folder after every
 phase, so a run stopped from outside still leaves what finished. --deadline-s S fits the phases into S
-seconds from the start (each phase's limit shrinks to what is left, keeping time for the summary). Exit
+seconds from the start (each phase's limit shrinks to what is left, keeping time for the summary, and the
+last phase, unless --limit names it, grows to what the earlier ones left unused). Exit
 status: 0 when every phase passed, 1 when one failed or timed out, 2 when there is no GPU (nothing is run).
 
 This process needs no torch: it runs under the machine's python3 and starts every phase as a
@@ -779,7 +780,8 @@ def parse_args(argv=None):
     parser.add_argument("--pack", type=Path, help="a .tgz of the results folder, rewritten after every phase "
                         "(outside the folder; the device tool brings back a file, not a tree)")
     parser.add_argument("--deadline-s", type=float, help="seconds from the start by which every phase has ended: "
-                        f"each phase's limit shrinks to what is left less {RESERVE_S} s for the summary")
+                        f"each phase's limit shrinks to what is left less {RESERVE_S} s for the summary, and the "
+                        "last phase's grows to it unless --limit names that phase")
     # internal: the model-steps and method-bench children, and the hooks the tests drive the phase logic with
     parser.add_argument("--run-model-steps", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--continue", dest="resume", action="store_true", help=argparse.SUPPRESS)  # model steps
@@ -876,8 +878,10 @@ def main(argv=None) -> int:
             if args.deadline_s is not None:
                 left = args.deadline_s - RESERVE_S - (phase_start - start)
                 # cut to what is left, and the last phase (the method benchmarks) also takes what earlier phases
-                # did not use: the device's time is rare, and a second call repeats every method
-                if left < phase.limit_s or (phase is phases[-1] and left > phase.limit_s):
+                # did not use, unless the command line capped it: the device's time is rare, and a second call
+                # repeats every method
+                grows = phase is phases[-1] and phase.name not in key_values(args.limit, "--limit", float)
+                if left < phase.limit_s or (grows and left > phase.limit_s):
                     phase = make_phase(phase.name, args, base, gpu, max(0.0, left))
             records.append(run_phase(phase))
             write_timings()

@@ -337,6 +337,11 @@ def test_deadline_shrinks_the_phases_and_every_phase_is_packed(tmp_path):
     assert roomy.returncode == 0, roomy.stdout
     limits = {r["phase"]: r["limit_s"] for r in json.loads((tmp_path / "roomy" / "timings.json").read_text())["phases"]}
     assert limits["cuda-tests"] == gpu_check.LIMITS["cuda-tests"] and limits["op-bench"] > 150
+    capped = run("--out", tmp_path / "capped", "--fake-gpu", "Fake GPU,9.0", "--deadline-s", gpu_check.RESERVE_S + 200,
+                 "--fake-phase", "build=true", "--fake-phase", "cuda-tests=true", "--fake-phase", "op-bench=true",
+                 "--skip", "model-steps", "--skip", "method-bench", "--limit", "op-bench=30")
+    phases = json.loads((tmp_path / "capped" / "timings.json").read_text())["phases"]
+    assert capped.returncode == 0 and phases[-1]["limit_s"] == 30  # a cap the command line set is kept
 
 
 def test_method_bench_never_reports_an_earlier_runs_rows(tmp_path):

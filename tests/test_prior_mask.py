@@ -23,8 +23,8 @@ def inputs(B, K, C, hq, wq, hs, ws, H, W, fg, signed, dtype=torch.float32):
 
 
 # (B, K, C, hq, wq, hs, ws, H, W): square and not, K = 1..5, C 1..2048, masks at feature size
-# and larger; the last crosses the CPU kernel's query chunk (2,160 > 2,048 pixels) and, with half or more of its
-# 600 support pixels foreground, its support tile (512).
+# and larger; the last crosses the CPU kernel's query chunk (2,160 > 2,048 pixels) and, with the full mask (600
+# support pixels), its support tile (512).
 SHAPES = [
     (2, 1, 64, 13, 17, 11, 9, 50, 41),
     (1, 5, 33, 20, 20, 15, 15, 15, 15),

@@ -10,6 +10,7 @@ import os
 import subprocess
 import sys
 import time
+import traceback
 from contextlib import nullcontext
 from pathlib import Path
 from types import SimpleNamespace
@@ -257,6 +258,7 @@ def run(method, args, cases, measure, report):
         try:
             rows.append(measure(index, case, args))  # the case's models are freed on return, before the next
         except Exception as e:
+            traceback.print_exc()  # into the method's log: what to fix before the next lent GPU
             failed.append({"index": index, "error": f"{type(e).__name__}: {e}"})
             print(json.dumps(failed[-1]), flush=True)
             if args.device.startswith("cuda"):

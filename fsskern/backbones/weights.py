@@ -9,6 +9,7 @@ import warnings
 from pathlib import Path
 from typing import Dict, List
 
+import numpy as np
 import torch
 import torch.nn as nn
 
@@ -30,6 +31,8 @@ IGNORED = {"resnet": ("fc.",), "vgg16_bn": ("classifier.",), "mobilenet_v2": ("c
 # PFENet/BAM models hold the backbone as layer0..layer4 Sequentials: their stem indices -> our names.
 _STEM = {True: {"0": "conv1", "1": "bn1", "3": "conv2", "4": "bn2", "6": "conv3", "7": "bn3"},
          False: {"0": "conv1", "1": "bn1"}}
+# What a weights_only load may rebuild besides tensors: numpy scalars (a checkpoint's metric, e.g. VainF's best_score)
+NUMPY_SCALAR_GLOBALS = [np._core.multiarray.scalar, np.dtype, type(np.dtype(np.float64))]
 MOBILENET_FILE = "mobilenet_v2-b0353104.pth"
 MOBILENET_SHA256_PREFIX = "b0353104"  # the name's hash: torchvision's check_hash
 
@@ -67,14 +70,15 @@ def read_model_state(path, what: str, hint: str = "") -> Dict[str, torch.Tensor]
 
 
 def read_state_dict(path) -> Dict[str, torch.Tensor]:
-    """torch.load on CPU with weights_only=True; unwraps {"state_dict": ...} / {"model": ...} / {"model_state": ...}
-    (VainF's DeepLabV3+ checkpoints); strips
+    """torch.load on CPU with weights_only=True (numpy scalars allowed: VainF's DeepLabV3+ checkpoints keep their
+    ``best_score`` as one); unwraps {"state_dict": ...} / {"model": ...} / {"model_state": ...} (VainF's); strips
     ``module.`` (DataParallel/DDP) and MoCo's ``encoder_q.`` (the key encoder ``encoder_k.`` and queue dropped)."""
     path = Path(path)
     if not path.is_file():
         raise WeightsError(f"weights file not found: {path}")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        with torch.serialization.safe_globals(NUMPY_SCALAR_GLOBALS):
+            state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated, not a torch file, or pickled objects beyond tensors
         raise WeightsError(f"{path}: cannot be read as a weights file ({type(e).__name__}: {e})") from e
     for wrapper in ("state_dict", "model", "model_state"):
@@ -130,10 +134,10 @@ def load_weights(module: nn.Module, path, name: str) -> nn.Module:
             return module
         if not set(head) <= set(module.state_dict()):  # another code's DeepLabV3+ (VainF's classifier.*): its
             # backbone loads, its head is dropped (ours differs and trains from init), and said
-            warnings.warn(f"{path}: the backbone loaded, the file's head dropped ({len(head)} keys: "
-                          f"{', '.join(head[:3])}{' ...' if len(head) > 3 else ''}); ASPP and decoder start from init")
             backbone = {k[len("backbone."):]: v for k, v in state.items() if k.startswith("backbone.")}
             _fit(module.backbone, backbone, path, module.backbone_name)
+            warnings.warn(f"{path}: the backbone loaded, the file's head dropped ({len(head)} keys: "
+                          f"{', '.join(head[:3])}{' ...' if len(head) > 3 else ''}); ASPP and decoder start from init")
             return module
     return _fit(module, state, path, name)
 
