@@ -32,7 +32,8 @@ IGNORED = {"resnet": ("fc.",), "vgg16_bn": ("classifier.",), "mobilenet_v2": ("c
 _STEM = {True: {"0": "conv1", "1": "bn1", "3": "conv2", "4": "bn2", "6": "conv3", "7": "bn3"},
          False: {"0": "conv1", "1": "bn1"}}
 # What a weights_only load may rebuild besides tensors: numpy scalars (a checkpoint's metric, e.g. VainF's best_score)
-NUMPY_SCALAR_GLOBALS = [np._core.multiarray.scalar, np.dtype, type(np.dtype(np.float64))]
+NUMPY_SCALAR_GLOBALS = [getattr(np, "_core", getattr(np, "core", None)).multiarray.scalar, np.dtype,
+                        type(np.dtype(np.float64))]  # numpy 2 names its core _core
 MOBILENET_FILE = "mobilenet_v2-b0353104.pth"
 MOBILENET_SHA256_PREFIX = "b0353104"  # the name's hash: torchvision's check_hash
 

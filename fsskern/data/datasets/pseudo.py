@@ -21,6 +21,7 @@ read by ``fsskern.pseudo_tasks``) and ``support_neighbours`` (default true: with
 ``train_episodes`` draws a query's supports from its region's neighbour list)."""
 import json
 import math
+from collections import Counter
 from pathlib import Path
 from typing import Dict, List, Sequence
 
@@ -79,7 +80,7 @@ class PseudoSource(Source):
         if not ids:
             raise DataError(f"empty pseudo-label index: {index_path}")
         if len(set(ids)) < len(ids):  # a repeated image would be two samples, so a query could be its own support
-            repeated = sorted({i for i in ids if ids.count(i) > 1})
+            repeated = sorted(i for i, n in Counter(ids).items() if n > 1)  # linear: COCO's index is ~100k ids
             raise DataError(f"bad pseudo-label index {index_path}: samples repeat {repeated[:5]}")
         if not 1 <= n <= 254:  # cluster c is class c + 1, and 255 is the ignore value
             raise DataError(f"bad pseudo-label index {index_path}: num_clusters {n}, not in 1..254 (cluster 254 "
