@@ -100,6 +100,8 @@ def test_config_overrides_types_and_bases(tmp_path):
     ("data.fold=one", r"data.fold must be int, got 'one'"),
     ("ops=fast", r"ops must be one of fused, reference, got 'fast'"),
     ("eval.seeds=3", r"eval.seeds must be a list"),
+    ("eval.seeds=[]", r"eval.seeds must name at least one seed"),
+    ("eval.seeds=[0,1,0]", r"eval.seeds repeats a seed: \[0, 1, 0\]"),  # its std over seeds would read 0
     ("eval.resize=crop", r"eval.resize must be one of pfenet, square, original, got 'crop'"),
     ("eval.score_at=label", r"eval.score_at must be one of original, input, got 'label'"),
     ("eval.support_annotation=scribble", r"eval.support_annotation must be one of mask, box, got 'scribble'"),
@@ -692,6 +694,10 @@ def test_evaluating_a_training_config_needs_its_weights(dataset, tmp_path, capsy
     assert f"was trained on fold {fold} of" in capsys.readouterr().err
     alias = os.path.relpath(data_overrides(dataset)[0].split("=", 1)[1])  # the same folder, spelt otherwise
     assert evaluate_main([str(tmp_path / "run"), *common, f"data.root={alias}", f"data.fold={fold + 1}"]) == 2
+    assert f"was trained on fold {fold} of" in capsys.readouterr().err
+    # so is a config given the run's checkpoint (its own config says its fold)
+    assert evaluate_main([str(dataset / "tiny.yaml"), *common, f"data.fold={fold + 1}", f"out={tmp_path / 'f'}",
+                          f"eval.checkpoint={tmp_path / 'run' / 'last.pt'}"]) == 2
     assert f"was trained on fold {fold} of" in capsys.readouterr().err
     # a recipe counted in epochs or phases trains too; a multi-phase run keeps its checkpoints in its phases
     assert evaluate_main([str(dataset / "tiny.yaml"), *common, "train.epochs=2", f"out={tmp_path / 'e'}"]) == 2

@@ -529,8 +529,11 @@ def test_evaluate_scores_real_ccp_kway_episodes_with_parsing_metrics(tmp_path):
     assert not used & {train.sample_id(i) for i in range(len(train))}
     with pytest.warns(UserWarning, match="support per query"):
         evaluate(cfg)
-    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    text = (tmp_path / "metrics.json").read_text()
+    metrics = json.loads(text)
     assert metrics["metric"] == "parsing" and metrics["protocol"]["protocol"] == "popnet"
+    # strict JSON: a class two episodes never hold has no IoU, written null (a bare NaN breaks jq and JavaScript)
+    assert None in metrics["per_seed"][0]["per_class"] and "NaN" not in text
     manifest = json.loads((tmp_path / "manifests" / "test-fold0-1shot-10way-seed0.json").read_text())
     assert len(manifest["episodes"]) == 2  # eval.episodes keeps the first pairs
     seed = metrics["per_seed"][0]

@@ -6,7 +6,7 @@ import sys
 from pathlib import Path
 
 from . import distributed as dist
-from .config import ConfigError, load_config, read_yaml
+from .config import ConfigError, load_config, read_yaml, to_dict
 
 
 def _parser(prog, what):
@@ -70,7 +70,7 @@ def evaluate_main(argv=None) -> int:
     args = _parser("fsskern-evaluate", "Evaluate: python python/evaluate.py (RUN_DIR | CONFIG) [key=value ...]. "
                    "A run folder is evaluated with its frozen config and its checkpoint (eval.checkpoint).") \
         .parse_args(argv)
-    from .evaluator import evaluate
+    from .evaluator import evaluate, refuse_trained_fold
     source = Path(args.source)
     try:
         if source.is_dir():
@@ -78,13 +78,7 @@ def evaluate_main(argv=None) -> int:
             # the path as a quoted YAML string: unquoted, "runs/a #2" would lose its comment part, "123" be a number
             out = json.dumps(str(source / "eval"), ensure_ascii=False)
             cfg = load_config(run / "config.yaml", [f"out={out}", "resume=false", *args.overrides])
-            trained = load_config(run / "config.yaml").data
-            same_data = (cfg.data.dataset == trained.dataset  # (../data/x and /work/data/x are one dataset)
-                         and Path(cfg.data.root).resolve() == Path(trained.root).resolve())
-            if same_data and cfg.data.fold != trained.fold:
-                raise ConfigError(f"{source} was trained on fold {trained.fold} of {trained.dataset} ({trained.root}): "
-                                  f"fold {cfg.data.fold}'s test classes include classes it trained on; evaluate it on "
-                                  f"data.fold={trained.fold} (or train a fold-{cfg.data.fold} run)")
+            refuse_trained_fold(cfg, to_dict(load_config(run / "config.yaml"))["data"], source)
             checkpoint = run_checkpoint(run, cfg.eval.checkpoint)
         else:
             cfg = load_config(source, args.overrides)
@@ -107,7 +101,7 @@ def evaluate_main(argv=None) -> int:
     from ..data.io import DataError
     try:
         result = evaluate(cfg, checkpoint)
-    except (DataError, WeightsError) as e:  # as in train_main
+    except (ConfigError, DataError, WeightsError) as e:  # as in train_main; a checkpoint of another fold
         print(f"fsskern-evaluate: {e}", file=sys.stderr)
         return 2
     finally:

@@ -291,6 +291,9 @@ def _build(cls, tree: dict, prefix: str = ""):
             raise ConfigError(f"train.lr_steps must be increasing iterations >= 1, got {kwargs[key]}")
         if prefix + key == "eval.seeds" and kwargs[key] is not None and not kwargs[key]:
             raise ConfigError("eval.seeds must name at least one seed (or be unset: the protocol's), got []")
+        if prefix + key == "eval.seeds" and kwargs[key] and len(set(kwargs[key])) < len(kwargs[key]):
+            raise ConfigError(f"eval.seeds repeats a seed: {kwargs[key]} (the same episodes again would report a "
+                              f"spread of 0 over seeds)")
     return cls(**kwargs)
 
 

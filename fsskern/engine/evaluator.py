@@ -6,6 +6,7 @@ Logits are mapped back to the original label resolution by the transform's resto
 item of a batch (PFENet's own code assumes batch 1 there).
 """
 import json
+import math
 from pathlib import Path
 from typing import Optional
 
@@ -14,7 +15,7 @@ import torch
 from ..data.transforms import restore_logits
 from ..metrics import FewShotMeter, episode_iou_counts, seed_statistics
 from . import distributed as dist
-from .config import Config, to_dict
+from .config import Config, ConfigError, to_dict
 from .data import episode_loader, eval_dataset, with_protocol_defaults
 
 
@@ -108,6 +109,29 @@ def _progress(loader, desc, enabled):
     return tqdm(loader, desc=desc, dynamic_ncols=True, mininterval=1.0)
 
 
+def finite_or_null(value):
+    """``value`` with every NaN or infinite float as None: metrics.json stays strict JSON (a parsing class no image
+    holds, such as LIP's hat on VITON, has no IoU; a bare NaN is refused by jq and JavaScript)."""
+    if isinstance(value, dict):
+        return {k: finite_or_null(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite_or_null(v) for v in value]
+    return None if isinstance(value, float) and not math.isfinite(value) else value
+
+
+def refuse_trained_fold(cfg: Config, trained: dict, source) -> None:
+    """Refuses to test a model on another fold of the dataset it trained on, whose novel classes include its training
+    classes; ``trained`` is the ``data`` section of the config that trained it (its run folder's or checkpoint's).
+    Another dataset (UMTFSS's pseudo tasks) or root is not checked."""
+    same_data = (cfg.data.dataset == trained.get("dataset")  # (../data/x and /work/data/x are one dataset)
+                 and Path(cfg.data.root).resolve() == Path(trained.get("root", "")).resolve())
+    if same_data and cfg.data.fold != trained.get("fold"):
+        raise ConfigError(f"{source} was trained on fold {trained.get('fold')} of {cfg.data.dataset} "
+                          f"({trained['root']}): "
+                          f"fold {cfg.data.fold}'s test classes include classes it trained on; evaluate it on "
+                          f"data.fold={trained.get('fold')} (or train a fold-{cfg.data.fold} run)")
+
+
 def evaluate(cfg: Config, checkpoint: Optional[Path] = None) -> dict:
     """Build the model of ``cfg`` (weights from ``checkpoint`` when given), evaluate it and write
     ``cfg.out/metrics.json`` on rank 0."""
@@ -121,7 +145,9 @@ def evaluate(cfg: Config, checkpoint: Optional[Path] = None) -> dict:
     torch.manual_seed(cfg.seed)  # a model without weights files must be the same model every time
     model = create_model((cfg if checkpoint is None else for_checkpoint(cfg)).model, cfg.ops).to(device_of(cfg))
     if checkpoint is not None:
-        model.load_state_dict(ckpt.load(checkpoint)["model"])
+        payload = ckpt.load(checkpoint)
+        refuse_trained_fold(cfg, payload["config"]["data"], checkpoint)
+        model.load_state_dict(payload["model"])
     gallery = EpisodeGallery() if cfg.eval.visualize else None
     result = evaluate_model(cfg, model, visualizer=gallery)
     result["checkpoint"] = str(checkpoint) if checkpoint else None
@@ -134,5 +160,5 @@ def evaluate(cfg: Config, checkpoint: Optional[Path] = None) -> dict:
             result["overlays"] = [str(p) for p in gallery.write(out / "overlays", writer)]
             if writer is not None:
                 writer.close()
-        (out / "metrics.json").write_text(json.dumps(result, indent=1))
+        (out / "metrics.json").write_text(json.dumps(finite_or_null(result), indent=1, allow_nan=False))
     return result
