@@ -58,7 +58,7 @@ if WITH_CUDA and not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.i
     os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0+PTX"
 
 # csrc/simt is the CPU emulation of the CUDA kernels, built only by the tests (tests/simt_build.py).
-cpp_sources = sorted(str(p.relative_to(ROOT)) for p in CSRC.rglob("*.cpp") if "simt" not in p.parts)
+cpp_sources = sorted(str(p.relative_to(ROOT)) for p in CSRC.rglob("*.cpp") if "simt" not in p.relative_to(CSRC).parts)
 cuda_sources = sorted(str(p.relative_to(ROOT)) for p in CSRC.rglob("*.cu")) if WITH_CUDA else []
 
 # -ffp-contract=off: no silent FMA contraction, so elementwise steps round as PyTorch's do.

@@ -119,6 +119,22 @@ def test_config_refuses_bad_keys(tmp_path, override, message):
         load_config(write_config(tmp_path), [override])
 
 
+def test_run_info_names_fsskern_not_the_repository_around_an_installed_copy(tmp_path):
+    """pip install . puts fsskern in site-packages, often inside the user's own repository (a project .venv): its
+    commit said nothing about fsskern's code. Only a checkout (.git beside csrc/) names a commit; the version always."""
+    from fsskern import __version__
+    from fsskern.engine.logging import git_commit, write_run_info
+    git = ["git", "-c", "user.email=t@t", "-c", "user.name=t"]
+    subprocess.run([*git, "init", "-q", str(tmp_path)], check=True)
+    subprocess.run([*git, "-C", str(tmp_path), "commit", "-q", "--allow-empty", "-m", "theirs"], check=True)
+    assert git_commit(tmp_path) == "unknown"
+    (tmp_path / "csrc").mkdir()  # the layout of an fsskern checkout
+    assert git_commit(tmp_path).split("-")[0] == subprocess.run([*git, "-C", str(tmp_path), "rev-parse", "HEAD"],
+                                                                capture_output=True, text=True).stdout.strip()
+    write_run_info(load_config(write_config(tmp_path)), tmp_path / "run")
+    assert json.loads((tmp_path / "run" / "run.json").read_text())["fsskern"] == __version__
+
+
 # --- checkpoints -------------------------------------------------------------------------------
 
 def test_checkpoint_atomic_and_refusals(tmp_path):

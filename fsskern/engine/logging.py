@@ -10,12 +10,16 @@ from typing import Optional
 import torch
 from tqdm import tqdm
 
+from .. import __version__
 from .checkpoint import write_atomic
 from .config import Config, config_hash, dump_yaml, to_dict
 
 
-def git_commit() -> str:
-    root = Path(__file__).resolve().parents[2]
+def git_commit(root: Path = Path(__file__).resolve().parents[2]) -> str:
+    """The commit (with -dirty) of the fsskern checkout at ``root``; "unknown" for an installed copy, whose
+    parents are site-packages, maybe inside the user's own repository, whose commit says nothing about fsskern."""
+    if not ((root / ".git").exists() and (root / "csrc").is_dir()):
+        return "unknown"
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
                                 timeout=10).stdout.strip()
@@ -30,7 +34,7 @@ def write_run_info(cfg: Config, out: Path, **extra) -> None:
     """Freeze the resolved config and its provenance into the run folder."""
     out.mkdir(parents=True, exist_ok=True)
     write_atomic(out / "config.yaml", lambda f: f.write(dump_yaml(to_dict(cfg)).encode()))  # resumes read both
-    info = {"git_commit": git_commit(), "config_sha256": config_hash(cfg), "torch": torch.__version__,
+    info = {"fsskern": __version__, "git_commit": git_commit(), "config_sha256": config_hash(cfg), "torch": torch.__version__,
             "python": platform.python_version(), "machine": platform.processor() or platform.machine(),
             "time": time.strftime("%Y-%m-%dT%H:%M:%S"), **extra}
     path = out / "run.json"
