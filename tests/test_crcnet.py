@@ -36,6 +36,11 @@ def test_params_are_validated():
         build(local_mod="exclude")
     with pytest.raises(ValueError, match="local_mode must be one of"):
         build(local_mode="mask")
+    for bad in (dict(cache_channels=True), dict(cr_fc_layers=True), dict(cache_channels=2.0)):  # True == 1, 2.0 == 2
+        with pytest.raises(ValueError, match="must be one of"):
+            build(**bad)
+    with pytest.raises(ValueError, match="scales must be a non-empty list of positive numbers"):
+        build(scales=[True])
     with pytest.raises(ValueError, match="nothing to predict from"):
         build(cross_reference=False, global_condition=False, local_condition=False)
 
@@ -88,6 +93,29 @@ def test_no_label_leak_and_cache():
         second = model.mr_cls(model.mr_combine(torch.cat([feat, first.softmax(1)], 1)))
         torch.testing.assert_close(model.refine(x, 2), second)
     assert build(mask_refine=False).mr_combine[0][0].in_channels == 512
+
+
+def test_refinement_steps_grad_and_eq5_weight():
+    """Training runs the steps before the drawn T without grad (notes 8.2 #4: only the last step trains), a test
+    forward runs refine_steps_test steps, and Eq. 5 weighs the sub-head's terms by lambda (8.2 #6)."""
+    grad_on, losses = [], []
+    for lam in (0.25, 0.1):
+        model = build(dim=16, refine_steps_test=5, lambda_sub=lam)
+        model.mr_cls.register_forward_hook(lambda *_: grad_on.append(torch.is_grad_enabled()))
+        model._train_steps = lambda: 3
+        torch.manual_seed(5)  # the same dropout draws for both weights
+        losses.append(model.train()(episode())["losses"])
+    assert grad_on == [False, False, True] * 2
+    a, b = losses
+    for key in ("qm", "sm"):
+        torch.testing.assert_close(a[key], b[key])
+    for key in ("qm_sub", "sm_sub"):
+        torch.testing.assert_close(a[key] / 0.25, b[key] / 0.1)
+    grad_on.clear()
+    batch = episode()
+    with torch.no_grad():
+        model.eval()(batch)
+    assert grad_on == [False] * 5
 
 
 @pytest.mark.parametrize("cache_channels", [1, 2])

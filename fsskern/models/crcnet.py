@@ -88,15 +88,17 @@ def _parse(given: Dict) -> Dict:
         rule = PARAMS[key][1]
         if rule is float and isinstance(value, int) and not isinstance(value, bool):
             p[key] = value = float(value)
-        ok = value in rule if isinstance(rule, tuple) else isinstance(value, rule) and not (
-            rule is int and isinstance(value, bool))
+        # True == 1 and 2.0 == 2: a choice must also have its choices' type (a bool ran as 1, a float crashed in Conv2d)
+        ok = (value in rule and type(value) in {type(c) for c in rule}) if isinstance(rule, tuple) else \
+            isinstance(value, rule) and not (rule is int and isinstance(value, bool))
         if not ok:
             raise ValueError(f"crcnet: model.params.{key} must be "
                              f"{'one of ' + str(rule) if isinstance(rule, tuple) else rule.__name__}, got {value!r}")
     if min(p["refine_steps_test"], p["refine_steps_train_max"], p["dim"], p["ft_steps"]) < 1:
         raise ValueError("crcnet: dim, refine_steps_test, refine_steps_train_max and ft_steps must be >= 1")
     check_ranges("crcnet", p, non_negative=("lambda_sub", "backbone_lr_mult"), positive=("ft_lr",))
-    if not p["scales"] or any(not isinstance(s, (int, float)) or s <= 0 for s in p["scales"]):
+    if not p["scales"] or any(not isinstance(s, (int, float)) or isinstance(s, bool) or s <= 0
+                                 for s in p["scales"]):
         raise ValueError(f"crcnet: model.params.scales must be a non-empty list of positive numbers, got {p['scales']}")
     if not (p["cross_reference"] or p["global_condition"] or p["local_condition"]):
         raise ValueError("crcnet: cross_reference, global_condition and local_condition are all off: nothing to "
