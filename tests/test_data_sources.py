@@ -140,6 +140,7 @@ def test_folder_train_list_selects_a_label_subset(tmp_path):
     assert [build_source(lists, "val").sample_id(0)] == ["2_1_s"] and len(build_source(lists, "test")) == 2
     with_train = DataConfig(**{**kw, "params": lists.params}, train_list=str(tmp_path / "few.txt"))
     assert len(build_source(with_train, "train")) == 2 and len(build_source(with_train, "test")) == 2
+    assert [build_source(with_train, "val").sample_id(0)] == ["2_1_s"]  # train_list is not val's list
 
 
 def test_voc_sample_real_palette_indices(tmp_path):

@@ -16,7 +16,8 @@ Query orders:
   until its images run out, so every class gets N / n_classes episodes.
 - ``frozen``: POPNet's test pairs: for each class in the dataset's order, the first 10 unused
   query-pool images holding it, each paired with 15 of the first 150 unused support-pool images (fewer,
-  the same for every class, where the pools cannot hold that: CCP's 1,004 images for 13 classes give 3).
+  the same for every class, where the pools cannot hold that: CCP's 511-image test half gives 1, and
+  shorts 9 queries).
   A positive episode count keeps the first N pairs (a smoke check); 0 keeps all.
 
 Episode counts are exact (PFENet's loop runs 5001/20001: ``range(N)`` here gives N)."""

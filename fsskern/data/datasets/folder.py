@@ -101,13 +101,14 @@ class FolderSource(Source):
 
     def list_file(self, cfg_data, params, split: str) -> Optional[str]:
         """The split's id list: ``data.train_list`` (train) / ``data.val_list`` (test), e.g. a few-label
-        subset, else ``params.split_lists``; a path as given when it exists, else under the root."""
+        subset, else ``params.split_lists``; val: ``split_lists.val``, else the train list. A path as given when it
+        exists, else under the root."""
         chosen = cfg_data.val_list if split == "test" else cfg_data.train_list
         listed = (params.get("split_lists") or {}).get(split)
-        if chosen and listed:
+        if chosen and listed and split != "val":  # data.train_list names the train list, not val's
             raise DataError(f"both data.{'val' if split == 'test' else 'train'}_list and data.params.split_lists "
                             f"name the {split} list; give one")
-        chosen = chosen or listed
+        chosen = listed or chosen
         return str(under_root(chosen, self.root)) if chosen else None
 
     @staticmethod
