@@ -711,6 +711,9 @@ def test_evaluating_a_training_config_needs_its_weights(dataset, tmp_path, capsy
     alias = os.path.relpath(data_overrides(dataset)[0].split("=", 1)[1])  # the same folder, spelt otherwise
     assert evaluate_main([str(tmp_path / "run"), *common, f"data.root={alias}", f"data.fold={fold + 1}"]) == 2
     assert f"was trained on fold {fold} of" in capsys.readouterr().err
+    # the same fold number under another split is another fold (COCO's conventions number different classes)
+    assert evaluate_main([str(tmp_path / "run"), *common, "data.fold_convention=contiguous"]) == 2
+    assert f"was trained on fold {fold}, fold_convention interleaved of" in capsys.readouterr().err
     # so is a config given the run's checkpoint (its own config says its fold)
     assert evaluate_main([str(dataset / "tiny.yaml"), *common, f"data.fold={fold + 1}", f"out={tmp_path / 'f'}",
                           f"eval.checkpoint={tmp_path / 'run' / 'last.pt'}"]) == 2

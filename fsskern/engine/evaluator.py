@@ -15,7 +15,7 @@ import torch
 from ..data.transforms import restore_logits
 from ..metrics import FewShotMeter, episode_iou_counts, seed_statistics
 from . import distributed as dist
-from .config import Config, ConfigError, to_dict
+from .config import Config, ConfigError, DataConfig, to_dict
 from .data import episode_loader, eval_dataset, with_protocol_defaults
 
 
@@ -122,14 +122,18 @@ def finite_or_null(value):
 def refuse_trained_fold(cfg: Config, trained: dict, source) -> None:
     """Refuses to test a model on another fold of the dataset it trained on, whose novel classes include its training
     classes; ``trained`` is the ``data`` section of the config that trained it (its run folder's or checkpoint's).
+    The fold is its number with the split that numbers it (COCO's ``fold_convention``, a folder's ``folds``).
     Another dataset (UMTFSS's pseudo tasks) or root is not checked."""
     same_data = (cfg.data.dataset == trained.get("dataset")  # (../data/x and /work/data/x are one dataset)
                  and Path(cfg.data.root).resolve() == Path(trained.get("root", "")).resolve())
-    if same_data and cfg.data.fold != trained.get("fold"):
-        raise ConfigError(f"{source} was trained on fold {trained.get('fold')} of {cfg.data.dataset} "
-                          f"({trained['root']}): "
-                          f"fold {cfg.data.fold}'s test classes include classes it trained on; evaluate it on "
-                          f"data.fold={trained.get('fold')} (or train a fold-{cfg.data.fold} run)")
+    keys = ("fold", "fold_convention", "folds")
+    now = {k: getattr(cfg.data, k) for k in keys}
+    then = {k: trained.get(k, getattr(DataConfig(), k)) for k in keys}
+    if same_data and now != then:
+        split = "".join(f", {k} {then[k]}" for k in keys[1:] if now[k] != then[k])
+        raise ConfigError(f"{source} was trained on fold {then['fold']}{split} of {cfg.data.dataset} "
+                          f"({trained['root']}): this test's classes include classes it trained on; evaluate it on "
+                          f"its fold (or train a run for this one)")
 
 
 def evaluate(cfg: Config, checkpoint: Optional[Path] = None) -> dict:
